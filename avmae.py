@@ -1,0 +1,680 @@
+"""
+Audiovisual Masked Autoencoders (AV-MAE), one file.
+
+Georgescu et al., "Audiovisual Masked Autoencoders", ICCV 2023 (../shared/seeds/000_*, Sec. 3).
+Every pretraining variant of the paper is a config string, chosen once in __init__:
+
+  encoder   early     concatenate visible audio + video tokens, one transformer      (Fig. 2a)
+            separate  one transformer per modality, no exchange ("late fusion")       (Fig. 2b)
+            shared    one transformer applied to each modality, tied weights          (Fig. 2c)
+            mid       L-S layers per modality, then S joint layers (S=2, Table 15)   (Fig. 2d)
+  decoder   early / separate / shared, as above, on full-length sequences            (Sec. 3.3)
+  objective joint       reconstruct masked audio and video, equal weights            (Sec. 3.4, Eq. 1)
+            inpaint_v   video from the encoded audio tokens alone                    (Sec. 3.4, Fig. 3)
+            inpaint_a   audio from the encoded video tokens alone
+            inpaint_both  both of the above, equal weights
+  modalities av (default), a (audio-only MAE = AudioMAE), v (video-only MAE = VideoMAE)  (Table 3)
+  masking   video: random (0.9) | tube;  audio: random (0.5) | time | freq           (Sec. 4.1, SPEC 3)
+
+Shapes: B batch, N tokens, K kept (visible) tokens, M masked tokens, D width, P patch features.
+Video enters as (B, 3, T, H, W) in [-1, 1]; audio as a log-mel (B, T_audio, mel_bins).
+Masks: 1 = masked (removed). Variables prefixed a_ / v_ belong to audio / video; dicts are keyed
+by the modality letter 'a' or 'v'.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODALITIES = ("a", "v")  # the fixed order modalities are concatenated in
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class AVMAEConfig:
+    # what is pretrained
+    modalities: str = "av"        # av | a | v
+    encoder: str = "mid"          # early | separate | mid | shared
+    decoder: str = "shared"       # early | separate | shared
+    objective: str = "joint"      # joint | inpaint_v | inpaint_a | inpaint_both
+    # inputs (paper: 16 frames of 224x224, tubelets 2x16x16; 8 s of audio = 800 x 128 log-mel)
+    num_frames: int = 16
+    image_size: int = 224
+    in_chans: int = 3
+    tubelet: int = 2              # frames per tubelet
+    patch_size: int = 16          # video patch side
+    audio_frames: int = 800       # log-mel frames (10 ms hop)
+    mel_bins: int = 128
+    audio_patch_t: int = 16
+    audio_patch_f: int = 16
+    # encoder (defaults: ViT-B)
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    joint_layers: int = 2         # S for the mid-fusion encoder
+    drop_path: float = 0.0        # stochastic depth (finetuning uses 0.3)
+    # decoder (Table 21, Base)
+    dec_width: int = 384
+    dec_depth: int = 4
+    dec_heads: int = 6
+    dec_mlp: int = 1536
+    # masking
+    mask_ratio_v: float = 0.9
+    mask_ratio_a: float = 0.5
+    mask_type_v: str = "random"   # random | tube
+    mask_type_a: str = "random"   # random | time | freq
+    # positions and targets
+    pos_embed: str = "sincos"     # sincos (fixed 1-D per modality, paper) | learned
+    norm_pix_loss: bool = False   # MAE's per-patch target normalisation; AV-MAE uses raw patches
+    decoder_layout: str = "gather"  # gather: [visible | mask] (VideoMAE) | unshuffle (MAE); equal
+    inpaint_layout: str = "paper"   # paper: mask tokens at the last raster positions | masked
+    kernels: str = "torch"        # torch (readable twins) | triton (kernels/, issue 5)
+
+    def __post_init__(self):
+        if self.modalities in ("a", "v"):
+            # One modality leaves nothing to fuse: every encoder/decoder strategy is the same single
+            # stream, stored as 'separate' so a checkpoint says what it holds.
+            self.encoder, self.decoder = "separate", "separate"
+
+    @property
+    def mods(self) -> tuple:
+        return tuple(m for m in MODALITIES if m in self.modalities)
+
+
+# size presets: overrides of the encoder / decoder widths. base and large are the paper's (Table 21);
+# small follows ViT-S with VideoMAE's ViT-S decoder; tiny is for CPU tests and laptops.
+SIZES = {
+    "tiny": dict(width=64, depth=4, heads=4, dec_width=64, dec_depth=2, dec_heads=4, dec_mlp=256),
+    "small": dict(width=384, depth=12, heads=6, dec_width=192, dec_depth=4, dec_heads=3, dec_mlp=768),
+    "base": dict(width=768, depth=12, heads=12, dec_width=384, dec_depth=4, dec_heads=6, dec_mlp=1536),
+    "large": dict(width=1024, depth=24, heads=16, dec_width=512, dec_depth=4, dec_heads=8, dec_mlp=2048),
+}
+
+
+def make_config(size: str = "base", **overrides) -> AVMAEConfig:
+    """A config from a size preset plus field overrides; unknown names are errors."""
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not one of {', '.join(SIZES)}")
+    names = {f.name for f in fields(AVMAEConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
+    return AVMAEConfig(**{**SIZES[size], **overrides})
+
+# -----------------------------------------------------------------------------
+# the steps the Triton kernels replace (issue 5). These plain-torch versions are the definitions.
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b, k] = x[b, ids[b, k]] (+ add[ids[b, k]]).
+
+    x: (B, N, C) tokens or patches, or an (N, C) table shared by the batch (positions);
+    ids: (B, K) int64; add: optional (N, C) table gathered with the same ids (positional embedding).
+    """
+    B, K = ids.shape
+    if x.dim() == 2:
+        x = x.unsqueeze(0).expand(B, -1, -1)
+    out = torch.gather(x, 1, ids.unsqueeze(-1).expand(B, K, x.shape[-1]))
+    if add is not None:
+        out = out + add[ids]
+    return out
+
+
+def assemble(x_vis: torch.Tensor, pos_vis: torch.Tensor, mask_token: torch.Tensor, pos_mask: torch.Tensor,
+             ids_vis: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+    """Decoder input in the [visible | mask] layout (VideoMAE's; no unshuffle needed).
+
+    x_vis: (B, K, D) projected encoder tokens; pos_vis, pos_mask: (N, D) decoder position tables;
+    mask_token: (D,); ids_vis (B, K) / ids_mask (B, M): the positions each part carries.
+    Returns (B, K + M, D) = [x_vis + pos_vis[ids_vis] | mask_token + pos_mask[ids_mask]].
+    """
+    return torch.cat([x_vis + pos_vis[ids_vis], mask_token + pos_mask[ids_mask]], dim=1)
+
+
+def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
+              ids_keep: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+    """MAE's classic decoder input: visible tokens and mask tokens back in raster order, plus
+    positions. (B, K, D) -> (B, N, D), N = K + M."""
+    B, K, D = x_vis.shape
+    M = ids_mask.shape[1]
+    x = torch.cat([x_vis, mask_token.expand(B, M, D)], dim=1)
+    ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], dim=1), dim=1)
+    return gather_tokens(x, ids_restore) + pos
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal softmax attention, (B, H, N, hd) each."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Eq. 1: mean squared error between predictions (B, M, P) and the target patches at ids (B, M),
+    averaged over the M predicted tokens and the P patch features. norm_pix: MAE's per-patch
+    normalisation of the target, (t - mean) / sqrt(var + 1e-6) with the unbiased variance."""
+    target = gather_tokens(patches, ids).float()
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return (pred.float() - target).pow(2).mean()
+
+
+OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, attention=attention,
+                 loss=recon_loss)
+
+
+def get_ops(name: str) -> dict:
+    """The kernel set behind one switch: 'torch' (these twins) or 'triton' (kernels/)."""
+    if name == "torch":
+        return OPS_TORCH
+    raise ValueError(f"kernels={name!r}: only 'torch' exists until the kernels issue (5) lands")
+
+# -----------------------------------------------------------------------------
+# tokenisers: patchify / unpatchify in the feature order the embedding and the loss both use
+
+
+class VideoPatches:
+    """Tubelets of (tubelet x patch x patch) over RGB; tokens in (t, h, w) order, features in
+    (t, h, w, c) order within a tubelet. A Linear on these features is the paper's Conv3d with
+    kernel = stride (ViViT tubelet embedding)."""
+
+    def __init__(self, cfg: AVMAEConfig):
+        self.pt, self.ps, self.c = cfg.tubelet, cfg.patch_size, cfg.in_chans
+        self.grid = (cfg.num_frames // self.pt, cfg.image_size // self.ps, cfg.image_size // self.ps)
+        self.dim = self.pt * self.ps * self.ps * self.c
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, N, P)
+        B, C, T, H, W = x.shape
+        pt, ps = self.pt, self.ps
+        if T % pt or H % ps or W % ps:
+            raise ValueError(f"video of shape {tuple(x.shape)} does not tile into {pt}x{ps}x{ps} tubelets")
+        x = x.reshape(B, C, T // pt, pt, H // ps, ps, W // ps, ps)
+        x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, T', H', W', pt, ps, ps, C)
+        return x.reshape(B, (T // pt) * (H // ps) * (W // ps), pt * ps * ps * C)
+
+    def unpatchify(self, p: torch.Tensor, grid: tuple | None = None) -> torch.Tensor:  # (B, N, P) -> video
+        (gt, gh, gw), pt, ps = grid or self.grid, self.pt, self.ps
+        x = p.reshape(p.shape[0], gt, gh, gw, pt, ps, ps, self.c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(p.shape[0], self.c, gt * pt, gh * ps, gw * ps)
+
+
+class AudioPatches:
+    """Spectrogram patches of (time x freq); tokens in row-major (time patch, freq patch) order,
+    features in (time, freq) order. Trailing frames that do not fill a patch are dropped
+    (AudioSet: 1000 frames -> 62 x 8 = 496 tokens, SPEC 1)."""
+
+    def __init__(self, cfg: AVMAEConfig):
+        self.pt, self.pf = cfg.audio_patch_t, cfg.audio_patch_f
+        self.grid = (cfg.audio_frames // self.pt, cfg.mel_bins // self.pf)
+        self.dim = self.pt * self.pf
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, F) -> (B, N, P)
+        B, T, Fq = x.shape
+        pt, pf = self.pt, self.pf
+        if Fq % pf:
+            raise ValueError(f"spectrogram of shape {tuple(x.shape)}: {Fq} mel bins do not tile into {pf}")
+        gt = T // pt
+        x = x[:, : gt * pt].reshape(B, gt, pt, Fq // pf, pf).permute(0, 1, 3, 2, 4)
+        return x.reshape(B, gt * (Fq // pf), pt * pf)
+
+    def unpatchify(self, p: torch.Tensor, grid: tuple | None = None) -> torch.Tensor:  # (B, N, P) -> (B, T, F)
+        (gt, gf), pt, pf = grid or self.grid, self.pt, self.pf
+        x = p.reshape(p.shape[0], gt, gf, pt, pf).permute(0, 1, 3, 2, 4)
+        return x.reshape(p.shape[0], gt * pt, gf * pf)
+
+
+PATCHES = {"a": AudioPatches, "v": VideoPatches}
+
+# -----------------------------------------------------------------------------
+# positions
+
+
+def sincos_1d(n: int, dim: int) -> torch.Tensor:
+    """Fixed 1-D sinusoidal positions (n, dim): [sin(p w_i) | cos(p w_i)], w_i = 10000^(-i/(dim/2))
+    (the 1-D form of MAE's sin-cos table). Each modality is indexed from 0 (SPEC 2)."""
+    assert dim % 2 == 0, "sinusoidal positions need an even width"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+class PosEmbed(nn.Module):
+    """A position table (N, D): fixed sin-cos (a non-persistent buffer, so it never enters a
+    checkpoint and a longer input simply gets a longer table) or learned."""
+
+    def __init__(self, n: int, dim: int, kind: str):
+        super().__init__()
+        if kind == "sincos":
+            self.register_buffer("table", sincos_1d(n, dim), persistent=False)
+        elif kind == "learned":
+            self.table = nn.Parameter(torch.zeros(n, dim))
+            nn.init.trunc_normal_(self.table, std=0.02)
+        else:
+            raise ValueError(f"pos_embed={kind!r} is not one of sincos, learned")
+
+    def forward(self) -> torch.Tensor:
+        return self.table
+
+# -----------------------------------------------------------------------------
+# masking (SPEC 3): per example and modality, independent; 1 = masked
+
+
+def mask_count(ratio: float, n: int) -> int:
+    """floor(ratio * n), robust to float error (0.29 * 100 = 28.999...)."""
+    return math.floor(ratio * n + 1e-6)
+
+
+def sample_mask(B: int, grid: tuple, ratio: float, axes: tuple, device=None) -> tuple:
+    """Random masking over the units spanned by `axes` of the token grid; a unit is masked in every
+    position along the other axes. axes = all axes is plain random masking (floor(ratio * N)
+    tokens masked); video axes (1, 2) is tube masking (the same spatial mask in every time slice);
+    audio axes (0,) masks whole time columns, (1,) whole frequency rows.
+    Returns (ids_keep (B, K), ids_mask (B, M)), each sorted ascending."""
+    N = math.prod(grid)
+    units = math.prod(grid[d] for d in axes)
+    m_units = mask_count(ratio, units)
+    # unit index of every token: ravel of its coordinates along `axes`
+    coords = torch.unravel_index(torch.arange(N, device=device), grid)
+    unit_of_token = torch.zeros(N, dtype=torch.long, device=device)
+    for d in axes:
+        unit_of_token = unit_of_token * grid[d] + coords[d]
+    unit_rank = torch.rand(B, units, device=device).argsort(1).argsort(1)  # random rank of each unit
+    mask = unit_rank[:, unit_of_token] < m_units  # (B, N) bool
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # kept first, each part ascending
+    M = m_units * (N // units)
+    return order[:, : N - M], order[:, N - M:]
+
+
+MASK_AXES = {  # mask type -> masked axes of the token grid
+    "v": {"random": (0, 1, 2), "tube": (1, 2)},
+    "a": {"random": (0, 1), "time": (0,), "freq": (1,)},
+}
+
+
+def ids_to_mask(ids_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, M) masked indices -> (B, N) float mask, 1 = masked."""
+    return torch.zeros(ids_mask.shape[0], n, device=ids_mask.device).scatter_(1, ids_mask, 1.0)
+
+# -----------------------------------------------------------------------------
+# transformer primitives: pre-LN ViT block (LN eps 1e-6, GELU, MLP 4x), SPEC 2
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, attn_fn):
+        super().__init__()
+        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        self.heads, self.attn_fn = heads, attn_fn
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = self.attn_fn(q, k, v)  # (B, H, N, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, attn_fn, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn, self.mlp = Attention(dim, heads, attn_fn), MLP(dim, hidden)
+        self.drop_path = drop_path
+
+    def _drop(self, x):  # stochastic depth, per example
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.drop_path
+        return x * keep.to(x.dtype) / (1.0 - self.drop_path)
+
+    def forward(self, x):
+        x = x + self._drop(self.attn(self.norm1(x)))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks ending in a LayerNorm. dpr: per-block stochastic depth rates."""
+
+    def __init__(self, dim: int, depth: int, heads: int, hidden: int, attn_fn, dpr=None):
+        super().__init__()
+        dpr = dpr if dpr is not None else [0.0] * depth
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, attn_fn, dpr[i]) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+# -----------------------------------------------------------------------------
+# fusion strategies (Fig. 2). Encoders and decoders are the same four shapes with other sizes;
+# each maps {modality: (B, N_m, D)} -> {modality: (B, N_m, D)}.
+
+
+def _concat(xs: dict):
+    keys = list(xs)
+    return keys, torch.cat([xs[m] for m in keys], dim=1), [xs[m].shape[1] for m in keys]
+
+
+class Early(nn.Module):
+    """One transformer over the concatenation of all modalities' tokens."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, joint_layers=None):
+        super().__init__()
+        self.joint = Transformer(dim, depth, heads, hidden, attn_fn, dpr)
+
+    def forward(self, xs: dict) -> dict:
+        keys, x, sizes = _concat(xs)
+        return dict(zip(keys, self.joint(x).split(sizes, dim=1)))
+
+
+class Separate(nn.Module):
+    """One transformer per modality, no exchange."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, joint_layers=None):
+        super().__init__()
+        self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
+
+    def forward(self, xs: dict) -> dict:
+        return {m: self.streams[m](x) for m, x in xs.items()}
+
+
+class Shared(nn.Module):
+    """One transformer applied to each modality on its own (tied weights)."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, joint_layers=None):
+        super().__init__()
+        self.shared = Transformer(dim, depth, heads, hidden, attn_fn, dpr)
+
+    def forward(self, xs: dict) -> dict:
+        return {m: self.shared(x) for m, x in xs.items()}
+
+
+class Mid(nn.Module):
+    """depth - S layers per modality (each stream ends in its own LayerNorm, as in the authors'
+    code), then S joint layers over the concatenation."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, joint_layers=2):
+        super().__init__()
+        dpr = dpr if dpr is not None else [0.0] * depth
+        L, S = depth, joint_layers
+        self.streams = nn.ModuleDict({m: Transformer(dim, L - S, heads, hidden, attn_fn, dpr[: L - S]) for m in mods})
+        self.joint = Transformer(dim, S, heads, hidden, attn_fn, dpr[L - S:])
+
+    def forward(self, xs: dict) -> dict:
+        keys, x, sizes = _concat({m: self.streams[m](x) for m, x in xs.items()})
+        return dict(zip(keys, self.joint(x).split(sizes, dim=1)))
+
+
+ENCODERS = {"early": Early, "separate": Separate, "mid": Mid, "shared": Shared}
+DECODERS = {"early": Early, "separate": Separate, "shared": Shared}
+# objective -> {target modality: source modality whose encoded tokens are the decoder's context}
+OBJECTIVES = {
+    "joint": {"a": "a", "v": "v"},
+    "inpaint_v": {"v": "a"},
+    "inpaint_a": {"a": "v"},
+    "inpaint_both": {"a": "v", "v": "a"},
+}
+CHOICES = dict(modalities=("av", "a", "v"), encoder=tuple(ENCODERS), decoder=tuple(DECODERS),
+               objective=tuple(OBJECTIVES), pos_embed=("sincos", "learned"),
+               decoder_layout=("gather", "unshuffle"), inpaint_layout=("paper", "masked"),
+               mask_type_v=tuple(MASK_AXES["v"]), mask_type_a=tuple(MASK_AXES["a"]))
+
+# -----------------------------------------------------------------------------
+# rules (Sec. 3.3, 4.2): fail fast, say why
+
+
+def check_config(cfg: AVMAEConfig) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    if cfg.modalities == "av" and cfg.encoder == "separate" and cfg.decoder == "separate":
+        raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that never "
+                         "exchange information (paper Sec. 3.3); for that baseline (Table 10) pretrain "
+                         "--modalities a and --modalities v on their own")
+    if cfg.objective != "joint":
+        if cfg.modalities != "av":
+            raise ValueError(f"objective={cfg.objective!r} reconstructs one modality from the other: it "
+                             f"needs --modalities av, not {cfg.modalities!r}")
+        if cfg.encoder not in ("early", "mid"):
+            raise ValueError(f"objective={cfg.objective!r} decodes one modality from the other's encoded "
+                             f"tokens, so the encoder must mix modalities (early or mid); with "
+                             f"encoder={cfg.encoder!r} they never meet and training cannot converge "
+                             f"(paper Sec. 4.2)")
+        if cfg.objective == "inpaint_both" and cfg.decoder == "early":
+            raise ValueError("objective='inpaint_both' with decoder='early' would concatenate both "
+                             "inpainting sequences, so each modality's reconstruction would see its own "
+                             "encoded tokens; use decoder 'shared' or 'separate'")
+        if cfg.decoder_layout == "unshuffle":
+            raise ValueError("decoder_layout='unshuffle' restores one modality's own raster order: it "
+                             "applies to objective='joint' only")
+    if cfg.encoder == "mid" and cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
+        raise ValueError(f"mid-fusion needs 1 <= joint_layers < depth, got joint_layers={cfg.joint_layers}, "
+                         f"depth={cfg.depth} (joint_layers=depth is early fusion)")
+    for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads, "decoder")):
+        if w % h or (w // h) % 2:
+            raise ValueError(f"{what} width {w} must split into {h} heads of even size")
+    if cfg.num_frames % cfg.tubelet or cfg.image_size % cfg.patch_size:
+        raise ValueError(f"video {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} does not tile into "
+                         f"{cfg.tubelet}x{cfg.patch_size}x{cfg.patch_size} tubelets")
+    if cfg.mel_bins % cfg.audio_patch_f or cfg.audio_frames < cfg.audio_patch_t:
+        raise ValueError(f"spectrogram {cfg.audio_frames}x{cfg.mel_bins} does not tile into "
+                         f"{cfg.audio_patch_t}x{cfg.audio_patch_f} patches")
+    for m in cfg.mods:
+        grid = PATCHES[m](cfg).grid
+        units = math.prod(grid[d] for d in MASK_AXES[m][getattr(cfg, f"mask_type_{m}")])
+        ratio = getattr(cfg, f"mask_ratio_{m}")
+        if not 0 < mask_count(ratio, units) < units:
+            raise ValueError(f"mask_ratio_{m}={ratio} masks {mask_count(ratio, units)} of {units} units: "
+                             f"at least one must be masked and one kept")
+    if cfg.objective != "joint" and cfg.inpaint_layout == "paper":
+        for t, s in OBJECTIVES[cfg.objective].items():
+            n_t, k_s = _num_tokens(cfg, t), _num_tokens(cfg, s) - _num_masked(cfg, s)
+            if n_t <= k_s:
+                raise ValueError(f"objective={cfg.objective!r}, inpaint_layout='paper': the {t} sequence has "
+                                 f"n_{t}={n_t} slots but {k_s} are taken by visible {s} tokens, leaving no "
+                                 f"mask token to supervise; raise mask_ratio_{s} or use inpaint_layout='masked'")
+
+
+def _num_tokens(cfg: AVMAEConfig, m: str) -> int:
+    return math.prod(PATCHES[m](cfg).grid)
+
+
+def _num_masked(cfg: AVMAEConfig, m: str) -> int:
+    grid = PATCHES[m](cfg).grid
+    axes = MASK_AXES[m][getattr(cfg, f"mask_type_{m}")]
+    units = math.prod(grid[d] for d in axes)
+    return mask_count(getattr(cfg, f"mask_ratio_{m}"), units) * (math.prod(grid) // units)
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class AVMAE(nn.Module):
+    """forward(a, v) -> dict(loss, loss_a/loss_v, pred_a/pred_v (B, M, P), ids_a/ids_v (B, M) = which
+    patches the predictions are of, mask_a/mask_v (B, N) with 1 = masked).
+    encode(a, v) -> {modality: (B, N, D)}: the encoder on unmasked inputs, for finetuning."""
+
+    def __init__(self, cfg: AVMAEConfig):
+        super().__init__()
+        check_config(cfg)
+        self.cfg, mods = cfg, cfg.mods
+        self.ops = get_ops(cfg.kernels)
+        attn = self.ops["attention"]
+        self.patches = {m: PATCHES[m](cfg) for m in mods}
+        self.n = {m: math.prod(self.patches[m].grid) for m in mods}
+        self.targets = {t: s for t, s in OBJECTIVES[cfg.objective].items() if t in mods}  # target -> source
+
+        # encoder: embed only the visible patches (patch embedding is linear, SPEC 2)
+        self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim, cfg.width) for m in mods})
+        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.n[m], cfg.width, cfg.pos_embed) for m in mods})
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
+                                             attn, dpr, cfg.joint_layers)
+
+        # decoder: per source modality a projection; per target a mask token, head and positions
+        sources = sorted(set(self.targets.values()))
+        self.dec_embed = nn.ModuleDict({s: nn.Linear(cfg.width, cfg.dec_width) for s in sources})
+        self.mask_token = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.dec_width)) for t in self.targets})
+        # the paper's inpainting layout gives context tokens the target's positions (SPEC 5)
+        pos_mods = set(self.targets) | (set(sources) if cfg.inpaint_layout == "masked" else set())
+        self.dec_pos = nn.ModuleDict({m: PosEmbed(self.n[m], cfg.dec_width, cfg.pos_embed) for m in sorted(pos_mods)})
+        self.decoder = DECODERS[cfg.decoder](list(self.targets), cfg.dec_width, cfg.dec_depth, cfg.dec_heads,
+                                             cfg.dec_mlp, attn)
+        self.head = nn.ModuleDict({t: nn.Linear(cfg.dec_width, self.patches[t].dim) for t in self.targets})
+        self.apply(self._init_weights)
+        for p in self.mask_token.values():
+            nn.init.normal_(p, std=0.02)
+
+        # how decoder inputs are laid out: chosen once here (joint objective: decoder_layout;
+        # inpainting: inpaint_layout)
+        layouts = {"gather": self._context_own, "unshuffle": self._context_unshuffle,
+                   "paper": self._context_paper, "masked": self._context_masked}
+        self._context = layouts[cfg.decoder_layout if cfg.objective == "joint" else cfg.inpaint_layout]
+
+    @staticmethod
+    def _init_weights(m):  # MAE's init: xavier-uniform Linear, zero bias, unit LayerNorm
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ---- masking and embedding
+
+    def sample_masks(self, B: int, device=None) -> dict:
+        """{modality: (ids_keep (B, K), ids_mask (B, M))}, independent per example and modality."""
+        cfg = self.cfg
+        return {m: sample_mask(B, self.patches[m].grid, getattr(cfg, f"mask_ratio_{m}"),
+                               MASK_AXES[m][getattr(cfg, f"mask_type_{m}")], device) for m in cfg.mods}
+
+    def patchify(self, inputs: dict) -> dict:
+        return {m: self.patches[m].patchify(x) for m, x in inputs.items()}
+
+    def _inputs(self, a, v) -> dict:
+        inputs = {m: x for m, x in (("a", a), ("v", v)) if x is not None}
+        if set(inputs) != set(self.cfg.mods):
+            raise ValueError(f"this model takes modalities {self.cfg.mods}, got {tuple(inputs)}")
+        return inputs
+
+    def embed(self, patches: dict, masks: dict | None) -> dict:
+        """Patch embedding + positions of the visible patches only: (B, N, P) -> (B, K, D)."""
+        out = {}
+        for m, p in patches.items():
+            if masks is None:  # no masking: every patch (finetuning / features)
+                out[m] = self.patch_embed[m](p) + self.enc_pos[m]()[: p.shape[1]]
+            else:
+                keep = masks[m][0]
+                out[m] = self.patch_embed[m](self.ops["gather"](p, keep)) + self.ops["gather"](self.enc_pos[m](), keep)
+        return out
+
+    def encode(self, a=None, v=None, masks: dict | None = None) -> dict:
+        """Encoder features {modality: (B, K or N, D)}; masks=None encodes every token."""
+        return self.forward_encoder(self.patchify(self._inputs(a, v)), masks)
+
+    # ---- decoder inputs: context tokens + mask tokens for one target modality t from source s.
+    # Each returns (sequence (B, L, Dd), where to read the predictions, which patches they are of).
+
+    def _context_own(self, t, s, e, masks):  # joint: t's own visible tokens, [visible | mask]
+        keep, drop = masks[t]
+        pos = self.dec_pos[t]()
+        z = self.ops["assemble"](self.dec_embed[t](e[t]), pos, self.mask_token[t], pos, keep, drop)
+        return z, keep.shape[1], drop
+
+    def _context_unshuffle(self, t, s, e, masks):  # joint, MAE's raster order; read masked positions
+        keep, drop = masks[t]
+        z = self.ops["unshuffle"](self.dec_embed[t](e[t]), self.mask_token[t], self.dec_pos[t](), keep, drop)
+        return z, drop, drop
+
+    def _context_paper(self, t, s, e, masks):
+        """Authors' inpainting layout (Sec. 3.4): z_t = [e_s || m_t repeated n_t - k_s] with t's
+        positions 0..n_t-1 along the sequence; supervises t's last n_t - k_s raster patches."""
+        B, k = e[s].shape[:2]
+        ids = torch.arange(self.n[t], device=e[s].device).expand(B, -1)
+        ctx_ids, query_ids = ids[:, :k], ids[:, k:]
+        pos = self.dec_pos[t]()
+        z = self.ops["assemble"](self.dec_embed[s](e[s]), pos, self.mask_token[t], pos, ctx_ids, query_ids)
+        return z, k, query_ids
+
+    def _context_masked(self, t, s, e, masks):
+        """Well-defined inpainting: context tokens keep their own modality's positions, one mask token
+        per masked patch of t carries that patch's position and is supervised on it."""
+        keep_s, drop_t = masks[s][0], masks[t][1]
+        z = self.ops["assemble"](self.dec_embed[s](e[s]), self.dec_pos[s](), self.mask_token[t],
+                                 self.dec_pos[t](), keep_s, drop_t)
+        return z, keep_s.shape[1], drop_t
+
+    # ---- MAE's three steps (models_mae.py): encoder, decoder, loss
+
+    def forward_encoder(self, patches: dict, masks: dict) -> dict:
+        """{modality: (B, N, P) patches} -> {modality: (B, K, D) encoded visible tokens}."""
+        return self.encoder(self.embed(patches, masks))
+
+    def forward_decoder(self, e: dict, masks: dict) -> dict:
+        """{target: (pred (B, M, P), ids (B, M))}: predictions for the target's patches at ids."""
+        seqs, reads = {}, {}
+        for t, s in self.targets.items():
+            seqs[t], read, ids = self._context(t, s, e, masks)
+            reads[t] = (read, ids)
+        outs = self.decoder(seqs)
+        preds = {}
+        for t, (read, ids) in reads.items():  # the head runs on the predicted tokens only
+            y = outs[t][:, read:] if isinstance(read, int) else self.ops["gather"](outs[t], read)
+            preds[t] = (self.head[t](y), ids)
+        return preds
+
+    def forward_loss(self, patches: dict, preds: dict, masks: dict) -> dict:
+        """Reconstruction loss per target on the predicted (masked) patches only, averaged over targets
+        with equal weights (Sec. 3.4); plus everything the reconstruction pictures need."""
+        out, losses = {}, []
+        for t, (pred, ids) in preds.items():
+            out[f"loss_{t}"] = self.ops["loss"](pred, patches[t], ids, self.cfg.norm_pix_loss)
+            out[f"pred_{t}"], out[f"ids_{t}"] = pred, ids
+            losses.append(out[f"loss_{t}"])
+        out["loss"] = sum(losses) / len(losses)
+        for m, (keep, drop) in masks.items():
+            out[f"mask_{m}"] = ids_to_mask(drop, self.n[m])
+        return out
+
+    def forward(self, a=None, v=None, masks: dict | None = None) -> dict:
+        patches = self.patchify(self._inputs(a, v))
+        if masks is None:
+            p = next(iter(patches.values()))
+            masks = self.sample_masks(p.shape[0], p.device)
+        return self.forward_loss(patches, self.forward_decoder(self.forward_encoder(patches, masks), masks), masks)
+
+    @torch.no_grad()
+    def reconstruct(self, inputs: dict, out: dict) -> dict:
+        """Per modality (original, masked input, reconstruction with the visible patches pasted back),
+        each in input layout: the three rows of the paper's Figure 5."""
+        res = {}
+        for m, x in inputs.items():
+            pt = self.patches[m]
+            target = pt.patchify(x).float()
+            mask = out[f"mask_{m}"].unsqueeze(-1)
+            masked = target * (1 - mask)
+            recon = target.clone()
+            if f"pred_{m}" in out:
+                pred = out[f"pred_{m}"].float()
+                if self.cfg.norm_pix_loss:  # undo the per-patch normalisation with the target's stats
+                    t = gather_tokens(target, out[f"ids_{m}"])
+                    pred = pred * (t.var(-1, keepdim=True) + 1e-6).sqrt() + t.mean(-1, keepdim=True)
+                recon.scatter_(1, out[f"ids_{m}"].unsqueeze(-1).expand_as(pred), pred)
+            res[m] = tuple(pt.unpatchify(y) for y in (target, masked, recon))
+        return res
+
+    def num_params(self, prefix: str = "") -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))

@@ -1,0 +1,34 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import avmae  # noqa: E402
+
+# a CPU-sized model: 4 frames of 32x32 in 2x8x8 tubelets (32 video tokens), 64 x 32 log-mel in 8x8 patches
+# (32 audio tokens); the same code as the paper model, other numbers.
+TINY_INPUTS = dict(num_frames=4, image_size=32, patch_size=8, audio_frames=64, mel_bins=32,
+                   audio_patch_t=8, audio_patch_f=8)
+
+
+def tiny_config(**overrides):
+    return avmae.make_config("tiny", **{**TINY_INPUTS, **overrides})
+
+
+def tiny_batch(cfg, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = {}
+    if "a" in cfg.modalities:
+        x["a"] = torch.randn(B, cfg.audio_frames, cfg.mel_bins, generator=g)
+    if "v" in cfg.modalities:
+        x["v"] = torch.rand(B, cfg.in_chans, cfg.num_frames, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    return x
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
