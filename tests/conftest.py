@@ -32,3 +32,8 @@ def tiny_batch(cfg, B=2, seed=0):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    # torchvision 0.29 deprecates its JPEG codec (README: Known differences); one note is enough
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision")

@@ -1,0 +1,958 @@
+"""
+Data: raw video -> prepared set -> batches. SPEC sections 1 and 9.
+
+  python data.py prepare --videos DIR --manifest vggsound.csv --format vggsound --out data/vggsound
+  python data.py prepare --videos DIR --manifest balanced_train_segments.csv --format audioset \
+      --labels class_labels_indices.csv --split train --out data/audioset
+  python data.py prepare --videos DIR --manifest EPIC_100_train.csv --format epic --split train --out data/epic
+  python data.py builtin --out data/builtin        # the procedural data set (also made on first use)
+  python data.py bench --root data/builtin         # loader clips/s
+
+A prepared set (real or built-in) is one folder:
+  meta.json                 sample rate, frame rate, short side, label vocabularies ("heads"), multi_label
+  {split}.csv               id,duration,frames,<one column per head: ';'-joined label indices>
+  clips/{id}/audio.flac     16 kHz mono
+  clips/{id}/frames.bin     the clip's JPEG frames at 12.5 fps, back to back after an offset table
+  failed_{split}.csv        clips that could not be prepared, and why
+12.5 fps serves both pretraining (16 frames at stride 4 of 25 fps = every 2nd stored frame) and
+finetuning (32 frames at stride 2 = every stored frame).
+
+Bad clips never stop a run: the Dataset replaces a clip it cannot read by the next readable one
+(idx + 1, idx + 2, ...; at most 10 tries), logs the file and the reason, and reports it in the
+batch ("bad"), so the training loop counts them. See `AVDataset` for each rule.
+"""
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("avmae.data")
+# torchvision 0.29 marks its JPEG codec deprecated (in favour of torchcodec); it is still the one in
+# the design card, so say it once in the README rather than on every decoded frame
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+SAMPLE_RATE = 16000
+FPS = 12.5
+VIDEO_FPS = 25.0  # the frame rate strides are counted in (paper: stride 4 pretraining, 2 finetuning)
+
+# -----------------------------------------------------------------------------
+# log-mel, Kaldi's fbank as every peer computes it (SPEC 1), in torch, batched, CPU or GPU
+
+AUDIO_NORMS = {"none": (0.0, 1.0), "audiomae": (-4.27, 2 * 4.57), "cavmae": (-5.081, 4.4849)}
+
+
+def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int, low: float = 20.0, high: float = 0.0) -> torch.Tensor:
+    """(n_mels, n_fft // 2 + 1) triangles on the mel scale 1127 ln(1 + f / 700), drawn in mel space
+    between `low` and `high` (<= 0 means Nyquist + high); the Nyquist bin gets no weight (Kaldi)."""
+    high = sr / 2 + high if high <= 0 else high
+    mel = lambda f: 1127.0 * np.log1p(np.asarray(f, dtype=np.float64) / 700.0)  # noqa: E731
+    lo, hi = mel(low), mel(high)
+    delta = (hi - lo) / (n_mels + 1)
+    left = lo + delta * np.arange(n_mels)[:, None]
+    center, right = left + delta, left + 2 * delta
+    m = mel(np.arange(n_fft // 2) * sr / n_fft)[None]  # mel of each FFT bin but Nyquist
+    banks = np.maximum(0.0, np.minimum((m - left) / (center - left), (right - m) / (right - center)))
+    return torch.from_numpy(np.pad(banks, ((0, 0), (0, 1)))).float()
+
+
+def logmel(wave: torch.Tensor, sr: int = SAMPLE_RATE, n_mels: int = 128, target_frames: int | None = None,
+           window: str = "hann") -> torch.Tensor:
+    """Kaldi-compatible log-mel filterbank. wave: (n,) or (B, n) floats in [-1, 1].
+    Returns (frames, n_mels) or (B, frames, n_mels), frames = 1 + (n - 25 ms) // 10 ms, then zero-padded
+    at the end or cropped to `target_frames` (8 s at 16 kHz: 798 -> 800)."""
+    single = wave.dim() == 1
+    x = wave.reshape(1, -1) if single else wave
+    x = x.float()
+    win, hop = int(sr * 0.025), int(sr * 0.010)
+    n_fft = 1 << (win - 1).bit_length()
+    if x.shape[1] < win:
+        raise ValueError(f"audio of {x.shape[1]} samples is shorter than one {win}-sample frame")
+    x = x - x.mean(dim=1, keepdim=True)                               # remove the waveform's mean
+    frames = x.unfold(1, win, hop)                                    # (B, T, win), whole frames only
+    frames = frames - frames.mean(dim=2, keepdim=True)                # each frame's DC offset
+    prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)     # pre-emphasis, x[0] uses itself
+    frames = frames - 0.97 * prev
+    w = {"hann": torch.hann_window, "hamming": torch.hamming_window}[window](win, periodic=False, device=x.device)
+    spec = torch.fft.rfft(frames * w, n=n_fft).abs().pow(2)          # (B, T, n_fft / 2 + 1) power
+    mel = spec @ kaldi_mel_banks(n_mels, n_fft, sr).to(x.device).T
+    out = mel.clamp_min(torch.finfo(torch.float32).eps).log()
+    if target_frames is not None:
+        T = out.shape[1]
+        out = F.pad(out, (0, 0, 0, target_frames - T)) if T < target_frames else out[:, :target_frames]
+    return out[0] if single else out
+
+
+def samples_for_frames(frames: int, sr: int = SAMPLE_RATE) -> int:
+    """The waveform length whose log-mel has exactly `frames` frames (no padding needed)."""
+    return int(sr * 0.025) + (frames - 1) * int(sr * 0.010)
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited resampling by FFT (exact for content below both Nyquists). x: (n,)."""
+    if sr_in == sr_out:
+        return x
+    n_out = int(round(len(x) * sr_out / sr_in))
+    X = np.fft.rfft(x.astype(np.float64))
+    keep = min(len(X), n_out // 2 + 1)
+    Y = np.zeros(n_out // 2 + 1, dtype=np.complex128)
+    Y[:keep] = X[:keep]
+    return (np.fft.irfft(Y, n=n_out) * (n_out / len(x))).astype(np.float32)
+
+# -----------------------------------------------------------------------------
+# frames.bin: a clip's JPEGs back to back. Layout: int64 n, int64 offsets[n + 1], then the bytes.
+
+
+def write_frames(path: str, jpegs: list) -> None:
+    offsets = np.cumsum([0] + [len(j) for j in jpegs]).astype(np.int64)
+    with open(path, "wb") as f:
+        f.write(np.int64(len(jpegs)).tobytes())
+        f.write(offsets.tobytes())
+        for j in jpegs:
+            f.write(bytes(j))
+
+
+def frame_count(path: str) -> int:
+    with open(path, "rb") as f:
+        return int(np.frombuffer(f.read(8), dtype=np.int64)[0])
+
+
+def read_frames(path: str, indices) -> list:
+    """The JPEG bytes (uint8 tensors) of the given frame indices; raises ValueError on a damaged file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated frame file")
+        n = int(np.frombuffer(head, dtype=np.int64)[0])
+        offsets = np.frombuffer(f.read(8 * (n + 1)), dtype=np.int64)
+        if n <= 0 or len(offsets) != n + 1:
+            raise ValueError(f"{path}: damaged frame table (n={n})")
+        base, out, cache = 8 * (n + 2), [], {}
+        for i in indices:
+            if i not in cache:
+                f.seek(base + int(offsets[i]))
+                size = int(offsets[i + 1] - offsets[i])
+                b = f.read(size)
+                if len(b) != size:
+                    raise ValueError(f"{path}: frame {i} is truncated")
+                cache[i] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+            out.append(cache[i])
+    return out
+
+
+def split_mjpeg(stream: bytes) -> list:
+    """Split ffmpeg's image2pipe MJPEG output into JPEGs (0xFFD8 ... 0xFFD9; entropy-coded data
+    stuffs every 0xFF with 0x00, so an EOI marker cannot appear inside a frame)."""
+    out, start = [], 0
+    while True:
+        s = stream.find(b"\xff\xd8", start)
+        if s < 0:
+            return out
+        e = stream.find(b"\xff\xd9", s + 2)
+        if e < 0:
+            return out
+        out.append(np.frombuffer(stream[s:e + 2], dtype=np.uint8))
+        start = e + 2
+
+# -----------------------------------------------------------------------------
+# manifests: each reader yields records and reports the lines it could not use
+
+
+@dataclass
+class Record:
+    id: str            # the prepared clip's name
+    src: tuple         # candidate video files, relative to --videos; the first that exists is used
+    start: float | None  # the segment to cut from the source, seconds (None: the whole file)
+    end: float | None
+    labels: dict       # head -> list of label names (or class indices for EPIC)
+    split: str
+
+
+def _rows(path: str, skip_comments: bool = False):
+    """(line number, fields) of a CSV, counting empty lines as problems rather than rows."""
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
+            if skip_comments and row and row[0].startswith("#"):
+                continue
+            yield i, [c.strip() for c in row]
+
+
+def read_vggsound(path: str, split: str | None = None):
+    """VGGSound CSV rows `youtube_id,start_seconds,label,split`; files `{id}_{start:06d}.mp4`."""
+    recs, bad = [], []
+    for i, row in _rows(path):
+        try:
+            ytid, start, label, sp = row
+            start = int(float(start))
+        except ValueError:
+            bad.append(f"{path}:{i}: expected youtube_id,start_seconds,label,split, got {row!r}")
+            continue
+        if split is None or sp == split:
+            name = f"{ytid}_{start:06d}"
+            recs.append(Record(name, (name + ".mp4", name + ".mkv", name + ".webm"), None, None, {"label": [label]}, sp))
+    return recs, bad
+
+
+def read_audioset(path: str, labels_csv: str, split: str = "train", full_videos: bool = False):
+    """AudioSet segment CSV (`YTID, start_seconds, end_seconds, "mid1,mid2"`, comment lines on top),
+    labels from class_labels_indices.csv (index,mid,display_name). Sources are the downloaded 10 s
+    segments, named `{YTID}.mp4`, `Y{YTID}.mp4`, `{YTID}_{start}.mp4` or `{YTID}_{start_ms}_{end_ms}.mp4`;
+    with full_videos the segment is cut from the whole video `{YTID}.mp4`."""
+    mids = {}
+    for i, row in _rows(labels_csv):
+        if i == 1 and row and row[0] == "index":
+            continue
+        if len(row) >= 2 and row[0].isdigit():
+            mids[row[1]] = int(row[0])
+    recs, bad = [], []
+    for i, row in _rows(path, skip_comments=True):
+        try:
+            ytid, start, end = row[0], float(row[1]), float(row[2])
+        except (ValueError, IndexError):
+            bad.append(f"{path}:{i}: expected YTID, start_seconds, end_seconds, positive_labels, got {row!r}")
+            continue
+        labs = [m for m in ",".join(row[3:]).strip('"').split(",") if m]
+        unknown = [m for m in labs if m not in mids]
+        if unknown or not labs:
+            bad.append(f"{path}:{i}: {'unknown label ids ' + str(unknown) if unknown else 'no labels'}")
+            continue
+        ms = f"{int(start * 1000)}_{int(end * 1000)}"
+        names = (f"{ytid}.mp4",) if full_videos else (
+            f"{ytid}.mp4", f"Y{ytid}.mp4", f"{ytid}_{int(start)}.mp4", f"{ytid}_{int(start):06d}.mp4", f"{ytid}_{ms}.mp4")
+        recs.append(Record(f"{ytid}_{int(start * 1000)}", names, start if full_videos else None,
+                           end if full_videos else None, {"label": labs}, split))
+    return recs, bad, mids
+
+
+def read_epic(path: str, split: str = "train"):
+    """EPIC-Kitchens-100 (narration_id, participant_id, video_id, ..., start/stop_timestamp,
+    verb_class, noun_class): one segment of the long video `{participant}/{video_id}.MP4` each."""
+    recs, bad, head = [], [], None
+    for i, row in _rows(path):
+        if head is None:
+            head = {k: j for j, k in enumerate(row)}
+            need = {"narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp",
+                    "verb_class", "noun_class"}
+            if not need <= set(head):
+                raise ValueError(f"{path}: header lacks {sorted(need - set(head))}")
+            continue
+        try:
+            g = lambda k: row[head[k]]  # noqa: E731
+            vid = os.path.join(g("participant_id"), g("video_id"))
+            rec = Record(g("narration_id"), (vid + ".MP4", vid + ".mp4", os.path.join(g("participant_id"), "videos", g("video_id") + ".MP4")),
+                         _seconds(g("start_timestamp")), _seconds(g("stop_timestamp")),
+                         {"verb": [int(g("verb_class"))], "noun": [int(g("noun_class"))]}, split)
+        except (ValueError, IndexError):
+            bad.append(f"{path}:{i}: malformed row {row!r}")
+            continue
+        recs.append(rec)
+    return recs, bad
+
+
+def _seconds(ts: str) -> float:  # "00:01:02.35" -> 62.35
+    h, m, s = ts.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def read_generic(path: str, split: str | None = None):
+    """A plain CSV with a header: `path,label` and optionally `split,start,end` (labels ';'-separated
+    for multi-label)."""
+    recs, bad, head = [], [], None
+    for i, row in _rows(path):
+        if head is None:
+            head = {k: j for j, k in enumerate(row)}
+            if not {"path", "label"} <= set(head):
+                raise ValueError(f"{path}: a generic manifest needs a header with path,label")
+            continue
+        try:
+            g = lambda k, d=None: row[head[k]] if k in head and row[head[k]] != "" else d  # noqa: E731
+            p, lab = g("path"), g("label")
+            if not p or lab is None:
+                raise ValueError
+            start, end = g("start"), g("end")
+            rec = Record(os.path.splitext(p.replace("/", "__"))[0], (p,), float(start) if start else None,
+                         float(end) if end else None, {"label": lab.split(";")}, g("split", "train"))
+        except (ValueError, IndexError):
+            bad.append(f"{path}:{i}: malformed row {row!r}")
+            continue
+        if split is None or rec.split == split:
+            recs.append(rec)
+    return recs, bad
+
+# -----------------------------------------------------------------------------
+# prepare: ffmpeg -> 16 kHz mono FLAC + JPEG frames, parallel, resumable, with a failure report
+
+
+def _ffmpeg(args: list, timeout: float = 600) -> bytes:
+    p = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"] + args,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr.decode(errors="replace").strip().splitlines()[-1:] or "ffmpeg failed")
+    return p.stdout
+
+
+def prepare_clip(src: str, dst: str, start: float | None, end: float | None, short_side: int = 256,
+                 fps: float = FPS, quality: int = 3) -> dict:
+    """Extract one clip into dst/ (written to a temporary folder, then renamed: a clip folder that
+    exists is complete). Returns its manifest fields; raises with the reason on failure."""
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"missing video {src}")
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    cut = (["-ss", f"{start:.3f}"] if start else []) + ["-i", src] + (["-t", f"{end - (start or 0):.3f}"] if end else [])
+    pcm = _ffmpeg(cut + ["-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "s16le", "-"])
+    audio = np.frombuffer(pcm, dtype=np.int16)
+    if len(audio) < SAMPLE_RATE // 10:
+        raise ValueError(f"{src}: no usable audio track ({len(audio)} samples)")
+    sf.write(os.path.join(tmp, "audio.flac"), audio, SAMPLE_RATE, subtype="PCM_16")
+    scale = f"scale='if(lt(iw,ih),{short_side},-2)':'if(lt(iw,ih),-2,{short_side})'"
+    jpegs = split_mjpeg(_ffmpeg(cut + ["-an", "-vf", f"fps={fps},{scale}", "-f", "image2pipe", "-c:v", "mjpeg",
+                                       "-q:v", str(quality), "-"]))
+    if not jpegs:
+        raise ValueError(f"{src}: no video frames")
+    write_frames(os.path.join(tmp, "frames.bin"), jpegs)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(tmp, dst)
+    return dict(duration=round(len(audio) / SAMPLE_RATE, 3), frames=len(jpegs))
+
+
+def _prepare_one(args):
+    rec, videos, out, short_side = args
+    dst = os.path.join(out, "clips", rec.id)
+    try:
+        if os.path.isdir(dst):  # resumable: a finished clip is a renamed folder
+            info = dict(duration=round(sf.info(os.path.join(dst, "audio.flac")).duration, 3),
+                        frames=frame_count(os.path.join(dst, "frames.bin")))
+        else:
+            found = [os.path.join(videos, c) for c in rec.src if os.path.exists(os.path.join(videos, c))]
+            if not found:
+                raise FileNotFoundError(f"no video for {rec.id} in {videos} (looked for {', '.join(rec.src)})")
+            info = prepare_clip(found[0], dst, rec.start, rec.end, short_side)
+        return rec, info, None
+    except Exception as e:  # reported in failed.csv; the run goes on
+        return rec, None, f"{type(e).__name__}: {e}"
+
+
+def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool, source: str,
+            workers: int = os.cpu_count() or 1, short_side: int = 256, problems: list = ()) -> dict:
+    """Prepare every record; writes {split}.csv, meta.json and failed_{split}.csv. Re-running skips
+    finished clips; preparing another split into the same folder needs the same vocabulary."""
+    from tqdm import tqdm
+    os.makedirs(os.path.join(out, "clips"), exist_ok=True)
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old["heads"] != json.loads(json.dumps(heads)) or old.get("short_side") != short_side:
+            raise ValueError(f"{meta_path} holds another vocabulary or frame size: prepare into a new folder")
+    index = {h: {name: i for i, name in enumerate(names)} for h, names in heads.items()}
+    rows, failed = {}, [("manifest", "", p) for p in problems]
+    with ProcessPoolExecutor(max(1, workers)) as ex:
+        jobs = [ex.submit(_prepare_one, (r, videos, out, short_side)) for r in records]
+        for job in tqdm(as_completed(jobs), total=len(jobs), desc="prepare", unit="clip"):
+            rec, info, err = job.result()
+            if err:
+                failed.append((rec.id, rec.src[0], err))
+                continue
+            labs = {h: ";".join(str(index[h][x]) for x in rec.labels[h]) for h in heads}
+            rows.setdefault(rec.split, []).append(dict(id=rec.id, **info, **labs))
+    for split, rs in rows.items():
+        with open(os.path.join(out, f"{split}.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "duration", "frames", *heads])
+            w.writeheader()
+            w.writerows(sorted(rs, key=lambda r: r["id"]))
+    splits = sorted({r.split for r in records})
+    with open(os.path.join(out, f"failed_{'_'.join(splits)}.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("id", "source", "reason"), *failed])
+    meta = dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=short_side, heads=heads, multi_label=multi_label,
+                source=source)
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    counts = dict(prepared=sum(len(r) for r in rows.values()), failed=len(failed))
+    print(f"prepared {counts['prepared']} clips into {out}; {counts['failed']} failed "
+          f"(see {out}/failed_{'_'.join(splits)}.csv)")
+    return counts
+
+
+def _vocab(records, head):
+    return sorted({x for r in records for x in r.labels[head]}, key=str)
+
+# -----------------------------------------------------------------------------
+# the built-in data set: bouncing objects whose kind sets their look and their timbre, and whose
+# bounces make the sound. Deterministic (one seed per clip), generated in seconds.
+
+BUILTIN_KINDS = [  # (name, shape, RGB, fundamental Hz, harmonic amplitudes)
+    ("bell", "circle", (230, 60, 50), 880.0, (1.0, 0.0, 0.6, 0.0, 0.3)),
+    ("drum", "square", (40, 120, 230), 110.0, (1.0, 0.7, 0.5, 0.4, 0.3)),
+    ("chime", "triangle", (240, 210, 40), 1320.0, (1.0, 0.2)),
+    ("wood", "diamond", (150, 90, 40), 330.0, (1.0, 0.5, 0.25)),
+    ("glass", "ring", (90, 220, 220), 1760.0, (1.0, 0.0, 0.0, 0.4)),
+    ("gong", "cross", (200, 80, 220), 165.0, (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)),
+    ("pluck", "circle", (60, 200, 80), 440.0, (1.0, 0.5, 0.33, 0.25)),
+    ("buzz", "square", (240, 140, 30), 220.0, (1.0, 0.0, 0.33, 0.0, 0.2, 0.0, 0.14)),
+]
+BUILTIN = dict(n_train=320, n_test=80, seconds=4.0, size=64, seed=0)
+
+
+def _shape_mask(shape, yy, xx, cy, cx, r):
+    dy, dx = yy - cy, xx - cx
+    return {
+        "circle": dy ** 2 + dx ** 2 <= r ** 2,
+        "square": (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85),
+        "triangle": (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6),
+        "diamond": np.abs(dy) + np.abs(dx) <= r,
+        "ring": (dy ** 2 + dx ** 2 <= r ** 2) & (dy ** 2 + dx ** 2 >= (0.55 * r) ** 2),
+        "cross": ((np.abs(dy) <= r * 0.3) | (np.abs(dx) <= r * 0.3)) & (np.abs(dy) <= r) & (np.abs(dx) <= r),
+    }[shape]
+
+
+def make_builtin_clip(seed: int, seconds: float, size: int):
+    """(label, waveform (n,) float32, frames uint8 (T, size, size, 3), bounce times)."""
+    rng = np.random.default_rng(seed)
+    kind = int(rng.integers(len(BUILTIN_KINDS)))
+    _, shape, color, f0, harm = BUILTIN_KINDS[kind]
+    r = rng.uniform(0.07, 0.16) * size                  # radius: bigger objects sound lower
+    pitch = f0 * (0.11 * size / r) ** 0.5
+    p0, vel = rng.uniform(r, size - r, 2), rng.uniform(0.6, 1.2, 2) * size * rng.choice([-1, 1], 2)
+    bg = rng.uniform(0, 60, 3)
+    n_frames, span = int(round(seconds * FPS)), size - 2 * r
+
+    def position(t):  # elastic bounces between the walls: unfold, then fold back
+        u = np.mod(p0 - r + vel * np.asarray(t, dtype=np.float64)[..., None], 2 * span)
+        return r + np.where(u <= span, u, 2 * span - u)
+
+    times = []  # a bounce whenever the unfolded coordinate crosses a multiple of the free span
+    for d in range(2):
+        u0 = p0[d] - r
+        ks = np.arange(np.floor(min(u0, u0 + vel[d] * seconds) / span) + 1, np.ceil(max(u0, u0 + vel[d] * seconds) / span))
+        times += [t for t in (ks * span - u0) / vel[d] if 0 < t < seconds]
+    times.sort()
+    traj = position(np.arange(n_frames) / FPS)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
+    for j in range(n_frames):
+        cy, cx = traj[j]
+        img = np.broadcast_to(bg, (size, size, 3)).copy()
+        img[_shape_mask(shape, yy, xx, cy, cx, r)] = color
+        frames[j] = np.clip(img + rng.normal(0, 4, img.shape), 0, 255)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(int(0.4 * SAMPLE_RATE)) / SAMPLE_RATE
+    tone = sum(a * np.sin(2 * np.pi * pitch * (k + 1) * t) for k, a in enumerate(harm)) * np.exp(-t * 12)
+    tone /= np.abs(tone).max()
+    wave = rng.normal(0, 0.003, n)                       # a faint room noise: never digital silence
+    for tb in times:
+        s = int(tb * SAMPLE_RATE)
+        seg = tone[: n - s] * rng.uniform(0.3, 0.6)
+        wave[s:s + len(seg)] += seg
+    return kind, np.clip(wave, -1, 1).astype(np.float32), frames, times
+
+
+def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUILTIN["n_test"],
+                 seconds: float = BUILTIN["seconds"], size: int = BUILTIN["size"], seed: int = BUILTIN["seed"]) -> str:
+    """Generate the built-in set in the prepared-set format (idempotent: returns at once if done)."""
+    from torchvision.io import encode_jpeg
+    if os.path.exists(os.path.join(out, "meta.json")):
+        return out
+    t0 = time.time()
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows = {"train": [], "test": []}
+    for i in range(n_train + n_test):
+        split = "train" if i < n_train else "test"
+        kind, wave, frames, _ = make_builtin_clip(seed * 1_000_003 + i, seconds, size)
+        cid = f"{split}_{i:05d}"
+        d = os.path.join(tmp, "clips", cid)
+        os.makedirs(d)
+        sf.write(os.path.join(d, "audio.flac"), wave, SAMPLE_RATE, subtype="PCM_16")
+        jp = [encode_jpeg(torch.from_numpy(f).permute(2, 0, 1).contiguous(), quality=90).numpy() for f in frames]
+        write_frames(os.path.join(d, "frames.bin"), jp)
+        rows[split].append(dict(id=cid, duration=seconds, frames=len(frames), label=kind))
+    for split, rs in rows.items():
+        with open(os.path.join(tmp, f"{split}.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "duration", "frames", "label"])
+            w.writeheader()
+            w.writerows(rs)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=size, multi_label=False, source="builtin",
+                       heads={"label": [k[0] for k in BUILTIN_KINDS]},
+                       generator=dict(n_train=n_train, n_test=n_test, seconds=seconds, size=size, seed=seed)), f, indent=1)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    print(f"built-in data set: {n_train + n_test} clips in {out} ({time.time() - t0:.1f} s)")
+    return out
+
+# -----------------------------------------------------------------------------
+# frames: crop, flip, resize, scale to [-1, 1] (the same on CPU in workers or on the GPU)
+
+
+def decode_frames(jpegs: list, device="cpu") -> torch.Tensor:
+    """JPEG bytes -> (T, 3, H, W) uint8 on `device` (batched nvJPEG when device is CUDA)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    return torch.stack(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
+
+
+def random_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (top, left, height, width), one for the whole clip."""
+    area = h * w
+    for _ in range(10):
+        a = area * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(a * ar))), int(round(math.sqrt(a / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    s = min(h, w)  # fall back to the central square
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+def center_box(h: int, w: int):
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+def crop_resize(frames: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> (3, T, size, size) uint8, the model's video layout. Frames stay uint8
+    until they reach the training device (4x less to copy between processes): `to_device` scales
+    them to [-1, 1] there."""
+    top, left, h, w = box
+    x = frames[:, :, top:top + h, left:left + w]
+    if x.is_cuda:
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    else:  # antialiased resize of channels-last uint8 is a CPU fast path (9x faster than float)
+        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=True)
+    if flip:
+        x = x.flip(-1)
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def scale_video(v: torch.Tensor) -> torch.Tensor:
+    """uint8 frames -> floats in [-1, 1] (ViViT / the paper: [0, 255] -> [-1, 1])."""
+    return v.float().div_(127.5).sub_(1.0)
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move a batch to `device` and scale its video to [-1, 1] there."""
+    out = {k: (x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x) for k, x in batch.items()}
+    if "v" in out and out["v"].dtype == torch.uint8:
+        out["v"] = scale_video(out["v"])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the Dataset
+
+
+class BadClip(Exception):
+    """A clip that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/builtin"
+    split: str = "train"
+    modalities: str = "av"
+    num_frames: int = 16          # video frames per view
+    frame_stride: int = 4         # in 25 fps frames: 4 pretraining, 2 finetuning
+    image_size: int = 224
+    audio_frames: int = 800       # log-mel frames (10 ms): 800 = 8 s
+    mel_bins: int = 128
+    window: str = "hann"          # hann (peers) | hamming (the AV-MAE paper's text)
+    audio_norm: str = "none"      # none (AV-MAE) | audiomae | cavmae | "mean,scale"
+    train: bool = True            # random window, crop and flip; else N evenly spaced views, centre crop
+    views: int = 1                # test views per clip (eval)
+    specaug_freq: int = 0         # finetuning: max width of one frequency mask (AST: 48)
+    specaug_time: int = 0         # finetuning: max width of one time mask (authors' code: off)
+    time_shift: bool = False      # finetuning: random circular shift of the spectrogram in time
+    crop_scale: tuple = (0.3, 1.0)
+    skip_silent: bool | None = None  # None: skip silent clips when training, keep them in evaluation
+    decode: str = "cpu"           # cpu (in workers) | gpu (return JPEG bytes; GPUDecoder decodes batches)
+
+
+def _norm(spec: str):
+    if spec in AUDIO_NORMS:
+        return AUDIO_NORMS[spec]
+    try:
+        mean, scale = (float(x) for x in spec.split(","))
+        return mean, scale
+    except ValueError:
+        raise ValueError(f"audio_norm={spec!r}: use one of {', '.join(AUDIO_NORMS)} or 'mean,scale'") from None
+
+
+class AVDataset(torch.utils.data.Dataset):
+    """Clips of a prepared set as model inputs. One item (train=True) or `views` items (eval):
+    a: (audio_frames, mel_bins) log-mel, v: (3, num_frames, image_size, image_size) uint8 (to_device
+    scales it to [-1, 1] on the training device),
+    label, id, t0 (the video window's start, s), ta (the audio window's start, s), bad (clips replaced).
+
+    Alignment: the video window starts on a stored frame, t0 = j0 / 12.5 s; the audio window
+    (audio_frames x 10 ms, frame k starting at ta + 10 ms k) is centred on the video window and moved, if
+    needed, to lie inside the recording. Both start times come with the item, so a sound and the
+    picture of its cause keep the same absolute time. Audio beyond a short recording is zero-padded.
+
+    Rules for bad input (each counted in `bad` and logged with the file):
+      missing or unreadable audio / frames, a corrupt JPEG, an empty frame file -> replace the clip
+      by the next readable one (at most 10 tries, then an error listing them);
+      silent audio (peak < 1e-4) -> replaced when training, kept (and reported) in evaluation;
+      audio shorter than the window -> zero-padded; fewer frames than the window -> the last frame
+      is held; stereo -> mean of the channels; another sample rate -> resampled to 16 kHz;
+      empty / malformed manifest lines -> skipped and logged (an empty manifest is an error)."""
+
+    MAX_TRIES = 10
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        meta_path = os.path.join(cfg.root, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path} not found: prepare the data set first (python data.py prepare/builtin)")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.heads = self.meta["heads"]
+        self.multi_label = self.meta.get("multi_label", False)
+        self.fps = float(self.meta.get("fps", FPS))
+        self.rows, self.manifest_problems = self._read_manifest(os.path.join(cfg.root, f"{cfg.split}.csv"))
+        self.norm = _norm(cfg.audio_norm)
+        self.skip_silent = cfg.train if cfg.skip_silent is None else cfg.skip_silent
+        self.step = cfg.frame_stride / VIDEO_FPS * self.fps  # stored frames between sampled frames
+        self.span_v = cfg.num_frames * cfg.frame_stride / VIDEO_FPS  # seconds of video per view
+        self.epoch, self.seed = 0, 0
+
+    def _read_manifest(self, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found (splits here: "
+                                    f"{sorted(f[:-4] for f in os.listdir(self.cfg.root) if f.endswith('.csv'))})")
+        rows, problems = [], []
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            head = next(reader, None)
+            need = ["id", "duration", "frames", *self.heads]
+            if head is None or any(h not in head for h in need):
+                raise ValueError(f"{path}: header {head} lacks one of {need}")
+            col = {h: head.index(h) for h in head}
+            for i, row in enumerate(reader, 2):
+                try:
+                    if not any(c.strip() for c in row):
+                        raise ValueError("empty line")
+                    r = dict(id=row[col["id"]], duration=float(row[col["duration"]]), frames=int(row[col["frames"]]))
+                    for h, names in self.heads.items():
+                        labs = [int(x) for x in row[col[h]].split(";") if x != ""]
+                        if not labs or any(not 0 <= x < len(names) for x in labs):
+                            raise ValueError(f"label {row[col[h]]!r} outside 0..{len(names) - 1}")
+                        r[h] = labs
+                    if not r["id"]:
+                        raise ValueError("no id")
+                except (ValueError, IndexError) as e:
+                    problems.append(f"{path}:{i}: {e} ({row!r})")
+                    continue
+                rows.append(r)
+        for p in problems:
+            log.warning("skipping manifest line %s", p)
+        if not rows:
+            raise ValueError(f"{path}: no usable clips ({len(problems)} malformed lines)")
+        return rows, problems
+
+    def __len__(self):
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int, seed: int = 0):
+        """Augmentation randomness is a function of (seed, epoch, index): resumable and the same in
+        any worker layout."""
+        self.epoch, self.seed = epoch, seed
+
+    def __getitem__(self, idx):
+        bad = []
+        for k in range(self.MAX_TRIES):
+            j = (idx + k) % len(self.rows)
+            try:
+                item = self._load(j)
+                item["bad"] = bad
+                return item
+            except BadClip as e:
+                log.warning("bad clip %s: %s (using the next clip instead)", self.rows[j]["id"], e)
+                bad.append((self.rows[j]["id"], str(e)))
+        raise RuntimeError(f"{self.MAX_TRIES} clips in a row could not be read, starting at "
+                           f"{self.rows[idx]['id']}: {bad}")
+
+    def _rng(self, j):
+        return np.random.default_rng([self.seed, self.epoch, j])
+
+    def _load(self, j):
+        cfg, row = self.cfg, self.rows[j]
+        clip = os.path.join(cfg.root, "clips", row["id"])
+        rng = self._rng(j)
+        n_stored = row["frames"]
+        last_start = max(0, n_stored - 1 - int(math.ceil(self.step * (cfg.num_frames - 1))))
+        if cfg.train:
+            starts = [int(rng.integers(0, last_start + 1))]
+        else:
+            starts = [int(round(s)) for s in np.linspace(0, last_start, cfg.views)]
+        out = dict(id=row["id"], t0=[s / self.fps for s in starts])
+        if "a" in cfg.modalities:
+            out["a"], out["ta"], silent = self._audio(os.path.join(clip, "audio.flac"), out["t0"], rng)
+            if silent and self.skip_silent:
+                raise BadClip(f"{clip}/audio.flac is silent")
+            if silent:
+                log.warning("silent audio kept (evaluation): %s/audio.flac", clip)
+        if "v" in cfg.modalities:
+            out["v"] = self._video(os.path.join(clip, "frames.bin"), starts, rng)
+        for h in self.heads:
+            out[h] = self._label(row[h], len(self.heads[h]))
+        if cfg.train:  # one view: drop the view axis (GPU decoding keeps its list of views)
+            for k in ("a", "t0", "ta") + (("v",) if cfg.decode == "cpu" else ()):
+                if k in out:
+                    out[k] = out[k][0]
+        return out
+
+    def _label(self, labs, n):
+        if self.multi_label:
+            y = torch.zeros(n)
+            y[labs] = 1.0
+            return y
+        return labs[0]
+
+    def _audio(self, path, t0s, rng):
+        cfg = self.cfg
+        try:
+            info = sf.info(path)
+        except Exception as e:
+            raise BadClip(f"{path}: unreadable audio ({e})") from None
+        sr = info.samplerate
+        n_win = samples_for_frames(cfg.audio_frames, SAMPLE_RATE)
+        specs, tas = [], []
+        dur = info.frames / sr
+        for t0 in t0s:
+            # the log-mel frame grid (frame k starts at ta + 10 ms k) centred on the video window, then
+            # moved (not cropped) to stay inside the recording
+            ta = t0 + self.span_v / 2 - cfg.audio_frames * 0.01 / 2
+            ta = min(max(ta, 0.0), max(0.0, dur - n_win / SAMPLE_RATE))
+            s0 = int(round(ta * sr))
+            s1 = s0 + int(math.ceil(n_win * sr / SAMPLE_RATE))
+            try:
+                x, _ = sf.read(path, start=max(0, s0), stop=max(0, min(s1, info.frames)), dtype="float32", always_2d=True)
+            except Exception as e:
+                raise BadClip(f"{path}: unreadable audio ({e})") from None
+            x = x.mean(axis=1)  # stereo -> mono
+            x = np.pad(x, (max(0, -s0), 0))
+            x = resample(x, sr, SAMPLE_RATE)
+            x = np.pad(x, (0, max(0, n_win - len(x))))[:n_win]
+            specs.append(torch.from_numpy(x))
+            tas.append(ta)
+        wave = torch.stack(specs)
+        silent = bool(wave.abs().amax() < 1e-4)
+        a = logmel(wave, SAMPLE_RATE, cfg.mel_bins, cfg.audio_frames, cfg.window)  # (views, T, mel)
+        mean, scale = self.norm
+        a = (a - mean) / scale
+        if cfg.specaug_freq or cfg.specaug_time or cfg.time_shift:
+            a = torch.stack([self._augment_spec(s, rng) for s in a])
+        return a, tas, silent
+
+    def _augment_spec(self, s, rng):
+        cfg, (T, Fq) = self.cfg, s.shape
+        s = s.clone()
+        fill = s.mean()
+        for width, dim, n in ((cfg.specaug_freq, 1, Fq), (cfg.specaug_time, 0, T)):
+            if width:
+                w = int(rng.integers(0, width + 1))
+                a0 = int(rng.integers(0, max(1, n - w + 1)))
+                s.narrow(dim, a0, w).fill_(fill)
+        if cfg.time_shift:
+            s = torch.roll(s, int(rng.integers(0, T)), dims=0)
+        return s
+
+    def _video(self, path, starts, rng):
+        cfg = self.cfg
+        try:
+            n = frame_count(path)
+            views = []
+            for j0 in starts:
+                idx = [min(n - 1, j0 + int(round(i * self.step))) for i in range(cfg.num_frames)]  # hold the last
+                views.append(read_frames(path, idx))
+        except (OSError, ValueError) as e:
+            raise BadClip(f"{path}: {e}") from None
+        flip = bool(rng.random() < 0.5) if cfg.train else False
+        if cfg.decode == "gpu":  # the GPUDecoder decodes and crops; here only the crop parameters
+            return [dict(jpegs=v, crop_seed=int(rng.integers(2**31)), flip=flip) for v in views]
+        out = []
+        for jp in views:
+            try:
+                frames = decode_frames(jp)
+            except RuntimeError as e:
+                raise BadClip(f"{path}: corrupt JPEG ({str(e).splitlines()[0]})") from None
+            H, W = frames.shape[-2:]
+            box = random_crop_box(H, W, rng, cfg.crop_scale) if cfg.train else center_box(H, W)
+            out.append(crop_resize(frames, box, flip, cfg.image_size))
+        return torch.stack(out)
+
+
+def collate(items: list) -> dict:
+    """Stack tensors, keep ids / bad lists as lists (and gpu-decode payloads as is)."""
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float)) and k not in ("id",):
+            out[k] = torch.tensor(vals)
+        elif k == "bad":
+            out[k] = [b for v in vals for b in v]
+        else:
+            out[k] = vals
+    return out
+
+
+class GPUDecoder:
+    """Decode a batch's JPEGs on the GPU (one nvJPEG call for the whole batch) and crop, flip and
+    resize there. A clip with a frame that will not decode is dropped from the batch and reported
+    in batch['bad']."""
+
+    def __init__(self, cfg: DataConfig, device="cuda"):
+        self.cfg, self.device = cfg, device
+
+    def __call__(self, batch: dict) -> dict:
+        cfg, clips = self.cfg, batch["v"]  # per clip: a list of views, each dict(jpegs, crop_seed, flip)
+        flat = [v for views in clips for v in views]
+        nv = len(clips[0])
+        try:
+            frames = list(decode_frames([j for v in flat for j in v["jpegs"]], self.device).split(cfg.num_frames))
+        except RuntimeError:  # find the culprit clip by clip
+            frames = []
+            for v in flat:
+                try:
+                    frames.append(decode_frames(v["jpegs"], self.device))
+                except RuntimeError:
+                    frames.append(None)
+        keep = [c for c in range(len(clips)) if all(frames[c * nv + k] is not None for k in range(nv))]
+        for c in sorted(set(range(len(clips))) - set(keep)):
+            log.warning("bad clip %s: corrupt JPEG (dropped from the batch)", batch["id"][c])
+            batch["bad"].append((batch["id"][c], "corrupt JPEG"))
+        videos = []
+        for c in keep:
+            views = []
+            for k in range(nv):
+                fr, v = frames[c * nv + k], flat[c * nv + k]
+                H, W = fr.shape[-2:]
+                box = random_crop_box(H, W, np.random.default_rng(v["crop_seed"]), cfg.crop_scale) if cfg.train else center_box(H, W)
+                views.append(crop_resize(fr, box, v["flip"], cfg.image_size))
+            videos.append(torch.stack(views))
+        n = len(clips)
+        out = {k: (x[keep] if isinstance(x, torch.Tensor) and len(x) == n else
+                   [x[c] for c in keep] if isinstance(x, list) and k != "bad" and len(x) == n else x)
+               for k, x in batch.items()}
+        v = torch.stack(videos)
+        out["v"] = v[:, 0] if cfg.train else v
+        return to_device(out, self.device)
+
+
+def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, distributed: bool = False, seed: int = 0,
+                drop_last: bool = True, shuffle: bool | None = None):
+    """A DataLoader over AVDataset (DistributedSampler when distributed)."""
+    ds = AVDataset(cfg)
+    shuffle = cfg.train if shuffle is None else shuffle
+    sampler = (torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
+               if distributed else None)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        num_workers=workers, collate_fn=collate, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def _bench(args):
+    cfg = DataConfig(root=args.root, split=args.split, num_frames=args.num_frames, frame_stride=args.frame_stride,
+                     image_size=args.image_size, audio_frames=args.audio_frames, decode=args.decode)
+    loader = make_loader(cfg, args.batch_size, args.workers)
+    gpu = GPUDecoder(cfg) if args.decode == "gpu" else None
+    n, t0, i = 0, None, 0
+    while i <= args.batches:  # as many epochs as it takes
+        for batch in loader:
+            if gpu:
+                batch = gpu(batch)
+                torch.cuda.synchronize()
+            if i == 2:  # skip worker start-up
+                t0, n = time.time(), 0
+            n += len(batch["id"])
+            i += 1
+            if i > args.batches:
+                break
+    dt = time.time() - t0
+    print(f"{n / dt:.1f} clips/s ({args.workers} workers, decode={args.decode}, {args.num_frames}x{args.image_size}"
+          f"^2 frames, {args.audio_frames} log-mel frames, batch {args.batch_size})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="raw videos + a manifest -> a prepared set")
+    pp.add_argument("--videos", required=True, help="folder of the source videos")
+    pp.add_argument("--manifest", required=True)
+    pp.add_argument("--format", choices=["vggsound", "audioset", "epic", "generic"], required=True)
+    pp.add_argument("--labels", help="AudioSet class_labels_indices.csv")
+    pp.add_argument("--split", default=None, help="keep this split only (vggsound/generic); the split name (audioset/epic)")
+    pp.add_argument("--out", required=True)
+    pp.add_argument("--workers", type=int, default=os.cpu_count())
+    pp.add_argument("--short_side", type=int, default=256)
+    pp.add_argument("--full_videos", action="store_true", help="audioset: cut each segment from the whole video")
+    pb = sub.add_parser("builtin", help="generate the built-in data set")
+    pb.add_argument("--out", default="data/builtin")
+    for k, v in BUILTIN.items():
+        pb.add_argument(f"--{k}", type=type(v), default=v)
+    pn = sub.add_parser("bench", help="measure loader throughput")
+    pn.add_argument("--root", default="data/builtin")
+    pn.add_argument("--split", default="train")
+    pn.add_argument("--workers", type=int, default=os.cpu_count())
+    pn.add_argument("--batch_size", type=int, default=32)
+    pn.add_argument("--batches", type=int, default=20)
+    pn.add_argument("--num_frames", type=int, default=16)
+    pn.add_argument("--frame_stride", type=int, default=4)
+    pn.add_argument("--image_size", type=int, default=224)
+    pn.add_argument("--audio_frames", type=int, default=800)
+    pn.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.cmd == "builtin":
+        make_builtin(args.out, **{k: getattr(args, k) for k in BUILTIN})
+    elif args.cmd == "bench":
+        _bench(args)
+    else:
+        if shutil.which("ffmpeg") is None:
+            sys.exit("prepare needs ffmpeg on the PATH (Debian: apt-get install -y ffmpeg)")
+        if args.format == "vggsound":  # the vocabulary comes from every split of the CSV
+            recs, bad = read_vggsound(args.manifest)
+            heads, multi = {"label": _vocab(recs, "label")}, False
+            recs = [r for r in recs if args.split is None or r.split == args.split]
+        elif args.format == "audioset":
+            if not args.labels:
+                sys.exit("--format audioset needs --labels class_labels_indices.csv")
+            recs, bad, mids = read_audioset(args.manifest, args.labels, args.split or "train", args.full_videos)
+            heads, multi = {"label": sorted(mids, key=mids.get)}, True
+        elif args.format == "epic":
+            recs, bad = read_epic(args.manifest, args.split or "train")
+            heads, multi = {"verb": list(range(97)), "noun": list(range(300))}, False
+        else:
+            recs, bad = read_generic(args.manifest)
+            heads, multi = {"label": _vocab(recs, "label")}, any(len(r.labels["label"]) > 1 for r in recs)
+            recs = [r for r in recs if args.split is None or r.split == args.split]
+        for b in bad:
+            log.warning("manifest: %s", b)
+        if not recs:
+            sys.exit(f"{args.manifest}: no usable rows ({len(bad)} malformed)")
+        prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers, args.short_side, bad)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""data.py: Kaldi log-mel, prepare with ffmpeg, manifests, the built-in set, the loader and bad input (issue 3)."""
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import data
+
+FFMPEG = shutil.which("ffmpeg")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed (.ci/run installs it with apt-get)")
+
+# -----------------------------------------------------------------------------
+# log-mel against a from-the-definition reference (numpy, float64, loops)
+
+
+def kaldi_fbank_reference(x, sr, n_mels=128, window="hann"):
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean()
+    win, hop = int(sr * 0.025), int(sr * 0.010)
+    n_fft = 1
+    while n_fft < win:
+        n_fft *= 2
+    n_frames = 1 + (len(x) - win) // hop
+    n = np.arange(win)
+    a = 0.5 if window == "hann" else 0.54
+    w = a - (1 - a) * np.cos(2 * np.pi * n / (win - 1))  # symmetric window
+    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)  # noqa: E731
+    lo, hi = mel(20.0), mel(sr / 2)
+    step = (hi - lo) / (n_mels + 1)
+    bank = np.zeros((n_mels, n_fft // 2 + 1))
+    for m in range(n_mels):
+        left, center, right = lo + m * step, lo + (m + 1) * step, lo + (m + 2) * step
+        for k in range(n_fft // 2):  # Kaldi leaves the Nyquist bin out
+            f = mel(k * sr / n_fft)
+            if left < f < right:
+                bank[m, k] = (f - left) / (center - left) if f <= center else (right - f) / (right - center)
+    out = np.empty((n_frames, n_mels))
+    for t in range(n_frames):
+        fr = x[t * hop: t * hop + win].copy()
+        fr -= fr.mean()
+        fr = fr - 0.97 * np.concatenate([fr[:1], fr[:-1]])
+        power = np.abs(np.fft.rfft(np.concatenate([fr * w, np.zeros(n_fft - win)]))) ** 2
+        out[t] = np.log(np.maximum(bank @ power, np.finfo(np.float32).eps))
+    return out
+
+
+@pytest.mark.parametrize("sr,seconds", [(16000, 1.0), (16000, 2.37), (8000, 1.5), (22050, 1.1), (44100, 0.6)])
+@pytest.mark.parametrize("window", ["hann", "hamming"])
+def test_logmel_matches_kaldi_definition(sr, seconds, window):
+    rng = np.random.default_rng(sr)
+    t = np.arange(int(sr * seconds)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t)) + 0.01  # tone, noise, DC
+    ref = kaldi_fbank_reference(x, sr, window=window)
+    ours = data.logmel(torch.tensor(x, dtype=torch.float32), sr=sr, window=window).double().numpy()
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-3
+
+
+def test_logmel_shapes_and_batching():
+    eight, ten = torch.randn(8 * 16000) * 0.1, torch.randn(10 * 16000) * 0.1
+    assert data.logmel(ten).shape == (998, 128)
+    assert data.logmel(eight).shape == (798, 128)
+    padded = data.logmel(eight, target_frames=800)
+    assert padded.shape == (800, 128) and torch.all(padded[798:] == 0)  # zero-padded at the end
+    assert data.logmel(ten, target_frames=800).shape == (800, 128)
+    assert data.samples_for_frames(800) == 128240 and data.logmel(torch.randn(128240)).shape == (800, 128)
+    batch = torch.stack([eight, eight * 0.5])
+    out = data.logmel(batch)
+    assert out.shape == (2, 798, 128) and torch.allclose(out[0], data.logmel(eight), atol=1e-5)
+    with pytest.raises(ValueError, match="shorter than one"):
+        data.logmel(torch.randn(100))
+
+
+def test_resample_keeps_a_tone():
+    sr_in = 44100
+    t = np.arange(sr_in) / sr_in
+    y = data.resample(np.sin(2 * np.pi * 1000 * t).astype(np.float32), sr_in, 16000)
+    assert len(y) == 16000
+    spec = np.abs(np.fft.rfft(y))
+    assert abs(np.argmax(spec) - 1000) <= 1  # 1 Hz bins over one second
+
+
+# -----------------------------------------------------------------------------
+# manifests
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_vggsound_manifest(tmp_path):
+    p = _write(tmp_path / "vgg.csv", "abc,30,dog barking,train\n\nxyz,0,cat,test\nbroken line\nq,notanumber,cat,train\n")
+    recs, bad = data.read_vggsound(p)
+    assert [r.id for r in recs] == ["abc_000030", "xyz_000000"]
+    assert recs[0].src[0] == "abc_000030.mp4" and recs[0].labels == {"label": ["dog barking"]}
+    assert len(bad) == 3 and all(str(p) in b for b in bad)  # the empty line, the short one, the bad number
+    assert [r.id for r in data.read_vggsound(p, "test")[0]] == ["xyz_000000"]
+
+
+def test_audioset_manifest(tmp_path):
+    p = _write(tmp_path / "seg.csv", "# Segments csv\n# num_ytids=3\n# YTID, start_seconds, end_seconds, positive_labels\n"
+               '--4gqARaEJE, 0.000, 10.000, "/m/068hy,/m/07q6cd_"\n'
+               'abc, 30.000, 40.000, "/m/zzz"\n'
+               'def, x, 10.000, "/m/068hy"\n')
+    lab = _write(tmp_path / "cls.csv", 'index,mid,display_name\n0,/m/068hy,"Domestic animals, pets"\n1,/m/07q6cd_,Squeak\n')
+    recs, bad, mids = data.read_audioset(p, lab)
+    assert mids == {"/m/068hy": 0, "/m/07q6cd_": 1}
+    assert len(recs) == 1 and recs[0].labels["label"] == ["/m/068hy", "/m/07q6cd_"] and recs[0].start is None
+    assert any("unknown label" in b for b in bad) and any("expected YTID" in b for b in bad)
+    full = data.read_audioset(p, lab, full_videos=True)[0][0]
+    assert (full.start, full.end, full.src) == (0.0, 10.0, ("--4gqARaEJE.mp4",))
+
+
+def test_epic_manifest(tmp_path):
+    head = "narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,start_frame,stop_frame,narration,verb,verb_class,noun,noun_class,all_nouns,all_noun_classes\n"
+    p = _write(tmp_path / "epic.csv", head + 'P01_01_0,P01,P01_01,00:00:01.089,00:00:00.14,00:00:03.37,8,202,open door,open,3,door,8,[\'door\'],[8]\n'
+               'P01_01_1,P01,P01_01,x,bad,00:00:03.37,8,202,open door,open,3,door,8,x,x\n')
+    recs, bad = data.read_epic(p)
+    assert len(recs) == 1 and len(bad) == 1
+    r = recs[0]
+    assert r.src[0] == os.path.join("P01", "P01_01.MP4") and r.labels == {"verb": [3], "noun": [8]}
+    assert r.start == pytest.approx(0.14) and r.end == pytest.approx(3.37)
+    with pytest.raises(ValueError, match="header lacks"):
+        data.read_epic(_write(tmp_path / "e2.csv", "narration_id,video_id\n"))
+
+
+def test_generic_manifest(tmp_path):
+    p = _write(tmp_path / "g.csv", "path,label,split\na/x.mp4,dog,train\nb.mp4,cat;dog,test\n,cat,train\n")
+    recs, bad = data.read_generic(p)
+    assert [r.id for r in recs] == ["a__x", "b"] and recs[1].labels["label"] == ["cat", "dog"]
+    assert len(bad) == 1
+
+
+# -----------------------------------------------------------------------------
+# prepare: real mp4 files made with ffmpeg, with a known tone and a known moving square
+
+
+def make_mp4(path, seconds=2.0, tone=440.0, size=(320, 240), fps=25, sr=44100, channels=2):
+    """A white 40x40 square moving right 4 px per frame on black, and a sine tone."""
+    W, H = size
+    wav = str(path) + ".wav"
+    t = np.arange(int(sr * seconds)) / sr
+    sf.write(wav, np.stack([0.5 * np.sin(2 * np.pi * tone * t)] * channels, 1), sr)
+    frames = np.zeros((int(seconds * fps), H, W, 3), np.uint8)
+    for i in range(len(frames)):
+        frames[i, 100:140, 20 + 4 * i: 60 + 4 * i] = 255
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}",
+                    "-r", str(fps), "-i", "-", "-i", wav, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                    "-shortest", str(path)], input=frames.tobytes(), check=True)
+    os.remove(wav)
+
+
+@needs_ffmpeg
+def test_prepare_real_mp4s(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_mp4(videos / "aaa_000010.mp4", tone=440.0)
+    make_mp4(videos / "bbb_000000.mp4", tone=1000.0, channels=1)
+    (videos / "ccc_000000.mp4").write_bytes(os.urandom(5000))  # not a video
+    manifest = _write(tmp_path / "vgg.csv", "aaa,10,tone a,train\nbbb,0,tone b,train\nccc,0,tone a,train\n"
+                      "ddd,0,tone b,train\nmalformed\n")
+    out = str(tmp_path / "prepared")
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out,
+               "--workers", "2"])
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["heads"] == {"label": ["tone a", "tone b"]} and meta["fps"] == 12.5
+    rows = list(csv.DictReader(open(os.path.join(out, "train.csv"))))
+    assert [r["id"] for r in rows] == ["aaa_000010", "bbb_000000"] and [r["label"] for r in rows] == ["0", "1"]
+    failed = {r["id"]: r["reason"] for r in csv.DictReader(open(os.path.join(out, "failed_train.csv")))}
+    assert set(failed) == {"ccc_000000", "ddd_000000", "manifest"} and "no video for ddd_000000" in failed["ddd_000000"]
+    for cid, tone in (("aaa_000010", 440.0), ("bbb_000000", 1000.0)):
+        wave, sr = sf.read(os.path.join(out, "clips", cid, "audio.flac"))
+        assert sr == 16000 and wave.ndim == 1 and abs(len(wave) / sr - 2.0) < 0.1
+        spec = np.abs(np.fft.rfft(wave[:16000]))  # 1 Hz bins
+        assert abs(np.argmax(spec) - tone) <= 2
+        fb = os.path.join(out, "clips", cid, "frames.bin")
+        n = data.frame_count(fb)
+        assert n == 25  # 2 s at 12.5 fps
+        frames = data.decode_frames(data.read_frames(fb, range(n)))
+        assert frames.shape[-2:] == (256, 342)  # short side 256
+        for j in (0, 6, 12, 20):  # stored frame j = source frame 2j: square's left edge at 20 + 8j px
+            col = frames[j, 0].float().amax(0)  # brightest pixel of each column
+            xs = torch.nonzero(col > 127)[:, 0].float()
+            assert abs(xs.mean().item() - (40 + 8 * j) * 256 / 240) < 3
+    # resumable: a second run re-uses finished clips (their files are untouched)
+    stamp = os.path.getmtime(os.path.join(out, "clips", "aaa_000010", "frames.bin"))
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out])
+    assert os.path.getmtime(os.path.join(out, "clips", "aaa_000010", "frames.bin")) == stamp
+    assert len(list(csv.DictReader(open(os.path.join(out, "train.csv"))))) == 2
+    # and the prepared set loads
+    ds = data.AVDataset(data.DataConfig(root=out, num_frames=4, image_size=64, audio_frames=128))
+    item = ds[0]
+    assert item["a"].shape == (128, 128) and item["v"].shape == (3, 4, 64, 64) and item["label"] == 0
+
+
+def test_split_mjpeg():
+    from torchvision.io import encode_jpeg
+    jp = [encode_jpeg(torch.full((3, 8, 8), v, dtype=torch.uint8)).numpy() for v in (0, 128, 255)]
+    parts = data.split_mjpeg(b"".join(j.tobytes() for j in jp))
+    assert [p.tobytes() for p in parts] == [j.tobytes() for j in jp]
+
+
+# -----------------------------------------------------------------------------
+# the built-in set
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory):
+    return data.make_builtin(str(tmp_path_factory.mktemp("bi") / "builtin"), n_train=24, n_test=8)
+
+
+def test_builtin_is_deterministic(builtin, tmp_path):
+    again = data.make_builtin(str(tmp_path / "again"), n_train=24, n_test=8)
+    for split in ("train", "test"):
+        assert open(os.path.join(builtin, f"{split}.csv")).read() == open(os.path.join(again, f"{split}.csv")).read()
+    for cid in ("train_00003", "test_00030"):
+        for f in ("audio.flac", "frames.bin"):
+            assert open(os.path.join(builtin, "clips", cid, f), "rb").read() == open(os.path.join(again, "clips", cid, f), "rb").read()
+
+
+def test_builtin_labels_and_shapes(builtin):
+    meta = json.load(open(os.path.join(builtin, "meta.json")))
+    assert meta["heads"]["label"] == [k[0] for k in data.BUILTIN_KINDS]
+    ds = data.AVDataset(data.DataConfig(root=builtin, num_frames=8, image_size=32, audio_frames=256))
+    labels = [r["label"][0] for r in ds.rows]
+    assert len(ds) == 24 and len(set(labels)) >= 5 and all(0 <= y < 8 for y in labels)
+    item = ds[0]
+    assert item["a"].shape == (256, 128) and item["v"].shape == (3, 8, 32, 32) and item["v"].dtype == torch.uint8
+    v = data.to_device(data.collate([item]), "cpu")["v"]
+    assert v.dtype == torch.float32 and v.min() >= -1 and v.max() <= 1 and torch.equal(v[0], item["v"] / 127.5 - 1)
+
+
+def test_builtin_sound_follows_the_picture():
+    # every bounce (the object touching a wall in the picture) starts a sound at that moment
+    for seed in range(5):
+        kind, wave, frames, times = data.make_builtin_clip(seed, 4.0, 64)
+        assert len(times) >= 2
+        env = np.abs(wave)
+        for prev, tb in zip([-1.0] + times, times):
+            if tb - prev < 0.3 or tb < 0.02:  # the last tone still rings
+                continue
+            s = int(tb * 16000)
+            assert env[s: s + 160].max() > 5 * env[s - 160: s].max()
+
+
+# -----------------------------------------------------------------------------
+# the loader and bad input
+
+
+def _small(root, **kw):
+    return data.AVDataset(data.DataConfig(root=root, **{**dict(num_frames=4, image_size=32, audio_frames=128), **kw}))
+
+
+@pytest.fixture
+def copy(builtin, tmp_path):
+    dst = str(tmp_path / "set")
+    shutil.copytree(builtin, dst)
+    return dst
+
+
+def test_eval_views_are_evenly_spaced(builtin):
+    ds = _small(builtin, split="test", train=False, views=4)
+    item = ds[0]
+    assert item["a"].shape == (4, 128, 128) and item["v"].shape == (4, 3, 4, 32, 32)
+    assert item["t0"][0] == 0.0 and np.allclose(np.diff(item["t0"]), np.diff(item["t0"])[0], atol=0.09)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(builtin):
+    ds = _small(builtin)
+    ds.set_epoch(3, seed=1)
+    a, b = ds[5], ds[5]
+    assert torch.equal(a["v"], b["v"]) and a["t0"] == b["t0"]
+    ds.set_epoch(4, seed=1)
+    assert not torch.equal(a["v"], ds[5]["v"])
+
+
+def test_missing_and_corrupt_files_are_replaced_and_reported(copy, caplog):
+    ds = _small(copy)
+    ids = [r["id"] for r in ds.rows]
+    os.remove(os.path.join(copy, "clips", ids[0], "audio.flac"))
+    with open(os.path.join(copy, "clips", ids[1], "audio.flac"), "wb") as f:
+        f.write(b"fLaC" + os.urandom(300))  # a corrupt FLAC
+    fb = os.path.join(copy, "clips", ids[2], "frames.bin")
+    raw = bytearray(open(fb, "rb").read())
+    n = int(np.frombuffer(raw[:8], dtype=np.int64)[0])
+    off = np.frombuffer(bytes(raw[8: 8 * (n + 2)]), dtype=np.int64)
+    base = 8 * (n + 2)
+    for j in range(n):  # wipe every frame's scan data after its headers: corrupt JPEGs
+        raw[base + off[j] + 300: base + off[j + 1] - 2] = b"\x00" * (off[j + 1] - off[j] - 302)
+    open(fb, "wb").write(bytes(raw))
+    os.remove(os.path.join(copy, "clips", ids[3], "frames.bin"))
+    with caplog.at_level(logging.WARNING, logger="avmae.data"):
+        for i in range(4):
+            item = ds[i]
+            assert item["id"] == ids[4]  # the next readable clip takes the bad ones' place
+            assert [b[0] for b in item["bad"]] == ids[i:4]
+            assert item["v"].shape == (3, 4, 32, 32)
+    reasons = " ".join(b[1] for b in ds[0]["bad"])
+    for what in ("audio.flac", "unreadable audio", "corrupt JPEG", "frames.bin"):
+        assert what in reasons
+    assert f"{ids[0]}" in caplog.text and "using the next clip" in caplog.text
+    batch = data.collate([ds[0], ds[5]])
+    assert len(batch["bad"]) == 4 and batch["v"].shape == (2, 3, 4, 32, 32)
+
+
+def test_too_many_bad_clips_in_a_row_is_an_error(copy):
+    ds = _small(copy)
+    for r in ds.rows[:12]:
+        os.remove(os.path.join(copy, "clips", r["id"], "audio.flac"))
+    with pytest.raises(RuntimeError, match="10 clips in a row"):
+        ds[0]
+
+
+def _rewrite_audio(root, cid, wave, sr):
+    sf.write(os.path.join(root, "clips", cid, "audio.flac"), wave, sr)
+
+
+def test_silent_audio_skipped_in_training_kept_in_evaluation(copy):
+    ds = _small(copy)
+    cid = ds.rows[0]["id"]
+    _rewrite_audio(copy, cid, np.zeros(4 * 16000, np.float32), 16000)
+    item = ds[0]
+    assert item["id"] != cid and "silent" in item["bad"][0][1]
+    ev = _small(copy, train=False, views=2)
+    item = ev[0]
+    assert item["id"] == cid and item["bad"] == [] and torch.all(item["a"] == item["a"].min())
+
+
+def test_short_audio_is_zero_padded(copy):
+    ds = _small(copy, audio_frames=256)
+    cid = ds.rows[0]["id"]
+    t = np.arange(8000) / 16000  # half a second of a tone; the window needs 2.56 s
+    _rewrite_audio(copy, cid, 0.5 * np.sin(2 * np.pi * 500 * t), 16000)
+    item = ds[0]
+    assert item["id"] == cid and item["a"].shape == (256, 128)
+    floor = float(np.log(np.finfo(np.float32).eps))
+    assert torch.all(item["a"][60:] == floor) and item["a"][:40].max() > 0  # tone, then zero-padded silence
+
+
+def test_stereo_is_downmixed_and_other_rates_resampled(copy):
+    ds = _small(copy, audio_frames=256, train=False, views=1)
+    cid = ds.rows[0]["id"]
+    t16 = np.arange(4 * 16000) / 16000
+    mono = 0.25 * np.sin(2 * np.pi * 700 * t16)
+    _rewrite_audio(copy, cid, mono, 16000)
+    ref = ds[0]["a"]
+    _rewrite_audio(copy, cid, np.stack([2 * mono, np.zeros_like(mono)], 1), 16000)  # mean of channels = mono
+    loud = ref > ref.max() - 8  # (16-bit files: compare where the tone is, not the quantisation noise)
+    assert loud.sum() > 256 and (ds[0]["a"] - ref)[loud].abs().max() < 0.01
+    t44 = np.arange(4 * 44100) / 44100
+    _rewrite_audio(copy, cid, 0.25 * np.sin(2 * np.pi * 700 * t44), 44100)
+    res = ds[0]["a"]
+    assert res.shape == ref.shape and (res - ref)[loud].abs().max() < 0.1  # the same tone after resampling
+    assert torch.equal(res[0, 100].argmax(), ref[0, 100].argmax())
+
+
+def test_short_video_holds_its_last_frame(copy):
+    ds = _small(copy, num_frames=8, train=False, views=1)  # needs 1 + 7 x 2 = 15 stored frames
+    cid = ds.rows[0]["id"]
+    fb = os.path.join(copy, "clips", cid, "frames.bin")
+    data.write_frames(fb, [j.numpy() for j in data.read_frames(fb, range(5))])
+    v = ds[0]["v"][0]
+    assert v.shape == (3, 8, 32, 32)
+    assert torch.equal(v[:, 2], v[:, 3]) and torch.equal(v[:, 2], v[:, 7])  # frames 4, 6, ... -> frame 4
+    assert not torch.equal(v[:, 0], v[:, 2])
+
+
+def test_malformed_and_empty_manifest_lines(copy, caplog):
+    path = os.path.join(copy, "train.csv")
+    lines = open(path).read().splitlines()
+    lines[2] = ""                                  # an empty line
+    lines[3] = lines[3].split(",")[0] + ",4.0"     # too few fields
+    lines[4] = lines[4].rsplit(",", 1)[0] + ",99"  # a label outside the vocabulary
+    open(path, "w").write("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="avmae.data"):
+        ds = _small(copy)
+    assert len(ds) == 21 and len(ds.manifest_problems) == 3
+    assert all(path in p for p in ds.manifest_problems) and "outside 0..7" in caplog.text
+    open(path, "w").write(lines[0] + "\n\n")
+    with pytest.raises(ValueError, match="no usable clips"):
+        _small(copy)
+    with pytest.raises(FileNotFoundError, match="valid.csv not found"):
+        _small(copy, split="valid")
+
+
+def test_gpu_decoder_path_on_cpu(copy):
+    # the GPU path (JPEG bytes from workers, decoded and cropped in one batch) runs on any device;
+    # a clip whose JPEGs will not decode is dropped from the batch and reported
+    ds_cpu, ds_gpu = _small(copy, train=False, views=2), _small(copy, train=False, views=2, decode="gpu")
+    out = data.GPUDecoder(ds_gpu.cfg, device="cpu")(data.collate([ds_gpu[0], ds_gpu[1]]))
+    ref = data.collate([ds_cpu[0], ds_cpu[1]])
+    assert out["v"].shape == (2, 2, 3, 4, 32, 32) and out["a"].shape == (2, 2, 128, 128)
+    assert torch.allclose(out["v"], data.scale_video(ref["v"]))
+    ds_gpu = _small(copy, decode="gpu")
+    dec = data.GPUDecoder(ds_gpu.cfg, device="cpu")
+    assert dec(data.collate([ds_gpu[0], ds_gpu[1]]))["v"].shape == (2, 3, 4, 32, 32)
+    batch = data.collate([ds_gpu[0], ds_gpu[1]])
+    batch["v"][1][0]["jpegs"][2] = torch.zeros(100, dtype=torch.uint8)
+    out = dec(batch)
+    assert out["v"].shape[0] == 1 and out["id"] == [ds_gpu.rows[0]["id"]] and out["a"].shape[0] == 1
+    assert batch["bad"] and "corrupt JPEG" in batch["bad"][0][1]
+
+
+# -----------------------------------------------------------------------------
+# audio-video alignment: a flash and a click at the same moment stay at the same token time
+
+
+def test_flash_and_click_stay_aligned(tmp_path):
+    root = str(tmp_path / "av")
+    os.makedirs(os.path.join(root, "clips", "c0"))
+    from torchvision.io import encode_jpeg
+    n_frames, flash = 50, 23  # 4 s at 12.5 fps; the flash in stored frame 23 = 1.84 s
+    jp = [encode_jpeg(torch.full((3, 48, 64), 255 if j == flash else 0, dtype=torch.uint8)).numpy() for j in range(n_frames)]
+    data.write_frames(os.path.join(root, "clips", "c0", "frames.bin"), jp)
+    wave = np.random.default_rng(0).normal(0, 0.001, 4 * 16000)
+    s = int(flash / 12.5 * 16000)
+    wave[s: s + 320] += 0.8 * np.sin(2 * np.pi * 3000 * np.arange(320) / 16000)  # a 20 ms click
+    sf.write(os.path.join(root, "clips", "c0", "audio.flac"), wave, 16000)
+    open(os.path.join(root, "train.csv"), "w").write("id,duration,frames,label\nc0,4.0,50,0\n")
+    json.dump(dict(fps=12.5, heads={"label": ["x"]}), open(os.path.join(root, "meta.json"), "w"))
+    # 8 frames at stride 4 (0.16 s apart) = 1.28 s of video; 128 log-mel frames = 1.28 s of audio:
+    # a video token (tubelet of 2 frames) spans 0.32 s, an audio token (16 frames) 0.16 s
+    ds = data.AVDataset(data.DataConfig(root=root, num_frames=8, frame_stride=4, image_size=32, audio_frames=128))
+    seen = 0
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        bright = item["v"].float().mean((0, 2, 3))
+        if bright.max() < 128:  # the flash is outside this window
+            continue
+        seen += 1
+        i = int(bright.argmax())
+        t_flash = item["t0"] + i * 4 / 25
+        loud = int(item["a"].mean(1).argmax())
+        t_click = item["ta"] + loud * 0.01
+        assert abs(t_flash - flash / 12.5) < 1e-6 and abs(t_click - flash / 12.5) < 0.03
+        assert abs(item["ta"] - item["t0"]) < 1e-6  # equal-length windows: the token grids coincide
+        # the video token holding the flash (a tubelet of 2 frames = 0.32 s) spans the audio tokens
+        # (16 frames = 0.16 s) holding the click: audio token time // 2 = video token time
+        assert int((loud * 0.01 + 0.0125) / 0.16) // 2 == i // 2
+    assert seen >= 5
