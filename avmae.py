@@ -267,7 +267,7 @@ def mask_count(ratio: float, n: int) -> int:
     return math.floor(ratio * n + 1e-6)
 
 
-def sample_mask(B: int, grid: tuple, ratio: float, axes: tuple, device=None) -> tuple:
+def sample_mask(B: int, grid: tuple, ratio: float, axes: tuple, device=None, generator=None) -> tuple:
     """Random masking over the units spanned by `axes` of the token grid; a unit is masked in every
     position along the other axes. axes = all axes is plain random masking (floor(ratio * N)
     tokens masked); video axes (1, 2) is tube masking (the same spatial mask in every time slice);
@@ -281,7 +281,7 @@ def sample_mask(B: int, grid: tuple, ratio: float, axes: tuple, device=None) -> 
     unit_of_token = torch.zeros(N, dtype=torch.long, device=device)
     for d in axes:
         unit_of_token = unit_of_token * grid[d] + coords[d]
-    unit_rank = torch.rand(B, units, device=device).argsort(1).argsort(1)  # random rank of each unit
+    unit_rank = torch.rand(B, units, device=device, generator=generator).argsort(1).argsort(1)  # random rank of each unit
     mask = unit_rank[:, unit_of_token] < m_units  # (B, N) bool
     order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # kept first, each part ascending
     M = m_units * (N // units)
@@ -555,11 +555,11 @@ class AVMAE(nn.Module):
 
     # ---- masking and embedding
 
-    def sample_masks(self, B: int, device=None) -> dict:
+    def sample_masks(self, B: int, device=None, generator=None) -> dict:
         """{modality: (ids_keep (B, K), ids_mask (B, M))}, independent per example and modality."""
         cfg = self.cfg
         return {m: sample_mask(B, self.patches[m].grid, getattr(cfg, f"mask_ratio_{m}"),
-                               MASK_AXES[m][getattr(cfg, f"mask_type_{m}")], device) for m in cfg.mods}
+                               MASK_AXES[m][getattr(cfg, f"mask_type_{m}")], device, generator) for m in cfg.mods}
 
     def patchify(self, inputs: dict) -> dict:
         return {m: self.patches[m].patchify(x) for m, x in inputs.items()}

@@ -6,6 +6,7 @@ Data: raw video -> prepared set -> batches. SPEC sections 1 and 9.
       --labels class_labels_indices.csv --split train --out data/audioset
   python data.py prepare --videos DIR --manifest EPIC_100_train.csv --format epic --split train --out data/epic
   python data.py builtin --out data/builtin        # the procedural data set (also made on first use)
+  python data.py stats --root data/vggsound        # log-mel mean/std for audio_norm=dataset
   python data.py bench --root data/builtin         # loader clips/s
 
 A prepared set (real or built-in) is one folder:
@@ -489,6 +490,7 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
         json.dump(dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=size, multi_label=False, source="builtin",
                        heads={"label": [k[0] for k in BUILTIN_KINDS]},
                        generator=dict(n_train=n_train, n_test=n_test, seconds=seconds, size=size, seed=seed)), f, indent=1)
+    audio_stats(tmp, max_clips=64)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     print(f"built-in data set: {n_train + n_test} clips in {out} ({time.time() - t0:.1f} s)")
@@ -571,7 +573,7 @@ class DataConfig:
     audio_frames: int = 800       # log-mel frames (10 ms): 800 = 8 s
     mel_bins: int = 128
     window: str = "hann"          # hann (peers) | hamming (the AV-MAE paper's text)
-    audio_norm: str = "none"      # none (AV-MAE) | audiomae | cavmae | "mean,scale"
+    audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json) | audiomae | cavmae | "mean,scale"
     train: bool = True            # random window, crop and flip; else N evenly spaced views, centre crop
     views: int = 1                # test views per clip (eval)
     specaug_freq: int = 0         # finetuning: max width of one frequency mask (AST: 48)
@@ -580,9 +582,16 @@ class DataConfig:
     crop_scale: tuple = (0.3, 1.0)
     skip_silent: bool | None = None  # None: skip silent clips when training, keep them in evaluation
     decode: str = "cpu"           # cpu (in workers) | gpu (return JPEG bytes; GPUDecoder decodes batches)
+    seed: int = 0                 # augmentation randomness = f(seed, epoch, clip index)
 
 
-def _norm(spec: str):
+def _norm(spec: str, meta: dict):
+    """(mean, scale) with x -> (x - mean) / scale. 'dataset' uses the set's own log-mel statistics and,
+    like AudioMAE, scale = 2 std."""
+    if spec == "dataset":
+        if "audio_mean" not in meta:
+            raise ValueError("audio_norm='dataset' needs the set's statistics: run python data.py stats --root ROOT")
+        return meta["audio_mean"], 2 * meta["audio_std"]
     if spec in AUDIO_NORMS:
         return AUDIO_NORMS[spec]
     try:
@@ -624,11 +633,11 @@ class AVDataset(torch.utils.data.Dataset):
         self.multi_label = self.meta.get("multi_label", False)
         self.fps = float(self.meta.get("fps", FPS))
         self.rows, self.manifest_problems = self._read_manifest(os.path.join(cfg.root, f"{cfg.split}.csv"))
-        self.norm = _norm(cfg.audio_norm)
+        self.norm = _norm(cfg.audio_norm, self.meta)
         self.skip_silent = cfg.train if cfg.skip_silent is None else cfg.skip_silent
         self.step = cfg.frame_stride / VIDEO_FPS * self.fps  # stored frames between sampled frames
         self.span_v = cfg.num_frames * cfg.frame_stride / VIDEO_FPS  # seconds of video per view
-        self.epoch, self.seed = 0, 0
+        self.epoch = 0
 
     def _read_manifest(self, path):
         if not os.path.exists(path):
@@ -667,17 +676,18 @@ class AVDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def set_epoch(self, epoch: int, seed: int = 0):
+    def set_epoch(self, epoch: int):
         """Augmentation randomness is a function of (seed, epoch, index): resumable and the same in
-        any worker layout."""
-        self.epoch, self.seed = epoch, seed
+        any worker layout. (EpochSampler passes the epoch with each index; this sets the default.)"""
+        self.epoch = epoch
 
-    def __getitem__(self, idx):
+    def __getitem__(self, key):
+        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # EpochSampler sends (index, epoch)
         bad = []
         for k in range(self.MAX_TRIES):
             j = (idx + k) % len(self.rows)
             try:
-                item = self._load(j)
+                item = self._load(j, epoch)
                 item["bad"] = bad
                 return item
             except BadClip as e:
@@ -686,13 +696,10 @@ class AVDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.MAX_TRIES} clips in a row could not be read, starting at "
                            f"{self.rows[idx]['id']}: {bad}")
 
-    def _rng(self, j):
-        return np.random.default_rng([self.seed, self.epoch, j])
-
-    def _load(self, j):
+    def _load(self, j, epoch):
         cfg, row = self.cfg, self.rows[j]
         clip = os.path.join(cfg.root, "clips", row["id"])
-        rng = self._rng(j)
+        rng = np.random.default_rng([cfg.seed, epoch, j])
         n_stored = row["frames"]
         last_start = max(0, n_stored - 1 - int(math.ceil(self.step * (cfg.num_frames - 1))))
         if cfg.train:
@@ -856,17 +863,59 @@ class GPUDecoder:
         return to_device(out, self.device)
 
 
-def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, distributed: bool = False, seed: int = 0,
-                drop_last: bool = True, shuffle: bool | None = None):
-    """A DataLoader over AVDataset (DistributedSampler when distributed)."""
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded permutation of the data set, as (index, epoch) keys, starting at a
+    given position: resuming mid-epoch skips the consumed samples without loading them. The global
+    order is the same for any number of ranks: rank r of W takes positions r, r + W, r + 2W, ... of the
+    epoch's permutation, so a global batch holds the same clips whatever W is."""
+
+    def __init__(self, n: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        self.n, self.world, self.rank, self.seed, self.shuffle = n, world, rank, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0):
+        """Epoch, and how many of this rank's samples of it are already consumed."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return self.n // self.world - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        mine = perm[: self.n // self.world * self.world][self.rank::self.world]
+        return iter((int(i), self.epoch) for i in mine[self.start:])
+
+
+def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None, drop_last: bool = True):
+    """A DataLoader over AVDataset; `sampler` (e.g. an EpochSampler) picks the clips."""
     ds = AVDataset(cfg)
-    shuffle = cfg.train if shuffle is None else shuffle
-    sampler = (torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
-               if distributed else None)
+    sampler = sampler if sampler is not None else EpochSampler(len(ds), shuffle=cfg.train)
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=workers, collate_fn=collate, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0)
+        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def audio_stats(root: str, split: str = "train", max_clips: int = 2000, write: bool = True) -> tuple:
+    """Mean and std of the raw log-mel over (up to) max_clips clips, whole recordings; stored in
+    meta.json for audio_norm='dataset'."""
+    ds = AVDataset(DataConfig(root=root, split=split, modalities="a", train=False, skip_silent=False))
+    s = s2 = n = 0.0
+    for r in ds.rows[:: max(1, len(ds.rows) // max_clips)]:
+        wave, sr = sf.read(os.path.join(root, "clips", r["id"], "audio.flac"), dtype="float32", always_2d=True)
+        x = logmel(torch.from_numpy(resample(wave.mean(1), sr, SAMPLE_RATE))).double()
+        s, s2, n = s + x.sum().item(), s2 + (x ** 2).sum().item(), n + x.numel()
+    mean = s / n
+    std = math.sqrt(max(s2 / n - mean ** 2, 0.0))
+    if write:
+        meta_path = os.path.join(root, "meta.json")
+        meta = json.load(open(meta_path))
+        meta.update(audio_mean=round(mean, 4), audio_std=round(std, 4))
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(meta_path + ".tmp", meta_path)
+    return mean, std
+
 
 # -----------------------------------------------------------------------------
 # command line
@@ -911,6 +960,10 @@ def main(argv=None):
     pb.add_argument("--out", default="data/builtin")
     for k, v in BUILTIN.items():
         pb.add_argument(f"--{k}", type=type(v), default=v)
+    ps = sub.add_parser("stats", help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
+    ps.add_argument("--root", required=True)
+    ps.add_argument("--split", default="train")
+    ps.add_argument("--max_clips", type=int, default=2000)
     pn = sub.add_parser("bench", help="measure loader throughput")
     pn.add_argument("--root", default="data/builtin")
     pn.add_argument("--split", default="train")
@@ -928,6 +981,9 @@ def main(argv=None):
         make_builtin(args.out, **{k: getattr(args, k) for k in BUILTIN})
     elif args.cmd == "bench":
         _bench(args)
+    elif args.cmd == "stats":
+        mean, std = audio_stats(args.root, args.split, args.max_clips)
+        print(f"{args.root}: log-mel mean {mean:.4f}, std {std:.4f} (written to meta.json)")
     else:
         if shutil.which("ffmpeg") is None:
             sys.exit("prepare needs ffmpeg on the PATH (Debian: apt-get install -y ffmpeg)")

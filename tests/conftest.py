@@ -34,6 +34,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def builtin(tmp_path_factory):
+    """A small built-in data set (32 clips), made once per test session."""
+    import data
+    return data.make_builtin(str(tmp_path_factory.mktemp("bi") / "builtin"), n_train=24, n_test=8)
+
+
 def pytest_configure(config):
     # torchvision 0.29 deprecates its JPEG codec (README: Known differences); one note is enough
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision")

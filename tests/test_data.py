@@ -213,11 +213,6 @@ def test_split_mjpeg():
 # the built-in set
 
 
-@pytest.fixture(scope="module")
-def builtin(tmp_path_factory):
-    return data.make_builtin(str(tmp_path_factory.mktemp("bi") / "builtin"), n_train=24, n_test=8)
-
-
 def test_builtin_is_deterministic(builtin, tmp_path):
     again = data.make_builtin(str(tmp_path / "again"), n_train=24, n_test=8)
     for split in ("train", "test"):
@@ -275,12 +270,22 @@ def test_eval_views_are_evenly_spaced(builtin):
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(builtin):
-    ds = _small(builtin)
-    ds.set_epoch(3, seed=1)
-    a, b = ds[5], ds[5]
+    ds = _small(builtin, seed=1)
+    a, b = ds[(5, 3)], ds[(5, 3)]  # (index, epoch), as the EpochSampler sends them
     assert torch.equal(a["v"], b["v"]) and a["t0"] == b["t0"]
-    ds.set_epoch(4, seed=1)
-    assert not torch.equal(a["v"], ds[5]["v"])
+    assert not torch.equal(a["v"], ds[(5, 4)]["v"])
+    assert not torch.equal(a["v"], _small(builtin, seed=2)[(5, 3)]["v"])
+
+
+def test_epoch_sampler_global_order_is_independent_of_world_size():
+    one = list(data.EpochSampler(20, 1, 0, seed=3))
+    two = [list(data.EpochSampler(20, 2, r, seed=3)) for r in range(2)]
+    assert [k for pair in zip(*two) for k in pair] == one  # rank r holds positions r, r + W, ...
+    s = data.EpochSampler(20, 2, 1, seed=3)
+    s.set_position(epoch=0, start=4)
+    assert list(s) == two[1][4:] and len(s) == 6
+    s.set_position(epoch=1)
+    assert list(s) != two[1] and all(e == 1 for _, e in s)
 
 
 def test_missing_and_corrupt_files_are_replaced_and_reported(copy, caplog):

@@ -1,0 +1,206 @@
+"""train.py: flags, schedule, FLOPs, checkpoints, resume, NaN handling, DDP / FSDP equivalence (issue 4)."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import avmae
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16", "--audio_frames", "64",
+        "--mel_bins", "32", "--workers", "0", "--log_every", "1", "--save_every", "100", "--picture_every", "0"]
+
+
+def run(builtin, out_dir, *extra, hooks=None):
+    return train.main([*TINY, "--data", builtin, "--out_dir", str(out_dir), *extra], hooks)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def losses(out_dir):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
+
+
+# -----------------------------------------------------------------------------
+# config and flags
+
+
+def test_flags_come_from_the_configs():
+    mcfg, tcfg = train.parse_args(["--preset", "quick", "--encoder", "early", "--width", "96", "--norm_pix_loss"])
+    assert (mcfg.encoder, mcfg.width, mcfg.depth, mcfg.norm_pix_loss) == ("early", 96, 4, True)  # tiny depth
+    assert (tcfg.batch_size, tcfg.data, tcfg.audio_norm) == (32, "data/builtin", "dataset")
+    mcfg, tcfg = train.parse_args([])  # the paper recipe
+    assert (mcfg.encoder, mcfg.decoder, mcfg.width, mcfg.joint_layers, tcfg.batch_size, tcfg.epochs) == \
+        ("mid", "shared", 768, 2, 512, 800)
+    mcfg, _ = train.parse_args(["--preset", "audioset_l"])
+    assert (mcfg.width, mcfg.audio_frames, mcfg.mask_ratio_a) == (1024, 1000, 0.7)
+    for bad in (["--encodr", "mid"], ["--preset", "nope"], ["--size", "huge"], ["--compile", "maybe"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+    with pytest.raises(SystemExit, match="two unrelated MAEs"):
+        train.main(["--encoder", "separate", "--decoder", "separate", "--data", "/nonexistent"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    lrs = [train.lr_at(s, 100, 10, 1e-3) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-6
+    assert train.lr_at(55, 100, 10, 1e-3) == pytest.approx(0.5e-3)  # cosine midpoint
+
+
+def test_flops_match_the_spec_for_vit_b():
+    with torch.device("meta"):
+        model = avmae.AVMAE(avmae.make_config("base"))
+    fl = train.flops_per_clip(model)
+    # SPEC 10: about 110 GFLOP forward per clip = encoder ~64 on 357 visible tokens + decoder ~46 on 1968
+    assert fl["encoder"] / 1e9 == pytest.approx(64, rel=0.05)
+    assert fl["decoder"] / 1e9 == pytest.approx(46, rel=0.05)
+    assert fl["train"] == 3 * fl["forward"]
+
+
+# -----------------------------------------------------------------------------
+# the main command, checkpoints and pictures
+
+
+def test_quick_run_writes_checkpoint_picture_and_log(builtin, tmp_path, capsys):
+    res = run(builtin, tmp_path, "--max_steps", "3", "--batch_size", "8")
+    assert res["step"] == 3 and math.isfinite(res["loss"])
+    assert os.path.exists(res["checkpoint"]) and os.path.exists(res["picture"])
+    assert res["checkpoint"] in capsys.readouterr().out  # says where things are
+    ck = torch.load(res["checkpoint"], map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "step", "epoch", "step_in_epoch", "model_config", "train_config", "rng"} <= set(ck)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    model = avmae.AVMAE(avmae.AVMAEConfig(**ck["model_config"]))
+    model.load_state_dict(ck["model"])
+    log = [json.loads(x) for x in open(res["log"])]
+    assert [r["step"] for r in log] == [1, 2, 3] and all("clips_per_s" in r and "lr" in r for r in log)
+
+
+def test_reconstruction_picture_has_three_rows():
+    model = avmae.AVMAE(avmae.make_config("tiny", num_frames=4, image_size=32, patch_size=16, audio_frames=64, mel_bins=32))
+    x = {"a": torch.randn(2, 64, 32), "v": torch.rand(2, 3, 4, 32, 32) * 2 - 1}
+    img = train.reconstruction_picture(model, x, model(**x))
+    assert img.shape[0] == 3 and img.shape[1] == 3 * 32 + 2 * 4 and 0 <= img.min() and img.max() <= 1
+    assert img.shape[2] == 4 * 32 + 64 + 4  # 4 frames, a spacer, the spectrogram scaled to 32 high
+
+
+def test_resume_continues_exactly(builtin, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(builtin, a, "--max_steps", "6", "--batch_size", "8")
+    run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--stop_at", "3")
+    assert len(losses(b)) == 3
+    res = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto", "--workers", "1")
+    assert res["step"] == 6
+    assert losses(a) == losses(b)  # bit for bit on CPU, step by step (the data crosses an epoch boundary)
+    wa, wb = weights(a / "ckpt_0000006.pt"), weights(b / "ckpt_0000006.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_another_model(builtin, tmp_path):
+    run(builtin, tmp_path, "--max_steps", "1", "--batch_size", "8")
+    with pytest.raises(SystemExit, match="another model config"):
+        run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto", "--encoder", "early")
+
+
+def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        import train
+        train.save_checkpoint({str(tmp_path)!r}, dict(w=torch.ones(10), step=1), 1, keep=3)
+        real_save = torch.save
+        def dying_save(obj, f):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)  # the power goes out mid-write
+        torch.save = dying_save
+        train.save_checkpoint({str(tmp_path)!r}, dict(w=torch.zeros(10), step=2), 2, keep=3)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert p.returncode == -9
+    assert open(tmp_path / "latest").read() == "ckpt_0000001.pt"
+    ck = torch.load(train.find_checkpoint("auto", str(tmp_path)), weights_only=False)
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(10))
+    assert not os.path.exists(tmp_path / "ckpt_0000002.pt")
+
+
+def test_keeps_the_last_k_checkpoints(tmp_path):
+    for s in range(1, 6):
+        train.save_checkpoint(str(tmp_path), dict(step=s), s, keep=2)
+    assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "ckpt_*.pt"))) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
+
+
+def _poison_at(step_to_poison):
+    def hook(step, batch):
+        if step == step_to_poison:
+            batch = dict(batch)
+            batch["a"] = batch["a"].clone()
+            batch["a"][0, 3, 5] = float("nan")
+        return batch
+    return hook
+
+
+def test_nan_stops_with_the_step_and_keeps_the_good_checkpoint(builtin, tmp_path):
+    with pytest.raises(SystemExit, match=r"step 3: non-finite loss nan .*last good checkpoint is .*ckpt_0000003.pt"):
+        run(builtin, tmp_path, "--max_steps", "6", "--batch_size", "8", "--save_every", "1", hooks={"batch": _poison_at(3)})
+    assert open(tmp_path / "latest").read() == "ckpt_0000003.pt" and not os.path.exists(tmp_path / "ckpt_0000004.pt")
+    ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=False)
+    assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    events = [json.loads(x) for x in open(tmp_path / "log.jsonl") if "non-finite" in x]
+    assert events and events[0]["step"] == 3
+
+
+def test_nan_steps_can_be_skipped(builtin, tmp_path):
+    res = run(builtin, tmp_path, "--max_steps", "5", "--batch_size", "8", "--max_bad_steps", "1",
+              hooks={"batch": _poison_at(2)})
+    assert res["step"] == 5 and math.isfinite(res["loss"]) and res["last"]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in weights(res["checkpoint"]).values())
+
+
+def test_gradient_accumulation_equals_the_full_batch(builtin, tmp_path):
+    one = run(builtin, tmp_path / "one", "--max_steps", "2", "--batch_size", "8")
+    acc = run(builtin, tmp_path / "acc", "--max_steps", "2", "--batch_size", "8", "--grad_accum", "2")
+    w1, w2 = weights(one["checkpoint"]), weights(acc["checkpoint"])
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
+
+
+def test_bench_mode_reports_speed(capsys):
+    res = train.main([*TINY, "--bench", "--bench_steps", "2", "--batch_size", "4"])
+    assert res["clips_per_s"] > 0 and res["device"] == "cpu" and res["gflops_fwd_per_clip"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["micro_batch"] == 4
+
+
+# -----------------------------------------------------------------------------
+# two processes on CPU (gloo): DDP and FSDP equal one process with the same global batch
+
+
+def torchrun(builtin, out_dir, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           "--data", builtin, "--out_dir", str(out_dir), *extra]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(builtin, tmp_path, mode):
+    args = ["--max_steps", "3", "--batch_size", "8", "--grad_accum", "2"] + (["--fsdp"] if mode == "fsdp" else [])
+    stdout = torchrun(builtin, tmp_path / "two", *args)
+    assert "global batch 8 = 2 ranks x 2 x 2" in stdout
+    assert mode == "fsdp" or "2 ranks in sync: True" in stdout
+    one = run(builtin, tmp_path / "one", "--max_steps", "3", "--batch_size", "8")
+    w1, w2 = weights(one["checkpoint"]), weights(tmp_path / "two" / "ckpt_0000003.pt")
+    assert set(w1) == set(w2)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)

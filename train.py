@@ -1,0 +1,689 @@
+"""
+AV-MAE pretraining, on one CPU, one GPU, or many GPUs and nodes (torchrun + DDP / FSDP). SPEC 6.
+
+  python train.py --preset quick                    # built-in data, tiny model, any device: minutes
+  python train.py --data data/vggsound              # the paper recipe (ViT-B, VGGSound) on one GPU
+  torchrun --standalone --nproc_per_node=8 train.py --encoder mid --decoder shared
+  torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+      train.py --preset vggsound_l                  # (and --node_rank=1 on the second node)
+  python train.py --preset vggsound_b --bench       # step time, clips/s, MFU, memory on synthetic batches
+  python train.py ... --resume auto                 # continue exactly where out_dir's last checkpoint stopped
+
+Every field of avmae.AVMAEConfig and of TrainConfig below is a flag (`-h` lists them); --preset and
+--size set defaults, explicit flags win. The whole config goes into every checkpoint.
+"""
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import avmae
+import data
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "vggsound_b"
+    size: str = "base"            # model size preset (avmae.SIZES); explicit width flags win
+    data: str = "data/vggsound"   # a prepared set (data.py prepare); a missing '*builtin' folder is generated
+    split: str = "train"
+    frame_stride: int = 4         # 25 fps frames between sampled frames (pretraining: 4)
+    audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json's stats) | audiomae | cavmae | "mean,scale"
+    window: str = "hann"          # log-mel window: hann (peers) | hamming (the paper's text)
+    decode: str = "cpu"           # JPEG decoding: cpu (workers) | gpu (nvJPEG, batched)
+    workers: int = 8              # DataLoader workers per rank
+    batch_size: int = 512         # global batch (all ranks, all accumulation steps)
+    grad_accum: int = 1
+    epochs: int = 800             # Table 5: 800 on VGGSound
+    max_steps: int = 0            # > 0 overrides epochs
+    warmup_epochs: float = 40.0   # Table 20 (the authors' config: 4)
+    lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
+    blr: float = 1.5e-4           # base lr per 256 clips (3e-4 at batch 512, Table 20)
+    min_lr: float = 0.0
+    weight_decay: float = 0.0     # Table 20 (the authors' config: 0.05 on weight matrices)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.0        # 0 = off
+    precision: str = "auto"       # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    fsdp: bool = False            # shard parameters, gradients and optimizer state (torch fully_shard)
+    seed: int = 0
+    out_dir: str = "out/pretrain"
+    resume: str = ""              # '' | auto (out_dir's latest, if any) | a checkpoint path
+    save_every: int = 1000        # steps; a final checkpoint is always written
+    keep_last: int = 3
+    log_every: int = 10
+    picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
+    max_bad_steps: int = 0        # non-finite losses to skip before stopping
+    stop_at: int = 0              # stop (with a checkpoint) after this many steps, as if interrupted
+    bench: bool = False           # time steps on synthetic in-memory batches, then exit
+    bench_steps: int = 10
+
+
+PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
+    "vggsound_b": dict(),  # the defaults: ViT-B, mid-fusion S=2, shared decoder, Table 20
+    "vggsound_l": dict(size="large"),
+    # AudioSet: 10 s of audio (1000 frames -> 496 tokens), audio masking 0.7 (SPEC 3), 80 epochs =
+    # the same number of iterations as 800 on VGGSound (Table 4)
+    "audioset_b": dict(data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80, warmup_epochs=4),
+    "audioset_l": dict(size="large", data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80,
+                       warmup_epochs=4),
+    # a few minutes on a 2-core CPU: 8 frames of 64x64 (64 video tokens), 2.56 s of audio (128 tokens)
+    "quick": dict(size="tiny", data="data/builtin", num_frames=8, image_size=64, audio_frames=256, batch_size=32,
+                  audio_norm="dataset",
+                  epochs=60, warmup_epochs=3, blr=1.5e-3, workers=2, save_every=300, picture_every=300,
+                  out_dir="out/quick"),
+}
+
+
+def _bool(s: str) -> bool:
+    v = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(s.lower())
+    if v is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return v
+
+
+def build_parser(*dataclasses_, description=__doc__, choices=None):
+    """One flag per dataclass field (default None = not given), typed from the field; `choices`
+    (field -> allowed values) makes argparse list them."""
+    choices = choices or {}
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    seen = set()
+    for dc in dataclasses_:
+        g = p.add_argument_group(dc.__name__)
+        for f in fields(dc):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            t = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            kw = dict(nargs="?", const=True, type=_bool) if t is bool else dict(type=t, choices=choices.get(f.name))
+            g.add_argument(f"--{f.name}", default=None, help=f"(default {f.default!r})", **kw)
+    return p
+
+
+def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_):
+    """Defaults <- the size preset <- the named preset <- flags given explicitly. The first dataclass
+    holds the `preset` and `size` fields."""
+    given = {k: v for k, v in args.items() if v is not None}
+    defaults = {f.name: f.default for f in fields(dataclasses_[0])}
+    preset = given.get("preset", defaults["preset"])
+    if preset not in presets:
+        raise SystemExit(f"--preset {preset!r} is not one of {', '.join(presets)}")
+    merged = {**presets[preset], **given}
+    size = merged.get("size", defaults["size"])
+    if size not in sizes:
+        raise SystemExit(f"--size {size!r} is not one of {', '.join(sizes)}")
+    merged = {**sizes[size], **merged}
+    out = []
+    for dc in dataclasses_:
+        names = {f.name for f in fields(dc)}
+        out.append(dc(**{k: v for k, v in merged.items() if k in names}))
+    return out
+
+
+def parse_args(argv=None):
+    args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES, "preset": tuple(PRESETS),
+                                                                      "size": tuple(avmae.SIZES)}).parse_args(argv))
+    tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig)
+    return mcfg, tcfg
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python is a world of one
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local, world, device)
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def autocast_ctx(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+# -----------------------------------------------------------------------------
+# lr schedule and optimizer
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up from 0, then cosine decay to min_lr (MAE)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Decay weight matrices only; not biases, norms, positions or mask tokens (MAE)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "table" not in n else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic (write, fsync, rename), a `latest` pointer, the last K kept
+
+
+def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
+    """A crash at any point leaves the previous checkpoint and `latest` intact."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(path))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep]:
+        os.remove(old)
+    return path
+
+
+def find_checkpoint(resume: str, out_dir: str) -> str | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        latest = os.path.join(out_dir, "latest")
+        if not os.path.exists(latest):
+            return None
+        resume = os.path.join(out_dir, open(latest).read().strip())
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    return resume
+
+
+def rng_state() -> dict:
+    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def model_state(model, fsdp: bool) -> dict:
+    """The un-wrapped, un-compiled model's state dict (full, on CPU; gathered from shards with FSDP)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def optim_state(model, opt, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_states(model, opt, ckpt: dict, fsdp: bool):
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        o = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, ckpt["model"], options=o)
+        if opt is not None:
+            set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=o)
+        return
+    model.load_state_dict(ckpt["model"])
+    if opt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+
+
+def unwrap(model):
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def ranks_in_sync(model) -> bool:
+    """Every rank holds the same parameters (a checksum all-gathered)."""
+    if not dist.is_initialized():
+        return True
+    s = torch.stack([p.detach().float().sum() for p in model.parameters()]).double().sum().reshape(1).cpu()
+    s = s.to("cuda") if dist.get_backend() == "nccl" else s
+    got = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
+    dist.all_gather(got, s)
+    return all(torch.equal(g, got[0]) for g in got)
+
+# -----------------------------------------------------------------------------
+# throughput: analytic FLOPs of the actual configuration, and peaks per GPU
+
+
+PEAK_BF16 = [  # dense bf16 tensor-core FLOP/s, by device-name substring (first match wins)
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12),
+    ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p for k, p in PEAK_BF16 if k in name), None)
+
+
+def _block_flops(n: int, d: int, hidden: int) -> float:
+    """Forward FLOPs of one pre-LN block on n tokens: matmuls 2*(4 d^2 + 2 d h) per token, attention
+    scores and weighted sum 4 n d per token."""
+    return n * (2 * (4 * d * d + 2 * d * hidden) + 4 * n * d)
+
+
+def flops_per_clip(model: avmae.AVMAE) -> dict:
+    """Forward FLOPs per clip: the encoder on visible tokens, the decoder on its full sequences, the
+    patch embedding on visible patches and the heads on predicted tokens (SPEC 10)."""
+    cfg = model.cfg
+    masks = model.sample_masks(1)
+    k = {m: masks[m][0].shape[1] for m in cfg.mods}
+    hid = int(cfg.width * cfg.mlp_ratio)
+    L, S, d = cfg.depth, cfg.joint_layers, cfg.width
+    if cfg.encoder == "early":
+        enc = L * _block_flops(sum(k.values()), d, hid)
+    elif cfg.encoder == "mid":
+        enc = sum((L - S) * _block_flops(k[m], d, hid) for m in k) + S * _block_flops(sum(k.values()), d, hid)
+    else:  # separate / shared: each stream on its own tokens
+        enc = sum(L * _block_flops(k[m], d, hid) for m in k)
+    enc += sum(2 * k[m] * model.patches[m].dim * d for m in k)
+    seq, pred = {}, {}
+    for t, s in model.targets.items():  # decoder sequence lengths as _context builds them
+        n_ctx = k[s]
+        n_pred = model.n[t] - k[s] if (cfg.objective != "joint" and cfg.inpaint_layout == "paper") else model.n[t] - k[t]
+        seq[t], pred[t] = n_ctx + n_pred, n_pred
+    dd, dh = cfg.dec_width, cfg.dec_mlp
+    if cfg.decoder == "early":
+        dec = cfg.dec_depth * _block_flops(sum(seq.values()), dd, dh)
+    else:
+        dec = sum(cfg.dec_depth * _block_flops(n, dd, dh) for n in seq.values())
+    dec += sum(2 * k[s] * d * dd for s in model.targets.values())
+    dec += sum(2 * pred[t] * dd * model.patches[t].dim for t in pred)
+    return dict(encoder=enc, decoder=dec, forward=enc + dec, train=3 * (enc + dec))
+
+# -----------------------------------------------------------------------------
+# pictures: the paper's Figure 5 (rows: original, masked input, reconstruction with the visible
+# patches pasted back; frames on the left, spectrogram on the right)
+
+_CMAP = torch.tensor([[0, 0, 4], [80, 18, 123], [183, 55, 121], [251, 136, 97], [252, 253, 191]]) / 255.0  # magma-like
+
+
+def _colormap(x: torch.Tensor) -> torch.Tensor:  # (H, W) in [0, 1] -> (3, H, W)
+    pos = x.clamp(0, 1) * (len(_CMAP) - 1)
+    lo = pos.floor().long().clamp(max=len(_CMAP) - 2)
+    w = (pos - lo).unsqueeze(-1)
+    return (_CMAP[lo] * (1 - w) + _CMAP[lo + 1] * w).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def reconstruction_picture(model: avmae.AVMAE, inputs: dict, out: dict, frames_shown: int = 8) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] for the first clip of a batch."""
+    rec = model.reconstruct({m: x[:1].float().cpu() for m, x in inputs.items()},
+                            {k: (v[:1].float() if v.is_floating_point() else v[:1]).cpu()
+                             for k, v in out.items() if torch.is_tensor(v) and v.dim()})
+    rows = [[], [], []]
+    gray = 0.5
+    for m in ("v", "a"):
+        if m not in rec:
+            continue
+        mask = out[f"mask_{m}"][:1].float().cpu()
+        P = model.patches[m]
+        mask_img = P.unpatchify(mask.unsqueeze(-1).expand(-1, -1, P.dim))[0]
+        for r, img in enumerate(rec[m]):
+            img = img[0]
+            if m == "v":  # (3, T, H, W) in [-1, 1] -> frames side by side
+                img = ((img + 1) / 2).clamp(0, 1)
+                if r == 1:
+                    img = torch.where(mask_img.bool(), torch.full_like(img, gray), img)
+                idx = torch.linspace(0, img.shape[1] - 1, min(frames_shown, img.shape[1])).round().long()
+                rows[r].append(torch.cat([img[:, i] for i in idx], dim=2))
+            else:  # (T, F) log-mel -> colour map, time to the right, low frequencies at the bottom
+                orig = rec[m][0][0]
+                lo, hi = orig.min(), orig.max()
+                z = ((img - lo) / (hi - lo + 1e-6)).T.flip(0)
+                pic = _colormap(z)
+                if r == 1:
+                    pic = torch.where(mask_img.T.flip(0).bool().unsqueeze(0), torch.full_like(pic, gray), pic)
+                rows[r].append(pic)
+    height = max(x.shape[1] for row in rows for x in row)
+    sep = torch.ones(3, height, 4)
+    lines = []
+    for row in rows:
+        parts = []
+        for x in row:
+            if x.shape[1] != height:  # scale the spectrogram to the frames' height
+                w = max(1, round(x.shape[2] * height / x.shape[1]))
+                x = F.interpolate(x[None], size=(height, w), mode="nearest")[0]
+            parts += [x, sep]
+        lines += [torch.cat(parts[:-1], dim=2), torch.ones(3, 4, sum(p.shape[2] for p in parts[:-1]))]
+    return torch.cat(lines[:-1], dim=1)
+
+
+def save_picture(img: torch.Tensor, path: str):
+    from torchvision.utils import save_image
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_image(img, path)
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def data_config(mcfg: avmae.AVMAEConfig, tcfg, split: str, train: bool, **kw) -> data.DataConfig:
+    return data.DataConfig(root=tcfg.data, split=split, modalities=mcfg.modalities, num_frames=mcfg.num_frames,
+                           frame_stride=tcfg.frame_stride, image_size=mcfg.image_size, audio_frames=mcfg.audio_frames,
+                           mel_bins=mcfg.mel_bins, window=tcfg.window, audio_norm=tcfg.audio_norm, train=train,
+                           decode=tcfg.decode, seed=tcfg.seed, **kw)
+
+
+def ensure_data(tcfg, d: Dist):
+    """Generate the built-in set on first use (rank 0; the others wait)."""
+    if os.path.exists(os.path.join(tcfg.data, "meta.json")):
+        return
+    if os.path.basename(os.path.normpath(tcfg.data)).endswith("builtin"):
+        if d.master:
+            data.make_builtin(tcfg.data)
+        if dist.is_initialized():
+            dist.barrier()
+        return
+    raise SystemExit(f"{tcfg.data}: not a prepared data set (no meta.json). Prepare one with "
+                     f"`python data.py prepare ...` (README: Data) or run `python train.py --preset quick`.")
+
+
+def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
+    """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device."""
+    while True:
+        sampler.set_position(epoch, start)
+        for b in loader:
+            b = gpu_decoder(b) if gpu_decoder else data.to_device(b, d.device)
+            yield epoch, b
+        epoch, start = epoch + 1, 0
+
+
+def rank_rows(micro: int, b: int, d: Dist) -> torch.Tensor:
+    """Rows of the global batch's masks that belong to this rank's micro-batch: the k-th sample of
+    rank r in micro-step m is global position (m * b + k) * W + r (EpochSampler's order)."""
+    return (micro * b + torch.arange(b)) * d.world + d.rank
+
+
+def global_masks(model: avmae.AVMAE, step: int, seed: int, B: int, device) -> dict:
+    """Masks for the whole global batch from a generator seeded by (seed, step): every rank draws the
+    same ones and takes its rows, so results do not depend on the number of ranks and a resumed run
+    draws what the uninterrupted one would have."""
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    return model.sample_masks(B, device, generator=g)
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def bench(model, mcfg, tcfg, d: Dist, micro: int):
+    """Steps on synthetic batches held in memory: the model's speed without the data pipeline."""
+    raw = unwrap(model)
+    opt = torch.optim.AdamW(param_groups(raw, tcfg.weight_decay), lr=1e-4, betas=(tcfg.beta1, tcfg.beta2))
+    x = {}
+    if "a" in mcfg.modalities:
+        x["a"] = torch.randn(micro, mcfg.audio_frames, mcfg.mel_bins, device=d.device)
+    if "v" in mcfg.modalities:
+        x["v"] = torch.rand(micro, 3, mcfg.num_frames, mcfg.image_size, mcfg.image_size, device=d.device) * 2 - 1
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(3 + tcfg.bench_steps):
+        sync()
+        t0 = time.perf_counter()
+        with autocast_ctx(tcfg.precision, d.device):
+            loss = model(**x, masks=raw.sample_masks(micro, d.device))["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    fl = flops_per_clip(raw)
+    clips = micro * d.world / dt
+    peak = peak_flops(d.device)
+    res = dict(step_s=dt, clips_per_s=clips, tflops_per_gpu=clips * fl["train"] / d.world / 1e12,
+               mfu=(clips * fl["train"] / (peak * d.world)) if peak else None,
+               peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if d.device.type == "cuda" else None,
+               gflops_fwd_per_clip=fl["forward"] / 1e9, micro_batch=micro, world=d.world,
+               device=torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
+    print0(json.dumps(res))
+    return res
+
+
+def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None) -> dict:
+    """Pretrain; returns a summary (final loss, paths). hooks['batch'](step, batch) -> batch lets
+    tests inject faults."""
+    hooks = hooks or {}
+    d = setup_distributed()
+    try:
+        return _train(mcfg, tcfg, d, hooks)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
+    per_rank = tcfg.batch_size // (d.world * tcfg.grad_accum)
+    if per_rank * d.world * tcfg.grad_accum != tcfg.batch_size or per_rank == 0:
+        raise SystemExit(f"--batch_size {tcfg.batch_size} does not split into {d.world} ranks x "
+                         f"{tcfg.grad_accum} accumulation steps")
+    model = avmae.AVMAE(mcfg).to(d.device)
+    raw = model
+    torch.manual_seed(tcfg.seed + d.rank)  # anything drawn later differs per rank
+    if tcfg.bench:
+        return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
+    ensure_data(tcfg, d)
+    ds = data.AVDataset(data_config(mcfg, tcfg, tcfg.split, train=True))
+    steps_per_epoch = len(ds) // tcfg.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of {tcfg.batch_size}")
+    total = tcfg.max_steps or tcfg.epochs * steps_per_epoch
+    warmup = int(tcfg.warmup_epochs * steps_per_epoch)
+    lr = tcfg.lr or tcfg.blr * tcfg.batch_size / 256  # linear scaling (Goyal et al.)
+
+    if tcfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for mod in model.modules():
+            if isinstance(mod, avmae.Block):
+                fully_shard(mod)
+        fully_shard(model)
+    opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr, betas=(tcfg.beta1, tcfg.beta2),
+                            fused=d.device.type == "cuda")
+    step = 0
+    ckpt_path = find_checkpoint(tcfg.resume, tcfg.out_dir)
+    if ckpt_path:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["model_config"] != asdict(mcfg):
+            diff = {k: (v, asdict(mcfg)[k]) for k, v in ckpt["model_config"].items() if asdict(mcfg).get(k) != v}
+            raise SystemExit(f"{ckpt_path} was trained with another model config: {diff}")
+        load_states(model, opt, ckpt, tcfg.fsdp)
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+        print0(f"resumed from {ckpt_path} at step {step}")
+    if tcfg.compile:
+        model = torch.compile(model)
+    if d.world > 1 and not tcfg.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+    sampler = data.EpochSampler(len(ds), d.world, d.rank, tcfg.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=tcfg.workers,
+                                         collate_fn=data.collate, drop_last=True, pin_memory=d.device.type == "cuda",
+                                         persistent_workers=tcfg.workers > 0)
+    gpu_decoder = data.GPUDecoder(ds.cfg, d.device) if tcfg.decode == "gpu" else None
+    epoch0, in_epoch = divmod(step, steps_per_epoch)
+    stream = batches(loader, sampler, epoch0, in_epoch * per_rank * tcfg.grad_accum, d, gpu_decoder)
+
+    fl = flops_per_clip(raw)
+    peak = peak_flops(d.device)
+    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+    if d.master:
+        os.makedirs(tcfg.out_dir, exist_ok=True)
+        print0(f"{raw.num_params() / 1e6:.1f}M parameters | {len(ds)} clips, {steps_per_epoch} steps/epoch, "
+               f"{total} steps | global batch {tcfg.batch_size} = {d.world} ranks x {tcfg.grad_accum} x {per_rank} "
+               f"| lr {lr:.2e} | {d.device} | {fl['forward'] / 1e9:.1f} GFLOP forward/clip")
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain", dynamic_ncols=True)
+    bad_steps, bad_clips, t_last, n_last, last = 0, 0, time.time(), 0, {}
+    stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
+    state = dict(loss=float("nan"))
+
+    def local(p):  # an FSDP parameter is a DTensor: check this rank's shard
+        return p.to_local() if hasattr(p, "to_local") else p
+
+    def checkpoint(s):
+        if not all(torch.isfinite(local(p)).all() for p in raw.parameters()):
+            raise SystemExit(f"step {s}: parameters are not finite; the last good checkpoint is kept")
+        if not tcfg.fsdp and not ranks_in_sync(raw):
+            raise SystemExit(f"step {s}: ranks hold different parameters")
+        st = None
+        if d.master or tcfg.fsdp:  # gathering FSDP shards takes every rank
+            st = dict(model=model_state(raw, tcfg.fsdp), optimizer=optim_state(raw, opt, tcfg.fsdp), step=s,
+                      epoch=s // steps_per_epoch, step_in_epoch=s % steps_per_epoch, model_config=asdict(mcfg),
+                      train_config=asdict(tcfg), rng=rng_state(), world=d.world)
+        if d.master:
+            return save_checkpoint(tcfg.out_dir, st, s, tcfg.keep_last)
+
+    path = picture = None
+    while step < stop:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, warmup, lr, tcfg.min_lr)
+        masks = global_masks(raw, step, tcfg.seed, tcfg.batch_size, d.device)
+        sums = torch.zeros(3, device=d.device)  # loss, loss_a, loss_v over micro-steps
+        for micro in range(tcfg.grad_accum):
+            _, batch = next(stream)
+            batch = hooks["batch"](step, batch) if "batch" in hooks else batch
+            bad_clips += len(batch["bad"])
+            rows = rank_rows(micro, per_rank, d).to(d.device)
+            mk = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
+            last_micro = micro == tcfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+            with sync, autocast_ctx(tcfg.precision, d.device):
+                out = model(**{m: batch[m] for m in mcfg.mods}, masks=mk)
+                (out["loss"] / tcfg.grad_accum).backward()
+            zero = torch.zeros((), device=d.device)
+            sums += torch.stack([out.get(k, zero).detach().float() for k in ("loss", "loss_a", "loss_v")]) / tcfg.grad_accum
+        sums = all_reduce(sums) / d.world
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+        finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))], device=d.device),
+                            dist.ReduceOp.MIN if dist.is_initialized() else None)
+        if finite.item() < 1:
+            bad_steps += 1
+            msg = (f"step {step}: non-finite loss {sums[0].item():.4g} (audio {sums[1].item():.4g}, video "
+                   f"{sums[2].item():.4g}, grad norm {float(gnorm):.4g})")
+            opt.zero_grad(set_to_none=True)
+            if d.master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(dict(step=step, event="non-finite", message=msg)) + "\n")
+            if bad_steps > tcfg.max_bad_steps:
+                bar.close()
+                raise SystemExit(f"{msg}; stopping (--max_bad_steps {tcfg.max_bad_steps}). The last good checkpoint "
+                                 f"is {find_checkpoint('auto', tcfg.out_dir) or 'none yet'}")
+            print0(f"{msg}; skipped ({bad_steps}/{tcfg.max_bad_steps})")
+            step += 1
+            bar.update(1)
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        state = {k: sums[i].item() for i, k in enumerate(("loss", "loss_a", "loss_v")) if i == 0 or f"mask_{k[-1]}" in out}
+        bar.update(1)
+        if step % tcfg.log_every == 0 or step == stop:
+            dt, n = time.time() - t_last, (step - n_last) * tcfg.batch_size
+            t_last, n_last = time.time(), step
+            bad_total = int(all_reduce(torch.tensor([bad_clips], device=d.device)).item())
+            last = dict(step=step, epoch=step / steps_per_epoch, lr=opt.param_groups[0]["lr"], **state,
+                        clips_per_s=n / dt, mfu=(n / dt * fl["train"] / (peak * d.world)) if peak else None,
+                        bad_clips=bad_total, skipped_steps=bad_steps)
+            bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{last['lr']:.1e}",
+                             "clips/s": f"{last['clips_per_s']:.0f}"})
+            if d.master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+        if (d.master or tcfg.fsdp) and ((tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop):
+            raw.eval()  # (an FSDP forward takes every rank)
+            with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
+                o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (k[:1], dr[:1]) for m, (k, dr) in mk.items()})
+            raw.train()
+            if d.master:
+                img = reconstruction_picture(raw, {m: batch[m][:1] for m in mcfg.mods}, o)
+                picture = os.path.join(tcfg.out_dir, f"recon_{step:07d}.png")
+                save_picture(img, picture)
+                save_picture(img, os.path.join(tcfg.out_dir, "recon_latest.png"))
+        if step % tcfg.save_every == 0 or step == stop:
+            path = checkpoint(step) or path
+    bar.close()
+    in_sync = tcfg.fsdp or ranks_in_sync(raw)  # (FSDP holds one copy, sharded)
+    print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} | log {log_path}"
+           + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
+    return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path, last=last, in_sync=in_sync)
+
+
+def main(argv=None, hooks=None):
+    mcfg, tcfg = parse_args(argv)
+    try:
+        avmae.check_config(mcfg)
+    except ValueError as e:
+        raise SystemExit(f"invalid model config: {e}")
+    return train(mcfg, tcfg, hooks)
+
+
+if __name__ == "__main__":
+    main()
