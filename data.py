@@ -425,8 +425,8 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
     rng = np.random.default_rng(seed)
     kind = int(rng.integers(len(BUILTIN_KINDS)))
     _, shape, color, f0, harm = BUILTIN_KINDS[kind]
-    r = rng.uniform(0.07, 0.16) * size                  # radius: bigger objects sound lower
-    pitch = f0 * (0.11 * size / r) ** 0.5
+    r = rng.uniform(0.12, 0.22) * size                  # radius: bigger objects sound lower
+    pitch = f0 * (0.17 * size / r) ** 0.5
     p0, vel = rng.uniform(r, size - r, 2), rng.uniform(0.6, 1.2, 2) * size * rng.choice([-1, 1], 2)
     bg = rng.uniform(0, 60, 3)
     n_frames, span = int(round(seconds * FPS)), size - 2 * r

@@ -91,6 +91,10 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
 }
 
 
+TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), precision=("auto", "bf16", "fp32"),
+                     window=("hann", "hamming"), decode=("cpu", "gpu"))
+
+
 def _bool(s: str) -> bool:
     v = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(s.lower())
     if v is None:
@@ -137,8 +141,7 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_):
 
 
 def parse_args(argv=None):
-    args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES, "preset": tuple(PRESETS),
-                                                                      "size": tuple(avmae.SIZES)}).parse_args(argv))
+    args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES, **TRAIN_CHOICES}).parse_args(argv))
     tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig)
     return mcfg, tcfg
 
