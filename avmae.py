@@ -73,7 +73,7 @@ class AVMAEConfig:
     norm_pix_loss: bool = False   # MAE's per-patch target normalisation; AV-MAE uses raw patches
     decoder_layout: str = "gather"  # gather: [visible | mask] (VideoMAE) | unshuffle (MAE); equal
     inpaint_layout: str = "paper"   # paper: mask tokens at the last raster positions | masked
-    kernels: str = "torch"        # torch (readable twins) | triton (kernels/, issue 5)
+    kernels: str = "auto"         # auto (Triton on CUDA, torch twins elsewhere) | triton | torch
 
     def __post_init__(self):
         if self.modalities in ("a", "v"):
@@ -167,10 +167,14 @@ OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, a
 
 
 def get_ops(name: str) -> dict:
-    """The kernel set behind one switch: 'torch' (these twins) or 'triton' (kernels/)."""
+    """The kernel set behind one switch: 'torch' (these twins everywhere), 'auto' (kernels/ on CUDA
+    tensors, the twins elsewhere) or 'triton' (also on CPU tensors under the Triton interpreter)."""
     if name == "torch":
         return OPS_TORCH
-    raise ValueError(f"kernels={name!r}: only 'torch' exists until the kernels issue (5) lands")
+    if name in ("auto", "triton"):
+        import kernels  # (imports triton; only when asked for)
+        return kernels.ops(cpu_interpreter=name == "triton")
+    raise ValueError(f"kernels={name!r} is not one of auto, triton, torch")
 
 # -----------------------------------------------------------------------------
 # tokenisers: patchify / unpatchify in the feature order the embedding and the loss both use
@@ -430,7 +434,7 @@ OBJECTIVES = {
 CHOICES = dict(modalities=("av", "a", "v"), encoder=tuple(ENCODERS), decoder=tuple(DECODERS),
                objective=tuple(OBJECTIVES), pos_embed=("sincos", "learned"),
                decoder_layout=("gather", "unshuffle"), inpaint_layout=("paper", "masked"),
-               mask_type_v=tuple(MASK_AXES["v"]), mask_type_a=tuple(MASK_AXES["a"]))
+               mask_type_v=tuple(MASK_AXES["v"]), mask_type_a=tuple(MASK_AXES["a"]), kernels=("auto", "triton", "torch"))
 
 # -----------------------------------------------------------------------------
 # rules (Sec. 3.3, 4.2): fail fast, say why

@@ -386,7 +386,7 @@ def test_vit_base_parameter_counts():
     (dict(image_size=30), "does not tile"),
     (dict(encoder="early", objective="inpaint_a", mask_ratio_v=0.0, mask_ratio_a=0.5), "at least one"),
     (dict(encoder="early", objective="inpaint_a", num_frames=16, mask_ratio_v=0.1), "leaving no mask token"),
-    (dict(kernels="cuda"), "kernels='cuda'"),
+    (dict(kernels="cuda"), "kernels='cuda' is not one of auto, triton, torch"),
 ])
 def test_invalid_configs_say_why(overrides, rule):
     with pytest.raises(ValueError, match=rule.replace("(", r"\(").replace(")", r"\)")):

@@ -1,0 +1,107 @@
+"""kernels/ on a GPU: bf16 at the paper's shapes, the whole model step with kernels against the
+twins, and the compiled training step (issue 5, acceptance 2 and 4). Skipped without CUDA.
+Run alone: python -m pytest -q tests/test_kernels_gpu.py (TRITON_INTERPRET must not be set)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs a CUDA GPU, and Triton compiling for it (TRITON_INTERPRET unset)")
+
+if torch.cuda.is_available():
+    import avmae
+    import kernels
+
+DEV = "cuda"
+BF16 = dict(atol=2e-2, rtol=2e-2)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("N", [157, 200, 357, 400, 1568, 1968, 3136])
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_attention_paper_lengths(N, d, dtype):
+    if d != 64 and N not in (157, 1968):
+        pytest.skip("other head dims at two lengths")
+    torch.manual_seed(0)
+    H = 768 // 64
+    qkv = torch.randn(2, N, 3, H, d, device=DEV, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    y = kernels.FAST["attention"](q, k, v)
+    ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)))
+    g = torch.randn_like(ref)
+    (dy,) = torch.autograd.grad(y, qkv, g.to(dtype))
+    (dr,) = torch.autograd.grad(ref, qkv, g)
+    # as close to a float64 reference as torch's own SDPA in the same dtype
+    y_sdpa = F.scaled_dot_product_attention(q, k, v)
+    (d_sdpa,) = torch.autograd.grad(y_sdpa, qkv, g.to(dtype))
+    assert rel_err(y, ref) <= max(2 * rel_err(y_sdpa, ref), 1e-5)
+    assert rel_err(dy, dr) <= max(2 * rel_err(d_sdpa, dr), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gather_assemble_loss_paper_shapes(dtype):
+    torch.manual_seed(0)
+    B, N, K, D, P = 8, 1568, 157, 768, 1536
+    perm = torch.stack([torch.randperm(N, device=DEV) for _ in range(B)])
+    keep, drop = perm[:, :K].contiguous(), perm[:, K:].contiguous()
+    patches = torch.randn(B, N, P, device=DEV, dtype=dtype)
+    assert torch.equal(kernels.FAST["gather"](patches, keep), avmae.gather_tokens(patches, keep))
+    x = torch.randn(B, K, 384, device=DEV, dtype=dtype, requires_grad=True)
+    tok = torch.randn(384, device=DEV, requires_grad=True)
+    pos = avmae.sincos_1d(N, 384).to(DEV)
+    for name, args in [("assemble", (x, pos, tok, pos, keep, drop)), ("unshuffle", (x, tok, pos, keep, drop))]:
+        y, r = kernels.FAST[name](*args), getattr(avmae, name)(*args)
+        torch.testing.assert_close(y, r)
+        g = torch.randn_like(r)
+        for a, b in zip(torch.autograd.grad(y, (x, tok), g), torch.autograd.grad(r, (x, tok), g)):
+            torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-3)
+    pred = torch.randn(B, N - K, P, device=DEV, dtype=dtype, requires_grad=True)
+    for norm in (False, True):
+        y, r = kernels.FAST["loss"](pred, patches, drop, norm), avmae.recon_loss(pred, patches, drop, norm)
+        torch.testing.assert_close(y, r, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.autograd.grad(y, pred)[0], torch.autograd.grad(r, pred)[0], **BF16)
+
+
+def _pair(**kw):
+    cfg = avmae.make_config("base", **kw)
+    fast = avmae.AVMAE(avmae.AVMAEConfig(**{**cfg.__dict__, "kernels": "auto"})).to(DEV)
+    twin = avmae.AVMAE(avmae.AVMAEConfig(**{**cfg.__dict__, "kernels": "torch"})).to(DEV)
+    twin.load_state_dict(fast.state_dict())
+    return fast, twin
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(decoder_layout="unshuffle"), dict(encoder="early", objective="inpaint_both")])
+def test_vit_b_step_with_kernels_equals_twins_in_bf16(kw):
+    torch.manual_seed(0)
+    fast, twin = _pair(**kw)
+    a = torch.randn(4, 800, 128, device=DEV)
+    v = torch.rand(4, 3, 16, 224, 224, device=DEV) * 2 - 1
+    masks = fast.sample_masks(4, DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        of, ot = fast(a=a, v=v, masks=masks), twin(a=a, v=v, masks=masks)
+    assert abs(of["loss"].item() - ot["loss"].item()) < 1e-2 * ot["loss"].item()
+    of["loss"].backward()
+    ot["loss"].backward()
+    for (n, pf), pt in zip(fast.named_parameters(), twin.parameters()):
+        assert rel_err(pf.grad, pt.grad) < 5e-2, n
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(decoder_layout="unshuffle")])
+def test_compiled_step_has_no_graph_breaks(kw):
+    torch.manual_seed(0)
+    fast, twin = _pair(**kw)
+    a = torch.randn(2, 800, 128, device=DEV)
+    v = torch.rand(2, 3, 16, 224, 224, device=DEV) * 2 - 1
+    masks = fast.sample_masks(2, DEV)
+    step = torch.compile(fast, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = step(a=a, v=v, masks=masks)["loss"]
+        ref = twin(a=a, v=v, masks=masks)["loss"]
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
