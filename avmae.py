@@ -682,3 +682,125 @@ class AVMAE(nn.Module):
 
     def num_params(self, prefix: str = "") -> int:
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
+
+# -----------------------------------------------------------------------------
+# finetuning models (Sec. 4.1): the pretrained encoder, unmasked, global average pooling and
+# zero-initialised linear heads. Audio-only = AST, video-only = unfactorised ViViT, audiovisual =
+# MBT (best, Table 14) or the pretraining encoder structure itself. finetune.py maps the weights.
+
+
+class Stream(nn.Module):
+    """One modality's ViT: patch embedding, positions, `depth` blocks, a final LayerNorm. A stream
+    initialised from a mid-fusion encoder keeps that stream's closing LayerNorm after block
+    `inner_norm_at - 1`, so the pretrained function is kept exactly."""
+
+    def __init__(self, cfg: AVMAEConfig, m: str, attn_fn, dpr, inner_norm_at: int | None = None):
+        super().__init__()
+        self.patches = PATCHES[m](cfg)
+        self.embed = nn.Linear(self.patches.dim, cfg.width)
+        self.pos = PosEmbed(math.prod(self.patches.grid), cfg.width, cfg.pos_embed)
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, hidden, attn_fn, dpr[i]) for i in range(cfg.depth))
+        self.inner_norm_at = inner_norm_at
+        if inner_norm_at is not None:
+            self.inner_norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+
+    def tokens(self, x):  # input -> (B, N, D)
+        p = self.patches.patchify(x)
+        return self.embed(p) + self.pos()[: p.shape[1]]
+
+    def block(self, i, x):
+        x = self.blocks[i](x)
+        return self.inner_norm(x) if i + 1 == self.inner_norm_at else x
+
+
+class MBT(nn.Module):
+    """Attention bottlenecks (Nagrani et al., 2021), as the paper finetunes (Sec. 4.1, SPEC 7): layers
+    before `fusion_layer` run per modality; from it on, each modality's layer sees [own tokens |
+    the bottleneck tokens] and the bottleneck outputs are averaged over modalities. With one
+    modality this is a plain ViT (AST for audio, ViViT for video). Each modality's pooled tokens feed
+    its own heads; the logits are averaged over modalities. forward -> {head name: (B, classes)}."""
+
+    def __init__(self, cfg: AVMAEConfig, heads: dict, fusion_layer: int = 8, bottlenecks: int = 4,
+                 inner_norm_at: int | None = None, linear_probe: bool = False):
+        super().__init__()
+        self.cfg, self.mods = cfg, cfg.mods
+        if len(self.mods) == 2 and not 0 <= fusion_layer <= cfg.depth:
+            raise ValueError(f"fusion_layer={fusion_layer} must lie in 0..{cfg.depth}")
+        attn = get_ops(cfg.kernels)["attention"]
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.streams = nn.ModuleDict({m: Stream(cfg, m, attn, dpr, inner_norm_at) for m in self.mods})
+        self.fusion_layer = fusion_layer if len(self.mods) == 2 else cfg.depth
+        if len(self.mods) == 2:
+            self.bottleneck = nn.Parameter(torch.zeros(1, bottlenecks, cfg.width))
+            nn.init.normal_(self.bottleneck, std=0.02)
+        # linear probing: a parameter-free BatchNorm before the head (MAE's linear probe)
+        self.probe_norm = nn.ModuleDict({m: nn.BatchNorm1d(cfg.width, affine=False, eps=1e-6) for m in self.mods}) \
+            if linear_probe else None
+        self.heads = nn.ModuleDict({m: nn.ModuleDict({h: nn.Linear(cfg.width, n) for h, n in heads.items()})
+                                    for m in self.mods})
+        for hs in self.heads.values():
+            for lin in hs.values():
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def features(self, a=None, v=None) -> dict:
+        """{modality: (B, D)} pooled features (what a linear probe sees)."""
+        xs = {m: self.streams[m].tokens(x) for m, x in (("a", a), ("v", v)) if m in self.mods}
+        if set(xs) != set(self.mods):
+            raise ValueError(f"this model takes modalities {self.mods}, got {tuple(xs)}")
+        z = None
+        for i in range(self.cfg.depth):
+            if i < self.fusion_layer:
+                xs = {m: self.streams[m].block(i, x) for m, x in xs.items()}
+                continue
+            if z is None:
+                z = self.bottleneck.expand(next(iter(xs.values())).shape[0], -1, -1)
+            zs = []
+            for m, x in xs.items():
+                n = x.shape[1]
+                y = self.streams[m].block(i, torch.cat([x, z], dim=1))  # (B, n + bottlenecks, D)
+                xs[m] = y[:, :n]
+                zs.append(y[:, n:])
+            z = torch.stack(zs).mean(0)  # the modalities meet only here
+        return {m: self.streams[m].norm(x).mean(1) for m, x in xs.items()}
+
+    def forward(self, a=None, v=None) -> dict:
+        feats = self.features(a, v)
+        if self.probe_norm is not None:
+            feats = {m: self.probe_norm[m](f) for m, f in feats.items()}
+        names = next(iter(self.heads.values())).keys()
+        return {h: torch.stack([self.heads[m][h](f) for m, f in feats.items()]).mean(0) for h in names}
+
+
+class EncoderClassifier(nn.Module):
+    """The pretraining encoder structure itself (Table 14, left column: worse than MBT), on unmasked
+    tokens; parameter names match AVMAE's, so a checkpoint's encoder loads as it is."""
+
+    def __init__(self, cfg: AVMAEConfig, heads: dict, linear_probe: bool = False):
+        super().__init__()
+        self.cfg, mods = cfg, cfg.mods
+        self.patches = {m: PATCHES[m](cfg) for m in mods}
+        self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim, cfg.width) for m in mods})
+        self.enc_pos = nn.ModuleDict({m: PosEmbed(math.prod(self.patches[m].grid), cfg.width, cfg.pos_embed) for m in mods})
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
+                                             get_ops(cfg.kernels)["attention"], dpr, cfg.joint_layers)
+        self.probe_norm = nn.ModuleDict({m: nn.BatchNorm1d(cfg.width, affine=False, eps=1e-6) for m in mods}) \
+            if linear_probe else None
+        self.heads = nn.ModuleDict({m: nn.ModuleDict({h: nn.Linear(cfg.width, n) for h, n in heads.items()}) for m in mods})
+        for hs in self.heads.values():
+            for lin in hs.values():
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def features(self, a=None, v=None) -> dict:
+        xs = {}
+        for m, x in (("a", a), ("v", v)):
+            if m in self.cfg.mods:
+                p = self.patches[m].patchify(x)
+                xs[m] = self.patch_embed[m](p) + self.enc_pos[m]()[: p.shape[1]]
+        return {m: x.mean(1) for m, x in self.encoder(xs).items()}
+
+    forward = MBT.forward

@@ -1,0 +1,559 @@
+"""
+Finetuning and linear probing: audio-only, video-only and audiovisual classification (Sec. 4.1,
+Tables 22-24, SPEC 7). Shares its distributed / checkpoint / logging plumbing with train.py.
+
+  python finetune.py --preset quick --init out/quick/ckpt_0000600.pt            # built-in data, CPU
+  python finetune.py --preset quick                                             # the same from scratch
+  torchrun --standalone --nproc_per_node=8 finetune.py --preset vggsound --init out/pretrain/ckpt.pt
+  python finetune.py --preset audioset --modality audio --init ...              # AST on AudioSet (mAP)
+  python finetune.py --preset epic --init ...                                   # verb + noun heads
+  python finetune.py ... --linear_probe                                         # frozen encoder, linear head
+  python finetune.py ... --eval_only --resume out/finetune/ckpt_0005000.pt      # evaluate a checkpoint
+
+--modality audio|video|av; --arch mbt (default; bottleneck fusion from --fusion_layer on) or encoder
+(the pretraining encoder structure). Every field of FinetuneConfig below is a flag.
+"""
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import avmae
+import data
+import train as T
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class FinetuneConfig:
+    preset: str = "vggsound"
+    size: str = "base"            # model size when training from scratch (a checkpoint brings its own)
+    init: str = ""                # a pretraining checkpoint (train.py); '' = from scratch
+    modality: str = "av"          # audio | video | av
+    arch: str = "mbt"             # mbt | encoder (av only)
+    linear_probe: bool = False    # freeze the encoder, train a linear head (Table 18)
+    fusion_layer: int = -1        # MBT's first fusion layer; -1 = 2/3 of the depth (8 of 12, 16 of 24)
+    bottlenecks: int = 4
+    data: str = "data/vggsound"
+    train_split: str = "train"
+    test_split: str = "test"
+    num_frames: int = 32          # Table 22: 32 frames at stride 2
+    frame_stride: int = 2
+    image_size: int = 224
+    audio_frames: int = 800       # 8 s (AudioSet: 10 s)
+    audio_norm: str = "none"
+    window: str = "hann"
+    decode: str = "cpu"
+    workers: int = 8
+    batch_size: int = 64          # global
+    epochs: int = 50
+    max_steps: int = 0
+    warmup_epochs: float = 2.5
+    optimizer: str = "sgd"        # sgd (momentum 0.9, the paper) | adamw
+    lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
+    blr: float = 3.2              # Table 22: 0.8 at batch 64 (AudioSet 1.6 at 128; EPIC 1.2 at 64 = 4.8)
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    layer_decay: float = 0.75     # layer-wise lr decay (BEiT / ELECTRA)
+    grad_clip: float = 1.0
+    mixup: float = 0.5            # Beta(alpha, alpha); 0 = off (the same mix for both modalities)
+    label_smoothing: float = 0.3
+    drop_path: float = 0.3
+    specaug_freq: int = 48        # one frequency mask up to 48 bins (AST)
+    specaug_time: int = 0         # the authors' code had time masks off
+    time_shift: bool = False      # random circular shift of the spectrogram (AudioSet, EPIC)
+    views: int = 4                # temporal views averaged at test time
+    precision: str = "auto"
+    compile: bool = False
+    kernels: str = "auto"
+    seed: int = 0
+    out_dir: str = "out/finetune"
+    resume: str = ""
+    save_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 10
+    eval_every: int = 5           # epochs
+    eval_only: bool = False
+
+
+PRESETS = {
+    "vggsound": dict(),
+    "audioset": dict(data="data/audioset", audio_frames=1000, blr=3.2, batch_size=128, time_shift=True),
+    "epic": dict(data="data/epic", blr=4.8, time_shift=True),
+    # the built-in set on a CPU: the quick pretraining's shapes, a tiny model, a couple of minutes
+    "quick": dict(size="tiny", data="data/builtin", num_frames=8, frame_stride=4, image_size=64, audio_frames=256,
+                  audio_norm="dataset", batch_size=32, epochs=30, warmup_epochs=3, blr=0.8, workers=2, drop_path=0.1,
+                  label_smoothing=0.1, mixup=0.0, specaug_freq=24, views=2, eval_every=10, out_dir="out/finetune_quick"),
+}
+AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only finetuning mixes harder
+MODALITY = {"audio": "a", "video": "v", "av": "av"}
+CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY), arch=("mbt", "encoder"),
+               optimizer=("sgd", "adamw"), precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
+               window=("hann", "hamming"), decode=("cpu", "gpu"))
+
+
+def parse_args(argv=None) -> FinetuneConfig:
+    args = vars(T.build_parser(FinetuneConfig, description=__doc__, choices=CHOICES).parse_args(argv))
+    preset = args.get("preset") or FinetuneConfig.preset
+    if args.get("modality") == "audio" and args.get("mixup") is None and preset in AUDIO_ONLY_MIXUP:
+        args["mixup"] = AUDIO_ONLY_MIXUP[preset]
+    (fcfg,) = T.resolve(args, PRESETS, {k: {} for k in avmae.SIZES}, FinetuneConfig)
+    if fcfg.arch == "encoder" and fcfg.modality != "av":
+        raise SystemExit("--arch encoder is the audiovisual pretraining encoder: use it with --modality av")
+    return fcfg
+
+# -----------------------------------------------------------------------------
+# the model and the weight mapping from any pretraining strategy
+
+
+def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
+    """The finetuning model's config: architecture from the checkpoint (or the size preset), input
+    shapes and stochastic depth from the finetuning config."""
+    arch = {k: v for k, v in (pcfg or {}).items() if k in ("width", "depth", "heads", "mlp_ratio", "tubelet",
+                                                            "patch_size", "in_chans", "audio_patch_t", "audio_patch_f",
+                                                            "mel_bins", "pos_embed", "encoder", "joint_layers")}
+    base = {**avmae.SIZES[fcfg.size], **arch} if pcfg is None else arch
+    return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality], "num_frames": fcfg.num_frames,
+                                        "image_size": fcfg.image_size, "audio_frames": fcfg.audio_frames,
+                                        "drop_path": 0.0 if fcfg.linear_probe else fcfg.drop_path,
+                                        "kernels": fcfg.kernels})
+
+
+def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
+    cfg = model_config(fcfg, pcfg)
+    if fcfg.arch == "encoder":
+        return avmae.EncoderClassifier(cfg, heads, fcfg.linear_probe)
+    inner = None
+    if pcfg and pcfg["encoder"] == "mid" and pcfg["modalities"] == "av":
+        inner = pcfg["depth"] - pcfg["joint_layers"]  # keep the mid-fusion streams' closing LayerNorm
+    fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else round(2 * cfg.depth / 3)
+    return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe)
+
+
+def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> torch.Tensor:
+    """A learned (N, D) position table on a token grid, interpolated to another grid (e.g. 16 -> 32
+    frames). Sin-cos tables need nothing: they are rebuilt for any length."""
+    D = table.shape[1]
+    x = table.T.reshape(1, D, *src_grid)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(src_grid)]
+    return F.interpolate(x, size=dst_grid, mode=mode, align_corners=False).reshape(D, -1).T
+
+
+def map_pretrained(state: dict, pcfg: dict, model) -> tuple:
+    """Map a pretraining checkpoint's encoder into a finetuning model. Returns (state dict to load,
+    report). The report lists every loaded, new and dropped tensor; it is an error if an encoder
+    tensor of a finetuned modality would go unused, or if a shape does not match."""
+    cfg = model.cfg
+    src_mods = avmae.AVMAEConfig(**pcfg).mods
+    L, S = pcfg["depth"], pcfg["joint_layers"]
+    mapping = {}  # destination name -> source name
+    if isinstance(model, avmae.EncoderClassifier):
+        if pcfg["modalities"] != "av":
+            raise ValueError("--arch encoder needs an audiovisual checkpoint (this one is "
+                             f"modalities={pcfg['modalities']!r}); use --arch mbt")
+        mapping = {k: k for k in model.state_dict() if k.startswith(("patch_embed.", "enc_pos.", "encoder."))}
+    else:
+        for m in cfg.mods:
+            s = m if m in src_mods else src_mods[0]  # a unimodal checkpoint initialises both streams (Table 3)
+            if m in src_mods:
+                mapping[f"streams.{m}.embed.weight"] = f"patch_embed.{m}.weight"
+                mapping[f"streams.{m}.embed.bias"] = f"patch_embed.{m}.bias"
+                if pcfg["pos_embed"] == "learned":
+                    mapping[f"streams.{m}.pos.table"] = f"enc_pos.{m}.table"
+            enc, mods_av = pcfg["encoder"], pcfg["modalities"] == "av"
+            for i in range(cfg.depth):
+                if enc == "separate" or not mods_av:
+                    src = f"encoder.streams.{s}.blocks.{i}"
+                elif enc == "mid":
+                    src = f"encoder.streams.{s}.blocks.{i}" if i < L - S else f"encoder.joint.blocks.{i - (L - S)}"
+                else:  # early / shared: one set of weights into every stream, untied from here on
+                    src = f"encoder.{'joint' if enc == 'early' else 'shared'}.blocks.{i}"
+                for k in model.streams[m].blocks[i].state_dict():
+                    mapping[f"streams.{m}.blocks.{i}.{k}"] = f"{src}.{k}"
+            final = {"separate": f"encoder.streams.{s}.norm", "mid": "encoder.joint.norm", "early": "encoder.joint.norm",
+                     "shared": "encoder.shared.norm"}[enc if mods_av else "separate"]
+            for k in ("weight", "bias"):
+                mapping[f"streams.{m}.norm.{k}"] = f"{final}.{k}"
+                if model.streams[m].inner_norm_at is not None:
+                    mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.streams.{s}.norm.{k}"
+    dst = model.state_dict()
+    out, loaded = {}, []
+    for d_name, s_name in mapping.items():
+        if s_name not in state:
+            raise ValueError(f"checkpoint has no {s_name} for {d_name}: it does not match its own config {pcfg}")
+        t = state[s_name]
+        if d_name.endswith("pos.table") and t.shape != dst[d_name].shape:
+            m = d_name.split(".")[1]
+            src_grid = avmae.PATCHES[m](avmae.AVMAEConfig(**pcfg)).grid
+            t = _resize_positions(t, src_grid, avmae.PATCHES[m](cfg).grid)
+        if t.shape != dst[d_name].shape:
+            raise ValueError(f"{s_name} has shape {tuple(t.shape)} but {d_name} needs {tuple(dst[d_name].shape)}: "
+                             f"the checkpoint and the finetuning model disagree (width, patch size or input shape)")
+        out[d_name] = t
+        loaded.append(f"{d_name} <- {s_name}")
+    used = set(mapping.values())
+    new = sorted(k for k in dst if k not in out)
+    dropped = sorted(k for k in state if k not in used)
+    other = set(src_mods) - set(cfg.mods)
+    encoder_unused = [k for k in dropped if k.startswith(("encoder.", "patch_embed.", "enc_pos."))
+                      and not any(f".{m}." in k or k.endswith(f".{m}") for m in other)]
+    if encoder_unused:
+        raise ValueError(f"pretrained encoder tensors would go unused: {encoder_unused[:8]}"
+                         f"{' ...' if len(encoder_unused) > 8 else ''}")
+    report = dict(loaded=loaded, new=new, dropped=dropped,
+                  dropped_why={"decoder": "the decoder is only for pretraining",
+                               "other modality": sorted(k for k in dropped if any(f".{m}." in k for m in other))})
+    return out, report
+
+# -----------------------------------------------------------------------------
+# metrics (SPEC 7): top-1/5, mAP, AUC, d', EPIC action accuracy
+
+
+def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
+    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).float().mean().item()
+
+
+def average_precision(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-class AP, (N, C) scores and {0, 1} targets; tied scores count as one threshold (as
+    sklearn's average_precision_score); NaN for classes without positives."""
+    aps = []
+    for c in range(scores.shape[1]):
+        s, t = scores[:, c].double(), y[:, c].double()
+        if t.sum() == 0:
+            aps.append(float("nan"))
+            continue
+        order = torch.argsort(s, descending=True)
+        s, t = s[order], t[order]
+        last = torch.cat([s[1:] != s[:-1], torch.tensor([True])])  # the last row of each tied group
+        tp = torch.cumsum(t, 0)[last]
+        fp = torch.cumsum(1 - t, 0)[last]
+        precision, recall = tp / (tp + fp), tp / t.sum()
+        aps.append(torch.sum(torch.diff(torch.cat([torch.zeros(1, dtype=recall.dtype), recall])) * precision).item())
+    return torch.tensor(aps)
+
+
+def roc_auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-class ROC AUC by the rank statistic (ties get their average rank); NaN where a class has
+    no positives or no negatives."""
+    out = []
+    for c in range(scores.shape[1]):
+        s, t = scores[:, c].double(), y[:, c].bool()
+        n_pos, n_neg = int(t.sum()), int((~t).sum())
+        if n_pos == 0 or n_neg == 0:
+            out.append(float("nan"))
+            continue
+        _, inv, counts = torch.unique(s, return_inverse=True, return_counts=True)
+        first = torch.cumsum(counts, 0) - counts
+        ranks = (first + (counts + 1) / 2.0)[inv]  # average 1-based ranks
+        out.append(((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item())
+    return torch.tensor(out)
+
+
+def d_prime(auc: float) -> float:
+    """d' = sqrt(2) * Phi^-1(AUC) (AudioSet's convention)."""
+    return math.sqrt(2.0) * torch.special.ndtri(torch.tensor(auc, dtype=torch.float64)).item()
+
+
+def metrics(logits: dict, targets: dict, multi_label: bool) -> dict:
+    """logits / targets per head; EPIC's verb + noun give action = both right."""
+    out = {}
+    for h, z in logits.items():
+        y = targets[h]
+        if multi_label:
+            p = torch.sigmoid(z.float())
+            ap, auc = average_precision(p, y), roc_auc(p, y)
+            out[f"{h}_mAP"] = float(np.nanmean(ap.numpy()))
+            out[f"{h}_AUC"] = float(np.nanmean(auc.numpy()))
+            out[f"{h}_dprime"] = d_prime(out[f"{h}_AUC"])
+        else:
+            out[f"{h}_top1"], out[f"{h}_top5"] = topk_accuracy(z, y, 1), topk_accuracy(z, y, 5)
+    if {"verb", "noun"} <= set(logits):
+        right = (logits["verb"].argmax(1) == targets["verb"]) & (logits["noun"].argmax(1) == targets["noun"])
+        out["action_top1"] = right.float().mean().item()
+    return out
+
+# -----------------------------------------------------------------------------
+# optimisation
+
+
+def layer_id(name: str, model) -> int:
+    """0 for embeddings and positions, i + 1 for block i, depth + 1 for norms, bottlenecks after the
+    fusion layer, and heads."""
+    depth = model.cfg.depth
+    parts = name.split(".")
+    if "blocks" in parts:
+        i = int(parts[parts.index("blocks") + 1])
+        if parts[0] == "encoder" and parts[1] == "joint" and model.cfg.encoder == "mid":
+            i += depth - model.cfg.joint_layers
+        return i + 1
+    if parts[0] in ("patch_embed", "enc_pos") or parts[-2:-1] in (["embed"], ["pos"]) or parts[-1] == "table":
+        return 0
+    if parts[0] == "bottleneck":
+        return getattr(model, "fusion_layer", depth) + 1
+    return depth + 1
+
+
+def param_groups(model, fcfg: FinetuneConfig, lr: float):
+    """Layer-wise lr decay: lr * decay^(depth + 1 - layer); no weight decay on biases and norms."""
+    groups = {}
+    depth = model.cfg.depth
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(n, model)
+        wd = fcfg.weight_decay if p.ndim >= 2 and n != "bottleneck" else 0.0
+        g = groups.setdefault((lid, wd), dict(params=[], weight_decay=wd, lr_scale=fcfg.layer_decay ** (depth + 1 - lid)))
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def mixup(batch: dict, mods, heads: dict, alpha: float, multi_label: bool, gen: torch.Generator):
+    """Mix each clip with another of the batch, the same weight for both modalities and the labels.
+    Returns the batch with soft targets per head."""
+    B = batch[mods[0]].shape[0]
+    targets = {}
+    for h, n in heads.items():
+        y = batch[h]
+        targets[h] = y.float() if multi_label else F.one_hot(y, n).float()
+    if alpha <= 0:
+        return batch, targets
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(B, generator=gen).to(batch[mods[0]].device)
+    batch = dict(batch)
+    for m in mods:
+        batch[m] = lam * batch[m] + (1 - lam) * batch[m][perm]
+    return batch, {h: lam * t + (1 - lam) * t[perm] for h, t in targets.items()}
+
+
+def loss_fn(logits: dict, targets: dict, multi_label: bool, smoothing: float) -> torch.Tensor:
+    """Cross-entropy with label smoothing (single label) or binary cross-entropy (multi-label),
+    summed over heads (EPIC: verb + noun, equal weights)."""
+    total = 0.0
+    for h, z in logits.items():
+        t = targets[h]
+        if multi_label:
+            total = total + F.binary_cross_entropy_with_logits(z.float(), t)
+        else:
+            t = t * (1 - smoothing) + smoothing / t.shape[1]
+            total = total + torch.sum(-t * F.log_softmax(z.float(), dim=1), dim=1).mean()
+    return total
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model, ds: data.AVDataset, fcfg, d: T.Dist, mods, out_dir: str | None = None) -> dict:
+    """N evenly spaced views per clip, logits averaged; every clip once over all ranks. Writes
+    predictions.csv and per_class.csv to out_dir (rank 0)."""
+    model.eval()
+    idx = list(range(d.rank, len(ds), d.world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=max(1, fcfg.batch_size // d.world),
+                                         num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
+    ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
+    for b in loader:
+        b = data.to_device(b, d.device)
+        V = fcfg.views
+        x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
+        with T.autocast_ctx(fcfg.precision, d.device):
+            out = model(**x)
+        for h in ds.heads:
+            logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu())
+            targets[h].append(b[h].cpu() if torch.is_tensor(b[h]) else torch.tensor(b[h]))
+        ids += b["id"]
+    local = (ids, {h: torch.cat(v) for h, v in logits.items()}, {h: torch.cat(v) for h, v in targets.items()})
+    if dist.is_initialized():
+        parts = [None] * d.world
+        dist.all_gather_object(parts, local)
+    else:
+        parts = [local]
+    model.train()
+    ids = [i for p in parts for i in p[0]]
+    logits = {h: torch.cat([p[1][h] for p in parts]) for h in ds.heads}
+    targets = {h: torch.cat([p[2][h] for p in parts]) for h in ds.heads}
+    res = metrics(logits, targets, ds.multi_label)
+    res["clips"] = len(ids)
+    if out_dir and d.master:
+        write_reports(out_dir, ids, logits, targets, ds)
+    return res
+
+
+def write_reports(out_dir, ids, logits, targets, ds):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id"] + [f"{h}_{k}" for h in ds.heads for k in ("true", "top5", "scores")])
+        for i, cid in enumerate(ids):
+            row = [cid]
+            for h in ds.heads:
+                z = logits[h][i].float()
+                p = torch.sigmoid(z) if ds.multi_label else torch.softmax(z, 0)
+                top = p.topk(min(5, len(p)))
+                t = targets[h][i]
+                true = ";".join(str(j) for j in t.nonzero()[:, 0].tolist()) if ds.multi_label else str(int(t))
+                row += [true, ";".join(map(str, top.indices.tolist())), ";".join(f"{v:.4f}" for v in top.values.tolist())]
+            w.writerow(row)
+    with open(os.path.join(out_dir, "per_class.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["head", "class", "name", "clips", "AP" if ds.multi_label else "top1"])
+        for h, names in ds.heads.items():
+            z, t = logits[h].float(), targets[h]
+            ap = average_precision(torch.sigmoid(z), t) if ds.multi_label else None
+            for c, name in enumerate(names):
+                if ds.multi_label:
+                    w.writerow([h, c, name, int(t[:, c].sum()), f"{ap[c].item():.4f}"])
+                else:
+                    sel = t == c
+                    acc = (z[sel].argmax(1) == c).float().mean().item() if sel.any() else float("nan")
+                    w.writerow([h, c, name, int(sel.sum()), f"{acc:.4f}"])
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def main(argv=None) -> dict:
+    fcfg = parse_args(argv)
+    d = T.setup_distributed()
+    try:
+        return finetune(fcfg, d)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
+    torch.manual_seed(fcfg.seed)
+    mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
+    T.ensure_data(fcfg, d)
+    dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
+                frame_stride=fcfg.frame_stride, image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
+                window=fcfg.window, audio_norm=fcfg.audio_norm, decode=fcfg.decode, seed=fcfg.seed)
+    train_ds = data.AVDataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
+                                              specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
+    test_ds = data.AVDataset(data.DataConfig(split=fcfg.test_split, train=False, views=fcfg.views, **dcfg))
+    heads = {h: len(names) for h, names in train_ds.heads.items()}
+
+    ckpt_path = T.find_checkpoint(fcfg.resume, fcfg.out_dir)
+    resumed = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path else None
+    pcfg = report = None
+    if resumed:
+        pcfg = resumed.get("pretrain_config")
+    elif fcfg.init:
+        ck = torch.load(fcfg.init, map_location="cpu", weights_only=False)
+        if "model_config" not in ck or "model" not in ck:
+            raise SystemExit(f"{fcfg.init} is not an avmae pretraining checkpoint (no model / model_config)")
+        pcfg = ck["model_config"]
+    model = build_model(fcfg, heads, pcfg)
+    if fcfg.init and not resumed:
+        try:
+            state, report = map_pretrained(ck["model"], pcfg, model)
+        except ValueError as e:
+            raise SystemExit(f"{fcfg.init}: {e}")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        new = {k for k in report["new"] if not k.endswith("num_batches_tracked")}  # (BatchNorm fills that in itself)
+        assert not unexpected and set(missing) == new, (unexpected, set(missing) ^ new)
+        T.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; dropped "
+                 f"{len(report['dropped'])} (decoder{', other modality' if report['dropped_why']['other modality'] else ''})")
+    if fcfg.linear_probe:
+        for n, p in model.named_parameters():
+            p.requires_grad = n.startswith("heads.")
+    model.to(d.device)
+    torch.manual_seed(fcfg.seed + d.rank)
+
+    per_rank = fcfg.batch_size // d.world
+    steps_per_epoch = len(train_ds) // fcfg.batch_size
+    total = fcfg.max_steps or fcfg.epochs * steps_per_epoch
+    warmup = int(fcfg.warmup_epochs * steps_per_epoch)
+    lr = fcfg.lr or fcfg.blr * fcfg.batch_size / 256
+    groups = param_groups(model, fcfg, lr)
+    opt = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if fcfg.optimizer == "sgd"
+           else torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999)))
+    step = 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        step = resumed["step"]
+        T.set_rng_state(resumed["rng"])
+    os.makedirs(fcfg.out_dir, exist_ok=True)
+    if report and d.master:
+        with open(os.path.join(fcfg.out_dir, "load_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    net = torch.compile(model) if fcfg.compile else model
+    if d.world > 1 and not fcfg.eval_only:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if fcfg.eval_only:
+        res = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir)
+        T.print0(json.dumps(res))
+        return res
+
+    sampler = data.EpochSampler(len(train_ds), d.world, d.rank, fcfg.seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=fcfg.workers,
+                                         collate_fn=data.collate, drop_last=True, pin_memory=d.device.type == "cuda",
+                                         persistent_workers=fcfg.workers > 0)
+    epoch0, in_epoch = divmod(step, steps_per_epoch)
+    stream = T.batches(loader, sampler, epoch0, in_epoch * per_rank, d)
+    log_path = os.path.join(fcfg.out_dir, "log.jsonl")
+    gen = torch.Generator().manual_seed(fcfg.seed * 1_000_003 + d.rank)
+    T.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
+             f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable | "
+             f"init {fcfg.init or 'scratch'} | {len(train_ds)} train / {len(test_ds)} test clips | {total} steps | lr {lr:.3g}")
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune", dynamic_ncols=True)
+    t_last, results, path = time.time(), {}, None
+    while step < total:
+        for g in opt.param_groups:
+            g["lr"] = T.lr_at(step, total, warmup, lr, fcfg.min_lr) * g["lr_scale"]
+        gen.manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
+        _, batch = next(stream)
+        batch, targets = mixup(batch, mods, heads, fcfg.mixup, train_ds.multi_label, gen)
+        with T.autocast_ctx(fcfg.precision, d.device):
+            logits = net(**{m: batch[m] for m in mods})
+        loss = loss_fn(logits, {h: t.to(d.device) for h, t in targets.items()}, train_ds.multi_label, fcfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step {step}: non-finite loss {loss.item()}")
+        loss.backward()
+        if fcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), fcfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % fcfg.log_every == 0 and d.master:
+            rec = dict(step=step, epoch=step / steps_per_epoch, loss=loss.item(), lr=opt.param_groups[0]["lr"],
+                       clips_per_s=fcfg.log_every * fcfg.batch_size / (time.time() - t_last))
+            t_last = time.time()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        epoch_end = step % steps_per_epoch == 0
+        if (epoch_end and (step // steps_per_epoch) % fcfg.eval_every == 0) or step == total:
+            results = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir if step == total else None)
+            results.update(step=step, epoch=step / steps_per_epoch)
+            T.print0(json.dumps(results))
+            if d.master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(dict(eval=results)) + "\n")
+        if step % fcfg.save_every == 0 or step == total:
+            if d.master:
+                st = dict(model=T.model_state(model, False), optimizer=opt.state_dict(), step=step, finetune_config=asdict(fcfg),
+                          model_config=asdict(model.cfg), pretrain_config=pcfg, heads=heads, rng=T.rng_state())
+                path = T.save_checkpoint(fcfg.out_dir, st, step, fcfg.keep_last)
+    bar.close()
+    if d.master:
+        with open(os.path.join(fcfg.out_dir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        T.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions {fcfg.out_dir}/predictions.csv")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""finetune.py: weight mapping from every pretraining strategy, MBT fusion, metrics, the loop (issue 6)."""
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import avmae
+import finetune as FT
+import train
+from conftest import TINY_INPUTS
+
+PRETRAINED = [dict(encoder=e) for e in ("separate", "mid", "early", "shared")] + [dict(modalities="a"), dict(modalities="v")]
+IDS = ["separate", "mid", "early", "shared", "audio-only", "video-only"]
+
+
+def pretrained_ckpt(tmp_path, **kw):
+    """A pretraining checkpoint as train.py writes it (random weights, the real layout)."""
+    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16, **kw})
+    if cfg.encoder == "separate" and cfg.modalities == "av":
+        cfg.decoder = "shared"
+    model = avmae.AVMAE(cfg)
+    path = tmp_path / f"pre_{cfg.modalities}_{cfg.encoder}_{cfg.pos_embed}.pt"
+    torch.save(dict(model=model.state_dict(), model_config=cfg.__dict__.copy(), step=1), path)
+    return path, model
+
+
+def fcfg(**kw):
+    base = dict(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0, kernels="torch")
+    return FT.FinetuneConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("pre", PRETRAINED, ids=IDS)
+@pytest.mark.parametrize("modality,arch", [("av", "mbt"), ("audio", "mbt"), ("video", "mbt"), ("av", "encoder")])
+def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality, arch):
+    path, pretrained = pretrained_ckpt(tmp_path, **pre)
+    ck = torch.load(path, weights_only=False)
+    f, pcfg = fcfg(modality=modality, arch=arch), ck["model_config"]
+    if arch == "encoder" and pcfg["modalities"] != "av":
+        with pytest.raises(ValueError, match="needs an audiovisual checkpoint"):
+            FT.map_pretrained(ck["model"], pcfg, FT.build_model(f, {"label": 5}, pcfg))
+        return
+    model = FT.build_model(f, {"label": 5}, pcfg)
+    state, report = FT.map_pretrained(ck["model"], pcfg, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and sorted(missing) == [k for k in report["new"] if "num_batches" not in k]
+    # every encoder tensor of the finetuned modalities is used; what is dropped is the decoder or the
+    # other modality's own stream, and says so
+    finetuned = {"av": "av", "audio": "a", "video": "v"}[modality]
+    for k in report["dropped"]:
+        assert k.startswith(("decoder.", "dec_embed.", "dec_pos.", "mask_token.", "head.")) or \
+            k in report["dropped_why"]["other modality"], k
+    assert all(n.startswith(("heads.", "bottleneck")) or (n.startswith("streams.") and "embed" in n) for n in report["new"])
+    for m in finetuned:  # the audio patch embedding included (the authors' code leaves it random)
+        name = f"streams.{m}.embed.weight" if arch == "mbt" else f"patch_embed.{m}.weight"
+        if m in avmae.AVMAEConfig(**pcfg).mods:
+            assert torch.equal(model.state_dict()[name], pretrained.state_dict()[f"patch_embed.{m}.weight"])
+        else:
+            assert name in report["new"]  # a unimodal checkpoint has no embedding for the other modality
+
+
+@pytest.mark.parametrize("pre", [dict(encoder="separate"), dict(encoder="shared"), dict(modalities="a")],
+                         ids=["separate", "shared", "audio-only"])
+def test_mbt_streams_compute_what_the_pretrained_encoder_computed(tmp_path, pre):
+    path, pretrained = pretrained_ckpt(tmp_path, **pre)
+    ck = torch.load(path, weights_only=False)
+    model = FT.build_model(fcfg(modality="audio"), {"label": 3}, ck["model_config"])
+    state, _ = FT.map_pretrained(ck["model"], ck["model_config"], model)
+    model.load_state_dict(state, strict=False)
+    model.eval(), pretrained.eval()
+    a = torch.randn(2, 64, 32)
+    inputs = dict(a=a) if pretrained.cfg.modalities == "a" else dict(a=a, v=torch.rand(2, 3, 4, 32, 32))
+    assert torch.allclose(model.features(a=a)["a"], pretrained.encode(**inputs)["a"].mean(1), atol=1e-5)
+
+
+def test_mid_fusion_maps_joint_layers_into_both_streams_untied(tmp_path):
+    path, pretrained = pretrained_ckpt(tmp_path, encoder="mid")
+    ck = torch.load(path, weights_only=False)
+    model = FT.build_model(fcfg(), {"label": 3}, ck["model_config"])
+    model.load_state_dict(FT.map_pretrained(ck["model"], ck["model_config"], model)[0], strict=False)
+    L, S = 4, 2
+    src = pretrained.state_dict()
+    for m in "av":
+        assert torch.equal(model.streams[m].blocks[0].attn.qkv.weight, src[f"encoder.streams.{m}.blocks.0.attn.qkv.weight"])
+        assert torch.equal(model.streams[m].blocks[L - S].mlp.fc1.weight, src["encoder.joint.blocks.0.mlp.fc1.weight"])
+        assert torch.equal(model.streams[m].inner_norm.weight, src[f"encoder.streams.{m}.norm.weight"])
+    assert model.streams["a"].blocks[L - S].mlp.fc1.weight is not model.streams["v"].blocks[L - S].mlp.fc1.weight
+
+
+def test_longer_video_than_pretraining(tmp_path):
+    for pos in ("sincos", "learned"):
+        path, _ = pretrained_ckpt(tmp_path, encoder="separate", pos_embed=pos)
+        ck = torch.load(path, weights_only=False)
+        model = FT.build_model(fcfg(modality="video", num_frames=8), {"label": 3}, ck["model_config"])  # 4 -> 8 frames
+        state, report = FT.map_pretrained(ck["model"], ck["model_config"], model)
+        model.load_state_dict(state, strict=False)
+        assert model.streams["v"].pos().shape[0] == 2 * 8 and model(v=torch.rand(1, 3, 8, 32, 32))["label"].shape == (1, 3)
+        if pos == "learned":  # interpolated along time: the first time slice stays close
+            assert "streams.v.pos.table <- enc_pos.v.table" in report["loaded"]
+
+
+def test_mismatched_checkpoints_are_clear_errors(tmp_path, builtin):
+    path, _ = pretrained_ckpt(tmp_path, encoder="separate")
+    ck = torch.load(path, weights_only=False)
+    wrong = {**ck["model_config"], "width": 96, "heads": 4}  # the config says 96 wide, the weights are 64
+    model = FT.build_model(fcfg(), {"label": 3}, wrong)
+    with pytest.raises(ValueError, match=r"has shape \(.*\) but .* needs"):
+        FT.map_pretrained(ck["model"], wrong, model)
+    state = dict(ck["model"])
+    del state["encoder.streams.a.blocks.1.mlp.fc2.weight"]
+    with pytest.raises(ValueError, match="checkpoint has no encoder.streams.a.blocks.1.mlp.fc2.weight"):
+        FT.map_pretrained(state, ck["model_config"], FT.build_model(fcfg(), {"label": 3}, ck["model_config"]))
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")  # somebody else's checkpoint
+    with pytest.raises(SystemExit, match="not an avmae pretraining checkpoint"):
+        FT.finetune(fcfg(init=str(tmp_path / "other.pt"), data=builtin, out_dir=str(tmp_path / "o")), train.Dist())
+
+
+def test_mbt_modalities_meet_only_from_the_fusion_layer():
+    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16}, depth=6)
+    model = avmae.MBT(cfg, {"label": 3}, fusion_layer=3).eval()
+    seen = {}
+    for i, blk in enumerate(model.streams["v"].blocks):
+        blk.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, out[:, :8].detach().clone()))
+    v = torch.rand(2, 3, 4, 32, 32)
+    model.features(a=torch.randn(2, 64, 32), v=v)
+    first = dict(seen)
+    model.features(a=torch.randn(2, 64, 32) * 3, v=v)  # other audio, the same video
+    # layers 0-2 are separate; layer 3 (the fusion layer) gives video the bottlenecks as they were
+    # learned and writes audio into their averaged outputs; video tokens see audio from layer 4 on
+    for i in range(6):
+        assert torch.equal(first[i], seen[i]) == (i <= 3), f"layer {i}"
+
+
+# -----------------------------------------------------------------------------
+# metrics, against cases computed by hand
+
+
+def test_top_k_and_epic_action():
+    z = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    y = torch.tensor([1, 2, 2])
+    assert FT.topk_accuracy(z, y, 1) == pytest.approx(2 / 3) and FT.topk_accuracy(z, y, 2) == pytest.approx(2 / 3)
+    assert FT.topk_accuracy(z, y, 3) == 1.0
+    m = FT.metrics({"verb": z, "noun": z.flip(1)}, {"verb": y, "noun": torch.tensor([1, 0, 2])}, False)
+    # verb right on clips 0 and 2; noun (flipped scores -> argmax 1, 2, 0) right on clip 0 only
+    assert m["verb_top1"] == pytest.approx(2 / 3) and m["noun_top1"] == pytest.approx(1 / 3)
+    assert m["action_top1"] == pytest.approx(1 / 3)
+
+
+def test_average_precision_with_ties_and_empty_classes():
+    s = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.5, 0.2], [0.3, 0.5, 0.3], [0.1, 0.2, 0.4]])
+    y = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0]])
+    ap = FT.average_precision(s, y)
+    # class 0: ranks 1 (+), 2 (-), 3 (+): AP = (1/1 + 2/3) / 2
+    assert ap[0].item() == pytest.approx((1 + 2 / 3) / 2)
+    # class 1: three clips tied at 0.5 (2 positives) form one threshold: precision 2/3 at recall 1
+    assert ap[1].item() == pytest.approx(2 / 3)
+    assert math.isnan(ap[2].item())  # no positives: left out of the mean
+    m = FT.metrics({"label": torch.logit(s)}, {"label": y}, True)
+    assert m["label_mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 2 / 3) / 2)
+
+
+def test_auc_and_d_prime():
+    s = torch.tensor([[0.1], [0.4], [0.35], [0.8], [0.4]])
+    y = torch.tensor([[0], [0], [1], [1], [1]])
+    # positives 0.35, 0.8, 0.4 vs negatives 0.1, 0.4: pairs won 1 + 2 + (1 + 0.5 tie) = 4.5 of 6
+    assert FT.roc_auc(s, y)[0].item() == pytest.approx(4.5 / 6)
+    assert FT.d_prime(0.5) == pytest.approx(0.0)
+    assert FT.d_prime(0.7602499389) == pytest.approx(1.0, abs=1e-6)  # Phi(1 / sqrt 2) = 0.76025
+
+
+# -----------------------------------------------------------------------------
+# optimisation
+
+
+def test_layer_decay_and_mixup():
+    model = avmae.MBT(avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16}), {"label": 3}, fusion_layer=3)
+    f = fcfg(layer_decay=0.5)
+    groups = FT.param_groups(model, f, 1.0)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale[id(model.heads["a"]["label"].weight)] == 1.0
+    assert scale[id(model.streams["a"].blocks[3].attn.qkv.weight)] == 0.5  # block 3 of 4: one below the top
+    assert scale[id(model.streams["v"].embed.weight)] == 0.5 ** 5
+    assert scale[id(model.bottleneck)] == 0.5 ** (5 - 4)
+    g = torch.Generator().manual_seed(0)
+    batch = {"a": torch.arange(4.0).view(4, 1), "v": torch.arange(4.0).view(4, 1) * 10, "label": torch.tensor([0, 1, 2, 0])}
+    mixed, t = FT.mixup(batch, ("a", "v"), {"label": 3}, 0.5, False, g)
+    assert torch.allclose(t["label"].sum(1), torch.ones(4))
+    assert torch.allclose(mixed["v"], mixed["a"] * 10)  # the same weights and partners for both modalities
+
+
+# -----------------------------------------------------------------------------
+# the loop on the built-in set
+
+
+def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
+    pre = train.main(["--preset", "quick", "--data", builtin, "--out_dir", str(tmp_path / "pre"), "--workers", "0",
+                      "--num_frames", "4", "--image_size", "32", "--audio_frames", "64", "--max_steps", "2",
+                      "--batch_size", "8", "--picture_every", "0", "--kernels", "torch"])
+    args = ["--preset", "quick", "--data", builtin, "--init", pre["checkpoint"], "--workers", "0", "--num_frames", "4",
+            "--image_size", "32", "--audio_frames", "64", "--batch_size", "8", "--max_steps", "4", "--kernels", "torch"]
+    res = FT.main([*args, "--out_dir", str(tmp_path / "ft")])
+    assert 0 <= res["label_top1"] <= 1 and res["clips"] == 8
+    out = tmp_path / "ft"
+    assert json.load(open(out / "metrics.json"))["label_top1"] == res["label_top1"]
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 8 and len(rows[0]["label_top5"].split(";")) == 5
+    assert len(list(csv.DictReader(open(out / "per_class.csv")))) == 8
+    assert "streams.a.embed.weight <- patch_embed.a.weight" in json.load(open(out / "load_report.json"))["loaded"]
+    again = FT.main([*args, "--out_dir", str(out), "--eval_only", "--resume", "auto"])
+    assert again["label_top1"] == res["label_top1"]
+    # linear probe: the encoder stays exactly as pretrained
+    FT.main([*args, "--out_dir", str(tmp_path / "lp"), "--linear_probe", "--modality", "audio"])
+    ck = torch.load(train.find_checkpoint("auto", str(tmp_path / "lp")), weights_only=False)
+    src = torch.load(pre["checkpoint"], weights_only=False)["model"]
+    assert torch.equal(ck["model"]["streams.a.blocks.1.attn.qkv.weight"], src["encoder.streams.a.blocks.1.attn.qkv.weight"])
+    assert not torch.equal(ck["model"]["heads.a.label.weight"], torch.zeros_like(ck["model"]["heads.a.label.weight"]))
