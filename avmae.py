@@ -13,8 +13,13 @@ Every pretraining variant of the paper is a config string, chosen once in __init
             inpaint_v   video from the encoded audio tokens alone                    (Sec. 3.4, Fig. 3)
             inpaint_a   audio from the encoded video tokens alone
             inpaint_both  both of the above, equal weights
+            video       video only, from the encoded video and audio (AV-MaskEnhancer)  (002, SPEC 8)
   modalities av (default), a (audio-only MAE = AudioMAE), v (video-only MAE = VideoMAE)  (Table 3)
   masking   video: random (0.9) | tube;  audio: random (0.5) | time | freq           (Sec. 4.1, SPEC 3)
+  relatives encoder mavil: full unimodal streams + F fusion layers (vanilla | mbt)  (MAViL, 001)
+            encoder xattn: unimodal streams + bidirectional cross-attention         (AV-MaskEnhancer, 002)
+            contrast_inter / contrast_intra: InfoNCE across / within modalities     (MAViL Eq. 3, CAV-MAE)
+            type_embed: modality-type embeddings (CAV-MAE); target teacher: MAViL stage 2 (Eq. 5)
 
 Shapes: B batch, N tokens, K kept (visible) tokens, M masked tokens, D width, P patch features.
 Video enters as (B, 3, T, H, W) in [-1, 1]; audio as a log-mel (B, T_audio, mel_bins).
@@ -74,6 +79,18 @@ class AVMAEConfig:
     decoder_layout: str = "gather"  # gather: [visible | mask] (VideoMAE) | unshuffle (MAE); equal
     inpaint_layout: str = "paper"   # paper: mask tokens at the last raster positions | masked
     kernels: str = "auto"         # auto (Triton on CUDA, torch twins elsewhere) | triton | torch
+    # relatives (SPEC 8): MAViL, CAV-MAE, AV-MaskEnhancer
+    fusion: str = "vanilla"       # mavil encoder's fusion layers: vanilla (concatenation) | mbt (bottlenecks)
+    fusion_layers: int = 2        # F, the mavil encoder's fusion layers on top of full unimodal streams
+    bottlenecks: int = 4          # bottleneck tokens of mbt fusion
+    cross_layers: int = 1         # bidirectional cross-attention layers of the xattn encoder
+    type_embed: bool = False      # learned modality-type embeddings on encoder and decoder tokens (CAV-MAE)
+    contrast_inter: float = 0.0   # weight of audio<->video InfoNCE on pooled unimodal outputs (MAViL 0.1, CAV-MAE 0.01)
+    tau_inter: float = 0.1        # (MAViL 0.1, CAV-MAE 0.05)
+    contrast_intra: float = 0.0   # weight of InfoNCE between two masked views of each modality (MAViL 0.01)
+    tau_intra: float = 1.0
+    target: str = "pixels"        # pixels (raw patches) | teacher (MAViL stage 2: a frozen teacher's fusion outputs)
+    teacher_width: int = 0        # the teacher's width (0 = width)
 
     def __post_init__(self):
         if self.modalities in ("a", "v"):
@@ -162,6 +179,39 @@ def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor, nor
     return (pred.float() - target).pow(2).mean()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order; the backward sums every rank's gradient for this
+    rank's rows (each rank's loss used them as negatives)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        dist = torch.distributed
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (dist.get_rank() * x.shape[0], x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        torch.distributed.all_reduce(g)
+        start, n = ctx.rows
+        return g[start:start + n]
+
+
+def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """InfoNCE (MAViL Eq. 2): the i-th row of x should pick the i-th row of y among all of y, by
+    cosine similarity / tau. x, y: (B, D). Under torch.distributed y is gathered from every rank
+    (with its gradient), so the negatives are the global batch."""
+    x, y = F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1)
+    offset = 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        offset = torch.distributed.get_rank() * x.shape[0]
+        y = _GatherWithGrad.apply(y)
+    labels = torch.arange(x.shape[0], device=x.device) + offset
+    return F.cross_entropy(x @ y.T / tau, labels)
+
+
 OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, attention=attention,
                  loss=recon_loss)
 
@@ -231,6 +281,29 @@ class AudioPatches:
 
 
 PATCHES = {"a": AudioPatches, "v": VideoPatches}
+
+def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_chans: int, mode: str = "inflate"):
+    """ViViT's initialisation (003) of a tubelet embedding from a 2-D patch embedding. w2d: (D, p*p*c2),
+    features in (h, w, c) order (an image patch, or an audio patch read as (time, freq) with c2 = 1);
+    returns (D, tubelet*p*p*in_chans) in the tokeniser's (t, h, w, c) order. inflate: the filter
+    repeated over time and divided by tubelet, so a video of one repeated image embeds as the image
+    did; central: the filter on the middle frame, zeros elsewhere. A single-channel filter is spread
+    over the colour channels and divided by their number (a grey video embeds as the patch did)."""
+    D = w2d.shape[0]
+    w = w2d.reshape(D, p, p, c2)
+    if c2 != in_chans:
+        if c2 != 1:
+            raise ValueError(f"cannot map {c2} input channels onto {in_chans}")
+        w = w.expand(D, p, p, in_chans) / in_chans
+    if mode == "inflate":
+        w3 = w.unsqueeze(1).expand(D, tubelet, p, p, in_chans) / tubelet
+    elif mode == "central":
+        w3 = torch.zeros(D, tubelet, p, p, in_chans, dtype=w.dtype)
+        w3[:, tubelet // 2] = w
+    else:
+        raise ValueError(f"mode={mode!r} is not one of inflate, central")
+    return w3.reshape(D, -1).contiguous()
+
 
 # -----------------------------------------------------------------------------
 # positions
@@ -363,8 +436,10 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 # -----------------------------------------------------------------------------
-# fusion strategies (Fig. 2). Encoders and decoders are the same four shapes with other sizes;
-# each maps {modality: (B, N_m, D)} -> {modality: (B, N_m, D)}.
+# fusion strategies (Fig. 2). Encoders and decoders are the same shapes with other sizes; each maps
+# {modality: (B, N_m, D)} -> {modality: (B, N_m, D)}. For the contrastive losses an encoder also
+# gives each modality's *unimodal* representation (computed from that modality alone):
+# forward(xs, with_unimodal=True) -> (fused, unimodal), and unimodal(xs) alone (a second masked view).
 
 
 def _concat(xs: dict):
@@ -372,57 +447,168 @@ def _concat(xs: dict):
     return keys, torch.cat([xs[m] for m in keys], dim=1), [xs[m].shape[1] for m in keys]
 
 
-class Early(nn.Module):
-    """One transformer over the concatenation of all modalities' tokens."""
+def _joint(net, xs: dict) -> dict:
+    keys, x, sizes = _concat(xs)
+    return dict(zip(keys, net(x).split(sizes, dim=1)))
 
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, joint_layers=None):
+
+class Early(nn.Module):
+    """One transformer over the concatenation of all modalities' tokens (unimodal: each alone)."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.joint = Transformer(dim, depth, heads, hidden, attn_fn, dpr)
 
-    def forward(self, xs: dict) -> dict:
-        keys, x, sizes = _concat(xs)
-        return dict(zip(keys, self.joint(x).split(sizes, dim=1)))
+    def unimodal(self, xs: dict) -> dict:
+        return {m: self.joint(x) for m, x in xs.items()}
+
+    def forward(self, xs: dict, with_unimodal: bool = False):
+        out = _joint(self.joint, xs)
+        return (out, self.unimodal(xs)) if with_unimodal else out
 
 
 class Separate(nn.Module):
     """One transformer per modality, no exchange."""
 
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, joint_layers=None):
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
 
-    def forward(self, xs: dict) -> dict:
+    def unimodal(self, xs: dict) -> dict:
         return {m: self.streams[m](x) for m, x in xs.items()}
+
+    def forward(self, xs: dict, with_unimodal: bool = False):
+        out = self.unimodal(xs)
+        return (out, out) if with_unimodal else out
 
 
 class Shared(nn.Module):
     """One transformer applied to each modality on its own (tied weights)."""
 
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, joint_layers=None):
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.shared = Transformer(dim, depth, heads, hidden, attn_fn, dpr)
 
-    def forward(self, xs: dict) -> dict:
+    def unimodal(self, xs: dict) -> dict:
         return {m: self.shared(x) for m, x in xs.items()}
+
+    def forward(self, xs: dict, with_unimodal: bool = False):
+        out = self.unimodal(xs)
+        return (out, out) if with_unimodal else out
 
 
 class Mid(nn.Module):
     """depth - S layers per modality (each stream ends in its own LayerNorm, as in the authors'
-    code), then S joint layers over the concatenation."""
+    code), then S joint layers over the concatenation. Unimodal: the joint layers on each modality
+    alone (CAV-MAE's way, S = 1)."""
 
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, joint_layers=2):
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         dpr = dpr if dpr is not None else [0.0] * depth
-        L, S = depth, joint_layers
+        L, S = depth, (cfg.joint_layers if cfg is not None else 2)
         self.streams = nn.ModuleDict({m: Transformer(dim, L - S, heads, hidden, attn_fn, dpr[: L - S]) for m in mods})
         self.joint = Transformer(dim, S, heads, hidden, attn_fn, dpr[L - S:])
 
+    def unimodal(self, xs: dict) -> dict:
+        return {m: self.joint(self.streams[m](x)) for m, x in xs.items()}
+
+    def forward(self, xs: dict, with_unimodal: bool = False):
+        s = {m: self.streams[m](x) for m, x in xs.items()}
+        out = _joint(self.joint, s)
+        return (out, {m: self.joint(x) for m, x in s.items()}) if with_unimodal else out
+
+
+class BottleneckFusion(nn.Module):
+    """MBT layers (Nagrani et al., 2021): each modality's layer sees [own tokens | shared bottleneck
+    tokens]; the bottleneck outputs are averaged over the modalities after every layer."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, n_tokens: int):
+        super().__init__()
+        self.layers = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn) for m in mods})
+        self.tokens = nn.Parameter(torch.zeros(1, n_tokens, dim))
+        nn.init.normal_(self.tokens, std=0.02)
+
     def forward(self, xs: dict) -> dict:
-        keys, x, sizes = _concat({m: self.streams[m](x) for m, x in xs.items()})
-        return dict(zip(keys, self.joint(x).split(sizes, dim=1)))
+        z = self.tokens.expand(next(iter(xs.values())).shape[0], -1, -1)
+        depth = len(next(iter(self.layers.values())).blocks)
+        for i in range(depth):
+            zs = []
+            for m, x in xs.items():
+                n = x.shape[1]
+                y = self.layers[m].blocks[i](torch.cat([x, z], dim=1))
+                xs[m] = y[:, :n]
+                zs.append(y[:, n:])
+            z = torch.stack(zs).mean(0)
+        return {m: self.layers[m].norm(x) for m, x in xs.items()}
 
 
-ENCODERS = {"early": Early, "separate": Separate, "mid": Mid, "shared": Shared}
+class MAViLEncoder(nn.Module):
+    """MAViL (001, Sec. 3.1): full unimodal encoders (depth layers + LayerNorm each), then a fusion
+    encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The contrastive
+    losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks the pairing)."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
+        super().__init__()
+        self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
+        F_ = cfg.fusion_layers
+        self.fusion = (Transformer(dim, F_, heads, hidden, attn_fn) if cfg.fusion == "vanilla"
+                       else BottleneckFusion(mods, dim, F_, heads, hidden, attn_fn, cfg.bottlenecks))
+        self.vanilla = cfg.fusion == "vanilla"
+
+    def unimodal(self, xs: dict) -> dict:
+        return {m: self.streams[m](x) for m, x in xs.items()}
+
+    def forward(self, xs: dict, with_unimodal: bool = False):
+        uni = self.unimodal(xs)
+        out = _joint(self.fusion, uni) if self.vanilla else self.fusion(dict(uni))
+        return (out, uni) if with_unimodal else out
+
+
+class CrossBlock(nn.Module):
+    """Pre-LN cross-attention (queries from x, keys and values from ctx), then an MLP."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_q, self.norm_kv, self.norm2 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = MLP(dim, hidden)
+
+    def forward(self, x, ctx):
+        B, N, D = x.shape
+        H = self.heads
+        q = self.q(self.norm_q(x)).view(B, N, H, D // H).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(ctx)).view(B, ctx.shape[1], 2, H, D // H).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # lengths differ: SDPA
+        return x + self.mlp(self.norm2(x))
+
+
+class XAttnEncoder(nn.Module):
+    """AV-MaskEnhancer (002): unimodal encoders (depth layers + LayerNorm), then bidirectional
+    cross-attention: video queries attend to audio and audio queries to video, both from the
+    previous layer's tokens."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
+        super().__init__()
+        self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
+        self.cross = nn.ModuleList(nn.ModuleDict({m: CrossBlock(dim, heads, hidden) for m in mods})
+                                   for _ in range(cfg.cross_layers))
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(dim, eps=1e-6) for m in mods})
+
+    def unimodal(self, xs: dict) -> dict:
+        return {m: self.streams[m](x) for m, x in xs.items()}
+
+    def forward(self, xs: dict, with_unimodal: bool = False):
+        uni = self.unimodal(xs)
+        x = dict(uni)
+        for layer in self.cross:
+            x = {m: layer[m](x[m], x[o]) for m in x for o in x if o != m}
+        out = {m: self.norm[m](t) for m, t in x.items()}
+        return (out, uni) if with_unimodal else out
+
+
+ENCODERS = {"early": Early, "separate": Separate, "mid": Mid, "shared": Shared, "mavil": MAViLEncoder,
+            "xattn": XAttnEncoder}
 DECODERS = {"early": Early, "separate": Separate, "shared": Shared}
 # objective -> {target modality: source modality whose encoded tokens are the decoder's context}
 OBJECTIVES = {
@@ -430,9 +616,12 @@ OBJECTIVES = {
     "inpaint_v": {"v": "a"},
     "inpaint_a": {"a": "v"},
     "inpaint_both": {"a": "v", "v": "a"},
+    "video": {"v": "v"},  # + every other modality's encoded tokens as extra context (AV-MaskEnhancer)
 }
+EXTRA_CONTEXT = {"video": ("a",)}
 CHOICES = dict(modalities=("av", "a", "v"), encoder=tuple(ENCODERS), decoder=tuple(DECODERS),
-               objective=tuple(OBJECTIVES), pos_embed=("sincos", "learned"),
+               objective=tuple(OBJECTIVES), pos_embed=("sincos", "learned"), fusion=("vanilla", "mbt"),
+               target=("pixels", "teacher"),
                decoder_layout=("gather", "unshuffle"), inpaint_layout=("paper", "masked"),
                mask_type_v=tuple(MASK_AXES["v"]), mask_type_a=tuple(MASK_AXES["a"]), kernels=("auto", "triton", "torch"))
 
@@ -448,15 +637,24 @@ def check_config(cfg: AVMAEConfig) -> None:
         raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that never "
                          "exchange information (paper Sec. 3.3); for that baseline (Table 10) pretrain "
                          "--modalities a and --modalities v on their own")
-    if cfg.objective != "joint":
+    if cfg.modalities != "av":
+        for what, on in (("contrast_inter", cfg.contrast_inter > 0), ("objective='video'", cfg.objective == "video")):
+            if on:
+                raise ValueError(f"{what} relates audio and video: it needs --modalities av, not {cfg.modalities!r}")
+    if cfg.objective == "video" and cfg.decoder_layout == "unshuffle":
+        raise ValueError("decoder_layout='unshuffle' has no place for the audio context of objective='video'")
+    if cfg.objective not in ("joint", "video"):
         if cfg.modalities != "av":
             raise ValueError(f"objective={cfg.objective!r} reconstructs one modality from the other: it "
                              f"needs --modalities av, not {cfg.modalities!r}")
-        if cfg.encoder not in ("early", "mid"):
+        if cfg.encoder not in ("early", "mid", "mavil", "xattn"):
             raise ValueError(f"objective={cfg.objective!r} decodes one modality from the other's encoded "
-                             f"tokens, so the encoder must mix modalities (early or mid); with "
+                             f"tokens, so the encoder must mix modalities (early, mid, mavil, xattn); with "
                              f"encoder={cfg.encoder!r} they never meet and training cannot converge "
                              f"(paper Sec. 4.2)")
+        if cfg.encoder == "xattn" and cfg.objective != "inpaint_both":
+            raise ValueError(f"objective={cfg.objective!r} decodes from one modality's tokens only, so one direction "
+                             f"of the xattn encoder's cross-attention would never be trained; use inpaint_both")
         if cfg.objective == "inpaint_both" and cfg.decoder == "early":
             raise ValueError("objective='inpaint_both' with decoder='early' would concatenate both "
                              "inpainting sequences, so each modality's reconstruction would see its own "
@@ -480,9 +678,10 @@ def check_config(cfg: AVMAEConfig) -> None:
         grid = PATCHES[m](cfg).grid
         units = math.prod(grid[d] for d in MASK_AXES[m][getattr(cfg, f"mask_type_{m}")])
         ratio = getattr(cfg, f"mask_ratio_{m}")
-        if not 0 < mask_count(ratio, units) < units:
+        reconstructed = m in OBJECTIVES[cfg.objective]  # (AV-MaskEnhancer keeps all of its audio)
+        if not (0 < mask_count(ratio, units) or not reconstructed) or not mask_count(ratio, units) < units:
             raise ValueError(f"mask_ratio_{m}={ratio} masks {mask_count(ratio, units)} of {units} units: "
-                             f"at least one must be masked and one kept")
+                             f"at least one must be masked{' (it is reconstructed)' if reconstructed else ''} and one kept")
     if cfg.objective != "joint" and cfg.inpaint_layout == "paper":
         for t, s in OBJECTIVES[cfg.objective].items():
             n_t, k_s = _num_tokens(cfg, t), _num_tokens(cfg, s) - _num_masked(cfg, s)
@@ -526,27 +725,36 @@ class AVMAE(nn.Module):
         self.enc_pos = nn.ModuleDict({m: PosEmbed(self.n[m], cfg.width, cfg.pos_embed) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
-                                             attn, dpr, cfg.joint_layers)
+                                             attn, dpr, cfg)
+
+        if cfg.type_embed:  # CAV-MAE: which modality a token is, on encoder and decoder inputs
+            self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width)) for m in mods})
+            self.dec_type = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.dec_width)) for m in mods})
 
         # decoder: per source modality a projection; per target a mask token, head and positions
-        sources = sorted(set(self.targets.values()))
+        self.extra = tuple(m for m in EXTRA_CONTEXT.get(cfg.objective, ()) if m in mods)  # context-only modalities
+        sources = sorted(set(self.targets.values()) | set(self.extra))
         self.dec_embed = nn.ModuleDict({s: nn.Linear(cfg.width, cfg.dec_width) for s in sources})
         self.mask_token = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.dec_width)) for t in self.targets})
         # the paper's inpainting layout gives context tokens the target's positions (SPEC 5)
-        pos_mods = set(self.targets) | (set(sources) if cfg.inpaint_layout == "masked" else set())
+        pos_mods = set(self.targets) | (set(sources) if cfg.inpaint_layout == "masked" or self.extra else set())
         self.dec_pos = nn.ModuleDict({m: PosEmbed(self.n[m], cfg.dec_width, cfg.pos_embed) for m in sorted(pos_mods)})
         self.decoder = DECODERS[cfg.decoder](list(self.targets), cfg.dec_width, cfg.dec_depth, cfg.dec_heads,
                                              cfg.dec_mlp, attn)
-        self.head = nn.ModuleDict({t: nn.Linear(cfg.dec_width, self.patches[t].dim) for t in self.targets})
+        out_dim = {t: (cfg.teacher_width or cfg.width) if cfg.target == "teacher" else self.patches[t].dim
+                   for t in self.targets}  # MAViL stage 2 predicts the teacher's features
+        self.head = nn.ModuleDict({t: nn.Linear(cfg.dec_width, out_dim[t]) for t in self.targets})
         self.apply(self._init_weights)
-        for p in self.mask_token.values():
+        for p in [*self.mask_token.values(), *(getattr(self, "type_embed", {}) or {}).values(),
+                  *(getattr(self, "dec_type", {}) or {}).values()]:
             nn.init.normal_(p, std=0.02)
 
         # how decoder inputs are laid out: chosen once here (joint objective: decoder_layout;
         # inpainting: inpaint_layout)
         layouts = {"gather": self._context_own, "unshuffle": self._context_unshuffle,
-                   "paper": self._context_paper, "masked": self._context_masked}
-        self._context = layouts[cfg.decoder_layout if cfg.objective == "joint" else cfg.inpaint_layout]
+                   "paper": self._context_paper, "masked": self._context_masked, "extra": self._context_extra}
+        self._context = layouts[cfg.decoder_layout if cfg.objective == "joint" else
+                                "extra" if self.extra else cfg.inpaint_layout]
 
     @staticmethod
     def _init_weights(m):  # MAE's init: xavier-uniform Linear, zero bias, unit LayerNorm
@@ -583,6 +791,8 @@ class AVMAE(nn.Module):
             else:
                 keep = masks[m][0]
                 out[m] = self.patch_embed[m](self.ops["gather"](p, keep)) + self.ops["gather"](self.enc_pos[m](), keep)
+            if self.cfg.type_embed:
+                out[m] = out[m] + self.type_embed[m]
         return out
 
     def encode(self, a=None, v=None, masks: dict | None = None) -> dict:
@@ -596,7 +806,15 @@ class AVMAE(nn.Module):
         keep, drop = masks[t]
         pos = self.dec_pos[t]()
         z = self.ops["assemble"](self.dec_embed[t](e[t]), pos, self.mask_token[t], pos, keep, drop)
-        return z, keep.shape[1], drop
+        return (z + self.dec_type[t] if self.cfg.type_embed else z), keep.shape[1], drop
+
+    def _context_extra(self, t, s, e, masks):
+        """[the other modalities' encoded tokens | t's visible tokens | t's mask tokens]: the
+        decoder reconstructs t with everything the encoder saw as context (AV-MaskEnhancer)."""
+        z, read, ids = self._context_own(t, s, e, masks)
+        ctx = [self.dec_embed[o](e[o]) + self.ops["gather"](self.dec_pos[o](), masks[o][0]) for o in self.extra]
+        ctx = [c + self.dec_type[o] if self.cfg.type_embed else c for c, o in zip(ctx, self.extra)]
+        return torch.cat(ctx + [z], dim=1), read + sum(c.shape[1] for c in ctx), ids
 
     def _context_unshuffle(self, t, s, e, masks):  # joint, MAE's raster order; read masked positions
         keep, drop = masks[t]
@@ -640,12 +858,14 @@ class AVMAE(nn.Module):
             preds[t] = (self.head[t](y), ids)
         return preds
 
-    def forward_loss(self, patches: dict, preds: dict, masks: dict) -> dict:
+    def forward_loss(self, patches: dict, preds: dict, masks: dict, norm_pix: bool | None = None) -> dict:
         """Reconstruction loss per target on the predicted (masked) patches only, averaged over targets
-        with equal weights (Sec. 3.4); plus everything the reconstruction pictures need."""
+        with equal weights (Sec. 3.4); plus everything the reconstruction pictures need. `patches`
+        are the targets: raw patches, or (MAViL stage 2) a teacher's features per token."""
+        norm_pix = self.cfg.norm_pix_loss if norm_pix is None else norm_pix
         out, losses = {}, []
         for t, (pred, ids) in preds.items():
-            out[f"loss_{t}"] = self.ops["loss"](pred, patches[t], ids, self.cfg.norm_pix_loss)
+            out[f"loss_{t}"] = self.ops["loss"](pred, patches[t], ids, norm_pix)
             out[f"pred_{t}"], out[f"ids_{t}"] = pred, ids
             losses.append(out[f"loss_{t}"])
         out["loss"] = sum(losses) / len(losses)
@@ -653,12 +873,41 @@ class AVMAE(nn.Module):
             out[f"mask_{m}"] = ids_to_mask(drop, self.n[m])
         return out
 
-    def forward(self, a=None, v=None, masks: dict | None = None) -> dict:
+    def forward_contrast(self, out: dict, patches: dict, uni: dict, masks2: dict | None) -> dict:
+        """MAViL Eq. 3-4 (and CAV-MAE): InfoNCE between mean-pooled unimodal outputs of audio and
+        video (symmetric), and between two independently masked views of each modality; added to the
+        reconstruction loss with their weights. Negatives: the whole batch over all ranks."""
+        cfg = self.cfg
+        pooled = {m: u.mean(1) for m, u in uni.items()}
+        out["loss_recon"] = out["loss"]
+        if cfg.contrast_inter > 0:
+            a, v = pooled["a"], pooled["v"]
+            out["loss_inter"] = 0.5 * (info_nce(a, v, cfg.tau_inter) + info_nce(v, a, cfg.tau_inter))
+            out["loss"] = out["loss"] + cfg.contrast_inter * out["loss_inter"]
+        if cfg.contrast_intra > 0:
+            if masks2 is None:
+                p = next(iter(patches.values()))
+                masks2 = self.sample_masks(p.shape[0], p.device)
+            uni2 = self.encoder.unimodal(self.embed(patches, masks2))  # the second view: unimodal only
+            out["loss_intra"] = sum(info_nce(pooled[m], uni2[m].mean(1), cfg.tau_intra) for m in uni) / len(uni)
+            out["loss"] = out["loss"] + cfg.contrast_intra * out["loss_intra"]
+        return out
+
+    def forward(self, a=None, v=None, masks: dict | None = None, targets: dict | None = None,
+                masks2: dict | None = None, contrast: bool = True) -> dict:
+        """targets: a teacher's features {modality: (B, N, D_teacher)} instead of the raw patches
+        (MAViL stage 2); masks2: the second view's masks for the intra-modal contrast; contrast=False
+        skips the contrastive terms (e.g. for a picture on one rank: they gather across ranks)."""
         patches = self.patchify(self._inputs(a, v))
         if masks is None:
             p = next(iter(patches.values()))
             masks = self.sample_masks(p.shape[0], p.device)
-        return self.forward_loss(patches, self.forward_decoder(self.forward_encoder(patches, masks), masks), masks)
+        contrast = contrast and (self.cfg.contrast_inter > 0 or self.cfg.contrast_intra > 0)
+        x = self.embed(patches, masks)
+        e, uni = self.encoder(x, with_unimodal=True) if contrast else (self.encoder(x), None)
+        out = self.forward_loss(patches if targets is None else targets, self.forward_decoder(e, masks), masks,
+                                None if targets is None else False)
+        return self.forward_contrast(out, patches, uni, masks2) if contrast else out
 
     @torch.no_grad()
     def reconstruct(self, inputs: dict, out: dict) -> dict:
@@ -671,7 +920,7 @@ class AVMAE(nn.Module):
             mask = out[f"mask_{m}"].unsqueeze(-1)
             masked = target * (1 - mask)
             recon = target.clone()
-            if f"pred_{m}" in out:
+            if f"pred_{m}" in out and self.cfg.target == "pixels":
                 pred = out[f"pred_{m}"].float()
                 if self.cfg.norm_pix_loss:  # undo the per-patch normalisation with the target's stats
                     t = gather_tokens(target, out[f"ids_{m}"])
@@ -786,7 +1035,7 @@ class EncoderClassifier(nn.Module):
         self.enc_pos = nn.ModuleDict({m: PosEmbed(math.prod(self.patches[m].grid), cfg.width, cfg.pos_embed) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
-                                             get_ops(cfg.kernels)["attention"], dpr, cfg.joint_layers)
+                                             get_ops(cfg.kernels)["attention"], dpr, cfg)
         self.probe_norm = nn.ModuleDict({m: nn.BatchNorm1d(cfg.width, affine=False, eps=1e-6) for m in mods}) \
             if linear_probe else None
         self.heads = nn.ModuleDict({m: nn.ModuleDict({h: nn.Linear(cfg.width, n) for h, n in heads.items()}) for m in mods})

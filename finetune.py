@@ -42,6 +42,7 @@ class FinetuneConfig:
     arch: str = "mbt"             # mbt | encoder (av only)
     linear_probe: bool = False    # freeze the encoder, train a linear head (Table 18)
     fusion_layer: int = -1        # MBT's first fusion layer; -1 = 2/3 of the depth (8 of 12, 16 of 24)
+    inflate: str = "inflate"      # a video stream from an audio-only checkpoint: inflate | central | none (ViViT)
     bottlenecks: int = 4
     data: str = "data/vggsound"
     train_split: str = "train"
@@ -97,6 +98,7 @@ PRESETS = {
 AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only finetuning mixes harder
 MODALITY = {"audio": "a", "video": "v", "av": "av"}
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY), arch=("mbt", "encoder"),
+               inflate=("inflate", "central", "none"),
                optimizer=("sgd", "adamw"), precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
                window=("hann", "hamming"), decode=("cpu", "gpu"))
 
@@ -120,7 +122,8 @@ def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
     shapes and stochastic depth from the finetuning config."""
     arch = {k: v for k, v in (pcfg or {}).items() if k in ("width", "depth", "heads", "mlp_ratio", "tubelet",
                                                             "patch_size", "in_chans", "audio_patch_t", "audio_patch_f",
-                                                            "mel_bins", "pos_embed", "encoder", "joint_layers")}
+                                                            "mel_bins", "pos_embed", "encoder", "joint_layers", "fusion",
+                                                            "fusion_layers", "bottlenecks", "cross_layers")}
     base = {**avmae.SIZES[fcfg.size], **arch} if pcfg is None else arch
     return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality], "num_frames": fcfg.num_frames,
                                         "image_size": fcfg.image_size, "audio_frames": fcfg.audio_frames,
@@ -148,10 +151,16 @@ def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> 
     return F.interpolate(x, size=dst_grid, mode=mode, align_corners=False).reshape(D, -1).T
 
 
-def map_pretrained(state: dict, pcfg: dict, model) -> tuple:
+ENCODER_PREFIXES = ("encoder.", "patch_embed.", "enc_pos.", "type_embed.")
+
+
+def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> tuple:
     """Map a pretraining checkpoint's encoder into a finetuning model. Returns (state dict to load,
     report). The report lists every loaded, new and dropped tensor; it is an error if an encoder
-    tensor of a finetuned modality would go unused, or if a shape does not match."""
+    tensor of a finetuned modality would go unused, or if a shape does not match. MAViL and
+    AV-MaskEnhancer finetune their unimodal streams: their fusion / cross-attention layers are
+    dropped, and said so. A modality-type embedding (CAV-MAE) is added into the patch embedding's
+    bias (a constant per token: the same function)."""
     cfg = model.cfg
     src_mods = avmae.AVMAEConfig(**pcfg).mods
     L, S = pcfg["depth"], pcfg["joint_layers"]
@@ -171,7 +180,7 @@ def map_pretrained(state: dict, pcfg: dict, model) -> tuple:
                     mapping[f"streams.{m}.pos.table"] = f"enc_pos.{m}.table"
             enc, mods_av = pcfg["encoder"], pcfg["modalities"] == "av"
             for i in range(cfg.depth):
-                if enc == "separate" or not mods_av:
+                if enc in ("separate", "mavil", "xattn") or not mods_av:
                     src = f"encoder.streams.{s}.blocks.{i}"
                 elif enc == "mid":
                     src = f"encoder.streams.{s}.blocks.{i}" if i < L - S else f"encoder.joint.blocks.{i - (L - S)}"
@@ -179,14 +188,23 @@ def map_pretrained(state: dict, pcfg: dict, model) -> tuple:
                     src = f"encoder.{'joint' if enc == 'early' else 'shared'}.blocks.{i}"
                 for k in model.streams[m].blocks[i].state_dict():
                     mapping[f"streams.{m}.blocks.{i}.{k}"] = f"{src}.{k}"
-            final = {"separate": f"encoder.streams.{s}.norm", "mid": "encoder.joint.norm", "early": "encoder.joint.norm",
-                     "shared": "encoder.shared.norm"}[enc if mods_av else "separate"]
+            final = {"mid": "encoder.joint.norm", "early": "encoder.joint.norm", "shared": "encoder.shared.norm"}.get(
+                enc if mods_av else "separate", f"encoder.streams.{s}.norm")
             for k in ("weight", "bias"):
                 mapping[f"streams.{m}.norm.{k}"] = f"{final}.{k}"
                 if model.streams[m].inner_norm_at is not None:
                     mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.streams.{s}.norm.{k}"
     dst = model.state_dict()
-    out, loaded = {}, []
+    out, loaded, folded = {}, [], set()
+    if not isinstance(model, avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
+        # an audio-only checkpoint: the video tubelet filter from the audio patch filter (ViViT, 003)
+        if (pcfg["audio_patch_t"], pcfg["audio_patch_f"]) != (cfg.patch_size, cfg.patch_size):
+            raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} audio patch into "
+                             f"{cfg.patch_size}x{cfg.patch_size} video patches; use --inflate none")
+        out["streams.v.embed.weight"] = avmae.inflate_patch_embed(state["patch_embed.a.weight"], cfg.patch_size, 1,
+                                                                  cfg.tubelet, cfg.in_chans, inflate)
+        out["streams.v.embed.bias"] = state["patch_embed.a.bias"].clone()
+        loaded += [f"streams.v.embed.weight <- {inflate}(patch_embed.a.weight)", "streams.v.embed.bias <- patch_embed.a.bias"]
     for d_name, s_name in mapping.items():
         if s_name not in state:
             raise ValueError(f"checkpoint has no {s_name} for {d_name}: it does not match its own config {pcfg}")
@@ -198,20 +216,29 @@ def map_pretrained(state: dict, pcfg: dict, model) -> tuple:
         if t.shape != dst[d_name].shape:
             raise ValueError(f"{s_name} has shape {tuple(t.shape)} but {d_name} needs {tuple(dst[d_name].shape)}: "
                              f"the checkpoint and the finetuning model disagree (width, patch size or input shape)")
+        fold = f"type_embed.{s_name.split('.')[1]}" if pcfg.get("type_embed") and s_name.startswith("patch_embed.") \
+            and s_name.endswith(".bias") else None
+        if fold:  # a constant per token: the same function when added into the embedding's bias
+            t = t + state[fold]
+            folded.add(fold)
         out[d_name] = t
-        loaded.append(f"{d_name} <- {s_name}")
-    used = set(mapping.values())
+        loaded.append(f"{d_name} <- {s_name}" + (f" + {fold}" if fold else ""))
+    used = set(mapping.values()) | folded
     new = sorted(k for k in dst if k not in out)
     dropped = sorted(k for k in state if k not in used)
     other = set(src_mods) - set(cfg.mods)
-    encoder_unused = [k for k in dropped if k.startswith(("encoder.", "patch_embed.", "enc_pos."))
+    by_design = ("encoder.fusion.", "encoder.cross.", "encoder.norm.") if pcfg["encoder"] in ("mavil", "xattn") \
+        and not isinstance(model, avmae.EncoderClassifier) else ()
+    encoder_unused = [k for k in dropped if k.startswith(ENCODER_PREFIXES) and not k.startswith(by_design)
                       and not any(f".{m}." in k or k.endswith(f".{m}") for m in other)]
     if encoder_unused:
         raise ValueError(f"pretrained encoder tensors would go unused: {encoder_unused[:8]}"
                          f"{' ...' if len(encoder_unused) > 8 else ''}")
     report = dict(loaded=loaded, new=new, dropped=dropped,
                   dropped_why={"decoder": "the decoder is only for pretraining",
-                               "other modality": sorted(k for k in dropped if any(f".{m}." in k for m in other))})
+                               "other modality": sorted(k for k in dropped if any(f".{m}." in k or k.endswith(f".{m}")
+                                                                                  for m in other)),
+                               "fusion": sorted(k for k in dropped if by_design and k.startswith(by_design))})
     return out, report
 
 # -----------------------------------------------------------------------------
@@ -455,7 +482,7 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
     model = build_model(fcfg, heads, pcfg)
     if fcfg.init and not resumed:
         try:
-            state, report = map_pretrained(ck["model"], pcfg, model)
+            state, report = map_pretrained(ck["model"], pcfg, model, fcfg.inflate)
         except ValueError as e:
             raise SystemExit(f"{fcfg.init}: {e}")
         missing, unexpected = model.load_state_dict(state, strict=False)

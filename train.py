@@ -40,6 +40,8 @@ import data
 class TrainConfig:
     preset: str = "vggsound_b"
     size: str = "base"            # model size preset (avmae.SIZES); explicit width flags win
+    variant: str = "avmae"        # avmae | mavil | mavil_mbt | mavil2 | cavmae | avme (the relatives, SPEC 8)
+    teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint whose fusion outputs are the targets
     data: str = "data/vggsound"   # a prepared set (data.py prepare); a missing '*builtin' folder is generated
     split: str = "train"
     frame_stride: int = 4         # 25 fps frames between sampled frames (pretraining: 4)
@@ -75,6 +77,29 @@ class TrainConfig:
     bench_steps: int = 10
 
 
+VARIANTS = {  # the relatives as overrides of the model (decoder sizes stay the size preset's; see README)
+    "avmae": dict(),
+    # MAViL stage 1 (001): full unimodal encoders + 2 vanilla fusion layers, separate decoders, 80% masking,
+    # inter-modal (0.1, tau 0.1) and intra-modal (0.01, tau 1.0) contrast on the unimodal outputs
+    "mavil": dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate", mask_ratio_v=0.8,
+                  mask_ratio_a=0.8, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0),
+    "mavil_mbt": dict(encoder="mavil", fusion="mbt", fusion_layers=2, bottlenecks=4, decoder="separate",
+                      mask_ratio_v=0.8, mask_ratio_a=0.8, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01,
+                      tau_intra=1.0),
+    # MAViL stage 2: the same student, predicting a frozen teacher's fusion outputs (--teacher)
+    "mavil2": dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate", mask_ratio_v=0.8,
+                   mask_ratio_a=0.8, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0,
+                   target="teacher"),
+    # CAV-MAE: 11 + 1 joint layer, modality-type embeddings, one decoder over the concatenation,
+    # inter-modal contrast (0.01, tau 0.05), 75% masking of both
+    "cavmae": dict(encoder="mid", joint_layers=1, type_embed=True, decoder="early", contrast_inter=0.01,
+                   tau_inter=0.05, mask_ratio_v=0.75, mask_ratio_a=0.75),
+    # AV-MaskEnhancer (002): 90% tube masking of video, all of the audio, bidirectional cross-attention,
+    # the video reconstructed from both streams
+    "avme": dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9, mask_ratio_a=0.0,
+                 objective="video", decoder="early"),
+}
+
 PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
     "vggsound_b": dict(),  # the defaults: ViT-B, mid-fusion S=2, shared decoder, Table 20
     "vggsound_l": dict(size="large"),
@@ -91,7 +116,7 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
 }
 
 
-TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), precision=("auto", "bf16", "fp32"),
+TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(VARIANTS), precision=("auto", "bf16", "fp32"),
                      window=("hann", "hamming"), decode=("cpu", "gpu"))
 
 
@@ -120,15 +145,16 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
     return p
 
 
-def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_):
-    """Defaults <- the size preset <- the named preset <- flags given explicitly. The first dataclass
-    holds the `preset` and `size` fields."""
+def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dict | None = None):
+    """Defaults <- the size preset <- the named preset <- the variant <- flags given explicitly. The
+    first dataclass holds the `preset` and `size` (and `variant`) fields."""
     given = {k: v for k, v in args.items() if v is not None}
     defaults = {f.name: f.default for f in fields(dataclasses_[0])}
     preset = given.get("preset", defaults["preset"])
     if preset not in presets:
         raise SystemExit(f"--preset {preset!r} is not one of {', '.join(presets)}")
-    merged = {**presets[preset], **given}
+    variant = given.get("variant", defaults.get("variant"))
+    merged = {**presets[preset], **(variants or {}).get(variant, {}), **given}
     size = merged.get("size", defaults["size"])
     if size not in sizes:
         raise SystemExit(f"--size {size!r} is not one of {', '.join(sizes)}")
@@ -142,7 +168,9 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_):
 
 def parse_args(argv=None):
     args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES, **TRAIN_CHOICES}).parse_args(argv))
-    tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig)
+    tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig, variants=VARIANTS)
+    if (mcfg.target == "teacher") != bool(tcfg.teacher):
+        raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and --teacher PATH")
     return mcfg, tcfg
 
 # -----------------------------------------------------------------------------
@@ -331,32 +359,46 @@ def _block_flops(n: int, d: int, hidden: int) -> float:
 
 def flops_per_clip(model: avmae.AVMAE) -> dict:
     """Forward FLOPs per clip: the encoder on visible tokens, the decoder on its full sequences, the
-    patch embedding on visible patches and the heads on predicted tokens (SPEC 10)."""
+    patch embedding on visible patches and the heads on predicted tokens (SPEC 10); for the relatives
+    also their fusion / cross-attention layers and the second masked view."""
     cfg = model.cfg
     masks = model.sample_masks(1)
     k = {m: masks[m][0].shape[1] for m in cfg.mods}
     hid = int(cfg.width * cfg.mlp_ratio)
     L, S, d = cfg.depth, cfg.joint_layers, cfg.width
+    blk = lambda n, layers=1: layers * _block_flops(n, d, hid)  # noqa: E731
+    streams = sum(blk(k[m], L) for m in k)  # separate / shared / mavil / xattn: each stream on its own tokens
     if cfg.encoder == "early":
-        enc = L * _block_flops(sum(k.values()), d, hid)
+        enc = blk(sum(k.values()), L)
     elif cfg.encoder == "mid":
-        enc = sum((L - S) * _block_flops(k[m], d, hid) for m in k) + S * _block_flops(sum(k.values()), d, hid)
-    else:  # separate / shared: each stream on its own tokens
-        enc = sum(L * _block_flops(k[m], d, hid) for m in k)
+        enc = sum(blk(k[m], L - S) for m in k) + blk(sum(k.values()), S)
+    elif cfg.encoder == "mavil":
+        fusion = (blk(sum(k.values()), cfg.fusion_layers) if cfg.fusion == "vanilla"
+                  else sum(blk(k[m] + cfg.bottlenecks, cfg.fusion_layers) for m in k))
+        enc = streams + fusion
+    elif cfg.encoder == "xattn":  # per layer and direction: q, kv, out projections, scores, the MLP
+        cross = sum(2 * k[m] * d * d * 2 + 2 * k[o] * 2 * d * d + 4 * k[m] * k[o] * d + 4 * k[m] * d * hid
+                    for m in k for o in k if o != m)
+        enc = streams + cfg.cross_layers * cross
+    else:
+        enc = streams
     enc += sum(2 * k[m] * model.patches[m].dim * d for m in k)
+    if cfg.contrast_intra:  # the second view runs the unimodal part again
+        enc += streams if cfg.encoder in ("separate", "shared", "mavil", "xattn") else enc
     seq, pred = {}, {}
     for t, s in model.targets.items():  # decoder sequence lengths as _context builds them
-        n_ctx = k[s]
-        n_pred = model.n[t] - k[s] if (cfg.objective != "joint" and cfg.inpaint_layout == "paper") else model.n[t] - k[t]
-        seq[t], pred[t] = n_ctx + n_pred, n_pred
+        n_pred = model.n[t] - k[s] if (cfg.objective not in ("joint", "video") and cfg.inpaint_layout == "paper") \
+            else model.n[t] - k[t]
+        seq[t], pred[t] = k[s] + n_pred + sum(k[o] for o in model.extra), n_pred
     dd, dh = cfg.dec_width, cfg.dec_mlp
     if cfg.decoder == "early":
         dec = cfg.dec_depth * _block_flops(sum(seq.values()), dd, dh)
     else:
         dec = sum(cfg.dec_depth * _block_flops(n, dd, dh) for n in seq.values())
-    dec += sum(2 * k[s] * d * dd for s in model.targets.values())
-    dec += sum(2 * pred[t] * dd * model.patches[t].dim for t in pred)
+    dec += sum(2 * k[s] * d * dd for s in set(model.targets.values()) | set(model.extra))
+    dec += sum(2 * pred[t] * dd * model.head[t].out_features for t in pred)
     return dict(encoder=enc, decoder=dec, forward=enc + dec, train=3 * (enc + dec))
+
 
 # -----------------------------------------------------------------------------
 # pictures: the paper's Figure 5 (rows: original, masked input, reconstruction with the visible
@@ -462,12 +504,24 @@ def rank_rows(micro: int, b: int, d: Dist) -> torch.Tensor:
     return (micro * b + torch.arange(b)) * d.world + d.rank
 
 
-def global_masks(model: avmae.AVMAE, step: int, seed: int, B: int, device) -> dict:
-    """Masks for the whole global batch from a generator seeded by (seed, step): every rank draws the
-    same ones and takes its rows, so results do not depend on the number of ranks and a resumed run
-    draws what the uninterrupted one would have."""
-    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+LOSS_KEYS = ("loss", "loss_a", "loss_v", "loss_inter", "loss_intra")
+
+
+def global_masks(model: avmae.AVMAE, step: int, seed: int, B: int, device, view: int = 0) -> dict:
+    """Masks for the whole global batch from a generator seeded by (seed, step, view): every rank
+    draws the same ones and takes its rows, so results do not depend on the number of ranks and a
+    resumed run draws what the uninterrupted one would have. view 1: MAViL's second masked view."""
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 2 + view)
     return model.sample_masks(B, device, generator=g)
+
+
+def load_teacher(path: str, device) -> avmae.AVMAE:
+    """A frozen teacher (MAViL stage 2): any pretraining checkpoint, in eval mode, without gradients."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    teacher = avmae.AVMAE(avmae.AVMAEConfig(**ck["model_config"]))
+    teacher.load_state_dict(ck["model"])
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -528,8 +582,11 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     if per_rank * d.world * tcfg.grad_accum != tcfg.batch_size or per_rank == 0:
         raise SystemExit(f"--batch_size {tcfg.batch_size} does not split into {d.world} ranks x "
                          f"{tcfg.grad_accum} accumulation steps")
+    if mcfg.target == "teacher" and not mcfg.teacher_width:
+        mcfg.teacher_width = torch.load(tcfg.teacher, map_location="cpu", weights_only=False)["model_config"]["width"]
     model = avmae.AVMAE(mcfg).to(d.device)
     raw = model
+    teacher = load_teacher(tcfg.teacher, d.device) if tcfg.teacher else None
     torch.manual_seed(tcfg.seed + d.rank)  # anything drawn later differs per rank
     if tcfg.bench:
         return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
@@ -609,20 +666,26 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, warmup, lr, tcfg.min_lr)
         masks = global_masks(raw, step, tcfg.seed, tcfg.batch_size, d.device)
-        sums = torch.zeros(3, device=d.device)  # loss, loss_a, loss_v over micro-steps
+        masks2 = global_masks(raw, step, tcfg.seed, tcfg.batch_size, d.device, view=1) if mcfg.contrast_intra else None
+        sums = torch.zeros(len(LOSS_KEYS), device=d.device)  # loss, per modality, contrast terms
         for micro in range(tcfg.grad_accum):
             _, batch = next(stream)
             batch = hooks["batch"](step, batch) if "batch" in hooks else batch
             bad_clips += len(batch["bad"])
             rows = rank_rows(micro, per_rank, d).to(d.device)
             mk = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
+            mk2 = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks2.items()} if masks2 else None
+            targets = None
+            if teacher is not None:  # the teacher encodes the full, unmasked clip
+                with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
+                    targets = {m: t.float() for m, t in teacher.encode(**{m: batch[m] for m in mcfg.mods}).items()}
             last_micro = micro == tcfg.grad_accum - 1
             sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync, autocast_ctx(tcfg.precision, d.device):
-                out = model(**{m: batch[m] for m in mcfg.mods}, masks=mk)
+                out = model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets, masks2=mk2)
                 (out["loss"] / tcfg.grad_accum).backward()
             zero = torch.zeros((), device=d.device)
-            sums += torch.stack([out.get(k, zero).detach().float() for k in ("loss", "loss_a", "loss_v")]) / tcfg.grad_accum
+            sums += torch.stack([out.get(k, zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
         sums = all_reduce(sums) / d.world
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
         finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))], device=d.device),
@@ -646,7 +709,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        state = {k: sums[i].item() for i, k in enumerate(("loss", "loss_a", "loss_v")) if i == 0 or f"mask_{k[-1]}" in out}
+        state = {k: sums[i].item() for i, k in enumerate(LOSS_KEYS) if k in out}
         bar.update(1)
         if step % tcfg.log_every == 0 or step == stop:
             dt, n = time.time() - t_last, (step - n_last) * tcfg.batch_size
@@ -660,10 +723,12 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
             if d.master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
-        if (d.master or tcfg.fsdp) and ((tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop):
+        pixels = mcfg.target == "pixels"  # (a teacher's features make no picture)
+        if pixels and (d.master or tcfg.fsdp) and ((tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop):
             raw.eval()  # (an FSDP forward takes every rank)
-            with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
-                o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (k[:1], dr[:1]) for m, (k, dr) in mk.items()})
+            with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):  # reconstruction only: no contrast
+                o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (k[:1], dr[:1]) for m, (k, dr) in mk.items()},
+                        contrast=False)
             raw.train()
             if d.master:
                 img = reconstruction_picture(raw, {m: batch[m][:1] for m in mcfg.mods}, o)

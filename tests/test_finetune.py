@@ -12,13 +12,15 @@ import finetune as FT
 import train
 from conftest import TINY_INPUTS
 
-PRETRAINED = [dict(encoder=e) for e in ("separate", "mid", "early", "shared")] + [dict(modalities="a"), dict(modalities="v")]
-IDS = ["separate", "mid", "early", "shared", "audio-only", "video-only"]
+RELATIVES = ("mavil", "mavil_mbt", "cavmae", "avme")
+PRETRAINED = [dict(encoder=e) for e in ("separate", "mid", "early", "shared")] + [dict(modalities="a"), dict(modalities="v")] \
+    + [train.VARIANTS[r] for r in RELATIVES]
+IDS = ["separate", "mid", "early", "shared", "audio-only", "video-only", *RELATIVES]
 
 
 def pretrained_ckpt(tmp_path, **kw):
     """A pretraining checkpoint as train.py writes it (random weights, the real layout)."""
-    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16, **kw})
+    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16, "audio_patch_t": 16, "audio_patch_f": 16, **kw})
     if cfg.encoder == "separate" and cfg.modalities == "av":
         cfg.decoder = "shared"
     model = avmae.AVMAE(cfg)
@@ -50,15 +52,17 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
     # other modality's own stream, and says so
     finetuned = {"av": "av", "audio": "a", "video": "v"}[modality]
     for k in report["dropped"]:
-        assert k.startswith(("decoder.", "dec_embed.", "dec_pos.", "mask_token.", "head.")) or \
-            k in report["dropped_why"]["other modality"], k
+        assert k.startswith(("decoder.", "dec_embed.", "dec_pos.", "dec_type.", "mask_token.", "head.")) or \
+            k in report["dropped_why"]["other modality"] or k in report["dropped_why"]["fusion"], k
     assert all(n.startswith(("heads.", "bottleneck")) or (n.startswith("streams.") and "embed" in n) for n in report["new"])
     for m in finetuned:  # the audio patch embedding included (the authors' code leaves it random)
         name = f"streams.{m}.embed.weight" if arch == "mbt" else f"patch_embed.{m}.weight"
         if m in avmae.AVMAEConfig(**pcfg).mods:
             assert torch.equal(model.state_dict()[name], pretrained.state_dict()[f"patch_embed.{m}.weight"])
+        elif m == "v":  # an audio-only checkpoint: the tubelet filter inflated from the audio patch filter
+            assert f"{name} <- inflate(patch_embed.a.weight)" in report["loaded"]
         else:
-            assert name in report["new"]  # a unimodal checkpoint has no embedding for the other modality
+            assert name in report["new"]  # a video-only checkpoint has no embedding for audio
 
 
 @pytest.mark.parametrize("pre", [dict(encoder="separate"), dict(encoder="shared"), dict(modalities="a")],
@@ -216,3 +220,18 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
     src = torch.load(pre["checkpoint"], weights_only=False)["model"]
     assert torch.equal(ck["model"]["streams.a.blocks.1.attn.qkv.weight"], src["encoder.streams.a.blocks.1.attn.qkv.weight"])
     assert not torch.equal(ck["model"]["heads.a.label.weight"], torch.zeros_like(ck["model"]["heads.a.label.weight"]))
+
+
+def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_path):
+    # CAV-MAE's modality-type embedding is folded into the patch embedding's bias: same features
+    path, pretrained = pretrained_ckpt(tmp_path, **train.VARIANTS["cavmae"])
+    ck = torch.load(path, weights_only=False)
+    model = FT.build_model(fcfg(arch="encoder"), {"label": 3}, ck["model_config"])
+    state, report = FT.map_pretrained(ck["model"], ck["model_config"], model)
+    model.load_state_dict(state, strict=False)
+    assert "patch_embed.a.bias <- patch_embed.a.bias + type_embed.a" in report["loaded"]
+    model.eval(), pretrained.eval()
+    x = dict(a=torch.randn(2, 64, 32), v=torch.rand(2, 3, 4, 32, 32))
+    feats, enc = model.features(**x), pretrained.encode(**x)
+    for m in "av":
+        assert torch.allclose(feats[m], enc[m].mean(1), atol=1e-5)

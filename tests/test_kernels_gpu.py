@@ -68,23 +68,22 @@ def test_gather_assemble_loss_paper_shapes(dtype):
         torch.testing.assert_close(torch.autograd.grad(y, pred)[0], torch.autograd.grad(r, pred)[0], **BF16)
 
 
-def _pair(**kw):
+def _pair(B, **kw):
+    """ViT-B with kernels and its twin (same weights), a paper-shaped batch and its masks."""
+    torch.manual_seed(0)
     cfg = avmae.make_config("base", **kw)
     fast = avmae.AVMAE(avmae.AVMAEConfig(**{**cfg.__dict__, "kernels": "auto"})).to(DEV)
     twin = avmae.AVMAE(avmae.AVMAEConfig(**{**cfg.__dict__, "kernels": "torch"})).to(DEV)
     twin.load_state_dict(fast.state_dict())
-    return fast, twin
+    x = dict(a=torch.randn(B, 800, 128, device=DEV), v=torch.rand(B, 3, 16, 224, 224, device=DEV) * 2 - 1)
+    return fast, twin, x, fast.sample_masks(B, DEV)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(decoder_layout="unshuffle"), dict(encoder="early", objective="inpaint_both")])
 def test_vit_b_step_with_kernels_equals_twins_in_bf16(kw):
-    torch.manual_seed(0)
-    fast, twin = _pair(**kw)
-    a = torch.randn(4, 800, 128, device=DEV)
-    v = torch.rand(4, 3, 16, 224, 224, device=DEV) * 2 - 1
-    masks = fast.sample_masks(4, DEV)
+    fast, twin, x, masks = _pair(4, **kw)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        of, ot = fast(a=a, v=v, masks=masks), twin(a=a, v=v, masks=masks)
+        of, ot = fast(**x, masks=masks), twin(**x, masks=masks)
     assert abs(of["loss"].item() - ot["loss"].item()) < 1e-2 * ot["loss"].item()
     of["loss"].backward()
     ot["loss"].backward()
@@ -94,14 +93,10 @@ def test_vit_b_step_with_kernels_equals_twins_in_bf16(kw):
 
 @pytest.mark.parametrize("kw", [dict(), dict(decoder_layout="unshuffle")])
 def test_compiled_step_has_no_graph_breaks(kw):
-    torch.manual_seed(0)
-    fast, twin = _pair(**kw)
-    a = torch.randn(2, 800, 128, device=DEV)
-    v = torch.rand(2, 3, 16, 224, 224, device=DEV) * 2 - 1
-    masks = fast.sample_masks(2, DEV)
+    fast, twin, x, masks = _pair(2, **kw)
     step = torch.compile(fast, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = step(a=a, v=v, masks=masks)["loss"]
-        ref = twin(a=a, v=v, masks=masks)["loss"]
+        loss = step(**x, masks=masks)["loss"]
+        ref = twin(**x, masks=masks)["loss"]
     loss.backward()
     assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()

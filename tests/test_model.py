@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import avmae
+import train
 from conftest import tiny_batch, tiny_config
 
 
@@ -18,38 +19,67 @@ def _valid(**kw):
         return False
 
 
+PAPER_ENCODERS, PAPER_OBJECTIVES = ("early", "separate", "mid", "shared"), ("joint", "inpaint_v", "inpaint_a", "inpaint_both")
 AV_VARIANTS = [dict(encoder=e, decoder=d, objective=o)
-               for e, d, o in itertools.product(avmae.ENCODERS, avmae.DECODERS, avmae.OBJECTIVES)
+               for e, d, o in itertools.product(PAPER_ENCODERS, avmae.DECODERS, PAPER_OBJECTIVES)
                if _valid(encoder=e, decoder=d, objective=o)]
-VARIANTS = AV_VARIANTS + [dict(modalities="a"), dict(modalities="v")]
-IDS = ["-".join(v.values()) for v in VARIANTS]
+# the relatives as train.py selects them (SPEC 8); mavil2 learns a teacher's features (random here)
+RELATIVES = {k: v for k, v in train.VARIANTS.items() if k != "avmae"}
+VARIANTS = AV_VARIANTS + [dict(modalities="a"), dict(modalities="v")] + list(RELATIVES.values())
+IDS = ["-".join(map(str, v.values())) for v in AV_VARIANTS] + ["audio-only", "video-only"] + list(RELATIVES)
+# every other valid combination of the model's choices (new encoders x decoders x objectives)
+EVERY = [dict(encoder=e, decoder=d, objective=o)
+         for e, d, o in itertools.product(avmae.ENCODERS, avmae.DECODERS, avmae.OBJECTIVES)
+         if (e not in PAPER_ENCODERS or o not in PAPER_OBJECTIVES) and _valid(encoder=e, decoder=d, objective=o,
+                                                                              mask_ratio_a=0.5)]
+
+
+def teacher_targets(model, B, seed=0):
+    """Random stand-ins for a teacher's fusion outputs (MAViL stage 2), or None for pixel targets."""
+    if model.cfg.target != "teacher":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(B, model.n[m], model.cfg.width, generator=g) for m in model.cfg.mods}
 
 
 def test_variant_table():
     # 4 encoders x 3 decoders minus separate+separate = 11 joint models; inpainting needs an early or mid
     # encoder (2 x 3 decoders x 2 single-direction objectives = 12) and inpaint_both refuses the early
-    # decoder (2 x 2 = 4): 27 audiovisual variants.
+    # decoder (2 x 2 = 4): 27 audiovisual variants in the paper's tables.
     joint = [v for v in AV_VARIANTS if v["objective"] == "joint"]
     assert len(joint) == 11 and len(AV_VARIANTS) == 27
     assert {v["encoder"] for v in AV_VARIANTS if v["objective"] != "joint"} == {"early", "mid"}
+    assert set(RELATIVES) == {"mavil", "mavil_mbt", "mavil2", "cavmae", "avme"} and len(EVERY) > 30
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_shapes_loss_and_gradients(variant):
+    check_shapes_and_gradients(variant)
+
+
+@pytest.mark.parametrize("variant", EVERY, ids=["-".join(v.values()) for v in EVERY])
+def test_every_other_combination_builds_and_trains(variant):
+    check_shapes_and_gradients(variant)
+
+
+def check_shapes_and_gradients(variant):
     cfg = tiny_config(**variant)
     model = avmae.AVMAE(cfg)
     x = tiny_batch(cfg, B=3)
-    out = model(**x)
+    out = model(**x, targets=teacher_targets(model, 3))
     assert torch.isfinite(out["loss"])
     targets = avmae.OBJECTIVES[cfg.objective]
     for m in cfg.mods:
         assert out[f"mask_{m}"].shape == (3, model.n[m])
     for t in (t for t in targets if t in cfg.mods):
         pred, ids = out[f"pred_{t}"], out[f"ids_{t}"]
-        assert pred.shape == (3, ids.shape[1], model.patches[t].dim) and torch.isfinite(out[f"loss_{t}"])
-        if cfg.objective == "joint":  # predictions are exactly the masked patches
+        dim = cfg.width if cfg.target == "teacher" else model.patches[t].dim
+        assert pred.shape == (3, ids.shape[1], dim) and torch.isfinite(out[f"loss_{t}"])
+        if cfg.objective in ("joint", "video"):  # predictions are exactly the masked patches
             assert torch.equal(ids, out[f"mask_{t}"].nonzero()[:, 1].view(3, -1))
     assert not any(f"pred_{m}" in out for m in cfg.mods if m not in targets)
+    for term, weight in (("loss_inter", cfg.contrast_inter), ("loss_intra", cfg.contrast_intra)):
+        assert (term in out) == (weight > 0) and (weight == 0 or torch.isfinite(out[term]))
     out["loss"].backward()
     silent = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not silent, f"parameters without gradient: {silent}"
@@ -60,10 +90,11 @@ def test_overfits_one_batch(variant):
     cfg = tiny_config(**variant)
     model = avmae.AVMAE(cfg)
     x = tiny_batch(cfg, B=2)
+    targets = teacher_targets(model, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
     for _ in range(150):  # fresh random masks every step: the model must learn the two clips
-        loss = model(**x)["loss"]
+        loss = model(**x, targets=targets)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,0 +1,215 @@
+"""The relatives (issue 7, SPEC 8): MAViL's contrast and stage 2, CAV-MAE, AV-MaskEnhancer, ViViT
+inflation. (Shapes, gradients and overfitting of every relative are in test_model.py.)"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import avmae
+import train
+from conftest import tiny_batch, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def relative(name, **kw):
+    return avmae.AVMAE(tiny_config(**{**train.VARIANTS[name], **kw}))
+
+
+def test_info_nce_by_hand():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    tau = 0.5
+    # cosine similarities: x0.y0 = 1, x0.y1 = 1/sqrt2, x1.y0 = 0, x1.y1 = 1/sqrt2
+    s = torch.tensor([[1.0, 1 / math.sqrt(2)], [0.0, 1 / math.sqrt(2)]]) / tau
+    by_hand = -0.5 * ((s[0, 0] - torch.logsumexp(s[0], 0)) + (s[1, 1] - torch.logsumexp(s[1], 0)))
+    assert torch.allclose(avmae.info_nce(x, y, tau), by_hand)
+    assert avmae.info_nce(x, x, 0.01) < 1e-6  # each row finds itself
+
+
+def test_intra_modal_views_have_their_own_masks():
+    model = relative("mavil")
+    seen = []
+    real = model.embed
+    model.embed = lambda patches, masks: seen.append({m: k.clone() for m, (k, _) in masks.items()}) or real(patches, masks)
+    out = model(**tiny_batch(model.cfg))
+    assert len(seen) == 2 and "loss_intra" in out
+    for m in "av":
+        assert not torch.equal(seen[0][m], seen[1][m])  # a second, independently masked view
+
+
+def test_contrast_uses_the_unimodal_outputs_not_the_fusion():
+    model = relative("mavil")
+    x = tiny_batch(model.cfg)
+    masks, masks2 = model.sample_masks(2), model.sample_masks(2)
+    before = model(**x, masks=masks, masks2=masks2)
+    with torch.no_grad():
+        for p in model.encoder.fusion.parameters():
+            p.add_(torch.randn_like(p))
+    after = model(**x, masks=masks, masks2=masks2)
+    for term in ("loss_inter", "loss_intra"):
+        assert torch.equal(before[term], after[term])
+    assert not torch.equal(before["loss_recon"], after["loss_recon"])  # the fusion does feed reconstruction
+    # CAV-MAE's contrast: the joint layer on each modality alone (its unimodal pass), no audio-video mixing
+    cav = relative("cavmae")
+    xa = tiny_batch(cav.cfg)
+    _, uni1 = cav.encoder(cav.embed(cav.patchify(xa), None), with_unimodal=True)
+    _, uni2 = cav.encoder(cav.embed(cav.patchify({"a": xa["a"], "v": torch.rand_like(xa["v"])}), None), with_unimodal=True)
+    assert torch.equal(uni1["a"], uni2["a"])
+
+
+DDP_NCE = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, ROOT)
+    import avmae
+    dist.init_process_group("gloo")
+    r, W = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    lx, ly = x[r::W].clone().requires_grad_(), y[r::W].clone().requires_grad_()
+    loss = avmae.info_nce(lx, ly, 0.1)  # this rank's rows against every rank's y
+    loss.backward()
+    got = [torch.zeros(1) for _ in range(W)]
+    dist.all_gather(got, loss.detach().reshape(1))
+    gy = [torch.zeros_like(ly.grad) for _ in range(W)]
+    dist.all_gather(gy, ly.grad)
+    if r == 0:
+        torch.save(dict(loss=torch.stack(got).mean(), gy=gy), OUT)
+    dist.destroy_process_group()
+""")
+
+
+def test_contrastive_negatives_span_ranks(tmp_path):
+    out = tmp_path / "ddp.pt"
+    script = tmp_path / "nce.py"
+    script.write_text(f"ROOT = {ROOT!r}\nOUT = {str(out)!r}\n" + DDP_NCE)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = torch.load(out)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g).requires_grad_()
+    # one process with the whole batch, rows ordered as the ranks hold them (rank r: rows r, r + 2, ...)
+    order = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
+    loss = avmae.info_nce(x[order], y[order], 0.1)
+    loss.backward()
+    assert torch.allclose(res["loss"], loss, atol=1e-6)  # local negatives alone would give another loss
+    world_grad = torch.cat(res["gy"])  # d(mean of the ranks' losses)/dy = (sum of rank grads) / W
+    assert torch.allclose(world_grad / 2, y.grad[order], atol=1e-6)
+
+
+def test_two_process_mavil_training_equals_one(builtin, tmp_path):
+    from test_train import TINY, losses, torchrun, weights
+    args = ["--variant", "mavil", "--max_steps", "2", "--batch_size", "8"]
+    torchrun(builtin, tmp_path / "two", *args)
+    one = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "one"), *args])
+    w1, w2 = weights(one["checkpoint"]), weights(tmp_path / "two" / "ckpt_0000002.pt")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# MAViL stage 2
+
+
+def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(builtin, tmp_path, monkeypatch):
+    from test_train import TINY
+    stage1 = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s1"), "--variant", "mavil",
+                         "--max_steps", "1", "--batch_size", "8"])
+    teacher_state = {k: v.clone() for k, v in torch.load(stage1["checkpoint"], weights_only=False)["model"].items()}
+    seen = {}
+    real_load = train.load_teacher
+
+    def spy_load(path, device):
+        t = real_load(path, device)
+        real_encode = t.encode
+
+        def encode(a=None, v=None, masks=None):
+            assert masks is None  # the full, unmasked clip
+            out = real_encode(a=a, v=v, masks=None)
+            seen.setdefault("teacher_out", []).append({m: o.detach().clone() for m, o in out.items()})
+            seen["teacher"] = t
+            return out
+        t.encode = encode
+        return t
+
+    real_forward = avmae.AVMAE.forward
+
+    def spy_forward(self, *args, targets=None, **kw):
+        if self.cfg.target == "teacher":
+            seen.setdefault("targets", []).append({m: t.detach().clone() for m, t in targets.items()})
+        return real_forward(self, *args, targets=targets, **kw)
+
+    monkeypatch.setattr(train, "load_teacher", spy_load)
+    monkeypatch.setattr(avmae.AVMAE, "forward", spy_forward)
+    res = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s2"), "--variant", "mavil2",
+                      "--teacher", stage1["checkpoint"], "--max_steps", "3", "--batch_size", "8"])
+    t = seen["teacher"]
+    assert all(not p.requires_grad and p.grad is None for p in t.parameters()) and not t.training
+    assert all(torch.equal(t.state_dict()[k], v) for k, v in teacher_state.items())  # unchanged after 3 steps
+    assert len(seen["targets"]) == 3
+    for tgt, tout in zip(seen["targets"], seen["teacher_out"]):
+        for m in "av":  # the targets are the teacher's fusion-encoder outputs over every token
+            assert tgt[m].shape == (8, t.n[m], t.cfg.width) and torch.allclose(tgt[m], tout[m].float())
+    student = torch.load(res["checkpoint"], weights_only=False)
+    assert student["model_config"]["target"] == "teacher" and student["model"]["head.v.weight"].shape[0] == 64
+    with pytest.raises(SystemExit, match="--teacher PATH"):
+        train.parse_args(["--variant", "mavil2"])
+
+
+# -----------------------------------------------------------------------------
+# AV-MaskEnhancer
+
+
+def test_av_mask_enhancer_reconstructs_video_from_both():
+    model = relative("avme").eval()
+    x = tiny_batch(model.cfg)
+    masks = model.sample_masks(2)
+    assert masks["a"][1].shape[1] == 0 and masks["a"][0].shape[1] == model.n["a"]  # all of the audio is seen
+    patches = model.patchify(x)
+    preds = model.forward_decoder(model.forward_encoder(patches, masks), masks)
+    assert set(preds) == {"v"}
+    base = model.forward_loss(patches, preds, masks)["loss"]
+    other = dict(patches, a=patches["a"] + 5.0)  # other audio *targets*: the loss does not change
+    assert torch.equal(model.forward_loss(other, preds, masks)["loss"], base)
+    # other audio *input*: the video reconstruction changes, through the cross-attention
+    out1 = model(**x, masks=masks)
+    out2 = model(a=x["a"] + torch.randn_like(x["a"]), v=x["v"], masks=masks)
+    assert not torch.allclose(out1["pred_v"], out2["pred_v"])
+    e1 = model.encoder(model.embed(patches, masks))
+    e2 = model.encoder(model.embed(dict(patches, a=patches["a"] * 2), masks))
+    assert not torch.allclose(e1["v"], e2["v"])  # already in the encoder's video tokens
+    # tube masking: the same spatial mask in every time slice
+    gt, gh, gw = model.patches["v"].grid
+    mv = avmae.ids_to_mask(masks["v"][1], model.n["v"]).view(2, gt, gh, gw)
+    assert torch.equal(mv, mv[:, :1].expand_as(mv))
+
+
+# -----------------------------------------------------------------------------
+# ViViT initialisation
+
+
+@pytest.mark.parametrize("mode", ["inflate", "central"])
+def test_inflated_tubelets_embed_a_repeated_image_as_the_image(mode):
+    D, p, t, C = 8, 4, 2, 3
+    torch.manual_seed(0)
+    w2 = torch.randn(D, p * p * C)
+    img = torch.randn(C, p, p)
+    w3 = avmae.inflate_patch_embed(w2, p, C, t, C, mode)
+    video = img.unsqueeze(1).expand(C, t, p, p)  # (C, T, H, W): the image in every frame
+    cfg = avmae.make_config("tiny", num_frames=t, image_size=p, patch_size=p, tubelet=t)
+    tokens = avmae.VideoPatches(cfg).patchify(video.unsqueeze(0))[0] @ w3.T
+    image_token = img.permute(1, 2, 0).reshape(-1) @ w2.T  # (h, w, c) order
+    assert torch.allclose(tokens[0], image_token, atol=1e-5)  # exactly, for both inflation and central frame
+    # an audio-style single-channel filter spreads over the colour channels: a grey video embeds the same
+    w_audio = torch.randn(D, p * p)
+    grey = torch.randn(p, p)
+    w3a = avmae.inflate_patch_embed(w_audio, p, 1, t, C, mode)
+    vid = grey.expand(C, t, p, p)
+    tok = avmae.VideoPatches(cfg).patchify(vid.unsqueeze(0))[0] @ w3a.T
+    assert torch.allclose(tok[0], grey.reshape(-1) @ w_audio.T, atol=1e-5)
