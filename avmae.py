@@ -938,6 +938,18 @@ class AVMAE(nn.Module):
 # MBT (best, Table 14) or the pretraining encoder structure itself. finetune.py maps the weights.
 
 
+def classifier_heads(cfg: AVMAEConfig, heads: dict, linear_probe: bool):
+    """Per modality and head a zero-initialised Linear; for linear probing a parameter-free
+    BatchNorm before it (MAE's linear probe)."""
+    probe = nn.ModuleDict({m: nn.BatchNorm1d(cfg.width, affine=False, eps=1e-6) for m in cfg.mods}) \
+        if linear_probe else None
+    out = nn.ModuleDict({m: nn.ModuleDict({h: nn.Linear(cfg.width, n) for h, n in heads.items()}) for m in cfg.mods})
+    for lin in (lin for hs in out.values() for lin in hs.values()):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    return probe, out
+
+
 class Stream(nn.Module):
     """One modality's ViT: patch embedding, positions, `depth` blocks, a final LayerNorm. A stream
     initialised from a mid-fusion encoder keeps that stream's closing LayerNorm after block
@@ -984,15 +996,7 @@ class MBT(nn.Module):
         if len(self.mods) == 2:
             self.bottleneck = nn.Parameter(torch.zeros(1, bottlenecks, cfg.width))
             nn.init.normal_(self.bottleneck, std=0.02)
-        # linear probing: a parameter-free BatchNorm before the head (MAE's linear probe)
-        self.probe_norm = nn.ModuleDict({m: nn.BatchNorm1d(cfg.width, affine=False, eps=1e-6) for m in self.mods}) \
-            if linear_probe else None
-        self.heads = nn.ModuleDict({m: nn.ModuleDict({h: nn.Linear(cfg.width, n) for h, n in heads.items()})
-                                    for m in self.mods})
-        for hs in self.heads.values():
-            for lin in hs.values():
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+        self.probe_norm, self.heads = classifier_heads(cfg, heads, linear_probe)
 
     def features(self, a=None, v=None) -> dict:
         """{modality: (B, D)} pooled features (what a linear probe sees)."""
@@ -1036,13 +1040,7 @@ class EncoderClassifier(nn.Module):
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
                                              get_ops(cfg.kernels)["attention"], dpr, cfg)
-        self.probe_norm = nn.ModuleDict({m: nn.BatchNorm1d(cfg.width, affine=False, eps=1e-6) for m in mods}) \
-            if linear_probe else None
-        self.heads = nn.ModuleDict({m: nn.ModuleDict({h: nn.Linear(cfg.width, n) for h, n in heads.items()}) for m in mods})
-        for hs in self.heads.values():
-            for lin in hs.values():
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+        self.probe_norm, self.heads = classifier_heads(cfg, heads, linear_probe)
 
     def features(self, a=None, v=None) -> dict:
         xs = {}

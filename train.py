@@ -8,6 +8,8 @@ AV-MAE pretraining, on one CPU, one GPU, or many GPUs and nodes (torchrun + DDP 
       train.py --preset vggsound_l                  # (and --node_rank=1 on the second node)
   python train.py --preset vggsound_b --bench       # step time, clips/s, MFU, memory on synthetic batches
   python train.py ... --resume auto                 # continue exactly where out_dir's last checkpoint stopped
+  python train.py --preset quick --variant mavil    # a relative: mavil | mavil_mbt | mavil2 | cavmae | avme
+  python train.py --variant mavil2 --teacher out/pretrain/ckpt_XXXXXXX.pt   # MAViL stage 2
 
 Every field of avmae.AVMAEConfig and of TrainConfig below is a flag (`-h` lists them); --preset and
 --size set defaults, explicit flags win. The whole config goes into every checkpoint.
