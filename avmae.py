@@ -679,8 +679,9 @@ def check_config(cfg: AVMAEConfig) -> None:
         units = math.prod(grid[d] for d in MASK_AXES[m][getattr(cfg, f"mask_type_{m}")])
         ratio = getattr(cfg, f"mask_ratio_{m}")
         reconstructed = m in OBJECTIVES[cfg.objective]  # (AV-MaskEnhancer keeps all of its audio)
-        if not (0 < mask_count(ratio, units) or not reconstructed) or not mask_count(ratio, units) < units:
-            raise ValueError(f"mask_ratio_{m}={ratio} masks {mask_count(ratio, units)} of {units} units: "
+        n = mask_count(ratio, units)
+        if (reconstructed and n == 0) or n >= units:
+            raise ValueError(f"mask_ratio_{m}={ratio} masks {n} of {units} units: "
                              f"at least one must be masked{' (it is reconstructed)' if reconstructed else ''} and one kept")
     if cfg.objective != "joint" and cfg.inpaint_layout == "paper":
         for t, s in OBJECTIVES[cfg.objective].items():

@@ -470,14 +470,12 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
     heads = {h: len(names) for h, names in train_ds.heads.items()}
 
     ckpt_path = T.find_checkpoint(fcfg.resume, fcfg.out_dir)
-    resumed = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path else None
+    resumed = T.load_checkpoint(ckpt_path, "--resume", "finetuning") if ckpt_path else None
     pcfg = report = None
     if resumed:
         pcfg = resumed.get("pretrain_config")
     elif fcfg.init:
-        ck = torch.load(fcfg.init, map_location="cpu", weights_only=False)
-        if "model_config" not in ck or "model" not in ck:
-            raise SystemExit(f"{fcfg.init} is not an avmae pretraining checkpoint (no model / model_config)")
+        ck = T.load_checkpoint(fcfg.init, "--init")
         pcfg = ck["model_config"]
     model = build_model(fcfg, heads, pcfg)
     if fcfg.init and not resumed:

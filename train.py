@@ -276,6 +276,19 @@ def find_checkpoint(resume: str, out_dir: str) -> str | None:
     return resume
 
 
+def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
+    """A checkpoint file read on the CPU, or a clear error naming the file and the flag it came from."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{what} {path}: no such file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / not a torch file
+        raise SystemExit(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        raise SystemExit(f"{what} {path}: not an avmae {kind} checkpoint (no model / model_config)")
+    return ck
+
+
 def rng_state() -> dict:
     s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
     if torch.cuda.is_available():
@@ -519,7 +532,7 @@ def global_masks(model: avmae.AVMAE, step: int, seed: int, B: int, device, view:
 
 def load_teacher(path: str, device) -> avmae.AVMAE:
     """A frozen teacher (MAViL stage 2): any pretraining checkpoint, in eval mode, without gradients."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, "--teacher")
     teacher = avmae.AVMAE(avmae.AVMAEConfig(**ck["model_config"]))
     teacher.load_state_dict(ck["model"])
     teacher.requires_grad_(False)
@@ -585,7 +598,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         raise SystemExit(f"--batch_size {tcfg.batch_size} does not split into {d.world} ranks x "
                          f"{tcfg.grad_accum} accumulation steps")
     if mcfg.target == "teacher" and not mcfg.teacher_width:
-        mcfg.teacher_width = torch.load(tcfg.teacher, map_location="cpu", weights_only=False)["model_config"]["width"]
+        mcfg.teacher_width = load_checkpoint(tcfg.teacher, "--teacher")["model_config"]["width"]
     model = avmae.AVMAE(mcfg).to(d.device)
     raw = model
     teacher = load_teacher(tcfg.teacher, d.device) if tcfg.teacher else None
@@ -612,7 +625,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     step = 0
     ckpt_path = find_checkpoint(tcfg.resume, tcfg.out_dir)
     if ckpt_path:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, "--resume")
         if ckpt["model_config"] != asdict(mcfg):
             diff = {k: (v, asdict(mcfg)[k]) for k, v in ckpt["model_config"].items() if asdict(mcfg).get(k) != v}
             raise SystemExit(f"{ckpt_path} was trained with another model config: {diff}")
@@ -711,7 +724,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        state = {k: sums[i].item() for i, k in enumerate(LOSS_KEYS) if k in out}
+        state = {k: v for k, v in zip(LOSS_KEYS, sums.tolist()) if k in out}  # (one device sync)
         bar.update(1)
         if step % tcfg.log_every == 0 or step == stop:
             dt, n = time.time() - t_last, (step - n_last) * tcfg.batch_size

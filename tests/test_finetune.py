@@ -119,6 +119,11 @@ def test_mismatched_checkpoints_are_clear_errors(tmp_path, builtin):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")  # somebody else's checkpoint
     with pytest.raises(SystemExit, match="not an avmae pretraining checkpoint"):
         FT.finetune(fcfg(init=str(tmp_path / "other.pt"), data=builtin, out_dir=str(tmp_path / "o")), train.Dist())
+    with pytest.raises(SystemExit, match=r"--init .*missing\.pt: no such file"):
+        FT.finetune(fcfg(init=str(tmp_path / "missing.pt"), data=builtin, out_dir=str(tmp_path / "o")), train.Dist())
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(SystemExit, match=r"--init .*cut\.pt: not a readable checkpoint"):
+        FT.finetune(fcfg(init=str(tmp_path / "cut.pt"), data=builtin, out_dir=str(tmp_path / "o")), train.Dist())
 
 
 def test_mbt_modalities_meet_only_from_the_fusion_layer():
