@@ -74,16 +74,20 @@ class AVMAEConfig:
     mask_type_v: str = "random"   # random | tube
     mask_type_a: str = "random"   # random | time | freq
     # positions and targets
-    pos_embed: str = "sincos"     # sincos (fixed 1-D per modality, paper) | learned
+    pos_embed: str = "sincos"     # sincos (fixed 1-D per modality, paper) | sincos2d (per grid axis, MAViL) | learned
     norm_pix_loss: bool = False   # MAE's per-patch target normalisation; AV-MAE uses raw patches
+    recon_sum: bool = False       # sum the modalities' reconstruction terms (MAViL Eq. 1) instead of averaging
     decoder_layout: str = "gather"  # gather: [visible | mask] (VideoMAE) | unshuffle (MAE); equal
     inpaint_layout: str = "paper"   # paper: mask tokens at the last raster positions | masked
     kernels: str = "auto"         # auto (Triton on CUDA, torch twins elsewhere) | triton | torch
     # relatives (SPEC 8): MAViL, CAV-MAE, AV-MaskEnhancer
-    fusion: str = "vanilla"       # mavil encoder's fusion layers: vanilla (concatenation) | mbt (bottlenecks)
+    fusion: str = "vanilla"       # mavil fusion: vanilla (concatenation) | mbt (bottlenecks, one g_av for both
+                                  # modalities, MAViL App. B) | mbt_sep (a layer per modality, as MBT itself)
     fusion_layers: int = 2        # F, the mavil encoder's fusion layers on top of full unimodal streams
     bottlenecks: int = 4          # bottleneck tokens of mbt fusion
     cross_layers: int = 1         # bidirectional cross-attention layers of the xattn encoder
+    xattn_fuse: str = "channel"   # channel: each token beside its cross-attended other modality, 2 D wide
+                                  # (AV-MaskEnhancer Sec. III-D) | sequence: the two streams concatenated
     type_embed: bool = False      # learned modality-type embeddings on encoder and decoder tokens (CAV-MAE)
     contrast_inter: float = 0.0   # weight of audio<->video InfoNCE on pooled unimodal outputs (MAViL 0.1, CAV-MAE 0.01)
     tau_inter: float = 0.1        # (MAViL 0.1, CAV-MAE 0.05)
@@ -318,19 +322,34 @@ def sincos_1d(n: int, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-class PosEmbed(nn.Module):
-    """A position table (N, D): fixed sin-cos (a non-persistent buffer, so it never enters a
-    checkpoint and a longer input simply gets a longer table) or learned."""
+def sincos_grid(grid: tuple, dim: int) -> torch.Tensor:
+    """MAE's 2-D sin-cos table on a token grid (MAViL Sec. 3.1 uses it for both modalities): the width
+    is split into one even share per grid axis, each share a 1-D table of that axis' coordinate.
+    Audio (time, freq) is MAE's 2-D form; video (t, h, w) its 3-D extension. (N, dim), raster order."""
+    n = len(grid)
+    shares = [2 * (dim // (2 * n))] * n
+    shares[0] += dim - sum(shares)
+    coords = torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij")
+    return torch.cat([sincos_1d(g, w)[c.flatten()] for g, w, c in zip(grid, shares, coords)], dim=1)
 
-    def __init__(self, n: int, dim: int, kind: str):
+
+class PosEmbed(nn.Module):
+    """A position table (N, D) over a token grid: fixed sin-cos (a non-persistent buffer, so it never
+    enters a checkpoint and another input length simply gets another table), 1-D over the raster
+    order or per grid axis, or learned."""
+
+    def __init__(self, grid: tuple, dim: int, kind: str):
         super().__init__()
+        n = math.prod(grid)
         if kind == "sincos":
             self.register_buffer("table", sincos_1d(n, dim), persistent=False)
+        elif kind == "sincos2d":
+            self.register_buffer("table", sincos_grid(grid, dim), persistent=False)
         elif kind == "learned":
             self.table = nn.Parameter(torch.zeros(n, dim))
             nn.init.trunc_normal_(self.table, std=0.02)
         else:
-            raise ValueError(f"pos_embed={kind!r} is not one of sincos, learned")
+            raise ValueError(f"pos_embed={kind!r} is not one of sincos, sincos2d, learned")
 
     def forward(self) -> torch.Tensor:
         return self.table
@@ -435,11 +454,26 @@ class Transformer(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def layer_ids(self, first: int) -> dict:
+        """{parameter name: depth in the network}: block i sits at depth first + i; the closing
+        LayerNorm belongs to the last block (it gets that block's learning rate under layer decay)."""
+        ids = {f"blocks.{i}.{n}": first + i for i, b in enumerate(self.blocks) for n, _ in b.named_parameters()}
+        return {**ids, **{f"norm.{n}": first + len(self.blocks) - 1 for n, _ in self.norm.named_parameters()}}
+
+
+def _prefix(p: str, ids: dict) -> dict:
+    return {f"{p}.{k}": v for k, v in ids.items()}
+
 # -----------------------------------------------------------------------------
 # fusion strategies (Fig. 2). Encoders and decoders are the same shapes with other sizes; each maps
-# {modality: (B, N_m, D)} -> {modality: (B, N_m, D)}. For the contrastive losses an encoder also
-# gives each modality's *unimodal* representation (computed from that modality alone):
-# forward(xs, with_unimodal=True) -> (fused, unimodal), and unimodal(xs) alone (a second masked view).
+# {modality: (B, N_m, D)} -> {modality: (B, N_m, out_width)}. Each class also says for itself what
+# the rest of the code needs to know of it:
+#   n_layers       the network's depth along a token's path (layer-wise lr decay: the top is n_layers)
+#   layer_ids()    {parameter name: depth}, 1..n_layers
+#   out_width      the width of its outputs (2 D for AV-MaskEnhancer's channel fusion)
+# For the contrastive losses an encoder also gives each modality's *unimodal* representation
+# (computed from that modality alone): forward(xs, with_unimodal=True) -> (fused, unimodal), and
+# unimodal(xs) alone (a second masked view).
 
 
 def _concat(xs: dict):
@@ -458,6 +492,10 @@ class Early(nn.Module):
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.joint = Transformer(dim, depth, heads, hidden, attn_fn, dpr)
+        self.n_layers, self.out_width = depth, dim
+
+    def layer_ids(self) -> dict:
+        return _prefix("joint", self.joint.layer_ids(1))
 
     def unimodal(self, xs: dict) -> dict:
         return {m: self.joint(x) for m, x in xs.items()}
@@ -473,6 +511,10 @@ class Separate(nn.Module):
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
+        self.n_layers, self.out_width = depth, dim
+
+    def layer_ids(self) -> dict:
+        return {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
 
     def unimodal(self, xs: dict) -> dict:
         return {m: self.streams[m](x) for m, x in xs.items()}
@@ -488,6 +530,10 @@ class Shared(nn.Module):
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.shared = Transformer(dim, depth, heads, hidden, attn_fn, dpr)
+        self.n_layers, self.out_width = depth, dim
+
+    def layer_ids(self) -> dict:
+        return _prefix("shared", self.shared.layer_ids(1))
 
     def unimodal(self, xs: dict) -> dict:
         return {m: self.shared(x) for m, x in xs.items()}
@@ -508,6 +554,11 @@ class Mid(nn.Module):
         L, S = depth, (cfg.joint_layers if cfg is not None else 2)
         self.streams = nn.ModuleDict({m: Transformer(dim, L - S, heads, hidden, attn_fn, dpr[: L - S]) for m in mods})
         self.joint = Transformer(dim, S, heads, hidden, attn_fn, dpr[L - S:])
+        self.n_layers, self.out_width = depth, dim
+
+    def layer_ids(self) -> dict:
+        ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
+        return {**ids, **_prefix("joint", self.joint.layer_ids(self.n_layers - len(self.joint.blocks) + 1))}
 
     def unimodal(self, xs: dict) -> dict:
         return {m: self.joint(self.streams[m](x)) for m, x in xs.items()}
@@ -520,13 +571,21 @@ class Mid(nn.Module):
 
 class BottleneckFusion(nn.Module):
     """MBT layers (Nagrani et al., 2021): each modality's layer sees [own tokens | shared bottleneck
-    tokens]; the bottleneck outputs are averaged over the modalities after every layer."""
+    tokens]; the bottleneck outputs are averaged over the modalities after every layer. shared: one
+    layer g_av applied to both modalities (MAViL App. B: a_um || b_a = g_av(a_um || b), likewise
+    for video); otherwise a layer per modality, as MBT itself."""
 
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, n_tokens: int):
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, n_tokens: int, shared: bool = True):
         super().__init__()
-        self.layers = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn) for m in mods})
+        self.layers = nn.ModuleDict({k: Transformer(dim, depth, heads, hidden, attn_fn) for k in
+                                     (["av"] if shared else mods)})
+        self.key = {m: "av" if shared else m for m in mods}
         self.tokens = nn.Parameter(torch.zeros(1, n_tokens, dim))
-        nn.init.normal_(self.tokens, std=0.02)
+        nn.init.trunc_normal_(self.tokens, std=0.02)
+
+    def layer_ids(self, first: int) -> dict:
+        ids = {k: v for m, s in self.layers.items() for k, v in _prefix(f"layers.{m}", s.layer_ids(first)).items()}
+        return {**ids, "tokens": first}
 
     def forward(self, xs: dict) -> dict:
         z = self.tokens.expand(next(iter(xs.values())).shape[0], -1, -1)
@@ -535,25 +594,32 @@ class BottleneckFusion(nn.Module):
             zs = []
             for m, x in xs.items():
                 n = x.shape[1]
-                y = self.layers[m].blocks[i](torch.cat([x, z], dim=1))
+                y = self.layers[self.key[m]].blocks[i](torch.cat([x, z], dim=1))
                 xs[m] = y[:, :n]
                 zs.append(y[:, n:])
             z = torch.stack(zs).mean(0)
-        return {m: self.layers[m].norm(x) for m, x in xs.items()}
+        return {m: self.layers[self.key[m]].norm(x) for m, x in xs.items()}
 
 
 class MAViLEncoder(nn.Module):
-    """MAViL (001, Sec. 3.1): full unimodal encoders (depth layers + LayerNorm each), then a fusion
-    encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The contrastive
-    losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks the pairing)."""
+    """MAViL (Huang et al., Sec. 3.1): full unimodal encoders (depth layers + LayerNorm each), then a
+    fusion encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The
+    contrastive losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks
+    the pairing)."""
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
-        F_ = cfg.fusion_layers
-        self.fusion = (Transformer(dim, F_, heads, hidden, attn_fn) if cfg.fusion == "vanilla"
-                       else BottleneckFusion(mods, dim, F_, heads, hidden, attn_fn, cfg.bottlenecks))
+        n_fusion = cfg.fusion_layers
         self.vanilla = cfg.fusion == "vanilla"
+        self.fusion = (Transformer(dim, n_fusion, heads, hidden, attn_fn) if self.vanilla else
+                       BottleneckFusion(mods, dim, n_fusion, heads, hidden, attn_fn, cfg.bottlenecks, cfg.fusion == "mbt"))
+        self.n_layers, self.out_width = depth + n_fusion, dim
+
+    def layer_ids(self) -> dict:
+        ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
+        depth = len(next(iter(self.streams.values())).blocks)
+        return {**ids, **_prefix("fusion", self.fusion.layer_ids(depth + 1))}
 
     def unimodal(self, xs: dict) -> dict:
         return {m: self.streams[m](x) for m, x in xs.items()}
@@ -584,16 +650,31 @@ class CrossBlock(nn.Module):
 
 
 class XAttnEncoder(nn.Module):
-    """AV-MaskEnhancer (002): unimodal encoders (depth layers + LayerNorm), then bidirectional
-    cross-attention: video queries attend to audio and audio queries to video, both from the
-    previous layer's tokens."""
+    """AV-MaskEnhancer (Diao et al., Sec. III-C/D): unimodal encoders (depth layers + LayerNorm),
+    then bidirectional cross-attention: video queries attend to audio and audio queries to video,
+    both from the previous layer's tokens (Eq. 6). xattn_fuse='channel' (the paper's form): each
+    token leaves beside its cross-attended counterpart, N_fuse = N_v tokens of D_fuse = 2 D_v
+    (unimodal || cross-attended); 'sequence': the cross-attended tokens alone, and the decoder
+    concatenates the two modalities along the sequence. In the channel form with the video-only
+    objective nothing reads the audio queries of the last layer, so that layer has video queries
+    alone (out_mods = ('v',)): no parameter goes untrained."""
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
+        self.channel = cfg.xattn_fuse == "channel"
+        self.out_mods = ("v",) if self.channel and cfg.objective == "video" and "v" in mods else tuple(mods)
         self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
-        self.cross = nn.ModuleList(nn.ModuleDict({m: CrossBlock(dim, heads, hidden) for m in mods})
-                                   for _ in range(cfg.cross_layers))
-        self.norm = nn.ModuleDict({m: nn.LayerNorm(dim, eps=1e-6) for m in mods})
+        self.cross = nn.ModuleList(nn.ModuleDict({m: CrossBlock(dim, heads, hidden) for m in
+                                                  (self.out_mods if j == cfg.cross_layers - 1 else mods)})
+                                   for j in range(cfg.cross_layers))
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(dim, eps=1e-6) for m in self.out_mods})
+        self.n_layers, self.out_width = depth + cfg.cross_layers, dim * (2 if self.channel else 1)
+
+    def layer_ids(self) -> dict:
+        depth = len(next(iter(self.streams.values())).blocks)
+        ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
+        ids.update({f"cross.{j}.{n}": depth + 1 + j for j, layer in enumerate(self.cross) for n, _ in layer.named_parameters()})
+        return {**ids, **{f"norm.{n}": self.n_layers for n, _ in self.norm.named_parameters()}}
 
     def unimodal(self, xs: dict) -> dict:
         return {m: self.streams[m](x) for m, x in xs.items()}
@@ -602,8 +683,10 @@ class XAttnEncoder(nn.Module):
         uni = self.unimodal(xs)
         x = dict(uni)
         for layer in self.cross:
-            x = {m: layer[m](x[m], x[o]) for m in x for o in x if o != m}
-        out = {m: self.norm[m](t) for m, t in x.items()}
+            x = {m: layer[m](x[m], x[o]) for m in layer for o in x if o != m}
+        out = {m: self.norm[m](x[m]) for m in self.out_mods}
+        if self.channel:  # (B, N_m, 2 D): each token beside what it read of the other modality
+            out = {m: torch.cat([uni[m], t], dim=-1) for m, t in out.items()}
         return (out, uni) if with_unimodal else out
 
 
@@ -620,7 +703,8 @@ OBJECTIVES = {
 }
 EXTRA_CONTEXT = {"video": ("a",)}
 CHOICES = dict(modalities=("av", "a", "v"), encoder=tuple(ENCODERS), decoder=tuple(DECODERS),
-               objective=tuple(OBJECTIVES), pos_embed=("sincos", "learned"), fusion=("vanilla", "mbt"),
+               objective=tuple(OBJECTIVES), pos_embed=("sincos", "sincos2d", "learned"),
+               fusion=("vanilla", "mbt", "mbt_sep"), xattn_fuse=("channel", "sequence"),
                target=("pixels", "teacher"),
                decoder_layout=("gather", "unshuffle"), inpaint_layout=("paper", "masked"),
                mask_type_v=tuple(MASK_AXES["v"]), mask_type_a=tuple(MASK_AXES["a"]), kernels=("auto", "triton", "torch"))
@@ -723,7 +807,7 @@ class AVMAE(nn.Module):
 
         # encoder: embed only the visible patches (patch embedding is linear, SPEC 2)
         self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim, cfg.width) for m in mods})
-        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.n[m], cfg.width, cfg.pos_embed) for m in mods})
+        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width, cfg.pos_embed) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
                                              attn, dpr, cfg)
@@ -733,38 +817,32 @@ class AVMAE(nn.Module):
             self.dec_type = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.dec_width)) for m in mods})
 
         # decoder: per source modality a projection; per target a mask token, head and positions
-        self.extra = tuple(m for m in EXTRA_CONTEXT.get(cfg.objective, ()) if m in mods)  # context-only modalities
+        # context-only modalities (AV-MaskEnhancer's audio), unless the encoder already fused them into
+        # the target's channels
+        self.extra = tuple(m for m in EXTRA_CONTEXT.get(cfg.objective, ()) if m in mods
+                           and self.encoder.out_width == cfg.width)
         sources = sorted(set(self.targets.values()) | set(self.extra))
-        self.dec_embed = nn.ModuleDict({s: nn.Linear(cfg.width, cfg.dec_width) for s in sources})
+        self.dec_embed = nn.ModuleDict({s: nn.Linear(self.encoder.out_width, cfg.dec_width) for s in sources})
         self.mask_token = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.dec_width)) for t in self.targets})
         # the paper's inpainting layout gives context tokens the target's positions (SPEC 5)
         pos_mods = set(self.targets) | (set(sources) if cfg.inpaint_layout == "masked" or self.extra else set())
-        self.dec_pos = nn.ModuleDict({m: PosEmbed(self.n[m], cfg.dec_width, cfg.pos_embed) for m in sorted(pos_mods)})
+        self.dec_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.dec_width, cfg.pos_embed) for m in sorted(pos_mods)})
         self.decoder = DECODERS[cfg.decoder](list(self.targets), cfg.dec_width, cfg.dec_depth, cfg.dec_heads,
                                              cfg.dec_mlp, attn)
         out_dim = {t: (cfg.teacher_width or cfg.width) if cfg.target == "teacher" else self.patches[t].dim
                    for t in self.targets}  # MAViL stage 2 predicts the teacher's features
         self.head = nn.ModuleDict({t: nn.Linear(cfg.dec_width, out_dim[t]) for t in self.targets})
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         for p in [*self.mask_token.values(), *(getattr(self, "type_embed", {}) or {}).values(),
                   *(getattr(self, "dec_type", {}) or {}).values()]:
-            nn.init.normal_(p, std=0.02)
+            nn.init.trunc_normal_(p, std=0.02)
 
         # how decoder inputs are laid out: chosen once here (joint objective: decoder_layout;
         # inpainting: inpaint_layout)
         layouts = {"gather": self._context_own, "unshuffle": self._context_unshuffle,
                    "paper": self._context_paper, "masked": self._context_masked, "extra": self._context_extra}
-        self._context = layouts[cfg.decoder_layout if cfg.objective == "joint" else
-                                "extra" if self.extra else cfg.inpaint_layout]
-
-    @staticmethod
-    def _init_weights(m):  # MAE's init: xavier-uniform Linear, zero bias, unit LayerNorm
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self._context = layouts["extra" if self.extra else cfg.decoder_layout if cfg.objective in ("joint", "video")
+                                else cfg.inpaint_layout]
 
     # ---- masking and embedding
 
@@ -861,15 +939,17 @@ class AVMAE(nn.Module):
 
     def forward_loss(self, patches: dict, preds: dict, masks: dict, norm_pix: bool | None = None) -> dict:
         """Reconstruction loss per target on the predicted (masked) patches only, averaged over targets
-        with equal weights (Sec. 3.4); plus everything the reconstruction pictures need. `patches`
-        are the targets: raw patches, or (MAViL stage 2) a teacher's features per token."""
+        with equal weights (AV-MAE Sec. 3.4; the authors' code weighs each 0.5) or summed (recon_sum:
+        MAViL Eq. 1 and 5, against which its contrastive weights are set); plus everything the
+        reconstruction pictures need. `patches` are the targets: raw patches, or (MAViL stage 2) a
+        teacher's features per token."""
         norm_pix = self.cfg.norm_pix_loss if norm_pix is None else norm_pix
         out, losses = {}, []
         for t, (pred, ids) in preds.items():
             out[f"loss_{t}"] = self.ops["loss"](pred, patches[t], ids, norm_pix)
             out[f"pred_{t}"], out[f"ids_{t}"] = pred, ids
             losses.append(out[f"loss_{t}"])
-        out["loss"] = sum(losses) / len(losses)
+        out["loss"] = sum(losses) / (1 if self.cfg.recon_sum else len(losses))
         for m, (keep, drop) in masks.items():
             out[f"mask_{m}"] = ids_to_mask(drop, self.n[m])
         return out
@@ -934,39 +1014,70 @@ class AVMAE(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
 
 # -----------------------------------------------------------------------------
-# finetuning models (Sec. 4.1): the pretrained encoder, unmasked, global average pooling and
-# zero-initialised linear heads. Audio-only = AST, video-only = unfactorised ViViT, audiovisual =
-# MBT (best, Table 14) or the pretraining encoder structure itself. finetune.py maps the weights.
+# finetuning models (Sec. 4.1): the pretrained encoder, unmasked, global average pooling and linear
+# heads. Audio-only = AST, video-only = unfactorised ViViT, audiovisual = MBT (best, Table 14) or
+# the pretraining encoder structure itself. finetune.py maps the weights. Modules that are new in
+# finetuning get the pretraining init (a model trained from scratch, Table 9's "Scratch" row, is
+# initialised as the pretrained one was), the heads MAE's finetuning init.
 
 
-def classifier_heads(cfg: AVMAEConfig, heads: dict, linear_probe: bool):
-    """Per modality and head a zero-initialised Linear; for linear probing a parameter-free
-    BatchNorm before it (MAE's linear probe)."""
-    probe = nn.ModuleDict({m: nn.BatchNorm1d(cfg.width, affine=False, eps=1e-6) for m in cfg.mods}) \
-        if linear_probe else None
-    out = nn.ModuleDict({m: nn.ModuleDict({h: nn.Linear(cfg.width, n) for h, n in heads.items()}) for m in cfg.mods})
+def init_weights(m):
+    """MAE's init: xavier-uniform Linear, zero bias, unit LayerNorm."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def classifier_heads(width: int, keys, heads: dict, linear_probe: bool):
+    """Per key (a modality, or 'av' for one head shared by both) and head a Linear: trunc-normal
+    std 2e-5 and zero bias (MAE finetuning), std 0.01 behind a parameter-free BatchNorm for a
+    linear probe (MAE's linear probe)."""
+    probe = nn.ModuleDict({k: nn.BatchNorm1d(width, affine=False, eps=1e-6) for k in keys}) if linear_probe else None
+    out = nn.ModuleDict({k: nn.ModuleDict({h: nn.Linear(width, n) for h, n in heads.items()}) for k in keys})
     for lin in (lin for hs in out.values() for lin in hs.values()):
-        nn.init.zeros_(lin.weight)
+        nn.init.trunc_normal_(lin.weight, std=0.01 if linear_probe else 2e-5)
         nn.init.zeros_(lin.bias)
     return probe, out
 
 
-class Stream(nn.Module):
-    """One modality's ViT: patch embedding, positions, `depth` blocks, a final LayerNorm. A stream
-    initialised from a mid-fusion encoder keeps that stream's closing LayerNorm after block
-    `inner_norm_at - 1`, so the pretrained function is kept exactly."""
+class Classifier(nn.Module):
+    """What the finetuning models share: pooled features per modality -> logits per head.
+    forward(a, v) -> {head: (B, classes)}, averaged over modalities; per_modality=True ->
+    {modality: {head: logits}} (the authors' MBT trains each modality's logits on its own loss)."""
 
-    def __init__(self, cfg: AVMAEConfig, m: str, attn_fn, dpr, inner_norm_at: int | None = None):
+    def forward(self, a=None, v=None, per_modality: bool = False) -> dict:
+        logits = {}
+        for m, f in self.features(a, v).items():
+            k = self.head_key[m]
+            f = self.probe_norm[k](f) if self.probe_norm is not None else f
+            logits[m] = {h: lin(f) for h, lin in self.heads[k].items()}
+        if per_modality:
+            return logits
+        names = next(iter(logits.values())).keys()
+        return {h: torch.stack([lg[h] for lg in logits.values()]).mean(0) for h in names}
+
+
+class Stream(nn.Module):
+    """One modality's ViT: patch embedding, positions, `depth` blocks, a final LayerNorm (unless the
+    model shares one across modalities). A stream initialised from a mid-fusion encoder keeps that
+    stream's closing LayerNorm after block `inner_norm_at - 1`, so the pretrained function is kept
+    exactly."""
+
+    def __init__(self, cfg: AVMAEConfig, m: str, attn_fn, dpr, inner_norm_at: int | None = None,
+                 final_norm: bool = True):
         super().__init__()
         self.patches = PATCHES[m](cfg)
         self.embed = nn.Linear(self.patches.dim, cfg.width)
-        self.pos = PosEmbed(math.prod(self.patches.grid), cfg.width, cfg.pos_embed)
+        self.pos = PosEmbed(self.patches.grid, cfg.width, cfg.pos_embed)
         hidden = int(cfg.width * cfg.mlp_ratio)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, hidden, attn_fn, dpr[i]) for i in range(cfg.depth))
         self.inner_norm_at = inner_norm_at
         if inner_norm_at is not None:
             self.inner_norm = nn.LayerNorm(cfg.width, eps=1e-6)
-        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6) if final_norm else None
 
     def tokens(self, x):  # input -> (B, N, D)
         p = self.patches.patchify(x)
@@ -977,27 +1088,54 @@ class Stream(nn.Module):
         return self.inner_norm(x) if i + 1 == self.inner_norm_at else x
 
 
-class MBT(nn.Module):
-    """Attention bottlenecks (Nagrani et al., 2021), as the paper finetunes (Sec. 4.1, SPEC 7): layers
+class MBT(Classifier):
+    """Attention bottlenecks (Nagrani et al., 2021), as the paper finetunes (Sec. 4.1): layers
     before `fusion_layer` run per modality; from it on, each modality's layer sees [own tokens |
     the bottleneck tokens] and the bottleneck outputs are averaged over modalities. With one
-    modality this is a plain ViT (AST for audio, ViViT for video). Each modality's pooled tokens feed
-    its own heads; the logits are averaged over modalities. forward -> {head name: (B, classes)}."""
+    modality this is a plain ViT (AST for audio, ViViT for video). shared_head (the authors' MBT):
+    one final LayerNorm and one classifier for both modalities, each modality's logits trained on
+    its own loss (finetune.py); otherwise a LayerNorm and heads per modality. Evaluation averages the
+    modalities' logits either way."""
 
     def __init__(self, cfg: AVMAEConfig, heads: dict, fusion_layer: int = 8, bottlenecks: int = 4,
-                 inner_norm_at: int | None = None, linear_probe: bool = False):
+                 inner_norm_at: int | None = None, linear_probe: bool = False, shared_head: bool = True):
         super().__init__()
         self.cfg, self.mods = cfg, cfg.mods
         if len(self.mods) == 2 and not 0 <= fusion_layer <= cfg.depth:
             raise ValueError(f"fusion_layer={fusion_layer} must lie in 0..{cfg.depth}")
+        shared = shared_head and len(self.mods) == 2
         attn = get_ops(cfg.kernels)["attention"]
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.streams = nn.ModuleDict({m: Stream(cfg, m, attn, dpr, inner_norm_at) for m in self.mods})
+        self.streams = nn.ModuleDict({m: Stream(cfg, m, attn, dpr, inner_norm_at, not shared) for m in self.mods})
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6) if shared else None
         self.fusion_layer = fusion_layer if len(self.mods) == 2 else cfg.depth
         if len(self.mods) == 2:
             self.bottleneck = nn.Parameter(torch.zeros(1, bottlenecks, cfg.width))
-            nn.init.normal_(self.bottleneck, std=0.02)
-        self.probe_norm, self.heads = classifier_heads(cfg, heads, linear_probe)
+        self.head_key = {m: "av" if shared else m for m in self.mods}
+        self.apply(init_weights)
+        if len(self.mods) == 2:
+            nn.init.trunc_normal_(self.bottleneck, std=0.02)
+        self.probe_norm, self.heads = classifier_heads(cfg.width, sorted(set(self.head_key.values())), heads,
+                                                       linear_probe)
+        self.n_layers = cfg.depth
+
+    def layer_ids(self) -> dict:
+        """{parameter name: depth}: embeddings 0, block i at i + 1, a norm at the block it closes,
+        the bottleneck tokens where they enter, the heads at depth + 1."""
+        ids = {}
+        for n, _ in self.named_parameters():
+            p = n.split(".")
+            if p[0] == "streams" and p[2] == "blocks":
+                ids[n] = int(p[3]) + 1
+            elif p[0] == "streams" and p[2] == "inner_norm":
+                ids[n] = self.streams[p[1]].inner_norm_at
+            elif p[0] == "streams" and p[2] in ("embed", "pos"):
+                ids[n] = 0
+            elif p[0] == "bottleneck":
+                ids[n] = self.fusion_layer + 1
+            else:  # the final norms and the heads
+                ids[n] = self.n_layers + (p[0] == "heads")
+        return ids
 
     def features(self, a=None, v=None) -> dict:
         """{modality: (B, D)} pooled features (what a linear probe sees)."""
@@ -1018,30 +1156,33 @@ class MBT(nn.Module):
                 xs[m] = y[:, :n]
                 zs.append(y[:, n:])
             z = torch.stack(zs).mean(0)  # the modalities meet only here
-        return {m: self.streams[m].norm(x).mean(1) for m, x in xs.items()}
-
-    def forward(self, a=None, v=None) -> dict:
-        feats = self.features(a, v)
-        if self.probe_norm is not None:
-            feats = {m: self.probe_norm[m](f) for m, f in feats.items()}
-        names = next(iter(self.heads.values())).keys()
-        return {h: torch.stack([self.heads[m][h](f) for m, f in feats.items()]).mean(0) for h in names}
+        return {m: (self.norm if self.norm is not None else self.streams[m].norm)(x).mean(1) for m, x in xs.items()}
 
 
-class EncoderClassifier(nn.Module):
-    """The pretraining encoder structure itself (Table 14, left column: worse than MBT), on unmasked
-    tokens; parameter names match AVMAE's, so a checkpoint's encoder loads as it is."""
+class EncoderClassifier(Classifier):
+    """The pretraining encoder structure itself (Table 14, left column: worse than MBT; MAViL's own
+    way, with its fusion layers on top), on unmasked tokens; parameter names match AVMAE's, so a
+    checkpoint's encoder loads as it is."""
 
     def __init__(self, cfg: AVMAEConfig, heads: dict, linear_probe: bool = False):
         super().__init__()
         self.cfg, mods = cfg, cfg.mods
         self.patches = {m: PATCHES[m](cfg) for m in mods}
         self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim, cfg.width) for m in mods})
-        self.enc_pos = nn.ModuleDict({m: PosEmbed(math.prod(self.patches[m].grid), cfg.width, cfg.pos_embed) for m in mods})
+        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width, cfg.pos_embed) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
                                              get_ops(cfg.kernels)["attention"], dpr, cfg)
-        self.probe_norm, self.heads = classifier_heads(cfg, heads, linear_probe)
+        self.apply(init_weights)
+        outs = getattr(self.encoder, "out_mods", mods)  # (AV-MaskEnhancer's channel fusion: video tokens only)
+        self.head_key = {m: m for m in outs}
+        self.probe_norm, self.heads = classifier_heads(self.encoder.out_width, outs, heads, linear_probe)
+        self.n_layers = self.encoder.n_layers
+
+    def layer_ids(self) -> dict:
+        enc = _prefix("encoder", self.encoder.layer_ids())
+        return {n: enc.get(n, 0 if n.startswith(("patch_embed.", "enc_pos.")) else self.n_layers + 1)
+                for n, _ in self.named_parameters()}
 
     def features(self, a=None, v=None) -> dict:
         xs = {}
@@ -1050,5 +1191,3 @@ class EncoderClassifier(nn.Module):
                 p = self.patches[m].patchify(x)
                 xs[m] = self.patch_embed[m](p) + self.enc_pos[m]()[: p.shape[1]]
         return {m: x.mean(1) for m, x in self.encoder(xs).items()}
-
-    forward = MBT.forward

@@ -520,9 +520,49 @@ def random_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.3, 1.0), 
     return (h - s) // 2, (w - s) // 2, s, s
 
 
-def center_box(h: int, w: int):
-    s = min(h, w)
-    return (h - s) // 2, (w - s) // 2, s, s
+SHORT_SIDE = 256 / 224  # the authors' pipeline: short side resized to 256, a 224 crop taken
+
+
+def video_box(h: int, w: int, rng: np.random.Generator, aug: str, train: bool, crop_scale=(0.3, 1.0)):
+    """One crop box (top, left, height, width) for every frame of a clip, in stored-frame pixels.
+    none (pretraining, AV-MAE Table 20: no augmentation): the short side resized to 256/224 of the
+    crop, a random square crop; finetune: the same with that resize scaled by a random factor in
+    [0.9, 1.33] (scale jitter, the authors' finetuning config); rrc: MAE's RandomResizedCrop.
+    Evaluation: the central crop of the 256/224 resize."""
+    if aug == "rrc" and train:
+        return random_crop_box(h, w, rng, crop_scale)
+    jitter = rng.uniform(0.9, 1.33) if aug == "finetune" and train else 1.0
+    side = min(h, w, max(1, round(min(h, w) / (SHORT_SIDE * jitter))))
+    if not train:
+        return (h - side) // 2, (w - side) // 2, side, side
+    return int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1)), side, side
+
+
+def color_augment(x: torch.Tensor, rng: np.random.Generator, p_color: float = 0.8, p_drop: float = 0.1):
+    """The authors' finetuning colour augmentation on a (3, T, H, W) uint8 clip, the same for every
+    frame: with p_color a brightness / contrast / saturation / hue jitter (0.4, 0.4, 0.4, 0.1), with
+    p_drop grey. Every random number is drawn whether used or not (a fixed stream per clip)."""
+    from torchvision.transforms.v2 import functional as TF
+    u = rng.uniform(size=6)
+    b, c, s = 1 + 0.4 * (2 * u[:3] - 1)
+    hue = 0.1 * (2 * u[3] - 1)
+    x = x.permute(1, 0, 2, 3)  # (T, 3, H, W): torchvision's layout
+    if u[4] < p_color:
+        x = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s), hue)
+    if u[5] < p_drop:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def augment_frames(frames: torch.Tensor, cfg, seed: int) -> torch.Tensor:
+    """(T, 3, H, W) uint8 stored frames -> (3, T, size, size) uint8, on any device: crop (video_box),
+    flip (except video_aug='none'), colour (video_aug='finetune'); every random choice from `seed`,
+    so the CPU workers and the GPU decoder make the same clip."""
+    rng = np.random.default_rng(seed)
+    box = video_box(*frames.shape[-2:], rng, cfg.video_aug, cfg.train, cfg.crop_scale)
+    flip = bool(rng.random() < 0.5) and cfg.train and cfg.video_aug != "none"
+    x = crop_resize(frames, box, flip, cfg.image_size)
+    return color_augment(x, rng) if cfg.train and cfg.video_aug == "finetune" else x
 
 
 def crop_resize(frames: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
@@ -569,7 +609,7 @@ class DataConfig:
     split: str = "train"
     modalities: str = "av"
     num_frames: int = 16          # video frames per view
-    frame_stride: int = 4         # in 25 fps frames: 4 pretraining, 2 finetuning
+    frame_stride: float = 4       # in 25 fps frames: 4 pretraining, 2 finetuning (MAViL 2 fps: 12.5)
     image_size: int = 224
     audio_frames: int = 800       # log-mel frames (10 ms): 800 = 8 s
     mel_bins: int = 128
@@ -580,7 +620,8 @@ class DataConfig:
     specaug_freq: int = 0         # finetuning: max width of one frequency mask (AST: 48)
     specaug_time: int = 0         # finetuning: max width of one time mask (authors' code: off)
     time_shift: bool = False      # finetuning: random circular shift of the spectrogram in time
-    crop_scale: tuple = (0.3, 1.0)
+    video_aug: str = "none"       # none (pretraining, Table 20) | finetune (jitter, flip, colour) | rrc (MAE's crop)
+    crop_scale: tuple = (0.3, 1.0)  # video_aug='rrc': RandomResizedCrop's area range
     skip_silent: bool | None = None  # None: skip silent clips when training, keep them in evaluation
     decode: str = "cpu"           # cpu (in workers) | gpu (return JPEG bytes; GPUDecoder decodes batches)
     seed: int = 0                 # augmentation randomness = f(seed, epoch, clip index)
@@ -790,18 +831,16 @@ class AVDataset(torch.utils.data.Dataset):
                 views.append(read_frames(path, idx))
         except (OSError, ValueError) as e:
             raise BadClip(f"{path}: {e}") from None
-        flip = bool(rng.random() < 0.5) if cfg.train else False
-        if cfg.decode == "gpu":  # the GPUDecoder decodes and crops; here only the crop parameters
-            return [dict(jpegs=v, crop_seed=int(rng.integers(2**31)), flip=flip) for v in views]
+        seed = int(rng.integers(2**31))  # every view of a clip is augmented alike
+        if cfg.decode == "gpu":  # the GPUDecoder decodes and augments; here only the seed
+            return [dict(jpegs=v, seed=seed) for v in views]
         out = []
         for jp in views:
             try:
                 frames = decode_frames(jp)
             except RuntimeError as e:
                 raise BadClip(f"{path}: corrupt JPEG ({str(e).splitlines()[0]})") from None
-            H, W = frames.shape[-2:]
-            box = random_crop_box(H, W, rng, cfg.crop_scale) if cfg.train else center_box(H, W)
-            out.append(crop_resize(frames, box, flip, cfg.image_size))
+            out.append(augment_frames(frames, cfg, seed))
         return torch.stack(out)
 
 
@@ -830,7 +869,7 @@ class GPUDecoder:
         self.cfg, self.device = cfg, device
 
     def __call__(self, batch: dict) -> dict:
-        cfg, clips = self.cfg, batch["v"]  # per clip: a list of views, each dict(jpegs, crop_seed, flip)
+        cfg, clips = self.cfg, batch["v"]  # per clip: a list of views, each dict(jpegs, seed)
         flat = [v for views in clips for v in views]
         nv = len(clips[0])
         try:
@@ -850,10 +889,7 @@ class GPUDecoder:
         for c in keep:
             views = []
             for k in range(nv):
-                fr, v = frames[c * nv + k], flat[c * nv + k]
-                H, W = fr.shape[-2:]
-                box = random_crop_box(H, W, np.random.default_rng(v["crop_seed"]), cfg.crop_scale) if cfg.train else center_box(H, W)
-                views.append(crop_resize(fr, box, v["flip"], cfg.image_size))
+                views.append(augment_frames(frames[c * nv + k], cfg, flat[c * nv + k]["seed"]))
             videos.append(torch.stack(views))
         n = len(clips)
         out = {k: (x[keep] if isinstance(x, torch.Tensor) and len(x) == n else

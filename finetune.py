@@ -40,8 +40,11 @@ class FinetuneConfig:
     init: str = ""                # a pretraining checkpoint (train.py); '' = from scratch
     modality: str = "av"          # audio | video | av
     arch: str = "mbt"             # mbt | encoder (av only)
+    mbt_head: str = "shared"      # shared: the authors' MBT (one LayerNorm + classifier for both modalities, a
+                                  # loss and a mixup weight per modality) | per_modality (heads per modality,
+                                  # logits averaged, one mixup)
     linear_probe: bool = False    # freeze the encoder, train a linear head (Table 18)
-    fusion_layer: int = -1        # MBT's first fusion layer; -1 = 2/3 of the depth (8 of 12, 16 of 24)
+    fusion_layer: int = -1        # MBT's first fusion layer; -1 = the authors' (8 of 12; 16 of 24, AudioSet 18)
     inflate: str = "inflate"      # a video stream from an audio-only checkpoint: inflate | central | none (ViViT)
     bottlenecks: int = 4
     data: str = "data/vggsound"
@@ -54,6 +57,7 @@ class FinetuneConfig:
     audio_norm: str = "none"
     window: str = "hann"
     decode: str = "cpu"
+    video_aug: str = "finetune"   # finetune (scale jitter, flip, colour, the authors' ViViT / MBT) | none | rrc
     workers: int = 8
     batch_size: int = 64          # global
     epochs: int = 50
@@ -97,7 +101,9 @@ PRESETS = {
 }
 AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only finetuning mixes harder
 MODALITY = {"audio": "a", "video": "v", "av": "av"}
+FUSION_LAYER = {("audioset", 24): 18}  # (preset, depth) -> MBT fusion layer where the authors' config differs
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY), arch=("mbt", "encoder"),
+               mbt_head=("shared", "per_modality"), video_aug=("finetune", "none", "rrc"),
                inflate=("inflate", "central", "none"),
                optimizer=("sgd", "adamw"), precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
                window=("hann", "hamming"), decode=("cpu", "gpu"))
@@ -123,7 +129,8 @@ def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
     arch = {k: v for k, v in (pcfg or {}).items() if k in ("width", "depth", "heads", "mlp_ratio", "tubelet",
                                                             "patch_size", "in_chans", "audio_patch_t", "audio_patch_f",
                                                             "mel_bins", "pos_embed", "encoder", "joint_layers", "fusion",
-                                                            "fusion_layers", "bottlenecks", "cross_layers")}
+                                                            "fusion_layers", "bottlenecks", "cross_layers",
+                                                            "xattn_fuse", "objective")}
     base = {**avmae.SIZES[fcfg.size], **arch} if pcfg is None else arch
     return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality], "num_frames": fcfg.num_frames,
                                         "image_size": fcfg.image_size, "audio_frames": fcfg.audio_frames,
@@ -138,8 +145,9 @@ def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
     inner = None
     if pcfg and pcfg["encoder"] == "mid" and pcfg["modalities"] == "av":
         inner = pcfg["depth"] - pcfg["joint_layers"]  # keep the mid-fusion streams' closing LayerNorm
-    fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else round(2 * cfg.depth / 3)
-    return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe)
+    fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else \
+        FUSION_LAYER.get((fcfg.preset, cfg.depth), round(2 * cfg.depth / 3))
+    return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe, fcfg.mbt_head == "shared")
 
 
 def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> torch.Tensor:
@@ -191,7 +199,10 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             final = {"mid": "encoder.joint.norm", "early": "encoder.joint.norm", "shared": "encoder.shared.norm"}.get(
                 enc if mods_av else "separate", f"encoder.streams.{s}.norm")
             for k in ("weight", "bias"):
-                mapping[f"streams.{m}.norm.{k}"] = f"{final}.{k}"
+                if model.norm is None:
+                    mapping[f"streams.{m}.norm.{k}"] = f"{final}.{k}"
+                else:  # one LayerNorm for both modalities: the mean of the streams' final norms
+                    mapping[f"norm.{k}"] = tuple(sorted(set(mapping.get(f"norm.{k}", ())) | {f"{final}.{k}"}))
                 if model.streams[m].inner_norm_at is not None:
                     mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.streams.{s}.norm.{k}"
     dst = model.state_dict()
@@ -206,6 +217,11 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
         out["streams.v.embed.bias"] = state["patch_embed.a.bias"].clone()
         loaded += [f"streams.v.embed.weight <- {inflate}(patch_embed.a.weight)", "streams.v.embed.bias <- patch_embed.a.bias"]
     for d_name, s_name in mapping.items():
+        if isinstance(s_name, tuple):  # the mean of several tensors (or one)
+            t = torch.stack([state[n] for n in s_name]).mean(0)
+            out[d_name] = t
+            loaded.append(f"{d_name} <- " + (f"mean({', '.join(s_name)})" if len(s_name) > 1 else s_name[0]))
+            continue
         if s_name not in state:
             raise ValueError(f"checkpoint has no {s_name} for {d_name}: it does not match its own config {pcfg}")
         t = state[s_name]
@@ -223,7 +239,7 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             folded.add(fold)
         out[d_name] = t
         loaded.append(f"{d_name} <- {s_name}" + (f" + {fold}" if fold else ""))
-    used = set(mapping.values()) | folded
+    used = {n for s_name in mapping.values() for n in (s_name if isinstance(s_name, tuple) else (s_name,))} | folded
     new = sorted(k for k in dst if k not in out)
     dropped = sorted(k for k in state if k not in used)
     other = set(src_mods) - set(cfg.mods)
@@ -312,67 +328,65 @@ def metrics(logits: dict, targets: dict, multi_label: bool) -> dict:
 # optimisation
 
 
-def layer_id(name: str, model) -> int:
-    """0 for embeddings and positions, i + 1 for block i, depth + 1 for norms, bottlenecks after the
-    fusion layer, and heads."""
-    depth = model.cfg.depth
-    parts = name.split(".")
-    if "blocks" in parts:
-        i = int(parts[parts.index("blocks") + 1])
-        if parts[0] == "encoder" and parts[1] == "joint" and model.cfg.encoder == "mid":
-            i += depth - model.cfg.joint_layers
-        return i + 1
-    if parts[0] in ("patch_embed", "enc_pos") or parts[-2:-1] in (["embed"], ["pos"]) or parts[-1] == "table":
-        return 0
-    if parts[0] == "bottleneck":
-        return getattr(model, "fusion_layer", depth) + 1
-    return depth + 1
-
-
 def param_groups(model, fcfg: FinetuneConfig, lr: float):
-    """Layer-wise lr decay: lr * decay^(depth + 1 - layer); no weight decay on biases and norms."""
-    groups = {}
-    depth = model.cfg.depth
+    """Layer-wise lr decay (BEiT): lr * decay^(top + 1 - depth), with each parameter's depth as the
+    model states it (model.layer_ids(): embeddings 0, its blocks 1..n_layers along a token's path,
+    heads n_layers + 1); no weight decay on biases, norms and tokens."""
+    groups, ids, top = {}, model.layer_ids(), model.n_layers
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lid = layer_id(n, model)
         wd = fcfg.weight_decay if p.ndim >= 2 and n != "bottleneck" else 0.0
-        g = groups.setdefault((lid, wd), dict(params=[], weight_decay=wd, lr_scale=fcfg.layer_decay ** (depth + 1 - lid)))
+        g = groups.setdefault((ids[n], wd), dict(params=[], weight_decay=wd,
+                                                 lr_scale=fcfg.layer_decay ** (top + 1 - ids[n])))
         g["params"].append(p)
     return list(groups.values())
 
 
-def mixup(batch: dict, mods, heads: dict, alpha: float, multi_label: bool, gen: torch.Generator):
-    """Mix each clip with another of the batch, the same weight for both modalities and the labels.
-    Returns the batch with soft targets per head."""
+def mixup(batch: dict, mods, heads: dict, alpha: float, multi_label: bool, gen: torch.Generator,
+          per_modality: bool = False):
+    """Mix each clip with another of the batch (one permutation). Returns (mixed batch, soft targets
+    {head: (B, classes)}). per_modality (the authors' MBT): each modality draws its own weight and
+    gets its own mixed targets, returned as {modality: {head: targets}}."""
     B = batch[mods[0]].shape[0]
-    targets = {}
-    for h, n in heads.items():
-        y = batch[h]
-        targets[h] = y.float() if multi_label else F.one_hot(y, n).float()
+    targets = {h: batch[h].float() if multi_label else F.one_hot(batch[h], n).float() for h, n in heads.items()}
     if alpha <= 0:
-        return batch, targets
-    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
+        return batch, ({m: targets for m in mods} if per_modality else targets)
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+    lams = {m: float(rng.beta(alpha, alpha)) for m in (mods if per_modality else mods[:1])}
     perm = torch.randperm(B, generator=gen).to(batch[mods[0]].device)
     batch = dict(batch)
     for m in mods:
+        lam = lams.get(m, lams[mods[0]])
         batch[m] = lam * batch[m] + (1 - lam) * batch[m][perm]
-    return batch, {h: lam * t + (1 - lam) * t[perm] for h, t in targets.items()}
+    mixed = {m: {h: lam * t + (1 - lam) * t[perm] for h, t in targets.items()} for m, lam in lams.items()}
+    return batch, (mixed if per_modality else mixed[mods[0]])
 
 
 def loss_fn(logits: dict, targets: dict, multi_label: bool, smoothing: float) -> torch.Tensor:
-    """Cross-entropy with label smoothing (single label) or binary cross-entropy (multi-label),
-    summed over heads (EPIC: verb + noun, equal weights)."""
+    """Cross-entropy (single label) or binary cross-entropy (multi-label), both on label-smoothed
+    targets (on 1 - s + s/C, off s/C, as the authors' code smooths either; AudioSet s = 0.3, Table
+    24), summed over heads (EPIC: verb + noun, equal weights)."""
     total = 0.0
     for h, z in logits.items():
         t = targets[h]
+        t = t * (1 - smoothing) + smoothing / t.shape[1]
         if multi_label:
             total = total + F.binary_cross_entropy_with_logits(z.float(), t)
         else:
-            t = t * (1 - smoothing) + smoothing / t.shape[1]
             total = total + torch.sum(-t * F.log_softmax(z.float(), dim=1), dim=1).mean()
     return total
+
+def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: bool, smoothing: float,
+                  device=None) -> torch.Tensor:
+    """per_modality (the authors' MBT): each modality's logits {m: {head: logits}} against its own
+    mixed targets {m: {head: targets}}, the losses averaged over modalities; otherwise one loss on
+    the averaged logits."""
+    def to(t):
+        return {h: x.to(device) for h, x in t.items()}
+    if per_modality:
+        return sum(loss_fn(logits[m], to(targets[m]), multi_label, smoothing) for m in logits) / len(logits)
+    return loss_fn(logits, to(targets), multi_label, smoothing)
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -463,7 +477,8 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
     T.ensure_data(fcfg, d)
     dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
                 frame_stride=fcfg.frame_stride, image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
-                window=fcfg.window, audio_norm=fcfg.audio_norm, decode=fcfg.decode, seed=fcfg.seed)
+                window=fcfg.window, audio_norm=fcfg.audio_norm, decode=fcfg.decode, seed=fcfg.seed,
+                video_aug=fcfg.video_aug)
     train_ds = data.AVDataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
                                               specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
     test_ds = data.AVDataset(data.DataConfig(split=fcfg.test_split, train=False, views=fcfg.views, **dcfg))
@@ -528,6 +543,7 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
     stream = T.batches(loader, sampler, epoch0, in_epoch * per_rank, d)
     log_path = os.path.join(fcfg.out_dir, "log.jsonl")
     gen = torch.Generator().manual_seed(fcfg.seed * 1_000_003 + d.rank)
+    per_modality = isinstance(model, avmae.MBT) and model.norm is not None  # (shared head: a loss per modality)
     T.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
              f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable | "
              f"init {fcfg.init or 'scratch'} | {len(train_ds)} train / {len(test_ds)} test clips | {total} steps | lr {lr:.3g}")
@@ -539,10 +555,10 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
             g["lr"] = T.lr_at(step, total, warmup, lr, fcfg.min_lr) * g["lr_scale"]
         gen.manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
         _, batch = next(stream)
-        batch, targets = mixup(batch, mods, heads, fcfg.mixup, train_ds.multi_label, gen)
+        batch, targets = mixup(batch, mods, heads, fcfg.mixup, train_ds.multi_label, gen, per_modality)
         with T.autocast_ctx(fcfg.precision, d.device):
-            logits = net(**{m: batch[m] for m in mods})
-        loss = loss_fn(logits, {h: t.to(d.device) for h, t in targets.items()}, train_ds.multi_label, fcfg.label_smoothing)
+            logits = net(**{m: batch[m] for m in mods}, per_modality=per_modality)
+        loss = finetune_loss(logits, targets, per_modality, train_ds.multi_label, fcfg.label_smoothing, d.device)
         if not torch.isfinite(loss):
             raise SystemExit(f"step {step}: non-finite loss {loss.item()}")
         loss.backward()

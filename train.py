@@ -46,7 +46,8 @@ class TrainConfig:
     teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint whose fusion outputs are the targets
     data: str = "data/vggsound"   # a prepared set (data.py prepare); a missing '*builtin' folder is generated
     split: str = "train"
-    frame_stride: int = 4         # 25 fps frames between sampled frames (pretraining: 4)
+    frame_stride: float = 4       # 25 fps frames between sampled frames (pretraining: 4; MAViL 2 fps: 12.5)
+    video_aug: str = "none"       # none (Table 20: a crop of the 256-short-side frame) | rrc (MAE's crop + flip)
     audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json's stats) | audiomae | cavmae | "mean,scale"
     window: str = "hann"          # log-mel window: hann (peers) | hamming (the paper's text)
     decode: str = "cpu"           # JPEG decoding: cpu (workers) | gpu (nvJPEG, batched)
@@ -79,28 +80,33 @@ class TrainConfig:
     bench_steps: int = 10
 
 
-VARIANTS = {  # the relatives as overrides of the model (decoder sizes stay the size preset's; see README)
+# MAViL stage 1 (Huang et al., Sec. 3.1-3.2, 4.1): full unimodal encoders + 2 fusion layers, separate decoders,
+# 80% masking, 2-D sin-cos positions, the reconstruction terms summed (Eq. 1) with inter-modal (alpha 0.1, tau 0.1)
+# and intra-modal (beta 0.01, tau 1.0) contrast on the unimodal outputs (Eq. 4)
+MAVIL = dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate", mask_ratio_v=0.8, mask_ratio_a=0.8,
+             pos_embed="sincos2d", recon_sum=True, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0)
+VARIANTS = {  # the relatives as overrides of the model
     "avmae": dict(),
-    # MAViL stage 1 (001): full unimodal encoders + 2 vanilla fusion layers, separate decoders, 80% masking,
-    # inter-modal (0.1, tau 0.1) and intra-modal (0.01, tau 1.0) contrast on the unimodal outputs
-    "mavil": dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate", mask_ratio_v=0.8,
-                  mask_ratio_a=0.8, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0),
-    "mavil_mbt": dict(encoder="mavil", fusion="mbt", fusion_layers=2, bottlenecks=4, decoder="separate",
-                      mask_ratio_v=0.8, mask_ratio_a=0.8, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01,
-                      tau_intra=1.0),
-    # MAViL stage 2: the same student, predicting a frozen teacher's fusion outputs (--teacher)
-    "mavil2": dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate", mask_ratio_v=0.8,
-                   mask_ratio_a=0.8, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0,
-                   target="teacher"),
-    # CAV-MAE: 11 + 1 joint layer, modality-type embeddings, one decoder over the concatenation,
-    # inter-modal contrast (0.01, tau 0.05), 75% masking of both
+    "mavil": MAVIL,
+    "mavil_mbt": {**MAVIL, "fusion": "mbt", "bottlenecks": 4},  # one g_av for both modalities (App. B)
+    "mavil2": {**MAVIL, "target": "teacher"},  # stage 2: predict a frozen teacher's fusion outputs (--teacher)
+    # CAV-MAE (Gong et al.): 11 + 1 joint layer, modality-type embeddings, one decoder over the concatenation,
+    # inter-modal contrast (0.01, tau 0.05), 75% masking of both, the reconstruction terms summed (authors' code)
     "cavmae": dict(encoder="mid", joint_layers=1, type_embed=True, decoder="early", contrast_inter=0.01,
-                   tau_inter=0.05, mask_ratio_v=0.75, mask_ratio_a=0.75),
+                   tau_inter=0.05, mask_ratio_v=0.75, mask_ratio_a=0.75, recon_sum=True),
     # AV-MaskEnhancer (002): 90% tube masking of video, all of the audio, bidirectional cross-attention,
     # the video reconstructed from both streams
     "avme": dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9, mask_ratio_a=0.0,
                  objective="video", decoder="early"),
 }
+
+# At the paper's sizes (base, large) a variant also takes its paper's decoder and input shapes; smaller
+# sizes keep the size preset's (a quick CPU run stays quick). MAViL Sec. 4.1 / App. B: 8-layer 512-wide
+# 16-head decoders, 10 s of audio as 1024 x 128 (512 tokens), 8 frames at 2 fps (4 x 14 x 14 = 784 tokens).
+MAVIL_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024, num_frames=8,
+                    frame_stride=12.5)
+PAPER_SHAPES = {"mavil": MAVIL_SHAPES, "mavil_mbt": MAVIL_SHAPES, "mavil2": MAVIL_SHAPES}
+PAPER_SIZES = ("base", "large")
 
 PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
     "vggsound_b": dict(),  # the defaults: ViT-B, mid-fusion S=2, shared decoder, Table 20
@@ -118,8 +124,9 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
 }
 
 
-TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(VARIANTS), precision=("auto", "bf16", "fp32"),
-                     window=("hann", "hamming"), decode=("cpu", "gpu"))
+TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(VARIANTS),
+                     precision=("auto", "bf16", "fp32"), window=("hann", "hamming"), decode=("cpu", "gpu"),
+                     video_aug=("none", "rrc"))
 
 
 def _bool(s: str) -> bool:
@@ -147,9 +154,11 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
     return p
 
 
-def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dict | None = None):
-    """Defaults <- the size preset <- the named preset <- the variant <- flags given explicitly. The
-    first dataclass holds the `preset` and `size` (and `variant`) fields."""
+def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dict | None = None,
+            paper_shapes: dict | None = None):
+    """Defaults <- the size preset <- the named preset <- the variant (and, at a paper size, its
+    paper shapes) <- flags given explicitly. The first dataclass holds the `preset` and `size` (and
+    `variant`) fields."""
     given = {k: v for k, v in args.items() if v is not None}
     defaults = {f.name: f.default for f in fields(dataclasses_[0])}
     preset = given.get("preset", defaults["preset"])
@@ -160,6 +169,9 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dic
     size = merged.get("size", defaults["size"])
     if size not in sizes:
         raise SystemExit(f"--size {size!r} is not one of {', '.join(sizes)}")
+    if size in PAPER_SIZES:
+        merged = {**presets[preset], **(variants or {}).get(variant, {}), **(paper_shapes or {}).get(variant, {}),
+                  **given}
     merged = {**sizes[size], **merged}
     out = []
     for dc in dataclasses_:
@@ -170,7 +182,8 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dic
 
 def parse_args(argv=None):
     args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES, **TRAIN_CHOICES}).parse_args(argv))
-    tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig, variants=VARIANTS)
+    tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig, variants=VARIANTS,
+                         paper_shapes=PAPER_SHAPES)
     if (mcfg.target == "teacher") != bool(tcfg.teacher):
         raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and --teacher PATH")
     return mcfg, tcfg
@@ -410,7 +423,7 @@ def flops_per_clip(model: avmae.AVMAE) -> dict:
         dec = cfg.dec_depth * _block_flops(sum(seq.values()), dd, dh)
     else:
         dec = sum(cfg.dec_depth * _block_flops(n, dd, dh) for n in seq.values())
-    dec += sum(2 * k[s] * d * dd for s in set(model.targets.values()) | set(model.extra))
+    dec += sum(2 * k[s] * model.encoder.out_width * dd for s in set(model.targets.values()) | set(model.extra))
     dec += sum(2 * pred[t] * dd * model.head[t].out_features for t in pred)
     return dict(encoder=enc, decoder=dec, forward=enc + dec, train=3 * (enc + dec))
 
@@ -486,7 +499,7 @@ def data_config(mcfg: avmae.AVMAEConfig, tcfg, split: str, train: bool, **kw) ->
     return data.DataConfig(root=tcfg.data, split=split, modalities=mcfg.modalities, num_frames=mcfg.num_frames,
                            frame_stride=tcfg.frame_stride, image_size=mcfg.image_size, audio_frames=mcfg.audio_frames,
                            mel_bins=mcfg.mel_bins, window=tcfg.window, audio_norm=tcfg.audio_norm, train=train,
-                           decode=tcfg.decode, seed=tcfg.seed, **kw)
+                           decode=tcfg.decode, seed=tcfg.seed, video_aug=tcfg.video_aug, **kw)
 
 
 def ensure_data(tcfg, d: Dist):

@@ -188,7 +188,7 @@ def test_layer_decay_and_mixup():
     f = fcfg(layer_decay=0.5)
     groups = FT.param_groups(model, f, 1.0)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
-    assert scale[id(model.heads["a"]["label"].weight)] == 1.0
+    assert scale[id(model.heads["av"]["label"].weight)] == 1.0
     assert scale[id(model.streams["a"].blocks[3].attn.qkv.weight)] == 0.5  # block 3 of 4: one below the top
     assert scale[id(model.streams["v"].embed.weight)] == 0.5 ** 5
     assert scale[id(model.bottleneck)] == 0.5 ** (5 - 4)

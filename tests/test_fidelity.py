@@ -1,0 +1,328 @@
+"""Recipe details as the papers state them (or the authors' code, where the papers are silent).
+Each test names the paper passage it holds the code to."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import avmae
+import data
+import finetune as FT
+import train
+from conftest import TINY_INPUTS, tiny_batch, tiny_config
+
+# -----------------------------------------------------------------------------
+# layer-wise lr decay: a parameter's layer id is its depth along a token's path through the whole
+# network (BEiT; MAE finetuning), whatever sits above the streams
+
+
+STRATEGIES = {
+    "early": dict(encoder="early"), "separate": dict(encoder="separate", decoder="shared"),
+    "mid": dict(encoder="mid"), "shared": dict(encoder="shared"),
+    "mavil": train.VARIANTS["mavil"], "mavil_mbt": train.VARIANTS["mavil_mbt"],
+    "mavil_mbt_sep": {**train.VARIANTS["mavil_mbt"], "fusion": "mbt_sep"},
+    "avme": train.VARIANTS["avme"], "avme_sequence": {**train.VARIANTS["avme"], "xattn_fuse": "sequence"},
+    "cavmae": train.VARIANTS["cavmae"],
+}
+
+
+def _ancestors(tensors) -> set:
+    seen, todo = set(), [t.grad_fn for t in tensors if torch.is_tensor(t) and t.grad_fn is not None]
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        todo += [f for f, _ in fn.next_functions if f is not None]
+    return seen
+
+
+def check_layer_ids_follow_depth(model, x):
+    """Every block's id is above the id of every block it reads from (autograd ancestry); a
+    LayerNorm outside a block has the id of the deepest block it closes; embeddings 0, the top
+    block n_layers, heads n_layers + 1."""
+    ids, names = model.layer_ids(), {mod: n for n, mod in model.named_modules()}
+    assert set(ids) == {n for n, _ in model.named_parameters()}
+    blocks = (avmae.Block, avmae.CrossBlock)
+    inside = {n for n, mod in model.named_modules() if isinstance(mod, blocks)}
+    calls, seen_ids = [], []
+
+    def hook(mod, args, out):
+        name = names[mod]
+        if isinstance(mod, nn.LayerNorm) and any(name.startswith(b + ".") for b in inside):
+            return
+        anc = _ancestors(args)
+        deeper = [d for d, fn in calls if fn in anc]
+        own = ids[f"{name}.weight"] if isinstance(mod, nn.LayerNorm) else \
+            ids[next(f"{name}.{p}" for p, _ in mod.named_parameters())]
+        if isinstance(mod, blocks):
+            assert all(own > d for d in deeper), (name, own, deeper)
+            calls.append((own, out.grad_fn))
+            seen_ids.append(own)
+        else:
+            assert deeper and own == max(deeper), (name, own, deeper)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, blocks) or isinstance(m, nn.LayerNorm)]
+    model(**x)
+    for h in hooks:
+        h.remove()
+    assert max(seen_ids) == model.n_layers
+    for n, i in ids.items():
+        if n.startswith(("heads.",)):
+            assert i == model.n_layers + 1, n
+        if n.startswith(("patch_embed.", "enc_pos.")) or ".embed." in n or ".pos." in n:
+            assert i == 0, n
+
+
+@pytest.mark.parametrize("arch", ["mbt", "encoder"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_layer_ids_follow_depth_through_the_whole_network(strategy, arch):
+    pcfg = dataclasses.asdict(tiny_config(depth=4, **STRATEGIES[strategy]))
+    f = FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0, kernels="torch",
+                          arch=arch, fusion_layer=2)
+    cfg_in = {k: TINY_INPUTS[k] for k in ("patch_size", "audio_patch_t", "audio_patch_f", "mel_bins")}
+    pcfg.update(cfg_in)
+    model = FT.build_model(f, {"label": 3}, pcfg)
+    check_layer_ids_follow_depth(model, tiny_batch(model.cfg))
+    groups = FT.param_groups(model, dataclasses.replace(f, layer_decay=0.5), 1.0)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    ids = model.layer_ids()
+    for n, p in model.named_parameters():  # the lr follows the id: lr * decay^(top + 1 - id)
+        assert scale[id(p)] == 0.5 ** (model.n_layers + 1 - ids[n])
+
+
+def test_mavil_fusion_layers_train_near_the_top_not_the_bottom():
+    # MAViL finetuned its own way: 12 + 2 fusion layers; the fusion blocks are layers 13 and 14
+    pcfg = dataclasses.asdict(tiny_config(depth=4, **train.VARIANTS["mavil"]))
+    model = FT.build_model(FT.FinetuneConfig(size="tiny", arch="encoder", num_frames=4, image_size=32,
+                                             audio_frames=64), {"label": 3}, pcfg)
+    ids = model.layer_ids()
+    assert model.n_layers == 6
+    assert ids["encoder.fusion.blocks.0.attn.qkv.weight"] == 5 and ids["encoder.fusion.blocks.1.mlp.fc2.bias"] == 6
+    assert ids["encoder.streams.a.norm.weight"] == 4 and ids["heads.a.label.weight"] == 7
+
+# -----------------------------------------------------------------------------
+# MAViL Eq. 1 / 4-6: reconstruction terms summed, alpha = 0.1 and beta = 0.01 against the sum
+
+
+def test_mavil_sums_reconstruction_terms_avmae_averages_them():
+    for variant, combine in (("mavil", lambda a, v: a + v), ("avmae", lambda a, v: 0.5 * (a + v))):
+        cfg = tiny_config(**train.VARIANTS[variant])
+        model = avmae.AVMAE(cfg)
+        out = model(**tiny_batch(cfg))
+        recon = combine(out["loss_a"], out["loss_v"])
+        if variant == "mavil":
+            assert torch.allclose(out["loss_recon"], recon)
+            assert torch.allclose(out["loss"], recon + 0.1 * out["loss_inter"] + 0.01 * out["loss_intra"])
+        else:
+            assert torch.allclose(out["loss"], recon)
+    mcfg, _ = train.parse_args(["--variant", "mavil2", "--teacher", "t.pt"])
+    assert mcfg.recon_sum and mcfg.contrast_inter == 0.1 and mcfg.contrast_intra == 0.01
+
+
+# -----------------------------------------------------------------------------
+# AudioSet finetuning: label smoothing 0.3 (Table 24) on the multi-label targets too
+
+
+def test_multi_label_targets_are_label_smoothed():
+    z = torch.randn(4, 5)
+    t = (torch.rand(4, 5) > 0.5).float()
+    got = FT.loss_fn({"label": z}, {"label": t}, True, 0.3)
+    want = F.binary_cross_entropy_with_logits(z, t * 0.7 + 0.3 / 5)  # on 1 - s + s/C, off s/C
+    assert torch.allclose(got, want)
+    assert not torch.allclose(got, F.binary_cross_entropy_with_logits(z, t))
+    assert FT.parse_args(["--preset", "audioset"]).label_smoothing == 0.3
+
+
+# -----------------------------------------------------------------------------
+# MBT as the authors finetune it ("mixmod"): one LayerNorm and one classifier for both modalities,
+# logits and a mixup weight per modality, the per-modality losses averaged
+
+
+def _mbt(shared_head=True):
+    return avmae.MBT(tiny_config(), {"label": 3}, fusion_layer=2, shared_head=shared_head)
+
+
+def test_mbt_default_has_one_norm_and_one_head_and_a_loss_per_modality():
+    model = _mbt()
+    assert list(model.heads) == ["av"] and model.norm is not None
+    assert all(s.norm is None for s in model.streams.values())
+    x = tiny_batch(model.cfg)
+    per = model(**x, per_modality=True)
+    assert set(per) == {"a", "v"} and not torch.allclose(per["a"]["label"], per["v"]["label"])
+    assert torch.allclose(model(**x)["label"], (per["a"]["label"] + per["v"]["label"]) / 2)
+    t = {m: {"label": torch.softmax(torch.randn(2, 3), 1)} for m in "av"}
+    loss = FT.finetune_loss(per, t, True, False, 0.0)
+    each = [FT.loss_fn(per[m], t[m], False, 0.0) for m in "av"]
+    assert torch.allclose(loss, (each[0] + each[1]) / 2)
+    # the option: heads and norms per modality, logits averaged before one loss
+    old = _mbt(shared_head=False)
+    assert set(old.heads) == {"a", "v"} and old.norm is None and all(s.norm is not None for s in old.streams.values())
+    assert FT.parse_args([]).mbt_head == "shared"
+
+
+def test_mixup_draws_a_weight_per_modality_with_its_own_targets():
+    g = torch.Generator().manual_seed(3)
+    batch = {"a": torch.arange(8.0).view(8, 1), "v": torch.arange(8.0).view(8, 1), "label": torch.arange(8)}
+    mixed, t = FT.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False, g, per_modality=True)
+    lam = {}
+    for m in "av":  # clip i is mixed with clip p(i): its targets hold lam_m at i and 1 - lam_m at p(i)
+        y = t[m]["label"]
+        lam[m] = y.diagonal().min()
+        off = y - torch.diag(y.diagonal())
+        partner = torch.where(off.amax(1) > 0, off.argmax(1), torch.arange(8))  # (a clip may draw itself)
+        assert torch.allclose(mixed[m][:, 0], lam[m] * torch.arange(8.0) + (1 - lam[m]) * partner.float())
+    assert not torch.isclose(lam["a"], lam["v"])  # a weight per modality, the same partners
+    _, one = FT.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False, torch.Generator().manual_seed(3))
+    assert set(one) == {"label"}
+
+
+def test_shared_norm_loads_the_mean_of_the_streams_final_norms(tmp_path):
+    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16, "audio_patch_t": 16, "audio_patch_f": 16,
+                                       "encoder": "separate", "decoder": "shared"})
+    pre = avmae.AVMAE(cfg)
+    with torch.no_grad():
+        for m in "av":
+            pre.encoder.streams[m].norm.weight.uniform_()
+    pcfg = dataclasses.asdict(cfg)
+    model = FT.build_model(FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64), {"label": 3},
+                           pcfg)
+    state, report = FT.map_pretrained(pre.state_dict(), pcfg, model)
+    want = (pre.encoder.streams["a"].norm.weight + pre.encoder.streams["v"].norm.weight) / 2
+    assert torch.allclose(state["norm.weight"], want)
+    assert "norm.weight <- mean(encoder.streams.a.norm.weight, encoder.streams.v.norm.weight)" in report["loaded"]
+
+
+# -----------------------------------------------------------------------------
+# video augmentation: pretraining has none (AV-MAE Table 20; the authors' pipeline crops 224 of a
+# 256 short side); finetuning jitters scale (0.9-1.33), flips, colours (p 0.8) and greys (p 0.1)
+
+
+def test_video_augmentation_defaults_and_boxes():
+    assert train.TrainConfig().video_aug == "none" and FT.FinetuneConfig().video_aug == "finetune"
+    assert data.DataConfig().video_aug == "none"
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        top, left, h, w = data.video_box(256, 340, rng, "none", True)
+        assert h == w == 224 and 0 <= top <= 32 and 0 <= left <= 116
+        _, _, h, _ = data.video_box(256, 340, rng, "finetune", True)
+        assert round(256 / 1.33 * 224 / 256) - 1 <= h <= min(256, round(224 / 0.9)) + 1
+    assert data.video_box(256, 340, rng, "finetune", False) == (16, 58, 224, 224)  # central 224 of 256
+
+
+def test_pretraining_clips_are_never_flipped_or_coloured_finetuning_clips_are():
+    T = 4
+    frames = torch.zeros(T, 3, 64, 80, dtype=torch.uint8)
+    frames[:, 0, :, :40] = 200  # red left half: a flip moves it to the right
+    frames[:, 1] = 90
+    none = data.DataConfig(image_size=32, video_aug="none", train=True)
+    fine = data.DataConfig(image_size=32, video_aug="finetune", train=True)
+    flips = colours = greys = 0
+    for seed in range(60):
+        x = data.augment_frames(frames, none, seed).float()  # (3, T, 32, 32)
+        assert x[0, :, :, :4].mean() >= x[0, :, :, -4:].mean()  # red stays on the left
+        assert torch.equal(x[1], torch.full_like(x[1], 90))  # colours untouched
+        y = data.augment_frames(frames, fine, seed).float()
+        assert all(torch.equal(y[:, 0], y[:, t]) for t in range(T))  # every frame alike
+        flips += int(y[0, 0, :, -4:].mean() > y[0, 0, :, :4].mean())
+        greys += int(torch.equal(y[0], y[1]) and torch.equal(y[1], y[2]))
+        colours += int(not torch.equal(y[1], torch.full_like(y[1], 90)))
+    assert 15 <= flips <= 45 and 1 <= greys <= 15 and colours >= 35
+
+
+# -----------------------------------------------------------------------------
+# MAViL at its paper shapes (Sec. 4.1, App. B): 8 x 512 decoders with 16 heads, 2-D sin-cos positions,
+# 1024 x 128 audio (512 tokens), 8 frames at 2 fps (784 tokens); one fusion g_av for both modalities
+
+
+def test_mavil_builds_its_paper_model_at_paper_sizes():
+    for size in ("base", "large"):
+        mcfg, tcfg = train.parse_args(["--variant", "mavil", "--size", size])
+        assert (mcfg.dec_width, mcfg.dec_depth, mcfg.dec_heads, mcfg.dec_mlp) == (512, 8, 16, 2048)
+        assert mcfg.pos_embed == "sincos2d" and tcfg.frame_stride == 12.5  # 25 fps / 12.5 = 2 fps
+        assert math.prod(avmae.AudioPatches(mcfg).grid) == 512 and math.prod(avmae.VideoPatches(mcfg).grid) == 784
+    mcfg, _ = train.parse_args(["--preset", "quick", "--variant", "mavil"])  # tiny stays small
+    assert (mcfg.dec_width, mcfg.audio_frames, mcfg.num_frames) == (64, 256, 8)
+    mcfg, _ = train.parse_args(["--variant", "mavil", "--dec_depth", "2"])  # a flag still wins
+    assert mcfg.dec_depth == 2
+
+
+def test_sincos2d_gives_each_grid_axis_its_own_share_of_the_width():
+    pe = avmae.sincos_grid((4, 3), 16)  # (time, freq): 8 channels for time, 8 for freq
+    t, f = torch.meshgrid(torch.arange(4), torch.arange(3), indexing="ij")
+    assert torch.allclose(pe[:, :8], avmae.sincos_1d(4, 8)[t.flatten()])
+    assert torch.allclose(pe[:, 8:], avmae.sincos_1d(3, 8)[f.flatten()])
+    assert avmae.sincos_grid((2, 3, 5), 64).shape == (30, 64)
+
+
+def test_mavil_mbt_fusion_is_one_function_for_both_modalities():
+    shared = avmae.AVMAE(tiny_config(**train.VARIANTS["mavil_mbt"])).encoder.fusion
+    sep = avmae.AVMAE(tiny_config(**{**train.VARIANTS["mavil_mbt"], "fusion": "mbt_sep"})).encoder.fusion
+    assert list(shared.layers) == ["av"] and sorted(sep.layers) == ["a", "v"]
+    # g_av applied to [x | b] is the same function for audio and for video
+    x = torch.randn(2, 5, 64)
+    out = shared({"a": x.clone(), "v": x.clone()})
+    assert torch.allclose(out["a"], out["v"])
+
+# -----------------------------------------------------------------------------
+# AV-MaskEnhancer (Sec. III-D): N_fuse = N_v tokens of D_fuse = 2 D_v into the video decoder
+
+
+def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
+    cfg = tiny_config(**train.VARIANTS["avme"])
+    assert cfg.xattn_fuse == "channel"
+    model = avmae.AVMAE(cfg)
+    assert model.encoder.out_width == 2 * cfg.width and model.dec_embed["v"].in_features == 2 * cfg.width
+    x = tiny_batch(cfg)
+    masks = model.sample_masks(2)
+    e, uni = model.encoder(model.embed(model.patchify(x), masks), with_unimodal=True)
+    assert e["v"].shape == (2, masks["v"][0].shape[1], 2 * cfg.width)
+    assert torch.equal(e["v"][..., :cfg.width], uni["v"])  # each video token beside its cross-attended audio
+    seen = []
+    h = model.decoder.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
+    model(**x, masks=masks)
+    h.remove()
+    assert seen[0]["v"][1] == model.n["v"]  # N_fuse = N_v: no audio tokens in the decoder's sequence
+    seq = avmae.AVMAE(tiny_config(**{**train.VARIANTS["avme"], "xattn_fuse": "sequence"}))
+    seq.decoder.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
+    seq(**x, masks=masks)
+    assert seen[1]["v"][1] == model.n["v"] + masks["a"][0].shape[1]  # the option: audio along the sequence
+
+
+# -----------------------------------------------------------------------------
+# modules new in finetuning start as in pretraining (xavier-uniform, zero bias; tokens trunc-normal
+# 0.02) and the heads as in MAE finetuning (trunc-normal std 2e-5, zero bias)
+
+
+@pytest.mark.parametrize("arch", ["mbt", "encoder"])
+def test_finetuning_models_from_scratch_get_the_pretraining_init(arch):
+    torch.manual_seed(0)
+    model = FT.build_model(FT.FinetuneConfig(size="small", arch=arch, num_frames=4, image_size=32,
+                                             audio_frames=64), {"label": 309}, None)
+    heads = [m for n, m in model.named_modules() if n.startswith("heads.") and isinstance(m, nn.Linear)]
+    for lin in heads:
+        assert 1.8e-5 < lin.weight.std().item() < 2.2e-5
+        assert not lin.bias.any()
+    for n, lin in model.named_modules():
+        if isinstance(lin, nn.Linear) and not n.startswith("heads."):
+            fan_out, fan_in = lin.weight.shape
+            assert abs(lin.weight.std().item() / math.sqrt(2 / (fan_in + fan_out)) - 1) < 0.05, n
+            assert not lin.bias.any(), n
+    if arch == "mbt":
+        assert abs(model.bottleneck.std().item() - 0.02) < 0.01
+
+
+# -----------------------------------------------------------------------------
+# MBT's fusion layer: 8 of 12 (MBT); of 24, 16 on VGGSound and 18 on AudioSet (the authors' configs)
+
+
+def test_fusion_layer_follows_the_authors_configs():
+    for preset, depth, want in (("vggsound", 12, 8), ("vggsound", 24, 16), ("audioset", 24, 18), ("epic", 24, 16)):
+        pcfg = dataclasses.asdict(tiny_config(depth=depth))
+        f = FT.FinetuneConfig(preset=preset, size="tiny", num_frames=4, image_size=32, audio_frames=64)
+        assert FT.build_model(f, {"label": 3}, pcfg).fusion_layer == want, (preset, depth)
