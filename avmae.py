@@ -1,7 +1,7 @@
 """
 Audiovisual Masked Autoencoders (AV-MAE), one file.
 
-Georgescu et al., "Audiovisual Masked Autoencoders", ICCV 2023 (../shared/seeds/000_*, Sec. 3).
+Georgescu et al., "Audiovisual Masked Autoencoders", ICCV 2023 (Sec. 3).
 Every pretraining variant of the paper is a config string, chosen once in __init__:
 
   encoder   early     concatenate visible audio + video tokens, one transformer      (Fig. 2a)
@@ -13,11 +13,11 @@ Every pretraining variant of the paper is a config string, chosen once in __init
             inpaint_v   video from the encoded audio tokens alone                    (Sec. 3.4, Fig. 3)
             inpaint_a   audio from the encoded video tokens alone
             inpaint_both  both of the above, equal weights
-            video       video only, from the encoded video and audio (AV-MaskEnhancer)  (002, SPEC 8)
+            video       video only, from the encoded video and audio (AV-MaskEnhancer, Sec. III)
   modalities av (default), a (audio-only MAE = AudioMAE), v (video-only MAE = VideoMAE)  (Table 3)
-  masking   video: random (0.9) | tube;  audio: random (0.5) | time | freq           (Sec. 4.1, SPEC 3)
-  relatives encoder mavil: full unimodal streams + F fusion layers (vanilla | mbt)  (MAViL, 001)
-            encoder xattn: unimodal streams + bidirectional cross-attention         (AV-MaskEnhancer, 002)
+  masking   video: random (0.9) | tube;  audio: random (0.5) | time | freq           (Sec. 4.1)
+  relatives encoder mavil: full unimodal streams + F fusion layers (vanilla | mbt)  (MAViL Sec. 3.1)
+            encoder xattn: unimodal streams + bidirectional cross-attention  (AV-MaskEnhancer Sec. III-D)
             contrast_inter / contrast_intra: InfoNCE across / within modalities     (MAViL Eq. 3, CAV-MAE)
             type_embed: modality-type embeddings (CAV-MAE); target teacher: MAViL stage 2 (Eq. 5)
 
@@ -79,8 +79,8 @@ class AVMAEConfig:
     recon_sum: bool = False       # sum the modalities' reconstruction terms (MAViL Eq. 1) instead of averaging
     decoder_layout: str = "gather"  # gather: [visible | mask] (VideoMAE) | unshuffle (MAE); equal
     inpaint_layout: str = "paper"   # paper: mask tokens at the last raster positions | masked
-    kernels: str = "auto"         # auto (Triton on CUDA, torch twins elsewhere) | triton | torch
-    # relatives (SPEC 8): MAViL, CAV-MAE, AV-MaskEnhancer
+    kernels: str = "auto"         # auto (a kernel where measured faster on this GPU) | triton | torch; run time only
+    # relatives: MAViL (Huang et al.), CAV-MAE (Gong et al.), AV-MaskEnhancer (Diao et al.)
     fusion: str = "vanilla"       # mavil fusion: vanilla (concatenation) | mbt (bottlenecks, one g_av for both
                                   # modalities, MAViL App. B) | mbt_sep (a layer per modality, as MBT itself)
     fusion_layers: int = 2        # F, the mavil encoder's fusion layers on top of full unimodal streams
@@ -128,7 +128,7 @@ def make_config(size: str = "base", **overrides) -> AVMAEConfig:
     return AVMAEConfig(**{**SIZES[size], **overrides})
 
 # -----------------------------------------------------------------------------
-# the steps the Triton kernels replace (issue 5). These plain-torch versions are the definitions.
+# the steps the Triton kernels (kernels/) replace. These plain-torch versions are the definitions.
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,15 +220,37 @@ OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, a
                  loss=recon_loss)
 
 
-def get_ops(name: str) -> dict:
-    """The kernel set behind one switch: 'torch' (these twins everywhere), 'auto' (kernels/ on CUDA
-    tensors, the twins elsewhere) or 'triton' (also on CPU tensors under the Triton interpreter)."""
+# GPUs (a name substring) on which a Triton kernel was measured faster than its twin, per op
+# (`python kernels/bench.py` on that GPU, eager and compiled). --kernels auto uses a kernel only there:
+# until a measurement says otherwise the twins (SDPA for attention) are the fast path.
+KERNELS_MEASURED_FASTER: dict = {}  # e.g. {"H100": ("gather", "assemble")}
+
+
+def _pick(fast, twin, on_cpu: bool, supports=None):
+    def op(x, *args):  # the inputs decide (trace-time constants for torch.compile)
+        use = (x.is_cuda or on_cpu) and (supports is None or supports(x, *args))
+        return fast(x, *args) if use else twin(x, *args)
+    op.__name__, op.__doc__ = twin.__name__, twin.__doc__
+    return op
+
+
+def get_ops(name: str, device: str | None = None) -> dict:
+    """The kernel set behind one switch, chosen per op: 'torch' (the twins everywhere); 'triton'
+    (each kernel on the inputs it supports, on CUDA tensors, and on CPU tensors under the Triton
+    interpreter); 'auto' (a kernel only where KERNELS_MEASURED_FASTER lists it for this GPU). The
+    choice is made at run time: it is not part of what a checkpoint holds."""
+    if name not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels={name!r} is not one of auto, triton, torch")
     if name == "torch":
         return OPS_TORCH
-    if name in ("auto", "triton"):
-        import kernels  # (imports triton; only when asked for)
-        return kernels.ops(cpu_interpreter=name == "triton")
-    raise ValueError(f"kernels={name!r} is not one of auto, triton, torch")
+    import kernels  # (imports triton; only when asked for)
+    if name == "auto":
+        gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else ""
+        faster = {op for k, ops in KERNELS_MEASURED_FASTER.items() if k in gpu for op in ops}
+    else:
+        faster = set(kernels.FAST)
+    return {k: _pick(kernels.FAST[k], twin, name == "triton" and kernels.INTERPRET, kernels.SUPPORTS.get(k))
+            if k in faster and k in kernels.FAST else twin for k, twin in OPS_TORCH.items()}
 
 # -----------------------------------------------------------------------------
 # tokenisers: patchify / unpatchify in the feature order the embedding and the loss both use
@@ -262,7 +284,7 @@ class VideoPatches:
 class AudioPatches:
     """Spectrogram patches of (time x freq); tokens in row-major (time patch, freq patch) order,
     features in (time, freq) order. Trailing frames that do not fill a patch are dropped
-    (AudioSet: 1000 frames -> 62 x 8 = 496 tokens, SPEC 1)."""
+    (AudioSet: 1000 frames -> 62 x 8 = 496 tokens)."""
 
     def __init__(self, cfg: AVMAEConfig):
         self.pt, self.pf = cfg.audio_patch_t, cfg.audio_patch_f
@@ -287,7 +309,7 @@ class AudioPatches:
 PATCHES = {"a": AudioPatches, "v": VideoPatches}
 
 def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_chans: int, mode: str = "inflate"):
-    """ViViT's initialisation (003) of a tubelet embedding from a 2-D patch embedding. w2d: (D, p*p*c2),
+    """ViViT's initialisation (Arnab et al., Sec. 3.4) of a tubelet embedding from a 2-D patch embedding. w2d: (D, p*p*c2),
     features in (h, w, c) order (an image patch, or an audio patch read as (time, freq) with c2 = 1);
     returns (D, tubelet*p*p*in_chans) in the tokeniser's (t, h, w, c) order. inflate: the filter
     repeated over time and divided by tubelet, so a video of one repeated image embeds as the image
@@ -315,7 +337,7 @@ def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_cha
 
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
     """Fixed 1-D sinusoidal positions (n, dim): [sin(p w_i) | cos(p w_i)], w_i = 10000^(-i/(dim/2))
-    (the 1-D form of MAE's sin-cos table). Each modality is indexed from 0 (SPEC 2)."""
+    (the 1-D form of MAE's sin-cos table). Each modality is indexed from 0 (the authors' code)."""
     assert dim % 2 == 0, "sinusoidal positions need an even width"
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
@@ -355,7 +377,7 @@ class PosEmbed(nn.Module):
         return self.table
 
 # -----------------------------------------------------------------------------
-# masking (SPEC 3): per example and modality, independent; 1 = masked
+# masking (Sec. 3.1, 4.1): per example and modality, independent; 1 = masked
 
 
 def mask_count(ratio: float, n: int) -> int:
@@ -395,7 +417,7 @@ def ids_to_mask(ids_mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(ids_mask.shape[0], n, device=ids_mask.device).scatter_(1, ids_mask, 1.0)
 
 # -----------------------------------------------------------------------------
-# transformer primitives: pre-LN ViT block (LN eps 1e-6, GELU, MLP 4x), SPEC 2
+# transformer primitives: pre-LN ViT block (LN eps 1e-6, GELU, MLP 4x), as ViT / MAE
 
 
 class Attention(nn.Module):
@@ -805,7 +827,7 @@ class AVMAE(nn.Module):
         self.n = {m: math.prod(self.patches[m].grid) for m in mods}
         self.targets = {t: s for t, s in OBJECTIVES[cfg.objective].items() if t in mods}  # target -> source
 
-        # encoder: embed only the visible patches (patch embedding is linear, SPEC 2)
+        # encoder: embed only the visible patches (patch embedding is linear: the same result)
         self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim, cfg.width) for m in mods})
         self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width, cfg.pos_embed) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -824,7 +846,7 @@ class AVMAE(nn.Module):
         sources = sorted(set(self.targets.values()) | set(self.extra))
         self.dec_embed = nn.ModuleDict({s: nn.Linear(self.encoder.out_width, cfg.dec_width) for s in sources})
         self.mask_token = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.dec_width)) for t in self.targets})
-        # the paper's inpainting layout gives context tokens the target's positions (SPEC 5)
+        # the paper's inpainting layout gives context tokens the target's positions (Sec. 3.4)
         pos_mods = set(self.targets) | (set(sources) if cfg.inpaint_layout == "masked" or self.extra else set())
         self.dec_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.dec_width, cfg.pos_embed) for m in sorted(pos_mods)})
         self.decoder = DECODERS[cfg.decoder](list(self.targets), cfg.dec_width, cfg.dec_depth, cfg.dec_heads,

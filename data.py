@@ -1,5 +1,5 @@
 """
-Data: raw video -> prepared set -> batches. SPEC sections 1 and 9.
+Data: raw video -> prepared set -> batches. (AV-MAE Sec. 4.1; the data sets as their own papers publish them).
 
   python data.py prepare --videos DIR --manifest vggsound.csv --format vggsound --out data/vggsound
   python data.py prepare --videos DIR --manifest balanced_train_segments.csv --format audioset \
@@ -50,7 +50,7 @@ FPS = 12.5
 VIDEO_FPS = 25.0  # the frame rate strides are counted in (paper: stride 4 pretraining, 2 finetuning)
 
 # -----------------------------------------------------------------------------
-# log-mel, Kaldi's fbank as every peer computes it (SPEC 1), in torch, batched, CPU or GPU
+# log-mel, Kaldi's fbank as every peer computes it (AST, AudioMAE, CAV-MAE), in torch, batched, CPU or GPU
 
 AUDIO_NORMS = {"none": (0.0, 1.0), "audiomae": (-4.27, 2 * 4.57), "cavmae": (-5.081, 4.4849)}
 

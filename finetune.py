@@ -1,6 +1,6 @@
 """
 Finetuning and linear probing: audio-only, video-only and audiovisual classification (Sec. 4.1,
-Tables 22-24, SPEC 7). Shares its distributed / checkpoint / logging plumbing with train.py.
+Tables 22-24). Shares its distributed / checkpoint / logging plumbing with train.py.
 
   python finetune.py --preset quick --init out/quick/ckpt_0000600.pt            # built-in data, CPU
   python finetune.py --preset quick                                             # the same from scratch
@@ -208,7 +208,7 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     dst = model.state_dict()
     out, loaded, folded = {}, [], set()
     if not isinstance(model, avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
-        # an audio-only checkpoint: the video tubelet filter from the audio patch filter (ViViT, 003)
+        # an audio-only checkpoint: the video tubelet filter from the audio patch filter (ViViT Sec. 3.4)
         if (pcfg["audio_patch_t"], pcfg["audio_patch_f"]) != (cfg.patch_size, cfg.patch_size):
             raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} audio patch into "
                              f"{cfg.patch_size}x{cfg.patch_size} video patches; use --inflate none")
@@ -258,7 +258,7 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     return out, report
 
 # -----------------------------------------------------------------------------
-# metrics (SPEC 7): top-1/5, mAP, AUC, d', EPIC action accuracy
+# metrics (Sec. 4.1): top-1/5, mAP, AUC, d', EPIC action accuracy
 
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:

@@ -1,5 +1,5 @@
 """
-AV-MAE pretraining, on one CPU, one GPU, or many GPUs and nodes (torchrun + DDP / FSDP). SPEC 6.
+AV-MAE pretraining, on one CPU, one GPU, or many GPUs and nodes (torchrun + DDP / FSDP), AV-MAE Sec. 4.1, Table 20.
 
   python train.py --preset quick                    # built-in data, tiny model, any device: minutes
   python train.py --data data/vggsound              # the paper recipe (ViT-B, VGGSound) on one GPU
@@ -42,7 +42,7 @@ import data
 class TrainConfig:
     preset: str = "vggsound_b"
     size: str = "base"            # model size preset (avmae.SIZES); explicit width flags win
-    variant: str = "avmae"        # avmae | mavil | mavil_mbt | mavil2 | cavmae | avme (the relatives, SPEC 8)
+    variant: str = "avmae"        # avmae | mavil | mavil_mbt | mavil2 | cavmae | avme (the relatives)
     teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint whose fusion outputs are the targets
     data: str = "data/vggsound"   # a prepared set (data.py prepare); a missing '*builtin' folder is generated
     split: str = "train"
@@ -94,11 +94,14 @@ VARIANTS = {  # the relatives as overrides of the model
     # inter-modal contrast (0.01, tau 0.05), 75% masking of both, the reconstruction terms summed (authors' code)
     "cavmae": dict(encoder="mid", joint_layers=1, type_embed=True, decoder="early", contrast_inter=0.01,
                    tau_inter=0.05, mask_ratio_v=0.75, mask_ratio_a=0.75, recon_sum=True),
-    # AV-MaskEnhancer (002): 90% tube masking of video, all of the audio, bidirectional cross-attention,
+    # AV-MaskEnhancer (Diao et al.): 90% tube masking of video, all of the audio, bidirectional cross-attention,
     # the video reconstructed from both streams
     "avme": dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9, mask_ratio_a=0.0,
                  objective="video", decoder="early"),
 }
+
+# what a variant changes in the data pipeline: MAViL flips and randomly crops frames in pretraining (App. B)
+VARIANT_DATA = {"mavil": dict(video_aug="rrc"), "mavil_mbt": dict(video_aug="rrc"), "mavil2": dict(video_aug="rrc")}
 
 # At the paper's sizes (base, large) a variant also takes its paper's decoder and input shapes; smaller
 # sizes keep the size preset's (a quick CPU run stays quick). MAViL Sec. 4.1 / App. B: 8-layer 512-wide
@@ -111,7 +114,7 @@ PAPER_SIZES = ("base", "large")
 PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
     "vggsound_b": dict(),  # the defaults: ViT-B, mid-fusion S=2, shared decoder, Table 20
     "vggsound_l": dict(size="large"),
-    # AudioSet: 10 s of audio (1000 frames -> 496 tokens), audio masking 0.7 (SPEC 3), 80 epochs =
+    # AudioSet: 10 s of audio (1000 frames -> 496 tokens), audio masking 0.7 (Sec. 4.1), 80 epochs =
     # the same number of iterations as 800 on VGGSound (Table 4)
     "audioset_b": dict(data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80, warmup_epochs=4),
     "audioset_l": dict(size="large", data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80,
@@ -182,7 +185,8 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dic
 
 def parse_args(argv=None):
     args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES, **TRAIN_CHOICES}).parse_args(argv))
-    tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig, variants=VARIANTS,
+    tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig,
+                         variants={k: {**v, **VARIANT_DATA.get(k, {})} for k, v in VARIANTS.items()},
                          paper_shapes=PAPER_SHAPES)
     if (mcfg.target == "teacher") != bool(tcfg.teacher):
         raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and --teacher PATH")
@@ -387,7 +391,7 @@ def _block_flops(n: int, d: int, hidden: int) -> float:
 
 def flops_per_clip(model: avmae.AVMAE) -> dict:
     """Forward FLOPs per clip: the encoder on visible tokens, the decoder on its full sequences, the
-    patch embedding on visible patches and the heads on predicted tokens (SPEC 10); for the relatives
+    patch embedding on visible patches and the heads on predicted tokens (about 110 GFLOP per clip at ViT-B, paper shapes); for the relatives
     also their fusion / cross-attention layers and the second masked view."""
     cfg = model.cfg
     masks = model.sample_masks(1)
@@ -532,6 +536,7 @@ def rank_rows(micro: int, b: int, d: Dist) -> torch.Tensor:
     return (micro * b + torch.arange(b)) * d.world + d.rank
 
 
+RUN_TIME_FIELDS = ("kernels",)  # chosen by the resuming run, whatever the checkpoint's run used
 LOSS_KEYS = ("loss", "loss_a", "loss_v", "loss_inter", "loss_intra")
 
 
@@ -639,8 +644,9 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     ckpt_path = find_checkpoint(tcfg.resume, tcfg.out_dir)
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path, "--resume")
-        if ckpt["model_config"] != asdict(mcfg):
-            diff = {k: (v, asdict(mcfg)[k]) for k, v in ckpt["model_config"].items() if asdict(mcfg).get(k) != v}
+        diff = {k: (v, asdict(mcfg).get(k)) for k, v in ckpt["model_config"].items()
+                if asdict(mcfg).get(k) != v and k not in RUN_TIME_FIELDS}
+        if diff:
             raise SystemExit(f"{ckpt_path} was trained with another model config: {diff}")
         load_states(model, opt, ckpt, tcfg.fsdp)
         step = ckpt["step"]

@@ -1,5 +1,5 @@
 """
-Decoder assembly, the "unshuffle" (SPEC 4), in the two layouts the model can use:
+Decoder assembly, the "unshuffle" (AV-MAE Sec. 3.3), in the two layouts the model can use:
 
   assemble   [visible | mask] (VideoMAE):  out[b, k]     = x_vis[b, k] + pos_vis[ids_vis[b, k]]      k < K
                                            out[b, K + j] = mask_token  + pos_mask[ids_mask[b, j]]

@@ -154,6 +154,14 @@ def _strides(t):  # (B, H, N, d) -> batch, head, row strides (the last dim must 
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+
+def supports(q, k, v) -> bool:
+    """The inputs this kernel takes: (B, H, N, d) q, k, v of one shape and dtype (fp32 / fp16 / bf16),
+    head dim 16, 32, 64 or 128, contiguous along it. Anything else runs on the twin (SDPA)."""
+    return (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] in (16, 32, 64, 128)
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
+
 def _check(q, k, v):
     assert q.shape == k.shape == v.shape and q.dim() == 4, "q, k, v: (B, H, N, d), equal shapes"
     assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)

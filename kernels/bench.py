@@ -1,5 +1,5 @@
 """
-Each kernel against its torch twin at the paper's shapes, in one run, as ratios (issue 5, SPEC 10):
+Each kernel against its torch twin at the paper's shapes, in one run, as ratios :
 
   python kernels/bench.py                 # everything (needs a GPU)
   python kernels/bench.py --only attention

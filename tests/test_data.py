@@ -1,4 +1,4 @@
-"""data.py: Kaldi log-mel, prepare with ffmpeg, manifests, the built-in set, the loader and bad input (issue 3)."""
+"""data.py: Kaldi log-mel, prepare with ffmpeg, manifests, the built-in set, the loader and bad input."""
 import csv
 import json
 import logging

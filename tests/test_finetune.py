@@ -1,4 +1,4 @@
-"""finetune.py: weight mapping from every pretraining strategy, MBT fusion, metrics, the loop (issue 6)."""
+"""finetune.py: weight mapping from every pretraining strategy, MBT fusion, metrics, the loop."""
 import csv
 import json
 import math

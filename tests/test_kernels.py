@@ -1,6 +1,10 @@
 """kernels/: every Triton kernel equals its torch twin, forward and backward, here on the CPU through
-Triton's interpreter (fp32 and fp16; the interpreter's bf16 is broken) at ragged shapes (issue 5).
+Triton's interpreter (fp32 and fp16; the interpreter's bf16 is broken) at ragged shapes.
 The bf16 checks at the paper's shapes are in test_kernels_gpu.py and need a GPU."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +12,8 @@ import torch.nn.functional as F
 import avmae
 import kernels
 from conftest import tiny_batch, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(not (kernels.HAVE_TRITON and kernels.INTERPRET),
                                 reason="needs triton and TRITON_INTERPRET=1 set before it is imported (conftest does)")
@@ -119,14 +125,26 @@ def test_model_step_with_kernels_equals_the_twins(variant):
         assert torch.allclose(pf.grad, pt.grad, atol=1e-5, rtol=1e-3), n
 
 
-def test_auto_uses_the_twins_on_cpu_and_triton_asks_for_the_interpreter(monkeypatch):
+def test_backend_is_chosen_per_op_and_unsupported_inputs_go_to_the_twin(monkeypatch):
     calls = []
     monkeypatch.setitem(kernels.FAST, "attention", lambda *a: calls.append(1) or avmae.attention(*a))
     q = torch.randn(1, 2, 5, 16)
-    kernels.ops(cpu_interpreter=False)["attention"](q, q, q)
-    assert calls == []
-    kernels.ops(cpu_interpreter=True)["attention"](q, q, q)
+    avmae.get_ops("auto")["attention"](q, q, q)  # nothing measured faster here: SDPA
+    assert calls == [] and avmae.get_ops("auto")["gather"] is avmae.gather_tokens
+    avmae.get_ops("triton")["attention"](q, q, q)  # the interpreter runs it on CPU tensors
     assert calls == [1]
+    q48 = torch.randn(1, 2, 5, 48)  # a head dim the kernel does not take: the twin, no assert
+    out = avmae.get_ops("triton")["attention"](q48, q48, q48)
+    assert calls == [1] and torch.allclose(out, avmae.attention(q48, q48, q48))
+    monkeypatch.setitem(avmae.KERNELS_MEASURED_FASTER, "", ("attention",))  # "measured faster on every GPU"
+    assert avmae.get_ops("auto")["gather"] is avmae.gather_tokens
+    avmae.get_ops("auto")["attention"](q, q, q)  # a CPU tensor without 'triton': still the twin
+    assert calls == [1]
+
+
+def test_importing_kernels_does_not_import_the_model():
+    code = "import sys, kernels; assert 'avmae' not in sys.modules, 'kernels imported avmae'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
 
 
 COMPILE_CHECK = """

@@ -1,5 +1,5 @@
 """kernels/ on a GPU: bf16 at the paper's shapes, the whole model step with kernels against the
-twins, and the compiled training step (issue 5, acceptance 2 and 4). Skipped without CUDA.
+twins, and the compiled training step. Skipped without CUDA.
 Run alone: python -m pytest -q tests/test_kernels_gpu.py (TRITON_INTERPRET must not be set)."""
 import os
 

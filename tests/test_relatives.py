@@ -1,4 +1,4 @@
-"""The relatives (issue 7, SPEC 8): MAViL's contrast and stage 2, CAV-MAE, AV-MaskEnhancer, ViViT
+"""The relatives : MAViL's contrast and stage 2, CAV-MAE, AV-MaskEnhancer, ViViT
 inflation. (Shapes, gradients and overfitting of every relative are in test_model.py.)"""
 import math
 import os

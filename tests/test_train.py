@@ -1,4 +1,4 @@
-"""train.py: flags, schedule, FLOPs, checkpoints, resume, NaN handling, DDP / FSDP equivalence (issue 4)."""
+"""train.py: flags, schedule, FLOPs, checkpoints, resume, NaN handling, DDP / FSDP equivalence."""
 import glob
 import json
 import math
@@ -61,7 +61,7 @@ def test_flops_match_the_spec_for_vit_b():
     with torch.device("meta"):
         model = avmae.AVMAE(avmae.make_config("base"))
     fl = train.flops_per_clip(model)
-    # SPEC 10: about 110 GFLOP forward per clip = encoder ~64 on 357 visible tokens + decoder ~46 on 1968
+    # about 110 GFLOP forward per clip = encoder ~64 on 357 visible tokens + decoder ~46 on 1968
     assert fl["encoder"] / 1e9 == pytest.approx(64, rel=0.05)
     assert fl["decoder"] / 1e9 == pytest.approx(46, rel=0.05)
     assert fl["train"] == 3 * fl["forward"]
@@ -105,10 +105,13 @@ def test_resume_continues_exactly(builtin, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_refuses_another_model(builtin, tmp_path):
-    run(builtin, tmp_path, "--max_steps", "1", "--batch_size", "8")
+def test_resume_refuses_another_model_but_takes_another_kernel_backend(builtin, tmp_path):
+    run(builtin, tmp_path, "--max_steps", "1", "--batch_size", "8", "--kernels", "torch")
     with pytest.raises(SystemExit, match="another model config"):
         run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto", "--encoder", "early")
+    # the backend is the resuming run's choice, not part of the model
+    res = run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto", "--kernels", "auto")
+    assert res["step"] == 2
 
 
 def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
