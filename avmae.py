@@ -486,13 +486,22 @@ class Transformer(nn.Module):
 def _prefix(p: str, ids: dict) -> dict:
     return {f"{p}.{k}": v for k, v in ids.items()}
 
+def block_flops(n: int, d: int, hidden: int) -> float:
+    """Forward FLOPs of one pre-LN block on n tokens: matmuls 2 (4 d^2 + 2 d h) per token, attention
+    scores and weighted sum 4 n d per token."""
+    return n * (2 * (4 * d * d + 2 * d * hidden) + 4 * n * d)
+
 # -----------------------------------------------------------------------------
 # fusion strategies (Fig. 2). Encoders and decoders are the same shapes with other sizes; each maps
-# {modality: (B, N_m, D)} -> {modality: (B, N_m, out_width)}. Each class also says for itself what
-# the rest of the code needs to know of it:
-#   n_layers       the network's depth along a token's path (layer-wise lr decay: the top is n_layers)
-#   layer_ids()    {parameter name: depth}, 1..n_layers
-#   out_width      the width of its outputs (2 D for AV-MaskEnhancer's channel fusion)
+# {modality: (B, N_m, D)} -> {modality: (B, N_m, out_width)}. A class says for itself all that the
+# rest of the code needs to know of it, so a new fusion variant is one class and one ENCODERS entry:
+#   mixes                 whether one modality's tokens see the other's (inpainting needs it)
+#   n_layers, out_width   depth along a token's path (the top for layer-wise lr decay); output width
+#   layer_ids()           {parameter name: depth}, 1..n_layers
+#   flops(cfg, k, blk)    forward FLOPs on k[m] visible tokens per modality (blk(n, layers): blocks on n)
+#   stream_weights(cfg, m)  how an MBT finetuning stream of modality m is initialised from it: the
+#                         source of each block, the closing norm, an inner norm kept (name, after block)
+#   mbt_drops             parts MBT finetuning leaves out (the papers finetune the unimodal encoders)
 # For the contrastive losses an encoder also gives each modality's *unimodal* representation
 # (computed from that modality alone): forward(xs, with_unimodal=True) -> (fused, unimodal), and
 # unimodal(xs) alone (a second masked view).
@@ -510,6 +519,15 @@ def _joint(net, xs: dict) -> dict:
 
 class Early(nn.Module):
     """One transformer over the concatenation of all modalities' tokens (unimodal: each alone)."""
+    mixes, mbt_drops = True, ()
+
+    @staticmethod
+    def flops(cfg, k, blk, unimodal=False):
+        return sum(blk(n, cfg.depth) for n in k.values()) if unimodal else blk(sum(k.values()), cfg.depth)
+
+    @staticmethod
+    def stream_weights(cfg, m):
+        return dict(blocks=[f"joint.blocks.{i}" for i in range(cfg.depth)], norm="joint.norm", inner=None)
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -529,6 +547,15 @@ class Early(nn.Module):
 
 class Separate(nn.Module):
     """One transformer per modality, no exchange."""
+    mixes, mbt_drops = False, ()
+
+    @staticmethod
+    def flops(cfg, k, blk, unimodal=False):
+        return sum(blk(n, cfg.depth) for n in k.values())
+
+    @staticmethod
+    def stream_weights(cfg, m):
+        return dict(blocks=[f"streams.{m}.blocks.{i}" for i in range(cfg.depth)], norm=f"streams.{m}.norm", inner=None)
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -548,6 +575,11 @@ class Separate(nn.Module):
 
 class Shared(nn.Module):
     """One transformer applied to each modality on its own (tied weights)."""
+    mixes, mbt_drops, flops = False, (), Separate.flops
+
+    @staticmethod
+    def stream_weights(cfg, m):
+        return dict(blocks=[f"shared.blocks.{i}" for i in range(cfg.depth)], norm="shared.norm", inner=None)
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -569,6 +601,19 @@ class Mid(nn.Module):
     """depth - S layers per modality (each stream ends in its own LayerNorm, as in the authors'
     code), then S joint layers over the concatenation. Unimodal: the joint layers on each modality
     alone (CAV-MAE's way, S = 1)."""
+    mixes, mbt_drops = True, ()
+
+    @staticmethod
+    def flops(cfg, k, blk, unimodal=False):
+        L, S = cfg.depth, cfg.joint_layers
+        joint = sum(blk(n, S) for n in k.values()) if unimodal else blk(sum(k.values()), S)
+        return sum(blk(n, L - S) for n in k.values()) + joint
+
+    @staticmethod
+    def stream_weights(cfg, m):  # the joint layers copied into both streams (untied); the stream's norm kept
+        L, S = cfg.depth, cfg.joint_layers
+        blocks = [f"streams.{m}.blocks.{i}" if i < L - S else f"joint.blocks.{i - (L - S)}" for i in range(L)]
+        return dict(blocks=blocks, norm="joint.norm", inner=(f"streams.{m}.norm", L - S))
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -628,6 +673,16 @@ class MAViLEncoder(nn.Module):
     fusion encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The
     contrastive losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks
     the pairing)."""
+    mixes, mbt_drops, stream_weights = True, ("fusion.",), Separate.stream_weights
+
+    @staticmethod
+    def flops(cfg, k, blk, unimodal=False):
+        streams = sum(blk(n, cfg.depth) for n in k.values())
+        if unimodal:
+            return streams
+        if cfg.fusion == "vanilla":
+            return streams + blk(sum(k.values()), cfg.fusion_layers)
+        return streams + sum(blk(n + cfg.bottlenecks, cfg.fusion_layers) for n in k.values())
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -680,6 +735,15 @@ class XAttnEncoder(nn.Module):
     concatenates the two modalities along the sequence. In the channel form with the video-only
     objective nothing reads the audio queries of the last layer, so that layer has video queries
     alone (out_mods = ('v',)): no parameter goes untrained."""
+    mixes, mbt_drops, stream_weights = True, ("cross.", "norm."), Separate.stream_weights
+
+    @staticmethod
+    def flops(cfg, k, blk, unimodal=False):  # per layer and direction: q, kv, out projections, scores, MLP
+        d, h = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        streams = sum(blk(n, cfg.depth) for n in k.values())
+        cross = sum(2 * k[m] * d * d * 2 + 2 * k[o] * 2 * d * d + 4 * k[m] * k[o] * d + 4 * k[m] * d * h
+                    for m in k for o in k if o != m)
+        return streams if unimodal else streams + cfg.cross_layers * cross
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -724,7 +788,7 @@ OBJECTIVES = {
     "video": {"v": "v"},  # + every other modality's encoded tokens as extra context (AV-MaskEnhancer)
 }
 EXTRA_CONTEXT = {"video": ("a",)}
-CHOICES = dict(modalities=("av", "a", "v"), encoder=tuple(ENCODERS), decoder=tuple(DECODERS),
+CHOICES = dict(modalities=("av", "a", "v"), encoder=ENCODERS, decoder=DECODERS,  # (the tables: a new entry counts)
                objective=tuple(OBJECTIVES), pos_embed=("sincos", "sincos2d", "learned"),
                fusion=("vanilla", "mbt", "mbt_sep"), xattn_fuse=("channel", "sequence"),
                target=("pixels", "teacher"),
@@ -753,9 +817,10 @@ def check_config(cfg: AVMAEConfig) -> None:
         if cfg.modalities != "av":
             raise ValueError(f"objective={cfg.objective!r} reconstructs one modality from the other: it "
                              f"needs --modalities av, not {cfg.modalities!r}")
-        if cfg.encoder not in ("early", "mid", "mavil", "xattn"):
+        if not ENCODERS[cfg.encoder].mixes:
+            mixing = ", ".join(k for k, e in ENCODERS.items() if e.mixes)
             raise ValueError(f"objective={cfg.objective!r} decodes one modality from the other's encoded "
-                             f"tokens, so the encoder must mix modalities (early, mid, mavil, xattn); with "
+                             f"tokens, so the encoder must mix modalities ({mixing}); with "
                              f"encoder={cfg.encoder!r} they never meet and training cannot converge "
                              f"(paper Sec. 4.2)")
         if cfg.encoder == "xattn" and cfg.objective != "inpaint_both":
@@ -1031,6 +1096,33 @@ class AVMAE(nn.Module):
                 recon.scatter_(1, out[f"ids_{m}"].unsqueeze(-1).expand_as(pred), pred)
             res[m] = tuple(pt.unpatchify(y) for y in (target, masked, recon))
         return res
+
+    def flops(self) -> dict:
+        """Forward FLOPs per clip (nanoGPT's estimate_mfu does the same from its config): the encoder on
+        the visible tokens (each encoder class counts its own), the decoder on its full sequences, the
+        patch embedding on visible patches and the heads on predicted tokens; the second masked view
+        of the intra-modal contrast counted too. train = 3 x forward."""
+        cfg = self.cfg
+        k = {m: keep.shape[1] for m, (keep, _) in self.sample_masks(1).items()}
+        hid = int(cfg.width * cfg.mlp_ratio)
+
+        def blk(n, layers=1):
+            return layers * block_flops(n, cfg.width, hid)
+        enc_cls = type(self.encoder)
+        enc = enc_cls.flops(cfg, k, blk) + sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)
+        if cfg.contrast_intra:  # the second view runs the unimodal part again
+            enc += enc_cls.flops(cfg, k, blk, unimodal=True)
+        seq, pred = {}, {}
+        for t, s in self.targets.items():  # decoder sequence lengths as _context builds them
+            paper_inpaint = cfg.objective not in ("joint", "video") and cfg.inpaint_layout == "paper"
+            n_pred = self.n[t] - (k[s] if paper_inpaint else k[t])
+            seq[t], pred[t] = k[s] + n_pred + sum(k[o] for o in self.extra), n_pred
+        dd, dh = cfg.dec_width, cfg.dec_mlp
+        lens = [sum(seq.values())] if cfg.decoder == "early" else list(seq.values())
+        dec = sum(cfg.dec_depth * block_flops(n, dd, dh) for n in lens)
+        dec += sum(2 * k[s] * self.encoder.out_width * dd for s in set(self.targets.values()) | set(self.extra))
+        dec += sum(2 * pred[t] * dd * self.head[t].out_features for t in pred)
+        return dict(encoder=enc, decoder=dec, forward=enc + dec, train=3 * (enc + dec))
 
     def num_params(self, prefix: str = "") -> int:
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))

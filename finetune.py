@@ -14,6 +14,7 @@ Tables 22-24). Shares its distributed / checkpoint / logging plumbing with train
 (the pretraining encoder structure). Every field of FinetuneConfig below is a flag.
 """
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -123,14 +124,20 @@ def parse_args(argv=None) -> FinetuneConfig:
 # the model and the weight mapping from any pretraining strategy
 
 
+FINETUNE_OWNED = ("modalities", "num_frames", "image_size", "audio_frames", "drop_path", "kernels")
+
+
+def stream_weights(pcfg: dict, m: str) -> dict:
+    """How the pretraining encoder initialises an MBT stream of modality m (its class says)."""
+    pc = avmae.AVMAEConfig(**{k: v for k, v in pcfg.items() if k in {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}})
+    return avmae.ENCODERS[pc.encoder].stream_weights(pc, m)
+
+
 def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
     """The finetuning model's config: architecture from the checkpoint (or the size preset), input
     shapes and stochastic depth from the finetuning config."""
-    arch = {k: v for k, v in (pcfg or {}).items() if k in ("width", "depth", "heads", "mlp_ratio", "tubelet",
-                                                            "patch_size", "in_chans", "audio_patch_t", "audio_patch_f",
-                                                            "mel_bins", "pos_embed", "encoder", "joint_layers", "fusion",
-                                                            "fusion_layers", "bottlenecks", "cross_layers",
-                                                            "xattn_fuse", "objective")}
+    known = {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}
+    arch = {k: v for k, v in (pcfg or {}).items() if k in known and k not in FINETUNE_OWNED}
     base = {**avmae.SIZES[fcfg.size], **arch} if pcfg is None else arch
     return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality], "num_frames": fcfg.num_frames,
                                         "image_size": fcfg.image_size, "audio_frames": fcfg.audio_frames,
@@ -142,9 +149,8 @@ def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
     cfg = model_config(fcfg, pcfg)
     if fcfg.arch == "encoder":
         return avmae.EncoderClassifier(cfg, heads, fcfg.linear_probe)
-    inner = None
-    if pcfg and pcfg["encoder"] == "mid" and pcfg["modalities"] == "av":
-        inner = pcfg["depth"] - pcfg["joint_layers"]  # keep the mid-fusion streams' closing LayerNorm
+    kept = pcfg and stream_weights(pcfg, avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods[0])["inner"]
+    inner = kept[1] if kept else None  # e.g. the mid-fusion streams' closing LayerNorm, kept where it was
     fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else \
         FUSION_LAYER.get((fcfg.preset, cfg.depth), round(2 * cfg.depth / 3))
     return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe, fcfg.mbt_head == "shared")
@@ -170,8 +176,7 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     dropped, and said so. A modality-type embedding (CAV-MAE) is added into the patch embedding's
     bias (a constant per token: the same function)."""
     cfg = model.cfg
-    src_mods = avmae.AVMAEConfig(**pcfg).mods
-    L, S = pcfg["depth"], pcfg["joint_layers"]
+    src_mods = avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods
     mapping = {}  # destination name -> source name
     if isinstance(model, avmae.EncoderClassifier):
         if pcfg["modalities"] != "av":
@@ -186,25 +191,18 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                 mapping[f"streams.{m}.embed.bias"] = f"patch_embed.{m}.bias"
                 if pcfg["pos_embed"] == "learned":
                     mapping[f"streams.{m}.pos.table"] = f"enc_pos.{m}.table"
-            enc, mods_av = pcfg["encoder"], pcfg["modalities"] == "av"
+            w = stream_weights(pcfg, s)  # (early / shared: one set of weights into every stream, untied)
             for i in range(cfg.depth):
-                if enc in ("separate", "mavil", "xattn") or not mods_av:
-                    src = f"encoder.streams.{s}.blocks.{i}"
-                elif enc == "mid":
-                    src = f"encoder.streams.{s}.blocks.{i}" if i < L - S else f"encoder.joint.blocks.{i - (L - S)}"
-                else:  # early / shared: one set of weights into every stream, untied from here on
-                    src = f"encoder.{'joint' if enc == 'early' else 'shared'}.blocks.{i}"
                 for k in model.streams[m].blocks[i].state_dict():
-                    mapping[f"streams.{m}.blocks.{i}.{k}"] = f"{src}.{k}"
-            final = {"mid": "encoder.joint.norm", "early": "encoder.joint.norm", "shared": "encoder.shared.norm"}.get(
-                enc if mods_av else "separate", f"encoder.streams.{s}.norm")
+                    mapping[f"streams.{m}.blocks.{i}.{k}"] = f"encoder.{w['blocks'][i]}.{k}"
+            final = f"encoder.{w['norm']}"
             for k in ("weight", "bias"):
                 if model.norm is None:
                     mapping[f"streams.{m}.norm.{k}"] = f"{final}.{k}"
                 else:  # one LayerNorm for both modalities: the mean of the streams' final norms
                     mapping[f"norm.{k}"] = tuple(sorted(set(mapping.get(f"norm.{k}", ())) | {f"{final}.{k}"}))
                 if model.streams[m].inner_norm_at is not None:
-                    mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.streams.{s}.norm.{k}"
+                    mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.{w['inner'][0]}.{k}"
     dst = model.state_dict()
     out, loaded, folded = {}, [], set()
     if not isinstance(model, avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
@@ -243,8 +241,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     new = sorted(k for k in dst if k not in out)
     dropped = sorted(k for k in state if k not in used)
     other = set(src_mods) - set(cfg.mods)
-    by_design = ("encoder.fusion.", "encoder.cross.", "encoder.norm.") if pcfg["encoder"] in ("mavil", "xattn") \
-        and not isinstance(model, avmae.EncoderClassifier) else ()
+    by_design = () if isinstance(model, avmae.EncoderClassifier) else \
+        tuple(f"encoder.{p}" for p in avmae.ENCODERS[pcfg["encoder"]].mbt_drops)
     encoder_unused = [k for k in dropped if k.startswith(ENCODER_PREFIXES) and not k.startswith(by_design)
                       and not any(f".{m}." in k or k.endswith(f".{m}") for m in other)]
     if encoder_unused:
@@ -475,15 +473,6 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
     torch.manual_seed(fcfg.seed)
     mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
     T.ensure_data(fcfg, d)
-    dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
-                frame_stride=fcfg.frame_stride, image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
-                window=fcfg.window, audio_norm=fcfg.audio_norm, decode=fcfg.decode, seed=fcfg.seed,
-                video_aug=fcfg.video_aug)
-    train_ds = data.AVDataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
-                                              specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
-    test_ds = data.AVDataset(data.DataConfig(split=fcfg.test_split, train=False, views=fcfg.views, **dcfg))
-    heads = {h: len(names) for h, names in train_ds.heads.items()}
-
     ckpt_path = T.find_checkpoint(fcfg.resume, fcfg.out_dir)
     resumed = T.load_checkpoint(ckpt_path, "--resume", "finetuning") if ckpt_path else None
     pcfg = report = None
@@ -492,6 +481,14 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
     elif fcfg.init:
         ck = T.load_checkpoint(fcfg.init, "--init")
         pcfg = ck["model_config"]
+    dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
+                frame_stride=fcfg.frame_stride, image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
+                mel_bins=(pcfg or {}).get("mel_bins", 128), window=fcfg.window, audio_norm=fcfg.audio_norm,
+                decode=fcfg.decode, seed=fcfg.seed, video_aug=fcfg.video_aug)
+    train_ds = data.AVDataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
+                                              specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
+    test_ds = data.AVDataset(data.DataConfig(split=fcfg.test_split, train=False, views=fcfg.views, **dcfg))
+    heads = {h: len(names) for h, names in train_ds.heads.items()}
     model = build_model(fcfg, heads, pcfg)
     if fcfg.init and not resumed:
         try:

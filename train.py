@@ -366,7 +366,7 @@ def ranks_in_sync(model) -> bool:
     return all(torch.equal(g, got[0]) for g in got)
 
 # -----------------------------------------------------------------------------
-# throughput: analytic FLOPs of the actual configuration, and peaks per GPU
+# throughput: bf16 peaks per GPU, for MFU (the FLOPs: AVMAE.flops, next to the model)
 
 
 PEAK_BF16 = [  # dense bf16 tensor-core FLOP/s, by device-name substring (first match wins)
@@ -381,55 +381,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((p for k, p in PEAK_BF16 if k in name), None)
-
-
-def _block_flops(n: int, d: int, hidden: int) -> float:
-    """Forward FLOPs of one pre-LN block on n tokens: matmuls 2*(4 d^2 + 2 d h) per token, attention
-    scores and weighted sum 4 n d per token."""
-    return n * (2 * (4 * d * d + 2 * d * hidden) + 4 * n * d)
-
-
-def flops_per_clip(model: avmae.AVMAE) -> dict:
-    """Forward FLOPs per clip: the encoder on visible tokens, the decoder on its full sequences, the
-    patch embedding on visible patches and the heads on predicted tokens (about 110 GFLOP per clip at ViT-B, paper shapes); for the relatives
-    also their fusion / cross-attention layers and the second masked view."""
-    cfg = model.cfg
-    masks = model.sample_masks(1)
-    k = {m: masks[m][0].shape[1] for m in cfg.mods}
-    hid = int(cfg.width * cfg.mlp_ratio)
-    L, S, d = cfg.depth, cfg.joint_layers, cfg.width
-    blk = lambda n, layers=1: layers * _block_flops(n, d, hid)  # noqa: E731
-    streams = sum(blk(k[m], L) for m in k)  # separate / shared / mavil / xattn: each stream on its own tokens
-    if cfg.encoder == "early":
-        enc = blk(sum(k.values()), L)
-    elif cfg.encoder == "mid":
-        enc = sum(blk(k[m], L - S) for m in k) + blk(sum(k.values()), S)
-    elif cfg.encoder == "mavil":
-        fusion = (blk(sum(k.values()), cfg.fusion_layers) if cfg.fusion == "vanilla"
-                  else sum(blk(k[m] + cfg.bottlenecks, cfg.fusion_layers) for m in k))
-        enc = streams + fusion
-    elif cfg.encoder == "xattn":  # per layer and direction: q, kv, out projections, scores, the MLP
-        cross = sum(2 * k[m] * d * d * 2 + 2 * k[o] * 2 * d * d + 4 * k[m] * k[o] * d + 4 * k[m] * d * hid
-                    for m in k for o in k if o != m)
-        enc = streams + cfg.cross_layers * cross
-    else:
-        enc = streams
-    enc += sum(2 * k[m] * model.patches[m].dim * d for m in k)
-    if cfg.contrast_intra:  # the second view runs the unimodal part again
-        enc += streams if cfg.encoder in ("separate", "shared", "mavil", "xattn") else enc
-    seq, pred = {}, {}
-    for t, s in model.targets.items():  # decoder sequence lengths as _context builds them
-        n_pred = model.n[t] - k[s] if (cfg.objective not in ("joint", "video") and cfg.inpaint_layout == "paper") \
-            else model.n[t] - k[t]
-        seq[t], pred[t] = k[s] + n_pred + sum(k[o] for o in model.extra), n_pred
-    dd, dh = cfg.dec_width, cfg.dec_mlp
-    if cfg.decoder == "early":
-        dec = cfg.dec_depth * _block_flops(sum(seq.values()), dd, dh)
-    else:
-        dec = sum(cfg.dec_depth * _block_flops(n, dd, dh) for n in seq.values())
-    dec += sum(2 * k[s] * model.encoder.out_width * dd for s in set(model.targets.values()) | set(model.extra))
-    dec += sum(2 * pred[t] * dd * model.head[t].out_features for t in pred)
-    return dict(encoder=enc, decoder=dec, forward=enc + dec, train=3 * (enc + dec))
 
 
 # -----------------------------------------------------------------------------
@@ -585,7 +536,7 @@ def bench(model, mcfg, tcfg, d: Dist, micro: int):
         if i >= 3:
             times.append(time.perf_counter() - t0)
     dt = float(np.median(times))
-    fl = flops_per_clip(raw)
+    fl = raw.flops()
     clips = micro * d.world / dt
     peak = peak_flops(d.device)
     res = dict(step_s=dt, clips_per_s=clips, tflops_per_gpu=clips * fl["train"] / d.world / 1e12,
@@ -665,7 +616,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     epoch0, in_epoch = divmod(step, steps_per_epoch)
     stream = batches(loader, sampler, epoch0, in_epoch * per_rank * tcfg.grad_accum, d, gpu_decoder)
 
-    fl = flops_per_clip(raw)
+    fl = raw.flops()
     peak = peak_flops(d.device)
     log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     if d.master:

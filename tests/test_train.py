@@ -60,7 +60,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 def test_flops_match_the_spec_for_vit_b():
     with torch.device("meta"):
         model = avmae.AVMAE(avmae.make_config("base"))
-    fl = train.flops_per_clip(model)
+    fl = model.flops()
     # about 110 GFLOP forward per clip = encoder ~64 on 357 visible tokens + decoder ~46 on 1968
     assert fl["encoder"] / 1e9 == pytest.approx(64, rel=0.05)
     assert fl["decoder"] / 1e9 == pytest.approx(46, rel=0.05)
