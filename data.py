@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
@@ -42,9 +41,6 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger("avmae.data")
-# torchvision 0.29 marks its JPEG codec deprecated (in favour of torchcodec); it is still the one in
-# the design card, so say it once in the README rather than on every decoded frame
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 SAMPLE_RATE = 16000
 FPS = 12.5
 VIDEO_FPS = 25.0  # the frame rate strides are counted in (paper: stride 4 pretraining, 2 finetuning)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import avmae
 import data
-import train as T
+import train
 
 # -----------------------------------------------------------------------------
 # config
@@ -111,11 +111,11 @@ CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MO
 
 
 def parse_args(argv=None) -> FinetuneConfig:
-    args = vars(T.build_parser(FinetuneConfig, description=__doc__, choices=CHOICES).parse_args(argv))
+    args = vars(train.build_parser(FinetuneConfig, description=__doc__, choices=CHOICES).parse_args(argv))
     preset = args.get("preset") or FinetuneConfig.preset
     if args.get("modality") == "audio" and args.get("mixup") is None and preset in AUDIO_ONLY_MIXUP:
         args["mixup"] = AUDIO_ONLY_MIXUP[preset]
-    (fcfg,) = T.resolve(args, PRESETS, {k: {} for k in avmae.SIZES}, FinetuneConfig)
+    (fcfg,) = train.resolve(args, PRESETS, {k: {} for k in avmae.SIZES}, FinetuneConfig)
     if fcfg.arch == "encoder" and fcfg.modality != "av":
         raise SystemExit("--arch encoder is the audiovisual pretraining encoder: use it with --modality av")
     return fcfg
@@ -160,7 +160,7 @@ def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> 
     """A learned (N, D) position table on a token grid, interpolated to another grid (e.g. 16 -> 32
     frames). Sin-cos tables need nothing: they are rebuilt for any length."""
     D = table.shape[1]
-    x = table.T.reshape(1, D, *src_grid)
+    x = table.train.reshape(1, D, *src_grid)
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(src_grid)]
     return F.interpolate(x, size=dst_grid, mode=mode, align_corners=False).reshape(D, -1).T
 
@@ -391,7 +391,7 @@ def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: 
 
 
 @torch.no_grad()
-def evaluate(model, ds: data.AVDataset, fcfg, d: T.Dist, mods, out_dir: str | None = None) -> dict:
+def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods, out_dir: str | None = None) -> dict:
     """N evenly spaced views per clip, logits averaged; every clip once over all ranks. Writes
     predictions.csv and per_class.csv to out_dir (rank 0)."""
     model.eval()
@@ -403,7 +403,7 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: T.Dist, mods, out_dir: str | No
         b = data.to_device(b, d.device)
         V = fcfg.views
         x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
-        with T.autocast_ctx(fcfg.precision, d.device):
+        with train.autocast_ctx(fcfg.precision, d.device):
             out = model(**x)
         for h in ds.heads:
             logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu())
@@ -461,7 +461,7 @@ def write_reports(out_dir, ids, logits, targets, ds):
 
 def main(argv=None) -> dict:
     fcfg = parse_args(argv)
-    d = T.setup_distributed()
+    d = train.setup_distributed()
     try:
         return finetune(fcfg, d)
     finally:
@@ -469,17 +469,17 @@ def main(argv=None) -> dict:
             dist.destroy_process_group()
 
 
-def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
+def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     torch.manual_seed(fcfg.seed)
     mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
-    T.ensure_data(fcfg, d)
-    ckpt_path = T.find_checkpoint(fcfg.resume, fcfg.out_dir)
-    resumed = T.load_checkpoint(ckpt_path, "--resume", "finetuning") if ckpt_path else None
+    train.ensure_data(fcfg, d)
+    ckpt_path = train.find_checkpoint(fcfg.resume, fcfg.out_dir)
+    resumed = train.load_checkpoint(ckpt_path, "--resume", "finetuning") if ckpt_path else None
     pcfg = report = None
     if resumed:
         pcfg = resumed.get("pretrain_config")
     elif fcfg.init:
-        ck = T.load_checkpoint(fcfg.init, "--init")
+        ck = train.load_checkpoint(fcfg.init, "--init")
         pcfg = ck["model_config"]
     dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
                 frame_stride=fcfg.frame_stride, image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
@@ -498,7 +498,7 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
         missing, unexpected = model.load_state_dict(state, strict=False)
         new = {k for k in report["new"] if not k.endswith("num_batches_tracked")}  # (BatchNorm fills that in itself)
         assert not unexpected and set(missing) == new, (unexpected, set(missing) ^ new)
-        T.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; dropped "
+        train.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; dropped "
                  f"{len(report['dropped'])} (decoder{', other modality' if report['dropped_why']['other modality'] else ''})")
     if fcfg.linear_probe:
         for n, p in model.named_parameters():
@@ -519,7 +519,7 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
         step = resumed["step"]
-        T.set_rng_state(resumed["rng"])
+        train.set_rng_state(resumed["rng"])
     os.makedirs(fcfg.out_dir, exist_ok=True)
     if report and d.master:
         with open(os.path.join(fcfg.out_dir, "load_report.json"), "w") as f:
@@ -529,7 +529,7 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     if fcfg.eval_only:
         res = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir)
-        T.print0(json.dumps(res))
+        train.print0(json.dumps(res))
         return res
 
     sampler = data.EpochSampler(len(train_ds), d.world, d.rank, fcfg.seed)
@@ -537,11 +537,11 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
                                          collate_fn=data.collate, drop_last=True, pin_memory=d.device.type == "cuda",
                                          persistent_workers=fcfg.workers > 0)
     epoch0, in_epoch = divmod(step, steps_per_epoch)
-    stream = T.batches(loader, sampler, epoch0, in_epoch * per_rank, d)
+    stream = train.batches(loader, sampler, epoch0, in_epoch * per_rank, d)
     log_path = os.path.join(fcfg.out_dir, "log.jsonl")
     gen = torch.Generator().manual_seed(fcfg.seed * 1_000_003 + d.rank)
     per_modality = isinstance(model, avmae.MBT) and model.norm is not None  # (shared head: a loss per modality)
-    T.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
+    train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
              f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable | "
              f"init {fcfg.init or 'scratch'} | {len(train_ds)} train / {len(test_ds)} test clips | {total} steps | lr {lr:.3g}")
     from tqdm import tqdm
@@ -549,11 +549,11 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
     t_last, results, path = time.time(), {}, None
     while step < total:
         for g in opt.param_groups:
-            g["lr"] = T.lr_at(step, total, warmup, lr, fcfg.min_lr) * g["lr_scale"]
+            g["lr"] = train.lr_at(step, total, warmup, lr, fcfg.min_lr) * g["lr_scale"]
         gen.manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
         _, batch = next(stream)
         batch, targets = mixup(batch, mods, heads, fcfg.mixup, train_ds.multi_label, gen, per_modality)
-        with T.autocast_ctx(fcfg.precision, d.device):
+        with train.autocast_ctx(fcfg.precision, d.device):
             logits = net(**{m: batch[m] for m in mods}, per_modality=per_modality)
         loss = finetune_loss(logits, targets, per_modality, train_ds.multi_label, fcfg.label_smoothing, d.device)
         if not torch.isfinite(loss):
@@ -576,20 +576,20 @@ def finetune(fcfg: FinetuneConfig, d: T.Dist) -> dict:
         if (epoch_end and (step // steps_per_epoch) % fcfg.eval_every == 0) or step == total:
             results = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir if step == total else None)
             results.update(step=step, epoch=step / steps_per_epoch)
-            T.print0(json.dumps(results))
+            train.print0(json.dumps(results))
             if d.master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(dict(eval=results)) + "\n")
         if step % fcfg.save_every == 0 or step == total:
             if d.master:
-                st = dict(model=T.model_state(model, False), optimizer=opt.state_dict(), step=step, finetune_config=asdict(fcfg),
-                          model_config=asdict(model.cfg), pretrain_config=pcfg, heads=heads, rng=T.rng_state())
-                path = T.save_checkpoint(fcfg.out_dir, st, step, fcfg.keep_last)
+                st = dict(model=train.model_state(model, False), optimizer=opt.state_dict(), step=step, finetune_config=asdict(fcfg),
+                          model_config=asdict(model.cfg), pretrain_config=pcfg, heads=heads, rng=train.rng_state())
+                path = train.save_checkpoint(fcfg.out_dir, st, step, fcfg.keep_last)
     bar.close()
     if d.master:
         with open(os.path.join(fcfg.out_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=1)
-        T.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions {fcfg.out_dir}/predictions.csv")
+        train.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions {fcfg.out_dir}/predictions.csv")
     return results
 
 

@@ -659,7 +659,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
             bad_clips += len(batch["bad"])
             rows = rank_rows(micro, per_rank, d).to(d.device)
             mk = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
-            mk2 = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks2.items()} if masks2 else None
+            masks2_rank = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks2.items()} if masks2 else None
             targets = None
             if teacher is not None:  # the teacher encodes the full, unmasked clip
                 with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
@@ -667,7 +667,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
             last_micro = micro == tcfg.grad_accum - 1
             sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync, autocast_ctx(tcfg.precision, d.device):
-                out = model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets, masks2=mk2)
+                out = model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets, masks2=masks2_rank)
                 (out["loss"] / tcfg.grad_accum).backward()
             zero = torch.zeros((), device=d.device)
             sums += torch.stack([out.get(k, zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
@@ -712,7 +712,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         if pixels and (d.master or tcfg.fsdp) and ((tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop):
             raw.eval()  # (an FSDP forward takes every rank)
             with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):  # reconstruction only: no contrast
-                o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (k[:1], dr[:1]) for m, (k, dr) in mk.items()},
+                o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (keep[:1], drop[:1]) for m, (keep, drop) in mk.items()},
                         contrast=False)
             raw.train()
             if d.master:
