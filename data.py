@@ -301,25 +301,35 @@ def _ffmpeg(args: list, timeout: float = 600) -> bytes:
 
 
 def prepare_clip(src: str, dst: str, start: float | None, end: float | None, short_side: int = 256,
-                 fps: float = FPS, quality: int = 3) -> dict:
+                 fps: float = FPS, quality: int = 3, allow_silent: bool = False) -> dict:
     """Extract one clip into dst/ (written to a temporary folder, then renamed: a clip folder that
-    exists is complete). Returns its manifest fields; raises with the reason on failure."""
+    exists is complete). Returns its manifest fields; raises with the reason on failure. A video
+    without an audio stream is refused (audiovisual pretraining needs both) unless allow_silent,
+    which keeps it with silent audio of the video's length (for video-only use)."""
     if not os.path.exists(src):
         raise FileNotFoundError(f"missing video {src}")
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     cut = (["-ss", f"{start:.3f}"] if start else []) + ["-i", src] + (["-t", f"{end - (start or 0):.3f}"] if end else [])
-    pcm = _ffmpeg(cut + ["-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "s16le", "-"])
-    audio = np.frombuffer(pcm, dtype=np.int16)
-    if len(audio) < SAMPLE_RATE // 10:
-        raise ValueError(f"{src}: no usable audio track ({len(audio)} samples)")
-    sf.write(os.path.join(tmp, "audio.flac"), audio, SAMPLE_RATE, subtype="PCM_16")
     scale = f"scale='if(lt(iw,ih),{short_side},-2)':'if(lt(iw,ih),-2,{short_side})'"
     jpegs = split_mjpeg(_ffmpeg(cut + ["-an", "-vf", f"fps={fps},{scale}", "-f", "image2pipe", "-c:v", "mjpeg",
                                        "-q:v", str(quality), "-"]))
     if not jpegs:
         raise ValueError(f"{src}: no video frames")
+    try:
+        pcm = _ffmpeg(cut + ["-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "s16le", "-"])
+    except RuntimeError as e:  # ffmpeg: "Output file ... does not contain any stream"
+        if "stream" not in str(e):
+            raise
+        pcm = None
+    audio = np.frombuffer(pcm or b"", dtype=np.int16)
+    if len(audio) < SAMPLE_RATE // 10:
+        if not allow_silent:
+            what = "no audio stream" if pcm is None else f"no usable audio track ({len(audio)} samples)"
+            raise ValueError(f"{src}: {what}; --allow_silent keeps such clips with silent audio (video-only use)")
+        audio = np.zeros(int(round(len(jpegs) / fps * SAMPLE_RATE)), np.int16)
+    sf.write(os.path.join(tmp, "audio.flac"), audio, SAMPLE_RATE, subtype="PCM_16")
     write_frames(os.path.join(tmp, "frames.bin"), jpegs)
     shutil.rmtree(dst, ignore_errors=True)
     os.rename(tmp, dst)
@@ -327,7 +337,7 @@ def prepare_clip(src: str, dst: str, start: float | None, end: float | None, sho
 
 
 def _prepare_one(args):
-    rec, videos, out, short_side = args
+    rec, videos, out, short_side, allow_silent = args
     dst = os.path.join(out, "clips", rec.id)
     try:
         if os.path.isdir(dst):  # resumable: a finished clip is a renamed folder
@@ -337,19 +347,22 @@ def _prepare_one(args):
             found = [os.path.join(videos, c) for c in rec.src if os.path.exists(os.path.join(videos, c))]
             if not found:
                 raise FileNotFoundError(f"no video for {rec.id} in {videos} (looked for {', '.join(rec.src)})")
-            info = prepare_clip(found[0], dst, rec.start, rec.end, short_side)
+            info = prepare_clip(found[0], dst, rec.start, rec.end, short_side, allow_silent=allow_silent)
         return rec, info, None
     except Exception as e:  # reported in failed.csv; the run goes on
         return rec, None, f"{type(e).__name__}: {e}"
 
 
 def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool, source: str,
-            workers: int = os.cpu_count() or 1, short_side: int = 256, problems: list = ()) -> dict:
-    """Prepare every record; writes {split}.csv, meta.json and failed_{split}.csv. Re-running skips
-    finished clips; preparing another split into the same folder needs the same vocabulary."""
+            workers: int = os.cpu_count() or 1, short_side: int = 256, problems: list = (),
+            allow_silent: bool = False) -> dict:
+    """Prepare every record; writes {split}.csv, meta.json (with the training split's log-mel
+    statistics, for audio_norm='dataset') and failed_{split}.csv. Re-running skips finished clips;
+    preparing another split into the same folder needs the same vocabulary."""
     from tqdm import tqdm
     os.makedirs(os.path.join(out, "clips"), exist_ok=True)
     meta_path = os.path.join(out, "meta.json")
+    old = {}
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
@@ -358,7 +371,7 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
     index = {h: {name: i for i, name in enumerate(names)} for h, names in heads.items()}
     rows, failed = {}, [("manifest", "", p) for p in problems]
     with ProcessPoolExecutor(max(1, workers)) as ex:
-        jobs = [ex.submit(_prepare_one, (r, videos, out, short_side)) for r in records]
+        jobs = [ex.submit(_prepare_one, (r, videos, out, short_side, allow_silent)) for r in records]
         for job in tqdm(as_completed(jobs), total=len(jobs), desc="prepare", unit="clip"):
             rec, info, err = job.result()
             if err:
@@ -375,9 +388,12 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
     with open(os.path.join(out, f"failed_{'_'.join(splits)}.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("id", "source", "reason"), *failed])
     meta = dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=short_side, heads=heads, multi_label=multi_label,
-                source=source)
+                source=source, **{k: old[k] for k in ("audio_mean", "audio_std") if k in old})
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    if "train" in rows and "audio_mean" not in meta:
+        mean, std = audio_stats(out, "train")
+        print(f"log-mel statistics of the training split: mean {mean:.3f}, std {std:.3f} (for --audio_norm dataset)")
     counts = dict(prepared=sum(len(r) for r in rows.values()), failed=len(failed))
     print(f"prepared {counts['prepared']} clips into {out}; {counts['failed']} failed "
           f"(see {out}/failed_{'_'.join(splits)}.csv)")
@@ -929,6 +945,29 @@ def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
+def median_duration(root: str, split: str = "train") -> float | None:
+    """The median clip length (s) of a prepared split, or None where there is no manifest yet."""
+    try:
+        with open(os.path.join(root, f"{split}.csv"), newline="") as f:
+            durations = sorted(float(r["duration"]) for r in csv.DictReader(f) if r.get("duration"))
+    except (OSError, ValueError, KeyError):
+        return None
+    return durations[len(durations) // 2] if durations else None
+
+
+def fit_window(seconds: float, audio_frames: int, audio_patch: int, num_frames: int, frame_stride: float,
+               tubelet: int) -> tuple:
+    """The largest (audio_frames, num_frames) no longer than asked that fit a clip of `seconds`:
+    log-mel frames of 25 ms every 10 ms, whole audio patches; video frames every frame_stride / 25 s,
+    whole tubelets. A window up to 5% longer than the clip is kept (zero-padded, as AudioSet's 1000
+    frames of 10 s clips and MAViL's 1024 are). Used when the user did not choose the window."""
+    a_max = int((seconds - 0.025) / 0.01) + 1
+    a = audio_frames if audio_frames <= 1.05 * a_max else max(audio_patch, a_max // audio_patch * audio_patch)
+    v_max = int(seconds * VIDEO_FPS / frame_stride)
+    v = num_frames if num_frames <= 1.05 * v_max else max(tubelet, v_max // tubelet * tubelet)
+    return a, v
+
+
 def audio_stats(root: str, split: str = "train", max_clips: int = 2000, write: bool = True) -> tuple:
     """Mean and std of the raw log-mel over (up to) max_clips clips, whole recordings; stored in
     meta.json for audio_norm='dataset'."""
@@ -989,6 +1028,8 @@ def main(argv=None):
     pp.add_argument("--workers", type=int, default=os.cpu_count())
     pp.add_argument("--short_side", type=int, default=256)
     pp.add_argument("--full_videos", action="store_true", help="audioset: cut each segment from the whole video")
+    pp.add_argument("--allow_silent", action="store_true", help="keep videos without audio, with silent audio "
+                    "(for video-only use; audiovisual training skips silent clips)")
     pb = sub.add_parser("builtin", help="generate the built-in data set")
     pb.add_argument("--out", default="data/builtin")
     for k, v in BUILTIN.items():
@@ -1040,8 +1081,12 @@ def main(argv=None):
             log.warning("manifest: %s", b)
         if not recs:
             sys.exit(f"{args.manifest}: no usable rows ({len(bad)} malformed)")
-        prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers, args.short_side, bad)
+        prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers, args.short_side, bad,
+                allow_silent=args.allow_silent)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a missing or malformed set, manifest or file: one line, not a traceback
+        sys.exit(f"data.py: {e}")

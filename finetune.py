@@ -116,6 +116,8 @@ def parse_args(argv=None) -> FinetuneConfig:
     if args.get("modality") == "audio" and args.get("mixup") is None and preset in AUDIO_ONLY_MIXUP:
         args["mixup"] = AUDIO_ONLY_MIXUP[preset]
     (fcfg,) = train.resolve(args, PRESETS, {k: {} for k in avmae.SIZES}, FinetuneConfig)
+    fcfg.audio_frames, fcfg.num_frames = train.fit_to_clips(fcfg.data, fcfg.train_split, fcfg.audio_frames,
+                                                            fcfg.num_frames, fcfg.frame_stride, 2, 16, args)
     if fcfg.arch == "encoder" and fcfg.modality != "av":
         raise SystemExit("--arch encoder is the audiovisual pretraining encoder: use it with --modality av")
     return fcfg
@@ -485,9 +487,9 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                 frame_stride=fcfg.frame_stride, image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
                 mel_bins=(pcfg or {}).get("mel_bins", 128), window=fcfg.window, audio_norm=fcfg.audio_norm,
                 decode=fcfg.decode, seed=fcfg.seed, video_aug=fcfg.video_aug)
-    train_ds = data.AVDataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
+    train_ds = train.open_dataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
                                               specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
-    test_ds = data.AVDataset(data.DataConfig(split=fcfg.test_split, train=False, views=fcfg.views, **dcfg))
+    test_ds = train.open_dataset(data.DataConfig(split=fcfg.test_split, train=False, views=fcfg.views, **dcfg))
     heads = {h: len(names) for h, names in train_ds.heads.items()}
     model = build_model(fcfg, heads, pcfg)
     if fcfg.init and not resumed:

@@ -190,6 +190,8 @@ def parse_args(argv=None):
                          paper_shapes=PAPER_SHAPES)
     if (mcfg.target == "teacher") != bool(tcfg.teacher):
         raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and --teacher PATH")
+    mcfg.audio_frames, mcfg.num_frames = fit_to_clips(tcfg.data, tcfg.split, mcfg.audio_frames, mcfg.num_frames,
+                                                      tcfg.frame_stride, mcfg.tubelet, mcfg.audio_patch_t, args)
     return mcfg, tcfg
 
 # -----------------------------------------------------------------------------
@@ -289,7 +291,7 @@ def find_checkpoint(resume: str, out_dir: str) -> str | None:
             return None
         resume = os.path.join(out_dir, open(latest).read().strip())
     if not os.path.exists(resume):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        raise SystemExit(f"--resume {resume}: no such checkpoint (--resume auto continues from out_dir's latest, if any)")
     return resume
 
 
@@ -458,17 +460,52 @@ def data_config(mcfg: avmae.AVMAEConfig, tcfg, split: str, train: bool, **kw) ->
 
 
 def ensure_data(tcfg, d: Dist):
-    """Generate the built-in set on first use (rank 0; the others wait)."""
-    if os.path.exists(os.path.join(tcfg.data, "meta.json")):
-        return
-    if os.path.basename(os.path.normpath(tcfg.data)).endswith("builtin"):
+    """Generate the built-in set on first use, and the set's log-mel statistics when
+    --audio_norm dataset needs them and the set has none yet (rank 0; the others wait)."""
+    meta_path = os.path.join(tcfg.data, "meta.json")
+    if not os.path.exists(meta_path):
+        if not os.path.basename(os.path.normpath(tcfg.data)).endswith("builtin"):
+            raise SystemExit(f"{tcfg.data}: not a prepared data set (no meta.json). Prepare one with "
+                             f"`python data.py prepare ...` (README: Data) or run `python train.py --preset quick`.")
         if d.master:
             data.make_builtin(tcfg.data)
-        if dist.is_initialized():
-            dist.barrier()
-        return
-    raise SystemExit(f"{tcfg.data}: not a prepared data set (no meta.json). Prepare one with "
-                     f"`python data.py prepare ...` (README: Data) or run `python train.py --preset quick`.")
+    elif tcfg.audio_norm == "dataset" and "audio_mean" not in json.load(open(meta_path)):
+        split = getattr(tcfg, "train_split", getattr(tcfg, "split", "train"))
+        if d.master:
+            print0(f"{tcfg.data}: no log-mel statistics yet (--audio_norm dataset); computing them from the "
+                   f"{split} split, once (they are saved in meta.json)")
+            try:
+                data.audio_stats(tcfg.data, split)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"{tcfg.data}: cannot compute the log-mel statistics: {e}")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def open_dataset(cfg: data.DataConfig) -> data.AVDataset:
+    """The dataset, or one line saying what is wrong with the set (a user error, not a traceback)."""
+    try:
+        return data.AVDataset(cfg)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{cfg.root}: {e}")
+
+
+def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, frame_stride: float, tubelet: int,
+                 audio_patch: int, given: dict) -> tuple:
+    """(audio_frames, num_frames), shrunk to the set's median clip length where a preset's window
+    does not fit it and the user did not choose the window (--audio_frames / --num_frames); said."""
+    seconds = data.median_duration(root, split)
+    if seconds is None:
+        return audio_frames, num_frames
+    fit = dict(zip(("audio_frames", "num_frames"),
+                   data.fit_window(seconds, audio_frames, audio_patch, num_frames, frame_stride, tubelet)))
+    out = dict(audio_frames=audio_frames, num_frames=num_frames)
+    for name, new in fit.items():
+        if given.get(name) is None and new != out[name]:
+            print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} does not fit them, "
+                   f"using --{name} {new} (pass --{name} to choose)")
+            out[name] = new
+    return out["audio_frames"], out["num_frames"]
 
 
 def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
@@ -575,7 +612,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     if tcfg.bench:
         return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
     ensure_data(tcfg, d)
-    ds = data.AVDataset(data_config(mcfg, tcfg, tcfg.split, train=True))
+    ds = open_dataset(data_config(mcfg, tcfg, tcfg.split, train=True))
     steps_per_epoch = len(ds) // tcfg.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of {tcfg.batch_size}")

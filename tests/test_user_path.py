@@ -1,0 +1,115 @@
+"""A newcomer's path on their own prepared set: statistics computed on first use, the clip window
+fitted to the clips, videos without sound, and every user error as one line without a traceback."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import finetune as FT
+import train
+from test_data import make_mp4, needs_ffmpeg, _write
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16", "--workers", "0",
+        "--picture_every", "0", "--batch_size", "8", "--kernels", "torch"]
+
+
+@pytest.fixture
+def copy(builtin, tmp_path):
+    dst = str(tmp_path / "set")
+    shutil.copytree(builtin, dst)
+    return dst
+
+
+def cli(*args, cwd=ROOT):
+    """Run a command line of the project as a user would; returns (exit code, stderr lines)."""
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=120,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return p.returncode, [line for line in p.stderr.splitlines() if line.strip()]
+
+
+def test_statistics_are_computed_on_first_use_and_saved(copy, tmp_path, capsys):
+    meta_path = os.path.join(copy, "meta.json")
+    meta = json.load(open(meta_path))
+    want = (meta.pop("audio_mean"), meta.pop("audio_std"))
+    json.dump(meta, open(meta_path, "w"))
+    res = train.main([*TINY, "--data", copy, "--audio_frames", "64", "--max_steps", "1", "--audio_norm", "dataset",
+                      "--out_dir", str(tmp_path / "o")])
+    assert res["step"] == 1 and "computing them from the train split" in capsys.readouterr().out
+    got = json.load(open(meta_path))
+    assert (got["audio_mean"], got["audio_std"]) == pytest.approx(want, abs=1e-3)  # (the same clips: the same stats)
+
+
+def test_the_window_fits_the_clips_unless_the_user_chose_it(builtin, capsys):
+    # the built-in clips are 4 s: the paper's 8 s of audio and 16 frames at stride 4 (2.56 s) become 4 s
+    mcfg, _ = train.parse_args(["--data", builtin])
+    assert (mcfg.audio_frames, mcfg.num_frames) == (384, 16)  # 398 real frames -> whole 16-frame patches
+    assert "using --audio_frames 384" in capsys.readouterr().out
+    mcfg, _ = train.parse_args(["--data", builtin, "--audio_frames", "800"])  # chosen: kept (zero-padded)
+    assert mcfg.audio_frames == 800
+    assert data.fit_window(10.0, 1000, 16, 16, 4, 2) == (1000, 16)  # AudioSet's padded 1000 frames are kept
+    assert data.fit_window(2.0, 256, 16, 8, 12.5, 2) == (192, 4)  # 198 real frames; 2 s at 2 fps
+
+
+def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path):
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"something": 1}, other)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for f in ("meta.json", "train.csv"):
+        shutil.copy(os.path.join(copy, f), empty / f)
+    with open(empty / "train.csv") as f:
+        header = f.readline()
+    (empty / "train.csv").write_text(header)
+    cases = [  # (main, arguments, what the line says)
+        (train.main, ["--data", str(tmp_path / "nowhere")], "not a prepared data set"),
+        (train.main, ["--data", copy, "--split", "valid"], "valid.csv not found"),
+        (train.main, ["--data", str(empty), "--preset", "quick"], "no usable clips"),
+        (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "8", "--resume", str(tmp_path / "no.pt")],
+         "no such checkpoint"),
+        (train.main, ["--encoder", "separate", "--decoder", "separate"], "two unrelated MAEs"),
+        (FT.main, ["--data", copy, "--preset", "quick", "--init", str(bad_ckpt)], "not a readable checkpoint"),
+        (FT.main, ["--data", copy, "--preset", "quick", "--init", str(other)], "not an avmae pretraining"),
+    ]
+    for main, args, says in cases:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        line = e.value.code  # a string: printed to stderr, exit status 1
+        assert isinstance(line, str) and "\n" not in line and says in line, (args, line)
+    # and from the command line, as a user sees them: one line on stderr, a non-zero exit, no traceback
+    for args, says in ((["train.py", "--data", str(tmp_path / "nowhere")], "not a prepared data set"),
+                       (["finetune.py", "--data", copy, "--preset", "quick", "--init", str(bad_ckpt)], "not a readable"),
+                       (["data.py", "stats", "--root", str(tmp_path / "nowhere")], "meta.json not found")):
+        code, err = cli(*args)
+        assert code != 0 and not any("Traceback" in line for line in err), (args, err[-5:])
+        assert says in err[-1], (args, err[-1])
+
+
+@needs_ffmpeg
+def test_a_video_without_sound_is_refused_in_words_or_kept_silent(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_mp4(videos / "aaa_000000.mp4")
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-i", str(videos / "aaa_000000.mp4"), "-an", "-c:v", "copy",
+                    str(videos / "mute_000000.mp4")], check=True)
+    manifest = _write(tmp_path / "m.csv", "aaa,0,a,train\nmute,0,b,train\n")
+    out = str(tmp_path / "p")
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out,
+               "--workers", "1"])
+    failed = {r.split(",")[0]: r for r in open(os.path.join(out, "failed_train.csv")).read().splitlines()}
+    assert "no audio stream" in failed["mute_000000"] and "--allow_silent" in failed["mute_000000"]
+    assert "audio_mean" in json.load(open(os.path.join(out, "meta.json")))  # prepare computes the statistics
+    out2 = str(tmp_path / "p2")
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out2,
+               "--workers", "1", "--allow_silent"])
+    rows = open(os.path.join(out2, "train.csv")).read().splitlines()
+    assert len(rows) == 3  # header + both clips
+    ds = data.AVDataset(data.DataConfig(root=out2, modalities="v", num_frames=4, image_size=32))
+    assert len(ds) == 2 and ds[1]["v"].shape == (3, 4, 32, 32)
