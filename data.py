@@ -27,6 +27,7 @@ import csv
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -615,6 +616,10 @@ class BadClip(Exception):
     """A clip that cannot be used; the message names the file and the problem."""
 
 
+class DataGone(RuntimeError):
+    """The whole data folder disappeared during a run (an unmounted disk): no clip can be read."""
+
+
 @dataclass
 class DataConfig:
     root: str = "data/builtin"
@@ -692,6 +697,11 @@ class AVDataset(torch.utils.data.Dataset):
         self.step = cfg.frame_stride / VIDEO_FPS * self.fps  # stored frames between sampled frames
         self.span_v = cfg.num_frames * cfg.frame_stride / VIDEO_FPS  # seconds of video per view
         self.epoch = 0
+        self.reading = multiprocessing.Array("q", [-1] * 256, lock=False)  # clip index per loader worker
+
+    def being_read(self) -> list:
+        """The clips the loader workers were reading last (to name the clip when a worker dies)."""
+        return [self.rows[i]["id"] for i in self.reading if i >= 0]
 
     def _read_manifest(self, path):
         if not os.path.exists(path):
@@ -737,6 +747,8 @@ class AVDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # EpochSampler sends (index, epoch)
+        worker = torch.utils.data.get_worker_info()
+        self.reading[worker.id if worker else 0] = idx  # (which clip each worker is on, if one dies)
         bad = []
         for k in range(self.MAX_TRIES):
             j = (idx + k) % len(self.rows)
@@ -745,6 +757,9 @@ class AVDataset(torch.utils.data.Dataset):
                 item["bad"] = bad
                 return item
             except BadClip as e:
+                if not os.path.isdir(os.path.join(self.cfg.root, "clips")):
+                    raise DataGone(f"{self.cfg.root}: the data folder is gone (unmounted or deleted?) while "
+                                   f"reading {self.rows[j]['id']}") from None
                 log.warning("bad clip %s: %s (using the next clip instead)", self.rows[j]["id"], e)
                 bad.append((self.rows[j]["id"], str(e)))
         raise RuntimeError(f"{self.MAX_TRIES} clips in a row could not be read, starting at "

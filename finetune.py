@@ -89,6 +89,10 @@ class FinetuneConfig:
     log_every: int = 10
     eval_every: int = 5           # epochs
     eval_only: bool = False
+    stop_at: int = 0              # stop (with a checkpoint) after this many steps, as if interrupted
+    max_bad_steps: int = 0        # non-finite losses to skip before stopping (the same policy as train.py)
+    on_save_error: str = "retry"  # a checkpoint that cannot be written: retry at the next save | stop
+    dist_timeout: float = 1800.0  # seconds a collective may wait for a stuck rank before the run stops
 
 
 PRESETS = {
@@ -104,7 +108,7 @@ AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only
 MODALITY = {"audio": "a", "video": "v", "av": "av"}
 FUSION_LAYER = {("audioset", 24): 18}  # (preset, depth) -> MBT fusion layer where the authors' config differs
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY), arch=("mbt", "encoder"),
-               mbt_head=("shared", "per_modality"), video_aug=("finetune", "none", "rrc"),
+               mbt_head=("shared", "per_modality"), video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
                inflate=("inflate", "central", "none"),
                optimizer=("sgd", "adamw"), precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
                window=("hann", "hamming"), decode=("cpu", "gpu"))
@@ -162,7 +166,7 @@ def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> 
     """A learned (N, D) position table on a token grid, interpolated to another grid (e.g. 16 -> 32
     frames). Sin-cos tables need nothing: they are rebuilt for any length."""
     D = table.shape[1]
-    x = table.train.reshape(1, D, *src_grid)
+    x = table.T.reshape(1, D, *src_grid)
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(src_grid)]
     return F.interpolate(x, size=dst_grid, mode=mode, align_corners=False).reshape(D, -1).T
 
@@ -463,7 +467,7 @@ def write_reports(out_dir, ids, logits, targets, ds):
 
 def main(argv=None) -> dict:
     fcfg = parse_args(argv)
-    d = train.setup_distributed()
+    d = train.setup_distributed(fcfg.dist_timeout)
     try:
         return finetune(fcfg, d)
     finally:
@@ -475,8 +479,7 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     torch.manual_seed(fcfg.seed)
     mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
     train.ensure_data(fcfg, d)
-    ckpt_path = train.find_checkpoint(fcfg.resume, fcfg.out_dir)
-    resumed = train.load_checkpoint(ckpt_path, "--resume", "finetuning") if ckpt_path else None
+    ckpt_path, resumed = train.resume_from(train.restart_resume(fcfg.resume), fcfg.out_dir, "finetuning")
     pcfg = report = None
     if resumed:
         pcfg = resumed.get("pretrain_config")
@@ -522,6 +525,7 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
         opt.load_state_dict(resumed["optimizer"])
         step = resumed["step"]
         train.set_rng_state(resumed["rng"])
+        train.print0(f"resumed from {ckpt_path} at step {step}")
     os.makedirs(fcfg.out_dir, exist_ok=True)
     if report and d.master:
         with open(os.path.join(fcfg.out_dir, "load_report.json"), "w") as f:
@@ -548,51 +552,119 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
              f"init {fcfg.init or 'scratch'} | {len(train_ds)} train / {len(test_ds)} test clips | {total} steps | lr {lr:.3g}")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune", dynamic_ncols=True)
+    nonfinite = train.NonFinite(fcfg.max_bad_steps, fcfg.out_dir, d.master)
+    watch = LearningWatch(heads, train_ds.multi_label, steps_per_epoch)
+    if resumed and "watch" in resumed:
+        vars(watch).update(resumed["watch"])
+    stop = min(total, fcfg.stop_at) if fcfg.stop_at else total
     t_last, results, path = time.time(), {}, None
-    while step < total:
-        for g in opt.param_groups:
-            g["lr"] = train.lr_at(step, total, warmup, lr, fcfg.min_lr) * g["lr_scale"]
-        gen.manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
-        _, batch = next(stream)
-        batch, targets = mixup(batch, mods, heads, fcfg.mixup, train_ds.multi_label, gen, per_modality)
-        with train.autocast_ctx(fcfg.precision, d.device):
-            logits = net(**{m: batch[m] for m in mods}, per_modality=per_modality)
-        loss = finetune_loss(logits, targets, per_modality, train_ds.multi_label, fcfg.label_smoothing, d.device)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite loss {loss.item()}")
-        loss.backward()
-        if fcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), fcfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if step % fcfg.log_every == 0 and d.master:
-            rec = dict(step=step, epoch=step / steps_per_epoch, loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                       clips_per_s=fcfg.log_every * fcfg.batch_size / (time.time() - t_last))
-            t_last = time.time()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        epoch_end = step % steps_per_epoch == 0
-        if (epoch_end and (step // steps_per_epoch) % fcfg.eval_every == 0) or step == total:
-            results = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir if step == total else None)
-            results.update(step=step, epoch=step / steps_per_epoch)
-            train.print0(json.dumps(results))
-            if d.master:
+    with train.Preemption() as preempt:
+        while step < stop:
+            for g in opt.param_groups:
+                g["lr"] = train.lr_at(step, total, warmup, lr, fcfg.min_lr) * g["lr_scale"]
+            gen.manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
+            try:
+                _, batch = next(stream)
+                batch, targets = mixup(batch, mods, heads, fcfg.mixup, train_ds.multi_label, gen, per_modality)
+                with train.autocast_ctx(fcfg.precision, d.device):
+                    logits = net(**{m: batch[m] for m in mods}, per_modality=per_modality)
+                loss = finetune_loss(logits, targets, per_modality, train_ds.multi_label, fcfg.label_smoothing,
+                                     d.device)
+                # every rank agrees on a non-finite loss (skip the step) and on a requested stop
+                flags = train.all_reduce(torch.tensor([float(not torch.isfinite(loss)), float(preempt.signal is not None)],
+                                                      device=d.device)).tolist()
+                if not flags[0]:
+                    loss.backward()
+                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), fcfg.grad_clip if fcfg.grad_clip > 0
+                                                           else float("inf"))
+            except RuntimeError as e:
+                if not dist.is_initialized() or not train.is_collective_failure(e):
+                    raise
+                raise train.collective_failure(e, d, step, fcfg.dist_timeout, fcfg.out_dir) from None
+            step += 1
+            bar.update(1)
+            if flags[0] or not torch.isfinite(gnorm):
+                opt.zero_grad(set_to_none=True)
+                nonfinite(step - 1, f"loss {loss.item():.4g}" if flags[0] else f"gradient (norm {float(gnorm):.4g})")
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            watch.update(logits, targets, per_modality, loss.item())
+            if step % fcfg.log_every == 0 and d.master:
+                rec = dict(step=step, epoch=step / steps_per_epoch, loss=loss.item(), lr=opt.param_groups[0]["lr"],
+                           clips_per_s=fcfg.log_every * fcfg.batch_size / (time.time() - t_last))
+                t_last = time.time()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(dict(eval=results)) + "\n")
-        if step % fcfg.save_every == 0 or step == total:
-            if d.master:
-                st = dict(model=train.model_state(model, False), optimizer=opt.state_dict(), step=step, finetune_config=asdict(fcfg),
-                          model_config=asdict(model.cfg), pretrain_config=pcfg, heads=heads, rng=train.rng_state())
-                path = train.save_checkpoint(fcfg.out_dir, st, step, fcfg.keep_last)
+                    f.write(json.dumps(rec) + "\n")
+            epoch_end = step % steps_per_epoch == 0
+            if (epoch_end and (step // steps_per_epoch) % fcfg.eval_every == 0) or step == total:
+                results = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir if step == total else None)
+                results.update(step=step, epoch=step / steps_per_epoch, **watch.summary())
+                train.print0(watch.line(step, results, bar))
+                if d.master:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(dict(eval=results)) + "\n")
+            if step % fcfg.save_every == 0 or step == stop or flags[1]:
+                if d.master:
+                    st = dict(model=train.model_state(model, False), optimizer=opt.state_dict(), step=step,
+                              finetune_config=asdict(fcfg), model_config=asdict(model.cfg), pretrain_config=pcfg,
+                              heads=heads, rng=train.rng_state(), results=results, watch=vars(watch))
+                    path = train.save_or_say(fcfg.out_dir, st, step, fcfg.keep_last, fcfg.on_save_error,
+                                             final=step == stop) or path
+            if flags[1]:
+                bar.close()
+                preempt.stop(step, path)
     bar.close()
-    if d.master:
+    if step >= total and not results:  # resumed at the end (or preempted during the last save): evaluate now
+        results = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir)
+        results.update(step=step, epoch=step / steps_per_epoch)
+    if d.master and step >= total:
         with open(os.path.join(fcfg.out_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=1)
         train.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions {fcfg.out_dir}/predictions.csv")
     return results
+
+
+class LearningWatch:
+    """Is the finetuning learning? Running top-1 on the training batches (against the mixed targets'
+    largest entry) next to the test top-1 at each evaluation, and a warning when the training loss
+    has not left ln(classes) after a few epochs: the sign of a broken pipeline or recipe."""
+
+    def __init__(self, heads: dict, multi_label: bool, steps_per_epoch: int):
+        self.head = next(iter(heads))
+        self.chance = math.log(heads[self.head]) if not multi_label else math.log(2)
+        self.multi_label, self.steps_per_epoch = multi_label, steps_per_epoch
+        self.right = self.seen = self.steps = 0
+        self.loss = []
+
+    def update(self, logits: dict, targets: dict, per_modality: bool, loss: float):
+        z = torch.stack([lg[self.head] for lg in logits.values()]).mean(0) if per_modality else logits[self.head]
+        t = (next(iter(targets.values())) if per_modality else targets)[self.head]
+        if not self.multi_label:
+            self.right += (z.argmax(1).cpu() == t.argmax(1).cpu()).sum().item()
+            self.seen += len(z)
+        self.loss.append(loss)
+        self.steps += 1
+
+    def summary(self) -> dict:
+        out = dict(train_loss=sum(self.loss[-self.steps_per_epoch:]) / max(1, len(self.loss[-self.steps_per_epoch:])))
+        if self.seen:
+            out["train_top1"] = self.right / self.seen
+        self.right = self.seen = 0
+        return out
+
+    def line(self, step: int, res: dict, bar) -> str:
+        epoch = step / self.steps_per_epoch
+        test = next((f"{k} {v:.3f}" for k, v in res.items() if k.endswith(("top1", "mAP"))), "")
+        train_acc = f"train top-1 {res['train_top1']:.3f} (running, on mixed batches), " if "train_top1" in res else ""
+        msg = f"epoch {epoch:.0f}: {train_acc}test {test}; train loss {res['train_loss']:.3f} (chance ln C = {self.chance:.3f})"
+        if epoch >= 3 and res["train_loss"] > 0.98 * self.chance:
+            msg += ("\nwarning: the training loss has not moved from chance after 3 epochs: the model is not "
+                    "learning (check the labels, the inputs' scale, the lr)")
+        if bar is not None and not bar.disable:
+            bar.write(msg)
+        return json.dumps(res)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,19 @@ Every field of avmae.AVMAEConfig and of TrainConfig below is a flag (`-h` lists 
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import errno
 import glob
 import json
 import math
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -75,6 +81,8 @@ class TrainConfig:
     log_every: int = 10
     picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
     max_bad_steps: int = 0        # non-finite losses to skip before stopping
+    on_save_error: str = "retry"  # a checkpoint that cannot be written (disk full): retry at the next save | stop
+    dist_timeout: float = 1800.0  # seconds a collective may wait for a stuck rank before the run stops
     stop_at: int = 0              # stop (with a checkpoint) after this many steps, as if interrupted
     bench: bool = False           # time steps on synthetic in-memory batches, then exit
     bench_steps: int = 10
@@ -129,7 +137,7 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
 
 TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(VARIANTS),
                      precision=("auto", "bf16", "fp32"), window=("hann", "hamming"), decode=("cpu", "gpu"),
-                     video_aug=("none", "rrc"))
+                     video_aug=("none", "rrc"), on_save_error=("retry", "stop"))
 
 
 def _bool(s: str) -> bool:
@@ -204,13 +212,16 @@ class Dist:
     local_rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    monitor: object = None  # a gloo group to find ranks that stopped answering (monitored_barrier)
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
+def setup_distributed(timeout: float = 1800.0) -> Dist:
+    """torchrun's environment -> the process group, with `timeout` seconds for every collective (a stuck
+    rank then stops the others with a message instead of hanging them)."""
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -219,8 +230,17 @@ def setup_distributed() -> Dist:
         device, backend = torch.device("cuda", local), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return Dist(rank, local, world, device)
+    limit = datetime.timedelta(seconds=timeout)
+    # the rendezvous store, with a key prefix per torchrun restart: without it a restarted job (a rank
+    # died, --max-restarts) reads the dead attempt's addresses and cannot connect
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, timeout=limit,
+                          is_master=rank == 0 and not agent, multi_tenant=not agent)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"avmae/restart_{restart}", store), rank=rank,
+                            world_size=world, device_id=device if device.type == "cuda" else None, timeout=limit)
+    monitor = dist.new_group(backend="gloo", timeout=limit)  # (a group that timed out cannot be asked again)
+    return Dist(rank, local, world, device, monitor)
 
 
 def print0(*a, **k):
@@ -259,30 +279,59 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 # -----------------------------------------------------------------------------
-# checkpoints: atomic (write, fsync, rename), a `latest` pointer, the last K kept
+# checkpoints: atomic (write, fsync, rename), a `latest` pointer, the last K kept, a checksum of the
+# tensors inside; a damaged one is found on load and `--resume auto` takes the newest intact one
+
+
+class BadCheckpoint(SystemExit):
+    """A checkpoint that cannot be used (missing, unreadable, damaged, foreign): one line, exit 1."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, out_dir unwritable); nothing older was touched."""
+
+
+def tensor_crc(obj, crc: int = 0) -> int:
+    """crc32 over the bytes of every tensor in a nested state (dicts in key order)."""
+    if torch.is_tensor(obj):
+        return zlib.crc32(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            crc = tensor_crc(obj[k], crc)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            crc = tensor_crc(x, crc)
+    return crc
 
 
 def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
-    """A crash at any point leaves the previous checkpoint and `latest` intact."""
-    os.makedirs(out_dir, exist_ok=True)
+    """A crash, a full disk or a signal at any point leaves the previous checkpoint and `latest`
+    intact; a write that fails raises CheckpointWriteError naming the path and the errno."""
     path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(path))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    state = {**state, "crc32": tensor_crc([state.get("model"), state.get("optimizer")])}
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for name, write in ((path, lambda f: torch.save(state, f)),
+                            (os.path.join(out_dir, "latest"), lambda f: f.write(os.path.basename(path).encode()))):
+            with open(name + ".tmp", "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(name + ".tmp", name)
+    except OSError as e:
+        for name in (path, os.path.join(out_dir, "latest")):
+            with contextlib.suppress(OSError):
+                os.remove(name + ".tmp")
+        code = errno.errorcode.get(e.errno, str(e.errno))
+        raise CheckpointWriteError(e.errno, f"{path}: not written ({code}: {e.strerror}); the previous checkpoint "
+                                            f"and `latest` are intact") from None
     for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep]:
         os.remove(old)
     return path
 
 
 def find_checkpoint(resume: str, out_dir: str) -> str | None:
+    """The path --resume names ('auto': out_dir's `latest`), without reading it."""
     if not resume:
         return None
     if resume == "auto":
@@ -296,16 +345,124 @@ def find_checkpoint(resume: str, out_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
-    """A checkpoint file read on the CPU, or a clear error naming the file and the flag it came from."""
+    """A checkpoint file read on the CPU and checked against its checksum, or BadCheckpoint: one line
+    naming the file, the flag it came from and the problem."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{what} {path}: no such file")
+        raise BadCheckpoint(f"{what} {path}: no such file")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated / not a torch file
-        raise SystemExit(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise BadCheckpoint(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
-        raise SystemExit(f"{what} {path}: not an avmae {kind} checkpoint (no model / model_config)")
+        raise BadCheckpoint(f"{what} {path}: not an avmae {kind} checkpoint (no model / model_config)")
+    if "crc32" in ck and tensor_crc([ck["model"], ck.get("optimizer")]) != ck["crc32"]:
+        raise BadCheckpoint(f"{what} {path}: damaged (the checksum of its tensors does not match: bytes changed)")
     return ck
+
+
+def resume_from(resume: str, out_dir: str, kind: str = "pretraining") -> tuple:
+    """(path, checkpoint) to continue from, or (None, None): a named file, or with 'auto' the newest
+    intact checkpoint in out_dir (a damaged newer one is reported and passed over)."""
+    if not resume:
+        return None, None
+    if resume != "auto":
+        return resume, load_checkpoint(find_checkpoint(resume, out_dir), "--resume", kind)
+    found = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")), reverse=True)
+    for path in found:
+        try:
+            return path, load_checkpoint(path, "--resume auto:", kind)
+        except BadCheckpoint as e:
+            print0(f"{e}; trying the one before")
+    if found:
+        raise SystemExit(f"--resume auto: none of the {len(found)} checkpoints in {out_dir} is intact")
+    return None, None
+
+# -----------------------------------------------------------------------------
+# faults on a cluster: a scheduler's signal, a non-finite step, a full disk, a stuck rank
+
+EXIT_PREEMPTED = 75  # (EX_TEMPFAIL) stopped cleanly on SIGTERM / SIGUSR1 with a checkpoint: resume with --resume auto
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a stop: the step in
+    flight finishes, every rank agrees (the flag rides on the step's all-reduce), a checkpoint is
+    written and every rank exits with EXIT_PREEMPTED. A second signal only asks again: the save is
+    never cut short."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._ask) for s in self.SIGNALS}
+        return self
+
+    def _ask(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def stop(self, step: int, path: str | None):
+        print0(f"stopped at step {step} on {self.signal or 'a signal to another rank'}; checkpoint {path}; "
+               f"run the same command with --resume auto to continue", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED)
+
+
+class NonFinite:
+    """The one policy for a non-finite loss or gradient (pretraining and finetuning): the step is
+    skipped and logged, up to max_bad times; then the run stops naming the step and the last good
+    checkpoint. A bad state is never saved."""
+
+    def __init__(self, max_bad: int, out_dir: str, master: bool):
+        self.max_bad, self.out_dir, self.master, self.count = max_bad, out_dir, master, 0
+
+    def __call__(self, step: int, what: str):
+        self.count += 1
+        msg = f"step {step}: non-finite {what}"
+        if self.master:
+            with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(dict(step=step, event="non-finite", message=msg)) + "\n")
+        if self.count > self.max_bad:
+            last = find_checkpoint("auto", self.out_dir)
+            raise SystemExit(f"{msg}; stopping (--max_bad_steps {self.max_bad}). The last good checkpoint is "
+                             f"{last or 'none yet'}")
+        print0(f"{msg}; skipped ({self.count}/{self.max_bad})")
+
+
+def save_or_say(out_dir: str, state: dict, step: int, keep: int, policy: str, final: bool) -> str | None:
+    """save_checkpoint under the --on_save_error policy: 'retry' says what failed and goes on (the
+    next save tries again; the last one must succeed), 'stop' stops at once. Either way the previous
+    checkpoint is intact and the message says where it is."""
+    try:
+        return save_checkpoint(out_dir, state, step, keep)
+    except CheckpointWriteError as e:
+        last = find_checkpoint("auto", out_dir)
+        msg = f"step {step}: {e.strerror} ({last or 'none yet'})"
+        if policy == "stop" or final:
+            raise SystemExit(msg + "; stopping") from None
+        print0(msg + "; training goes on and the next save tries again", file=sys.stderr)
+        return None
+
+
+def collective_failure(e: Exception, d: "Dist", step: int, timeout: float, out_dir: str) -> SystemExit:
+    """A collective that failed or timed out (a rank stuck or gone): name the ranks that do not answer
+    (gloo's monitored barrier), the step, and stop instead of hanging."""
+    gone = ""
+    if d.monitor is not None:
+        try:
+            dist.monitored_barrier(d.monitor, timeout=datetime.timedelta(seconds=max(5.0, timeout / 4)),
+                                   wait_all_ranks=True)
+        except RuntimeError as m:
+            found = re.findall(r"[Rr]anks? ([\d, ]+) failed", str(m))
+            gone = f"; rank(s) {found[0].strip()} did not answer" if found else ""
+    return SystemExit(f"rank {d.rank}, step {step}: a collective failed or timed out (--dist_timeout {timeout:g} s)"
+                      f"{gone}: a rank is stuck or gone. The last good checkpoint is "
+                      f"{find_checkpoint('auto', out_dir) or 'none yet'} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:160]})")
 
 
 def rng_state() -> dict:
@@ -509,12 +666,26 @@ def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, fram
 
 
 def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
-    """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device."""
+    """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device. A
+    data folder that vanished, or a loader worker that died (killed for memory), stops the run with
+    one line naming the folder or the clips being read, instead of retrying or hanging."""
     while True:
         sampler.set_position(epoch, start)
-        for b in loader:
-            b = gpu_decoder(b) if gpu_decoder else data.to_device(b, d.device)
-            yield epoch, b
+        it = iter(loader)
+        while True:
+            try:
+                b = next(it)
+            except StopIteration:
+                break
+            except data.DataGone as e:  # (from a worker, the message ends with the original line)
+                raise SystemExit(str(e).strip().splitlines()[-1].split("DataGone: ")[-1]) from None
+            except RuntimeError as e:
+                if "DataLoader worker" not in str(e):
+                    raise
+                raise SystemExit(f"rank {d.rank}: a data loader worker died ({str(e).splitlines()[0]}) while reading "
+                                 f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}: out of memory? use fewer "
+                                 f"--workers or a smaller batch; --resume auto continues") from None
+            yield epoch, (gpu_decoder(b) if gpu_decoder else data.to_device(b, d.device))
         epoch, start = epoch + 1, 0
 
 
@@ -589,7 +760,7 @@ def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None)
     """Pretrain; returns a summary (final loss, paths). hooks['batch'](step, batch) -> batch lets
     tests inject faults."""
     hooks = hooks or {}
-    d = setup_distributed()
+    d = setup_distributed(tcfg.dist_timeout)
     try:
         return _train(mcfg, tcfg, d, hooks)
     finally:
@@ -629,9 +800,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr, betas=(tcfg.beta1, tcfg.beta2),
                             fused=d.device.type == "cuda")
     step = 0
-    ckpt_path = find_checkpoint(tcfg.resume, tcfg.out_dir)
-    if ckpt_path:
-        ckpt = load_checkpoint(ckpt_path, "--resume")
+    ckpt_path, ckpt = resume_from(restart_resume(tcfg.resume), tcfg.out_dir)
+    if ckpt:
         diff = {k: (v, asdict(mcfg).get(k)) for k, v in ckpt["model_config"].items()
                 if asdict(mcfg).get(k) != v and k not in RUN_TIME_FIELDS}
         if diff:
@@ -663,107 +833,172 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                f"| lr {lr:.2e} | {d.device} | {fl['forward'] / 1e9:.1f} GFLOP forward/clip")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain", dynamic_ncols=True)
-    bad_steps, bad_clips, t_last, n_last, last = 0, 0, time.time(), 0, {}
+    run = Run(model, raw, opt, teacher, stream, mcfg, tcfg, d, per_rank, hooks)
+    nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
+    bad_clips, t_last, n_last, last = 0, time.time(), step, {}
     stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
-    state = dict(loss=float("nan"))
-
-    def local(p):  # an FSDP parameter is a DTensor: check this rank's shard
-        return p.to_local() if hasattr(p, "to_local") else p
-
-    def checkpoint(s):
-        if not all(torch.isfinite(local(p)).all() for p in raw.parameters()):
-            raise SystemExit(f"step {s}: parameters are not finite; the last good checkpoint is kept")
-        if not tcfg.fsdp and not ranks_in_sync(raw):
-            raise SystemExit(f"step {s}: ranks hold different parameters")
-        st = None
-        if d.master or tcfg.fsdp:  # gathering FSDP shards takes every rank
-            st = dict(model=model_state(raw, tcfg.fsdp), optimizer=optim_state(raw, opt, tcfg.fsdp), step=s,
-                      epoch=s // steps_per_epoch, step_in_epoch=s % steps_per_epoch, model_config=asdict(mcfg),
-                      train_config=asdict(tcfg), rng=rng_state(), world=d.world)
-        if d.master:
-            return save_checkpoint(tcfg.out_dir, st, s, tcfg.keep_last)
-
-    path = picture = None
-    while step < stop:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, warmup, lr, tcfg.min_lr)
-        masks = global_masks(raw, step, tcfg.seed, tcfg.batch_size, d.device)
-        masks2 = global_masks(raw, step, tcfg.seed, tcfg.batch_size, d.device, view=1) if mcfg.contrast_intra else None
-        sums = torch.zeros(len(LOSS_KEYS), device=d.device)  # loss, per modality, contrast terms
-        for micro in range(tcfg.grad_accum):
-            _, batch = next(stream)
-            batch = hooks["batch"](step, batch) if "batch" in hooks else batch
-            bad_clips += len(batch["bad"])
-            rows = rank_rows(micro, per_rank, d).to(d.device)
-            mk = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
-            masks2_rank = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks2.items()} if masks2 else None
-            targets = None
-            if teacher is not None:  # the teacher encodes the full, unmasked clip
-                with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
-                    targets = {m: t.float() for m, t in teacher.encode(**{m: batch[m] for m in mcfg.mods}).items()}
-            last_micro = micro == tcfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-            with sync, autocast_ctx(tcfg.precision, d.device):
-                out = model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets, masks2=masks2_rank)
-                (out["loss"] / tcfg.grad_accum).backward()
-            zero = torch.zeros((), device=d.device)
-            sums += torch.stack([out.get(k, zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
-        sums = all_reduce(sums) / d.world
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
-        finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))], device=d.device),
-                            dist.ReduceOp.MIN if dist.is_initialized() else None)
-        if finite.item() < 1:
-            bad_steps += 1
-            msg = (f"step {step}: non-finite loss {sums[0].item():.4g} (audio {sums[1].item():.4g}, video "
-                   f"{sums[2].item():.4g}, grad norm {float(gnorm):.4g})")
-            opt.zero_grad(set_to_none=True)
-            if d.master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(dict(step=step, event="non-finite", message=msg)) + "\n")
-            if bad_steps > tcfg.max_bad_steps:
-                bar.close()
-                raise SystemExit(f"{msg}; stopping (--max_bad_steps {tcfg.max_bad_steps}). The last good checkpoint "
-                                 f"is {find_checkpoint('auto', tcfg.out_dir) or 'none yet'}")
-            print0(f"{msg}; skipped ({bad_steps}/{tcfg.max_bad_steps})")
-            step += 1
+    state, path, picture = dict(loss=float("nan")), None, None
+    with Preemption() as preempt:
+        while step < stop:  # the loop: a step, then its hooks (log, picture, checkpoint, a requested stop)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, warmup, lr, tcfg.min_lr)
+            try:
+                r = pretrain_step(run, step, preempt)
+            except RuntimeError as e:
+                if not dist.is_initialized() or not is_collective_failure(e):
+                    raise
+                raise collective_failure(e, d, step, tcfg.dist_timeout, tcfg.out_dir) from None
+            bad_clips, step = bad_clips + r["bad_clips"], step + 1
             bar.update(1)
-            continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        state = {k: v for k, v in zip(LOSS_KEYS, sums.tolist()) if k in out}  # (one device sync)
-        bar.update(1)
-        if step % tcfg.log_every == 0 or step == stop:
-            dt, n = time.time() - t_last, (step - n_last) * tcfg.batch_size
-            t_last, n_last = time.time(), step
-            bad_total = int(all_reduce(torch.tensor([bad_clips], device=d.device)).item())
-            last = dict(step=step, epoch=step / steps_per_epoch, lr=opt.param_groups[0]["lr"], **state,
-                        clips_per_s=n / dt, mfu=(n / dt * fl["train"] / (peak * d.world)) if peak else None,
-                        bad_clips=bad_total, skipped_steps=bad_steps)
-            bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{last['lr']:.1e}",
-                             "clips/s": f"{last['clips_per_s']:.0f}"})
-            if d.master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-        pixels = mcfg.target == "pixels"  # (a teacher's features make no picture)
-        if pixels and (d.master or tcfg.fsdp) and ((tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop):
-            raw.eval()  # (an FSDP forward takes every rank)
-            with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):  # reconstruction only: no contrast
-                o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (keep[:1], drop[:1]) for m, (keep, drop) in mk.items()},
-                        contrast=False)
-            raw.train()
-            if d.master:
-                img = reconstruction_picture(raw, {m: batch[m][:1] for m in mcfg.mods}, o)
-                picture = os.path.join(tcfg.out_dir, f"recon_{step:07d}.png")
-                save_picture(img, picture)
-                save_picture(img, os.path.join(tcfg.out_dir, "recon_latest.png"))
-        if step % tcfg.save_every == 0 or step == stop:
-            path = checkpoint(step) or path
+            if r["nonfinite"]:
+                opt.zero_grad(set_to_none=True)
+                nonfinite(step - 1, r["nonfinite"])
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state = r["losses"]
+            if step % tcfg.log_every == 0 or step == stop:
+                last = log_step(run, step, state, bad_clips, nonfinite.count, time.time() - t_last, step - n_last,
+                                steps_per_epoch, bar)
+                t_last, n_last = time.time(), step
+            if (tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop:
+                picture = picture_step(run, step, r["batch"], r["masks"]) or picture
+            if step % tcfg.save_every == 0 or step == stop or r["stop"]:
+                path = save_step(run, step, steps_per_epoch, final=step == stop) or path
+            if r["stop"]:
+                bar.close()
+                preempt.stop(step, path)
     bar.close()
     in_sync = tcfg.fsdp or ranks_in_sync(raw)  # (FSDP holds one copy, sharded)
+    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} | log {log_path}"
            + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
     return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path, last=last, in_sync=in_sync)
+
+
+@dataclass
+class Run:
+    """What a pretraining step and its hooks work on."""
+    model: torch.nn.Module  # compiled / DDP-wrapped, what the step calls
+    raw: avmae.AVMAE        # the model itself (checkpoints, pictures, FLOPs)
+    opt: torch.optim.Optimizer
+    teacher: avmae.AVMAE | None
+    stream: object          # (epoch, batch) pairs from `batches`
+    mcfg: avmae.AVMAEConfig
+    tcfg: TrainConfig
+    d: Dist
+    per_rank: int
+    hooks: dict
+
+
+def restart_resume(resume: str) -> str:
+    """Under `torchrun --max-restarts N` a restarted job (a rank died) continues from the newest intact
+    checkpoint by itself: a restart means --resume auto unless another checkpoint was named."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and not resume:
+        print0(f"torchrun restart {restarts}: continuing from the newest intact checkpoint (--resume auto)")
+        return "auto"
+    return resume
+
+
+def is_collective_failure(e: Exception) -> bool:
+    return isinstance(e, getattr(dist, "DistError", ())) or bool(
+        re.search(r"timed out|timeout|connection (closed|reset)|gloo|nccl", str(e), re.I))
+
+
+def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
+    """Forward and backward over the step's micro-batches, losses and a requested stop agreed over
+    ranks in one all-reduce, the gradient clipped. Returns the losses, whether they were finite, the
+    last micro-batch and its masks (for the picture)."""
+    mcfg, tcfg, d = run.mcfg, run.tcfg, run.d
+    masks = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device)
+    masks2 = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device, view=1) if mcfg.contrast_intra else None
+    sums = torch.zeros(len(LOSS_KEYS) + 1, device=d.device)  # the losses, then "a rank was asked to stop"
+    bad_clips = 0
+    for micro in range(tcfg.grad_accum):
+        _, batch = next(run.stream)
+        batch = run.hooks["batch"](step, batch) if "batch" in run.hooks else batch
+        bad_clips += len(batch["bad"])
+        rows = rank_rows(micro, run.per_rank, d).to(d.device)
+        mk = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
+        mk2 = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks2.items()} if masks2 else None
+        targets = None
+        if run.teacher is not None:  # the teacher encodes the full, unmasked clip
+            with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
+                targets = {m: t.float() for m, t in run.teacher.encode(**{m: batch[m] for m in mcfg.mods}).items()}
+        last_micro = micro == tcfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last_micro or not hasattr(run.model, "no_sync") else run.model.no_sync()
+        with sync, autocast_ctx(tcfg.precision, d.device):
+            out = run.model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets, masks2=mk2)
+            (out["loss"] / tcfg.grad_accum).backward()
+        zero = torch.zeros((), device=d.device)
+        sums[:-1] += torch.stack([out.get(k, zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
+    sums[-1] = float(preempt.signal is not None)  # (a signal that came during this step stops after it)
+    sums = all_reduce(sums) / d.world
+    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+    finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))], device=d.device),
+                        dist.ReduceOp.MIN if dist.is_initialized() else None)
+    values = sums.tolist()  # (one device sync)
+    losses = {k: v for k, v in zip(LOSS_KEYS, values) if k in out}
+    what = "" if finite.item() >= 1 else (f"loss {values[0]:.4g} (audio {values[1]:.4g}, video {values[2]:.4g}, "
+                                          f"grad norm {float(gnorm):.4g})")
+    return dict(losses=losses, nonfinite=what, stop=values[-1] > 0, batch=batch, masks=mk, bad_clips=bad_clips)
+
+
+def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, seconds: float, steps: int,
+             steps_per_epoch: int, bar) -> dict:
+    """The JSONL log and the progress bar: losses, lr, clips/s, MFU, bad clips (all ranks), skipped steps."""
+    tcfg, d = run.tcfg, run.d
+    clips_s = steps * tcfg.batch_size / max(seconds, 1e-9)
+    peak = peak_flops(d.device)
+    bad_total = int(all_reduce(torch.tensor([bad_clips], device=d.device)).item())
+    rec = dict(step=step, epoch=step / steps_per_epoch, lr=run.opt.param_groups[0]["lr"], **state, clips_per_s=clips_s,
+               mfu=(clips_s * run.raw.flops()["train"] / (peak * d.world)) if peak else None, bad_clips=bad_total,
+               skipped_steps=skipped)
+    bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{rec['lr']:.1e}", "clips/s": f"{clips_s:.0f}"})
+    if d.master:
+        with open(os.path.join(tcfg.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def picture_step(run: Run, step: int, batch: dict, masks: dict) -> str | None:
+    """The reconstruction picture of the step's first clip (Figure 5); a teacher's features make none."""
+    mcfg, tcfg, d, raw = run.mcfg, run.tcfg, run.d, run.raw
+    if mcfg.target != "pixels" or not (d.master or tcfg.fsdp):
+        return None
+    raw.eval()  # (an FSDP forward takes every rank)
+    with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):  # reconstruction only: no contrast
+        o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (k[:1], r[:1]) for m, (k, r) in masks.items()},
+                contrast=False)
+    raw.train()
+    if not d.master:
+        return None
+    img = reconstruction_picture(raw, {m: batch[m][:1] for m in mcfg.mods}, o)
+    path = os.path.join(tcfg.out_dir, f"recon_{step:07d}.png")
+    save_picture(img, path)
+    save_picture(img, os.path.join(tcfg.out_dir, "recon_latest.png"))
+    return path
+
+
+def save_step(run: Run, step: int, steps_per_epoch: int, final: bool) -> str | None:
+    """A checkpoint of a good state (finite, ranks in sync), under the --on_save_error policy."""
+    tcfg, d, raw = run.tcfg, run.d, run.raw
+
+    def local(p):  # an FSDP parameter is a DTensor: check this rank's shard
+        return p.to_local() if hasattr(p, "to_local") else p
+    if not all(torch.isfinite(local(p)).all() for p in raw.parameters()):
+        raise SystemExit(f"step {step}: parameters are not finite; the last good checkpoint is kept")
+    if not tcfg.fsdp and not ranks_in_sync(raw):
+        raise SystemExit(f"step {step}: ranks hold different parameters")
+    st = None
+    if d.master or tcfg.fsdp:  # gathering FSDP shards takes every rank
+        st = dict(model=model_state(raw, tcfg.fsdp), optimizer=optim_state(raw, run.opt, tcfg.fsdp), step=step,
+                  epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch, model_config=asdict(run.mcfg),
+                  train_config=asdict(tcfg), rng=rng_state(), world=d.world)
+    if d.master:
+        return save_or_say(tcfg.out_dir, st, step, tcfg.keep_last, tcfg.on_save_error, final)
+    return None
 
 
 def main(argv=None, hooks=None):

@@ -1,0 +1,268 @@
+"""Faults a cluster run meets: a scheduler's signal, a dying rank, a stuck rank, a full disk, a damaged
+checkpoint, data that disappears or a loader worker that dies; finetune.py as safe as train.py."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import data
+import finetune as FT
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16", "--audio_frames", "64",
+        "--mel_bins", "32", "--workers", "0", "--log_every", "1", "--picture_every", "0", "--batch_size", "8",
+        "--kernels", "torch"]
+FT_TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--audio_frames", "64", "--workers", "0",
+           "--batch_size", "8", "--views", "1", "--kernels", "torch", "--log_every", "1"]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def same(a, b):
+    wa, wb = weights(a), weights(b)
+    return set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def signal_at(step_to_signal, sig=signal.SIGTERM):
+    def hook(step, batch):
+        if step == step_to_signal:
+            os.kill(os.getpid(), sig)
+        return batch
+    return hook
+
+
+# -----------------------------------------------------------------------------
+# preemption: SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit 75; --resume auto is exact
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preempted_run_checkpoints_exits_75_and_resumes_exactly(builtin, tmp_path, capsys, sig):
+    args = [*TINY, "--data", builtin, "--max_steps", "6", "--save_every", "100"]
+    full = train.main([*args, "--out_dir", str(tmp_path / "full")])
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--out_dir", str(tmp_path / "cut")], hooks={"batch": signal_at(2, sig)})
+    assert e.value.code == train.EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert f"stopped at step 3 on {sig.name}" in err and "--resume auto to continue" in err
+    assert sorted(os.listdir(tmp_path / "cut"))[:1] == ["ckpt_0000003.pt"]  # the step in flight finished
+    res = train.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "auto"])
+    assert res["step"] == 6 and same(full["checkpoint"], res["checkpoint"])
+
+
+def test_a_second_signal_while_saving_does_not_corrupt_the_checkpoint(builtin, tmp_path, monkeypatch):
+    real = torch.save
+
+    def save_and_signal(obj, f, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler insists, mid-save
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save_and_signal)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--data", builtin, "--max_steps", "6", "--out_dir", str(tmp_path)],
+                   hooks={"batch": signal_at(1)})
+    assert e.value.code == train.EXIT_PREEMPTED
+    ck = train.load_checkpoint(str(tmp_path / "ckpt_0000002.pt"), "--resume")  # intact: checksum and all
+    assert ck["step"] == 2 and open(tmp_path / "latest").read() == "ckpt_0000002.pt"
+
+
+# -----------------------------------------------------------------------------
+# a rank dies (SIGKILL) under torchrun --max-restarts: the job restarts from the latest checkpoint by
+# itself; a rank hangs: the others stop naming it instead of waiting for hours
+
+DYING = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import train
+rank, restart = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+def hook(step, batch):
+    if step == {step} and rank == 1 and restart == 0:
+        {action}
+    return batch
+train.main(sys.argv[1:], hooks={{"batch": hook}})
+"""
+
+
+def torchrun(tmp_path, script, args, restarts=0, timeout=120):
+    path = tmp_path / "job.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", str(path), *args]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    return p, time.time() - t0
+
+
+def test_a_killed_rank_restarts_from_the_latest_checkpoint(builtin, tmp_path):
+    args = [*TINY, "--data", builtin, "--max_steps", "6", "--save_every", "2"]
+    script = DYING.format(root=ROOT, step=3, action="os.kill(os.getpid(), signal.SIGKILL)")
+    p, _ = torchrun(tmp_path, script, [*args, "--out_dir", str(tmp_path / "two")], restarts=1)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "torchrun restart 1: continuing from the newest intact checkpoint" in p.stdout
+    # the same weights as one process with the same global batch (2 processes equal 1: test_train.py)
+    one = train.main([*args, "--out_dir", str(tmp_path / "one")])
+    w1, w2 = weights(one["checkpoint"]), weights(tmp_path / "two" / "ckpt_0000006.pt")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+
+
+def test_a_stuck_rank_stops_the_others_with_its_name(builtin, tmp_path):
+    script = DYING.format(root=ROOT, step=2, action="time.sleep(12)")  # (then it finds the others gone)
+    p, seconds = torchrun(tmp_path, script, [*TINY, "--data", builtin, "--max_steps", "6", "--dist_timeout", "4",
+                                             "--out_dir", str(tmp_path / "o")], timeout=100)
+    assert p.returncode != 0 and seconds < 40
+    out = p.stdout + p.stderr
+    assert "rank 0, step 2: a collective failed or timed out (--dist_timeout 4 s); rank(s) 1 did not answer" in out
+
+
+# -----------------------------------------------------------------------------
+# a full disk: the previous checkpoint and `latest` stay, the run says so and retries (or stops)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_retries_or_stops(builtin, tmp_path, monkeypatch, capsys):
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(obj["step"])
+        if obj["step"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    args = [*TINY, "--data", builtin, "--max_steps", "6", "--save_every", "2"]
+    res = train.main([*args, "--out_dir", str(tmp_path / "retry")])
+    err = capsys.readouterr().err
+    assert "ckpt_0000004.pt: not written (ENOSPC: No space left on device)" in err and "next save tries again" in err
+    assert res["step"] == 6 and calls == [2, 4, 6] and not os.path.exists(tmp_path / "retry" / "ckpt_0000004.pt.tmp")
+    with pytest.raises(SystemExit, match="ENOSPC.*previous checkpoint and `latest` are intact"):
+        train.main([*args, "--out_dir", str(tmp_path / "stop"), "--on_save_error", "stop"])
+    assert open(tmp_path / "stop" / "latest").read() == "ckpt_0000002.pt"
+    assert train.load_checkpoint(str(tmp_path / "stop" / "ckpt_0000002.pt"), "x")["step"] == 2
+
+
+# -----------------------------------------------------------------------------
+# a damaged checkpoint is found on load; --resume auto takes the newest intact one and says so
+
+
+def test_damaged_checkpoints_are_found_and_passed_over(builtin, tmp_path, capsys):
+    args = [*TINY, "--data", builtin, "--max_steps", "4", "--save_every", "1", "--keep_last", "4"]
+    train.main([*args, "--out_dir", str(tmp_path)])
+    # truncated: the newest file cut in half
+    newest = tmp_path / "ckpt_0000004.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    # bit flips in a tensor: one weight changed, saved with the old checksum (a flip the zip does not see)
+    ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=False)
+    ck["model"]["patch_embed.a.weight"].view(-1)[0] += 1e-3
+    torch.save(ck, tmp_path / "ckpt_0000003.pt")
+    for path, why in ((newest, "not a readable checkpoint"), (tmp_path / "ckpt_0000003.pt", "damaged")):
+        with pytest.raises(train.BadCheckpoint, match=why):
+            train.load_checkpoint(str(path), "--resume")
+    # raw bytes flipped in the middle of the file are found too (by the zip's or our checksum)
+    raw = bytearray((tmp_path / "ckpt_0000002.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "ckpt_0000002.pt").write_bytes(bytes(raw))
+    with pytest.raises(train.BadCheckpoint):
+        train.load_checkpoint(str(tmp_path / "ckpt_0000002.pt"), "--resume")
+    res = train.main([*args, "--out_dir", str(tmp_path), "--resume", "auto", "--max_steps", "5"])
+    out = capsys.readouterr().out
+    assert "ckpt_0000004.pt: not a readable checkpoint" in out and "resumed from" in out and "ckpt_0000001.pt" in out
+    assert res["step"] == 5
+
+
+# -----------------------------------------------------------------------------
+# finetune.py: exact resume, the shared non-finite policy, preemption, the final eval after a resume
+
+
+def test_finetune_resumes_exactly_and_reports_at_the_end(builtin, tmp_path, capsys):
+    args = [*FT_TINY, "--data", builtin, "--max_steps", "6", "--save_every", "100"]
+    full = FT.main([*args, "--out_dir", str(tmp_path / "full")])
+    cut = FT.main([*args, "--out_dir", str(tmp_path / "cut"), "--stop_at", "3"])
+    assert cut == {} and os.path.exists(tmp_path / "cut" / "ckpt_0000003.pt")
+    again = FT.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "auto"])
+    assert again == full  # bit-identical metrics
+    assert same(tmp_path / "full" / "ckpt_0000006.pt", tmp_path / "cut" / "ckpt_0000006.pt")
+    # resumed when already finished: the evaluation is written all the same
+    os.remove(tmp_path / "cut" / "metrics.json")
+    done = FT.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "auto"])
+    assert done["label_top1"] == full["label_top1"] and json.load(open(tmp_path / "cut" / "metrics.json"))
+    out = capsys.readouterr()
+    assert "epoch 2: train top-1" in out.out + out.err  # is it learning: train next to test at each eval
+
+
+def test_finetune_non_finite_policy_and_preemption(builtin, tmp_path, monkeypatch):
+    real = FT.mixup
+
+    def poisoned(batch, *a, **k):  # the second step's inputs are NaN
+        batch, t = real(batch, *a, **k)
+        poisoned.calls += 1
+        return ({**batch, "a": batch["a"] * float("nan")} if poisoned.calls == 2 else batch), t
+    poisoned.calls = 0
+    monkeypatch.setattr(FT, "mixup", poisoned)
+    args = [*FT_TINY, "--data", builtin, "--max_steps", "4", "--modality", "audio"]
+    with pytest.raises(SystemExit, match="step 1: non-finite loss"):
+        FT.main([*args, "--out_dir", str(tmp_path / "a")])
+    poisoned.calls = 0
+    res = FT.main([*args, "--out_dir", str(tmp_path / "b"), "--max_bad_steps", "1"])
+    assert res["step"] == 4
+    monkeypatch.setattr(FT, "mixup", real)
+
+    def stop_at_2(batch, *a, **k):
+        if stop_at_2.calls == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        stop_at_2.calls += 1
+        return real(batch, *a, **k)
+    stop_at_2.calls = 0
+    monkeypatch.setattr(FT, "mixup", stop_at_2)
+    with pytest.raises(SystemExit) as e:
+        FT.main([*args, "--out_dir", str(tmp_path / "c")])
+    assert e.value.code == train.EXIT_PREEMPTED and os.path.exists(tmp_path / "c" / "ckpt_0000002.pt")
+
+
+# -----------------------------------------------------------------------------
+# data at run time: a clip that disappears is replaced and counted; a vanished folder stops the run in
+# one line; a loader worker that dies is reported with the clips it was reading
+
+
+def test_data_faults_during_a_run(builtin, tmp_path):
+    root = str(tmp_path / "set")
+    shutil.copytree(builtin, root)
+    clips = sorted(c for c in os.listdir(os.path.join(root, "clips")) if c.startswith("train"))
+
+    def lose_clips(step, batch):
+        if step == 0:
+            for c in clips[:6]:
+                shutil.rmtree(os.path.join(root, "clips", c))
+        return batch
+    res = train.main([*TINY, "--data", root, "--max_steps", "6", "--out_dir", str(tmp_path / "a")],
+                     hooks={"batch": lose_clips})
+    assert res["step"] == 6 and res["last"]["bad_clips"] > 0
+
+    def lose_folder(step, batch):
+        if step == 1:
+            os.rename(root, root + ".gone")
+        return batch
+    with pytest.raises(SystemExit, match="the data folder is gone"):
+        train.main([*TINY, "--data", root, "--max_steps", "6", "--out_dir", str(tmp_path / "b")],
+                   hooks={"batch": lose_folder})
+
+
+def test_a_dead_loader_worker_is_named_with_its_clip(builtin, tmp_path, monkeypatch):
+    real = data.AVDataset._load
+
+    def oom(self, j, epoch):
+        if j == self.target and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+        return real(self, j, epoch)
+    monkeypatch.setattr(data.AVDataset, "_load", oom)
+    monkeypatch.setattr(data.AVDataset, "target", 5, raising=False)
+    args = [*TINY, "--data", builtin, "--max_steps", "6", "--workers", "1", "--out_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"a data loader worker died .* while reading train_"):
+        train.main(args)
