@@ -1,14 +1,19 @@
 """
-Each kernel against its torch twin at the paper's shapes, in one run, as ratios :
+Every kernel against its torch twin (and attention against every SDPA backend) at the training
+shapes, and the ViT-B training step on each backend, in one run, as one markdown report:
 
-  python kernels/bench.py                 # everything (needs a GPU)
-  python kernels/bench.py --only attention
-  TRITON_INTERPRET=1 python kernels/bench.py --smoke   # tiny shapes on the CPU: the script runs
+  python kernels/bench.py --report bench.md      # on a GPU: under 10 minutes on an H100
+  python kernels/bench.py --report bench.md      # on a CPU: the twins at small shapes (a dry run, not a GPU figure)
+  TRITON_INTERPRET=1 python kernels/bench.py --smoke   # tiny shapes through the interpreter: the kernels run
 
-Memory-bound kernels (gather, assembly, loss) report GB/s and the fraction of the GPU's HBM peak;
-attention reports TFLOP/s (forward 4 B H N^2 d; backward 2.5x that) against torch's SDPA with each
-backend it has (flash, efficient, cuDNN); `e2e` times the ViT-B training step with the kernels and
-without (the twins, in both decoder layouts).
+Shapes (AV-MAE ViT-B, batch 64 per GPU = 512 over 8): attention with head dim 64 at the encoder's
+visible lengths (157, 200, 357, 400; 12 heads) and the decoder's full sequences (1568, 1968; its 6
+heads), forward and forward+backward through torch.autograd.grad with a fixed random dO, TFLOP/s
+counted as 4 B H N^2 d forward and 2.5x that backward. Memory kernels in GB/s against the GPU's HBM
+peak: the gather of fp32 patches (the model patchifies in fp32), the decoder assembly reading K
+visible tokens and writing N, the loss reading predictions and targets and writing the gradient.
+The step: mid fusion S = 2, shared decoder, bf16 autocast, AdamW, with --kernels torch / auto /
+triton, eager and compiled: clips/s, MFU and peak memory; and torch.compile(fullgraph=True).
 """
 import argparse
 import json
@@ -25,8 +30,7 @@ import kernels  # noqa: E402
 
 HBM = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("GH200", 4.0e12), ("A100", 2.0e12),
        ("L40S", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("V100", 0.9e12)]
-
-
+ENCODER_LENGTHS, DECODER_LENGTHS = (157, 200, 357, 400), (1568, 1968)
 REPS = 20
 
 
@@ -52,117 +56,180 @@ def hbm_peak():
     return next((p for k, p in HBM if k in name), None)
 
 
-def report(rows, name, ours, twin, unit, amount, peak=None):
-    r = dict(kernel=name, ours_s=ours, twin_s=twin, speedup=twin / ours, unit=unit,
-             ours=amount / ours / (1e9 if unit == "GB/s" else 1e12), twin=amount / twin / (1e9 if unit == "GB/s" else 1e12))
-    if peak:
-        r["fraction_of_peak"] = amount / ours / peak
-    rows.append(r)
-    frac = f", {100 * r['fraction_of_peak']:.0f}% of HBM peak" if peak else ""
-    print(f"{name:34s} ours {r['ours']:8.1f} {unit} | twin {r['twin']:8.1f} {unit} | x{r['speedup']:.2f}{frac}", flush=True)
+def run_ours(dev) -> bool:  # the kernels run on CUDA, or on the CPU under the interpreter
+    return dev == "cuda" or kernels.INTERPRET
 
 
-def bench_memory(rows, dev, dtype, B, smoke):
-    N, K, P, D = (64, 8, 96, 64) if smoke else (1568, 157, 1536, 384)
-    el = torch.tensor([], dtype=dtype).element_size()
+def bench_memory(dev, B, small):
+    """Rows (what, ours GB/s, twin GB/s, % of HBM peak)."""
+    N, K, P, D = (64, 8, 96, 64) if small else (1568, 157, 1536, 384)
     perm = torch.stack([torch.randperm(N, device=dev) for _ in range(B)])
     keep, drop = perm[:, :K].contiguous(), perm[:, K:].contiguous()
-    M = N - K
-    patches = torch.randn(B, N, P, device=dev, dtype=dtype)
-    f, t = kernels.FAST["gather"], avmae.gather_tokens
-    report(rows, f"gather visible patches {B}x{K}x{P}", timeit(lambda: f(patches, keep)), timeit(lambda: t(patches, keep)),
-           "GB/s", 2 * B * K * P * el + keep.numel() * 8, hbm_peak())
-    x = torch.randn(B, K, D, device=dev, dtype=dtype)
-    tok = torch.randn(D, device=dev, dtype=dtype)
-    pos = torch.randn(N, D, device=dev, dtype=dtype)
-    moved = (B * K * D + 2 * B * N * D + B * N * D) * el  # read visible + positions (cached mostly), write
-    for name in ("assemble", "unshuffle"):
-        args = (x, pos, tok, pos, keep, drop) if name == "assemble" else (x, tok, pos, keep, drop)
-        f, t = kernels.FAST[name], getattr(avmae, name)
-        report(rows, f"{name} {B}x{N}x{D}", timeit(lambda: f(*args)), timeit(lambda: t(*args)), "GB/s", moved, hbm_peak())
-    pred = torch.randn(B, M, P, device=dev, dtype=dtype, requires_grad=True)
-    for norm in (False, True):
-        f, t = kernels.FAST["loss"], avmae.recon_loss
-        report(rows, f"loss fwd+bwd {B}x{M}x{P} norm={norm}",
-               timeit(lambda: f(pred, patches, drop, norm).backward()), timeit(lambda: t(pred, patches, drop, norm).backward()),
-               "GB/s", 4 * B * M * P * el, hbm_peak())
-
-
-def bench_attention(rows, dev, dtype, B, smoke):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    H, d = (2, 32) if smoke else (12, 64)
-    lengths = [17, 40] if smoke else [157, 200, 357, 400, 1568, 1968, 3136]
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION} if dev == "cuda" else {"math": SDPBackend.MATH}
-    for N in lengths:
-        b = max(1, B * 4096 // max(N, 1)) if not smoke else B  # similar work per length
-        qkv = torch.randn(b, N, 3, H, d, device=dev, dtype=dtype, requires_grad=True)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        fl_f = 4 * b * H * N * N * d
-        ours_f = timeit(lambda: kernels.FAST["attention"](q, k, v))
-        ours_fb = timeit(lambda: kernels.FAST["attention"](q, k, v).sum().backward())
-        best = {}
-        for name, be in backends.items():
-            try:
-                with sdpa_kernel([be]):
-                    tf = timeit(lambda: F.scaled_dot_product_attention(q, k, v))
-                    tfb = timeit(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
-                best[name] = (tf, tfb)
-            except RuntimeError:  # backend not available for this shape / dtype / GPU
-                continue
-        for what, ours, fl, idx in (("fwd", ours_f, fl_f, 0), ("fwd+bwd", ours_fb, 3.5 * fl_f, 1)):
-            if not best:
-                continue
-            name, t = min(((n, v[idx]) for n, v in best.items()), key=lambda x: x[1])
-            report(rows, f"attention {what} N={N} (vs SDPA {name})", ours, t, "TFLOP/s", fl)
-
-
-def bench_e2e(rows, dev, smoke):
-    import train
-    base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64, mel_bins=32) if smoke else {}
-    size, micro = ("tiny", 2) if smoke else ("base", 64)
-    res = {}
-    for label, kw in [("kernels", dict(kernels="auto" if dev == "cuda" else "triton")),
-                      ("twins", dict(kernels="torch")), ("twins+unshuffle", dict(kernels="torch", decoder_layout="unshuffle"))]:
-        torch.manual_seed(0)
-        mcfg = avmae.make_config(size, **base, **kw)
-        tcfg = train.TrainConfig(bench=True, bench_steps=1 if smoke else 20, batch_size=micro)
-        d = train.Dist(device=torch.device(dev))
-        res[label] = train.bench(avmae.AVMAE(mcfg).to(dev), mcfg, tcfg, d, micro)
-    for other in ("twins", "twins+unshuffle"):
-        rows.append(dict(kernel=f"e2e step vs {other}", speedup=res[other]["step_s"] / res["kernels"]["step_s"],
-                         ours_clips_per_s=res["kernels"]["clips_per_s"], twin_clips_per_s=res[other]["clips_per_s"]))
-        print(f"ViT-B step, kernels vs {other}: x{rows[-1]['speedup']:.2f} "
-              f"({res['kernels']['clips_per_s']:.0f} vs {res[other]['clips_per_s']:.0f} clips/s)", flush=True)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["memory", "attention", "e2e"])
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--batch", type=int, default=64, help="clips per GPU (512 over 8 GPUs)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, any device (under TRITON_INTERPRET=1 on a CPU)")
-    p.add_argument("--json", help="also write the rows here")
-    a = p.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu" and not (a.smoke and kernels.INTERPRET):
-        sys.exit("kernels/bench.py needs a GPU (or --smoke with TRITON_INTERPRET=1 to check that it runs)")
-    dtype = getattr(torch, a.dtype) if dev == "cuda" else torch.float32
-    global REPS
-    REPS = 2 if a.smoke else REPS
-    B = 2 if a.smoke else a.batch
-    print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (interpreter)'}, dtype {dtype}", flush=True)
+    M, f32, act = N - K, 4, 2 if dev == "cuda" else 4
+    act_dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    patches = torch.randn(B, N, P, device=dev)  # fp32, as the model patchifies
+    x = torch.randn(B, K, D, device=dev, dtype=act_dtype)
+    tok, pos = torch.randn(D, device=dev, dtype=act_dtype), torch.randn(N, D, device=dev, dtype=act_dtype)
+    pred = torch.randn(B, M, P, device=dev, dtype=act_dtype, requires_grad=True)
+    cases = [  # (what, name, args, bytes moved)
+        (f"gather fp32 patches {B}x{K} of {N}x{P}", "gather", (patches, keep), 2 * B * K * P * f32 + keep.numel() * 8),
+        (f"assemble {B}x(K={K} -> N={N})x{D}", "assemble", (x, pos, tok, pos, keep, drop), (B * K + B * N + N) * D * act),
+        (f"unshuffle {B}x(K={K} -> N={N})x{D}", "unshuffle", (x, tok, pos, keep, drop), (B * K + B * N + N) * D * act),
+    ]
     rows = []
-    if a.only in (None, "memory"):
-        bench_memory(rows, dev, dtype, B, a.smoke)
-    if a.only in (None, "attention"):
-        bench_attention(rows, dev, dtype, B, a.smoke)
-    if a.only in (None, "e2e"):
-        bench_e2e(rows, dev, a.smoke)
+    for what, name, args, moved in cases:
+        ours = timeit(lambda: kernels.FAST[name](*args)) if run_ours(dev) else None
+        twin = timeit(lambda: avmae.OPS_TORCH[name](*args))
+        rows.append((what, ours and moved / ours / 1e9, moved / twin / 1e9, ours and hbm_peak() and moved / ours / hbm_peak()))
+    for norm in (False, True):
+        moved = B * M * P * (2 * act + f32)  # read predictions and targets, write the gradient
+
+        def step(fn):
+            (g,) = torch.autograd.grad(fn(pred, patches, drop, norm), pred)
+            return g
+        ours = timeit(lambda: step(kernels.FAST["loss"])) if run_ours(dev) else None
+        twin = timeit(lambda: step(avmae.recon_loss))
+        rows.append((f"loss fwd+bwd {B}x{M}x{P} norm_pix={norm}", ours and moved / ours / 1e9, moved / twin / 1e9,
+                     ours and hbm_peak() and moved / ours / hbm_peak()))
+    return rows
+
+
+def bench_attention(dev, B, small):
+    """Rows (N, heads, pass, {backend: TFLOP/s}) for ours and every SDPA backend that runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    d = 32 if small else 64
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    shapes = [(n, 2 if small else 12) for n in ((17, 40) if small else ENCODER_LENGTHS)] + \
+             [(n, 2 if small else 6) for n in ((64,) if small else DECODER_LENGTHS)]
+    backends = dict(flash=SDPBackend.FLASH_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
+                    cudnn=SDPBackend.CUDNN_ATTENTION, math=SDPBackend.MATH) if dev == "cuda" else \
+        dict(math=SDPBackend.MATH)
+    rows = []
+    for N, H in shapes:
+        qkv = torch.randn(B, N, 3, H, d, device=dev, dtype=dtype, requires_grad=True)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        dout = torch.randn(B, H, N, d, device=dev, dtype=dtype)  # a fixed random dO
+        fl = 4 * B * H * N * N * d
+        fns = {"ours": kernels.FAST.get("attention")} if run_ours(dev) and "attention" in kernels.FAST else {}
+        for name, be in backends.items():
+            fns[name] = (lambda be: lambda q, k, v: _sdpa(q, k, v, be, sdpa_kernel))(be)
+        fwd, fb = {}, {}
+        for name, fn in fns.items():
+            try:
+                fwd[name] = fl / timeit(lambda: fn(q, k, v)) / 1e12
+                fb[name] = 3.5 * fl / timeit(lambda: torch.autograd.grad(fn(q, k, v), qkv, dout)) / 1e12
+            except RuntimeError:  # a backend that does not take this shape / dtype / GPU
+                continue
+        rows += [(N, H, "fwd", fwd), (N, H, "fwd+bwd", fb)]
+    return rows
+
+
+def _sdpa(q, k, v, backend, sdpa_kernel):
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def bench_step(dev, small):
+    """The ViT-B paper configuration's training step per backend, eager and compiled."""
+    import train
+    base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64, mel_bins=32) if small else {}
+    size, micro = ("tiny", 2) if small else ("base", 64)
+    rows, backends = [], ["torch", "auto", "triton"] if run_ours(dev) else ["torch"]
+    for backend in backends:
+        for compiled in (False, True) if dev == "cuda" else (False,):  # (compiling on a CPU: not a GPU figure)
+            torch.manual_seed(0)
+            mcfg = avmae.make_config(size, encoder="mid", decoder="shared", kernels=backend, **base)
+            tcfg = train.TrainConfig(bench=True, bench_steps=1 if small else 20, batch_size=micro,
+                                     precision="bf16" if dev == "cuda" else "fp32")
+            model = avmae.AVMAE(mcfg).to(dev)
+            try:
+                r = train.bench(torch.compile(model) if compiled else model, mcfg, tcfg, train.Dist(device=torch.device(dev)),
+                                micro)
+                rows.append((backend, "compiled" if compiled else "eager", r["clips_per_s"], r["mfu"], r["peak_mem_gb"]))
+            except Exception as e:  # (a compiler missing on a CPU machine, say): reported, not fatal
+                rows.append((backend, "compiled" if compiled else "eager", None, None, f"{type(e).__name__}"))
+    return rows
+
+
+def fullgraph_check(dev, small) -> str:
+    base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64, mel_bins=32) if small else {}
+    model = avmae.AVMAE(avmae.make_config("tiny" if small else "base", kernels="auto", **base)).to(dev)
+    B = 2
+    x = dict(a=torch.randn(B, model.cfg.audio_frames, model.cfg.mel_bins, device=dev),
+             v=torch.rand(B, 3, model.cfg.num_frames, model.cfg.image_size, model.cfg.image_size, device=dev))
+    try:
+        step = torch.compile(lambda: model(**x, masks=model.sample_masks(B, dev))["loss"], fullgraph=True)
+        step().backward()
+        return "one graph (fullgraph=True), no breaks"
+    except Exception as e:
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def markdown(dev, memory, attention, steps, fullgraph, small) -> str:
+    import triton
+    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
+    out = ["# kernels/bench.py report", "",
+           f"Device: **{name}**; torch {torch.__version__}, triton {triton.__version__}, "
+           f"{'bf16' if dev == 'cuda' else 'fp32'}." + ("" if dev == "cuda" else
+                                                    " **A dry run on a CPU at small shapes: not a GPU figure.**"), ""]
+    out += ["## Attention (TFLOP/s)", "", "| N | heads | pass | ours | " + " | ".join(_backends(attention)) + " | ours / best SDPA |",
+            "|---|---|---|---|" + "---|" * len(_backends(attention)) + "---|"]
+    for N, H, what, r in attention:
+        sdpa = {k: v for k, v in r.items() if k != "ours"}
+        best = max(sdpa.values()) if sdpa else None
+        ratio = f"{r['ours'] / best:.2f}" if "ours" in r and best else "-"
+        out.append(f"| {N} | {H} | {what} | {_f(r.get('ours'))} | " + " | ".join(_f(r.get(b)) for b in _backends(attention))
+                   + f" | {ratio} |")
+    out += ["", "## Memory kernels (GB/s)", "", "| what | ours | twin | ours, fraction of HBM peak |", "|---|---|---|---|"]
+    out += [f"| {w} | {_f(o)} | {_f(t)} | {'-' if not p else f'{100 * p:.0f}%'} |" for w, o, t, p in memory]
+    title = "Training step (tiny, small shapes)" if small else \
+        "ViT-B training step (mid fusion S = 2, shared decoder, batch 64, bf16)"
+    out += ["", f"## {title}", "", "| --kernels | mode | clips/s | MFU | peak memory (GB) |", "|---|---|---|---|---|"]
+    out += [f"| {b} | {m} | {_f(c)} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
+            f"{mem if isinstance(mem, str) else _f(mem)} |" for b, m, c, mfu, mem in steps]
+    out += ["", f"torch.compile of the training step: {fullgraph}", ""]
+    return "\n".join(out)
+
+
+def _backends(attention):
+    seen = []
+    for *_, r in attention:
+        seen += [k for k in r if k != "ours" and k not in seen]
+    return seen
+
+
+def _f(x):
+    return "-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--report", default="bench.md", help="the markdown report to write")
+    p.add_argument("--only", choices=["memory", "attention", "step"])
+    p.add_argument("--batch", type=int, default=64, help="clips per GPU (512 over 8)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and one repetition (a check that it runs)")
+    p.add_argument("--json", help="also write the rows here")
+    a = p.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    small = a.smoke or dev == "cpu"
+    global REPS
+    REPS = 2 if small else REPS
+    B = 2 if small else a.batch
+    print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; "
+          f"{'kernels and twins' if run_ours(dev) else 'twins only (no GPU, no interpreter)'}", flush=True)
+    memory = bench_memory(dev, B, small) if a.only in (None, "memory") else []
+    attention = bench_attention(dev, B, small) if a.only in (None, "attention") else []
+    steps = bench_step(dev, small) if a.only in (None, "step") else []
+    fullgraph = fullgraph_check(dev, small) if a.only in (None, "step") and dev == "cuda" else \
+        "not run here (CPU; tests/test_kernels.py checks the compiled step on a CPU)"
+    text = markdown(dev, memory, attention, steps, fullgraph, small)
+    with open(a.report, "w") as f:
+        f.write(text)
+    print(text)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+            json.dump(dict(memory=memory, attention=attention, steps=steps, fullgraph=fullgraph), f, indent=1, default=str)
+    return dict(memory=memory, attention=attention, steps=steps, fullgraph=fullgraph)
 
 
 if __name__ == "__main__":
