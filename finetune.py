@@ -405,8 +405,9 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods, out_dir: str 
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=max(1, fcfg.batch_size // d.world),
                                          num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
+    decode = data.GPUDecoder(ds.cfg, d.device) if ds.cfg.decode == "gpu" else (lambda b: data.to_device(b, d.device))
     for b in loader:
-        b = data.to_device(b, d.device)
+        b = decode(b)
         V = fcfg.views
         x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
         with train.autocast_ctx(fcfg.precision, d.device):
@@ -538,12 +539,7 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
         train.print0(json.dumps(res))
         return res
 
-    sampler = data.EpochSampler(len(train_ds), d.world, d.rank, fcfg.seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=fcfg.workers,
-                                         collate_fn=data.collate, drop_last=True, pin_memory=d.device.type == "cuda",
-                                         persistent_workers=fcfg.workers > 0)
-    epoch0, in_epoch = divmod(step, steps_per_epoch)
-    stream = train.batches(loader, sampler, epoch0, in_epoch * per_rank, d)
+    stream = train.batch_stream(train_ds, per_rank, fcfg.workers, fcfg.seed, d, step, steps_per_epoch, per_rank)
     log_path = os.path.join(fcfg.out_dir, "log.jsonl")
     gen = torch.Generator().manual_seed(fcfg.seed * 1_000_003 + d.rank)
     per_modality = isinstance(model, avmae.MBT) and model.norm is not None  # (shared head: a loss per modality)

@@ -665,6 +665,20 @@ def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, fram
     return out["audio_frames"], out["num_frames"]
 
 
+def batch_stream(ds: data.AVDataset, per_rank: int, workers: int, seed: int, d: Dist, step: int,
+                 steps_per_epoch: int, per_step: int):
+    """The one loader of both scripts: data.EpochSampler's order (independent of the number of ranks,
+    resumable at any step: `per_step` samples of this rank per step), pinned memory and persistent
+    workers, batches moved to the device (and decoded there with --decode gpu)."""
+    sampler = data.EpochSampler(len(ds), d.world, d.rank, seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                                         collate_fn=data.collate, drop_last=True, pin_memory=d.device.type == "cuda",
+                                         persistent_workers=workers > 0)
+    gpu_decoder = data.GPUDecoder(ds.cfg, d.device) if ds.cfg.decode == "gpu" else None
+    epoch0, in_epoch = divmod(step, steps_per_epoch)
+    return batches(loader, sampler, epoch0, in_epoch * per_step, d, gpu_decoder)
+
+
 def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
     """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device. A
     data folder that vanished, or a loader worker that died (killed for memory), stops the run with
@@ -815,13 +829,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     if d.world > 1 and not tcfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
-    sampler = data.EpochSampler(len(ds), d.world, d.rank, tcfg.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=tcfg.workers,
-                                         collate_fn=data.collate, drop_last=True, pin_memory=d.device.type == "cuda",
-                                         persistent_workers=tcfg.workers > 0)
-    gpu_decoder = data.GPUDecoder(ds.cfg, d.device) if tcfg.decode == "gpu" else None
-    epoch0, in_epoch = divmod(step, steps_per_epoch)
-    stream = batches(loader, sampler, epoch0, in_epoch * per_rank * tcfg.grad_accum, d, gpu_decoder)
+    stream = batch_stream(ds, per_rank, tcfg.workers, tcfg.seed, d, step, steps_per_epoch, per_rank * tcfg.grad_accum)
 
     fl = raw.flops()
     peak = peak_flops(d.device)

@@ -240,3 +240,12 @@ def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_pat
     feats, enc = model.features(**x), pretrained.encode(**x)
     for m in "av":
         assert torch.allclose(feats[m], enc[m].mean(1), atol=1e-5)
+
+
+def test_finetune_with_the_gpu_decode_path(builtin, tmp_path):
+    # --decode gpu: the workers send JPEG bytes, the batch is decoded and augmented on the device
+    # (here the CPU), in training and in the multi-view evaluation alike
+    res = FT.main(["--preset", "quick", "--data", builtin, "--num_frames", "4", "--image_size", "32",
+                   "--audio_frames", "64", "--workers", "0", "--batch_size", "8", "--max_steps", "2", "--views", "2",
+                   "--kernels", "torch", "--decode", "gpu", "--out_dir", str(tmp_path)])
+    assert res["clips"] == 8 and 0 <= res["label_top1"] <= 1
