@@ -841,7 +841,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                f"| lr {lr:.2e} | {d.device} | {fl['forward'] / 1e9:.1f} GFLOP forward/clip")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain", dynamic_ncols=True)
-    run = Run(model, raw, opt, teacher, stream, mcfg, tcfg, d, per_rank, hooks)
+    run = Run(model, raw, opt, teacher, stream, mcfg, tcfg, d, per_rank, hooks, fl["train"], peak)
     nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
     bad_clips, t_last, n_last, last = 0, time.time(), step, {}
     stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
@@ -878,7 +878,6 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                 preempt.stop(step, path)
     bar.close()
     in_sync = tcfg.fsdp or ranks_in_sync(raw)  # (FSDP holds one copy, sharded)
-    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} | log {log_path}"
            + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
     return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path, last=last, in_sync=in_sync)
@@ -897,6 +896,8 @@ class Run:
     d: Dist
     per_rank: int
     hooks: dict
+    train_flops: float      # per clip (AVMAE.flops), counted once
+    peak: float | None      # the GPU's bf16 peak, for MFU
 
 
 def restart_resume(resume: str) -> str:
@@ -958,10 +959,10 @@ def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, sec
     """The JSONL log and the progress bar: losses, lr, clips/s, MFU, bad clips (all ranks), skipped steps."""
     tcfg, d = run.tcfg, run.d
     clips_s = steps * tcfg.batch_size / max(seconds, 1e-9)
-    peak = peak_flops(d.device)
+    peak = run.peak
     bad_total = int(all_reduce(torch.tensor([bad_clips], device=d.device)).item())
     rec = dict(step=step, epoch=step / steps_per_epoch, lr=run.opt.param_groups[0]["lr"], **state, clips_per_s=clips_s,
-               mfu=(clips_s * run.raw.flops()["train"] / (peak * d.world)) if peak else None, bad_clips=bad_total,
+               mfu=(clips_s * run.train_flops / (peak * d.world)) if peak else None, bad_clips=bad_total,
                skipped_steps=skipped)
     bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{rec['lr']:.1e}", "clips/s": f"{clips_s:.0f}"})
     if d.master:
