@@ -72,7 +72,7 @@ class AVMAEConfig:
     mask_ratio_v: float = 0.9
     mask_ratio_a: float = 0.5
     mask_type_v: str = "random"   # random | tube
-    mask_type_a: str = "random"   # random | time | freq
+    mask_type_a: str = "random"   # random | time | freq | tf (CAV-MAE's time-frequency)
     # positions and targets
     pos_embed: str = "sincos"     # sincos (fixed 1-D per modality, paper) | sincos2d (per grid axis, MAViL) | learned
     norm_pix_loss: bool = False   # MAE's per-patch target normalisation; AV-MAE uses raw patches
@@ -89,8 +89,12 @@ class AVMAEConfig:
     xattn_fuse: str = "channel"   # channel: each token beside its cross-attended other modality, 2 D wide
                                   # (AV-MaskEnhancer Sec. III-D) | sequence: the two streams concatenated
     type_embed: bool = False      # learned modality-type embeddings on encoder and decoder tokens (CAV-MAE)
-    contrast_inter: float = 0.0   # weight of audio<->video InfoNCE on pooled unimodal outputs (MAViL 0.1, CAV-MAE 0.01)
+    dec_tied: bool = False        # one decoder projection and mask token for both modalities (CAV-MAE)
+    contrast_inter: float = 0.0   # weight of audio<->video InfoNCE on pooled unimodal outputs
+                                  # (MAViL 0.1, CAV-MAE 0.01)
     tau_inter: float = 0.1        # (MAViL 0.1, CAV-MAE 0.05)
+    contrast_symmetric: bool = True  # both directions averaged (MAViL Eq. 3) | video picks its audio
+                                  # among the batch's only (CAV-MAE's code, a log-softmax over audio)
     contrast_intra: float = 0.0   # weight of InfoNCE between two masked views of each modality (MAViL 0.01)
     tau_intra: float = 1.0
     target: str = "pixels"        # pixels (raw patches) | teacher (MAViL stage 2: a frozen teacher's fusion outputs)
@@ -128,131 +132,6 @@ def make_config(size: str = "base", **overrides) -> AVMAEConfig:
     return AVMAEConfig(**{**SIZES[size], **overrides})
 
 # -----------------------------------------------------------------------------
-# the steps the Triton kernels (kernels/) replace. These plain-torch versions are the definitions.
-
-
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """out[b, k] = x[b, ids[b, k]] (+ add[ids[b, k]]).
-
-    x: (B, N, C) tokens or patches, or an (N, C) table shared by the batch (positions);
-    ids: (B, K) int64; add: optional (N, C) table gathered with the same ids (positional embedding).
-    """
-    B, K = ids.shape
-    if x.dim() == 2:
-        x = x.unsqueeze(0).expand(B, -1, -1)
-    out = torch.gather(x, 1, ids.unsqueeze(-1).expand(B, K, x.shape[-1]))
-    if add is not None:
-        out = out + add[ids]
-    return out
-
-
-def assemble(x_vis: torch.Tensor, pos_vis: torch.Tensor, mask_token: torch.Tensor, pos_mask: torch.Tensor,
-             ids_vis: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
-    """Decoder input in the [visible | mask] layout (VideoMAE's; no unshuffle needed).
-
-    x_vis: (B, K, D) projected encoder tokens; pos_vis, pos_mask: (N, D) decoder position tables;
-    mask_token: (D,); ids_vis (B, K) / ids_mask (B, M): the positions each part carries.
-    Returns (B, K + M, D) = [x_vis + pos_vis[ids_vis] | mask_token + pos_mask[ids_mask]].
-    """
-    return torch.cat([x_vis + pos_vis[ids_vis], mask_token + pos_mask[ids_mask]], dim=1)
-
-
-def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
-              ids_keep: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
-    """MAE's classic decoder input: visible tokens and mask tokens back in raster order, plus
-    positions. (B, K, D) -> (B, N, D), N = K + M."""
-    B, K, D = x_vis.shape
-    M = ids_mask.shape[1]
-    x = torch.cat([x_vis, mask_token.expand(B, M, D)], dim=1)
-    ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], dim=1), dim=1)
-    return gather_tokens(x, ids_restore) + pos
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal softmax attention, (B, H, N, hd) each."""
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor, norm_pix: bool) -> torch.Tensor:
-    """Eq. 1: mean squared error between predictions (B, M, P) and the target patches at ids (B, M),
-    averaged over the M predicted tokens and the P patch features. norm_pix: MAE's per-patch
-    normalisation of the target, (t - mean) / sqrt(var + 1e-6) with the unbiased variance."""
-    target = gather_tokens(patches, ids).float()
-    if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    return (pred.float() - target).pow(2).mean()
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All ranks' rows, concatenated in rank order; the backward sums every rank's gradient for this
-    rank's rows (each rank's loss used them as negatives)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        dist = torch.distributed
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows = (dist.get_rank() * x.shape[0], x.shape[0])
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        torch.distributed.all_reduce(g)
-        start, n = ctx.rows
-        return g[start:start + n]
-
-
-def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
-    """InfoNCE (MAViL Eq. 2): the i-th row of x should pick the i-th row of y among all of y, by
-    cosine similarity / tau. x, y: (B, D). Under torch.distributed y is gathered from every rank
-    (with its gradient), so the negatives are the global batch."""
-    x, y = F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1)
-    offset = 0
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        offset = torch.distributed.get_rank() * x.shape[0]
-        y = _GatherWithGrad.apply(y)
-    labels = torch.arange(x.shape[0], device=x.device) + offset
-    return F.cross_entropy(x @ y.T / tau, labels)
-
-
-OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, attention=attention,
-                 loss=recon_loss)
-
-
-# GPUs (a name substring) on which a Triton kernel was measured faster than its twin, per op
-# (`python kernels/bench.py` on that GPU, eager and compiled). --kernels auto uses a kernel only there:
-# until a measurement says otherwise the twins (SDPA for attention) are the fast path.
-KERNELS_MEASURED_FASTER: dict = {}  # e.g. {"H100": ("gather", "assemble")}
-
-
-def _pick(fast, twin, on_cpu: bool, supports=None):
-    def op(x, *args):  # the inputs decide (trace-time constants for torch.compile)
-        use = (x.is_cuda or on_cpu) and (supports is None or supports(x, *args))
-        return fast(x, *args) if use else twin(x, *args)
-    op.__name__, op.__doc__ = twin.__name__, twin.__doc__
-    return op
-
-
-def get_ops(name: str, device: str | None = None) -> dict:
-    """The kernel set behind one switch, chosen per op: 'torch' (the twins everywhere); 'triton'
-    (each kernel on the inputs it supports, on CUDA tensors, and on CPU tensors under the Triton
-    interpreter); 'auto' (a kernel only where KERNELS_MEASURED_FASTER lists it for this GPU). The
-    choice is made at run time: it is not part of what a checkpoint holds."""
-    if name not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernels={name!r} is not one of auto, triton, torch")
-    if name == "torch":
-        return OPS_TORCH
-    import kernels  # (imports triton; only when asked for)
-    if name == "auto":
-        gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else ""
-        faster = {op for k, ops in KERNELS_MEASURED_FASTER.items() if k in gpu for op in ops}
-    else:
-        faster = set(kernels.FAST)
-    return {k: _pick(kernels.FAST[k], twin, name == "triton" and kernels.INTERPRET, kernels.SUPPORTS.get(k))
-            if k in faster and k in kernels.FAST else twin for k, twin in OPS_TORCH.items()}
-
-# -----------------------------------------------------------------------------
 # tokenisers: patchify / unpatchify in the feature order the embedding and the loss both use
 
 
@@ -265,6 +144,7 @@ class VideoPatches:
         self.pt, self.ps, self.c = cfg.tubelet, cfg.patch_size, cfg.in_chans
         self.grid = (cfg.num_frames // self.pt, cfg.image_size // self.ps, cfg.image_size // self.ps)
         self.dim = self.pt * self.ps * self.ps * self.c
+        self.n = math.prod(self.grid)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, N, P)
         B, C, T, H, W = x.shape
@@ -290,6 +170,7 @@ class AudioPatches:
         self.pt, self.pf = cfg.audio_patch_t, cfg.audio_patch_f
         self.grid = (cfg.audio_frames // self.pt, cfg.mel_bins // self.pf)
         self.dim = self.pt * self.pf
+        self.n = math.prod(self.grid)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, F) -> (B, N, P)
         B, T, Fq = x.shape
@@ -385,22 +266,35 @@ def mask_count(ratio: float, n: int) -> int:
     return math.floor(ratio * n + 1e-6)
 
 
-def sample_mask(B: int, grid: tuple, ratio: float, axes: tuple, device=None, generator=None) -> tuple:
+def mask_units(grid: tuple, axes) -> int:
+    """How many units a mask type draws from: the positions spanned by its axes of the grid."""
+    return math.prod(grid) if axes == "tf" else math.prod(grid[d] for d in axes)
+
+
+def sample_mask(B: int, grid: tuple, ratio: float, axes, device=None, generator=None) -> tuple:
     """Random masking over the units spanned by `axes` of the token grid; a unit is masked in every
     position along the other axes. axes = all axes is plain random masking (floor(ratio * N)
     tokens masked); video axes (1, 2) is tube masking (the same spatial mask in every time slice);
-    audio axes (0,) masks whole time columns, (1,) whole frequency rows.
+    audio axes (0,) masks whole time columns, (1,) whole frequency rows; "tf" is CAV-MAE's
+    time-frequency masking (its code's 'tf' mode): 0.7 ratio of the time steps and of the bands
+    masked whole, then random tokens, floor(ratio * N) in all (whole ones first if they overflow).
     Returns (ids_keep (B, K), ids_mask (B, M)), each sorted ascending."""
-    N = math.prod(grid)
-    units = math.prod(grid[d] for d in axes)
+    N, units = math.prod(grid), mask_units(grid, axes)
     m_units = mask_count(ratio, units)
-    # unit index of every token: ravel of its coordinates along `axes`
-    coords = torch.unravel_index(torch.arange(N, device=device), grid)
-    unit_of_token = torch.zeros(N, dtype=torch.long, device=device)
-    for d in axes:
-        unit_of_token = unit_of_token * grid[d] + coords[d]
-    unit_rank = torch.rand(B, units, device=device, generator=generator).argsort(1).argsort(1)  # random rank of each unit
-    mask = unit_rank[:, unit_of_token] < m_units  # (B, N) bool
+
+    def rank(n):  # a random rank of each of n units, per example
+        return torch.rand(B, n, device=device, generator=generator).argsort(1).argsort(1)
+    if axes == "tf":
+        (T, Fq), part = grid, lambda n: rank(n) < int(n * ratio * 0.7)
+        whole = (part(T)[:, :, None] | part(Fq)[:, None, :]).reshape(B, N)
+        score = torch.rand(B, N, device=device, generator=generator) + whole.float()
+        mask = score.argsort(1, descending=True).argsort(1) < m_units
+    else:  # unit index of every token: ravel of its coordinates along `axes`
+        coords = torch.unravel_index(torch.arange(N, device=device), grid)
+        unit_of_token = torch.zeros(N, dtype=torch.long, device=device)
+        for d in axes:
+            unit_of_token = unit_of_token * grid[d] + coords[d]
+        mask = rank(units)[:, unit_of_token] < m_units  # (B, N) bool
     order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # kept first, each part ascending
     M = m_units * (N // units)
     return order[:, : N - M], order[:, N - M:]
@@ -408,13 +302,105 @@ def sample_mask(B: int, grid: tuple, ratio: float, axes: tuple, device=None, gen
 
 MASK_AXES = {  # mask type -> masked axes of the token grid
     "v": {"random": (0, 1, 2), "tube": (1, 2)},
-    "a": {"random": (0, 1), "time": (0,), "freq": (1,)},
+    "a": {"random": (0, 1), "time": (0,), "freq": (1,), "tf": "tf"},
 }
 
 
 def ids_to_mask(ids_mask: torch.Tensor, n: int) -> torch.Tensor:
     """(B, M) masked indices -> (B, N) float mask, 1 = masked."""
     return torch.zeros(ids_mask.shape[0], n, device=ids_mask.device).scatter_(1, ids_mask, 1.0)
+
+# -----------------------------------------------------------------------------
+# the steps the Triton kernels (kernels/) replace. These plain-torch versions are the definitions.
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b, k] = x[b, ids[b, k]] (+ add[ids[b, k]]).
+
+    x: (B, N, C) tokens or patches, or an (N, C) table shared by the batch (positions);
+    ids: (B, K) int64; add: optional (N, C) table gathered with the same ids (positional embedding).
+    """
+    B, K = ids.shape
+    if x.dim() == 2:
+        x = x.unsqueeze(0).expand(B, -1, -1)
+    out = torch.gather(x, 1, ids.unsqueeze(-1).expand(B, K, x.shape[-1]))
+    if add is not None:
+        out = out + add[ids]
+    return out
+
+
+def assemble(x_vis: torch.Tensor, pos_vis: torch.Tensor, mask_token: torch.Tensor, pos_mask: torch.Tensor,
+             ids_vis: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+    """Decoder input in the [visible | mask] layout (VideoMAE's; no unshuffle needed).
+
+    x_vis: (B, K, D) projected encoder tokens; pos_vis, pos_mask: (N, D) decoder position tables;
+    mask_token: (D,); ids_vis (B, K) / ids_mask (B, M): the positions each part carries.
+    Returns (B, K + M, D) = [x_vis + pos_vis[ids_vis] | mask_token + pos_mask[ids_mask]].
+    """
+    return torch.cat([x_vis + pos_vis[ids_vis], mask_token + pos_mask[ids_mask]], dim=1)
+
+
+def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
+              ids_keep: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+    """MAE's classic decoder input: visible tokens and mask tokens back in raster order, plus
+    positions. (B, K, D) -> (B, N, D), N = K + M."""
+    B, K, D = x_vis.shape
+    M = ids_mask.shape[1]
+    x = torch.cat([x_vis, mask_token.expand(B, M, D)], dim=1)
+    ids_restore = torch.argsort(torch.cat([ids_keep, ids_mask], dim=1), dim=1)
+    return gather_tokens(x, ids_restore) + pos
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal softmax attention, (B, H, N, hd) each."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Eq. 1: mean squared error between predictions (B, M, P) and the target patches at ids (B, M),
+    averaged over the M predicted tokens and the P patch features. norm_pix: MAE's per-patch
+    normalisation of the target, (t - mean) / sqrt(var + 1e-6) with the unbiased variance."""
+    target = gather_tokens(patches, ids).float()
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return (pred.float() - target).pow(2).mean()
+
+
+OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, attention=attention,
+                 loss=recon_loss)
+
+
+# GPUs (a name substring) on which a Triton kernel was measured faster than its twin, per op
+# (`python kernels/bench.py` on that GPU, eager and compiled). --kernels auto uses a kernel only there:
+# until a measurement says otherwise the twins (SDPA for attention) are the fast path.
+KERNELS_MEASURED_FASTER: dict = {}  # e.g. {"H100": ("gather", "assemble")}
+
+
+def _pick(fast, twin, on_cpu: bool, supports=None):
+    def op(x, *args):  # the inputs decide (trace-time constants for torch.compile)
+        use = (x.is_cuda or on_cpu) and (supports is None or supports(x, *args))
+        return fast(x, *args) if use else twin(x, *args)
+    op.__name__, op.__doc__ = twin.__name__, twin.__doc__
+    return op
+
+
+def get_ops(name: str, device: str | None = None) -> dict:
+    """The kernel set behind one switch, chosen per op: 'torch' (the twins everywhere); 'triton'
+    (each kernel on the inputs it supports, on CUDA tensors, and on CPU tensors under the Triton
+    interpreter); 'auto' (a kernel only where KERNELS_MEASURED_FASTER lists it for this GPU). The
+    choice is made at run time: it is not part of what a checkpoint holds."""
+    if name not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels={name!r} is not one of auto, triton, torch")
+    if name == "torch":
+        return OPS_TORCH
+    import kernels  # (imports triton; only when asked for)
+    if name == "auto":
+        gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else ""
+        faster = {op for k, ops in KERNELS_MEASURED_FASTER.items() if k in gpu for op in ops}
+    else:
+        faster = set(kernels.FAST)
+    return {k: _pick(kernels.FAST[k], twin, name == "triton" and kernels.INTERPRET, kernels.SUPPORTS.get(k))
+            if k in faster and k in kernels.FAST else twin for k, twin in OPS_TORCH.items()}
 
 # -----------------------------------------------------------------------------
 # transformer primitives: pre-LN ViT block (LN eps 1e-6, GELU, MLP 4x), as ViT / MAE
@@ -502,9 +488,7 @@ def block_flops(n: int, d: int, hidden: int) -> float:
 #   stream_weights(cfg, m)  how an MBT finetuning stream of modality m is initialised from it: the
 #                         source of each block, the closing norm, an inner norm kept (name, after block)
 #   mbt_drops             parts MBT finetuning leaves out (the papers finetune the unimodal encoders)
-# For the contrastive losses an encoder also gives each modality's *unimodal* representation
-# (computed from that modality alone): forward(xs, with_unimodal=True) -> (fused, unimodal), and
-# unimodal(xs) alone (a second masked view).
+#                         (a tuple of name prefixes, or a function of the config giving one)
 
 
 def _concat(xs: dict):
@@ -522,8 +506,8 @@ class Early(nn.Module):
     mixes, mbt_drops = True, ()
 
     @staticmethod
-    def flops(cfg, k, blk, unimodal=False):
-        return sum(blk(n, cfg.depth) for n in k.values()) if unimodal else blk(sum(k.values()), cfg.depth)
+    def flops(cfg, k, blk):
+        return blk(sum(k.values()), cfg.depth)
 
     @staticmethod
     def stream_weights(cfg, m):
@@ -537,12 +521,8 @@ class Early(nn.Module):
     def layer_ids(self) -> dict:
         return _prefix("joint", self.joint.layer_ids(1))
 
-    def unimodal(self, xs: dict) -> dict:
-        return {m: self.joint(x) for m, x in xs.items()}
-
-    def forward(self, xs: dict, with_unimodal: bool = False):
-        out = _joint(self.joint, xs)
-        return (out, self.unimodal(xs)) if with_unimodal else out
+    def forward(self, xs: dict) -> dict:
+        return _joint(self.joint, xs)
 
 
 class Separate(nn.Module):
@@ -550,12 +530,13 @@ class Separate(nn.Module):
     mixes, mbt_drops = False, ()
 
     @staticmethod
-    def flops(cfg, k, blk, unimodal=False):
+    def flops(cfg, k, blk):
         return sum(blk(n, cfg.depth) for n in k.values())
 
     @staticmethod
     def stream_weights(cfg, m):
-        return dict(blocks=[f"streams.{m}.blocks.{i}" for i in range(cfg.depth)], norm=f"streams.{m}.norm", inner=None)
+        blocks = [f"streams.{m}.blocks.{i}" for i in range(cfg.depth)]
+        return dict(blocks=blocks, norm=f"streams.{m}.norm", inner=None)
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -565,12 +546,8 @@ class Separate(nn.Module):
     def layer_ids(self) -> dict:
         return {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
 
-    def unimodal(self, xs: dict) -> dict:
+    def forward(self, xs: dict) -> dict:
         return {m: self.streams[m](x) for m, x in xs.items()}
-
-    def forward(self, xs: dict, with_unimodal: bool = False):
-        out = self.unimodal(xs)
-        return (out, out) if with_unimodal else out
 
 
 class Shared(nn.Module):
@@ -589,12 +566,8 @@ class Shared(nn.Module):
     def layer_ids(self) -> dict:
         return _prefix("shared", self.shared.layer_ids(1))
 
-    def unimodal(self, xs: dict) -> dict:
+    def forward(self, xs: dict) -> dict:
         return {m: self.shared(x) for m, x in xs.items()}
-
-    def forward(self, xs: dict, with_unimodal: bool = False):
-        out = self.unimodal(xs)
-        return (out, out) if with_unimodal else out
 
 
 class Mid(nn.Module):
@@ -604,10 +577,9 @@ class Mid(nn.Module):
     mixes, mbt_drops = True, ()
 
     @staticmethod
-    def flops(cfg, k, blk, unimodal=False):
+    def flops(cfg, k, blk):
         L, S = cfg.depth, cfg.joint_layers
-        joint = sum(blk(n, S) for n in k.values()) if unimodal else blk(sum(k.values()), S)
-        return sum(blk(n, L - S) for n in k.values()) + joint
+        return sum(blk(n, L - S) for n in k.values()) + blk(sum(k.values()), S)
 
     @staticmethod
     def stream_weights(cfg, m):  # the joint layers copied into both streams (untied); the stream's norm kept
@@ -627,157 +599,11 @@ class Mid(nn.Module):
         ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
         return {**ids, **_prefix("joint", self.joint.layer_ids(self.n_layers - len(self.joint.blocks) + 1))}
 
-    def unimodal(self, xs: dict) -> dict:
-        return {m: self.joint(self.streams[m](x)) for m, x in xs.items()}
-
-    def forward(self, xs: dict, with_unimodal: bool = False):
-        s = {m: self.streams[m](x) for m, x in xs.items()}
-        out = _joint(self.joint, s)
-        return (out, {m: self.joint(x) for m, x in s.items()}) if with_unimodal else out
-
-
-class BottleneckFusion(nn.Module):
-    """MBT layers (Nagrani et al., 2021): each modality's layer sees [own tokens | shared bottleneck
-    tokens]; the bottleneck outputs are averaged over the modalities after every layer. shared: one
-    layer g_av applied to both modalities (MAViL App. B: a_um || b_a = g_av(a_um || b), likewise
-    for video); otherwise a layer per modality, as MBT itself."""
-
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, n_tokens: int, shared: bool = True):
-        super().__init__()
-        self.layers = nn.ModuleDict({k: Transformer(dim, depth, heads, hidden, attn_fn) for k in
-                                     (["av"] if shared else mods)})
-        self.key = {m: "av" if shared else m for m in mods}
-        self.tokens = nn.Parameter(torch.zeros(1, n_tokens, dim))
-        nn.init.trunc_normal_(self.tokens, std=0.02)
-
-    def layer_ids(self, first: int) -> dict:
-        ids = {k: v for m, s in self.layers.items() for k, v in _prefix(f"layers.{m}", s.layer_ids(first)).items()}
-        return {**ids, "tokens": first}
-
     def forward(self, xs: dict) -> dict:
-        z = self.tokens.expand(next(iter(xs.values())).shape[0], -1, -1)
-        depth = len(next(iter(self.layers.values())).blocks)
-        for i in range(depth):
-            zs = []
-            for m, x in xs.items():
-                n = x.shape[1]
-                y = self.layers[self.key[m]].blocks[i](torch.cat([x, z], dim=1))
-                xs[m] = y[:, :n]
-                zs.append(y[:, n:])
-            z = torch.stack(zs).mean(0)
-        return {m: self.layers[self.key[m]].norm(x) for m, x in xs.items()}
+        return _joint(self.joint, {m: self.streams[m](x) for m, x in xs.items()})
 
 
-class MAViLEncoder(nn.Module):
-    """MAViL (Huang et al., Sec. 3.1): full unimodal encoders (depth layers + LayerNorm each), then a
-    fusion encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The
-    contrastive losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks
-    the pairing)."""
-    mixes, mbt_drops, stream_weights = True, ("fusion.",), Separate.stream_weights
-
-    @staticmethod
-    def flops(cfg, k, blk, unimodal=False):
-        streams = sum(blk(n, cfg.depth) for n in k.values())
-        if unimodal:
-            return streams
-        if cfg.fusion == "vanilla":
-            return streams + blk(sum(k.values()), cfg.fusion_layers)
-        return streams + sum(blk(n + cfg.bottlenecks, cfg.fusion_layers) for n in k.values())
-
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
-        super().__init__()
-        self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
-        n_fusion = cfg.fusion_layers
-        self.vanilla = cfg.fusion == "vanilla"
-        self.fusion = (Transformer(dim, n_fusion, heads, hidden, attn_fn) if self.vanilla else
-                       BottleneckFusion(mods, dim, n_fusion, heads, hidden, attn_fn, cfg.bottlenecks, cfg.fusion == "mbt"))
-        self.n_layers, self.out_width = depth + n_fusion, dim
-
-    def layer_ids(self) -> dict:
-        ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
-        depth = len(next(iter(self.streams.values())).blocks)
-        return {**ids, **_prefix("fusion", self.fusion.layer_ids(depth + 1))}
-
-    def unimodal(self, xs: dict) -> dict:
-        return {m: self.streams[m](x) for m, x in xs.items()}
-
-    def forward(self, xs: dict, with_unimodal: bool = False):
-        uni = self.unimodal(xs)
-        out = _joint(self.fusion, uni) if self.vanilla else self.fusion(dict(uni))
-        return (out, uni) if with_unimodal else out
-
-
-class CrossBlock(nn.Module):
-    """Pre-LN cross-attention (queries from x, keys and values from ctx), then an MLP."""
-
-    def __init__(self, dim: int, heads: int, hidden: int):
-        super().__init__()
-        self.heads = heads
-        self.norm_q, self.norm_kv, self.norm2 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
-        self.mlp = MLP(dim, hidden)
-
-    def forward(self, x, ctx):
-        B, N, D = x.shape
-        H = self.heads
-        q = self.q(self.norm_q(x)).view(B, N, H, D // H).transpose(1, 2)
-        k, v = self.kv(self.norm_kv(ctx)).view(B, ctx.shape[1], 2, H, D // H).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # lengths differ: SDPA
-        return x + self.mlp(self.norm2(x))
-
-
-class XAttnEncoder(nn.Module):
-    """AV-MaskEnhancer (Diao et al., Sec. III-C/D): unimodal encoders (depth layers + LayerNorm),
-    then bidirectional cross-attention: video queries attend to audio and audio queries to video,
-    both from the previous layer's tokens (Eq. 6). xattn_fuse='channel' (the paper's form): each
-    token leaves beside its cross-attended counterpart, N_fuse = N_v tokens of D_fuse = 2 D_v
-    (unimodal || cross-attended); 'sequence': the cross-attended tokens alone, and the decoder
-    concatenates the two modalities along the sequence. In the channel form with the video-only
-    objective nothing reads the audio queries of the last layer, so that layer has video queries
-    alone (out_mods = ('v',)): no parameter goes untrained."""
-    mixes, mbt_drops, stream_weights = True, ("cross.", "norm."), Separate.stream_weights
-
-    @staticmethod
-    def flops(cfg, k, blk, unimodal=False):  # per layer and direction: q, kv, out projections, scores, MLP
-        d, h = cfg.width, int(cfg.width * cfg.mlp_ratio)
-        streams = sum(blk(n, cfg.depth) for n in k.values())
-        cross = sum(2 * k[m] * d * d * 2 + 2 * k[o] * 2 * d * d + 4 * k[m] * k[o] * d + 4 * k[m] * d * h
-                    for m in k for o in k if o != m)
-        return streams if unimodal else streams + cfg.cross_layers * cross
-
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
-        super().__init__()
-        self.channel = cfg.xattn_fuse == "channel"
-        self.out_mods = ("v",) if self.channel and cfg.objective == "video" and "v" in mods else tuple(mods)
-        self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
-        self.cross = nn.ModuleList(nn.ModuleDict({m: CrossBlock(dim, heads, hidden) for m in
-                                                  (self.out_mods if j == cfg.cross_layers - 1 else mods)})
-                                   for j in range(cfg.cross_layers))
-        self.norm = nn.ModuleDict({m: nn.LayerNorm(dim, eps=1e-6) for m in self.out_mods})
-        self.n_layers, self.out_width = depth + cfg.cross_layers, dim * (2 if self.channel else 1)
-
-    def layer_ids(self) -> dict:
-        depth = len(next(iter(self.streams.values())).blocks)
-        ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
-        ids.update({f"cross.{j}.{n}": depth + 1 + j for j, layer in enumerate(self.cross) for n, _ in layer.named_parameters()})
-        return {**ids, **{f"norm.{n}": self.n_layers for n, _ in self.norm.named_parameters()}}
-
-    def unimodal(self, xs: dict) -> dict:
-        return {m: self.streams[m](x) for m, x in xs.items()}
-
-    def forward(self, xs: dict, with_unimodal: bool = False):
-        uni = self.unimodal(xs)
-        x = dict(uni)
-        for layer in self.cross:
-            x = {m: layer[m](x[m], x[o]) for m in layer for o in x if o != m}
-        out = {m: self.norm[m](x[m]) for m in self.out_mods}
-        if self.channel:  # (B, N_m, 2 D): each token beside what it read of the other modality
-            out = {m: torch.cat([uni[m], t], dim=-1) for m, t in out.items()}
-        return (out, uni) if with_unimodal else out
-
-
-ENCODERS = {"early": Early, "separate": Separate, "mid": Mid, "shared": Shared, "mavil": MAViLEncoder,
-            "xattn": XAttnEncoder}
+ENCODERS = {"early": Early, "separate": Separate, "mid": Mid, "shared": Shared}  # + the relatives' below
 DECODERS = {"early": Early, "separate": Separate, "shared": Shared}
 # objective -> {target modality: source modality whose encoded tokens are the decoder's context}
 OBJECTIVES = {
@@ -833,7 +659,11 @@ def check_config(cfg: AVMAEConfig) -> None:
         if cfg.decoder_layout == "unshuffle":
             raise ValueError("decoder_layout='unshuffle' restores one modality's own raster order: it "
                              "applies to objective='joint' only")
-    if cfg.encoder == "mid" and cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
+    if cfg.encoder == "cavmae" and cfg.modalities == "av" and not cfg.contrast_inter > 0:
+        raise ValueError("encoder='cavmae' keeps a LayerNorm pair per modality for the unimodal pass that only "
+                         "the contrastive term reads: set contrast_inter > 0 (CAV-MAE: 0.01), or use "
+                         "encoder='mid' with joint_layers=1")
+    if cfg.encoder in ("mid", "cavmae") and cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
         raise ValueError(f"mid-fusion needs 1 <= joint_layers < depth, got joint_layers={cfg.joint_layers}, "
                          f"depth={cfg.depth} (joint_layers=depth is early fusion)")
     for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads, "decoder")):
@@ -847,7 +677,7 @@ def check_config(cfg: AVMAEConfig) -> None:
                          f"{cfg.audio_patch_t}x{cfg.audio_patch_f} patches")
     for m in cfg.mods:
         grid = PATCHES[m](cfg).grid
-        units = math.prod(grid[d] for d in MASK_AXES[m][getattr(cfg, f"mask_type_{m}")])
+        units = mask_units(grid, MASK_AXES[m][getattr(cfg, f"mask_type_{m}")])
         ratio = getattr(cfg, f"mask_ratio_{m}")
         reconstructed = m in OBJECTIVES[cfg.objective]  # (AV-MaskEnhancer keeps all of its audio)
         n = mask_count(ratio, units)
@@ -870,8 +700,109 @@ def _num_tokens(cfg: AVMAEConfig, m: str) -> int:
 def _num_masked(cfg: AVMAEConfig, m: str) -> int:
     grid = PATCHES[m](cfg).grid
     axes = MASK_AXES[m][getattr(cfg, f"mask_type_{m}")]
-    units = math.prod(grid[d] for d in axes)
+    units = mask_units(grid, axes)
     return mask_count(getattr(cfg, f"mask_ratio_{m}"), units) * (math.prod(grid) // units)
+
+# -----------------------------------------------------------------------------
+# the decoder side (Sec. 3.3, 3.4): per target modality a sequence of context tokens and mask tokens,
+# a decoder (one of DECODERS), a linear head on the predicted tokens
+
+
+class MAEDecoder(nn.Module):
+    """Encoded tokens {source: (B, K, D_out)} -> predictions {target: (pred (B, M, P), ids (B, M))}.
+    targets: {target modality: source modality whose encoded tokens are its context}; extra:
+    context-only modalities (AV-MaskEnhancer's audio). tied: one projection and one mask token for
+    every modality (CAV-MAE's code); otherwise one per modality."""
+
+    def __init__(self, cfg: AVMAEConfig, patches: dict, targets: dict, extra: tuple, in_width: int, ops: dict):
+        super().__init__()
+        self.cfg, self.n, self.targets, self.extra, self.ops = cfg, {m: p.n for m, p in patches.items()}, \
+            targets, extra, ops
+        D, sources = cfg.dec_width, sorted(set(targets.values()) | set(extra))
+        self.key = {m: "av" if cfg.dec_tied else m for m in cfg.mods}
+        self.embed = nn.ModuleDict({self.key[s]: nn.Linear(in_width, D) for s in sources})
+        self.mask_token = nn.ParameterDict({self.key[t]: nn.Parameter(torch.zeros(D)) for t in targets})
+        # the paper's inpainting layout gives context tokens the target's positions (Sec. 3.4)
+        pos_mods = set(targets) | (set(sources) if cfg.inpaint_layout == "masked" or extra else set())
+        self.pos = nn.ModuleDict({m: PosEmbed(patches[m].grid, D, cfg.pos_embed) for m in sorted(pos_mods)})
+        if cfg.type_embed:  # CAV-MAE: which modality a token is
+            self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(D)) for m in cfg.mods})
+        self.net = DECODERS[cfg.decoder](list(targets), D, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp,
+                                         ops["attention"])
+        out = {t: cfg.teacher_width or cfg.width if cfg.target == "teacher" else patches[t].dim
+               for t in targets}  # (MAViL stage 2 predicts a teacher's features)
+        self.head = nn.ModuleDict({t: nn.Linear(D, out[t]) for t in targets})
+        # how decoder inputs are laid out: chosen once here
+        layouts = {"gather": self.own, "unshuffle": self.unshuffle, "paper": self.inpaint_paper,
+                   "masked": self.inpaint_masked}
+        joint = cfg.objective in ("joint", "video")
+        self.context = self.with_extra if extra else layouts[cfg.decoder_layout if joint else cfg.inpaint_layout]
+
+    def _type(self, z, m):
+        return z + self.type_embed[m] if self.cfg.type_embed else z
+
+    # Each layout returns (sequence (B, L, Dd), where to read the predictions, which patches they are of).
+
+    def own(self, t, s, e, masks):  # joint: t's own visible tokens, [visible | mask]
+        keep, drop = masks[t]
+        pos, k = self.pos[t](), self.key[t]
+        z = self.ops["assemble"](self.embed[k](e[t]), pos, self.mask_token[k], pos, keep, drop)
+        return self._type(z, t), keep.shape[1], drop
+
+    def with_extra(self, t, s, e, masks):
+        """[the other modalities' encoded tokens | t's visible tokens | t's mask tokens]: the decoder
+        reconstructs t with everything the encoder saw as context (AV-MaskEnhancer)."""
+        z, read, ids = self.own(t, s, e, masks)
+        ctx = [self._type(self.embed[self.key[o]](e[o]) + self.ops["gather"](self.pos[o](), masks[o][0]), o)
+               for o in self.extra]
+        return torch.cat(ctx + [z], dim=1), read + sum(c.shape[1] for c in ctx), ids
+
+    def unshuffle(self, t, s, e, masks):  # joint, MAE's raster order; read the masked positions
+        keep, drop = masks[t]
+        k = self.key[t]
+        z = self.ops["unshuffle"](self.embed[k](e[t]), self.mask_token[k], self.pos[t](), keep, drop)
+        return self._type(z, t), drop, drop
+
+    def inpaint_paper(self, t, s, e, masks):
+        """Authors' inpainting layout (Sec. 3.4): z_t = [e_s || m_t repeated n_t - k_s] with t's
+        positions 0..n_t-1 along the sequence; supervises t's last n_t - k_s raster patches."""
+        B, k = e[s].shape[:2]
+        ids = torch.arange(self.n[t], device=e[s].device).expand(B, -1)
+        pos = self.pos[t]()
+        z = self.ops["assemble"](self.embed[self.key[s]](e[s]), pos, self.mask_token[self.key[t]], pos,
+                                 ids[:, :k], ids[:, k:])
+        return z, k, ids[:, k:]
+
+    def inpaint_masked(self, t, s, e, masks):
+        """Well-defined inpainting: context tokens keep their own modality's positions, one mask token
+        per masked patch of t carries that patch's position and is supervised on it."""
+        keep_s, drop_t = masks[s][0], masks[t][1]
+        z = self.ops["assemble"](self.embed[self.key[s]](e[s]), self.pos[s](), self.mask_token[self.key[t]],
+                                 self.pos[t](), keep_s, drop_t)
+        return z, keep_s.shape[1], drop_t
+
+    def forward(self, e: dict, masks: dict) -> dict:
+        seqs, reads = {}, {}
+        for t, s in self.targets.items():
+            seqs[t], *reads[t] = self.context(t, s, e, masks)
+        outs, preds = self.net(seqs), {}
+        for t, (read, ids) in reads.items():  # the head runs on the predicted tokens only
+            y = outs[t][:, read:] if isinstance(read, int) else self.ops["gather"](outs[t], read)
+            preds[t] = (self.head[t](y), ids)
+        return preds
+
+    def flops(self, k: dict, in_width: int) -> float:
+        """Forward FLOPs with k[m] visible tokens per modality: the sequences as `context` builds
+        them, the projections of the context tokens, the heads on the predicted tokens."""
+        cfg, seq, pred = self.cfg, {}, {}
+        for t, s in self.targets.items():
+            paper = cfg.objective not in ("joint", "video") and cfg.inpaint_layout == "paper"
+            pred[t] = self.n[t] - (k[s] if paper else k[t])
+            seq[t] = k[s] + pred[t] + sum(k[o] for o in self.extra)
+        lens = [sum(seq.values())] if cfg.decoder == "early" else list(seq.values())
+        dec = sum(cfg.dec_depth * block_flops(n, cfg.dec_width, cfg.dec_mlp) for n in lens)
+        dec += sum(2 * k[s] * in_width * cfg.dec_width for s in set(self.targets.values()) | set(self.extra))
+        return dec + sum(2 * pred[t] * cfg.dec_width * self.head[t].out_features for t in pred)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -887,51 +818,26 @@ class AVMAE(nn.Module):
         check_config(cfg)
         self.cfg, mods = cfg, cfg.mods
         self.ops = get_ops(cfg.kernels)
-        attn = self.ops["attention"]
         self.patches = {m: PATCHES[m](cfg) for m in mods}
-        self.n = {m: math.prod(self.patches[m].grid) for m in mods}
-        self.targets = {t: s for t, s in OBJECTIVES[cfg.objective].items() if t in mods}  # target -> source
-
+        self.n = {m: self.patches[m].n for m in mods}
         # encoder: embed only the visible patches (patch embedding is linear: the same result)
         self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim, cfg.width) for m in mods})
         self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width, cfg.pos_embed) for m in mods})
+        if cfg.type_embed:  # CAV-MAE: which modality a token is
+            self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width)) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
-                                             attn, dpr, cfg)
-
-        if cfg.type_embed:  # CAV-MAE: which modality a token is, on encoder and decoder inputs
-            self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width)) for m in mods})
-            self.dec_type = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.dec_width)) for m in mods})
-
-        # decoder: per source modality a projection; per target a mask token, head and positions
-        # context-only modalities (AV-MaskEnhancer's audio), unless the encoder already fused them into
-        # the target's channels
-        self.extra = tuple(m for m in EXTRA_CONTEXT.get(cfg.objective, ()) if m in mods
-                           and self.encoder.out_width == cfg.width)
-        sources = sorted(set(self.targets.values()) | set(self.extra))
-        self.dec_embed = nn.ModuleDict({s: nn.Linear(self.encoder.out_width, cfg.dec_width) for s in sources})
-        self.mask_token = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.dec_width)) for t in self.targets})
-        # the paper's inpainting layout gives context tokens the target's positions (Sec. 3.4)
-        pos_mods = set(self.targets) | (set(sources) if cfg.inpaint_layout == "masked" or self.extra else set())
-        self.dec_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.dec_width, cfg.pos_embed) for m in sorted(pos_mods)})
-        self.decoder = DECODERS[cfg.decoder](list(self.targets), cfg.dec_width, cfg.dec_depth, cfg.dec_heads,
-                                             cfg.dec_mlp, attn)
-        out_dim = {t: (cfg.teacher_width or cfg.width) if cfg.target == "teacher" else self.patches[t].dim
-                   for t in self.targets}  # MAViL stage 2 predicts the teacher's features
-        self.head = nn.ModuleDict({t: nn.Linear(cfg.dec_width, out_dim[t]) for t in self.targets})
+                                             self.ops["attention"], dpr, cfg)
+        # decoder: context-only modalities (AV-MaskEnhancer's audio) unless the encoder already fused
+        # them into the target's channels
+        targets = {t: s for t, s in OBJECTIVES[cfg.objective].items() if t in mods}  # target -> source
+        extra = tuple(m for m in EXTRA_CONTEXT.get(cfg.objective, ()) if m in mods
+                      and self.encoder.out_width == cfg.width)
+        self.decoder = MAEDecoder(cfg, self.patches, targets, extra, self.encoder.out_width, self.ops)
         self.apply(init_weights)
-        for p in [*self.mask_token.values(), *(getattr(self, "type_embed", {}) or {}).values(),
-                  *(getattr(self, "dec_type", {}) or {}).values()]:
-            nn.init.trunc_normal_(p, std=0.02)
-
-        # how decoder inputs are laid out: chosen once here (joint objective: decoder_layout;
-        # inpainting: inpaint_layout)
-        layouts = {"gather": self._context_own, "unshuffle": self._context_unshuffle,
-                   "paper": self._context_paper, "masked": self._context_masked, "extra": self._context_extra}
-        self._context = layouts["extra" if self.extra else cfg.decoder_layout if cfg.objective in ("joint", "video")
-                                else cfg.inpaint_layout]
-
-    # ---- masking and embedding
+        for n, p in self.named_parameters():  # learned tokens: N(0, 0.02), as MAE's mask token
+            if n.split(".")[-2] in ("mask_token", "type_embed"):
+                nn.init.trunc_normal_(p, std=0.02)
 
     def sample_masks(self, B: int, device=None, generator=None) -> dict:
         """{modality: (ids_keep (B, K), ids_mask (B, M))}, independent per example and modality."""
@@ -955,8 +861,8 @@ class AVMAE(nn.Module):
             if masks is None:  # no masking: every patch (finetuning / features)
                 out[m] = self.patch_embed[m](p) + self.enc_pos[m]()[: p.shape[1]]
             else:
-                keep = masks[m][0]
-                out[m] = self.patch_embed[m](self.ops["gather"](p, keep)) + self.ops["gather"](self.enc_pos[m](), keep)
+                keep, gather = masks[m][0], self.ops["gather"]
+                out[m] = self.patch_embed[m](gather(p, keep)) + gather(self.enc_pos[m](), keep)
             if self.cfg.type_embed:
                 out[m] = out[m] + self.type_embed[m]
         return out
@@ -964,46 +870,6 @@ class AVMAE(nn.Module):
     def encode(self, a=None, v=None, masks: dict | None = None) -> dict:
         """Encoder features {modality: (B, K or N, D)}; masks=None encodes every token."""
         return self.forward_encoder(self.patchify(self._inputs(a, v)), masks)
-
-    # ---- decoder inputs: context tokens + mask tokens for one target modality t from source s.
-    # Each returns (sequence (B, L, Dd), where to read the predictions, which patches they are of).
-
-    def _context_own(self, t, s, e, masks):  # joint: t's own visible tokens, [visible | mask]
-        keep, drop = masks[t]
-        pos = self.dec_pos[t]()
-        z = self.ops["assemble"](self.dec_embed[t](e[t]), pos, self.mask_token[t], pos, keep, drop)
-        return (z + self.dec_type[t] if self.cfg.type_embed else z), keep.shape[1], drop
-
-    def _context_extra(self, t, s, e, masks):
-        """[the other modalities' encoded tokens | t's visible tokens | t's mask tokens]: the
-        decoder reconstructs t with everything the encoder saw as context (AV-MaskEnhancer)."""
-        z, read, ids = self._context_own(t, s, e, masks)
-        ctx = [self.dec_embed[o](e[o]) + self.ops["gather"](self.dec_pos[o](), masks[o][0]) for o in self.extra]
-        ctx = [c + self.dec_type[o] if self.cfg.type_embed else c for c, o in zip(ctx, self.extra)]
-        return torch.cat(ctx + [z], dim=1), read + sum(c.shape[1] for c in ctx), ids
-
-    def _context_unshuffle(self, t, s, e, masks):  # joint, MAE's raster order; read masked positions
-        keep, drop = masks[t]
-        z = self.ops["unshuffle"](self.dec_embed[t](e[t]), self.mask_token[t], self.dec_pos[t](), keep, drop)
-        return z, drop, drop
-
-    def _context_paper(self, t, s, e, masks):
-        """Authors' inpainting layout (Sec. 3.4): z_t = [e_s || m_t repeated n_t - k_s] with t's
-        positions 0..n_t-1 along the sequence; supervises t's last n_t - k_s raster patches."""
-        B, k = e[s].shape[:2]
-        ids = torch.arange(self.n[t], device=e[s].device).expand(B, -1)
-        ctx_ids, query_ids = ids[:, :k], ids[:, k:]
-        pos = self.dec_pos[t]()
-        z = self.ops["assemble"](self.dec_embed[s](e[s]), pos, self.mask_token[t], pos, ctx_ids, query_ids)
-        return z, k, query_ids
-
-    def _context_masked(self, t, s, e, masks):
-        """Well-defined inpainting: context tokens keep their own modality's positions, one mask token
-        per masked patch of t carries that patch's position and is supervised on it."""
-        keep_s, drop_t = masks[s][0], masks[t][1]
-        z = self.ops["assemble"](self.dec_embed[s](e[s]), self.dec_pos[s](), self.mask_token[t],
-                                 self.dec_pos[t](), keep_s, drop_t)
-        return z, keep_s.shape[1], drop_t
 
     # ---- MAE's three steps (models_mae.py): encoder, decoder, loss
 
@@ -1013,52 +879,22 @@ class AVMAE(nn.Module):
 
     def forward_decoder(self, e: dict, masks: dict) -> dict:
         """{target: (pred (B, M, P), ids (B, M))}: predictions for the target's patches at ids."""
-        seqs, reads = {}, {}
-        for t, s in self.targets.items():
-            seqs[t], read, ids = self._context(t, s, e, masks)
-            reads[t] = (read, ids)
-        outs = self.decoder(seqs)
-        preds = {}
-        for t, (read, ids) in reads.items():  # the head runs on the predicted tokens only
-            y = outs[t][:, read:] if isinstance(read, int) else self.ops["gather"](outs[t], read)
-            preds[t] = (self.head[t](y), ids)
-        return preds
+        return self.decoder(e, masks)
 
     def forward_loss(self, patches: dict, preds: dict, masks: dict, norm_pix: bool | None = None) -> dict:
         """Reconstruction loss per target on the predicted (masked) patches only, averaged over targets
         with equal weights (AV-MAE Sec. 3.4; the authors' code weighs each 0.5) or summed (recon_sum:
-        MAViL Eq. 1 and 5, against which its contrastive weights are set); plus everything the
-        reconstruction pictures need. `patches` are the targets: raw patches, or (MAViL stage 2) a
-        teacher's features per token."""
+        MAViL Eq. 1 and 5, CAV-MAE's code); plus everything the reconstruction pictures need.
+        `patches` are the targets: raw patches, or (MAViL stage 2) a teacher's features per token."""
         norm_pix = self.cfg.norm_pix_loss if norm_pix is None else norm_pix
-        out, losses = {}, []
+        out = {}
         for t, (pred, ids) in preds.items():
             out[f"loss_{t}"] = self.ops["loss"](pred, patches[t], ids, norm_pix)
             out[f"pred_{t}"], out[f"ids_{t}"] = pred, ids
-            losses.append(out[f"loss_{t}"])
+        losses = [out[f"loss_{t}"] for t in preds]
         out["loss"] = sum(losses) / (1 if self.cfg.recon_sum else len(losses))
         for m, (keep, drop) in masks.items():
             out[f"mask_{m}"] = ids_to_mask(drop, self.n[m])
-        return out
-
-    def forward_contrast(self, out: dict, patches: dict, uni: dict, masks2: dict | None) -> dict:
-        """MAViL Eq. 3-4 (and CAV-MAE): InfoNCE between mean-pooled unimodal outputs of audio and
-        video (symmetric), and between two independently masked views of each modality; added to the
-        reconstruction loss with their weights. Negatives: the whole batch over all ranks."""
-        cfg = self.cfg
-        pooled = {m: u.mean(1) for m, u in uni.items()}
-        out["loss_recon"] = out["loss"]
-        if cfg.contrast_inter > 0:
-            a, v = pooled["a"], pooled["v"]
-            out["loss_inter"] = 0.5 * (info_nce(a, v, cfg.tau_inter) + info_nce(v, a, cfg.tau_inter))
-            out["loss"] = out["loss"] + cfg.contrast_inter * out["loss_inter"]
-        if cfg.contrast_intra > 0:
-            if masks2 is None:
-                p = next(iter(patches.values()))
-                masks2 = self.sample_masks(p.shape[0], p.device)
-            uni2 = self.encoder.unimodal(self.embed(patches, masks2))  # the second view: unimodal only
-            out["loss_intra"] = sum(info_nce(pooled[m], uni2[m].mean(1), cfg.tau_intra) for m in uni) / len(uni)
-            out["loss"] = out["loss"] + cfg.contrast_intra * out["loss_intra"]
         return out
 
     def forward(self, a=None, v=None, masks: dict | None = None, targets: dict | None = None,
@@ -1072,60 +908,377 @@ class AVMAE(nn.Module):
             masks = self.sample_masks(p.shape[0], p.device)
         contrast = contrast and (self.cfg.contrast_inter > 0 or self.cfg.contrast_intra > 0)
         x = self.embed(patches, masks)
-        e, uni = self.encoder(x, with_unimodal=True) if contrast else (self.encoder(x), None)
-        out = self.forward_loss(patches if targets is None else targets, self.forward_decoder(e, masks), masks,
+        e, uni = encode_with_unimodal(self.encoder, x) if contrast else (self.encoder(x), None)
+        out = self.forward_loss(patches if targets is None else targets, self.decoder(e, masks), masks,
                                 None if targets is None else False)
-        return self.forward_contrast(out, patches, uni, masks2) if contrast else out
-
-    @torch.no_grad()
-    def reconstruct(self, inputs: dict, out: dict) -> dict:
-        """Per modality (original, masked input, reconstruction with the visible patches pasted back),
-        each in input layout: the three rows of the paper's Figure 5."""
-        res = {}
-        for m, x in inputs.items():
-            pt = self.patches[m]
-            target = pt.patchify(x).float()
-            mask = out[f"mask_{m}"].unsqueeze(-1)
-            masked = target * (1 - mask)
-            recon = target.clone()
-            if f"pred_{m}" in out and self.cfg.target == "pixels":
-                pred = out[f"pred_{m}"].float()
-                if self.cfg.norm_pix_loss:  # undo the per-patch normalisation with the target's stats
-                    t = gather_tokens(target, out[f"ids_{m}"])
-                    pred = pred * (t.var(-1, keepdim=True) + 1e-6).sqrt() + t.mean(-1, keepdim=True)
-                recon.scatter_(1, out[f"ids_{m}"].unsqueeze(-1).expand_as(pred), pred)
-            res[m] = tuple(pt.unpatchify(y) for y in (target, masked, recon))
-        return res
+        return contrast_losses(self, out, patches, uni, masks2) if contrast else out
 
     def flops(self) -> dict:
-        """Forward FLOPs per clip (nanoGPT's estimate_mfu does the same from its config): the encoder on
-        the visible tokens (each encoder class counts its own), the decoder on its full sequences, the
-        patch embedding on visible patches and the heads on predicted tokens; the second masked view
-        of the intra-modal contrast counted too. train = 3 x forward."""
+        """Forward FLOPs per clip (as nanoGPT's estimate_mfu, from the config): the encoder on the
+        visible tokens (each encoder class counts its own, and the unimodal passes the contrastive
+        terms add), the patch embedding, the decoder side. train = 3 x forward."""
         cfg = self.cfg
         k = {m: keep.shape[1] for m, (keep, _) in self.sample_masks(1).items()}
         hid = int(cfg.width * cfg.mlp_ratio)
 
         def blk(n, layers=1):
             return layers * block_flops(n, cfg.width, hid)
-        enc_cls = type(self.encoder)
-        enc = enc_cls.flops(cfg, k, blk) + sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)
-        if cfg.contrast_intra:  # the second view runs the unimodal part again
-            enc += enc_cls.flops(cfg, k, blk, unimodal=True)
-        seq, pred = {}, {}
-        for t, s in self.targets.items():  # decoder sequence lengths as _context builds them
-            paper_inpaint = cfg.objective not in ("joint", "video") and cfg.inpaint_layout == "paper"
-            n_pred = self.n[t] - (k[s] if paper_inpaint else k[t])
-            seq[t], pred[t] = k[s] + n_pred + sum(k[o] for o in self.extra), n_pred
-        dd, dh = cfg.dec_width, cfg.dec_mlp
-        lens = [sum(seq.values())] if cfg.decoder == "early" else list(seq.values())
-        dec = sum(cfg.dec_depth * block_flops(n, dd, dh) for n in lens)
-        dec += sum(2 * k[s] * self.encoder.out_width * dd for s in set(self.targets.values()) | set(self.extra))
-        dec += sum(2 * pred[t] * dd * self.head[t].out_features for t in pred)
+        enc = type(self.encoder).flops(cfg, k, blk) + sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)
+        if cfg.contrast_inter or cfg.contrast_intra:
+            enc += unimodal_flops(type(self.encoder), cfg, k, blk)
+        dec = self.decoder.flops(k, self.encoder.out_width)
         return dict(encoder=enc, decoder=dec, forward=enc + dec, train=3 * (enc + dec))
 
     def num_params(self, prefix: str = "") -> int:
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
+
+
+@torch.no_grad()
+def reconstruct(model: AVMAE, inputs: dict, out: dict) -> dict:
+    """Per modality (original, masked input, reconstruction with the visible patches pasted back),
+    each in input layout: the three rows of the paper's Figure 5."""
+    res = {}
+    for m, x in inputs.items():
+        pt = model.patches[m]
+        target = pt.patchify(x).float()
+        mask = out[f"mask_{m}"].unsqueeze(-1)
+        recon = target.clone()
+        if f"pred_{m}" in out and model.cfg.target == "pixels":
+            pred = out[f"pred_{m}"].float()
+            if model.cfg.norm_pix_loss:  # undo the per-patch normalisation with the target's stats
+                t = gather_tokens(target, out[f"ids_{m}"])
+                pred = pred * (t.var(-1, keepdim=True) + 1e-6).sqrt() + t.mean(-1, keepdim=True)
+            recon.scatter_(1, out[f"ids_{m}"].unsqueeze(-1).expand_as(pred), pred)
+        res[m] = tuple(pt.unpatchify(y) for y in (target, target * (1 - mask), recon))
+    return res
+
+
+# =============================================================================
+# the relatives: MAViL (Huang et al., 2023), CAV-MAE (Gong et al., 2023), AV-MaskEnhancer (Diao et
+# al., 2023). They extend the core above: their encoders are ENCODERS entries like the four of
+# Fig. 2, and their contrastive terms are added to the reconstruction loss by contrast_losses().
+# An encoder that passes through unimodal representations on the way (MAViL's streams, CAV-MAE's
+# unimodal pass) gives them by with_unimodal(xs) -> (fused, unimodal) and unimodal(xs); for any
+# other encoder the unimodal representation is that modality encoded alone.
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order; the backward sums every rank's gradient for this
+    rank's rows (each rank's loss used them as negatives)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        dist = torch.distributed
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (dist.get_rank() * x.shape[0], x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        torch.distributed.all_reduce(g)
+        start, n = ctx.rows
+        return g[start:start + n]
+
+
+def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """InfoNCE (MAViL Eq. 2): the i-th row of x should pick the i-th row of y among all of y, by
+    cosine similarity / tau. x, y: (B, D). Under torch.distributed y is gathered from every rank
+    (with its gradient), so the negatives are the global batch. CAV-MAE's single-directional loss
+    (a log-softmax over the audio axis) is info_nce(video, audio)."""
+    x, y = F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1)
+    dist, offset = torch.distributed, 0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        offset = dist.get_rank() * x.shape[0]
+        y = _GatherWithGrad.apply(y)
+    labels = torch.arange(x.shape[0], device=x.device) + offset
+    return F.cross_entropy(x @ y.T / tau, labels)
+
+
+def unimodal(enc, xs: dict) -> dict:
+    """Each modality's unimodal representation {m: (B, K, D)}: computed from that modality alone."""
+    if hasattr(enc, "unimodal"):
+        return enc.unimodal(xs)
+    return {m: enc({m: x})[m] for m, x in xs.items()}
+
+
+def encode_with_unimodal(enc, xs: dict) -> tuple:
+    """(fused, unimodal) in one pass where the encoder can; an encoder whose modalities never meet
+    (separate, shared) gives unimodal representations already."""
+    if hasattr(enc, "with_unimodal"):
+        return enc.with_unimodal(xs)
+    out = enc(xs)
+    return out, (unimodal(enc, xs) if enc.mixes else out)
+
+
+def unimodal_flops(enc_cls, cfg, k: dict, blk) -> float:
+    """What the contrastive terms add to an encoder's FLOPs: the unimodal passes that with_unimodal
+    does not give for free, and the second masked view (MAViL's intra-modal term)."""
+    one = getattr(enc_cls, "unimodal_flops", None) or \
+        (lambda cfg, k, blk: sum(enc_cls.flops(cfg, {m: n}, blk) for m, n in k.items()))
+    extra = 0 if hasattr(enc_cls, "with_unimodal") or not enc_cls.mixes else one(cfg, k, blk)
+    return extra + (one(cfg, k, blk) if cfg.contrast_intra else 0)
+
+
+def contrast_losses(model, out: dict, patches: dict, uni: dict, masks2: dict | None) -> dict:
+    """MAViL Eq. 3-4 and CAV-MAE: InfoNCE between the mean-pooled unimodal outputs of audio and
+    video (symmetric, or CAV-MAE's single direction), and between two independently masked views of
+    each modality; added to the reconstruction loss with their weights."""
+    cfg = model.cfg
+    pooled = {m: u.mean(1) for m, u in uni.items()}
+    out["loss_recon"] = out["loss"]
+    if cfg.contrast_inter > 0:
+        a, v = pooled["a"], pooled["v"]
+        nce = info_nce(v, a, cfg.tau_inter)
+        if cfg.contrast_symmetric:
+            nce = 0.5 * (nce + info_nce(a, v, cfg.tau_inter))
+        out["loss_inter"] = nce
+        out["loss"] = out["loss"] + cfg.contrast_inter * nce
+    if cfg.contrast_intra > 0:
+        if masks2 is None:
+            p = next(iter(patches.values()))
+            masks2 = model.sample_masks(p.shape[0], p.device)
+        uni2 = unimodal(model.encoder, model.embed(patches, masks2))  # the second view: unimodal only
+        out["loss_intra"] = sum(info_nce(pooled[m], uni2[m].mean(1), cfg.tau_intra) for m in uni) / len(uni)
+        out["loss"] = out["loss"] + cfg.contrast_intra * out["loss_intra"]
+    return out
+
+
+def _streams(mods, dim, depth, heads, hidden, attn_fn, dpr):
+    return nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
+
+
+def _streams_ids(streams) -> dict:
+    return {k: v for m, s in streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
+
+
+class BottleneckFusion(nn.Module):
+    """MBT layers (Nagrani et al., 2021): each modality's layer sees [own tokens | shared bottleneck
+    tokens]; the bottleneck outputs are averaged over the modalities after every layer. shared: one
+    layer g_av applied to both modalities (MAViL App. B: a_um || b_a = g_av(a_um || b), likewise
+    for video); otherwise a layer per modality, as MBT itself."""
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, n_tokens: int, shared: bool = True):
+        super().__init__()
+        self.layers = _streams(["av"] if shared else mods, dim, depth, heads, hidden, attn_fn, None)
+        self.key = {m: "av" if shared else m for m in mods}
+        self.tokens = nn.Parameter(torch.zeros(1, n_tokens, dim))
+        nn.init.trunc_normal_(self.tokens, std=0.02)
+
+    def layer_ids(self, first: int) -> dict:
+        ids = {f"layers.{m}.{k}": v for m, s in self.layers.items() for k, v in s.layer_ids(first).items()}
+        return {**ids, "tokens": first}
+
+    def forward(self, xs: dict) -> dict:
+        z = self.tokens.expand(next(iter(xs.values())).shape[0], -1, -1)
+        xs = dict(xs)
+        for i in range(len(next(iter(self.layers.values())).blocks)):
+            zs = []
+            for m, x in xs.items():
+                y = self.layers[self.key[m]].blocks[i](torch.cat([x, z], dim=1))
+                xs[m], z_m = y.split([x.shape[1], z.shape[1]], dim=1)
+                zs.append(z_m)
+            z = torch.stack(zs).mean(0)
+        return {m: self.layers[self.key[m]].norm(x) for m, x in xs.items()}
+
+
+class MAViLEncoder(nn.Module):
+    """MAViL (Huang et al., Sec. 3.1): full unimodal encoders (depth layers + LayerNorm each), then a
+    fusion encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The
+    contrastive losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks
+    the pairing)."""
+    mixes, mbt_drops, stream_weights = True, ("fusion.",), Separate.stream_weights
+
+    @staticmethod
+    def unimodal_flops(cfg, k, blk):
+        return sum(blk(n, cfg.depth) for n in k.values())
+
+    @staticmethod
+    def flops(cfg, k, blk):
+        nf = cfg.fusion_layers
+        fusion = blk(sum(k.values()), nf) if cfg.fusion == "vanilla" else \
+            sum(blk(n + cfg.bottlenecks, nf) for n in k.values())
+        return MAViLEncoder.unimodal_flops(cfg, k, blk) + fusion
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
+        super().__init__()
+        self.streams = _streams(mods, dim, depth, heads, hidden, attn_fn, dpr)
+        n_fusion, self.vanilla = cfg.fusion_layers, cfg.fusion == "vanilla"
+        self.fusion = Transformer(dim, n_fusion, heads, hidden, attn_fn) if self.vanilla else \
+            BottleneckFusion(mods, dim, n_fusion, heads, hidden, attn_fn, cfg.bottlenecks, cfg.fusion == "mbt")
+        self.depth, self.n_layers, self.out_width = depth, depth + n_fusion, dim
+
+    def layer_ids(self) -> dict:
+        return {**_streams_ids(self.streams), **_prefix("fusion", self.fusion.layer_ids(self.depth + 1))}
+
+    def unimodal(self, xs: dict) -> dict:
+        return {m: self.streams[m](x) for m, x in xs.items()}
+
+    def with_unimodal(self, xs: dict) -> tuple:
+        uni = self.unimodal(xs)
+        return (_joint(self.fusion, uni) if self.vanilla else self.fusion(uni)), uni
+
+    def forward(self, xs: dict) -> dict:
+        return self.with_unimodal(xs)[0]
+
+
+class CAVMAEEncoder(nn.Module):
+    """CAV-MAE (Gong et al., Sec. 2.3; the authors' cav_mae.py): L - S modality-specific layers per
+    modality (no closing norm), then S unified layers over the concatenation and a LayerNorm. The
+    unified layers carry a LayerNorm pair per modality besides their own: the unimodal pass that the
+    contrastive term reads runs each modality alone through them with its own norms, then its own
+    final norm (norm.a / norm.v); the fused pass uses the shared ones (norm.av)."""
+    mixes = True
+
+    @staticmethod
+    def mbt_drops(cfg):  # MBT finetunes the unimodal path: the fused pass's norms go
+        return (*(f"joint.{i}.norm" for i in range(cfg.joint_layers)), "norm.av")
+
+    @staticmethod
+    def stream_weights(cfg, m):
+        L, S = cfg.depth, cfg.joint_layers
+        blocks = [f"streams.{m}.{i}" if i < L - S else
+                  (f"joint.{i - L + S}", {"norm1": f"by.{m}.norm1", "norm2": f"by.{m}.norm2"}) for i in range(L)]
+        return dict(blocks=blocks, norm=f"norm.{m}", inner=None)
+
+    @staticmethod
+    def flops(cfg, k, blk):
+        L, S = cfg.depth, cfg.joint_layers
+        return sum(blk(n, L - S) for n in k.values()) + blk(sum(k.values()), S)
+
+    @staticmethod
+    def unimodal_flops(cfg, k, blk):  # the unified layers on each modality alone
+        return sum(blk(n, cfg.joint_layers) for n in k.values())
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
+        super().__init__()
+        dpr = dpr if dpr is not None else [0.0] * depth
+        L, S = depth, cfg.joint_layers
+        self.streams = nn.ModuleDict({m: nn.ModuleList(Block(dim, heads, hidden, attn_fn, dpr[i])
+                                                       for i in range(L - S)) for m in mods})
+        self.joint = nn.ModuleList(ModalityNormBlock(mods, dim, heads, hidden, attn_fn, dpr[i])
+                                   for i in range(L - S, L))
+        self.norm = nn.ModuleDict({k: nn.LayerNorm(dim, eps=1e-6) for k in ("av", *mods)})
+        self.n_layers, self.out_width = depth, dim
+
+    def layer_ids(self) -> dict:
+        ids = {f"streams.{m}.{i}.{n}": i + 1 for m, s in self.streams.items()
+               for i, b in enumerate(s) for n, _ in b.named_parameters()}
+        first = self.n_layers - len(self.joint) + 1
+        ids.update({f"joint.{j}.{n}": first + j for j, b in enumerate(self.joint) for n, _ in b.named_parameters()})
+        return {**ids, **{f"norm.{n}": self.n_layers for n, _ in self.norm.named_parameters()}}
+
+    def with_unimodal(self, xs: dict) -> tuple:
+        s = {}
+        for m, x in xs.items():
+            for blk in self.streams[m]:
+                x = blk(x)
+            s[m] = x
+        keys, x, sizes = _concat(s)
+        for blk in self.joint:
+            x = blk(x)
+        fused = dict(zip(keys, self.norm["av"](x).split(sizes, dim=1)))
+        return fused, {m: self._unified(m, x) for m, x in s.items()}
+
+    def _unified(self, m, x):
+        for blk in self.joint:
+            x = blk(x, m)
+        return self.norm[m](x)
+
+    def unimodal(self, xs: dict) -> dict:
+        return self.with_unimodal(xs)[1]
+
+    def forward(self, xs: dict) -> dict:
+        return self.with_unimodal(xs)[0]
+
+
+class ModalityNormBlock(Block):
+    """A block with a LayerNorm pair per modality besides its own (CAV-MAE's unified layer):
+    forward(x) uses its own, forward(x, m) modality m's; attention and MLP are shared."""
+
+    def __init__(self, mods, dim, heads, hidden, attn_fn, drop_path=0.0):
+        super().__init__(dim, heads, hidden, attn_fn, drop_path)
+        self.by = nn.ModuleDict({m: nn.ModuleDict({n: nn.LayerNorm(dim, eps=1e-6) for n in ("norm1", "norm2")})
+                                 for m in mods})
+
+    def forward(self, x, m: str | None = None):
+        n1, n2 = (self.norm1, self.norm2) if m is None else (self.by[m].norm1, self.by[m].norm2)
+        x = x + self._drop(self.attn(n1(x)))
+        return x + self._drop(self.mlp(n2(x)))
+
+
+class CrossBlock(nn.Module):
+    """Pre-LN cross-attention (queries from x, keys and values from ctx), then an MLP."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_q, self.norm_kv, self.norm2 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = MLP(dim, hidden)
+
+    def forward(self, x, ctx):
+        B, N, D = x.shape
+        H = self.heads
+        q = self.q(self.norm_q(x)).view(B, N, H, D // H).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(ctx)).view(B, ctx.shape[1], 2, H, D // H).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # lengths differ: SDPA
+        return x + self.mlp(self.norm2(x))
+
+
+class XAttnEncoder(nn.Module):
+    """AV-MaskEnhancer (Diao et al., Sec. III-C/D): unimodal encoders (depth layers + LayerNorm),
+    then bidirectional cross-attention: video queries attend to audio and audio queries to video,
+    both from the previous layer's tokens (Eq. 6). xattn_fuse='channel' (the paper's form): each
+    token leaves beside its cross-attended counterpart, N_fuse = N_v tokens of D_fuse = 2 D_v
+    (unimodal || cross-attended); 'sequence': the cross-attended tokens alone, and the decoder
+    concatenates the two modalities along the sequence. In the channel form with the video-only
+    objective nothing reads the audio queries of the last layer, so that layer has video queries
+    alone (out_mods = ('v',)): no parameter goes untrained."""
+    mixes, mbt_drops, stream_weights = True, ("cross.", "norm."), Separate.stream_weights
+    unimodal_flops = MAViLEncoder.unimodal_flops
+
+    @staticmethod
+    def flops(cfg, k, blk):  # per layer and direction: q, kv, out projections, scores, MLP
+        d, h = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        cross = sum(4 * k[m] * d * d + 4 * k[o] * d * d + 4 * k[m] * k[o] * d + 4 * k[m] * d * h
+                    for m in k for o in k if o != m)
+        return XAttnEncoder.unimodal_flops(cfg, k, blk) + cfg.cross_layers * cross
+
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
+        super().__init__()
+        self.channel, J = cfg.xattn_fuse == "channel", cfg.cross_layers
+        self.out_mods = ("v",) if self.channel and cfg.objective == "video" and "v" in mods else tuple(mods)
+        self.streams = _streams(mods, dim, depth, heads, hidden, attn_fn, dpr)
+        self.cross = nn.ModuleList(nn.ModuleDict({m: CrossBlock(dim, heads, hidden)
+                                                  for m in (self.out_mods if j == J - 1 else mods)}) for j in range(J))
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(dim, eps=1e-6) for m in self.out_mods})
+        self.depth, self.n_layers, self.out_width = depth, depth + J, dim * (2 if self.channel else 1)
+
+    def layer_ids(self) -> dict:
+        ids = {f"cross.{j}.{n}": self.depth + 1 + j for j, layer in enumerate(self.cross)
+               for n, _ in layer.named_parameters()}
+        return {**_streams_ids(self.streams), **ids,
+                **{f"norm.{n}": self.n_layers for n, _ in self.norm.named_parameters()}}
+
+    unimodal = MAViLEncoder.unimodal
+
+    def with_unimodal(self, xs: dict) -> tuple:
+        uni = self.unimodal(xs)
+        x = dict(uni)
+        for layer in self.cross:
+            x = {m: layer[m](x[m], x[o]) for m in layer for o in x if o != m}
+        out = {m: self.norm[m](x[m]) for m in self.out_mods}
+        if self.channel:  # (B, N_m, 2 D): each token beside what it read of the other modality
+            out = {m: torch.cat([uni[m], t], dim=-1) for m, t in out.items()}
+        return out, uni
+
+    forward = MAViLEncoder.forward
+
+
+ENCODERS.update(mavil=MAViLEncoder, cavmae=CAVMAEEncoder, xattn=XAttnEncoder)
+
 
 # -----------------------------------------------------------------------------
 # finetuning models (Sec. 4.1): the pretrained encoder, unmasked, global average pooling and linear

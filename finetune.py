@@ -133,10 +133,22 @@ def parse_args(argv=None) -> FinetuneConfig:
 FINETUNE_OWNED = ("modalities", "num_frames", "image_size", "audio_frames", "drop_path", "kernels")
 
 
+def pretrained_config(pcfg: dict) -> avmae.AVMAEConfig:
+    known = {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}
+    return avmae.AVMAEConfig(**{k: v for k, v in pcfg.items() if k in known})
+
+
 def stream_weights(pcfg: dict, m: str) -> dict:
     """How the pretraining encoder initialises an MBT stream of modality m (its class says)."""
-    pc = avmae.AVMAEConfig(**{k: v for k, v in pcfg.items() if k in {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}})
+    pc = pretrained_config(pcfg)
     return avmae.ENCODERS[pc.encoder].stream_weights(pc, m)
+
+
+def mbt_drops(pcfg: dict) -> tuple:
+    """The encoder parts MBT finetuning leaves out by design (its class says)."""
+    pc = pretrained_config(pcfg)
+    drops = avmae.ENCODERS[pc.encoder].mbt_drops
+    return tuple(f"encoder.{p}" for p in (drops(pc) if callable(drops) else drops))
 
 
 def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
@@ -198,9 +210,11 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                 if pcfg["pos_embed"] == "learned":
                     mapping[f"streams.{m}.pos.table"] = f"enc_pos.{m}.table"
             w = stream_weights(pcfg, s)  # (early / shared: one set of weights into every stream, untied)
-            for i in range(cfg.depth):
+            for i in range(cfg.depth):  # a source block, or (block, {its submodule: the one to read})
+                src, rename = w["blocks"][i] if isinstance(w["blocks"][i], tuple) else (w["blocks"][i], {})
                 for k in model.streams[m].blocks[i].state_dict():
-                    mapping[f"streams.{m}.blocks.{i}.{k}"] = f"encoder.{w['blocks'][i]}.{k}"
+                    head, rest = k.split(".", 1)
+                    mapping[f"streams.{m}.blocks.{i}.{k}"] = f"encoder.{src}.{rename.get(head, head)}.{rest}"
             final = f"encoder.{w['norm']}"
             for k in ("weight", "bias"):
                 if model.norm is None:
@@ -247,8 +261,7 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     new = sorted(k for k in dst if k not in out)
     dropped = sorted(k for k in state if k not in used)
     other = set(src_mods) - set(cfg.mods)
-    by_design = () if isinstance(model, avmae.EncoderClassifier) else \
-        tuple(f"encoder.{p}" for p in avmae.ENCODERS[pcfg["encoder"]].mbt_drops)
+    by_design = () if isinstance(model, avmae.EncoderClassifier) else mbt_drops(pcfg)
     encoder_unused = [k for k in dropped if k.startswith(ENCODER_PREFIXES) and not k.startswith(by_design)
                       and not any(f".{m}." in k or k.endswith(f".{m}") for m in other)]
     if encoder_unused:

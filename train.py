@@ -98,10 +98,13 @@ VARIANTS = {  # the relatives as overrides of the model
     "mavil": MAVIL,
     "mavil_mbt": {**MAVIL, "fusion": "mbt", "bottlenecks": 4},  # one g_av for both modalities (App. B)
     "mavil2": {**MAVIL, "target": "teacher"},  # stage 2: predict a frozen teacher's fusion outputs (--teacher)
-    # CAV-MAE (Gong et al.): 11 + 1 joint layer, modality-type embeddings, one decoder over the concatenation,
-    # inter-modal contrast (0.01, tau 0.05), 75% masking of both, the reconstruction terms summed (authors' code)
-    "cavmae": dict(encoder="mid", joint_layers=1, type_embed=True, decoder="early", contrast_inter=0.01,
-                   tau_inter=0.05, mask_ratio_v=0.75, mask_ratio_a=0.75, recon_sum=True),
+    # CAV-MAE (Gong et al.) as its authors' code runs it: 11 modality layers + 1 unified layer with
+    # per-modality norms, modality-type embeddings, one decoder (one projection, one mask token) over the
+    # concatenation, 2-D sin-cos positions, 75% unstructured masking of both, per-patch normalised
+    # targets, the reconstruction terms summed + 0.01 x single-directional InfoNCE (tau 0.05)
+    "cavmae": dict(encoder="cavmae", joint_layers=1, type_embed=True, dec_tied=True, decoder="early",
+                   pos_embed="sincos2d", contrast_inter=0.01, tau_inter=0.05, contrast_symmetric=False,
+                   mask_ratio_v=0.75, mask_ratio_a=0.75, recon_sum=True, norm_pix_loss=True),
     # AV-MaskEnhancer (Diao et al.): 90% tube masking of video, all of the audio, bidirectional cross-attention,
     # the video reconstructed from both streams
     "avme": dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9, mask_ratio_a=0.0,
@@ -116,7 +119,10 @@ VARIANT_DATA = {"mavil": dict(video_aug="rrc"), "mavil_mbt": dict(video_aug="rrc
 # 16-head decoders, 10 s of audio as 1024 x 128 (512 tokens), 8 frames at 2 fps (4 x 14 x 14 = 784 tokens).
 MAVIL_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024, num_frames=8,
                     frame_stride=12.5)
-PAPER_SHAPES = {"mavil": MAVIL_SHAPES, "mavil_mbt": MAVIL_SHAPES, "mavil2": MAVIL_SHAPES}
+# CAV-MAE Sec. 3 / its code: 8-layer 512-wide 16-head decoder, 1024 x 128 audio (512 tokens), one RGB frame
+CAVMAE_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024, num_frames=1,
+                     tubelet=1)
+PAPER_SHAPES = {"mavil": MAVIL_SHAPES, "mavil_mbt": MAVIL_SHAPES, "mavil2": MAVIL_SHAPES, "cavmae": CAVMAE_SHAPES}
 PAPER_SIZES = ("base", "large")
 
 PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
@@ -559,7 +565,7 @@ def _colormap(x: torch.Tensor) -> torch.Tensor:  # (H, W) in [0, 1] -> (3, H, W)
 @torch.no_grad()
 def reconstruction_picture(model: avmae.AVMAE, inputs: dict, out: dict, frames_shown: int = 8) -> torch.Tensor:
     """A (3, H, W) image in [0, 1] for the first clip of a batch."""
-    rec = model.reconstruct({m: x[:1].float().cpu() for m, x in inputs.items()},
+    rec = avmae.reconstruct(model, {m: x[:1].float().cpu() for m, x in inputs.items()},
                             {k: (v[:1].float() if v.is_floating_point() else v[:1]).cpu()
                              for k, v in out.items() if torch.is_tensor(v) and v.dim()})
     rows = [[], [], []]

@@ -278,19 +278,19 @@ def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
     cfg = tiny_config(**train.VARIANTS["avme"])
     assert cfg.xattn_fuse == "channel"
     model = avmae.AVMAE(cfg)
-    assert model.encoder.out_width == 2 * cfg.width and model.dec_embed["v"].in_features == 2 * cfg.width
+    assert model.encoder.out_width == 2 * cfg.width and model.decoder.embed["v"].in_features == 2 * cfg.width
     x = tiny_batch(cfg)
     masks = model.sample_masks(2)
-    e, uni = model.encoder(model.embed(model.patchify(x), masks), with_unimodal=True)
+    e, uni = avmae.encode_with_unimodal(model.encoder, model.embed(model.patchify(x), masks))
     assert e["v"].shape == (2, masks["v"][0].shape[1], 2 * cfg.width)
     assert torch.equal(e["v"][..., :cfg.width], uni["v"])  # each video token beside its cross-attended audio
     seen = []
-    h = model.decoder.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
+    h = model.decoder.net.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
     model(**x, masks=masks)
     h.remove()
     assert seen[0]["v"][1] == model.n["v"]  # N_fuse = N_v: no audio tokens in the decoder's sequence
     seq = avmae.AVMAE(tiny_config(**{**train.VARIANTS["avme"], "xattn_fuse": "sequence"}))
-    seq.decoder.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
+    seq.decoder.net.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
     seq(**x, masks=masks)
     assert seen[1]["v"][1] == model.n["v"] + masks["a"][0].shape[1]  # the option: audio along the sequence
 

@@ -23,22 +23,18 @@ class LateJoint(nn.Module):
         self.n_layers, self.out_width = depth + 1, dim
 
     @staticmethod
-    def flops(cfg, k, blk, unimodal=False):
-        return sum(blk(n, cfg.depth) for n in k.values()) + (0 if unimodal else blk(sum(k.values())))
+    def flops(cfg, k, blk):
+        return sum(blk(n, cfg.depth) for n in k.values()) + blk(sum(k.values()))
 
     def layer_ids(self) -> dict:
         ids = {f"streams.{m}.{n}": i for m, s in self.streams.items() for n, i in s.layer_ids(1).items()}
         top = {f"{p}.{n}": self.n_layers for p in ("joint", "norm") for n, _ in getattr(self, p).named_parameters()}
         return {**ids, **top}
 
-    def unimodal(self, xs):
-        return {m: self.streams[m](x) for m, x in xs.items()}
-
-    def forward(self, xs, with_unimodal=False):
-        uni = self.unimodal(xs)
+    def forward(self, xs):
+        uni = {m: self.streams[m](x) for m, x in xs.items()}
         keys, sizes = list(uni), [u.shape[1] for u in uni.values()]
-        out = dict(zip(keys, self.norm(self.joint(torch.cat(list(uni.values()), 1))).split(sizes, 1)))
-        return (out, uni) if with_unimodal else out
+        return dict(zip(keys, self.norm(self.joint(torch.cat(list(uni.values()), 1))).split(sizes, 1)))
 
 
 TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16", "--audio_frames", "64",

@@ -58,8 +58,9 @@ def test_contrast_uses_the_unimodal_outputs_not_the_fusion():
     # CAV-MAE's contrast: the joint layer on each modality alone (its unimodal pass), no audio-video mixing
     cav = relative("cavmae")
     xa = tiny_batch(cav.cfg)
-    _, uni1 = cav.encoder(cav.embed(cav.patchify(xa), None), with_unimodal=True)
-    _, uni2 = cav.encoder(cav.embed(cav.patchify({"a": xa["a"], "v": torch.rand_like(xa["v"])}), None), with_unimodal=True)
+    _, uni1 = avmae.encode_with_unimodal(cav.encoder, cav.embed(cav.patchify(xa), None))
+    xv = {"a": xa["a"], "v": torch.rand_like(xa["v"])}
+    _, uni2 = avmae.encode_with_unimodal(cav.encoder, cav.embed(cav.patchify(xv), None))
     assert torch.equal(uni1["a"], uni2["a"])
 
 
@@ -157,7 +158,7 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
         for m in "av":  # the targets are the teacher's fusion-encoder outputs over every token
             assert tgt[m].shape == (8, t.n[m], t.cfg.width) and torch.allclose(tgt[m], tout[m].float())
     student = torch.load(res["checkpoint"], weights_only=False)
-    assert student["model_config"]["target"] == "teacher" and student["model"]["head.v.weight"].shape[0] == 64
+    assert student["model_config"]["target"] == "teacher" and student["model"]["decoder.head.v.weight"].shape[0] == 64
     with pytest.raises(SystemExit, match="--teacher PATH"):
         train.parse_args(["--variant", "mavil2"])
 
