@@ -228,12 +228,13 @@ def sincos_1d(n: int, dim: int) -> torch.Tensor:
 def sincos_grid(grid: tuple, dim: int) -> torch.Tensor:
     """MAE's 2-D sin-cos table on a token grid (MAViL Sec. 3.1 uses it for both modalities): the width
     is split into one even share per grid axis, each share a 1-D table of that axis' coordinate.
-    Audio (time, freq) is MAE's 2-D form; video (t, h, w) its 3-D extension. (N, dim), raster order."""
-    n = len(grid)
-    shares = [2 * (dim // (2 * n))] * n
+    Audio (time, freq) is MAE's 2-D form; video (t, h, w) its 3-D extension; an axis of length 1 gets
+    no share (one frame: the 2-D table of an image, as CAV-MAE's). (N, dim), raster order."""
+    axes = [d for d, g in enumerate(grid) if g > 1] or [0]
+    shares = [2 * (dim // (2 * len(axes)))] * len(axes)
     shares[0] += dim - sum(shares)
     coords = torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij")
-    return torch.cat([sincos_1d(g, w)[c.flatten()] for g, w, c in zip(grid, shares, coords)], dim=1)
+    return torch.cat([sincos_1d(grid[d], w)[coords[d].flatten()] for d, w in zip(axes, shares)], dim=1)
 
 
 class PosEmbed(nn.Module):

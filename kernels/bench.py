@@ -202,6 +202,47 @@ def _f(x):
     return "-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
 
 
+def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> dict:
+    """Our --variant cavmae against the authors' model (src/models/cav_mae.py of a CAV-MAE checkout,
+    with the timm their users install in `site`) at the published shapes: 1024 x 128 audio, one 224
+    RGB frame, 75% masking, 512 x 8 x 16 decoder, loss with contrast 0.01. One training step each
+    (forward, backward, AdamW) on the same inputs, fp32 on a CPU, bf16 autocast on a GPU."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import train
+    sys.path[:0] = ([site] if site else []) + [os.path.join(repo, "src")]
+    np.float = float  # their pos_embed.py uses an alias numpy 1.24 removed (the model is untouched)
+    with contextlib.redirect_stdout(io.StringIO()):
+        from models.cav_mae import CAVMAE
+        theirs = CAVMAE(audio_length=1024, norm_pix_loss=True).to(dev)
+    mcfg, _ = train.parse_args(["--variant", "cavmae", "--size", "base", "--kernels", "auto"])
+    ours = avmae.AVMAE(mcfg).to(dev)
+    g = torch.Generator().manual_seed(0)
+    a, v = torch.randn(B, 1024, 128, generator=g).to(dev), torch.rand(B, 3, 224, 224, generator=g).to(dev)
+    steps = {"ours": lambda: ours(a=a, v=v.unsqueeze(2))["loss"],
+             "authors": lambda: theirs(a, v, 0.75, 0.75, mae_loss_weight=1.0, contrast_loss_weight=0.01)[0]}
+    rows = {}
+    for name, model in (("ours", ours), ("authors", theirs)):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            with torch.autocast(dev, torch.bfloat16, enabled=dev == "cuda"):
+                loss = steps[name]()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        step()
+        trained = sum(p.numel() for p in model.parameters() if p.grad is not None)
+        rows[name] = dict(seconds=timeit(step, reps), trainable=sum(p.numel() for p in model.parameters()
+                                                                     if p.requires_grad), trained=trained)
+    for r in rows.values():
+        r["clips_per_s"] = B / r["seconds"]
+    rows["ratio"] = rows["ours"]["clips_per_s"] / rows["authors"]["clips_per_s"]
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default="bench.md", help="the markdown report to write")
@@ -209,8 +250,20 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="clips per GPU (512 over 8)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and one repetition (a check that it runs)")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--cavmae", metavar="REPO", help="time --variant cavmae against the authors' model in "
+                   "this CAV-MAE checkout (nothing else is run)")
+    p.add_argument("--site", help="with --cavmae: a folder holding the timm they pin (pip install --target)")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.cavmae:
+        B = 4 if dev == "cpu" and a.batch == 64 else a.batch
+        rows = bench_cavmae(a.cavmae, a.site, dev, B, 3 if dev == "cpu" else 20)
+        name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+        o, t = rows["ours"], rows["authors"]
+        print(f"CAV-MAE base, batch {B}, {name}, torch {torch.__version__}: ours {o['clips_per_s']:.2f} clips/s, "
+              f"authors' {t['clips_per_s']:.2f} clips/s, ratio {rows['ratio']:.2f}x; trainable parameters: ours "
+              f"{o['trainable']:,}, authors' {t['trainable']:,} ({t['trained']:,} with a gradient)")
+        return rows
     small = a.smoke or dev == "cpu"
     global REPS
     REPS = 2 if small else REPS

@@ -214,3 +214,85 @@ def test_inflated_tubelets_embed_a_repeated_image_as_the_image(mode):
     vid = grey.expand(C, t, p, p)
     tok = avmae.VideoPatches(cfg).patchify(vid.unsqueeze(0))[0] @ w3a.T
     assert torch.allclose(tok[0], grey.reshape(-1) @ w_audio.T, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# CAV-MAE as its authors' code (cav_mae.py, run_cavmae_pretrain_base.sh) runs it
+
+
+def _block(d, hidden, norms=2):  # LayerNorms + qkv + proj + MLP, all with biases
+    return norms * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+
+
+def test_cavmae_builds_its_published_model_at_base():
+    mcfg, tcfg = train.parse_args(["--variant", "cavmae", "--size", "base"])
+    assert (mcfg.dec_width, mcfg.dec_depth, mcfg.dec_heads, mcfg.dec_mlp) == (512, 8, 16, 2048)
+    assert (mcfg.audio_frames, mcfg.num_frames, mcfg.tubelet, mcfg.image_size) == (1024, 1, 1, 224)
+    assert (mcfg.mask_ratio_a, mcfg.mask_ratio_v, mcfg.mask_type_a, mcfg.pos_embed) == (0.75, 0.75, "random", "sincos2d")
+    assert mcfg.norm_pix_loss and mcfg.recon_sum and not mcfg.contrast_symmetric and mcfg.tau_inter == 0.05
+    with torch.device("meta"):
+        model = avmae.AVMAE(mcfg)
+    assert model.n == {"a": 512, "v": 196}
+    D, Dd = 768, 512
+    hand = {
+        "patch_embed.a": 256 * D + D, "patch_embed.v": 768 * D + D,  # 16x16 audio patch, one 16x16 RGB patch
+        "type_embed": 2 * D,  # modality_a, modality_v
+        "encoder.streams.a": 11 * _block(D, 4 * D), "encoder.streams.v": 11 * _block(D, 4 * D),  # no closing norm
+        "encoder.joint": _block(D, 4 * D, norms=6),  # norm1, norm2 and norm1_a/_v, norm2_a/_v
+        "encoder.norm": 3 * 2 * D,  # norm (fused), norm_a, norm_v
+        "decoder.embed": D * Dd + Dd, "decoder.mask_token": Dd,  # one of each for both modalities
+        "decoder.type_embed": 2 * Dd,
+        "decoder.net": 8 * _block(Dd, 4 * Dd) + 2 * Dd,  # 8 blocks + decoder_norm
+        "decoder.head.a": Dd * 256 + 256, "decoder.head.v": Dd * 768 + 768,
+    }
+    for prefix, n in hand.items():
+        assert model.num_params(prefix) == n, prefix
+    assert model.num_params() == sum(hand.values()) == 189_961_984
+    # the authors' Block carries 4 modality norms in every layer, used in the unified one only: their
+    # model's trainable count is ours + 22 x 4 + 8 x 4 unused LayerNorms (kernels/bench.py --cavmae)
+    assert model.num_params() + 22 * 4 * 2 * D + 8 * 4 * 2 * Dd == 190_129_920
+    mcfg, _ = train.parse_args(["--preset", "quick", "--variant", "cavmae"])  # tiny stays small
+    assert (mcfg.dec_width, mcfg.audio_frames, mcfg.num_frames) == (64, 256, 8)
+
+
+def test_cavmae_loss_is_the_sum_plus_one_direction_of_infonce():
+    model = relative("cavmae")
+    x, masks = tiny_batch(model.cfg, B=4), model.sample_masks(4)
+    out = model(**x, masks=masks)
+    _, uni = avmae.encode_with_unimodal(model.encoder, model.embed(model.patchify(x), masks))
+    a, v = (F.normalize(uni[m].mean(1), dim=-1) for m in "av")
+    total = a @ v.T / 0.05  # the authors' forward_contrastive: rows audio, columns video
+    one_way = -torch.diag(total.log_softmax(dim=0)).mean()  # each video picks its audio
+    assert torch.allclose(out["loss"], out["loss_a"] + out["loss_v"] + 0.01 * one_way, atol=1e-6)
+    assert torch.allclose(out["loss_inter"], avmae.info_nce(v, a, 0.05), atol=1e-6)
+    sym = relative("cavmae", contrast_symmetric=True)
+    sym.load_state_dict(model.state_dict())
+    out2 = sym(**x, masks=masks)
+    other_way = -torch.diag(total.log_softmax(dim=1)).mean()  # each audio picks its video
+    assert torch.allclose(out2["loss_inter"], (one_way + other_way) / 2, atol=1e-6)
+    assert not torch.allclose(one_way, other_way)  # a case where the two directions differ
+    assert torch.allclose(out2["loss"] - out["loss"], 0.01 * (other_way - one_way) / 2, atol=1e-6)
+
+
+def test_cavmae_unimodal_pass_uses_each_modality_s_own_norms():
+    model = relative("cavmae")
+    enc = model.encoder
+    x = model.embed(model.patchify(tiny_batch(model.cfg)), None)
+    fused, uni = avmae.encode_with_unimodal(enc, x)
+    with torch.no_grad():
+        enc.joint[0].by["v"].norm1.weight.add_(1.0)
+        enc.norm["v"].bias.add_(1.0)
+    fused2, uni2 = avmae.encode_with_unimodal(enc, x)
+    assert torch.equal(uni["a"], uni2["a"]) and not torch.allclose(uni["v"], uni2["v"])
+    assert all(torch.equal(fused[m], fused2[m]) for m in "av")  # the fused pass uses its own norms
+
+
+def test_time_frequency_masking_masks_whole_steps_and_bands():
+    grid, B = (64, 8), 64  # CAV-MAE's audio grid; its 'tf' mode: 0.7 x 0.75 of the steps and bands whole
+    keep, drop = avmae.sample_mask(B, grid, 0.75, "tf", generator=torch.Generator().manual_seed(0))
+    assert drop.shape == (B, 384) and keep.shape == (B, 128)
+    mask = avmae.ids_to_mask(drop, 512).view(B, 64, 8)
+    whole_steps = (mask.sum(2) == 8).sum(1)  # 33 chosen; the overflow (388 > 384) unmasks at most 4
+    assert whole_steps.min() >= 29
+    _, rnd = avmae.sample_mask(B, grid, 0.75, (0, 1), generator=torch.Generator().manual_seed(0))
+    assert (avmae.ids_to_mask(rnd, 512).view(B, 64, 8).sum(2) == 8).sum(1).max() < 20  # random: about 6
