@@ -621,27 +621,33 @@ class DataGone(RuntimeError):
 
 
 @dataclass
-class DataConfig:
+class LoadOptions:
+    """What train.py and finetune.py pass through to the loader as they are (declared once, here)."""
+    frame_stride: float = 4       # in 25 fps frames: 4 pretraining, 2 finetuning (MAViL 2 fps: 12.5)
+    window: str = "hann"          # log-mel window: hann (peers) | hamming (the AV-MAE paper's text)
+    audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json) | audiomae | cavmae | "mean,scale"
+    video_aug: str = "none"       # none (pretraining, Table 20: a crop of the 256-short-side frame) |
+                                  # finetune (jitter, flip, colour) | rrc (MAE's crop + flip)
+    decode: str = "cpu"           # JPEG decoding: cpu (in workers) | gpu (JPEG bytes; GPUDecoder, batched)
+    seed: int = 0                 # augmentation randomness = f(seed, epoch, clip index)
+
+
+@dataclass
+class DataConfig(LoadOptions):
     root: str = "data/builtin"
     split: str = "train"
     modalities: str = "av"
     num_frames: int = 16          # video frames per view
-    frame_stride: float = 4       # in 25 fps frames: 4 pretraining, 2 finetuning (MAViL 2 fps: 12.5)
     image_size: int = 224
     audio_frames: int = 800       # log-mel frames (10 ms): 800 = 8 s
     mel_bins: int = 128
-    window: str = "hann"          # hann (peers) | hamming (the AV-MAE paper's text)
-    audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json) | audiomae | cavmae | "mean,scale"
     train: bool = True            # random window, crop and flip; else N evenly spaced views, centre crop
     views: int = 1                # test views per clip (eval)
     specaug_freq: int = 0         # finetuning: max width of one frequency mask (AST: 48)
     specaug_time: int = 0         # finetuning: max width of one time mask (authors' code: off)
     time_shift: bool = False      # finetuning: random circular shift of the spectrogram in time
-    video_aug: str = "none"       # none (pretraining, Table 20) | finetune (jitter, flip, colour) | rrc (MAE's crop)
     crop_scale: tuple = (0.3, 1.0)  # video_aug='rrc': RandomResizedCrop's area range
     skip_silent: bool | None = None  # None: skip silent clips when training, keep them in evaluation
-    decode: str = "cpu"           # cpu (in workers) | gpu (return JPEG bytes; GPUDecoder decodes batches)
-    seed: int = 0                 # augmentation randomness = f(seed, epoch, clip index)
 
 
 def _norm(spec: str, meta: dict):

@@ -35,9 +35,8 @@ import train
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(train.RunConfig):
     preset: str = "vggsound"
-    size: str = "base"            # model size when training from scratch (a checkpoint brings its own)
     init: str = ""                # a pretraining checkpoint (train.py); '' = from scratch
     modality: str = "av"          # audio | video | av
     arch: str = "mbt"             # mbt | encoder (av only)
@@ -48,27 +47,18 @@ class FinetuneConfig:
     fusion_layer: int = -1        # MBT's first fusion layer; -1 = the authors' (8 of 12; 16 of 24, AudioSet 18)
     inflate: str = "inflate"      # a video stream from an audio-only checkpoint: inflate | central | none (ViViT)
     bottlenecks: int = 4
-    data: str = "data/vggsound"
     train_split: str = "train"
     test_split: str = "test"
     num_frames: int = 32          # Table 22: 32 frames at stride 2
-    frame_stride: int = 2
+    frame_stride: float = 2
     image_size: int = 224
     audio_frames: int = 800       # 8 s (AudioSet: 10 s)
-    audio_norm: str = "none"
-    window: str = "hann"
-    decode: str = "cpu"
     video_aug: str = "finetune"   # finetune (scale jitter, flip, colour, the authors' ViViT / MBT) | none | rrc
-    workers: int = 8
     batch_size: int = 64          # global
     epochs: int = 50
-    max_steps: int = 0
     warmup_epochs: float = 2.5
     optimizer: str = "sgd"        # sgd (momentum 0.9, the paper) | adamw
-    lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
     blr: float = 3.2              # Table 22: 0.8 at batch 64 (AudioSet 1.6 at 128; EPIC 1.2 at 64 = 4.8)
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
     layer_decay: float = 0.75     # layer-wise lr decay (BEiT / ELECTRA)
     grad_clip: float = 1.0
     mixup: float = 0.5            # Beta(alpha, alpha); 0 = off (the same mix for both modalities)
@@ -78,21 +68,11 @@ class FinetuneConfig:
     specaug_time: int = 0         # the authors' code had time masks off
     time_shift: bool = False      # random circular shift of the spectrogram (AudioSet, EPIC)
     views: int = 4                # temporal views averaged at test time
-    precision: str = "auto"
-    compile: bool = False
     kernels: str = "auto"
-    seed: int = 0
     out_dir: str = "out/finetune"
-    resume: str = ""
-    save_every: int = 1000
     keep_last: int = 2
-    log_every: int = 10
     eval_every: int = 5           # epochs
     eval_only: bool = False
-    stop_at: int = 0              # stop (with a checkpoint) after this many steps, as if interrupted
-    max_bad_steps: int = 0        # non-finite losses to skip before stopping (the same policy as train.py)
-    on_save_error: str = "retry"  # a checkpoint that cannot be written: retry at the next save | stop
-    dist_timeout: float = 1800.0  # seconds a collective may wait for a stuck rank before the run stops
 
 
 PRESETS = {

@@ -45,45 +45,44 @@ import data
 
 
 @dataclass
-class TrainConfig:
-    preset: str = "vggsound_b"
+class RunConfig(data.LoadOptions):
+    """What pretraining and finetuning share (finetune.FinetuneConfig extends it too)."""
     size: str = "base"            # model size preset (avmae.SIZES); explicit width flags win
-    variant: str = "avmae"        # avmae | mavil | mavil_mbt | mavil2 | cavmae | avme (the relatives)
-    teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint whose fusion outputs are the targets
     data: str = "data/vggsound"   # a prepared set (data.py prepare); a missing '*builtin' folder is generated
-    split: str = "train"
-    frame_stride: float = 4       # 25 fps frames between sampled frames (pretraining: 4; MAViL 2 fps: 12.5)
-    video_aug: str = "none"       # none (Table 20: a crop of the 256-short-side frame) | rrc (MAE's crop + flip)
-    audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json's stats) | audiomae | cavmae | "mean,scale"
-    window: str = "hann"          # log-mel window: hann (peers) | hamming (the paper's text)
-    decode: str = "cpu"           # JPEG decoding: cpu (workers) | gpu (nvJPEG, batched)
     workers: int = 8              # DataLoader workers per rank
-    batch_size: int = 512         # global batch (all ranks, all accumulation steps)
-    grad_accum: int = 1
-    epochs: int = 800             # Table 5: 800 on VGGSound
     max_steps: int = 0            # > 0 overrides epochs
-    warmup_epochs: float = 40.0   # Table 20 (the authors' config: 4)
     lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
-    blr: float = 1.5e-4           # base lr per 256 clips (3e-4 at batch 512, Table 20)
     min_lr: float = 0.0
     weight_decay: float = 0.0     # Table 20 (the authors' config: 0.05 on weight matrices)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 0.0        # 0 = off
     precision: str = "auto"       # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
-    fsdp: bool = False            # shard parameters, gradients and optimizer state (torch fully_shard)
-    seed: int = 0
-    out_dir: str = "out/pretrain"
     resume: str = ""              # '' | auto (out_dir's latest, if any) | a checkpoint path
     save_every: int = 1000        # steps; a final checkpoint is always written
-    keep_last: int = 3
     log_every: int = 10
-    picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
     max_bad_steps: int = 0        # non-finite losses to skip before stopping
     on_save_error: str = "retry"  # a checkpoint that cannot be written (disk full): retry at the next save | stop
     dist_timeout: float = 1800.0  # seconds a collective may wait for a stuck rank before the run stops
     stop_at: int = 0              # stop (with a checkpoint) after this many steps, as if interrupted
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    preset: str = "vggsound_b"
+    variant: str = "avmae"        # avmae | mavil | mavil_mbt | mavil2 | cavmae | avme (the relatives)
+    teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint whose fusion outputs are the targets
+    split: str = "train"
+    batch_size: int = 512         # global batch (all ranks, all accumulation steps)
+    grad_accum: int = 1
+    epochs: int = 800             # Table 5: 800 on VGGSound
+    warmup_epochs: float = 40.0   # Table 20 (the authors' config: 4)
+    blr: float = 1.5e-4           # base lr per 256 clips (3e-4 at batch 512, Table 20)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.0        # 0 = off
+    fsdp: bool = False            # shard parameters, gradients and optimizer state (torch fully_shard)
+    out_dir: str = "out/pretrain"
+    keep_last: int = 3
+    picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
     bench: bool = False           # time steps on synthetic in-memory batches, then exit
     bench_steps: int = 10
 

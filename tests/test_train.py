@@ -207,3 +207,19 @@ def test_two_processes_equal_one(builtin, tmp_path, mode):
     assert set(w1) == set(w2)
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+
+
+def test_no_option_is_declared_in_three_dataclasses():
+    import collections
+
+    import data
+    import finetune
+    # (the model's input shapes are also a finetuning run's own, which override the checkpoint's)
+    classes = (data.LoadOptions, data.DataConfig, train.RunConfig, train.TrainConfig, finetune.FinetuneConfig)
+    declared = collections.Counter(n for c in classes for n in c.__dict__.get("__annotations__", {}))
+    assert not [n for n, k in declared.items() if k >= 3]
+    # what both scripts pass to the loader is one declaration, and both scripts take it as a flag
+    for n in ("audio_norm", "window", "decode", "seed", "frame_stride", "video_aug"):
+        assert n in data.LoadOptions.__annotations__
+        assert n in {f.name for f in dataclasses.fields(train.TrainConfig)} & \
+            {f.name for f in dataclasses.fields(finetune.FinetuneConfig)}
