@@ -211,6 +211,7 @@ def test_two_processes_equal_one(builtin, tmp_path, mode):
 
 def test_no_option_is_declared_in_three_dataclasses():
     import collections
+    import dataclasses
 
     import data
     import finetune
