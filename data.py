@@ -666,6 +666,102 @@ def _norm(spec: str, meta: dict):
         raise ValueError(f"audio_norm={spec!r}: use one of {', '.join(AUDIO_NORMS)} or 'mean,scale'") from None
 
 
+def read_manifest(path: str, heads: dict) -> tuple:
+    """(rows, problems): a split's CSV as dicts (id, duration, frames, one label list per head); a
+    malformed line is skipped and named (file:line), an empty manifest is an error."""
+    if not os.path.exists(path):
+        here = sorted(f[:-4] for f in os.listdir(os.path.dirname(path) or ".") if f.endswith(".csv"))
+        raise FileNotFoundError(f"{path} not found (splits here: {here})")
+    rows, problems = [], []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        head = next(reader, None)
+        need = ["id", "duration", "frames", *heads]
+        if head is None or any(h not in head for h in need):
+            raise ValueError(f"{path}: header {head} lacks one of {need}")
+        col = {h: head.index(h) for h in head}
+        for i, row in enumerate(reader, 2):
+            try:
+                if not any(c.strip() for c in row):
+                    raise ValueError("empty line")
+                r = dict(id=row[col["id"]], duration=float(row[col["duration"]]), frames=int(row[col["frames"]]))
+                for h, names in heads.items():
+                    labs = [int(x) for x in row[col[h]].split(";") if x != ""]
+                    if not labs or any(not 0 <= x < len(names) for x in labs):
+                        raise ValueError(f"label {row[col[h]]!r} outside 0..{len(names) - 1}")
+                    r[h] = labs
+                if not r["id"]:
+                    raise ValueError("no id")
+            except (ValueError, IndexError) as e:
+                problems.append(f"{path}:{i}: {e} ({row!r})")
+                continue
+            rows.append(r)
+    for p in problems:
+        log.warning("skipping manifest line %s", p)
+    if not rows:
+        raise ValueError(f"{path}: no usable clips ({len(problems)} malformed lines)")
+    return rows, problems
+
+
+def audio_windows(path: str, t0s: list, span_v: float, audio_frames: int) -> tuple:
+    """(waves (views, samples) at 16 kHz mono, window starts in s): per video window starting at t0
+    (span_v s long), the log-mel frame grid (frame k starts at ta + 10 ms k) centred on it, then moved
+    (not cropped) to stay inside the recording; beyond a short recording, zeros."""
+    try:
+        info = sf.info(path)
+    except Exception as e:
+        raise BadClip(f"{path}: unreadable audio ({e})") from None
+    sr, n_win = info.samplerate, samples_for_frames(audio_frames, SAMPLE_RATE)
+    waves, tas = [], []
+    for t0 in t0s:
+        ta = t0 + span_v / 2 - audio_frames * 0.01 / 2
+        ta = min(max(ta, 0.0), max(0.0, info.frames / sr - n_win / SAMPLE_RATE))
+        s0 = int(round(ta * sr))
+        s1 = s0 + int(math.ceil(n_win * sr / SAMPLE_RATE))
+        try:
+            x, _ = sf.read(path, start=max(0, s0), stop=max(0, min(s1, info.frames)), dtype="float32",
+                           always_2d=True)
+        except Exception as e:
+            raise BadClip(f"{path}: unreadable audio ({e})") from None
+        x = resample(np.pad(x.mean(axis=1), (max(0, -s0), 0)), sr, SAMPLE_RATE)  # stereo -> mono
+        waves.append(torch.from_numpy(np.pad(x, (0, max(0, n_win - len(x))))[:n_win]))
+        tas.append(ta)
+    return torch.stack(waves), tas
+
+
+def augment_spec(s: torch.Tensor, cfg: DataConfig, rng) -> torch.Tensor:
+    """SpecAugment (one frequency and one time mask, filled with the mean, as AST) and a random
+    circular time shift, on one (T, mel) log-mel."""
+    (T, Fq), s = s.shape, s.clone()
+    fill = s.mean()
+    for width, dim, n in ((cfg.specaug_freq, 1, Fq), (cfg.specaug_time, 0, T)):
+        if width:
+            w = int(rng.integers(0, width + 1))
+            a0 = int(rng.integers(0, max(1, n - w + 1)))
+            s.narrow(dim, a0, w).fill_(fill)
+    if cfg.time_shift:
+        s = torch.roll(s, int(rng.integers(0, T)), dims=0)
+    return s
+
+
+# Rules for bad input in AVDataset (each counted in the item's `bad` and logged with the file):
+#   missing or unreadable audio / frames, a corrupt JPEG, an empty frame file -> replace the clip by
+#   the next readable one (at most 10 tries, then an error listing them);
+#   silent audio (peak < 1e-4) -> replaced when training, kept (and reported) in evaluation;
+#   audio shorter than the window -> zero-padded; fewer frames than the window -> the last frame is
+#   held; stereo -> mean of the channels; another sample rate -> resampled to 16 kHz;
+#   empty / malformed manifest lines -> skipped and logged (an empty manifest is an error).
+
+
+def label_target(labs: list, n: int, multi_label: bool):
+    """A class index, or a multi-hot (n,) vector for a multi-label set (AudioSet)."""
+    if not multi_label:
+        return labs[0]
+    y = torch.zeros(n)
+    y[labs] = 1.0
+    return y
+
+
 class AVDataset(torch.utils.data.Dataset):
     """Clips of a prepared set as model inputs. One item (train=True) or `views` items (eval):
     a: (audio_frames, mel_bins) log-mel, v: (3, num_frames, image_size, image_size) uint8 (to_device
@@ -675,15 +771,7 @@ class AVDataset(torch.utils.data.Dataset):
     Alignment: the video window starts on a stored frame, t0 = j0 / 12.5 s; the audio window
     (audio_frames x 10 ms, frame k starting at ta + 10 ms k) is centred on the video window and moved, if
     needed, to lie inside the recording. Both start times come with the item, so a sound and the
-    picture of its cause keep the same absolute time. Audio beyond a short recording is zero-padded.
-
-    Rules for bad input (each counted in `bad` and logged with the file):
-      missing or unreadable audio / frames, a corrupt JPEG, an empty frame file -> replace the clip
-      by the next readable one (at most 10 tries, then an error listing them);
-      silent audio (peak < 1e-4) -> replaced when training, kept (and reported) in evaluation;
-      audio shorter than the window -> zero-padded; fewer frames than the window -> the last frame
-      is held; stereo -> mean of the channels; another sample rate -> resampled to 16 kHz;
-      empty / malformed manifest lines -> skipped and logged (an empty manifest is an error)."""
+    picture of its cause keep the same absolute time. Bad input: the rules above the class."""
 
     MAX_TRIES = 10
 
@@ -697,7 +785,7 @@ class AVDataset(torch.utils.data.Dataset):
         self.heads = self.meta["heads"]
         self.multi_label = self.meta.get("multi_label", False)
         self.fps = float(self.meta.get("fps", FPS))
-        self.rows, self.manifest_problems = self._read_manifest(os.path.join(cfg.root, f"{cfg.split}.csv"))
+        self.rows, self.manifest_problems = read_manifest(os.path.join(cfg.root, f"{cfg.split}.csv"), self.heads)
         self.norm = _norm(cfg.audio_norm, self.meta)
         self.skip_silent = cfg.train if cfg.skip_silent is None else cfg.skip_silent
         self.step = cfg.frame_stride / VIDEO_FPS * self.fps  # stored frames between sampled frames
@@ -708,40 +796,6 @@ class AVDataset(torch.utils.data.Dataset):
     def being_read(self) -> list:
         """The clips the loader workers were reading last (to name the clip when a worker dies)."""
         return [self.rows[i]["id"] for i in self.reading if i >= 0]
-
-    def _read_manifest(self, path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found (splits here: "
-                                    f"{sorted(f[:-4] for f in os.listdir(self.cfg.root) if f.endswith('.csv'))})")
-        rows, problems = [], []
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            head = next(reader, None)
-            need = ["id", "duration", "frames", *self.heads]
-            if head is None or any(h not in head for h in need):
-                raise ValueError(f"{path}: header {head} lacks one of {need}")
-            col = {h: head.index(h) for h in head}
-            for i, row in enumerate(reader, 2):
-                try:
-                    if not any(c.strip() for c in row):
-                        raise ValueError("empty line")
-                    r = dict(id=row[col["id"]], duration=float(row[col["duration"]]), frames=int(row[col["frames"]]))
-                    for h, names in self.heads.items():
-                        labs = [int(x) for x in row[col[h]].split(";") if x != ""]
-                        if not labs or any(not 0 <= x < len(names) for x in labs):
-                            raise ValueError(f"label {row[col[h]]!r} outside 0..{len(names) - 1}")
-                        r[h] = labs
-                    if not r["id"]:
-                        raise ValueError("no id")
-                except (ValueError, IndexError) as e:
-                    problems.append(f"{path}:{i}: {e} ({row!r})")
-                    continue
-                rows.append(r)
-        for p in problems:
-            log.warning("skipping manifest line %s", p)
-        if not rows:
-            raise ValueError(f"{path}: no usable clips ({len(problems)} malformed lines)")
-        return rows, problems
 
     def __len__(self):
         return len(self.rows)
@@ -791,77 +845,28 @@ class AVDataset(torch.utils.data.Dataset):
         if "v" in cfg.modalities:
             out["v"] = self._video(os.path.join(clip, "frames.bin"), starts, rng)
         for h in self.heads:
-            out[h] = self._label(row[h], len(self.heads[h]))
+            out[h] = label_target(row[h], len(self.heads[h]), self.multi_label)
         if cfg.train:  # one view: drop the view axis (GPU decoding keeps its list of views)
             for k in ("a", "t0", "ta") + (("v",) if cfg.decode == "cpu" else ()):
                 if k in out:
                     out[k] = out[k][0]
         return out
 
-    def _label(self, labs, n):
-        if self.multi_label:
-            y = torch.zeros(n)
-            y[labs] = 1.0
-            return y
-        return labs[0]
-
     def _audio(self, path, t0s, rng):
         cfg = self.cfg
-        try:
-            info = sf.info(path)
-        except Exception as e:
-            raise BadClip(f"{path}: unreadable audio ({e})") from None
-        sr = info.samplerate
-        n_win = samples_for_frames(cfg.audio_frames, SAMPLE_RATE)
-        specs, tas = [], []
-        dur = info.frames / sr
-        for t0 in t0s:
-            # the log-mel frame grid (frame k starts at ta + 10 ms k) centred on the video window, then
-            # moved (not cropped) to stay inside the recording
-            ta = t0 + self.span_v / 2 - cfg.audio_frames * 0.01 / 2
-            ta = min(max(ta, 0.0), max(0.0, dur - n_win / SAMPLE_RATE))
-            s0 = int(round(ta * sr))
-            s1 = s0 + int(math.ceil(n_win * sr / SAMPLE_RATE))
-            try:
-                x, _ = sf.read(path, start=max(0, s0), stop=max(0, min(s1, info.frames)), dtype="float32", always_2d=True)
-            except Exception as e:
-                raise BadClip(f"{path}: unreadable audio ({e})") from None
-            x = x.mean(axis=1)  # stereo -> mono
-            x = np.pad(x, (max(0, -s0), 0))
-            x = resample(x, sr, SAMPLE_RATE)
-            x = np.pad(x, (0, max(0, n_win - len(x))))[:n_win]
-            specs.append(torch.from_numpy(x))
-            tas.append(ta)
-        wave = torch.stack(specs)
-        silent = bool(wave.abs().amax() < 1e-4)
+        wave, tas = audio_windows(path, t0s, self.span_v, cfg.audio_frames)
         a = logmel(wave, SAMPLE_RATE, cfg.mel_bins, cfg.audio_frames, cfg.window)  # (views, T, mel)
-        mean, scale = self.norm
-        a = (a - mean) / scale
+        a = (a - self.norm[0]) / self.norm[1]
         if cfg.specaug_freq or cfg.specaug_time or cfg.time_shift:
-            a = torch.stack([self._augment_spec(s, rng) for s in a])
-        return a, tas, silent
-
-    def _augment_spec(self, s, rng):
-        cfg, (T, Fq) = self.cfg, s.shape
-        s = s.clone()
-        fill = s.mean()
-        for width, dim, n in ((cfg.specaug_freq, 1, Fq), (cfg.specaug_time, 0, T)):
-            if width:
-                w = int(rng.integers(0, width + 1))
-                a0 = int(rng.integers(0, max(1, n - w + 1)))
-                s.narrow(dim, a0, w).fill_(fill)
-        if cfg.time_shift:
-            s = torch.roll(s, int(rng.integers(0, T)), dims=0)
-        return s
+            a = torch.stack([augment_spec(s, cfg, rng) for s in a])
+        return a, tas, bool(wave.abs().amax() < 1e-4)
 
     def _video(self, path, starts, rng):
         cfg = self.cfg
         try:
-            n = frame_count(path)
-            views = []
-            for j0 in starts:
-                idx = [min(n - 1, j0 + int(round(i * self.step))) for i in range(cfg.num_frames)]  # hold the last
-                views.append(read_frames(path, idx))
+            n = frame_count(path)  # (fewer frames than the window: the last one is held)
+            views = [read_frames(path, [min(n - 1, j0 + round(i * self.step)) for i in range(cfg.num_frames)])
+                     for j0 in starts]
         except (OSError, ValueError) as e:
             raise BadClip(f"{path}: {e}") from None
         seed = int(rng.integers(2**31))  # every view of a clip is augmented alike
@@ -875,7 +880,6 @@ class AVDataset(torch.utils.data.Dataset):
                 raise BadClip(f"{path}: corrupt JPEG ({str(e).splitlines()[0]})") from None
             out.append(augment_frames(frames, cfg, seed))
         return torch.stack(out)
-
 
 def collate(items: list) -> dict:
     """Stack tensors, keep ids / bad lists as lists (and gpu-decode payloads as is)."""
