@@ -469,46 +469,72 @@ def main(argv=None) -> dict:
             dist.destroy_process_group()
 
 
-def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
+@dataclass
+class Job:
+    """What a finetuning run holds (setup builds it; the loop reads it)."""
+    fcfg: FinetuneConfig
+    d: train.Dist
+    model: avmae.Classifier
+    net: torch.nn.Module            # the model as it runs: compiled and / or DDP-wrapped
+    opt: torch.optim.Optimizer
+    train_ds: data.AVDataset
+    test_ds: data.AVDataset
+    mods: tuple
+    heads: dict                     # head name -> classes
+    pcfg: dict | None               # the pretraining checkpoint's model config
+    lr: float
+    total: int                      # steps
+    warmup: int
+    steps_per_epoch: int
+    step: int                       # where the run starts (a resumed run: where it stopped)
+    per_modality: bool              # the authors' MBT: a loss per modality
+    resumed: dict | None
+
+
+def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool):
+    """Load a pretraining checkpoint's encoder into the model; write the load report."""
+    try:
+        state, report = map_pretrained(ck["model"], ck["model_config"], model, fcfg.inflate)
+    except ValueError as e:
+        raise SystemExit(f"{fcfg.init}: {e}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = {k for k in report["new"] if not k.endswith("num_batches_tracked")}  # (BatchNorm fills that in)
+    assert not unexpected and set(missing) == new, (unexpected, set(missing) ^ new)
+    other = ", other modality" if report["dropped_why"]["other modality"] else ""
+    train.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; dropped "
+                 f"{len(report['dropped'])} (decoder{other})")
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "load_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
+    """Data, model (from the checkpoint, or resumed), optimiser with layer-wise decay, schedule."""
     torch.manual_seed(fcfg.seed)
     mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
     train.ensure_data(fcfg, d)
     ckpt_path, resumed = train.resume_from(train.restart_resume(fcfg.resume), fcfg.out_dir, "finetuning")
-    pcfg = report = None
-    if resumed:
-        pcfg = resumed.get("pretrain_config")
-    elif fcfg.init:
-        ck = train.load_checkpoint(fcfg.init, "--init")
-        pcfg = ck["model_config"]
+    ck = train.load_checkpoint(fcfg.init, "--init") if fcfg.init and not resumed else None
+    pcfg = resumed.get("pretrain_config") if resumed else ck and ck["model_config"]
     dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
-                frame_stride=fcfg.frame_stride, image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
-                mel_bins=(pcfg or {}).get("mel_bins", 128), window=fcfg.window, audio_norm=fcfg.audio_norm,
-                decode=fcfg.decode, seed=fcfg.seed, video_aug=fcfg.video_aug)
+                image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
+                mel_bins=(pcfg or {}).get("mel_bins", 128),
+                **{f.name: getattr(fcfg, f.name) for f in dataclasses.fields(data.LoadOptions)})
     train_ds = train.open_dataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
-                                              specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
+                                                  specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
     test_ds = train.open_dataset(data.DataConfig(split=fcfg.test_split, train=False, views=fcfg.views, **dcfg))
     heads = {h: len(names) for h, names in train_ds.heads.items()}
     model = build_model(fcfg, heads, pcfg)
-    if fcfg.init and not resumed:
-        try:
-            state, report = map_pretrained(ck["model"], pcfg, model, fcfg.inflate)
-        except ValueError as e:
-            raise SystemExit(f"{fcfg.init}: {e}")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        new = {k for k in report["new"] if not k.endswith("num_batches_tracked")}  # (BatchNorm fills that in itself)
-        assert not unexpected and set(missing) == new, (unexpected, set(missing) ^ new)
-        train.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; dropped "
-                 f"{len(report['dropped'])} (decoder{', other modality' if report['dropped_why']['other modality'] else ''})")
+    if ck is not None:
+        load_init(fcfg, model, ck, fcfg.out_dir, d.master)
     if fcfg.linear_probe:
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith("heads.")
     model.to(d.device)
     torch.manual_seed(fcfg.seed + d.rank)
-
-    per_rank = fcfg.batch_size // d.world
     steps_per_epoch = len(train_ds) // fcfg.batch_size
     total = fcfg.max_steps or fcfg.epochs * steps_per_epoch
-    warmup = int(fcfg.warmup_epochs * steps_per_epoch)
     lr = fcfg.lr or fcfg.blr * fcfg.batch_size / 256
     groups = param_groups(model, fcfg, lr)
     opt = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if fcfg.optimizer == "sgd"
@@ -521,94 +547,127 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
         train.set_rng_state(resumed["rng"])
         train.print0(f"resumed from {ckpt_path} at step {step}")
     os.makedirs(fcfg.out_dir, exist_ok=True)
-    if report and d.master:
-        with open(os.path.join(fcfg.out_dir, "load_report.json"), "w") as f:
-            json.dump(report, f, indent=1)
     net = torch.compile(model) if fcfg.compile else model
     if d.world > 1 and not fcfg.eval_only:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda"
+                                                        else None)
+    per_modality = isinstance(model, avmae.MBT) and model.norm is not None  # (shared head: a loss per modality)
+    return Job(fcfg, d, model, net, opt, train_ds, test_ds, mods, heads, pcfg, lr, total,
+               int(fcfg.warmup_epochs * steps_per_epoch), steps_per_epoch, step, per_modality, resumed)
+
+
+def finetune_step(job: Job, batch: dict, gen, preempt) -> tuple:
+    """One step's forward and backward: (loss, logits, targets, skip, stop). Every rank agrees on a
+    non-finite loss or gradient (skip: what was not finite) and on a requested stop."""
+    fcfg, d, mods = job.fcfg, job.d, job.mods
+    multi = job.train_ds.multi_label
+    batch, targets = mixup(batch, mods, job.heads, fcfg.mixup, multi, gen, job.per_modality)
+    with train.autocast_ctx(fcfg.precision, d.device):
+        logits = job.net(**{m: batch[m] for m in mods}, per_modality=job.per_modality)
+    loss = finetune_loss(logits, targets, job.per_modality, multi, fcfg.label_smoothing, d.device)
+    flags = torch.tensor([float(not torch.isfinite(loss)), float(preempt.signal is not None)], device=d.device)
+    bad_loss, stop = train.all_reduce(flags).tolist()
+    skip = f"loss {loss.item():.4g}" if bad_loss else None
+    if not bad_loss:
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), fcfg.grad_clip or float("inf"))
+        skip = None if torch.isfinite(gnorm) else f"gradient (norm {float(gnorm):.4g})"
+    return loss, logits, targets, skip, bool(stop)
+
+
+def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
+    job = setup(fcfg, d)
     if fcfg.eval_only:
-        res = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir)
+        res = evaluate(job.model, job.test_ds, fcfg, d, job.mods, fcfg.out_dir)
         train.print0(json.dumps(res))
         return res
-
-    stream = train.batch_stream(train_ds, per_rank, fcfg.workers, fcfg.seed, d, step, steps_per_epoch, per_rank)
-    log_path = os.path.join(fcfg.out_dir, "log.jsonl")
-    gen = torch.Generator().manual_seed(fcfg.seed * 1_000_003 + d.rank)
-    per_modality = isinstance(model, avmae.MBT) and model.norm is not None  # (shared head: a loss per modality)
-    train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
-             f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable | "
-             f"init {fcfg.init or 'scratch'} | {len(train_ds)} train / {len(test_ds)} test clips | {total} steps | lr {lr:.3g}")
+    step, total, spe, opt = job.step, job.total, job.steps_per_epoch, job.opt
+    per_rank = fcfg.batch_size // d.world
+    stream = train.batch_stream(job.train_ds, per_rank, fcfg.workers, fcfg.seed, d, step, spe, per_rank)
+    gen = torch.Generator()
+    trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad) / 1e6
+    train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | {trainable:.1f}M "
+                 f"trainable | init {fcfg.init or 'scratch'} | {len(job.train_ds)} train / {len(job.test_ds)} test "
+                 f"clips | {total} steps | lr {job.lr:.3g}")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune", dynamic_ncols=True)
     nonfinite = train.NonFinite(fcfg.max_bad_steps, fcfg.out_dir, d.master)
-    watch = LearningWatch(heads, train_ds.multi_label, steps_per_epoch)
-    if resumed and "watch" in resumed:
-        vars(watch).update(resumed["watch"])
-    stop = min(total, fcfg.stop_at) if fcfg.stop_at else total
-    t_last, results, path = time.time(), {}, None
+    watch = LearningWatch(job.heads, job.train_ds.multi_label, spe)
+    vars(watch).update((job.resumed or {}).get("watch", {}))
+    stop_at = min(total, fcfg.stop_at) if fcfg.stop_at else total
+    log = Log(os.path.join(fcfg.out_dir, "log.jsonl"), d.master)
+    results, path = {}, None
     with train.Preemption() as preempt:
-        while step < stop:
+        while step < stop_at:
             for g in opt.param_groups:
-                g["lr"] = train.lr_at(step, total, warmup, lr, fcfg.min_lr) * g["lr_scale"]
+                g["lr"] = train.lr_at(step, total, job.warmup, job.lr, fcfg.min_lr) * g["lr_scale"]
             gen.manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
             try:
-                _, batch = next(stream)
-                batch, targets = mixup(batch, mods, heads, fcfg.mixup, train_ds.multi_label, gen, per_modality)
-                with train.autocast_ctx(fcfg.precision, d.device):
-                    logits = net(**{m: batch[m] for m in mods}, per_modality=per_modality)
-                loss = finetune_loss(logits, targets, per_modality, train_ds.multi_label, fcfg.label_smoothing,
-                                     d.device)
-                # every rank agrees on a non-finite loss (skip the step) and on a requested stop
-                flags = train.all_reduce(torch.tensor([float(not torch.isfinite(loss)), float(preempt.signal is not None)],
-                                                      device=d.device)).tolist()
-                if not flags[0]:
-                    loss.backward()
-                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), fcfg.grad_clip if fcfg.grad_clip > 0
-                                                           else float("inf"))
+                loss, logits, targets, skip, stop = finetune_step(job, next(stream)[1], gen, preempt)
             except RuntimeError as e:
                 if not dist.is_initialized() or not train.is_collective_failure(e):
                     raise
                 raise train.collective_failure(e, d, step, fcfg.dist_timeout, fcfg.out_dir) from None
             step += 1
             bar.update(1)
-            if flags[0] or not torch.isfinite(gnorm):
+            if skip:
                 opt.zero_grad(set_to_none=True)
-                nonfinite(step - 1, f"loss {loss.item():.4g}" if flags[0] else f"gradient (norm {float(gnorm):.4g})")
+                nonfinite(step - 1, skip)
                 continue
             opt.step()
             opt.zero_grad(set_to_none=True)
-            watch.update(logits, targets, per_modality, loss.item())
-            if step % fcfg.log_every == 0 and d.master:
-                rec = dict(step=step, epoch=step / steps_per_epoch, loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                           clips_per_s=fcfg.log_every * fcfg.batch_size / (time.time() - t_last))
-                t_last = time.time()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            epoch_end = step % steps_per_epoch == 0
-            if (epoch_end and (step // steps_per_epoch) % fcfg.eval_every == 0) or step == total:
-                results = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir if step == total else None)
-                results.update(step=step, epoch=step / steps_per_epoch, **watch.summary())
+            watch.update(logits, targets, job.per_modality, loss.item())
+            if step % fcfg.log_every == 0:
+                log.step(step, spe, loss.item(), opt.param_groups[0]["lr"], fcfg.log_every * fcfg.batch_size, bar)
+            if (step % spe == 0 and (step // spe) % fcfg.eval_every == 0) or step == total:
+                results = evaluate(job.model, job.test_ds, fcfg, d, job.mods, fcfg.out_dir if step == total else None)
+                results.update(step=step, epoch=step / spe, **watch.summary())
                 train.print0(watch.line(step, results, bar))
-                if d.master:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(dict(eval=results)) + "\n")
-            if step % fcfg.save_every == 0 or step == stop or flags[1]:
-                if d.master:
-                    st = dict(model=train.model_state(model, False), optimizer=opt.state_dict(), step=step,
-                              finetune_config=asdict(fcfg), model_config=asdict(model.cfg), pretrain_config=pcfg,
-                              heads=heads, rng=train.rng_state(), results=results, watch=vars(watch))
-                    path = train.save_or_say(fcfg.out_dir, st, step, fcfg.keep_last, fcfg.on_save_error,
-                                             final=step == stop) or path
-            if flags[1]:
+                log.write(dict(eval=results))
+            if step % fcfg.save_every == 0 or step == stop_at or stop:
+                path = save(job, step, results, watch, final=step == stop_at) or path
+            if stop:
                 bar.close()
                 preempt.stop(step, path)
     bar.close()
-    if step >= total and not results:  # resumed at the end (or preempted during the last save): evaluate now
-        results = evaluate(model, test_ds, fcfg, d, mods, fcfg.out_dir)
-        results.update(step=step, epoch=step / steps_per_epoch)
-    if d.master and step >= total:
+    return finish(job, step, results, path)
+
+
+class Log:
+    """log.jsonl on rank 0: a line per logged step (loss, lr, clips/s) and per evaluation."""
+
+    def __init__(self, path: str, master: bool):
+        self.path, self.master, self.t = path, master, time.time()
+
+    def write(self, rec: dict):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def step(self, step, steps_per_epoch, loss, lr, clips, bar):
+        now = time.time()
+        bar.set_postfix(loss=f"{loss:.4f}")
+        self.write(dict(step=step, epoch=step / steps_per_epoch, loss=loss, lr=lr, clips_per_s=clips / (now - self.t)))
+        self.t = now
+
+
+def save(job: Job, step: int, results: dict, watch, final: bool):
+    """A checkpoint on rank 0 (the path, or None when it could not be written and the run goes on)."""
+    if not job.d.master:
+        return None
+    st = dict(model=train.model_state(job.model, False), optimizer=job.opt.state_dict(), step=step,
+              finetune_config=asdict(job.fcfg), model_config=asdict(job.model.cfg), pretrain_config=job.pcfg,
+              heads=job.heads, rng=train.rng_state(), results=results, watch=vars(watch))
+    return train.save_or_say(job.fcfg.out_dir, st, step, job.fcfg.keep_last, job.fcfg.on_save_error, final=final)
+
+
+def finish(job: Job, step: int, results: dict, path) -> dict:
+    """The final metrics (evaluated now if the run resumed at its end) in metrics.json."""
+    fcfg = job.fcfg
+    if step >= job.total and not results:  # resumed at the end (or preempted during the last save)
+        results = evaluate(job.model, job.test_ds, fcfg, job.d, job.mods, fcfg.out_dir)
+        results.update(step=step, epoch=step / job.steps_per_epoch)
+    if job.d.master and step >= job.total:
         with open(os.path.join(fcfg.out_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=1)
         train.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions {fcfg.out_dir}/predictions.csv")
