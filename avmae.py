@@ -142,7 +142,8 @@ class VideoPatches:
 
     def __init__(self, cfg: AVMAEConfig):
         self.pt, self.ps, self.c = cfg.tubelet, cfg.patch_size, cfg.in_chans
-        self.grid = (cfg.num_frames // self.pt, cfg.image_size // self.ps, cfg.image_size // self.ps)
+        self.grid = (cfg.num_frames // self.pt, cfg.image_size // self.ps,
+                     cfg.image_size // self.ps)
         self.dim = self.pt * self.ps * self.ps * self.c
         self.n = math.prod(self.grid)
 
@@ -189,7 +190,8 @@ class AudioPatches:
 
 PATCHES = {"a": AudioPatches, "v": VideoPatches}
 
-def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_chans: int, mode: str = "inflate"):
+def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_chans: int,
+                        mode: str = "inflate"):
     """ViViT's initialisation (Arnab et al., Sec. 3.4) of a tubelet embedding from a 2-D patch embedding. w2d: (D, p*p*c2),
     features in (h, w, c) order (an image patch, or an audio patch read as (time, freq) with c2 = 1);
     returns (D, tubelet*p*p*in_chans) in the tokeniser's (t, h, w, c) order. inflate: the filter
@@ -234,7 +236,8 @@ def sincos_grid(grid: tuple, dim: int) -> torch.Tensor:
     shares = [2 * (dim // (2 * len(axes)))] * len(axes)
     shares[0] += dim - sum(shares)
     coords = torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij")
-    return torch.cat([sincos_1d(grid[d], w)[coords[d].flatten()] for d, w in zip(axes, shares)], dim=1)
+    return torch.cat([sincos_1d(grid[d], w)[coords[d].flatten()] for d, w in zip(axes, shares)],
+                     dim=1)
 
 
 class PosEmbed(nn.Module):
@@ -315,7 +318,8 @@ def ids_to_mask(ids_mask: torch.Tensor, n: int) -> torch.Tensor:
 # the steps the Triton kernels (kernels/) replace. These plain-torch versions are the definitions.
 
 
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor,
+                  add: torch.Tensor | None = None) -> torch.Tensor:
     """out[b, k] = x[b, ids[b, k]] (+ add[ids[b, k]]).
 
     x: (B, N, C) tokens or patches, or an (N, C) table shared by the batch (positions);
@@ -357,13 +361,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor,
+               norm_pix: bool) -> torch.Tensor:
     """Eq. 1: mean squared error between predictions (B, M, P) and the target patches at ids (B, M),
     averaged over the M predicted tokens and the P patch features. norm_pix: MAE's per-patch
     normalisation of the target, (t - mean) / sqrt(var + 1e-6) with the unbiased variance."""
     target = gather_tokens(patches, ids).float()
     if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1,
+                                                                        keepdim=True) + 1e-6).sqrt()
     return (pred.float() - target).pow(2).mean()
 
 
@@ -455,7 +461,8 @@ class Transformer(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, hidden: int, attn_fn, dpr=None):
         super().__init__()
         dpr = dpr if dpr is not None else [0.0] * depth
-        self.blocks = nn.ModuleList(Block(dim, heads, hidden, attn_fn, dpr[i]) for i in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, attn_fn,
+                                          dpr[i]) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x):
@@ -466,8 +473,10 @@ class Transformer(nn.Module):
     def layer_ids(self, first: int) -> dict:
         """{parameter name: depth in the network}: block i sits at depth first + i; the closing
         LayerNorm belongs to the last block (it gets that block's learning rate under layer decay)."""
-        ids = {f"blocks.{i}.{n}": first + i for i, b in enumerate(self.blocks) for n, _ in b.named_parameters()}
-        return {**ids, **{f"norm.{n}": first + len(self.blocks) - 1 for n, _ in self.norm.named_parameters()}}
+        ids = {f"blocks.{i}.{n}": first + i for i, b in enumerate(self.blocks) for n,
+               _ in b.named_parameters()}
+        return {**ids, **{f"norm.{n}": first + len(self.blocks) - 1 for n,
+                          _ in self.norm.named_parameters()}}
 
 
 def _prefix(p: str, ids: dict) -> dict:
@@ -512,7 +521,8 @@ class Early(nn.Module):
 
     @staticmethod
     def stream_weights(cfg, m):
-        return dict(blocks=[f"joint.blocks.{i}" for i in range(cfg.depth)], norm="joint.norm", inner=None)
+        return dict(blocks=[f"joint.blocks.{i}" for i in range(cfg.depth)], norm="joint.norm",
+                    inner=None)
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -541,11 +551,13 @@ class Separate(nn.Module):
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
-        self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn, dpr) for m in mods})
+        self.streams = nn.ModuleDict({m: Transformer(dim, depth, heads, hidden, attn_fn,
+                                                     dpr) for m in mods})
         self.n_layers, self.out_width = depth, dim
 
     def layer_ids(self) -> dict:
-        return {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
+        return {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}",
+                                                                          s.layer_ids(1)).items()}
 
     def forward(self, xs: dict) -> dict:
         return {m: self.streams[m](x) for m, x in xs.items()}
@@ -557,7 +569,8 @@ class Shared(nn.Module):
 
     @staticmethod
     def stream_weights(cfg, m):
-        return dict(blocks=[f"shared.blocks.{i}" for i in range(cfg.depth)], norm="shared.norm", inner=None)
+        return dict(blocks=[f"shared.blocks.{i}" for i in range(cfg.depth)], norm="shared.norm",
+                    inner=None)
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
@@ -592,13 +605,16 @@ class Mid(nn.Module):
         super().__init__()
         dpr = dpr if dpr is not None else [0.0] * depth
         L, S = depth, (cfg.joint_layers if cfg is not None else 2)
-        self.streams = nn.ModuleDict({m: Transformer(dim, L - S, heads, hidden, attn_fn, dpr[: L - S]) for m in mods})
+        self.streams = nn.ModuleDict({m: Transformer(dim, L - S, heads, hidden, attn_fn,
+                                                     dpr[: L - S]) for m in mods})
         self.joint = Transformer(dim, S, heads, hidden, attn_fn, dpr[L - S:])
         self.n_layers, self.out_width = depth, dim
 
     def layer_ids(self) -> dict:
-        ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
-        return {**ids, **_prefix("joint", self.joint.layer_ids(self.n_layers - len(self.joint.blocks) + 1))}
+        ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}",
+                                                                         s.layer_ids(1)).items()}
+        return {**ids,
+                **_prefix("joint", self.joint.layer_ids(self.n_layers - len(self.joint.blocks) + 1))}
 
     def forward(self, xs: dict) -> dict:
         return _joint(self.joint, {m: self.streams[m](x) for m, x in xs.items()})
@@ -635,7 +651,8 @@ def check_config(cfg: AVMAEConfig) -> None:
                          "exchange information (paper Sec. 3.3); for that baseline (Table 10) pretrain "
                          "--modalities a and --modalities v on their own")
     if cfg.modalities != "av":
-        for what, on in (("contrast_inter", cfg.contrast_inter > 0), ("objective='video'", cfg.objective == "video")):
+        for what, on in (("contrast_inter", cfg.contrast_inter > 0),
+                         ("objective='video'", cfg.objective == "video")):
             if on:
                 raise ValueError(f"{what} relates audio and video: it needs --modalities av, not {cfg.modalities!r}")
     if cfg.objective == "video" and cfg.decoder_layout == "unshuffle":
@@ -664,10 +681,12 @@ def check_config(cfg: AVMAEConfig) -> None:
         raise ValueError("encoder='cavmae' keeps a LayerNorm pair per modality for the unimodal pass that only "
                          "the contrastive term reads: set contrast_inter > 0 (CAV-MAE: 0.01), or use "
                          "encoder='mid' with joint_layers=1")
-    if cfg.encoder in ("mid", "cavmae") and cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
+    if cfg.encoder in ("mid",
+                       "cavmae") and cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
         raise ValueError(f"mid-fusion needs 1 <= joint_layers < depth, got joint_layers={cfg.joint_layers}, "
                          f"depth={cfg.depth} (joint_layers=depth is early fusion)")
-    for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads, "decoder")):
+    for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads,
+                                                           "decoder")):
         if w % h or (w // h) % 2:
             raise ValueError(f"{what} width {w} must split into {h} heads of even size")
     if cfg.num_frames % cfg.tubelet or cfg.image_size % cfg.patch_size:
@@ -715,9 +734,11 @@ class MAEDecoder(nn.Module):
     context-only modalities (AV-MaskEnhancer's audio). tied: one projection and one mask token for
     every modality (CAV-MAE's code); otherwise one per modality."""
 
-    def __init__(self, cfg: AVMAEConfig, patches: dict, targets: dict, extra: tuple, in_width: int, ops: dict):
+    def __init__(self, cfg: AVMAEConfig, patches: dict, targets: dict, extra: tuple, in_width: int,
+                 ops: dict):
         super().__init__()
-        self.cfg, self.n, self.targets, self.extra, self.ops = cfg, {m: p.n for m, p in patches.items()}, \
+        self.cfg, self.n, self.targets, self.extra, self.ops = cfg, {m: p.n for m,
+                                                                     p in patches.items()}, \
             targets, extra, ops
         D, sources = cfg.dec_width, sorted(set(targets.values()) | set(extra))
         self.key = {m: "av" if cfg.dec_tied else m for m in cfg.mods}
@@ -725,7 +746,8 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.ParameterDict({self.key[t]: nn.Parameter(torch.zeros(D)) for t in targets})
         # the paper's inpainting layout gives context tokens the target's positions (Sec. 3.4)
         pos_mods = set(targets) | (set(sources) if cfg.inpaint_layout == "masked" or extra else set())
-        self.pos = nn.ModuleDict({m: PosEmbed(patches[m].grid, D, cfg.pos_embed) for m in sorted(pos_mods)})
+        self.pos = nn.ModuleDict({m: PosEmbed(patches[m].grid, D,
+                                              cfg.pos_embed) for m in sorted(pos_mods)})
         if cfg.type_embed:  # CAV-MAE: which modality a token is
             self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(D)) for m in cfg.mods})
         self.net = DECODERS[cfg.decoder](list(targets), D, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp,
@@ -761,7 +783,8 @@ class MAEDecoder(nn.Module):
     def unshuffle(self, t, s, e, masks):  # joint, MAE's raster order; read the masked positions
         keep, drop = masks[t]
         k = self.key[t]
-        z = self.ops["unshuffle"](self.embed[k](e[t]), self.mask_token[k], self.pos[t](), keep, drop)
+        z = self.ops["unshuffle"](self.embed[k](e[t]), self.mask_token[k], self.pos[t](), keep,
+                                  drop)
         return self._type(z, t), drop, drop
 
     def inpaint_paper(self, t, s, e, masks):
@@ -822,8 +845,10 @@ class AVMAE(nn.Module):
         self.patches = {m: PATCHES[m](cfg) for m in mods}
         self.n = {m: self.patches[m].n for m in mods}
         # encoder: embed only the visible patches (patch embedding is linear: the same result)
-        self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim, cfg.width) for m in mods})
-        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width, cfg.pos_embed) for m in mods})
+        self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim,
+                                                       cfg.width) for m in mods})
+        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width,
+                                                  cfg.pos_embed) for m in mods})
         if cfg.type_embed:  # CAV-MAE: which modality a token is
             self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width)) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -834,7 +859,8 @@ class AVMAE(nn.Module):
         targets = {t: s for t, s in OBJECTIVES[cfg.objective].items() if t in mods}  # target -> source
         extra = tuple(m for m in EXTRA_CONTEXT.get(cfg.objective, ()) if m in mods
                       and self.encoder.out_width == cfg.width)
-        self.decoder = MAEDecoder(cfg, self.patches, targets, extra, self.encoder.out_width, self.ops)
+        self.decoder = MAEDecoder(cfg, self.patches, targets, extra, self.encoder.out_width,
+                                  self.ops)
         self.apply(init_weights)
         for n, p in self.named_parameters():  # learned tokens: N(0, 0.02), as MAE's mask token
             if n.split(".")[-2] in ("mask_token", "type_embed"):
@@ -882,7 +908,8 @@ class AVMAE(nn.Module):
         """{target: (pred (B, M, P), ids (B, M))}: predictions for the target's patches at ids."""
         return self.decoder(e, masks)
 
-    def forward_loss(self, patches: dict, preds: dict, masks: dict, norm_pix: bool | None = None) -> dict:
+    def forward_loss(self, patches: dict, preds: dict, masks: dict,
+                     norm_pix: bool | None = None) -> dict:
         """Reconstruction loss per target on the predicted (masked) patches only, averaged over targets
         with equal weights (AV-MAE Sec. 3.4; the authors' code weighs each 0.5) or summed (recon_sum:
         MAViL Eq. 1 and 5, CAV-MAE's code); plus everything the reconstruction pictures need.
@@ -924,7 +951,8 @@ class AVMAE(nn.Module):
 
         def blk(n, layers=1):
             return layers * block_flops(n, cfg.width, hid)
-        enc = type(self.encoder).flops(cfg, k, blk) + sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)
+        enc = type(self.encoder).flops(cfg, k,
+                                       blk) + sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)
         if cfg.contrast_inter or cfg.contrast_intra:
             enc += unimodal_flops(type(self.encoder), cfg, k, blk)
         dec = self.decoder.flops(k, self.encoder.out_width)
@@ -1041,7 +1069,8 @@ def contrast_losses(model, out: dict, patches: dict, uni: dict, masks2: dict | N
             p = next(iter(patches.values()))
             masks2 = model.sample_masks(p.shape[0], p.device)
         uni2 = unimodal(model.encoder, model.embed(patches, masks2))  # the second view: unimodal only
-        out["loss_intra"] = sum(info_nce(pooled[m], uni2[m].mean(1), cfg.tau_intra) for m in uni) / len(uni)
+        out["loss_intra"] = sum(info_nce(pooled[m], uni2[m].mean(1),
+                                         cfg.tau_intra) for m in uni) / len(uni)
         out["loss"] = out["loss"] + cfg.contrast_intra * out["loss_intra"]
     return out
 
@@ -1051,7 +1080,8 @@ def _streams(mods, dim, depth, heads, hidden, attn_fn, dpr):
 
 
 def _streams_ids(streams) -> dict:
-    return {k: v for m, s in streams.items() for k, v in _prefix(f"streams.{m}", s.layer_ids(1)).items()}
+    return {k: v for m, s in streams.items() for k, v in _prefix(f"streams.{m}",
+                                                                 s.layer_ids(1)).items()}
 
 
 class BottleneckFusion(nn.Module):
@@ -1060,15 +1090,18 @@ class BottleneckFusion(nn.Module):
     layer g_av applied to both modalities (MAViL App. B: a_um || b_a = g_av(a_um || b), likewise
     for video); otherwise a layer per modality, as MBT itself."""
 
-    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, n_tokens: int, shared: bool = True):
+    def __init__(self, mods, dim, depth, heads, hidden, attn_fn, n_tokens: int,
+                 shared: bool = True):
         super().__init__()
-        self.layers = _streams(["av"] if shared else mods, dim, depth, heads, hidden, attn_fn, None)
+        self.layers = _streams(["av"] if shared else mods, dim, depth, heads, hidden, attn_fn,
+                               None)
         self.key = {m: "av" if shared else m for m in mods}
         self.tokens = nn.Parameter(torch.zeros(1, n_tokens, dim))
         nn.init.trunc_normal_(self.tokens, std=0.02)
 
     def layer_ids(self, first: int) -> dict:
-        ids = {f"layers.{m}.{k}": v for m, s in self.layers.items() for k, v in s.layer_ids(first).items()}
+        ids = {f"layers.{m}.{k}": v for m, s in self.layers.items() for k,
+               v in s.layer_ids(first).items()}
         return {**ids, "tokens": first}
 
     def forward(self, xs: dict) -> dict:
@@ -1107,11 +1140,13 @@ class MAViLEncoder(nn.Module):
         self.streams = _streams(mods, dim, depth, heads, hidden, attn_fn, dpr)
         n_fusion, self.vanilla = cfg.fusion_layers, cfg.fusion == "vanilla"
         self.fusion = Transformer(dim, n_fusion, heads, hidden, attn_fn) if self.vanilla else \
-            BottleneckFusion(mods, dim, n_fusion, heads, hidden, attn_fn, cfg.bottlenecks, cfg.fusion == "mbt")
+            BottleneckFusion(mods, dim, n_fusion, heads, hidden, attn_fn, cfg.bottlenecks,
+                             cfg.fusion == "mbt")
         self.depth, self.n_layers, self.out_width = depth, depth + n_fusion, dim
 
     def layer_ids(self) -> dict:
-        return {**_streams_ids(self.streams), **_prefix("fusion", self.fusion.layer_ids(self.depth + 1))}
+        return {**_streams_ids(self.streams), **_prefix("fusion",
+                                                        self.fusion.layer_ids(self.depth + 1))}
 
     def unimodal(self, xs: dict) -> dict:
         return {m: self.streams[m](x) for m, x in xs.items()}
@@ -1167,7 +1202,8 @@ class CAVMAEEncoder(nn.Module):
         ids = {f"streams.{m}.{i}.{n}": i + 1 for m, s in self.streams.items()
                for i, b in enumerate(s) for n, _ in b.named_parameters()}
         first = self.n_layers - len(self.joint) + 1
-        ids.update({f"joint.{j}.{n}": first + j for j, b in enumerate(self.joint) for n, _ in b.named_parameters()})
+        ids.update({f"joint.{j}.{n}": first + j for j, b in enumerate(self.joint) for n,
+                    _ in b.named_parameters()})
         return {**ids, **{f"norm.{n}": self.n_layers for n, _ in self.norm.named_parameters()}}
 
     def with_unimodal(self, xs: dict) -> tuple:
@@ -1216,14 +1252,16 @@ class CrossBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm_q, self.norm_kv, self.norm2 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim,
+                                                                    2 * dim), nn.Linear(dim, dim)
         self.mlp = MLP(dim, hidden)
 
     def forward(self, x, ctx):
         B, N, D = x.shape
         H = self.heads
         q = self.q(self.norm_q(x)).view(B, N, H, D // H).transpose(1, 2)
-        k, v = self.kv(self.norm_kv(ctx)).view(B, ctx.shape[1], 2, H, D // H).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(self.norm_kv(ctx)).view(B, ctx.shape[1], 2, H,
+                                               D // H).permute(2, 0, 3, 1, 4)
         x = x + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # lengths differ: SDPA
         return x + self.mlp(self.norm2(x))
 
@@ -1250,7 +1288,8 @@ class XAttnEncoder(nn.Module):
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.channel, J = cfg.xattn_fuse == "channel", cfg.cross_layers
-        self.out_mods = ("v",) if self.channel and cfg.objective == "video" and "v" in mods else tuple(mods)
+        self.out_mods = ("v",
+                         ) if self.channel and cfg.objective == "video" and "v" in mods else tuple(mods)
         self.streams = _streams(mods, dim, depth, heads, hidden, attn_fn, dpr)
         self.cross = nn.ModuleList(nn.ModuleDict({m: CrossBlock(dim, heads, hidden)
                                                   for m in (self.out_mods if j == J - 1 else mods)}) for j in range(J))
@@ -1303,8 +1342,10 @@ def classifier_heads(width: int, keys, heads: dict, linear_probe: bool):
     """Per key (a modality, or 'av' for one head shared by both) and head a Linear: trunc-normal
     std 2e-5 and zero bias (MAE finetuning), std 0.01 behind a parameter-free BatchNorm for a
     linear probe (MAE's linear probe)."""
-    probe = nn.ModuleDict({k: nn.BatchNorm1d(width, affine=False, eps=1e-6) for k in keys}) if linear_probe else None
-    out = nn.ModuleDict({k: nn.ModuleDict({h: nn.Linear(width, n) for h, n in heads.items()}) for k in keys})
+    probe = nn.ModuleDict({k: nn.BatchNorm1d(width, affine=False,
+                                             eps=1e-6) for k in keys}) if linear_probe else None
+    out = nn.ModuleDict({k: nn.ModuleDict({h: nn.Linear(width, n) for h,
+                                           n in heads.items()}) for k in keys})
     for lin in (lin for hs in out.values() for lin in hs.values()):
         nn.init.trunc_normal_(lin.weight, std=0.01 if linear_probe else 2e-5)
         nn.init.zeros_(lin.bias)
@@ -1341,7 +1382,8 @@ class Stream(nn.Module):
         self.embed = nn.Linear(self.patches.dim, cfg.width)
         self.pos = PosEmbed(self.patches.grid, cfg.width, cfg.pos_embed)
         hidden = int(cfg.width * cfg.mlp_ratio)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, hidden, attn_fn, dpr[i]) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, hidden, attn_fn,
+                                          dpr[i]) for i in range(cfg.depth))
         self.inner_norm_at = inner_norm_at
         if inner_norm_at is not None:
             self.inner_norm = nn.LayerNorm(cfg.width, eps=1e-6)
@@ -1374,7 +1416,8 @@ class MBT(Classifier):
         shared = shared_head and len(self.mods) == 2
         attn = get_ops(cfg.kernels)["attention"]
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.streams = nn.ModuleDict({m: Stream(cfg, m, attn, dpr, inner_norm_at, not shared) for m in self.mods})
+        self.streams = nn.ModuleDict({m: Stream(cfg, m, attn, dpr, inner_norm_at,
+                                                not shared) for m in self.mods})
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6) if shared else None
         self.fusion_layer = fusion_layer if len(self.mods) == 2 else cfg.depth
         if len(self.mods) == 2:
@@ -1424,7 +1467,8 @@ class MBT(Classifier):
                 xs[m] = y[:, :n]
                 zs.append(y[:, n:])
             z = torch.stack(zs).mean(0)  # the modalities meet only here
-        return {m: (self.norm if self.norm is not None else self.streams[m].norm)(x).mean(1) for m, x in xs.items()}
+        return {m: (self.norm if self.norm is not None else self.streams[m].norm)(x).mean(1) for m,
+                x in xs.items()}
 
 
 class EncoderClassifier(Classifier):
@@ -1436,15 +1480,18 @@ class EncoderClassifier(Classifier):
         super().__init__()
         self.cfg, mods = cfg, cfg.mods
         self.patches = {m: PATCHES[m](cfg) for m in mods}
-        self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim, cfg.width) for m in mods})
-        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width, cfg.pos_embed) for m in mods})
+        self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim,
+                                                       cfg.width) for m in mods})
+        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width,
+                                                  cfg.pos_embed) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
                                              get_ops(cfg.kernels)["attention"], dpr, cfg)
         self.apply(init_weights)
         outs = getattr(self.encoder, "out_mods", mods)  # (AV-MaskEnhancer's channel fusion: video tokens only)
         self.head_key = {m: m for m in outs}
-        self.probe_norm, self.heads = classifier_heads(self.encoder.out_width, outs, heads, linear_probe)
+        self.probe_norm, self.heads = classifier_heads(self.encoder.out_width, outs, heads,
+                                                       linear_probe)
         self.n_layers = self.encoder.n_layers
 
     def layer_ids(self) -> dict:

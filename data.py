@@ -52,7 +52,8 @@ VIDEO_FPS = 25.0  # the frame rate strides are counted in (paper: stride 4 pretr
 AUDIO_NORMS = {"none": (0.0, 1.0), "audiomae": (-4.27, 2 * 4.57), "cavmae": (-5.081, 4.4849)}
 
 
-def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int, low: float = 20.0, high: float = 0.0) -> torch.Tensor:
+def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int, low: float = 20.0,
+                    high: float = 0.0) -> torch.Tensor:
     """(n_mels, n_fft // 2 + 1) triangles on the mel scale 1127 ln(1 + f / 700), drawn in mel space
     between `low` and `high` (<= 0 means Nyquist + high); the Nyquist bin gets no weight (Kaldi)."""
     high = sr / 2 + high if high <= 0 else high
@@ -62,7 +63,8 @@ def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int, low: float = 20.0, high: f
     left = lo + delta * np.arange(n_mels)[:, None]
     center, right = left + delta, left + 2 * delta
     m = mel(np.arange(n_fft // 2) * sr / n_fft)[None]  # mel of each FFT bin but Nyquist
-    banks = np.maximum(0.0, np.minimum((m - left) / (center - left), (right - m) / (right - center)))
+    banks = np.maximum(0.0, np.minimum((m - left) / (center - left),
+                                       (right - m) / (right - center)))
     return torch.from_numpy(np.pad(banks, ((0, 0), (0, 1)))).float()
 
 
@@ -83,13 +85,15 @@ def logmel(wave: torch.Tensor, sr: int = SAMPLE_RATE, n_mels: int = 128, target_
     frames = frames - frames.mean(dim=2, keepdim=True)                # each frame's DC offset
     prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)     # pre-emphasis, x[0] uses itself
     frames = frames - 0.97 * prev
-    w = {"hann": torch.hann_window, "hamming": torch.hamming_window}[window](win, periodic=False, device=x.device)
+    w = {"hann": torch.hann_window, "hamming": torch.hamming_window}[window](win, periodic=False,
+                                                                             device=x.device)
     spec = torch.fft.rfft(frames * w, n=n_fft).abs().pow(2)          # (B, T, n_fft / 2 + 1) power
     mel = spec @ kaldi_mel_banks(n_mels, n_fft, sr).to(x.device).T
     out = mel.clamp_min(torch.finfo(torch.float32).eps).log()
     if target_frames is not None:
         T = out.shape[1]
-        out = F.pad(out, (0, 0, 0, target_frames - T)) if T < target_frames else out[:, :target_frames]
+        out = F.pad(out, (0, 0, 0, target_frames - T)) if T < target_frames else out[:,
+                                                                                     :target_frames]
     return out[0] if single else out
 
 
@@ -199,7 +203,8 @@ def read_vggsound(path: str, split: str | None = None):
             continue
         if split is None or sp == split:
             name = f"{ytid}_{start:06d}"
-            recs.append(Record(name, (name + ".mp4", name + ".mkv", name + ".webm"), None, None, {"label": [label]}, sp))
+            recs.append(Record(name, (name + ".mp4", name + ".mkv", name + ".webm"), None, None,
+                               {"label": [label]}, sp))
     return recs, bad
 
 
@@ -312,7 +317,8 @@ def prepare_clip(src: str, dst: str, start: float | None, end: float | None, sho
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    cut = (["-ss", f"{start:.3f}"] if start else []) + ["-i", src] + (["-t", f"{end - (start or 0):.3f}"] if end else [])
+    cut = (["-ss", f"{start:.3f}"] if start else []) + ["-i", src] + (["-t",
+                                                                       f"{end - (start or 0):.3f}"] if end else [])
     scale = f"scale='if(lt(iw,ih),{short_side},-2)':'if(lt(iw,ih),-2,{short_side})'"
     jpegs = split_mjpeg(_ffmpeg(cut + ["-an", "-vf", f"fps={fps},{scale}", "-f", "image2pipe", "-c:v", "mjpeg",
                                        "-q:v", str(quality), "-"]))
@@ -345,10 +351,12 @@ def _prepare_one(args):
             info = dict(duration=round(sf.info(os.path.join(dst, "audio.flac")).duration, 3),
                         frames=frame_count(os.path.join(dst, "frames.bin")))
         else:
-            found = [os.path.join(videos, c) for c in rec.src if os.path.exists(os.path.join(videos, c))]
+            found = [os.path.join(videos, c) for c in rec.src if os.path.exists(os.path.join(videos,
+                                                                                             c))]
             if not found:
                 raise FileNotFoundError(f"no video for {rec.id} in {videos} (looked for {', '.join(rec.src)})")
-            info = prepare_clip(found[0], dst, rec.start, rec.end, short_side, allow_silent=allow_silent)
+            info = prepare_clip(found[0], dst, rec.start, rec.end, short_side,
+                                allow_silent=allow_silent)
         return rec, info, None
     except Exception as e:  # reported in failed.csv; the run goes on
         return rec, None, f"{type(e).__name__}: {e}"
@@ -372,7 +380,8 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
     index = {h: {name: i for i, name in enumerate(names)} for h, names in heads.items()}
     rows, failed = {}, [("manifest", "", p) for p in problems]
     with ProcessPoolExecutor(max(1, workers)) as ex:
-        jobs = [ex.submit(_prepare_one, (r, videos, out, short_side, allow_silent)) for r in records]
+        jobs = [ex.submit(_prepare_one, (r, videos, out, short_side,
+                                         allow_silent)) for r in records]
         for job in tqdm(as_completed(jobs), total=len(jobs), desc="prepare", unit="clip"):
             rec, info, err = job.result()
             if err:
@@ -452,7 +461,8 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
     times = []  # a bounce whenever the unfolded coordinate crosses a multiple of the free span
     for d in range(2):
         u0 = p0[d] - r
-        ks = np.arange(np.floor(min(u0, u0 + vel[d] * seconds) / span) + 1, np.ceil(max(u0, u0 + vel[d] * seconds) / span))
+        ks = np.arange(np.floor(min(u0, u0 + vel[d] * seconds) / span) + 1,
+                       np.ceil(max(u0, u0 + vel[d] * seconds) / span))
         times += [t for t in (ks * span - u0) / vel[d] if 0 < t < seconds]
     times.sort()
     traj = position(np.arange(n_frames) / FPS)
@@ -465,7 +475,8 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
         frames[j] = np.clip(img + rng.normal(0, 4, img.shape), 0, 255)
     n = int(seconds * SAMPLE_RATE)
     t = np.arange(int(0.4 * SAMPLE_RATE)) / SAMPLE_RATE
-    tone = sum(a * np.sin(2 * np.pi * pitch * (k + 1) * t) for k, a in enumerate(harm)) * np.exp(-t * 12)
+    tone = sum(a * np.sin(2 * np.pi * pitch * (k + 1) * t) for k,
+               a in enumerate(harm)) * np.exp(-t * 12)
     tone /= np.abs(tone).max()
     wave = rng.normal(0, rng.uniform(0.003, 0.03), n)    # room noise of random loudness, never digital silence
     for tb in times:
@@ -492,7 +503,8 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
         d = os.path.join(tmp, "clips", cid)
         os.makedirs(d)
         sf.write(os.path.join(d, "audio.flac"), wave, SAMPLE_RATE, subtype="PCM_16")
-        jp = [encode_jpeg(torch.from_numpy(f).permute(2, 0, 1).contiguous(), quality=90).numpy() for f in frames]
+        jp = [encode_jpeg(torch.from_numpy(f).permute(2, 0, 1).contiguous(),
+                          quality=90).numpy() for f in frames]
         write_frames(os.path.join(d, "frames.bin"), jp)
         rows[split].append(dict(id=cid, duration=seconds, frames=len(frames), label=kind))
     for split, rs in rows.items():
@@ -520,7 +532,8 @@ def decode_frames(jpegs: list, device="cpu") -> torch.Tensor:
     return torch.stack(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
 
 
-def random_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.3, 1.0),
+                    ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's box (top, left, height, width), one for the whole clip."""
     area = h * w
     for _ in range(10):
@@ -536,7 +549,8 @@ def random_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.3, 1.0), 
 SHORT_SIDE = 256 / 224  # the authors' pipeline: short side resized to 256, a 224 crop taken
 
 
-def video_box(h: int, w: int, rng: np.random.Generator, aug: str, train: bool, crop_scale=(0.3, 1.0)):
+def video_box(h: int, w: int, rng: np.random.Generator, aug: str, train: bool,
+              crop_scale=(0.3, 1.0)):
     """One crop box (top, left, height, width) for every frame of a clip, in stored-frame pixels.
     none (pretraining, AV-MAE Table 20: no augmentation): the short side resized to 256/224 of the
     crop, a random square crop; finetune: the same with that resize scaled by a random factor in
@@ -551,7 +565,8 @@ def video_box(h: int, w: int, rng: np.random.Generator, aug: str, train: bool, c
     return int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1)), side, side
 
 
-def color_augment(x: torch.Tensor, rng: np.random.Generator, p_color: float = 0.8, p_drop: float = 0.1):
+def color_augment(x: torch.Tensor, rng: np.random.Generator, p_color: float = 0.8,
+                  p_drop: float = 0.1):
     """The authors' finetuning colour augmentation on a (3, T, H, W) uint8 clip, the same for every
     frame: with p_color a brightness / contrast / saturation / hue jitter (0.4, 0.4, 0.4, 0.1), with
     p_drop grey. Every random number is drawn whether used or not (a fixed stream per clip)."""
@@ -561,7 +576,8 @@ def color_augment(x: torch.Tensor, rng: np.random.Generator, p_color: float = 0.
     hue = 0.1 * (2 * u[3] - 1)
     x = x.permute(1, 0, 2, 3)  # (T, 3, H, W): torchvision's layout
     if u[4] < p_color:
-        x = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s), hue)
+        x = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c),
+                                               s), hue)
     if u[5] < p_drop:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
     return x.permute(1, 0, 2, 3).contiguous()
@@ -585,7 +601,8 @@ def crop_resize(frames: torch.Tensor, box, flip: bool, size: int) -> torch.Tenso
     top, left, h, w = box
     x = frames[:, :, top:top + h, left:left + w]
     if x.is_cuda:
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
         x = x.round_().clamp_(0, 255).to(torch.uint8)
     else:  # antialiased resize of channels-last uint8 is a CPU fast path (9x faster than float)
         x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",
@@ -602,7 +619,8 @@ def scale_video(v: torch.Tensor) -> torch.Tensor:
 
 def to_device(batch: dict, device) -> dict:
     """Move a batch to `device` and scale its video to [-1, 1] there."""
-    out = {k: (x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x) for k, x in batch.items()}
+    out = {k: (x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x) for k,
+           x in batch.items()}
     if "v" in out and out["v"].dtype == torch.uint8:
         out["v"] = scale_video(out["v"])
     return out
@@ -684,7 +702,8 @@ def read_manifest(path: str, heads: dict) -> tuple:
             try:
                 if not any(c.strip() for c in row):
                     raise ValueError("empty line")
-                r = dict(id=row[col["id"]], duration=float(row[col["duration"]]), frames=int(row[col["frames"]]))
+                r = dict(id=row[col["id"]], duration=float(row[col["duration"]]),
+                         frames=int(row[col["frames"]]))
                 for h, names in heads.items():
                     labs = [int(x) for x in row[col[h]].split(";") if x != ""]
                     if not labs or any(not 0 <= x < len(names) for x in labs):
@@ -785,7 +804,8 @@ class AVDataset(torch.utils.data.Dataset):
         self.heads = self.meta["heads"]
         self.multi_label = self.meta.get("multi_label", False)
         self.fps = float(self.meta.get("fps", FPS))
-        self.rows, self.manifest_problems = read_manifest(os.path.join(cfg.root, f"{cfg.split}.csv"), self.heads)
+        self.rows, self.manifest_problems = read_manifest(os.path.join(cfg.root,
+                                                                       f"{cfg.split}.csv"), self.heads)
         self.norm = _norm(cfg.audio_norm, self.meta)
         self.skip_silent = cfg.train if cfg.skip_silent is None else cfg.skip_silent
         self.step = cfg.frame_stride / VIDEO_FPS * self.fps  # stored frames between sampled frames
@@ -837,7 +857,8 @@ class AVDataset(torch.utils.data.Dataset):
             starts = [int(round(s)) for s in np.linspace(0, last_start, cfg.views)]
         out = dict(id=row["id"], t0=[s / self.fps for s in starts])
         if "a" in cfg.modalities:
-            out["a"], out["ta"], silent = self._audio(os.path.join(clip, "audio.flac"), out["t0"], rng)
+            out["a"], out["ta"], silent = self._audio(os.path.join(clip, "audio.flac"), out["t0"],
+                                                      rng)
             if silent and self.skip_silent:
                 raise BadClip(f"{clip}/audio.flac is silent")
             if silent:
@@ -910,7 +931,8 @@ class GPUDecoder:
         flat = [v for views in clips for v in views]
         nv = len(clips[0])
         try:
-            frames = list(decode_frames([j for v in flat for j in v["jpegs"]], self.device).split(cfg.num_frames))
+            frames = list(decode_frames([j for v in flat for j in v["jpegs"]],
+                                        self.device).split(cfg.num_frames))
         except RuntimeError:  # find the culprit clip by clip
             frames = []
             for v in flat:
@@ -961,7 +983,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter((int(i), self.epoch) for i in mine[self.start:])
 
 
-def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None, drop_last: bool = True):
+def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None,
+                drop_last: bool = True):
     """A DataLoader over AVDataset; `sampler` (e.g. an EpochSampler) picks the clips."""
     ds = AVDataset(cfg)
     sampler = sampler if sampler is not None else EpochSampler(len(ds), shuffle=cfg.train)
@@ -987,19 +1010,23 @@ def fit_window(seconds: float, audio_frames: int, audio_patch: int, num_frames: 
     whole tubelets. A window up to 5% longer than the clip is kept (zero-padded, as AudioSet's 1000
     frames of 10 s clips and MAViL's 1024 are). Used when the user did not choose the window."""
     a_max = int((seconds - 0.025) / 0.01) + 1
-    a = audio_frames if audio_frames <= 1.05 * a_max else max(audio_patch, a_max // audio_patch * audio_patch)
+    a = audio_frames if audio_frames <= 1.05 * a_max else max(audio_patch,
+                                                              a_max // audio_patch * audio_patch)
     v_max = int(seconds * VIDEO_FPS / frame_stride)
     v = num_frames if num_frames <= 1.05 * v_max else max(tubelet, v_max // tubelet * tubelet)
     return a, v
 
 
-def audio_stats(root: str, split: str = "train", max_clips: int = 2000, write: bool = True) -> tuple:
+def audio_stats(root: str, split: str = "train", max_clips: int = 2000,
+                write: bool = True) -> tuple:
     """Mean and std of the raw log-mel over (up to) max_clips clips, whole recordings; stored in
     meta.json for audio_norm='dataset'."""
-    ds = AVDataset(DataConfig(root=root, split=split, modalities="a", train=False, skip_silent=False))
+    ds = AVDataset(DataConfig(root=root, split=split, modalities="a", train=False,
+                              skip_silent=False))
     s = s2 = n = 0.0
     for r in ds.rows[:: max(1, len(ds.rows) // max_clips)]:
-        wave, sr = sf.read(os.path.join(root, "clips", r["id"], "audio.flac"), dtype="float32", always_2d=True)
+        wave, sr = sf.read(os.path.join(root, "clips", r["id"], "audio.flac"), dtype="float32",
+                           always_2d=True)
         x = logmel(torch.from_numpy(resample(wave.mean(1), sr, SAMPLE_RATE))).double()
         s, s2, n = s + x.sum().item(), s2 + (x ** 2).sum().item(), n + x.numel()
     mean = s / n
@@ -1041,25 +1068,29 @@ def _bench(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="raw videos + a manifest -> a prepared set")
     pp.add_argument("--videos", required=True, help="folder of the source videos")
     pp.add_argument("--manifest", required=True)
     pp.add_argument("--format", choices=["vggsound", "audioset", "epic", "generic"], required=True)
     pp.add_argument("--labels", help="AudioSet class_labels_indices.csv")
-    pp.add_argument("--split", default=None, help="keep this split only (vggsound/generic); the split name (audioset/epic)")
+    pp.add_argument("--split", default=None,
+                    help="keep this split only (vggsound/generic); the split name (audioset/epic)")
     pp.add_argument("--out", required=True)
     pp.add_argument("--workers", type=int, default=os.cpu_count())
     pp.add_argument("--short_side", type=int, default=256)
-    pp.add_argument("--full_videos", action="store_true", help="audioset: cut each segment from the whole video")
+    pp.add_argument("--full_videos", action="store_true",
+                    help="audioset: cut each segment from the whole video")
     pp.add_argument("--allow_silent", action="store_true", help="keep videos without audio, with silent audio "
                     "(for video-only use; audiovisual training skips silent clips)")
     pb = sub.add_parser("builtin", help="generate the built-in data set")
     pb.add_argument("--out", default="data/builtin")
     for k, v in BUILTIN.items():
         pb.add_argument(f"--{k}", type=type(v), default=v)
-    ps = sub.add_parser("stats", help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
+    ps = sub.add_parser("stats",
+                        help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
     ps.add_argument("--root", required=True)
     ps.add_argument("--split", default="train")
     ps.add_argument("--max_clips", type=int, default=2000)
@@ -1093,14 +1124,16 @@ def main(argv=None):
         elif args.format == "audioset":
             if not args.labels:
                 sys.exit("--format audioset needs --labels class_labels_indices.csv")
-            recs, bad, mids = read_audioset(args.manifest, args.labels, args.split or "train", args.full_videos)
+            recs, bad, mids = read_audioset(args.manifest, args.labels, args.split or "train",
+                                            args.full_videos)
             heads, multi = {"label": sorted(mids, key=mids.get)}, True
         elif args.format == "epic":
             recs, bad = read_epic(args.manifest, args.split or "train")
             heads, multi = {"verb": list(range(97)), "noun": list(range(300))}, False
         else:
             recs, bad = read_generic(args.manifest)
-            heads, multi = {"label": _vocab(recs, "label")}, any(len(r.labels["label"]) > 1 for r in recs)
+            heads, multi = {"label": _vocab(recs,
+                                            "label")}, any(len(r.labels["label"]) > 1 for r in recs)
             recs = [r for r in recs if args.split is None or r.split == args.split]
         for b in bad:
             log.warning("manifest: %s", b)

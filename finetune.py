@@ -88,14 +88,17 @@ AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only
 MODALITY = {"audio": "a", "video": "v", "av": "av"}
 FUSION_LAYER = {("audioset", 24): 18}  # (preset, depth) -> MBT fusion layer where the authors' config differs
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY), arch=("mbt", "encoder"),
-               mbt_head=("shared", "per_modality"), video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
+               mbt_head=("shared", "per_modality"), video_aug=("finetune", "none",
+                                                               "rrc"), on_save_error=("retry", "stop"),
                inflate=("inflate", "central", "none"),
-               optimizer=("sgd", "adamw"), precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
+               optimizer=("sgd", "adamw"), precision=("auto", "bf16",
+                                                      "fp32"), kernels=("auto", "triton", "torch"),
                window=("hann", "hamming"), decode=("cpu", "gpu"))
 
 
 def parse_args(argv=None) -> FinetuneConfig:
-    args = vars(train.build_parser(FinetuneConfig, description=__doc__, choices=CHOICES).parse_args(argv))
+    args = vars(train.build_parser(FinetuneConfig, description=__doc__,
+                                   choices=CHOICES).parse_args(argv))
     preset = args.get("preset") or FinetuneConfig.preset
     if args.get("modality") == "audio" and args.get("mixup") is None and preset in AUDIO_ONLY_MIXUP:
         args["mixup"] = AUDIO_ONLY_MIXUP[preset]
@@ -147,11 +150,13 @@ def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
     cfg = model_config(fcfg, pcfg)
     if fcfg.arch == "encoder":
         return avmae.EncoderClassifier(cfg, heads, fcfg.linear_probe)
-    kept = pcfg and stream_weights(pcfg, avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods[0])["inner"]
+    kept = pcfg and stream_weights(pcfg,
+                                   avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods[0])["inner"]
     inner = kept[1] if kept else None  # e.g. the mid-fusion streams' closing LayerNorm, kept where it was
     fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else \
         FUSION_LAYER.get((fcfg.preset, cfg.depth), round(2 * cfg.depth / 3))
-    return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe, fcfg.mbt_head == "shared")
+    return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe,
+                     fcfg.mbt_head == "shared")
 
 
 def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> torch.Tensor:
@@ -180,7 +185,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
         if pcfg["modalities"] != "av":
             raise ValueError("--arch encoder needs an audiovisual checkpoint (this one is "
                              f"modalities={pcfg['modalities']!r}); use --arch mbt")
-        mapping = {k: k for k in model.state_dict() if k.startswith(("patch_embed.", "enc_pos.", "encoder."))}
+        mapping = {k: k for k in model.state_dict() if k.startswith(("patch_embed.", "enc_pos.",
+                                                                     "encoder."))}
     else:
         for m in cfg.mods:
             s = m if m in src_mods else src_mods[0]  # a unimodal checkpoint initialises both streams (Table 3)
@@ -191,7 +197,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                     mapping[f"streams.{m}.pos.table"] = f"enc_pos.{m}.table"
             w = stream_weights(pcfg, s)  # (early / shared: one set of weights into every stream, untied)
             for i in range(cfg.depth):  # a source block, or (block, {its submodule: the one to read})
-                src, rename = w["blocks"][i] if isinstance(w["blocks"][i], tuple) else (w["blocks"][i], {})
+                src, rename = w["blocks"][i] if isinstance(w["blocks"][i],
+                                                           tuple) else (w["blocks"][i], {})
                 for k in model.streams[m].blocks[i].state_dict():
                     head, rest = k.split(".", 1)
                     mapping[f"streams.{m}.blocks.{i}.{k}"] = f"encoder.{src}.{rename.get(head, head)}.{rest}"
@@ -200,12 +207,14 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                 if model.norm is None:
                     mapping[f"streams.{m}.norm.{k}"] = f"{final}.{k}"
                 else:  # one LayerNorm for both modalities: the mean of the streams' final norms
-                    mapping[f"norm.{k}"] = tuple(sorted(set(mapping.get(f"norm.{k}", ())) | {f"{final}.{k}"}))
+                    mapping[f"norm.{k}"] = tuple(sorted(set(mapping.get(f"norm.{k}",
+                                                                        ())) | {f"{final}.{k}"}))
                 if model.streams[m].inner_norm_at is not None:
                     mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.{w['inner'][0]}.{k}"
     dst = model.state_dict()
     out, loaded, folded = {}, [], set()
-    if not isinstance(model, avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
+    if not isinstance(model,
+                      avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
         # an audio-only checkpoint: the video tubelet filter from the audio patch filter (ViViT Sec. 3.4)
         if (pcfg["audio_patch_t"], pcfg["audio_patch_f"]) != (cfg.patch_size, cfg.patch_size):
             raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} audio patch into "
@@ -213,7 +222,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
         out["streams.v.embed.weight"] = avmae.inflate_patch_embed(state["patch_embed.a.weight"], cfg.patch_size, 1,
                                                                   cfg.tubelet, cfg.in_chans, inflate)
         out["streams.v.embed.bias"] = state["patch_embed.a.bias"].clone()
-        loaded += [f"streams.v.embed.weight <- {inflate}(patch_embed.a.weight)", "streams.v.embed.bias <- patch_embed.a.bias"]
+        loaded += [f"streams.v.embed.weight <- {inflate}(patch_embed.a.weight)",
+                   "streams.v.embed.bias <- patch_embed.a.bias"]
     for d_name, s_name in mapping.items():
         if isinstance(s_name, tuple):  # the mean of several tensors (or one)
             t = torch.stack([state[n] for n in s_name]).mean(0)
@@ -237,7 +247,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             folded.add(fold)
         out[d_name] = t
         loaded.append(f"{d_name} <- {s_name}" + (f" + {fold}" if fold else ""))
-    used = {n for s_name in mapping.values() for n in (s_name if isinstance(s_name, tuple) else (s_name,))} | folded
+    used = {n for s_name in mapping.values() for n in (s_name if isinstance(s_name,
+                                                                            tuple) else (s_name,))} | folded
     new = sorted(k for k in dst if k not in out)
     dropped = sorted(k for k in state if k not in used)
     other = set(src_mods) - set(cfg.mods)
@@ -259,7 +270,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
 
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
-    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).float().mean().item()
+    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:,
+                                                                     None]).any(1).float().mean().item()
 
 
 def average_precision(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -277,7 +289,8 @@ def average_precision(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tp = torch.cumsum(t, 0)[last]
         fp = torch.cumsum(1 - t, 0)[last]
         precision, recall = tp / (tp + fp), tp / t.sum()
-        aps.append(torch.sum(torch.diff(torch.cat([torch.zeros(1, dtype=recall.dtype), recall])) * precision).item())
+        aps.append(torch.sum(torch.diff(torch.cat([torch.zeros(1, dtype=recall.dtype),
+                                                   recall])) * precision).item())
     return torch.tensor(aps)
 
 
@@ -346,7 +359,8 @@ def mixup(batch: dict, mods, heads: dict, alpha: float, multi_label: bool, gen: 
     {head: (B, classes)}). per_modality (the authors' MBT): each modality draws its own weight and
     gets its own mixed targets, returned as {modality: {head: targets}}."""
     B = batch[mods[0]].shape[0]
-    targets = {h: batch[h].float() if multi_label else F.one_hot(batch[h], n).float() for h, n in heads.items()}
+    targets = {h: batch[h].float() if multi_label else F.one_hot(batch[h], n).float() for h,
+               n in heads.items()}
     if alpha <= 0:
         return batch, ({m: targets for m in mods} if per_modality else targets)
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
@@ -356,7 +370,8 @@ def mixup(batch: dict, mods, heads: dict, alpha: float, multi_label: bool, gen: 
     for m in mods:
         lam = lams.get(m, lams[mods[0]])
         batch[m] = lam * batch[m] + (1 - lam) * batch[m][perm]
-    mixed = {m: {h: lam * t + (1 - lam) * t[perm] for h, t in targets.items()} for m, lam in lams.items()}
+    mixed = {m: {h: lam * t + (1 - lam) * t[perm] for h, t in targets.items()} for m,
+             lam in lams.items()}
     return batch, (mixed if per_modality else mixed[mods[0]])
 
 
@@ -382,7 +397,8 @@ def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: 
     def to(t):
         return {h: x.to(device) for h, x in t.items()}
     if per_modality:
-        return sum(loss_fn(logits[m], to(targets[m]), multi_label, smoothing) for m in logits) / len(logits)
+        return sum(loss_fn(logits[m], to(targets[m]), multi_label,
+                           smoothing) for m in logits) / len(logits)
     return loss_fn(logits, to(targets), multi_label, smoothing)
 
 # -----------------------------------------------------------------------------
@@ -390,7 +406,8 @@ def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: 
 
 
 @torch.no_grad()
-def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods, out_dir: str | None = None) -> dict:
+def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
+             out_dir: str | None = None) -> dict:
     """N evenly spaced views per clip, logits averaged; every clip once over all ranks. Writes
     predictions.csv and per_class.csv to out_dir (rank 0)."""
     model.eval()
@@ -398,7 +415,8 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods, out_dir: str 
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=max(1, fcfg.batch_size // d.world),
                                          num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
-    decode = data.GPUDecoder(ds.cfg, d.device) if ds.cfg.decode == "gpu" else (lambda b: data.to_device(b, d.device))
+    decode = data.GPUDecoder(ds.cfg,
+                             d.device) if ds.cfg.decode == "gpu" else (lambda b: data.to_device(b, d.device))
     for b in loader:
         b = decode(b)
         V = fcfg.views
@@ -409,7 +427,8 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods, out_dir: str 
             logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu())
             targets[h].append(b[h].cpu() if torch.is_tensor(b[h]) else torch.tensor(b[h]))
         ids += b["id"]
-    local = (ids, {h: torch.cat(v) for h, v in logits.items()}, {h: torch.cat(v) for h, v in targets.items()})
+    local = (ids, {h: torch.cat(v) for h, v in logits.items()},
+             {h: torch.cat(v) for h, v in targets.items()})
     if dist.is_initialized():
         parts = [None] * d.world
         dist.all_gather_object(parts, local)
@@ -438,8 +457,10 @@ def write_reports(out_dir, ids, logits, targets, ds):
                 p = torch.sigmoid(z) if ds.multi_label else torch.softmax(z, 0)
                 top = p.topk(min(5, len(p)))
                 t = targets[h][i]
-                true = ";".join(str(j) for j in t.nonzero()[:, 0].tolist()) if ds.multi_label else str(int(t))
-                row += [true, ";".join(map(str, top.indices.tolist())), ";".join(f"{v:.4f}" for v in top.values.tolist())]
+                true = ";".join(str(j) for j in t.nonzero()[:,
+                                                            0].tolist()) if ds.multi_label else str(int(t))
+                row += [true, ";".join(map(str, top.indices.tolist())),
+                        ";".join(f"{v:.4f}" for v in top.values.tolist())]
             w.writerow(row)
     with open(os.path.join(out_dir, "per_class.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -514,7 +535,8 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     torch.manual_seed(fcfg.seed)
     mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
     train.ensure_data(fcfg, d)
-    ckpt_path, resumed = train.resume_from(train.restart_resume(fcfg.resume), fcfg.out_dir, "finetuning")
+    ckpt_path, resumed = train.resume_from(train.restart_resume(fcfg.resume), fcfg.out_dir,
+                                           "finetuning")
     ck = train.load_checkpoint(fcfg.init, "--init") if fcfg.init and not resumed else None
     pcfg = resumed.get("pretrain_config") if resumed else ck and ck["model_config"]
     dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
@@ -523,7 +545,8 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
                 **{f.name: getattr(fcfg, f.name) for f in dataclasses.fields(data.LoadOptions)})
     train_ds = train.open_dataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
                                                   specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
-    test_ds = train.open_dataset(data.DataConfig(split=fcfg.test_split, train=False, views=fcfg.views, **dcfg))
+    test_ds = train.open_dataset(data.DataConfig(split=fcfg.test_split, train=False,
+                                                 views=fcfg.views, **dcfg))
     heads = {h: len(names) for h, names in train_ds.heads.items()}
     model = build_model(fcfg, heads, pcfg)
     if ck is not None:
@@ -565,12 +588,14 @@ def finetune_step(job: Job, batch: dict, gen, preempt) -> tuple:
     with train.autocast_ctx(fcfg.precision, d.device):
         logits = job.net(**{m: batch[m] for m in mods}, per_modality=job.per_modality)
     loss = finetune_loss(logits, targets, job.per_modality, multi, fcfg.label_smoothing, d.device)
-    flags = torch.tensor([float(not torch.isfinite(loss)), float(preempt.signal is not None)], device=d.device)
+    flags = torch.tensor([float(not torch.isfinite(loss)), float(preempt.signal is not None)],
+                         device=d.device)
     bad_loss, stop = train.all_reduce(flags).tolist()
     skip = f"loss {loss.item():.4g}" if bad_loss else None
     if not bad_loss:
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), fcfg.grad_clip or float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(),
+                                               fcfg.grad_clip or float("inf"))
         skip = None if torch.isfinite(gnorm) else f"gradient (norm {float(gnorm):.4g})"
     return loss, logits, targets, skip, bool(stop)
 
@@ -583,14 +608,16 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
         return res
     step, total, spe, opt = job.step, job.total, job.steps_per_epoch, job.opt
     per_rank = fcfg.batch_size // d.world
-    stream = train.batch_stream(job.train_ds, per_rank, fcfg.workers, fcfg.seed, d, step, spe, per_rank)
+    stream = train.batch_stream(job.train_ds, per_rank, fcfg.workers, fcfg.seed, d, step, spe,
+                                per_rank)
     gen = torch.Generator()
     trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad) / 1e6
     train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | {trainable:.1f}M "
                  f"trainable | init {fcfg.init or 'scratch'} | {len(job.train_ds)} train / {len(job.test_ds)} test "
                  f"clips | {total} steps | lr {job.lr:.3g}")
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune",
+               dynamic_ncols=True)
     nonfinite = train.NonFinite(fcfg.max_bad_steps, fcfg.out_dir, d.master)
     watch = LearningWatch(job.heads, job.train_ds.multi_label, spe)
     vars(watch).update((job.resumed or {}).get("watch", {}))
@@ -603,11 +630,13 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                 g["lr"] = train.lr_at(step, total, job.warmup, job.lr, fcfg.min_lr) * g["lr_scale"]
             gen.manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
             try:
-                loss, logits, targets, skip, stop = finetune_step(job, next(stream)[1], gen, preempt)
+                loss, logits, targets, skip, stop = finetune_step(job, next(stream)[1], gen,
+                                                                  preempt)
             except RuntimeError as e:
                 if not dist.is_initialized() or not train.is_collective_failure(e):
                     raise
-                raise train.collective_failure(e, d, step, fcfg.dist_timeout, fcfg.out_dir) from None
+                raise train.collective_failure(e, d, step, fcfg.dist_timeout,
+                                               fcfg.out_dir) from None
             step += 1
             bar.update(1)
             if skip:
@@ -618,9 +647,11 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
             opt.zero_grad(set_to_none=True)
             watch.update(logits, targets, job.per_modality, loss.item())
             if step % fcfg.log_every == 0:
-                log.step(step, spe, loss.item(), opt.param_groups[0]["lr"], fcfg.log_every * fcfg.batch_size, bar)
+                log.step(step, spe, loss.item(), opt.param_groups[0]["lr"],
+                         fcfg.log_every * fcfg.batch_size, bar)
             if (step % spe == 0 and (step // spe) % fcfg.eval_every == 0) or step == total:
-                results = evaluate(job.model, job.test_ds, fcfg, d, job.mods, fcfg.out_dir if step == total else None)
+                results = evaluate(job.model, job.test_ds, fcfg, d, job.mods,
+                                   fcfg.out_dir if step == total else None)
                 results.update(step=step, epoch=step / spe, **watch.summary())
                 train.print0(watch.line(step, results, bar))
                 log.write(dict(eval=results))
@@ -647,7 +678,8 @@ class Log:
     def step(self, step, steps_per_epoch, loss, lr, clips, bar):
         now = time.time()
         bar.set_postfix(loss=f"{loss:.4f}")
-        self.write(dict(step=step, epoch=step / steps_per_epoch, loss=loss, lr=lr, clips_per_s=clips / (now - self.t)))
+        self.write(dict(step=step, epoch=step / steps_per_epoch, loss=loss, lr=lr,
+                        clips_per_s=clips / (now - self.t)))
         self.t = now
 
 
@@ -658,7 +690,8 @@ def save(job: Job, step: int, results: dict, watch, final: bool):
     st = dict(model=train.model_state(job.model, False), optimizer=job.opt.state_dict(), step=step,
               finetune_config=asdict(job.fcfg), model_config=asdict(job.model.cfg), pretrain_config=job.pcfg,
               heads=job.heads, rng=train.rng_state(), results=results, watch=vars(watch))
-    return train.save_or_say(job.fcfg.out_dir, st, step, job.fcfg.keep_last, job.fcfg.on_save_error, final=final)
+    return train.save_or_say(job.fcfg.out_dir, st, step, job.fcfg.keep_last, job.fcfg.on_save_error,
+                             final=final)
 
 
 def finish(job: Job, step: int, results: dict, path) -> dict:
@@ -696,7 +729,8 @@ class LearningWatch:
         self.steps += 1
 
     def summary(self) -> dict:
-        out = dict(train_loss=sum(self.loss[-self.steps_per_epoch:]) / max(1, len(self.loss[-self.steps_per_epoch:])))
+        out = dict(train_loss=sum(self.loss[-self.steps_per_epoch:]) / max(1,
+                                                                           len(self.loss[-self.steps_per_epoch:])))
         if self.seen:
             out["train_top1"] = self.right / self.seen
         self.right = self.seen = 0

@@ -111,7 +111,8 @@ VARIANTS = {  # the relatives as overrides of the model
 }
 
 # what a variant changes in the data pipeline: MAViL flips and randomly crops frames in pretraining (App. B)
-VARIANT_DATA = {"mavil": dict(video_aug="rrc"), "mavil_mbt": dict(video_aug="rrc"), "mavil2": dict(video_aug="rrc")}
+VARIANT_DATA = {"mavil": dict(video_aug="rrc"), "mavil_mbt": dict(video_aug="rrc"),
+                "mavil2": dict(video_aug="rrc")}
 
 # At the paper's sizes (base, large) a variant also takes its paper's decoder and input shapes; smaller
 # sizes keep the size preset's (a quick CPU run stays quick). MAViL Sec. 4.1 / App. B: 8-layer 512-wide
@@ -121,7 +122,8 @@ MAVIL_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audi
 # CAV-MAE Sec. 3 / its code: 8-layer 512-wide 16-head decoder, 1024 x 128 audio (512 tokens), one RGB frame
 CAVMAE_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024, num_frames=1,
                      tubelet=1)
-PAPER_SHAPES = {"mavil": MAVIL_SHAPES, "mavil_mbt": MAVIL_SHAPES, "mavil2": MAVIL_SHAPES, "cavmae": CAVMAE_SHAPES}
+PAPER_SHAPES = {"mavil": MAVIL_SHAPES, "mavil_mbt": MAVIL_SHAPES, "mavil2": MAVIL_SHAPES,
+                "cavmae": CAVMAE_SHAPES}
 PAPER_SIZES = ("base", "large")
 
 PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
@@ -141,12 +143,14 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
 
 
 TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(VARIANTS),
-                     precision=("auto", "bf16", "fp32"), window=("hann", "hamming"), decode=("cpu", "gpu"),
+                     precision=("auto", "bf16", "fp32"), window=("hann",
+                                                                 "hamming"), decode=("cpu", "gpu"),
                      video_aug=("none", "rrc"), on_save_error=("retry", "stop"))
 
 
 def _bool(s: str) -> bool:
-    v = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(s.lower())
+    v = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+         "no": False}.get(s.lower())
     if v is None:
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
     return v
@@ -156,7 +160,8 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
     """One flag per dataclass field (default None = not given), typed from the field; `choices`
     (field -> allowed values) makes argparse list them."""
     choices = choices or {}
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     seen = set()
     for dc in dataclasses_:
         g = p.add_argument_group(dc.__name__)
@@ -164,8 +169,10 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
             if f.name in seen:
                 continue
             seen.add(f.name)
-            t = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            kw = dict(nargs="?", const=True, type=_bool) if t is bool else dict(type=t, choices=choices.get(f.name))
+            t = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type,
+                                                                           f.type) if isinstance(f.type, str) else f.type
+            kw = dict(nargs="?", const=True, type=_bool) if t is bool else dict(type=t,
+                                                                                choices=choices.get(f.name))
             g.add_argument(f"--{f.name}", default=None, help=f"(default {f.default!r})", **kw)
     return p
 
@@ -197,9 +204,11 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dic
 
 
 def parse_args(argv=None):
-    args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES, **TRAIN_CHOICES}).parse_args(argv))
+    args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES,
+                                                                      **TRAIN_CHOICES}).parse_args(argv))
     tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig,
-                         variants={k: {**v, **VARIANT_DATA.get(k, {})} for k, v in VARIANTS.items()},
+                         variants={k: {**v, **VARIANT_DATA.get(k, {})} for k,
+                                   v in VARIANTS.items()},
                          paper_shapes=PAPER_SHAPES)
     if (mcfg.target == "teacher") != bool(tcfg.teacher):
         raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and --teacher PATH")
@@ -261,7 +270,8 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 
 def autocast_ctx(precision: str, device: torch.device):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    return torch.autocast(device.type,
+                          dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 # -----------------------------------------------------------------------------
 # lr schedule and optimizer
@@ -299,7 +309,8 @@ class CheckpointWriteError(OSError):
 def tensor_crc(obj, crc: int = 0) -> int:
     """crc32 over the bytes of every tensor in a nested state (dicts in key order)."""
     if torch.is_tensor(obj):
-        return zlib.crc32(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+        return zlib.crc32(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
+                          crc)
     if isinstance(obj, dict):
         for k in sorted(obj, key=str):
             crc = tensor_crc(obj[k], crc)
@@ -438,7 +449,8 @@ class NonFinite:
         print0(f"{msg}; skipped ({self.count}/{self.max_bad})")
 
 
-def save_or_say(out_dir: str, state: dict, step: int, keep: int, policy: str, final: bool) -> str | None:
+def save_or_say(out_dir: str, state: dict, step: int, keep: int, policy: str,
+                final: bool) -> str | None:
     """save_checkpoint under the --on_save_error policy: 'retry' says what failed and goes on (the
     next save tries again; the last one must succeed), 'stop' stops at once. Either way the previous
     checkpoint is intact and the message says where it is."""
@@ -453,7 +465,8 @@ def save_or_say(out_dir: str, state: dict, step: int, keep: int, policy: str, fi
         return None
 
 
-def collective_failure(e: Exception, d: "Dist", step: int, timeout: float, out_dir: str) -> SystemExit:
+def collective_failure(e: Exception, d: "Dist", step: int, timeout: float,
+                       out_dir: str) -> SystemExit:
     """A collective that failed or timed out (a rank stuck or gone): name the ranks that do not answer
     (gloo's monitored barrier), the step, and stop instead of hanging."""
     gone = ""
@@ -489,14 +502,16 @@ def model_state(model, fsdp: bool) -> dict:
     """The un-wrapped, un-compiled model's state dict (full, on CPU; gathered from shards with FSDP)."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def optim_state(model, opt, fsdp: bool) -> dict:
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                             cpu_offload=True))
     return opt.state_dict()
 
 
@@ -534,7 +549,8 @@ def ranks_in_sync(model) -> bool:
 
 
 PEAK_BF16 = [  # dense bf16 tensor-core FLOP/s, by device-name substring (first match wins)
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200",
+                                                                989e12), ("B200", 2250e12),
     ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12),
     ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),
 ]
@@ -562,7 +578,8 @@ def _colormap(x: torch.Tensor) -> torch.Tensor:  # (H, W) in [0, 1] -> (3, H, W)
 
 
 @torch.no_grad()
-def reconstruction_picture(model: avmae.AVMAE, inputs: dict, out: dict, frames_shown: int = 8) -> torch.Tensor:
+def reconstruction_picture(model: avmae.AVMAE, inputs: dict, out: dict,
+                           frames_shown: int = 8) -> torch.Tensor:
     """A (3, H, W) image in [0, 1] for the first clip of a batch."""
     rec = avmae.reconstruct(model, {m: x[:1].float().cpu() for m, x in inputs.items()},
                             {k: (v[:1].float() if v.is_floating_point() else v[:1]).cpu()
@@ -581,7 +598,8 @@ def reconstruction_picture(model: avmae.AVMAE, inputs: dict, out: dict, frames_s
                 img = ((img + 1) / 2).clamp(0, 1)
                 if r == 1:
                     img = torch.where(mask_img.bool(), torch.full_like(img, gray), img)
-                idx = torch.linspace(0, img.shape[1] - 1, min(frames_shown, img.shape[1])).round().long()
+                idx = torch.linspace(0, img.shape[1] - 1, min(frames_shown,
+                                                              img.shape[1])).round().long()
                 rows[r].append(torch.cat([img[:, i] for i in idx], dim=2))
             else:  # (T, F) log-mel -> colour map, time to the right, low frequencies at the bottom
                 orig = rec[m][0][0]
@@ -589,7 +607,8 @@ def reconstruction_picture(model: avmae.AVMAE, inputs: dict, out: dict, frames_s
                 z = ((img - lo) / (hi - lo + 1e-6)).T.flip(0)
                 pic = _colormap(z)
                 if r == 1:
-                    pic = torch.where(mask_img.T.flip(0).bool().unsqueeze(0), torch.full_like(pic, gray), pic)
+                    pic = torch.where(mask_img.T.flip(0).bool().unsqueeze(0),
+                                      torch.full_like(pic, gray), pic)
                 rows[r].append(pic)
     height = max(x.shape[1] for row in rows for x in row)
     sep = torch.ones(3, height, 4)
@@ -601,7 +620,8 @@ def reconstruction_picture(model: avmae.AVMAE, inputs: dict, out: dict, frames_s
                 w = max(1, round(x.shape[2] * height / x.shape[1]))
                 x = F.interpolate(x[None], size=(height, w), mode="nearest")[0]
             parts += [x, sep]
-        lines += [torch.cat(parts[:-1], dim=2), torch.ones(3, 4, sum(p.shape[2] for p in parts[:-1]))]
+        lines += [torch.cat(parts[:-1], dim=2), torch.ones(3, 4,
+                                                           sum(p.shape[2] for p in parts[:-1]))]
     return torch.cat(lines[:-1], dim=1)
 
 
@@ -741,12 +761,14 @@ def load_teacher(path: str, device) -> avmae.AVMAE:
 def bench(model, mcfg, tcfg, d: Dist, micro: int):
     """Steps on synthetic batches held in memory: the model's speed without the data pipeline."""
     raw = unwrap(model)
-    opt = torch.optim.AdamW(param_groups(raw, tcfg.weight_decay), lr=1e-4, betas=(tcfg.beta1, tcfg.beta2))
+    opt = torch.optim.AdamW(param_groups(raw, tcfg.weight_decay), lr=1e-4,
+                            betas=(tcfg.beta1, tcfg.beta2))
     x = {}
     if "a" in mcfg.modalities:
         x["a"] = torch.randn(micro, mcfg.audio_frames, mcfg.mel_bins, device=d.device)
     if "v" in mcfg.modalities:
-        x["v"] = torch.rand(micro, 3, mcfg.num_frames, mcfg.image_size, mcfg.image_size, device=d.device) * 2 - 1
+        x["v"] = torch.rand(micro, 3, mcfg.num_frames, mcfg.image_size, mcfg.image_size,
+                            device=d.device) * 2 - 1
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -832,9 +854,11 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     if tcfg.compile:
         model = torch.compile(model)
     if d.world > 1 and not tcfg.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model,
+                                                          device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
-    stream = batch_stream(ds, per_rank, tcfg.workers, tcfg.seed, d, step, steps_per_epoch, per_rank * tcfg.grad_accum)
+    stream = batch_stream(ds, per_rank, tcfg.workers, tcfg.seed, d, step, steps_per_epoch,
+                          per_rank * tcfg.grad_accum)
 
     fl = raw.flops()
     peak = peak_flops(d.device)
@@ -845,7 +869,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                f"{total} steps | global batch {tcfg.batch_size} = {d.world} ranks x {tcfg.grad_accum} x {per_rank} "
                f"| lr {lr:.2e} | {d.device} | {fl['forward'] / 1e9:.1f} GFLOP forward/clip")
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain",
+               dynamic_ncols=True)
     run = Run(model, raw, opt, teacher, stream, mcfg, tcfg, d, per_rank, hooks, fl["train"], peak)
     nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
     bad_clips, t_last, n_last, last = 0, time.time(), step, {}
@@ -885,7 +910,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     in_sync = tcfg.fsdp or ranks_in_sync(raw)  # (FSDP holds one copy, sharded)
     print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} | log {log_path}"
            + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
-    return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path, last=last, in_sync=in_sync)
+    return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path,
+                last=last, in_sync=in_sync)
 
 
 @dataclass
@@ -926,7 +952,8 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
     last micro-batch and its masks (for the picture)."""
     mcfg, tcfg, d = run.mcfg, run.tcfg, run.d
     masks = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device)
-    masks2 = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device, view=1) if mcfg.contrast_intra else None
+    masks2 = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device,
+                          view=1) if mcfg.contrast_intra else None
     sums = torch.zeros(len(LOSS_KEYS) + 1, device=d.device)  # the losses, then "a rank was asked to stop"
     bad_clips = 0
     for micro in range(tcfg.grad_accum):
@@ -935,28 +962,35 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
         bad_clips += len(batch["bad"])
         rows = rank_rows(micro, run.per_rank, d).to(d.device)
         mk = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
-        mk2 = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks2.items()} if masks2 else None
+        mk2 = {m: (keep[rows], drop[rows]) for m,
+               (keep, drop) in masks2.items()} if masks2 else None
         targets = None
         if run.teacher is not None:  # the teacher encodes the full, unmasked clip
             with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
-                targets = {m: t.float() for m, t in run.teacher.encode(**{m: batch[m] for m in mcfg.mods}).items()}
+                targets = {m: t.float() for m,
+                           t in run.teacher.encode(**{m: batch[m] for m in mcfg.mods}).items()}
         last_micro = micro == tcfg.grad_accum - 1
-        sync = contextlib.nullcontext() if last_micro or not hasattr(run.model, "no_sync") else run.model.no_sync()
+        sync = contextlib.nullcontext() if last_micro or not hasattr(run.model,
+                                                                     "no_sync") else run.model.no_sync()
         with sync, autocast_ctx(tcfg.precision, d.device):
-            out = run.model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets, masks2=mk2)
+            out = run.model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets,
+                            masks2=mk2)
             (out["loss"] / tcfg.grad_accum).backward()
         zero = torch.zeros((), device=d.device)
-        sums[:-1] += torch.stack([out.get(k, zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
+        sums[:-1] += torch.stack([out.get(k,
+                                          zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
     sums[-1] = float(preempt.signal is not None)  # (a signal that came during this step stops after it)
     sums = all_reduce(sums) / d.world
-    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                           tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
     finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))], device=d.device),
                         dist.ReduceOp.MIN if dist.is_initialized() else None)
     values = sums.tolist()  # (one device sync)
     losses = {k: v for k, v in zip(LOSS_KEYS, values) if k in out}
     what = "" if finite.item() >= 1 else (f"loss {values[0]:.4g} (audio {values[1]:.4g}, video {values[2]:.4g}, "
                                           f"grad norm {float(gnorm):.4g})")
-    return dict(losses=losses, nonfinite=what, stop=values[-1] > 0, batch=batch, masks=mk, bad_clips=bad_clips)
+    return dict(losses=losses, nonfinite=what, stop=values[-1] > 0, batch=batch, masks=mk,
+                bad_clips=bad_clips)
 
 
 def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, seconds: float, steps: int,
@@ -969,7 +1003,8 @@ def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, sec
     rec = dict(step=step, epoch=step / steps_per_epoch, lr=run.opt.param_groups[0]["lr"], **state, clips_per_s=clips_s,
                mfu=(clips_s * run.train_flops / (peak * d.world)) if peak else None, bad_clips=bad_total,
                skipped_steps=skipped)
-    bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{rec['lr']:.1e}", "clips/s": f"{clips_s:.0f}"})
+    bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{rec['lr']:.1e}",
+                     "clips/s": f"{clips_s:.0f}"})
     if d.master:
         with open(os.path.join(tcfg.out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")

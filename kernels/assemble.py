@@ -40,11 +40,15 @@ def _assemble_kernel(x_ptr, pv_ptr, tok_ptr, pm_ptr, iv_ptr, im_ptr, out_ptr, K,
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         okd = (rd < D)[None, :]
-        xv = tl.load(x_ptr + b * stride_xb + r[:, None] * stride_xk + rd[None, :], mask=vis[:, None] & okd, other=0.0)
+        xv = tl.load(x_ptr + b * stride_xb + r[:, None] * stride_xk + rd[None, :],
+                     mask=vis[:, None] & okd, other=0.0)
         tok = tl.load(tok_ptr + rd, mask=rd < D, other=0.0)
-        pv = tl.load(pv_ptr + iv[:, None] * stride_pv + rd[None, :], mask=vis[:, None] & okd, other=0.0)
-        pm = tl.load(pm_ptr + im[:, None] * stride_pm + rd[None, :], mask=msk[:, None] & okd, other=0.0)
-        val = tl.where(vis[:, None], xv.to(tl.float32) + pv.to(tl.float32), tok[None, :].to(tl.float32) + pm.to(tl.float32))
+        pv = tl.load(pv_ptr + iv[:, None] * stride_pv + rd[None, :], mask=vis[:, None] & okd,
+                     other=0.0)
+        pm = tl.load(pm_ptr + im[:, None] * stride_pm + rd[None, :], mask=msk[:, None] & okd,
+                     other=0.0)
+        val = tl.where(vis[:, None], xv.to(tl.float32) + pv.to(tl.float32),
+                       tok[None, :].to(tl.float32) + pm.to(tl.float32))
         tl.store(out_ptr + b * stride_ob + dest[:, None] * stride_on + rd[None, :], val.to(out_ptr.dtype.element_ty),
                  mask=(vis | msk)[:, None] & okd)
 
@@ -52,10 +56,12 @@ def _assemble_kernel(x_ptr, pv_ptr, tok_ptr, pm_ptr, iv_ptr, im_ptr, out_ptr, K,
 def _launch(x_vis, pos_vis, tok, pos_mask, ids_vis, ids_mask, raster: bool):
     B, K, D = x_vis.shape
     M = ids_mask.shape[1]
-    assert ids_vis.shape == (B, K) and ids_mask.shape[0] == B and ids_vis.dtype == ids_mask.dtype == torch.int64
+    assert ids_vis.shape == (B,
+                             K) and ids_mask.shape[0] == B and ids_vis.dtype == ids_mask.dtype == torch.int64
     assert tok.shape == (D,) and pos_vis.shape[1] == pos_mask.shape[1] == D
     assert x_vis.stride(-1) == 1 and pos_vis.stride(-1) == 1 and pos_mask.stride(-1) == 1 and tok.stride(-1) == 1
-    dtype = torch.promote_types(torch.promote_types(x_vis.dtype, pos_vis.dtype), torch.promote_types(tok.dtype, pos_mask.dtype))
+    dtype = torch.promote_types(torch.promote_types(x_vis.dtype, pos_vis.dtype),
+                                torch.promote_types(tok.dtype, pos_mask.dtype))
     out = torch.empty(B, K + M, D, device=x_vis.device, dtype=dtype)
     BR, BD = _blocks(D)
     wrap_triton(_assemble_kernel)[(B, triton.cdiv(K + M, BR))](
@@ -81,13 +87,15 @@ def _unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
 def _table_grad(g_rows, ids, n, dtype):
     """Scatter-add of (B, R, D) row gradients into an (n, D) table (learned positions only)."""
     out = torch.zeros(n, g_rows.shape[-1], device=g_rows.device, dtype=torch.float32)
-    return out.index_add_(0, ids.reshape(-1), g_rows.reshape(-1, g_rows.shape[-1]).float()).to(dtype)
+    return out.index_add_(0, ids.reshape(-1), g_rows.reshape(-1,
+                                                             g_rows.shape[-1]).float()).to(dtype)
 
 
 def _assemble_setup(ctx, inputs, output):
     x_vis, pos_vis, tok, pos_mask, ids_vis, ids_mask = inputs
     ctx.save_for_backward(ids_vis, ids_mask)
-    ctx.meta = (x_vis.dtype, tok.dtype, pos_vis.shape[0], pos_vis.dtype, pos_mask.shape[0], pos_mask.dtype)
+    ctx.meta = (x_vis.dtype, tok.dtype, pos_vis.shape[0], pos_vis.dtype, pos_mask.shape[0],
+                pos_mask.dtype)
 
 
 def _assemble_backward(ctx, g):
@@ -113,7 +121,8 @@ def _unshuffle_backward(ctx, g):
     x_dtype, tok_dtype, pos_dtype = ctx.meta
     need = ctx.needs_input_grad
     dx = _gather(g, ids_keep, None).to(x_dtype) if need[0] else None
-    dtok = _gather(g, ids_mask, None).sum((0, 1), dtype=torch.float32).to(tok_dtype) if need[1] else None
+    dtok = _gather(g, ids_mask,
+                   None).sum((0, 1), dtype=torch.float32).to(tok_dtype) if need[1] else None
     dpos = g.sum(0, dtype=torch.float32).to(pos_dtype) if need[2] else None
     return dx, dtok, dpos, None, None
 

@@ -43,7 +43,8 @@ def _prune(configs, named_args, **kwargs):  # big tiles of fp32 or at head dim 1
     return [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[-1:]
 
 
-@triton.autotune(configs=_FWD, key=["N", "HEAD_DIM", "IS_FP32"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_FWD, key=["N", "HEAD_DIM", "IS_FP32"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, qk_scale, N, H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
               HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -52,39 +53,48 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, N, H, sqb, sqh, sqn, skb, skh, skn, svb
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rd = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + rm[:, None] * sqn + rd[None, :], mask=rm[:, None] < N, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + rm[:, None] * sqn + rd[None, :], mask=rm[:, None] < N,
+                other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         kn = n0 + rn
-        k = tl.load(K + b * skb + h * skh + kn[None, :] * skn + rd[:, None], mask=kn[None, :] < N, other=0.0)
+        k = tl.load(K + b * skb + h * skh + kn[None, :] * skn + rd[:, None], mask=kn[None, :] < N,
+                    other=0.0)
         s = tl.dot(q, k, input_precision="ieee" if IS_FP32 else "tf32") * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(kn[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + rd[None, :], mask=kn[:, None] < N, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IS_FP32 else "tf32")
+        v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + rd[None, :], mask=kn[:, None] < N,
+                    other=0.0)
+        acc = acc * alpha[:,
+                          None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IS_FP32 else "tf32")
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + rm[:, None] * son + rd[None, :], acc.to(O.dtype.element_ty), mask=rm[:, None] < N)
+    tl.store(O + b * sob + h * soh + rm[:, None] * son + rd[None, :], acc.to(O.dtype.element_ty),
+             mask=rm[:, None] < N)
     tl.store(LSE + bh * N + rm, m_i + tl.math.log2(l_i), mask=rm < N)
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, N, H, sob, soh, son, sdb, sdh, sdn, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(O, DO, DELTA, N, H, sob, soh, son, sdb, sdh, sdn, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, HEAD_DIM)
-    o = tl.load(O + b * sob + h * soh + rm[:, None] * son + rd[None, :], mask=rm[:, None] < N, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + rm[:, None] * sdn + rd[None, :], mask=rm[:, None] < N, other=0.0).to(tl.float32)
+    o = tl.load(O + b * sob + h * soh + rm[:, None] * son + rd[None, :], mask=rm[:, None] < N,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + rm[:, None] * sdn + rd[None, :], mask=rm[:, None] < N,
+                 other=0.0).to(tl.float32)
     tl.store(DELTA + bh * N + rm, tl.sum(o * do, axis=1), mask=rm < N)
 
 
-@triton.autotune(configs=_BWD, key=["N", "HEAD_DIM", "IS_FP32"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_BWD, key=["N", "HEAD_DIM", "IS_FP32"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb, skh, skn,
                    svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr,
@@ -95,15 +105,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H, sq
     rm = tl.arange(0, BLOCK_M)
     rd = tl.arange(0, HEAD_DIM)
     prec: tl.constexpr = "ieee" if IS_FP32 else "tf32"
-    k = tl.load(K + b * skb + h * skh + kn[:, None] * skn + rd[None, :], mask=kn[:, None] < N, other=0.0)
-    v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + rd[None, :], mask=kn[:, None] < N, other=0.0)
+    k = tl.load(K + b * skb + h * skh + kn[:, None] * skn + rd[None, :], mask=kn[:, None] < N,
+                other=0.0)
+    v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + rd[None, :], mask=kn[:, None] < N,
+                other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for m0 in range(0, N, BLOCK_M):
         qm = m0 + rm
         okm = qm < N
-        q = tl.load(Q + b * sqb + h * sqh + qm[:, None] * sqn + rd[None, :], mask=okm[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + qm[:, None] * sdn + rd[None, :], mask=okm[:, None], other=0.0)
+        q = tl.load(Q + b * sqb + h * sqh + qm[:, None] * sqn + rd[None, :], mask=okm[:, None],
+                    other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + qm[:, None] * sdn + rd[None, :], mask=okm[:, None],
+                     other=0.0)
         lse = tl.load(LSE + bh * N + qm, mask=okm, other=0.0)
         delta = tl.load(DELTA + bh * N + qm, mask=okm, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=prec) * qk_scale  # (BLOCK_N, BLOCK_M) = s^T
@@ -118,7 +132,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H, sq
     tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=kn[:, None] < N)
 
 
-@triton.autotune(configs=_BWD, key=["N", "HEAD_DIM", "IS_FP32"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_BWD, key=["N", "HEAD_DIM", "IS_FP32"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb, skh, skn,
                  svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr,
@@ -130,15 +145,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H, sqb, sqh
     rd = tl.arange(0, HEAD_DIM)
     prec: tl.constexpr = "ieee" if IS_FP32 else "tf32"
     okm = rm < N
-    q = tl.load(Q + b * sqb + h * sqh + rm[:, None] * sqn + rd[None, :], mask=okm[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rm[:, None] * sdn + rd[None, :], mask=okm[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + rm[:, None] * sqn + rd[None, :], mask=okm[:, None],
+                other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rm[:, None] * sdn + rd[None, :], mask=okm[:, None],
+                 other=0.0)
     lse = tl.load(LSE + bh * N + rm, mask=okm, other=0.0)
     delta = tl.load(DELTA + bh * N + rm, mask=okm, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         kn = n0 + rn
-        k = tl.load(K + b * skb + h * skh + kn[:, None] * skn + rd[None, :], mask=kn[:, None] < N, other=0.0)
-        v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + rd[None, :], mask=kn[:, None] < N, other=0.0)
+        k = tl.load(K + b * skb + h * skh + kn[:, None] * skn + rd[None, :], mask=kn[:, None] < N,
+                    other=0.0)
+        v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + rd[None, :], mask=kn[:, None] < N,
+                    other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=prec) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(okm[:, None] & (kn[None, :] < N), p, 0.0)
@@ -159,13 +178,16 @@ def supports(q, k, v) -> bool:
     """The inputs this kernel takes: (B, H, N, d) q, k, v of one shape and dtype (fp32 / fp16 / bf16),
     head dim 16, 32, 64 or 128, contiguous along it. Anything else runs on the twin (SDPA)."""
     return (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-            and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] in (16, 32, 64, 128)
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] in (16,
+                                                                                              32, 64, 128)
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 
 def _check(q, k, v):
     assert q.shape == k.shape == v.shape and q.dim() == 4, "q, k, v: (B, H, N, d), equal shapes"
-    assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    assert q.shape[-1] in (16, 32, 64, 128), f"head dim {q.shape[-1]} is not one of 16, 32, 64, 128"
+    assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float16,
+                                                         torch.bfloat16)
+    assert q.shape[-1] in (16, 32, 64,
+                           128), f"head dim {q.shape[-1]} is not one of 16, 32, 64, 128"
 
 
 def _empty_bnhd(q):  # (B, H, N, d) view of a (B, N, H, d) buffer
@@ -174,7 +196,8 @@ def _empty_bnhd(q):  # (B, H, N, d) view of a (B, N, H, d) buffer
 
 
 @triton_op("avmae::attention", mutates_args=())
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
     _check(q, k, v)
     B, H, N, d = q.shape
     o = _empty_bnhd(q)

@@ -69,18 +69,23 @@ def bench_memory(dev, B, small):
     act_dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     patches = torch.randn(B, N, P, device=dev)  # fp32, as the model patchifies
     x = torch.randn(B, K, D, device=dev, dtype=act_dtype)
-    tok, pos = torch.randn(D, device=dev, dtype=act_dtype), torch.randn(N, D, device=dev, dtype=act_dtype)
+    tok, pos = torch.randn(D, device=dev, dtype=act_dtype), torch.randn(N, D, device=dev,
+                                                                        dtype=act_dtype)
     pred = torch.randn(B, M, P, device=dev, dtype=act_dtype, requires_grad=True)
     cases = [  # (what, name, args, bytes moved)
-        (f"gather fp32 patches {B}x{K} of {N}x{P}", "gather", (patches, keep), 2 * B * K * P * f32 + keep.numel() * 8),
-        (f"assemble {B}x(K={K} -> N={N})x{D}", "assemble", (x, pos, tok, pos, keep, drop), (B * K + B * N + N) * D * act),
-        (f"unshuffle {B}x(K={K} -> N={N})x{D}", "unshuffle", (x, tok, pos, keep, drop), (B * K + B * N + N) * D * act),
+        (f"gather fp32 patches {B}x{K} of {N}x{P}", "gather", (patches, keep),
+         2 * B * K * P * f32 + keep.numel() * 8),
+        (f"assemble {B}x(K={K} -> N={N})x{D}", "assemble", (x, pos, tok, pos, keep, drop),
+         (B * K + B * N + N) * D * act),
+        (f"unshuffle {B}x(K={K} -> N={N})x{D}", "unshuffle", (x, tok, pos, keep, drop),
+         (B * K + B * N + N) * D * act),
     ]
     rows = []
     for what, name, args, moved in cases:
         ours = timeit(lambda: kernels.FAST[name](*args)) if run_ours(dev) else None
         twin = timeit(lambda: avmae.OPS_TORCH[name](*args))
-        rows.append((what, ours and moved / ours / 1e9, moved / twin / 1e9, ours and hbm_peak() and moved / ours / hbm_peak()))
+        rows.append((what, ours and moved / ours / 1e9, moved / twin / 1e9,
+                     ours and hbm_peak() and moved / ours / hbm_peak()))
     for norm in (False, True):
         moved = B * M * P * (2 * act + f32)  # read predictions and targets, write the gradient
 
@@ -117,7 +122,8 @@ def bench_attention(dev, B, small):
         for name, fn in fns.items():
             try:
                 fwd[name] = fl / timeit(lambda: fn(q, k, v)) / 1e12
-                fb[name] = 3.5 * fl / timeit(lambda: torch.autograd.grad(fn(q, k, v), qkv, dout)) / 1e12
+                fb[name] = 3.5 * fl / timeit(lambda: torch.autograd.grad(fn(q, k, v), qkv,
+                                                                         dout)) / 1e12
             except RuntimeError:  # a backend that does not take this shape / dtype / GPU
                 continue
         rows += [(N, H, "fwd", fwd), (N, H, "fwd+bwd", fb)]
@@ -132,33 +138,40 @@ def _sdpa(q, k, v, backend, sdpa_kernel):
 def bench_step(dev, small):
     """The ViT-B paper configuration's training step per backend, eager and compiled."""
     import train
-    base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64, mel_bins=32) if small else {}
+    base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64,
+                mel_bins=32) if small else {}
     size, micro = ("tiny", 2) if small else ("base", 64)
     rows, backends = [], ["torch", "auto", "triton"] if run_ours(dev) else ["torch"]
     for backend in backends:
         for compiled in (False, True) if dev == "cuda" else (False,):  # (compiling on a CPU: not a GPU figure)
             torch.manual_seed(0)
-            mcfg = avmae.make_config(size, encoder="mid", decoder="shared", kernels=backend, **base)
+            mcfg = avmae.make_config(size, encoder="mid", decoder="shared", kernels=backend,
+                                     **base)
             tcfg = train.TrainConfig(bench=True, bench_steps=1 if small else 20, batch_size=micro,
                                      precision="bf16" if dev == "cuda" else "fp32")
             model = avmae.AVMAE(mcfg).to(dev)
             try:
                 r = train.bench(torch.compile(model) if compiled else model, mcfg, tcfg, train.Dist(device=torch.device(dev)),
                                 micro)
-                rows.append((backend, "compiled" if compiled else "eager", r["clips_per_s"], r["mfu"], r["peak_mem_gb"]))
+                rows.append((backend, "compiled" if compiled else "eager", r["clips_per_s"],
+                             r["mfu"], r["peak_mem_gb"]))
             except Exception as e:  # (a compiler missing on a CPU machine, say): reported, not fatal
-                rows.append((backend, "compiled" if compiled else "eager", None, None, f"{type(e).__name__}"))
+                rows.append((backend, "compiled" if compiled else "eager", None, None,
+                             f"{type(e).__name__}"))
     return rows
 
 
 def fullgraph_check(dev, small) -> str:
-    base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64, mel_bins=32) if small else {}
-    model = avmae.AVMAE(avmae.make_config("tiny" if small else "base", kernels="auto", **base)).to(dev)
+    base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64,
+                mel_bins=32) if small else {}
+    model = avmae.AVMAE(avmae.make_config("tiny" if small else "base", kernels="auto",
+                                          **base)).to(dev)
     B = 2
     x = dict(a=torch.randn(B, model.cfg.audio_frames, model.cfg.mel_bins, device=dev),
              v=torch.rand(B, 3, model.cfg.num_frames, model.cfg.image_size, model.cfg.image_size, device=dev))
     try:
-        step = torch.compile(lambda: model(**x, masks=model.sample_masks(B, dev))["loss"], fullgraph=True)
+        step = torch.compile(lambda: model(**x, masks=model.sample_masks(B, dev))["loss"],
+                             fullgraph=True)
         step().backward()
         return "one graph (fullgraph=True), no breaks"
     except Exception as e:
@@ -180,11 +193,14 @@ def markdown(dev, memory, attention, steps, fullgraph, small) -> str:
         ratio = f"{r['ours'] / best:.2f}" if "ours" in r and best else "-"
         out.append(f"| {N} | {H} | {what} | {_f(r.get('ours'))} | " + " | ".join(_f(r.get(b)) for b in _backends(attention))
                    + f" | {ratio} |")
-    out += ["", "## Memory kernels (GB/s)", "", "| what | ours | twin | ours, fraction of HBM peak |", "|---|---|---|---|"]
-    out += [f"| {w} | {_f(o)} | {_f(t)} | {'-' if not p else f'{100 * p:.0f}%'} |" for w, o, t, p in memory]
+    out += ["", "## Memory kernels (GB/s)", "",
+            "| what | ours | twin | ours, fraction of HBM peak |", "|---|---|---|---|"]
+    out += [f"| {w} | {_f(o)} | {_f(t)} | {'-' if not p else f'{100 * p:.0f}%'} |" for w, o, t,
+            p in memory]
     title = "Training step (tiny, small shapes)" if small else \
         "ViT-B training step (mid fusion S = 2, shared decoder, batch 64, bf16)"
-    out += ["", f"## {title}", "", "| --kernels | mode | clips/s | MFU | peak memory (GB) |", "|---|---|---|---|---|"]
+    out += ["", f"## {title}", "", "| --kernels | mode | clips/s | MFU | peak memory (GB) |",
+            "|---|---|---|---|---|"]
     out += [f"| {b} | {m} | {_f(c)} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
             f"{mem if isinstance(mem, str) else _f(mem)} |" for b, m, c, mfu, mem in steps]
     out += ["", f"torch.compile of the training step: {fullgraph}", ""]
@@ -220,7 +236,8 @@ def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> di
     mcfg, _ = train.parse_args(["--variant", "cavmae", "--size", "base", "--kernels", "auto"])
     ours = avmae.AVMAE(mcfg).to(dev)
     g = torch.Generator().manual_seed(0)
-    a, v = torch.randn(B, 1024, 128, generator=g).to(dev), torch.rand(B, 3, 224, 224, generator=g).to(dev)
+    a, v = torch.randn(B, 1024, 128, generator=g).to(dev), torch.rand(B, 3, 224, 224,
+                                                                      generator=g).to(dev)
     steps = {"ours": lambda: ours(a=a, v=v.unsqueeze(2))["loss"],
              "authors": lambda: theirs(a, v, 0.75, 0.75, mae_loss_weight=1.0, contrast_loss_weight=0.01)[0]}
     rows = {}
@@ -244,15 +261,18 @@ def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> di
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default="bench.md", help="the markdown report to write")
     p.add_argument("--only", choices=["memory", "attention", "step"])
     p.add_argument("--batch", type=int, default=64, help="clips per GPU (512 over 8)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and one repetition (a check that it runs)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes and one repetition (a check that it runs)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--cavmae", metavar="REPO", help="time --variant cavmae against the authors' model in "
                    "this CAV-MAE checkout (nothing else is run)")
-    p.add_argument("--site", help="with --cavmae: a folder holding the timm they pin (pip install --target)")
+    p.add_argument("--site",
+                   help="with --cavmae: a folder holding the timm they pin (pip install --target)")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if a.cavmae:
@@ -281,7 +301,8 @@ def main(argv=None):
     print(text)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(memory=memory, attention=attention, steps=steps, fullgraph=fullgraph), f, indent=1, default=str)
+            json.dump(dict(memory=memory, attention=attention, steps=steps, fullgraph=fullgraph), f,
+                      indent=1, default=str)
     return dict(memory=memory, attention=attention, steps=steps, fullgraph=fullgraph)
 
 

@@ -29,10 +29,13 @@ def _gather_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, K, C, stride_xb, stride_xn,
     for c0 in range(0, C, BLOCK_C):
         rc = c0 + tl.arange(0, BLOCK_C)
         m = ok_k[:, None] & (rc < C)[None, :]
-        v = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xn + rc[None, :], mask=m, other=0.0)
+        v = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xn + rc[None, :], mask=m,
+                    other=0.0)
         if HAS_POS:
-            v = v.to(tl.float32) + tl.load(pos_ptr + rows[:, None] * stride_pn + rc[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + b * stride_ob + rk[:, None] * stride_ok + rc[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
+            v = v.to(tl.float32) + tl.load(pos_ptr + rows[:, None] * stride_pn + rc[None, :],
+                                           mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * stride_ob + rk[:, None] * stride_ok + rc[None, :],
+                 v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -45,8 +48,10 @@ def _scatter_kernel(g_ptr, ids_ptr, dx_ptr, K, C, stride_gb, stride_gk, stride_i
     for c0 in range(0, C, BLOCK_C):
         rc = c0 + tl.arange(0, BLOCK_C)
         m = ok_k[:, None] & (rc < C)[None, :]
-        g = tl.load(g_ptr + b * stride_gb + rk[:, None] * stride_gk + rc[None, :], mask=m, other=0.0)
-        tl.store(dx_ptr + b * stride_db + rows[:, None] * stride_dn + rc[None, :], g.to(dx_ptr.dtype.element_ty), mask=m)
+        g = tl.load(g_ptr + b * stride_gb + rk[:, None] * stride_gk + rc[None, :], mask=m,
+                    other=0.0)
+        tl.store(dx_ptr + b * stride_db + rows[:, None] * stride_dn + rc[None, :],
+                 g.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 def _check(x, ids, pos):
@@ -107,6 +112,7 @@ def _backward(ctx, g):
 _gather.register_autograd(_backward, setup_context=_setup)
 
 
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor,
+                  add: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as avmae.gather_tokens."""
     return _gather(x, ids, add)

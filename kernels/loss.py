@@ -15,9 +15,11 @@ from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
-def _target(patch_ptr, ids_ptr, b, m, stride_pb, stride_pn, stride_ib, rp, okp, P, NORM: tl.constexpr):
+def _target(patch_ptr, ids_ptr, b, m, stride_pb, stride_pn, stride_ib, rp, okp, P,
+            NORM: tl.constexpr):
     row = tl.load(ids_ptr + b * stride_ib + m).to(tl.int64)
-    t = tl.load(patch_ptr + b * stride_pb + row * stride_pn + rp, mask=okp, other=0.0).to(tl.float32)
+    t = tl.load(patch_ptr + b * stride_pb + row * stride_pn + rp, mask=okp,
+                other=0.0).to(tl.float32)
     if NORM:
         mean = tl.sum(t, axis=0) / P
         var = tl.sum(tl.where(okp, (t - mean) * (t - mean), 0.0), axis=0) / (P - 1)
@@ -48,7 +50,8 @@ def _loss_bwd(pred_ptr, patch_ptr, ids_ptr, grad_ptr, dpred_ptr, M, P, scale, st
     t = _target(patch_ptr, ids_ptr, b, m, stride_pb, stride_pn, stride_ib, rp, okp, P, NORM)
     q = tl.load(pred_ptr + b * stride_qb + m * stride_qm + rp, mask=okp, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr).to(tl.float32)
-    tl.store(dpred_ptr + i * P + rp, (2.0 * scale * g * (q - t)).to(dpred_ptr.dtype.element_ty), mask=okp)
+    tl.store(dpred_ptr + i * P + rp, (2.0 * scale * g * (q - t)).to(dpred_ptr.dtype.element_ty),
+             mask=okp)
 
 
 def _check(pred, patches, ids):
@@ -59,7 +62,8 @@ def _check(pred, patches, ids):
 
 
 @triton_op("avmae::recon_loss", mutates_args=())
-def _loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+def _loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor,
+          norm_pix: bool) -> torch.Tensor:
     _check(pred, patches, ids)
     B, M, P = pred.shape
     rows = torch.empty(B * M, device=pred.device, dtype=torch.float32)
@@ -88,13 +92,15 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g):
     pred, patches, ids = ctx.saved_tensors
-    return _loss_backward_op(g.float().contiguous(), pred, patches, ids, ctx.norm_pix), None, None, None
+    return _loss_backward_op(g.float().contiguous(), pred, patches, ids,
+                             ctx.norm_pix), None, None, None
 
 
 _loss.register_autograd(_backward, setup_context=_setup)
 
 
-def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor,
+               norm_pix: bool) -> torch.Tensor:
     """Same contract as avmae.recon_loss (the target patches get no gradient, as there)."""
     return _loss(pred, patches.detach(), ids, norm_pix)
 

@@ -30,7 +30,8 @@ def tiny_batch(cfg, B=2, seed=0):
     if "a" in cfg.modalities:
         x["a"] = torch.randn(B, cfg.audio_frames, cfg.mel_bins, generator=g)
     if "v" in cfg.modalities:
-        x["v"] = torch.rand(B, cfg.in_chans, cfg.num_frames, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+        x["v"] = torch.rand(B, cfg.in_chans, cfg.num_frames, cfg.image_size, cfg.image_size,
+                            generator=g) * 2 - 1
     return x
 
 
@@ -48,4 +49,5 @@ def builtin(tmp_path_factory):
 
 def pytest_configure(config):
     # torchvision 0.29 deprecates its JPEG codec (README: Known differences); one note is enough
-    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision")
+    config.addinivalue_line("filterwarnings",
+                            "ignore:The image decoding and encoding capabilities of TorchVision")

@@ -14,7 +14,8 @@ import torch
 import data
 
 FFMPEG = shutil.which("ffmpeg")
-needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed (.ci/run installs it with apt-get)")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None,
+                                  reason="ffmpeg is not installed (.ci/run installs it with apt-get)")
 
 # -----------------------------------------------------------------------------
 # log-mel against a from-the-definition reference (numpy, float64, loops)
@@ -40,7 +41,8 @@ def kaldi_fbank_reference(x, sr, n_mels=128, window="hann"):
         for k in range(n_fft // 2):  # Kaldi leaves the Nyquist bin out
             f = mel(k * sr / n_fft)
             if left < f < right:
-                bank[m, k] = (f - left) / (center - left) if f <= center else (right - f) / (right - center)
+                bank[m,
+                     k] = (f - left) / (center - left) if f <= center else (right - f) / (right - center)
     out = np.empty((n_frames, n_mels))
     for t in range(n_frames):
         fr = x[t * hop: t * hop + win].copy()
@@ -51,7 +53,8 @@ def kaldi_fbank_reference(x, sr, n_mels=128, window="hann"):
     return out
 
 
-@pytest.mark.parametrize("sr,seconds", [(16000, 1.0), (16000, 2.37), (8000, 1.5), (22050, 1.1), (44100, 0.6)])
+@pytest.mark.parametrize("sr,seconds", [(16000, 1.0), (16000, 2.37), (8000, 1.5), (22050, 1.1),
+                                        (44100, 0.6)])
 @pytest.mark.parametrize("window", ["hann", "hamming"])
 def test_logmel_matches_kaldi_definition(sr, seconds, window):
     rng = np.random.default_rng(sr)
@@ -98,7 +101,8 @@ def _write(path, text):
 
 
 def test_vggsound_manifest(tmp_path):
-    p = _write(tmp_path / "vgg.csv", "abc,30,dog barking,train\n\nxyz,0,cat,test\nbroken line\nq,notanumber,cat,train\n")
+    p = _write(tmp_path / "vgg.csv",
+               "abc,30,dog barking,train\n\nxyz,0,cat,test\nbroken line\nq,notanumber,cat,train\n")
     recs, bad = data.read_vggsound(p)
     assert [r.id for r in recs] == ["abc_000030", "xyz_000000"]
     assert recs[0].src[0] == "abc_000030.mp4" and recs[0].labels == {"label": ["dog barking"]}
@@ -111,10 +115,12 @@ def test_audioset_manifest(tmp_path):
                '--4gqARaEJE, 0.000, 10.000, "/m/068hy,/m/07q6cd_"\n'
                'abc, 30.000, 40.000, "/m/zzz"\n'
                'def, x, 10.000, "/m/068hy"\n')
-    lab = _write(tmp_path / "cls.csv", 'index,mid,display_name\n0,/m/068hy,"Domestic animals, pets"\n1,/m/07q6cd_,Squeak\n')
+    lab = _write(tmp_path / "cls.csv",
+                 'index,mid,display_name\n0,/m/068hy,"Domestic animals, pets"\n1,/m/07q6cd_,Squeak\n')
     recs, bad, mids = data.read_audioset(p, lab)
     assert mids == {"/m/068hy": 0, "/m/07q6cd_": 1}
-    assert len(recs) == 1 and recs[0].labels["label"] == ["/m/068hy", "/m/07q6cd_"] and recs[0].start is None
+    assert len(recs) == 1 and recs[0].labels["label"] == ["/m/068hy",
+                                                          "/m/07q6cd_"] and recs[0].start is None
     assert any("unknown label" in b for b in bad) and any("expected YTID" in b for b in bad)
     full = data.read_audioset(p, lab, full_videos=True)[0][0]
     assert (full.start, full.end, full.src) == (0.0, 10.0, ("--4gqARaEJE.mp4",))
@@ -134,7 +140,8 @@ def test_epic_manifest(tmp_path):
 
 
 def test_generic_manifest(tmp_path):
-    p = _write(tmp_path / "g.csv", "path,label,split\na/x.mp4,dog,train\nb.mp4,cat;dog,test\n,cat,train\n")
+    p = _write(tmp_path / "g.csv",
+               "path,label,split\na/x.mp4,dog,train\nb.mp4,cat;dog,test\n,cat,train\n")
     recs, bad = data.read_generic(p)
     assert [r.id for r in recs] == ["a__x", "b"] and recs[1].labels["label"] == ["cat", "dog"]
     assert len(bad) == 1
@@ -174,9 +181,12 @@ def test_prepare_real_mp4s(tmp_path):
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["heads"] == {"label": ["tone a", "tone b"]} and meta["fps"] == 12.5
     rows = list(csv.DictReader(open(os.path.join(out, "train.csv"))))
-    assert [r["id"] for r in rows] == ["aaa_000010", "bbb_000000"] and [r["label"] for r in rows] == ["0", "1"]
-    failed = {r["id"]: r["reason"] for r in csv.DictReader(open(os.path.join(out, "failed_train.csv")))}
-    assert set(failed) == {"ccc_000000", "ddd_000000", "manifest"} and "no video for ddd_000000" in failed["ddd_000000"]
+    assert [r["id"] for r in rows] == ["aaa_000010",
+                                       "bbb_000000"] and [r["label"] for r in rows] == ["0", "1"]
+    failed = {r["id"]: r["reason"] for r in csv.DictReader(open(os.path.join(out,
+                                                                             "failed_train.csv")))}
+    assert set(failed) == {"ccc_000000", "ddd_000000",
+                           "manifest"} and "no video for ddd_000000" in failed["ddd_000000"]
     for cid, tone in (("aaa_000010", 440.0), ("bbb_000000", 1000.0)):
         wave, sr = sf.read(os.path.join(out, "clips", cid, "audio.flac"))
         assert sr == 16000 and wave.ndim == 1 and abs(len(wave) / sr - 2.0) < 0.1
@@ -193,13 +203,15 @@ def test_prepare_real_mp4s(tmp_path):
             assert abs(xs.mean().item() - (40 + 8 * j) * 256 / 240) < 3
     # resumable: a second run re-uses finished clips (their files are untouched)
     stamp = os.path.getmtime(os.path.join(out, "clips", "aaa_000010", "frames.bin"))
-    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out])
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound",
+               "--out", out])
     assert os.path.getmtime(os.path.join(out, "clips", "aaa_000010", "frames.bin")) == stamp
     assert len(list(csv.DictReader(open(os.path.join(out, "train.csv"))))) == 2
     # and the prepared set loads
     ds = data.AVDataset(data.DataConfig(root=out, num_frames=4, image_size=64, audio_frames=128))
     item = ds[0]
-    assert item["a"].shape == (128, 128) and item["v"].shape == (3, 4, 64, 64) and item["label"] == 0
+    assert item["a"].shape == (128, 128) and item["v"].shape == (3, 4, 64,
+                                                                 64) and item["label"] == 0
 
 
 def test_split_mjpeg():
@@ -216,22 +228,27 @@ def test_split_mjpeg():
 def test_builtin_is_deterministic(builtin, tmp_path):
     again = data.make_builtin(str(tmp_path / "again"), n_train=24, n_test=8)
     for split in ("train", "test"):
-        assert open(os.path.join(builtin, f"{split}.csv")).read() == open(os.path.join(again, f"{split}.csv")).read()
+        assert open(os.path.join(builtin, f"{split}.csv")).read() == open(os.path.join(again,
+                                                                                       f"{split}.csv")).read()
     for cid in ("train_00003", "test_00030"):
         for f in ("audio.flac", "frames.bin"):
-            assert open(os.path.join(builtin, "clips", cid, f), "rb").read() == open(os.path.join(again, "clips", cid, f), "rb").read()
+            assert open(os.path.join(builtin, "clips", cid, f),
+                        "rb").read() == open(os.path.join(again, "clips", cid, f), "rb").read()
 
 
 def test_builtin_labels_and_shapes(builtin):
     meta = json.load(open(os.path.join(builtin, "meta.json")))
     assert meta["heads"]["label"] == [k[0] for k in data.BUILTIN_KINDS]
-    ds = data.AVDataset(data.DataConfig(root=builtin, num_frames=8, image_size=32, audio_frames=256))
+    ds = data.AVDataset(data.DataConfig(root=builtin, num_frames=8, image_size=32,
+                                        audio_frames=256))
     labels = [r["label"][0] for r in ds.rows]
     assert len(ds) == 24 and len(set(labels)) >= 5 and all(0 <= y < 8 for y in labels)
     item = ds[0]
-    assert item["a"].shape == (256, 128) and item["v"].shape == (3, 8, 32, 32) and item["v"].dtype == torch.uint8
+    assert item["a"].shape == (256, 128) and item["v"].shape == (3, 8, 32,
+                                                                 32) and item["v"].dtype == torch.uint8
     v = data.to_device(data.collate([item]), "cpu")["v"]
-    assert v.dtype == torch.float32 and v.min() >= -1 and v.max() <= 1 and torch.equal(v[0], item["v"] / 127.5 - 1)
+    assert v.dtype == torch.float32 and v.min() >= -1 and v.max() <= 1 and torch.equal(v[0],
+                                                                                       item["v"] / 127.5 - 1)
 
 
 def test_builtin_sound_follows_the_picture():
@@ -252,7 +269,8 @@ def test_builtin_sound_follows_the_picture():
 
 
 def _small(root, **kw):
-    return data.AVDataset(data.DataConfig(root=root, **{**dict(num_frames=4, image_size=32, audio_frames=128), **kw}))
+    return data.AVDataset(data.DataConfig(root=root, **{**dict(num_frames=4, image_size=32,
+                                                               audio_frames=128), **kw}))
 
 
 @pytest.fixture
@@ -266,7 +284,8 @@ def test_eval_views_are_evenly_spaced(builtin):
     ds = _small(builtin, split="test", train=False, views=4)
     item = ds[0]
     assert item["a"].shape == (4, 128, 128) and item["v"].shape == (4, 3, 4, 32, 32)
-    assert item["t0"][0] == 0.0 and np.allclose(np.diff(item["t0"]), np.diff(item["t0"])[0], atol=0.09)
+    assert item["t0"][0] == 0.0 and np.allclose(np.diff(item["t0"]), np.diff(item["t0"])[0],
+                                                atol=0.09)
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(builtin):
@@ -400,7 +419,8 @@ def test_malformed_and_empty_manifest_lines(copy, caplog):
 def test_gpu_decoder_path_on_cpu(copy):
     # the GPU path (JPEG bytes from workers, decoded and cropped in one batch) runs on any device;
     # a clip whose JPEGs will not decode is dropped from the batch and reported
-    ds_cpu, ds_gpu = _small(copy, train=False, views=2), _small(copy, train=False, views=2, decode="gpu")
+    ds_cpu, ds_gpu = _small(copy, train=False, views=2), _small(copy, train=False, views=2,
+                                                                decode="gpu")
     out = data.GPUDecoder(ds_gpu.cfg, device="cpu")(data.collate([ds_gpu[0], ds_gpu[1]]))
     ref = data.collate([ds_cpu[0], ds_cpu[1]])
     assert out["v"].shape == (2, 2, 3, 4, 32, 32) and out["a"].shape == (2, 2, 128, 128)
@@ -424,7 +444,8 @@ def test_flash_and_click_stay_aligned(tmp_path):
     os.makedirs(os.path.join(root, "clips", "c0"))
     from torchvision.io import encode_jpeg
     n_frames, flash = 50, 23  # 4 s at 12.5 fps; the flash in stored frame 23 = 1.84 s
-    jp = [encode_jpeg(torch.full((3, 48, 64), 255 if j == flash else 0, dtype=torch.uint8)).numpy() for j in range(n_frames)]
+    jp = [encode_jpeg(torch.full((3, 48, 64), 255 if j == flash else 0,
+                                 dtype=torch.uint8)).numpy() for j in range(n_frames)]
     data.write_frames(os.path.join(root, "clips", "c0", "frames.bin"), jp)
     wave = np.random.default_rng(0).normal(0, 0.001, 4 * 16000)
     s = int(flash / 12.5 * 16000)
@@ -434,7 +455,8 @@ def test_flash_and_click_stay_aligned(tmp_path):
     json.dump(dict(fps=12.5, heads={"label": ["x"]}), open(os.path.join(root, "meta.json"), "w"))
     # 8 frames at stride 4 (0.16 s apart) = 1.28 s of video; 128 log-mel frames = 1.28 s of audio:
     # a video token (tubelet of 2 frames) spans 0.32 s, an audio token (16 frames) 0.16 s
-    ds = data.AVDataset(data.DataConfig(root=root, num_frames=8, frame_stride=4, image_size=32, audio_frames=128))
+    ds = data.AVDataset(data.DataConfig(root=root, num_frames=8, frame_stride=4, image_size=32,
+                                        audio_frames=128))
     seen = 0
     for epoch in range(40):
         ds.set_epoch(epoch)

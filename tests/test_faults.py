@@ -60,7 +60,8 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_exactly(builtin, tmp_pat
     assert res["step"] == 6 and same(full["checkpoint"], res["checkpoint"])
 
 
-def test_a_second_signal_while_saving_does_not_corrupt_the_checkpoint(builtin, tmp_path, monkeypatch):
+def test_a_second_signal_while_saving_does_not_corrupt_the_checkpoint(builtin, tmp_path,
+                                                                      monkeypatch):
     real = torch.save
 
     def save_and_signal(obj, f, *a, **k):
@@ -128,7 +129,8 @@ def test_a_stuck_rank_stops_the_others_with_its_name(builtin, tmp_path):
 # a full disk: the previous checkpoint and `latest` stay, the run says so and retries (or stops)
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_retries_or_stops(builtin, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_keeps_the_last_checkpoint_and_retries_or_stops(builtin, tmp_path, monkeypatch,
+                                                                    capsys):
     real, calls = torch.save, []
 
     def full_disk(obj, f, *a, **k):
@@ -141,7 +143,8 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_retries_or_stops(builtin, tmp
     res = train.main([*args, "--out_dir", str(tmp_path / "retry")])
     err = capsys.readouterr().err
     assert "ckpt_0000004.pt: not written (ENOSPC: No space left on device)" in err and "next save tries again" in err
-    assert res["step"] == 6 and calls == [2, 4, 6] and not os.path.exists(tmp_path / "retry" / "ckpt_0000004.pt.tmp")
+    assert res["step"] == 6 and calls == [2, 4,
+                                          6] and not os.path.exists(tmp_path / "retry" / "ckpt_0000004.pt.tmp")
     with pytest.raises(SystemExit, match="ENOSPC.*previous checkpoint and `latest` are intact"):
         train.main([*args, "--out_dir", str(tmp_path / "stop"), "--on_save_error", "stop"])
     assert open(tmp_path / "stop" / "latest").read() == "ckpt_0000002.pt"
@@ -162,7 +165,8 @@ def test_damaged_checkpoints_are_found_and_passed_over(builtin, tmp_path, capsys
     ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=False)
     ck["model"]["patch_embed.a.weight"].view(-1)[0] += 1e-3
     torch.save(ck, tmp_path / "ckpt_0000003.pt")
-    for path, why in ((newest, "not a readable checkpoint"), (tmp_path / "ckpt_0000003.pt", "damaged")):
+    for path, why in ((newest, "not a readable checkpoint"), (tmp_path / "ckpt_0000003.pt",
+                                                              "damaged")):
         with pytest.raises(train.BadCheckpoint, match=why):
             train.load_checkpoint(str(path), "--resume")
     # raw bytes flipped in the middle of the file are found too (by the zip's or our checksum)
@@ -263,6 +267,7 @@ def test_a_dead_loader_worker_is_named_with_its_clip(builtin, tmp_path, monkeypa
         return real(self, j, epoch)
     monkeypatch.setattr(data.AVDataset, "_load", oom)
     monkeypatch.setattr(data.AVDataset, "target", 5, raising=False)
-    args = [*TINY, "--data", builtin, "--max_steps", "6", "--workers", "1", "--out_dir", str(tmp_path)]
+    args = [*TINY, "--data", builtin, "--max_steps", "6", "--workers", "1", "--out_dir",
+            str(tmp_path)]
     with pytest.raises(SystemExit, match=r"a data loader worker died .* while reading train_"):
         train.main(args)

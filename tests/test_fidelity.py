@@ -25,7 +25,8 @@ STRATEGIES = {
     "mid": dict(encoder="mid"), "shared": dict(encoder="shared"),
     "mavil": train.VARIANTS["mavil"], "mavil_mbt": train.VARIANTS["mavil_mbt"],
     "mavil_mbt_sep": {**train.VARIANTS["mavil_mbt"], "fusion": "mbt_sep"},
-    "avme": train.VARIANTS["avme"], "avme_sequence": {**train.VARIANTS["avme"], "xattn_fuse": "sequence"},
+    "avme": train.VARIANTS["avme"], "avme_sequence": {**train.VARIANTS["avme"],
+                                                      "xattn_fuse": "sequence"},
     "cavmae": train.VARIANTS["cavmae"],
 }
 
@@ -85,7 +86,8 @@ def test_layer_ids_follow_depth_through_the_whole_network(strategy, arch):
     pcfg = dataclasses.asdict(tiny_config(depth=4, **STRATEGIES[strategy]))
     f = FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0, kernels="torch",
                           arch=arch, fusion_layer=2)
-    cfg_in = {k: TINY_INPUTS[k] for k in ("patch_size", "audio_patch_t", "audio_patch_f", "mel_bins")}
+    cfg_in = {k: TINY_INPUTS[k] for k in ("patch_size", "audio_patch_t", "audio_patch_f",
+                                          "mel_bins")}
     pcfg.update(cfg_in)
     model = FT.build_model(f, {"label": 3}, pcfg)
     check_layer_ids_follow_depth(model, tiny_batch(model.cfg))
@@ -118,7 +120,8 @@ def test_mavil_sums_reconstruction_terms_avmae_averages_them():
         recon = combine(out["loss_a"], out["loss_v"])
         if variant == "mavil":
             assert torch.allclose(out["loss_recon"], recon)
-            assert torch.allclose(out["loss"], recon + 0.1 * out["loss_inter"] + 0.01 * out["loss_intra"])
+            assert torch.allclose(out["loss"],
+                                  recon + 0.1 * out["loss_inter"] + 0.01 * out["loss_intra"])
         else:
             assert torch.allclose(out["loss"], recon)
     mcfg, _ = train.parse_args(["--variant", "mavil2", "--teacher", "t.pt"])
@@ -162,13 +165,15 @@ def test_mbt_default_has_one_norm_and_one_head_and_a_loss_per_modality():
     assert torch.allclose(loss, (each[0] + each[1]) / 2)
     # the option: heads and norms per modality, logits averaged before one loss
     old = _mbt(shared_head=False)
-    assert set(old.heads) == {"a", "v"} and old.norm is None and all(s.norm is not None for s in old.streams.values())
+    assert set(old.heads) == {"a",
+                              "v"} and old.norm is None and all(s.norm is not None for s in old.streams.values())
     assert FT.parse_args([]).mbt_head == "shared"
 
 
 def test_mixup_draws_a_weight_per_modality_with_its_own_targets():
     g = torch.Generator().manual_seed(3)
-    batch = {"a": torch.arange(8.0).view(8, 1), "v": torch.arange(8.0).view(8, 1), "label": torch.arange(8)}
+    batch = {"a": torch.arange(8.0).view(8, 1), "v": torch.arange(8.0).view(8, 1),
+             "label": torch.arange(8)}
     mixed, t = FT.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False, g, per_modality=True)
     lam = {}
     for m in "av":  # clip i is mixed with clip p(i): its targets hold lam_m at i and 1 - lam_m at p(i)
@@ -176,9 +181,11 @@ def test_mixup_draws_a_weight_per_modality_with_its_own_targets():
         lam[m] = y.diagonal().min()
         off = y - torch.diag(y.diagonal())
         partner = torch.where(off.amax(1) > 0, off.argmax(1), torch.arange(8))  # (a clip may draw itself)
-        assert torch.allclose(mixed[m][:, 0], lam[m] * torch.arange(8.0) + (1 - lam[m]) * partner.float())
+        assert torch.allclose(mixed[m][:, 0],
+                              lam[m] * torch.arange(8.0) + (1 - lam[m]) * partner.float())
     assert not torch.isclose(lam["a"], lam["v"])  # a weight per modality, the same partners
-    _, one = FT.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False, torch.Generator().manual_seed(3))
+    _, one = FT.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False,
+                      torch.Generator().manual_seed(3))
     assert set(one) == {"label"}
 
 
@@ -263,7 +270,8 @@ def test_sincos2d_gives_each_grid_axis_its_own_share_of_the_width():
 
 def test_mavil_mbt_fusion_is_one_function_for_both_modalities():
     shared = avmae.AVMAE(tiny_config(**train.VARIANTS["mavil_mbt"])).encoder.fusion
-    sep = avmae.AVMAE(tiny_config(**{**train.VARIANTS["mavil_mbt"], "fusion": "mbt_sep"})).encoder.fusion
+    sep = avmae.AVMAE(tiny_config(**{**train.VARIANTS["mavil_mbt"],
+                                     "fusion": "mbt_sep"})).encoder.fusion
     assert list(shared.layers) == ["av"] and sorted(sep.layers) == ["a", "v"]
     # g_av applied to [x | b] is the same function for audio and for video
     x = torch.randn(2, 5, 64)
@@ -285,12 +293,14 @@ def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
     assert e["v"].shape == (2, masks["v"][0].shape[1], 2 * cfg.width)
     assert torch.equal(e["v"][..., :cfg.width], uni["v"])  # each video token beside its cross-attended audio
     seen = []
-    h = model.decoder.net.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
+    h = model.decoder.net.register_forward_pre_hook(lambda mod,
+                                                    args: seen.append({k: v.shape for k, v in args[0].items()}))
     model(**x, masks=masks)
     h.remove()
     assert seen[0]["v"][1] == model.n["v"]  # N_fuse = N_v: no audio tokens in the decoder's sequence
     seq = avmae.AVMAE(tiny_config(**{**train.VARIANTS["avme"], "xattn_fuse": "sequence"}))
-    seq.decoder.net.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
+    seq.decoder.net.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k,
+                                                                             v in args[0].items()}))
     seq(**x, masks=masks)
     assert seen[1]["v"][1] == model.n["v"] + masks["a"][0].shape[1]  # the option: audio along the sequence
 
@@ -305,7 +315,8 @@ def test_finetuning_models_from_scratch_get_the_pretraining_init(arch):
     torch.manual_seed(0)
     model = FT.build_model(FT.FinetuneConfig(size="small", arch=arch, num_frames=4, image_size=32,
                                              audio_frames=64), {"label": 309}, None)
-    heads = [m for n, m in model.named_modules() if n.startswith("heads.") and isinstance(m, nn.Linear)]
+    heads = [m for n, m in model.named_modules() if n.startswith("heads.") and isinstance(m,
+                                                                                          nn.Linear)]
     for lin in heads:
         assert 1.8e-5 < lin.weight.std().item() < 2.2e-5
         assert not lin.bias.any()
@@ -323,9 +334,11 @@ def test_finetuning_models_from_scratch_get_the_pretraining_init(arch):
 
 
 def test_fusion_layer_follows_the_authors_configs():
-    for preset, depth, want in (("vggsound", 12, 8), ("vggsound", 24, 16), ("audioset", 24, 18), ("epic", 24, 16)):
+    for preset, depth, want in (("vggsound", 12, 8), ("vggsound", 24, 16), ("audioset", 24, 18),
+                                ("epic", 24, 16)):
         pcfg = dataclasses.asdict(tiny_config(depth=depth))
-        f = FT.FinetuneConfig(preset=preset, size="tiny", num_frames=4, image_size=32, audio_frames=64)
+        f = FT.FinetuneConfig(preset=preset, size="tiny", num_frames=4, image_size=32,
+                              audio_frames=64)
         assert FT.build_model(f, {"label": 3}, pcfg).fusion_layer == want, (preset, depth)
 
 

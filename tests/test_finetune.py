@@ -13,14 +13,16 @@ import train
 from conftest import TINY_INPUTS
 
 RELATIVES = ("mavil", "mavil_mbt", "cavmae", "avme")
-PRETRAINED = [dict(encoder=e) for e in ("separate", "mid", "early", "shared")] + [dict(modalities="a"), dict(modalities="v")] \
+PRETRAINED = [dict(encoder=e) for e in ("separate", "mid", "early",
+                                        "shared")] + [dict(modalities="a"), dict(modalities="v")] \
     + [train.VARIANTS[r] for r in RELATIVES]
 IDS = ["separate", "mid", "early", "shared", "audio-only", "video-only", *RELATIVES]
 
 
 def pretrained_ckpt(tmp_path, **kw):
     """A pretraining checkpoint as train.py writes it (random weights, the real layout)."""
-    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16, "audio_patch_t": 16, "audio_patch_f": 16, **kw})
+    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16, "audio_patch_t": 16,
+                                       "audio_patch_f": 16, **kw})
     if cfg.encoder == "separate" and cfg.modalities == "av":
         cfg.decoder = "shared"
     model = avmae.AVMAE(cfg)
@@ -30,12 +32,14 @@ def pretrained_ckpt(tmp_path, **kw):
 
 
 def fcfg(**kw):
-    base = dict(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0, kernels="torch")
+    base = dict(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0,
+                kernels="torch")
     return FT.FinetuneConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("pre", PRETRAINED, ids=IDS)
-@pytest.mark.parametrize("modality,arch", [("av", "mbt"), ("audio", "mbt"), ("video", "mbt"), ("av", "encoder")])
+@pytest.mark.parametrize("modality,arch", [("av", "mbt"), ("audio", "mbt"), ("video", "mbt"),
+                                           ("av", "encoder")])
 def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality, arch):
     path, pretrained = pretrained_ckpt(tmp_path, **pre)
     ck = torch.load(path, weights_only=False)
@@ -54,11 +58,13 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
     for k in report["dropped"]:
         assert k.startswith("decoder.") or \
             k in report["dropped_why"]["other modality"] or k in report["dropped_why"]["fusion"], k
-    assert all(n.startswith(("heads.", "bottleneck")) or (n.startswith("streams.") and "embed" in n) for n in report["new"])
+    assert all(n.startswith(("heads.",
+                             "bottleneck")) or (n.startswith("streams.") and "embed" in n) for n in report["new"])
     for m in finetuned:  # the audio patch embedding included (the authors' code leaves it random)
         name = f"streams.{m}.embed.weight" if arch == "mbt" else f"patch_embed.{m}.weight"
         if m in avmae.AVMAEConfig(**pcfg).mods:
-            assert torch.equal(model.state_dict()[name], pretrained.state_dict()[f"patch_embed.{m}.weight"])
+            assert torch.equal(model.state_dict()[name],
+                               pretrained.state_dict()[f"patch_embed.{m}.weight"])
         elif m == "v":  # an audio-only checkpoint: the tubelet filter inflated from the audio patch filter
             assert f"{name} <- inflate(patch_embed.a.weight)" in report["loaded"]
         else:
@@ -75,21 +81,27 @@ def test_mbt_streams_compute_what_the_pretrained_encoder_computed(tmp_path, pre)
     model.load_state_dict(state, strict=False)
     model.eval(), pretrained.eval()
     a = torch.randn(2, 64, 32)
-    inputs = dict(a=a) if pretrained.cfg.modalities == "a" else dict(a=a, v=torch.rand(2, 3, 4, 32, 32))
-    assert torch.allclose(model.features(a=a)["a"], pretrained.encode(**inputs)["a"].mean(1), atol=1e-5)
+    inputs = dict(a=a) if pretrained.cfg.modalities == "a" else dict(a=a,
+                                                                     v=torch.rand(2, 3, 4, 32, 32))
+    assert torch.allclose(model.features(a=a)["a"], pretrained.encode(**inputs)["a"].mean(1),
+                          atol=1e-5)
 
 
 def test_mid_fusion_maps_joint_layers_into_both_streams_untied(tmp_path):
     path, pretrained = pretrained_ckpt(tmp_path, encoder="mid")
     ck = torch.load(path, weights_only=False)
     model = FT.build_model(fcfg(), {"label": 3}, ck["model_config"])
-    model.load_state_dict(FT.map_pretrained(ck["model"], ck["model_config"], model)[0], strict=False)
+    model.load_state_dict(FT.map_pretrained(ck["model"], ck["model_config"], model)[0],
+                          strict=False)
     L, S = 4, 2
     src = pretrained.state_dict()
     for m in "av":
-        assert torch.equal(model.streams[m].blocks[0].attn.qkv.weight, src[f"encoder.streams.{m}.blocks.0.attn.qkv.weight"])
-        assert torch.equal(model.streams[m].blocks[L - S].mlp.fc1.weight, src["encoder.joint.blocks.0.mlp.fc1.weight"])
-        assert torch.equal(model.streams[m].inner_norm.weight, src[f"encoder.streams.{m}.norm.weight"])
+        assert torch.equal(model.streams[m].blocks[0].attn.qkv.weight,
+                           src[f"encoder.streams.{m}.blocks.0.attn.qkv.weight"])
+        assert torch.equal(model.streams[m].blocks[L - S].mlp.fc1.weight,
+                           src["encoder.joint.blocks.0.mlp.fc1.weight"])
+        assert torch.equal(model.streams[m].inner_norm.weight,
+                           src[f"encoder.streams.{m}.norm.weight"])
     assert model.streams["a"].blocks[L - S].mlp.fc1.weight is not model.streams["v"].blocks[L - S].mlp.fc1.weight
 
 
@@ -100,7 +112,8 @@ def test_longer_video_than_pretraining(tmp_path):
         model = FT.build_model(fcfg(modality="video", num_frames=8), {"label": 3}, ck["model_config"])  # 4 -> 8 frames
         state, report = FT.map_pretrained(ck["model"], ck["model_config"], model)
         model.load_state_dict(state, strict=False)
-        assert model.streams["v"].pos().shape[0] == 2 * 8 and model(v=torch.rand(1, 3, 8, 32, 32))["label"].shape == (1, 3)
+        assert model.streams["v"].pos().shape[0] == 2 * 8 and model(v=torch.rand(1, 3, 8, 32,
+                                                                                 32))["label"].shape == (1, 3)
         if pos == "learned":  # interpolated along time: the first time slice stays close
             assert "streams.v.pos.table <- enc_pos.v.table" in report["loaded"]
 
@@ -114,16 +127,21 @@ def test_mismatched_checkpoints_are_clear_errors(tmp_path, builtin):
         FT.map_pretrained(ck["model"], wrong, model)
     state = dict(ck["model"])
     del state["encoder.streams.a.blocks.1.mlp.fc2.weight"]
-    with pytest.raises(ValueError, match="checkpoint has no encoder.streams.a.blocks.1.mlp.fc2.weight"):
-        FT.map_pretrained(state, ck["model_config"], FT.build_model(fcfg(), {"label": 3}, ck["model_config"]))
+    with pytest.raises(ValueError,
+                       match="checkpoint has no encoder.streams.a.blocks.1.mlp.fc2.weight"):
+        FT.map_pretrained(state, ck["model_config"], FT.build_model(fcfg(), {"label": 3},
+                                                                    ck["model_config"]))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")  # somebody else's checkpoint
     with pytest.raises(SystemExit, match="not an avmae pretraining checkpoint"):
-        FT.finetune(fcfg(init=str(tmp_path / "other.pt"), data=builtin, out_dir=str(tmp_path / "o")), train.Dist())
+        FT.finetune(fcfg(init=str(tmp_path / "other.pt"), data=builtin,
+                         out_dir=str(tmp_path / "o")), train.Dist())
     with pytest.raises(SystemExit, match=r"--init .*missing\.pt: no such file"):
-        FT.finetune(fcfg(init=str(tmp_path / "missing.pt"), data=builtin, out_dir=str(tmp_path / "o")), train.Dist())
+        FT.finetune(fcfg(init=str(tmp_path / "missing.pt"), data=builtin,
+                         out_dir=str(tmp_path / "o")), train.Dist())
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])  # a copy cut short
     with pytest.raises(SystemExit, match=r"--init .*cut\.pt: not a readable checkpoint"):
-        FT.finetune(fcfg(init=str(tmp_path / "cut.pt"), data=builtin, out_dir=str(tmp_path / "o")), train.Dist())
+        FT.finetune(fcfg(init=str(tmp_path / "cut.pt"), data=builtin, out_dir=str(tmp_path / "o")),
+                    train.Dist())
 
 
 def test_mbt_modalities_meet_only_from_the_fusion_layer():
@@ -131,7 +149,8 @@ def test_mbt_modalities_meet_only_from_the_fusion_layer():
     model = avmae.MBT(cfg, {"label": 3}, fusion_layer=3).eval()
     seen = {}
     for i, blk in enumerate(model.streams["v"].blocks):
-        blk.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, out[:, :8].detach().clone()))
+        blk.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i,
+                                                                              out[:, :8].detach().clone()))
     v = torch.rand(2, 3, 4, 32, 32)
     model.features(a=torch.randn(2, 64, 32), v=v)
     first = dict(seen)
@@ -149,9 +168,11 @@ def test_mbt_modalities_meet_only_from_the_fusion_layer():
 def test_top_k_and_epic_action():
     z = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
     y = torch.tensor([1, 2, 2])
-    assert FT.topk_accuracy(z, y, 1) == pytest.approx(2 / 3) and FT.topk_accuracy(z, y, 2) == pytest.approx(2 / 3)
+    assert FT.topk_accuracy(z, y, 1) == pytest.approx(2 / 3) and FT.topk_accuracy(z, y,
+                                                                                  2) == pytest.approx(2 / 3)
     assert FT.topk_accuracy(z, y, 3) == 1.0
-    m = FT.metrics({"verb": z, "noun": z.flip(1)}, {"verb": y, "noun": torch.tensor([1, 0, 2])}, False)
+    m = FT.metrics({"verb": z, "noun": z.flip(1)}, {"verb": y, "noun": torch.tensor([1, 0, 2])},
+                   False)
     # verb right on clips 0 and 2; noun (flipped scores -> argmax 1, 2, 0) right on clip 0 only
     assert m["verb_top1"] == pytest.approx(2 / 3) and m["noun_top1"] == pytest.approx(1 / 3)
     assert m["action_top1"] == pytest.approx(1 / 3)
@@ -184,7 +205,8 @@ def test_auc_and_d_prime():
 
 
 def test_layer_decay_and_mixup():
-    model = avmae.MBT(avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16}), {"label": 3}, fusion_layer=3)
+    model = avmae.MBT(avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16}), {"label": 3},
+                      fusion_layer=3)
     f = fcfg(layer_decay=0.5)
     groups = FT.param_groups(model, f, 1.0)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
@@ -193,7 +215,8 @@ def test_layer_decay_and_mixup():
     assert scale[id(model.streams["v"].embed.weight)] == 0.5 ** 5
     assert scale[id(model.bottleneck)] == 0.5 ** (5 - 4)
     g = torch.Generator().manual_seed(0)
-    batch = {"a": torch.arange(4.0).view(4, 1), "v": torch.arange(4.0).view(4, 1) * 10, "label": torch.tensor([0, 1, 2, 0])}
+    batch = {"a": torch.arange(4.0).view(4, 1), "v": torch.arange(4.0).view(4, 1) * 10,
+             "label": torch.tensor([0, 1, 2, 0])}
     mixed, t = FT.mixup(batch, ("a", "v"), {"label": 3}, 0.5, False, g)
     assert torch.allclose(t["label"].sum(1), torch.ones(4))
     assert torch.allclose(mixed["v"], mixed["a"] * 10)  # the same weights and partners for both modalities
@@ -223,8 +246,10 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
     FT.main([*args, "--out_dir", str(tmp_path / "lp"), "--linear_probe", "--modality", "audio"])
     ck = torch.load(train.find_checkpoint("auto", str(tmp_path / "lp")), weights_only=False)
     src = torch.load(pre["checkpoint"], weights_only=False)["model"]
-    assert torch.equal(ck["model"]["streams.a.blocks.1.attn.qkv.weight"], src["encoder.streams.a.blocks.1.attn.qkv.weight"])
-    assert not torch.equal(ck["model"]["heads.a.label.weight"], torch.zeros_like(ck["model"]["heads.a.label.weight"]))
+    assert torch.equal(ck["model"]["streams.a.blocks.1.attn.qkv.weight"],
+                       src["encoder.streams.a.blocks.1.attn.qkv.weight"])
+    assert not torch.equal(ck["model"]["heads.a.label.weight"],
+                           torch.zeros_like(ck["model"]["heads.a.label.weight"]))
 
 
 def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_path):

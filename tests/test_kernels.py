@@ -28,7 +28,8 @@ def grads(y, inputs, g):
 
 def close(a, b, tol):
     assert a.dtype == b.dtype and a.shape == b.shape
-    assert (a.float() - b.float()).abs().max().item() <= tol * max(1.0, b.float().abs().max().item())
+    assert (a.float() - b.float()).abs().max().item() <= tol * max(1.0,
+                                                                   b.float().abs().max().item())
 
 
 def _perm_ids(B, N, K, seed=0):
@@ -77,7 +78,8 @@ def test_recon_loss(dtype, norm_pix, P):
     _, drop = _perm_ids(B, N, K)
     pred = torch.randn(B, N - K, P, dtype=dtype, requires_grad=True)
     patches = (torch.randn(B, N, P) * 3 + 1).to(dtype)
-    y, r = FAST["loss"](pred, patches, drop, norm_pix), avmae.recon_loss(pred, patches, drop, norm_pix)
+    y, r = FAST["loss"](pred, patches, drop, norm_pix), avmae.recon_loss(pred, patches, drop,
+                                                                         norm_pix)
     assert y.dtype == r.dtype == torch.float32
     close(y, r, 1e-5)
     close(torch.autograd.grad(y, pred)[0], torch.autograd.grad(r, pred)[0], TOL[dtype])
@@ -121,21 +123,26 @@ def test_attention_hard_cases(dtype):
     assert torch.softmax(scores, -1).amax(-1).mean() > 0.9  # really peaked
     close(y.float(), ref, TOL[dtype])
     tail = slice(32, N)  # the rows past the last whole block of 32 (and of 16)
-    assert (y.float()[:, :, tail] - ref[:, :, tail]).abs().max() <= TOL[dtype] * max(1.0, ref.abs().max().item())
+    assert (y.float()[:, :, tail] - ref[:, :, tail]).abs().max() <= TOL[dtype] * max(1.0,
+                                                                                     ref.abs().max().item())
     close(lse.view(B, H, N) * math.log(2), torch.logsumexp(scores, -1).detach(), TOL[dtype] * 10)
     dout = torch.randn(B, H, N, d, generator=g)
     got = torch.autograd.grad(y, (q, k, v), dout.to(dtype))
     want = torch.autograd.grad(ref, (qf, kf, vf), dout)
     for name, a, b in zip("qkv", got, want):  # each gradient on its own scale
-        assert (a.float() - b).abs().max() <= 8 * TOL[dtype] * max(1.0, b.abs().max().item()), f"d{name}"
+        assert (a.float() - b).abs().max() <= 8 * TOL[dtype] * max(1.0,
+                                                                   b.abs().max().item()), f"d{name}"
 
 
 @pytest.mark.parametrize("variant", [
-    dict(), dict(encoder="early", objective="inpaint_v"), dict(decoder_layout="unshuffle", norm_pix_loss=True),
-    dict(encoder="mid", decoder="separate", objective="inpaint_both", inpaint_layout="masked", pos_embed="learned"),
+    dict(), dict(encoder="early", objective="inpaint_v"), dict(decoder_layout="unshuffle",
+                                                               norm_pix_loss=True),
+    dict(encoder="mid", decoder="separate", objective="inpaint_both", inpaint_layout="masked",
+         pos_embed="learned"),
 ], ids=["mid-shared", "early-inpaint_v", "unshuffle-normpix", "inpaint_both-masked-learned"])
 def test_model_step_with_kernels_equals_the_twins(variant):
-    fast, twin = avmae.AVMAE(tiny_config(kernels="triton", **variant)), avmae.AVMAE(tiny_config(kernels="torch", **variant))
+    fast, twin = avmae.AVMAE(tiny_config(kernels="triton",
+                                         **variant)), avmae.AVMAE(tiny_config(kernels="torch", **variant))
     twin.load_state_dict(fast.state_dict())
     x = tiny_batch(fast.cfg)
     masks = fast.sample_masks(2)
@@ -152,7 +159,8 @@ def test_model_step_with_kernels_equals_the_twins(variant):
 
 def test_backend_is_chosen_per_op_and_unsupported_inputs_go_to_the_twin(monkeypatch):
     calls = []
-    monkeypatch.setitem(kernels.FAST, "attention", lambda *a: calls.append(1) or avmae.attention(*a))
+    monkeypatch.setitem(kernels.FAST, "attention",
+                        lambda *a: calls.append(1) or avmae.attention(*a))
     q = torch.randn(1, 2, 5, 16)
     avmae.get_ops("auto")["attention"](q, q, q)  # nothing measured faster here: SDPA
     assert calls == [] and avmae.get_ops("auto")["gather"] is avmae.gather_tokens
@@ -169,7 +177,8 @@ def test_backend_is_chosen_per_op_and_unsupported_inputs_go_to_the_twin(monkeypa
 
 def test_importing_kernels_does_not_import_the_model():
     code = "import sys, kernels; assert 'avmae' not in sys.modules, 'kernels imported avmae'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   env={**os.environ, "TRITON_INTERPRET": "1"})
 
 
 COMPILE_CHECK = """
@@ -228,7 +237,8 @@ def test_training_step_compiles_without_graph_breaks():
                        env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     line = next(x for x in p.stdout.splitlines() if x.startswith("OPS"))
-    for op in ("avmae.attention.default", "avmae.gather.default", "avmae.recon_loss.default", "avmae.assemble.default"):
+    for op in ("avmae.attention.default", "avmae.gather.default", "avmae.recon_loss.default",
+               "avmae.assemble.default"):
         assert op in line
     assert int(line.split("WRAPPED ")[1].split()[0]) > 10
     for bw in ("_attention_bwd", "_loss_backward_op"):
@@ -244,7 +254,8 @@ def test_bench_report_dry_run_and_kernel_rows(tmp_path):
     text = out.read_text()
     assert "not a GPU figure" in text and "Device: **CPU**" in text
     assert sum(line.startswith(("| 17 |", "| 40 |", "| 64 |")) for line in text.splitlines()) == 6  # 3 lengths x 2 passes
-    for row in ("| gather fp32 patches", "| assemble ", "| unshuffle ", "| loss fwd+bwd ", "| torch | eager |"):
+    for row in ("| gather fp32 patches", "| assemble ", "| unshuffle ", "| loss fwd+bwd ",
+                "| torch | eager |"):
         assert row in text, row
     # under the interpreter the kernels themselves are timed, every memory row with a figure of ours
     sys.path.insert(0, os.path.join(ROOT, "kernels"))

@@ -55,7 +55,8 @@ def test_gather_assemble_loss_paper_shapes(dtype):
     x = torch.randn(B, K, 384, device=DEV, dtype=dtype, requires_grad=True)
     tok = torch.randn(384, device=DEV, requires_grad=True)
     pos = avmae.sincos_1d(N, 384).to(DEV)
-    for name, args in [("assemble", (x, pos, tok, pos, keep, drop)), ("unshuffle", (x, tok, pos, keep, drop))]:
+    for name, args in [("assemble", (x, pos, tok, pos, keep, drop)),
+                       ("unshuffle", (x, tok, pos, keep, drop))]:
         y, r = kernels.FAST[name](*args), getattr(avmae, name)(*args)
         torch.testing.assert_close(y, r)
         g = torch.randn_like(r)
@@ -63,9 +64,11 @@ def test_gather_assemble_loss_paper_shapes(dtype):
             torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-3)
     pred = torch.randn(B, N - K, P, device=DEV, dtype=dtype, requires_grad=True)
     for norm in (False, True):
-        y, r = kernels.FAST["loss"](pred, patches, drop, norm), avmae.recon_loss(pred, patches, drop, norm)
+        y, r = kernels.FAST["loss"](pred, patches, drop, norm), avmae.recon_loss(pred, patches,
+                                                                                 drop, norm)
         torch.testing.assert_close(y, r, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(torch.autograd.grad(y, pred)[0], torch.autograd.grad(r, pred)[0], **BF16)
+        torch.testing.assert_close(torch.autograd.grad(y, pred)[0], torch.autograd.grad(r, pred)[0],
+                                   **BF16)
 
 
 def _pair(B, **kw):
@@ -75,11 +78,13 @@ def _pair(B, **kw):
     fast = avmae.AVMAE(avmae.AVMAEConfig(**{**cfg.__dict__, "kernels": "auto"})).to(DEV)
     twin = avmae.AVMAE(avmae.AVMAEConfig(**{**cfg.__dict__, "kernels": "torch"})).to(DEV)
     twin.load_state_dict(fast.state_dict())
-    x = dict(a=torch.randn(B, 800, 128, device=DEV), v=torch.rand(B, 3, 16, 224, 224, device=DEV) * 2 - 1)
+    x = dict(a=torch.randn(B, 800, 128, device=DEV), v=torch.rand(B, 3, 16, 224, 224,
+                                                                  device=DEV) * 2 - 1)
     return fast, twin, x, fast.sample_masks(B, DEV)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(decoder_layout="unshuffle"), dict(encoder="early", objective="inpaint_both")])
+@pytest.mark.parametrize("kw", [dict(), dict(decoder_layout="unshuffle"),
+                                dict(encoder="early", objective="inpaint_both")])
 def test_vit_b_step_with_kernels_equals_twins_in_bf16(kw):
     fast, twin, x, masks = _pair(4, **kw)
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -19,14 +19,16 @@ def _valid(**kw):
         return False
 
 
-PAPER_ENCODERS, PAPER_OBJECTIVES = ("early", "separate", "mid", "shared"), ("joint", "inpaint_v", "inpaint_a", "inpaint_both")
+PAPER_ENCODERS, PAPER_OBJECTIVES = ("early", "separate", "mid",
+                                    "shared"), ("joint", "inpaint_v", "inpaint_a", "inpaint_both")
 AV_VARIANTS = [dict(encoder=e, decoder=d, objective=o)
                for e, d, o in itertools.product(PAPER_ENCODERS, avmae.DECODERS, PAPER_OBJECTIVES)
                if _valid(encoder=e, decoder=d, objective=o)]
 # the relatives as train.py selects them ; mavil2 learns a teacher's features (random here)
 RELATIVES = {k: v for k, v in train.VARIANTS.items() if k != "avmae"}
 VARIANTS = AV_VARIANTS + [dict(modalities="a"), dict(modalities="v")] + list(RELATIVES.values())
-IDS = ["-".join(map(str, v.values())) for v in AV_VARIANTS] + ["audio-only", "video-only"] + list(RELATIVES)
+IDS = ["-".join(map(str, v.values())) for v in AV_VARIANTS] + ["audio-only",
+                                                               "video-only"] + list(RELATIVES)
 # every other valid combination of the model's choices (new encoders x decoders x objectives)
 NEEDS = {"cavmae": dict(contrast_inter=0.01)}  # what an encoder cannot go without (its unimodal norms)
 EVERY = [dict(encoder=e, decoder=d, objective=o, **NEEDS.get(e, {}))
@@ -92,7 +94,8 @@ def check_shapes_and_gradients(variant):
 OVERFIT = {"mid-shared-joint": dict(encoder="mid", decoder="shared"), "early-early-joint": dict(encoder="early", decoder="early"),
            "separate-shared-joint": dict(encoder="separate", decoder="shared"),
            "shared-separate-joint": dict(encoder="shared", decoder="separate"),
-           "mid-separate-inpaint_both": dict(encoder="mid", decoder="separate", objective="inpaint_both"),
+           "mid-separate-inpaint_both": dict(encoder="mid", decoder="separate",
+                                             objective="inpaint_both"),
            "audio-only": dict(modalities="a"), "mavil": RELATIVES["mavil"], "mavil2": RELATIVES["mavil2"],
            "avme": RELATIVES["avme"]}
 
@@ -124,7 +127,8 @@ def test_mask_counts_and_independence_at_paper_shapes():
     masks = model.sample_masks(8)
     for m, n, ratio in (("v", 1568, 0.9), ("a", 400, 0.5)):
         keep, drop = masks[m]
-        assert drop.shape == (8, math.floor(ratio * n)) and keep.shape == (8, n - math.floor(ratio * n))
+        assert drop.shape == (8, math.floor(ratio * n)) and keep.shape == (8,
+                                                                           n - math.floor(ratio * n))
         both = torch.cat([keep, drop], 1).sort(1).values
         assert torch.equal(both, torch.arange(n).expand(8, n))  # a partition of the tokens
         assert len({tuple(d.tolist()) for d in drop}) == 8  # every example has its own mask
@@ -132,7 +136,8 @@ def test_mask_counts_and_independence_at_paper_shapes():
 
 
 def test_audioset_mask_ratio_count():
-    cfg = tiny_config(audio_frames=1000, mel_bins=128, audio_patch_t=16, audio_patch_f=16, mask_ratio_a=0.7)
+    cfg = tiny_config(audio_frames=1000, mel_bins=128, audio_patch_t=16, audio_patch_f=16,
+                      mask_ratio_a=0.7)
     keep, drop = avmae.AVMAE(cfg).sample_masks(2)["a"]
     assert keep.shape[1] + drop.shape[1] == 496 and drop.shape[1] == math.floor(0.7 * 496)
 
@@ -191,7 +196,8 @@ def test_norm_pix_loss_normalises_each_target_patch():
     t = avmae.gather_tokens(patches, ids)
     t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
     assert torch.allclose(avmae.recon_loss(pred, patches, ids, True), ((pred - t) ** 2).mean())
-    assert torch.allclose(avmae.recon_loss(pred, patches, ids, False), ((pred - avmae.gather_tokens(patches, ids)) ** 2).mean())
+    assert torch.allclose(avmae.recon_loss(pred, patches, ids, False),
+                          ((pred - avmae.gather_tokens(patches, ids)) ** 2).mean())
 
 
 # -----------------------------------------------------------------------------
@@ -216,7 +222,8 @@ def test_video_tokeniser_is_a_tubelet_conv3d_in_t_h_w_order():
     lin = model.patch_embed["v"]
     conv = nn.Conv3d(C, cfg.width, (pt, ps, ps), stride=(pt, ps, ps))
     # features are (t, h, w, c) within a tubelet; Conv3d weights are (D, c, t, h, w)
-    conv.weight.data = lin.weight.data.view(cfg.width, pt, ps, ps, C).permute(0, 4, 1, 2, 3).contiguous()
+    conv.weight.data = lin.weight.data.view(cfg.width, pt, ps, ps,
+                                            C).permute(0, 4, 1, 2, 3).contiguous()
     conv.bias.data = lin.bias.data.clone()
     v = tiny_batch(cfg)["v"]
     ref = conv(v).flatten(2).transpose(1, 2)  # (B, T'*H'*W', D) in (t, h, w) order
@@ -240,7 +247,8 @@ def test_one_hot_pixel_lands_in_its_token_and_feature():
     assert diff.nonzero()[:, 1].tolist() == [tok]
     a = torch.zeros(1, cfg.audio_frames, cfg.mel_bins)
     a[0, 21, 30] = 1.0  # time frame 21, mel bin 30
-    assert ap.patchify(a).nonzero().tolist() == [[0, (21 // 8) * ap.grid[1] + 30 // 8, (21 % 8) * 8 + 30 % 8]]
+    assert ap.patchify(a).nonzero().tolist() == [[0, (21 // 8) * ap.grid[1] + 30 // 8,
+                                                  (21 % 8) * 8 + 30 % 8]]
 
 
 def test_embedding_visible_patches_equals_embedding_all_then_gathering():
@@ -257,7 +265,8 @@ def test_sincos_positions():
     pe = avmae.sincos_1d(400, 64)
     assert pe.shape == (400, 64)
     assert torch.allclose(pe[0], torch.cat([torch.zeros(32), torch.ones(32)]))
-    assert torch.allclose(pe[5, 0], torch.tensor(math.sin(5.0))) and torch.allclose(pe[5, 32], torch.tensor(math.cos(5.0)))
+    assert torch.allclose(pe[5, 0], torch.tensor(math.sin(5.0))) and torch.allclose(pe[5, 32],
+                                                                                    torch.tensor(math.cos(5.0)))
     assert len({tuple(r.tolist()) for r in pe.round(decimals=4)}) == 400  # every position distinct
 
 
@@ -294,7 +303,8 @@ def test_unshuffle_puts_every_token_at_its_raster_position():
 
 
 def test_inpainting_paper_layout_supervises_the_last_raster_patches():
-    model = avmae.AVMAE(tiny_config(encoder="early", objective="inpaint_v", inpaint_layout="paper"))
+    model = avmae.AVMAE(tiny_config(encoder="early", objective="inpaint_v",
+                                    inpaint_layout="paper"))
     out = model(**tiny_batch(model.cfg))
     n_v, k_a = model.n["v"], model.n["a"] - math.floor(0.5 * model.n["a"])
     assert out["pred_v"].shape[1] == n_v - k_a  # m_v repeated n_v - (1 - alpha_a) n_a times (Sec. 3.4)
@@ -303,7 +313,8 @@ def test_inpainting_paper_layout_supervises_the_last_raster_patches():
 
 
 def test_inpainting_masked_layout_supervises_masked_patches():
-    model = avmae.AVMAE(tiny_config(encoder="mid", objective="inpaint_both", inpaint_layout="masked"))
+    model = avmae.AVMAE(tiny_config(encoder="mid", objective="inpaint_both",
+                                    inpaint_layout="masked"))
     masks = model.sample_masks(2)
     out = model(**tiny_batch(model.cfg), masks=masks)
     for t in "av":
@@ -322,7 +333,8 @@ def test_inpainting_decoder_never_sees_the_targets_own_tokens():
     assert torch.equal(p1, p2)
 
 
-@pytest.mark.parametrize("encoder,mixes", [("early", True), ("mid", True), ("separate", False), ("shared", False)])
+@pytest.mark.parametrize("encoder,mixes", [("early", True), ("mid", True), ("separate", False),
+                                           ("shared", False)])
 def test_encoder_fusion(encoder, mixes):
     model = avmae.AVMAE(tiny_config(encoder=encoder)).eval()
     x = tiny_batch(model.cfg)
@@ -372,7 +384,8 @@ def test_reconstruction_pastes_visible_patches_back():
         vis = 1 - out[f"mask_{m}"]
         p = model.patches[m]
         assert torch.equal(p.patchify(recon) * vis[..., None], p.patchify(x[m]) * vis[..., None])
-        assert torch.equal(p.patchify(masked) * (1 - vis[..., None]), torch.zeros_like(p.patchify(masked)))
+        assert torch.equal(p.patchify(masked) * (1 - vis[..., None]),
+                           torch.zeros_like(p.patchify(masked)))
 
 
 # -----------------------------------------------------------------------------
@@ -421,17 +434,20 @@ def test_vit_base_parameter_counts():
     (dict(modalities="a", objective="inpaint_a"), "needs --modalities av"),
     (dict(objective="inpaint_v", decoder_layout="unshuffle"), "objective='joint' only"),
     (dict(encoder="mid", joint_layers=4), "1 <= joint_layers < depth"),
-    (dict(encoder="transformer"), "encoder='transformer' is not one of early, separate, mid, shared"),
+    (dict(encoder="transformer"),
+     "encoder='transformer' is not one of early, separate, mid, shared"),
     (dict(decoder="mid"), "decoder='mid' is not one of early, separate, shared"),
     (dict(objective="inpaint"), "objective='inpaint' is not one of"),
     (dict(mask_type_v="time"), "mask_type_v='time' is not one of random, tube"),
     (dict(mask_ratio_v=1.0), "at least one must be masked (it is reconstructed) and one kept"),
     (dict(objective="video", encoder="xattn", decoder="early", mask_ratio_a=1.0), "and one kept"),
     (dict(image_size=30), "does not tile"),
-    (dict(encoder="early", objective="inpaint_a", mask_ratio_v=0.0, mask_ratio_a=0.5), "leaving no mask token"),
+    (dict(encoder="early", objective="inpaint_a", mask_ratio_v=0.0, mask_ratio_a=0.5),
+     "leaving no mask token"),
     (dict(encoder="xattn", objective="inpaint_v"), "one direction of the xattn encoder"),
     (dict(modalities="v", contrast_inter=0.1), "contrast_inter relates audio and video"),
-    (dict(encoder="early", objective="inpaint_a", num_frames=16, mask_ratio_v=0.1), "leaving no mask token"),
+    (dict(encoder="early", objective="inpaint_a", num_frames=16, mask_ratio_v=0.1),
+     "leaving no mask token"),
     (dict(kernels="cuda"), "kernels='cuda' is not one of auto, triton, torch"),
 ])
 def test_invalid_configs_say_why(overrides, rule):

@@ -36,7 +36,8 @@ def test_intra_modal_views_have_their_own_masks():
     model = relative("mavil")
     seen = []
     real = model.embed
-    model.embed = lambda patches, masks: seen.append({m: k.clone() for m, (k, _) in masks.items()}) or real(patches, masks)
+    model.embed = lambda patches, masks: seen.append({m: k.clone() for m,
+                                                      (k, _) in masks.items()}) or real(patches, masks)
     out = model(**tiny_batch(model.cfg))
     assert len(seen) == 2 and "loss_intra" in out
     for m in "av":
@@ -118,11 +119,13 @@ def test_two_process_mavil_training_equals_one(builtin, tmp_path):
 # MAViL stage 2
 
 
-def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(builtin, tmp_path, monkeypatch):
+def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(builtin, tmp_path,
+                                                                            monkeypatch):
     from test_train import TINY
     stage1 = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s1"), "--variant", "mavil",
                          "--max_steps", "1", "--batch_size", "8"])
-    teacher_state = {k: v.clone() for k, v in torch.load(stage1["checkpoint"], weights_only=False)["model"].items()}
+    teacher_state = {k: v.clone() for k, v in torch.load(stage1["checkpoint"],
+                                                         weights_only=False)["model"].items()}
     seen = {}
     real_load = train.load_teacher
 
@@ -133,7 +136,8 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
         def encode(a=None, v=None, masks=None):
             assert masks is None  # the full, unmasked clip
             out = real_encode(a=a, v=v, masks=None)
-            seen.setdefault("teacher_out", []).append({m: o.detach().clone() for m, o in out.items()})
+            seen.setdefault("teacher_out", []).append({m: o.detach().clone() for m,
+                                                       o in out.items()})
             seen["teacher"] = t
             return out
         t.encode = encode
@@ -143,7 +147,8 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
 
     def spy_forward(self, *args, targets=None, **kw):
         if self.cfg.target == "teacher":
-            seen.setdefault("targets", []).append({m: t.detach().clone() for m, t in targets.items()})
+            seen.setdefault("targets", []).append({m: t.detach().clone() for m,
+                                                   t in targets.items()})
         return real_forward(self, *args, targets=targets, **kw)
 
     monkeypatch.setattr(train, "load_teacher", spy_load)
@@ -156,7 +161,8 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
     assert len(seen["targets"]) == 3
     for tgt, tout in zip(seen["targets"], seen["teacher_out"]):
         for m in "av":  # the targets are the teacher's fusion-encoder outputs over every token
-            assert tgt[m].shape == (8, t.n[m], t.cfg.width) and torch.allclose(tgt[m], tout[m].float())
+            assert tgt[m].shape == (8, t.n[m], t.cfg.width) and torch.allclose(tgt[m],
+                                                                               tout[m].float())
     student = torch.load(res["checkpoint"], weights_only=False)
     assert student["model_config"]["target"] == "teacher" and student["model"]["decoder.head.v.weight"].shape[0] == 64
     with pytest.raises(SystemExit, match="--teacher PATH"):
@@ -228,7 +234,8 @@ def test_cavmae_builds_its_published_model_at_base():
     mcfg, tcfg = train.parse_args(["--variant", "cavmae", "--size", "base"])
     assert (mcfg.dec_width, mcfg.dec_depth, mcfg.dec_heads, mcfg.dec_mlp) == (512, 8, 16, 2048)
     assert (mcfg.audio_frames, mcfg.num_frames, mcfg.tubelet, mcfg.image_size) == (1024, 1, 1, 224)
-    assert (mcfg.mask_ratio_a, mcfg.mask_ratio_v, mcfg.mask_type_a, mcfg.pos_embed) == (0.75, 0.75, "random", "sincos2d")
+    assert (mcfg.mask_ratio_a, mcfg.mask_ratio_v, mcfg.mask_type_a,
+            mcfg.pos_embed) == (0.75, 0.75, "random", "sincos2d")
     assert mcfg.norm_pix_loss and mcfg.recon_sum and not mcfg.contrast_symmetric and mcfg.tau_inter == 0.05
     with torch.device("meta"):
         model = avmae.AVMAE(mcfg)

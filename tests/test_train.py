@@ -27,7 +27,8 @@ def weights(path):
 
 
 def losses(out_dir):
-    return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir,
+                                                                 "log.jsonl"))) if "loss" in r]
 
 
 # -----------------------------------------------------------------------------
@@ -35,15 +36,18 @@ def losses(out_dir):
 
 
 def test_flags_come_from_the_configs():
-    mcfg, tcfg = train.parse_args(["--preset", "quick", "--encoder", "early", "--width", "96", "--norm_pix_loss"])
+    mcfg, tcfg = train.parse_args(["--preset", "quick", "--encoder", "early", "--width", "96",
+                                   "--norm_pix_loss"])
     assert (mcfg.encoder, mcfg.width, mcfg.depth, mcfg.norm_pix_loss) == ("early", 96, 4, True)  # tiny depth
     assert (tcfg.batch_size, tcfg.data, tcfg.audio_norm) == (32, "data/builtin", "dataset")
     mcfg, tcfg = train.parse_args([])  # the paper recipe
-    assert (mcfg.encoder, mcfg.decoder, mcfg.width, mcfg.joint_layers, tcfg.batch_size, tcfg.epochs) == \
+    assert (mcfg.encoder, mcfg.decoder, mcfg.width, mcfg.joint_layers, tcfg.batch_size,
+            tcfg.epochs) == \
         ("mid", "shared", 768, 2, 512, 800)
     mcfg, _ = train.parse_args(["--preset", "audioset_l"])
     assert (mcfg.width, mcfg.audio_frames, mcfg.mask_ratio_a) == (1024, 1000, 0.7)
-    for bad in (["--encodr", "mid"], ["--preset", "nope"], ["--size", "huge"], ["--compile", "maybe"]):
+    for bad in (["--encodr", "mid"], ["--preset", "nope"], ["--size", "huge"],
+                ["--compile", "maybe"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
     with pytest.raises(SystemExit, match="two unrelated MAEs"):
@@ -77,16 +81,19 @@ def test_quick_run_writes_checkpoint_picture_and_log(builtin, tmp_path, capsys):
     assert os.path.exists(res["checkpoint"]) and os.path.exists(res["picture"])
     assert res["checkpoint"] in capsys.readouterr().out  # says where things are
     ck = torch.load(res["checkpoint"], map_location="cpu", weights_only=False)
-    assert {"model", "optimizer", "step", "epoch", "step_in_epoch", "model_config", "train_config", "rng"} <= set(ck)
+    assert {"model", "optimizer", "step", "epoch", "step_in_epoch", "model_config", "train_config",
+            "rng"} <= set(ck)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     model = avmae.AVMAE(avmae.AVMAEConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
     log = [json.loads(x) for x in open(res["log"])]
-    assert [r["step"] for r in log] == [1, 2, 3] and all("clips_per_s" in r and "lr" in r for r in log)
+    assert [r["step"] for r in log] == [1, 2,
+                                        3] and all("clips_per_s" in r and "lr" in r for r in log)
 
 
 def test_reconstruction_picture_has_three_rows():
-    model = avmae.AVMAE(avmae.make_config("tiny", num_frames=4, image_size=32, patch_size=16, audio_frames=64, mel_bins=32))
+    model = avmae.AVMAE(avmae.make_config("tiny", num_frames=4, image_size=32, patch_size=16,
+                                          audio_frames=64, mel_bins=32))
     x = {"a": torch.randn(2, 64, 32), "v": torch.rand(2, 3, 4, 32, 32) * 2 - 1}
     img = train.reconstruction_picture(model, x, model(**x))
     assert img.shape[0] == 3 and img.shape[1] == 3 * 32 + 2 * 4 and 0 <= img.min() and img.max() <= 1
@@ -98,7 +105,8 @@ def test_resume_continues_exactly(builtin, tmp_path):
     run(builtin, a, "--max_steps", "6", "--batch_size", "8")
     run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--stop_at", "3")
     assert len(losses(b)) == 3
-    res = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto", "--workers", "1")
+    res = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto", "--workers",
+              "1")
     assert res["step"] == 6
     assert losses(a) == losses(b)  # bit for bit on CPU, step by step (the data crosses an epoch boundary)
     wa, wb = weights(a / "ckpt_0000006.pt"), weights(b / "ckpt_0000006.pt")
@@ -108,9 +116,11 @@ def test_resume_continues_exactly(builtin, tmp_path):
 def test_resume_refuses_another_model_but_takes_another_kernel_backend(builtin, tmp_path):
     run(builtin, tmp_path, "--max_steps", "1", "--batch_size", "8", "--kernels", "torch")
     with pytest.raises(SystemExit, match="another model config"):
-        run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto", "--encoder", "early")
+        run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto",
+            "--encoder", "early")
     # the backend is the resuming run's choice, not part of the model
-    res = run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto", "--kernels", "auto")
+    res = run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto",
+              "--kernels", "auto")
     assert res["step"] == 2
 
 
@@ -153,8 +163,10 @@ def _poison_at(step_to_poison):
 
 
 def test_nan_stops_with_the_step_and_keeps_the_good_checkpoint(builtin, tmp_path):
-    with pytest.raises(SystemExit, match=r"step 3: non-finite loss nan .*last good checkpoint is .*ckpt_0000003.pt"):
-        run(builtin, tmp_path, "--max_steps", "6", "--batch_size", "8", "--save_every", "1", hooks={"batch": _poison_at(3)})
+    with pytest.raises(SystemExit,
+                       match=r"step 3: non-finite loss nan .*last good checkpoint is .*ckpt_0000003.pt"):
+        run(builtin, tmp_path, "--max_steps", "6", "--batch_size", "8", "--save_every", "1",
+            hooks={"batch": _poison_at(3)})
     assert open(tmp_path / "latest").read() == "ckpt_0000003.pt" and not os.path.exists(tmp_path / "ckpt_0000004.pt")
     ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=False)
     assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -171,7 +183,8 @@ def test_nan_steps_can_be_skipped(builtin, tmp_path):
 
 def test_gradient_accumulation_equals_the_full_batch(builtin, tmp_path):
     one = run(builtin, tmp_path / "one", "--max_steps", "2", "--batch_size", "8")
-    acc = run(builtin, tmp_path / "acc", "--max_steps", "2", "--batch_size", "8", "--grad_accum", "2")
+    acc = run(builtin, tmp_path / "acc", "--max_steps", "2", "--batch_size", "8", "--grad_accum",
+              "2")
     w1, w2 = weights(one["checkpoint"]), weights(acc["checkpoint"])
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
@@ -198,7 +211,8 @@ def torchrun(builtin, out_dir, *extra):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one(builtin, tmp_path, mode):
-    args = ["--max_steps", "3", "--batch_size", "8", "--grad_accum", "2"] + (["--fsdp"] if mode == "fsdp" else [])
+    args = ["--max_steps", "3", "--batch_size", "8", "--grad_accum",
+            "2"] + (["--fsdp"] if mode == "fsdp" else [])
     stdout = torchrun(builtin, tmp_path / "two", *args)
     assert "global batch 8 = 2 ranks x 2 x 2" in stdout
     assert mode == "fsdp" or "2 ranks in sync: True" in stdout
@@ -216,8 +230,10 @@ def test_no_option_is_declared_in_three_dataclasses():
     import data
     import finetune
     # (the model's input shapes are also a finetuning run's own, which override the checkpoint's)
-    classes = (data.LoadOptions, data.DataConfig, train.RunConfig, train.TrainConfig, finetune.FinetuneConfig)
-    declared = collections.Counter(n for c in classes for n in c.__dict__.get("__annotations__", {}))
+    classes = (data.LoadOptions, data.DataConfig, train.RunConfig, train.TrainConfig,
+               finetune.FinetuneConfig)
+    declared = collections.Counter(n for c in classes for n in c.__dict__.get("__annotations__",
+                                                                              {}))
     assert not [n for n, k in declared.items() if k >= 3]
     # what both scripts pass to the loader is one declaration, and both scripts take it as a flag
     for n in ("audio_norm", "window", "decode", "seed", "frame_stride", "video_aug"):

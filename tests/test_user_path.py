@@ -75,8 +75,10 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path):
         (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "8", "--resume", str(tmp_path / "no.pt")],
          "no such checkpoint"),
         (train.main, ["--encoder", "separate", "--decoder", "separate"], "two unrelated MAEs"),
-        (FT.main, ["--data", copy, "--preset", "quick", "--init", str(bad_ckpt)], "not a readable checkpoint"),
-        (FT.main, ["--data", copy, "--preset", "quick", "--init", str(other)], "not an avmae pretraining"),
+        (FT.main, ["--data", copy, "--preset", "quick", "--init", str(bad_ckpt)],
+         "not a readable checkpoint"),
+        (FT.main, ["--data", copy, "--preset", "quick", "--init", str(other)],
+         "not an avmae pretraining"),
     ]
     for main, args, says in cases:
         with pytest.raises(SystemExit) as e:
@@ -85,7 +87,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path):
         assert isinstance(line, str) and "\n" not in line and says in line, (args, line)
     # and from the command line, as a user sees them: one line on stderr, a non-zero exit, no traceback
     for args, says in ((["train.py", "--data", str(tmp_path / "nowhere")], "not a prepared data set"),
-                       (["finetune.py", "--data", copy, "--preset", "quick", "--init", str(bad_ckpt)], "not a readable"),
+                       (["finetune.py", "--data", copy, "--preset", "quick", "--init",
+                         str(bad_ckpt)], "not a readable"),
                        (["data.py", "stats", "--root", str(tmp_path / "nowhere")], "meta.json not found")):
         code, err = cli(*args)
         assert code != 0 and not any("Traceback" in line for line in err), (args, err[-5:])
@@ -103,7 +106,8 @@ def test_a_video_without_sound_is_refused_in_words_or_kept_silent(tmp_path):
     out = str(tmp_path / "p")
     data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out,
                "--workers", "1"])
-    failed = {r.split(",")[0]: r for r in open(os.path.join(out, "failed_train.csv")).read().splitlines()}
+    failed = {r.split(",")[0]: r for r in open(os.path.join(out,
+                                                            "failed_train.csv")).read().splitlines()}
     assert "no audio stream" in failed["mute_000000"] and "--allow_silent" in failed["mute_000000"]
     assert "audio_mean" in json.load(open(os.path.join(out, "meta.json")))  # prepare computes the statistics
     out2 = str(tmp_path / "p2")
