@@ -374,6 +374,9 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
         raise BadCheckpoint(f"{what} {path}: not an avmae {kind} checkpoint (no model / model_config)")
     if "crc32" in ck and tensor_crc([ck["model"], ck.get("optimizer")]) != ck["crc32"]:
         raise BadCheckpoint(f"{what} {path}: damaged (the checksum of its tensors does not match: bytes changed)")
+    if what != "--init" and any(k.startswith("dec_embed.") for k in ck["model"]):
+        raise BadCheckpoint(f"{what} {path}: written before the decoder's parameters moved under decoder.* "
+                            f"(avmae's layout change); finetune from it with finetune.py --init, or pretrain anew")
     return ck
 
 

@@ -271,3 +271,17 @@ def test_a_dead_loader_worker_is_named_with_its_clip(builtin, tmp_path, monkeypa
             str(tmp_path)]
     with pytest.raises(SystemExit, match=r"a data loader worker died .* while reading train_"):
         train.main(args)
+
+
+def test_a_checkpoint_of_the_old_decoder_layout_says_so_in_one_line(tmp_path):
+    import avmae
+    import train
+    from conftest import tiny_config
+    state = avmae.AVMAE(tiny_config()).state_dict()
+    old = {("dec_embed." + k[len("decoder.embed."):] if k.startswith("decoder.embed.") else k): v
+           for k, v in state.items()}
+    path = str(tmp_path / "old.pt")
+    torch.save(dict(model=old, model_config={}), path)
+    with pytest.raises(train.BadCheckpoint, match="decoder's parameters moved"):
+        train.load_checkpoint(path, "--resume")
+    assert "dec_embed.a.weight" in train.load_checkpoint(path, "--init")["model"]  # finetuning reads the encoder
