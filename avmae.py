@@ -74,30 +74,42 @@ class AVMAEConfig:
     mask_type_v: str = "random"   # random | tube
     mask_type_a: str = "random"   # random | time | freq | tf (CAV-MAE's time-frequency)
     # positions and targets
-    pos_embed: str = "sincos"     # sincos (fixed 1-D per modality, paper) | sincos2d (per grid axis, MAViL) | learned
+    pos_embed: str = "sincos"     # sincos (fixed 1-D per modality, paper) |
+                                  # sincos2d (per grid axis, MAViL) | learned
     norm_pix_loss: bool = False   # MAE's per-patch target normalisation; AV-MAE uses raw patches
-    recon_sum: bool = False       # sum the modalities' reconstruction terms (MAViL Eq. 1) instead of averaging
+    recon_sum: bool = False       # sum the modalities' reconstruction terms
+                                  # (MAViL Eq. 1) instead of averaging
     decoder_layout: str = "gather"  # gather: [visible | mask] (VideoMAE) | unshuffle (MAE); equal
     inpaint_layout: str = "paper"   # paper: mask tokens at the last raster positions | masked
-    kernels: str = "auto"         # auto (a kernel where measured faster on this GPU) | triton | torch; run time only
+    kernels: str = "auto"         # auto (a kernel where measured faster on
+                                  # this GPU) | triton | torch; run time only
     # relatives: MAViL (Huang et al.), CAV-MAE (Gong et al.), AV-MaskEnhancer (Diao et al.)
-    fusion: str = "vanilla"       # mavil fusion: vanilla (concatenation) | mbt (bottlenecks, one g_av for both
-                                  # modalities, MAViL App. B) | mbt_sep (a layer per modality, as MBT itself)
-    fusion_layers: int = 2        # F, the mavil encoder's fusion layers on top of full unimodal streams
+    fusion: str = "vanilla"       # mavil fusion: vanilla (concatenation)
+                                  # | mbt (bottlenecks, one g_av for both modalities, MAViL App. B)
+                                  # | mbt_sep (a layer per modality, as MBT itself)
+    fusion_layers: int = 2        # F, the mavil encoder's fusion layers
+                                  # on top of full unimodal streams
     bottlenecks: int = 4          # bottleneck tokens of mbt fusion
     cross_layers: int = 1         # bidirectional cross-attention layers of the xattn encoder
-    xattn_fuse: str = "channel"   # channel: each token beside its cross-attended other modality, 2 D wide
-                                  # (AV-MaskEnhancer Sec. III-D) | sequence: the two streams concatenated
-    type_embed: bool = False      # learned modality-type embeddings on encoder and decoder tokens (CAV-MAE)
-    dec_tied: bool = False        # one decoder projection and mask token for both modalities (CAV-MAE)
+    xattn_fuse: str = "channel"   # channel: each token beside its
+                                  # cross-attended other modality, 2 D wide (AV-MaskEnhancer Sec.
+                                  # III-D) | sequence: the two streams concatenated
+    type_embed: bool = False      # learned modality-type embeddings on
+                                  # encoder and decoder tokens (CAV-MAE)
+    dec_tied: bool = False        # one decoder projection and mask
+                                  # token for both modalities (CAV-MAE)
     contrast_inter: float = 0.0   # weight of audio<->video InfoNCE on pooled unimodal outputs
                                   # (MAViL 0.1, CAV-MAE 0.01)
     tau_inter: float = 0.1        # (MAViL 0.1, CAV-MAE 0.05)
-    contrast_symmetric: bool = True  # both directions averaged (MAViL Eq. 3) | video picks its audio
-                                  # among the batch's only (CAV-MAE's code, a log-softmax over audio)
-    contrast_intra: float = 0.0   # weight of InfoNCE between two masked views of each modality (MAViL 0.01)
+    contrast_symmetric: bool = True  # both directions averaged (MAViL
+                                     # Eq. 3) | video picks its audio
+                                  # among the batch's only (CAV-MAE's code, a log-softmax over
+                                  # audio)
+    contrast_intra: float = 0.0   # weight of InfoNCE between two masked
+                                  # views of each modality (MAViL 0.01)
     tau_intra: float = 1.0
-    target: str = "pixels"        # pixels (raw patches) | teacher (MAViL stage 2: a frozen teacher's fusion outputs)
+    target: str = "pixels"        # pixels (raw patches) | teacher (MAViL stage
+                                  # 2: a frozen teacher's fusion outputs)
     teacher_width: int = 0        # the teacher's width (0 = width)
 
     def __post_init__(self):
@@ -111,8 +123,8 @@ class AVMAEConfig:
         return tuple(m for m in MODALITIES if m in self.modalities)
 
 
-# size presets: overrides of the encoder / decoder widths. base and large are the paper's (Table 21);
-# small follows ViT-S with VideoMAE's ViT-S decoder; tiny is for CPU tests and laptops.
+# size presets: overrides of the encoder / decoder widths. base and large are the paper's (Table
+# 21); small follows ViT-S with VideoMAE's ViT-S decoder; tiny is for CPU tests and laptops.
 SIZES = {
     "tiny": dict(width=64, depth=4, heads=4, dec_width=64, dec_depth=2, dec_heads=4, dec_mlp=256),
     "small": dict(width=384, depth=12, heads=6, dec_width=192, dec_depth=4, dec_heads=3, dec_mlp=768),
@@ -156,7 +168,8 @@ class VideoPatches:
         x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, T', H', W', pt, ps, ps, C)
         return x.reshape(B, (T // pt) * (H // ps) * (W // ps), pt * ps * ps * C)
 
-    def unpatchify(self, p: torch.Tensor, grid: tuple | None = None) -> torch.Tensor:  # (B, N, P) -> video
+    # (B, N, P) -> video
+    def unpatchify(self, p: torch.Tensor, grid: tuple | None = None) -> torch.Tensor:
         (gt, gh, gw), pt, ps = grid or self.grid, self.pt, self.ps
         x = p.reshape(p.shape[0], gt, gh, gw, pt, ps, ps, self.c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(p.shape[0], self.c, gt * pt, gh * ps, gw * ps)
@@ -182,7 +195,8 @@ class AudioPatches:
         x = x[:, : gt * pt].reshape(B, gt, pt, Fq // pf, pf).permute(0, 1, 3, 2, 4)
         return x.reshape(B, gt * (Fq // pf), pt * pf)
 
-    def unpatchify(self, p: torch.Tensor, grid: tuple | None = None) -> torch.Tensor:  # (B, N, P) -> (B, T, F)
+    # (B, N, P) -> (B, T, F)
+    def unpatchify(self, p: torch.Tensor, grid: tuple | None = None) -> torch.Tensor:
         (gt, gf), pt, pf = grid or self.grid, self.pt, self.pf
         x = p.reshape(p.shape[0], gt, gf, pt, pf).permute(0, 1, 3, 2, 4)
         return x.reshape(p.shape[0], gt * pt, gf * pf)
@@ -378,8 +392,8 @@ OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, a
 
 
 # GPUs (a name substring) on which a Triton kernel was measured faster than its twin, per op
-# (`python kernels/bench.py` on that GPU, eager and compiled). --kernels auto uses a kernel only there:
-# until a measurement says otherwise the twins (SDPA for attention) are the fast path.
+# (`python kernels/bench.py` on that GPU, eager and compiled). --kernels auto uses a kernel only
+# there: until a measurement says otherwise the twins (SDPA for attention) are the fast path.
 KERNELS_MEASURED_FASTER: dict = {}  # e.g. {"H100": ("gather", "assemble")}
 
 
@@ -596,7 +610,8 @@ class Mid(nn.Module):
         return sum(blk(n, L - S) for n in k.values()) + blk(sum(k.values()), S)
 
     @staticmethod
-    def stream_weights(cfg, m):  # the joint layers copied into both streams (untied); the stream's norm kept
+    def stream_weights(cfg, m):  # the joint layers copied into both
+                                 # streams (untied); the stream's norm kept
         L, S = cfg.depth, cfg.joint_layers
         blocks = [f"streams.{m}.blocks.{i}" if i < L - S else f"joint.blocks.{i - (L - S)}" for i in range(L)]
         return dict(blocks=blocks, norm="joint.norm", inner=(f"streams.{m}.norm", L - S))
@@ -620,7 +635,8 @@ class Mid(nn.Module):
         return _joint(self.joint, {m: self.streams[m](x) for m, x in xs.items()})
 
 
-ENCODERS = {"early": Early, "separate": Separate, "mid": Mid, "shared": Shared}  # + the relatives' below
+# + the relatives' below
+ENCODERS = {"early": Early, "separate": Separate, "mid": Mid, "shared": Shared}
 DECODERS = {"early": Early, "separate": Separate, "shared": Shared}
 # objective -> {target modality: source modality whose encoded tokens are the decoder's context}
 OBJECTIVES = {
@@ -628,10 +644,12 @@ OBJECTIVES = {
     "inpaint_v": {"v": "a"},
     "inpaint_a": {"a": "v"},
     "inpaint_both": {"a": "v", "v": "a"},
-    "video": {"v": "v"},  # + every other modality's encoded tokens as extra context (AV-MaskEnhancer)
+    "video": {"v": "v"},  # + every other modality's encoded tokens
+                          # as extra context (AV-MaskEnhancer)
 }
 EXTRA_CONTEXT = {"video": ("a",)}
-CHOICES = dict(modalities=("av", "a", "v"), encoder=ENCODERS, decoder=DECODERS,  # (the tables: a new entry counts)
+# (the tables: a new entry counts)
+CHOICES = dict(modalities=("av", "a", "v"), encoder=ENCODERS, decoder=DECODERS,
                objective=tuple(OBJECTIVES), pos_embed=("sincos", "sincos2d", "learned"),
                fusion=("vanilla", "mbt", "mbt_sep"), xattn_fuse=("channel", "sequence"),
                target=("pixels", "teacher"),
@@ -723,9 +741,9 @@ def _num_masked(cfg: AVMAEConfig, m: str) -> int:
     units = mask_units(grid, axes)
     return mask_count(getattr(cfg, f"mask_ratio_{m}"), units) * (math.prod(grid) // units)
 
-# -----------------------------------------------------------------------------
-# the decoder side (Sec. 3.3, 3.4): per target modality a sequence of context tokens and mask tokens,
-# a decoder (one of DECODERS), a linear head on the predicted tokens
+# ----------------------------------------------------------------------------- the decoder side
+#   (Sec. 3.3, 3.4): per target modality a sequence of context tokens and mask tokens, a decoder (one
+#   of DECODERS), a linear head on the predicted tokens
 
 
 class MAEDecoder(nn.Module):
@@ -764,7 +782,8 @@ class MAEDecoder(nn.Module):
     def _type(self, z, m):
         return z + self.type_embed[m] if self.cfg.type_embed else z
 
-    # Each layout returns (sequence (B, L, Dd), where to read the predictions, which patches they are of).
+    # Each layout returns (sequence (B, L, Dd), where to read the predictions, which patches they
+    # are of).
 
     def own(self, t, s, e, masks):  # joint: t's own visible tokens, [visible | mask]
         keep, drop = masks[t]
@@ -854,9 +873,9 @@ class AVMAE(nn.Module):
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
                                              self.ops["attention"], dpr, cfg)
-        # decoder: context-only modalities (AV-MaskEnhancer's audio) unless the encoder already fused
-        # them into the target's channels
-        targets = {t: s for t, s in OBJECTIVES[cfg.objective].items() if t in mods}  # target -> source
+        # decoder: context-only modalities (AV-MaskEnhancer's audio) unless the encoder already
+        # fused them into the target's channels target -> source
+        targets = {t: s for t, s in OBJECTIVES[cfg.objective].items() if t in mods}
         extra = tuple(m for m in EXTRA_CONTEXT.get(cfg.objective, ()) if m in mods
                       and self.encoder.out_width == cfg.width)
         self.decoder = MAEDecoder(cfg, self.patches, targets, extra, self.encoder.out_width,
@@ -1068,7 +1087,8 @@ def contrast_losses(model, out: dict, patches: dict, uni: dict, masks2: dict | N
         if masks2 is None:
             p = next(iter(patches.values()))
             masks2 = model.sample_masks(p.shape[0], p.device)
-        uni2 = unimodal(model.encoder, model.embed(patches, masks2))  # the second view: unimodal only
+        # the second view: unimodal only
+        uni2 = unimodal(model.encoder, model.embed(patches, masks2))
         out["loss_intra"] = sum(info_nce(pooled[m], uni2[m].mean(1),
                                          cfg.tau_intra) for m in uni) / len(uni)
         out["loss"] = out["loss"] + cfg.contrast_intra * out["loss_intra"]
@@ -1262,7 +1282,8 @@ class CrossBlock(nn.Module):
         q = self.q(self.norm_q(x)).view(B, N, H, D // H).transpose(1, 2)
         k, v = self.kv(self.norm_kv(ctx)).view(B, ctx.shape[1], 2, H,
                                                D // H).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # lengths differ: SDPA
+        # lengths differ: SDPA
+        x = x + self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
         return x + self.mlp(self.norm2(x))
 
 
@@ -1488,7 +1509,8 @@ class EncoderClassifier(Classifier):
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
                                              get_ops(cfg.kernels)["attention"], dpr, cfg)
         self.apply(init_weights)
-        outs = getattr(self.encoder, "out_mods", mods)  # (AV-MaskEnhancer's channel fusion: video tokens only)
+        outs = getattr(self.encoder, "out_mods", mods)  # (AV-MaskEnhancer's channel
+                                                        # fusion: video tokens only)
         self.head_key = {m: m for m in outs}
         self.probe_norm, self.heads = classifier_heads(self.encoder.out_width, outs, heads,
                                                        linear_probe)

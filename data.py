@@ -44,10 +44,11 @@ import torch.nn.functional as F
 log = logging.getLogger("avmae.data")
 SAMPLE_RATE = 16000
 FPS = 12.5
-VIDEO_FPS = 25.0  # the frame rate strides are counted in (paper: stride 4 pretraining, 2 finetuning)
+VIDEO_FPS = 25.0  # the frame rate strides are counted in
+                  # (paper: stride 4 pretraining, 2 finetuning)
 
-# -----------------------------------------------------------------------------
-# log-mel, Kaldi's fbank as every peer computes it (AST, AudioMAE, CAV-MAE), in torch, batched, CPU or GPU
+# ----------------------------------------------------------------------------- log-mel, Kaldi's
+#   fbank as every peer computes it (AST, AudioMAE, CAV-MAE), in torch, batched, CPU or GPU
 
 AUDIO_NORMS = {"none": (0.0, 1.0), "audiomae": (-4.27, 2 * 4.57), "cavmae": (-5.081, 4.4849)}
 
@@ -81,9 +82,11 @@ def logmel(wave: torch.Tensor, sr: int = SAMPLE_RATE, n_mels: int = 128, target_
     if x.shape[1] < win:
         raise ValueError(f"audio of {x.shape[1]} samples is shorter than one {win}-sample frame")
     x = x - x.mean(dim=1, keepdim=True)                               # remove the waveform's mean
-    frames = x.unfold(1, win, hop)                                    # (B, T, win), whole frames only
+    # (B, T, win), whole frames only
+    frames = x.unfold(1, win, hop)
     frames = frames - frames.mean(dim=2, keepdim=True)                # each frame's DC offset
-    prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)     # pre-emphasis, x[0] uses itself
+    # pre-emphasis, x[0] uses itself
+    prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)
     frames = frames - 0.97 * prev
     w = {"hann": torch.hann_window, "hamming": torch.hamming_window}[window](win, periodic=False,
                                                                              device=x.device)
@@ -280,7 +283,8 @@ def read_generic(path: str, split: str | None = None):
                 raise ValueError(f"{path}: a generic manifest needs a header with path,label")
             continue
         try:
-            g = lambda k, d=None: row[head[k]] if k in head and row[head[k]] != "" else d  # noqa: E731
+            # noqa: E731
+            g = lambda k, d=None: row[head[k]] if k in head and row[head[k]] != "" else d
             p, lab = g("path"), g("label")
             if not p or lab is None:
                 raise ValueError
@@ -419,7 +423,8 @@ def _vocab(records, head):
 
 BUILTIN_KINDS = [  # (name, shape, fundamental Hz, harmonic amplitudes); two pairs share a shape and
     ("bell", "circle", 880.0, (1.0, 0.0, 0.6, 0.0, 0.3)),  # differ only in sound, and the colour is
-    ("drum", "square", 110.0, (1.0, 0.7, 0.5, 0.4, 0.3)),  # random: neither modality alone is enough
+    ("drum", "square", 110.0, (1.0, 0.7, 0.5, 0.4, 0.3)),  # random: neither modality
+                                                           # alone is enough
     ("chime", "triangle", 1320.0, (1.0, 0.2)),
     ("wood", "diamond", 330.0, (1.0, 0.5, 0.25)),
     ("glass", "ring", 1760.0, (1.0, 0.0, 0.0, 0.4)),
@@ -478,7 +483,8 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
     tone = sum(a * np.sin(2 * np.pi * pitch * (k + 1) * t) for k,
                a in enumerate(harm)) * np.exp(-t * 12)
     tone /= np.abs(tone).max()
-    wave = rng.normal(0, rng.uniform(0.003, 0.03), n)    # room noise of random loudness, never digital silence
+    wave = rng.normal(0, rng.uniform(0.003, 0.03), n)    # room noise of random loudness,
+                                                         # never digital silence
     for tb in times:
         s = int(tb * SAMPLE_RATE)
         seg = tone[: n - s] * rng.uniform(0.3, 0.6)
@@ -641,12 +647,16 @@ class DataGone(RuntimeError):
 @dataclass
 class LoadOptions:
     """What train.py and finetune.py pass through to the loader as they are (declared once, here)."""
-    frame_stride: float = 4       # in 25 fps frames: 4 pretraining, 2 finetuning (MAViL 2 fps: 12.5)
+    frame_stride: float = 4       # in 25 fps frames: 4 pretraining,
+                                  # 2 finetuning (MAViL 2 fps: 12.5)
     window: str = "hann"          # log-mel window: hann (peers) | hamming (the AV-MAE paper's text)
-    audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json) | audiomae | cavmae | "mean,scale"
-    video_aug: str = "none"       # none (pretraining, Table 20: a crop of the 256-short-side frame) |
+    audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json)
+                                  # | audiomae | cavmae | "mean,scale"
+    video_aug: str = "none"       # none (pretraining, Table 20: a crop
+                                  # of the 256-short-side frame) |
                                   # finetune (jitter, flip, colour) | rrc (MAE's crop + flip)
-    decode: str = "cpu"           # JPEG decoding: cpu (in workers) | gpu (JPEG bytes; GPUDecoder, batched)
+    decode: str = "cpu"           # JPEG decoding: cpu (in workers) | gpu
+                                  # (JPEG bytes; GPUDecoder, batched)
     seed: int = 0                 # augmentation randomness = f(seed, epoch, clip index)
 
 
@@ -659,13 +669,15 @@ class DataConfig(LoadOptions):
     image_size: int = 224
     audio_frames: int = 800       # log-mel frames (10 ms): 800 = 8 s
     mel_bins: int = 128
-    train: bool = True            # random window, crop and flip; else N evenly spaced views, centre crop
+    train: bool = True            # random window, crop and flip; else
+                                  # N evenly spaced views, centre crop
     views: int = 1                # test views per clip (eval)
     specaug_freq: int = 0         # finetuning: max width of one frequency mask (AST: 48)
     specaug_time: int = 0         # finetuning: max width of one time mask (authors' code: off)
     time_shift: bool = False      # finetuning: random circular shift of the spectrogram in time
     crop_scale: tuple = (0.3, 1.0)  # video_aug='rrc': RandomResizedCrop's area range
-    skip_silent: bool | None = None  # None: skip silent clips when training, keep them in evaluation
+    skip_silent: bool | None = None  # None: skip silent clips when
+                                     # training, keep them in evaluation
 
 
 def _norm(spec: str, meta: dict):
@@ -811,7 +823,8 @@ class AVDataset(torch.utils.data.Dataset):
         self.step = cfg.frame_stride / VIDEO_FPS * self.fps  # stored frames between sampled frames
         self.span_v = cfg.num_frames * cfg.frame_stride / VIDEO_FPS  # seconds of video per view
         self.epoch = 0
-        self.reading = multiprocessing.Array("q", [-1] * 256, lock=False)  # clip index per loader worker
+        # clip index per loader worker
+        self.reading = multiprocessing.Array("q", [-1] * 256, lock=False)
 
     def being_read(self) -> list:
         """The clips the loader workers were reading last (to name the clip when a worker dies)."""
@@ -826,9 +839,11 @@ class AVDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, key):
-        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # EpochSampler sends (index, epoch)
+        # EpochSampler sends (index, epoch)
+        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         worker = torch.utils.data.get_worker_info()
-        self.reading[worker.id if worker else 0] = idx  # (which clip each worker is on, if one dies)
+        self.reading[worker.id if worker else 0] = idx  # (which clip each worker
+                                                        # is on, if one dies)
         bad = []
         for k in range(self.MAX_TRIES):
             j = (idx + k) % len(self.rows)
@@ -1146,5 +1161,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (OSError, ValueError) as e:  # a missing or malformed set, manifest or file: one line, not a traceback
+    except (OSError, ValueError) as e:  # a missing or malformed set, manifest
+                                        # or file: one line, not a traceback
         sys.exit(f"data.py: {e}")

@@ -40,12 +40,15 @@ class FinetuneConfig(train.RunConfig):
     init: str = ""                # a pretraining checkpoint (train.py); '' = from scratch
     modality: str = "av"          # audio | video | av
     arch: str = "mbt"             # mbt | encoder (av only)
-    mbt_head: str = "shared"      # shared: the authors' MBT (one LayerNorm + classifier for both modalities, a
-                                  # loss and a mixup weight per modality) | per_modality (heads per modality,
-                                  # logits averaged, one mixup)
+    mbt_head: str = "shared"      # shared: the authors' MBT (one LayerNorm
+                                  # + classifier for both modalities, a loss and a mixup weight per
+                                  # modality) | per_modality (heads per modality, logits averaged,
+                                  # one mixup)
     linear_probe: bool = False    # freeze the encoder, train a linear head (Table 18)
-    fusion_layer: int = -1        # MBT's first fusion layer; -1 = the authors' (8 of 12; 16 of 24, AudioSet 18)
-    inflate: str = "inflate"      # a video stream from an audio-only checkpoint: inflate | central | none (ViViT)
+    fusion_layer: int = -1        # MBT's first fusion layer; -1 = the
+                                  # authors' (8 of 12; 16 of 24, AudioSet 18)
+    inflate: str = "inflate"      # a video stream from an audio-only
+                                  # checkpoint: inflate | central | none (ViViT)
     bottlenecks: int = 4
     train_split: str = "train"
     test_split: str = "test"
@@ -53,12 +56,14 @@ class FinetuneConfig(train.RunConfig):
     frame_stride: float = 2
     image_size: int = 224
     audio_frames: int = 800       # 8 s (AudioSet: 10 s)
-    video_aug: str = "finetune"   # finetune (scale jitter, flip, colour, the authors' ViViT / MBT) | none | rrc
+    video_aug: str = "finetune"   # finetune (scale jitter, flip, colour,
+                                  # the authors' ViViT / MBT) | none | rrc
     batch_size: int = 64          # global
     epochs: int = 50
     warmup_epochs: float = 2.5
     optimizer: str = "sgd"        # sgd (momentum 0.9, the paper) | adamw
-    blr: float = 3.2              # Table 22: 0.8 at batch 64 (AudioSet 1.6 at 128; EPIC 1.2 at 64 = 4.8)
+    blr: float = 3.2              # Table 22: 0.8 at batch 64 (AudioSet
+                                  # 1.6 at 128; EPIC 1.2 at 64 = 4.8)
     layer_decay: float = 0.75     # layer-wise lr decay (BEiT / ELECTRA)
     grad_clip: float = 1.0
     mixup: float = 0.5            # Beta(alpha, alpha); 0 = off (the same mix for both modalities)
@@ -84,9 +89,11 @@ PRESETS = {
                   audio_norm="dataset", batch_size=32, epochs=30, warmup_epochs=3, blr=0.8, workers=2, drop_path=0.1,
                   label_smoothing=0.1, mixup=0.0, specaug_freq=24, views=2, eval_every=10, out_dir="out/finetune_quick"),
 }
-AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only finetuning mixes harder
+AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only
+                                                     # finetuning mixes harder
 MODALITY = {"audio": "a", "video": "v", "av": "av"}
-FUSION_LAYER = {("audioset", 24): 18}  # (preset, depth) -> MBT fusion layer where the authors' config differs
+FUSION_LAYER = {("audioset", 24): 18}  # (preset, depth) -> MBT fusion layer
+                                       # where the authors' config differs
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY), arch=("mbt", "encoder"),
                mbt_head=("shared", "per_modality"), video_aug=("finetune", "none",
                                                                "rrc"), on_save_error=("retry", "stop"),
@@ -152,7 +159,8 @@ def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
         return avmae.EncoderClassifier(cfg, heads, fcfg.linear_probe)
     kept = pcfg and stream_weights(pcfg,
                                    avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods[0])["inner"]
-    inner = kept[1] if kept else None  # e.g. the mid-fusion streams' closing LayerNorm, kept where it was
+    inner = kept[1] if kept else None  # e.g. the mid-fusion streams' closing
+                                       # LayerNorm, kept where it was
     fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else \
         FUSION_LAYER.get((fcfg.preset, cfg.depth), round(2 * cfg.depth / 3))
     return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe,
@@ -189,14 +197,17 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                                                                      "encoder."))}
     else:
         for m in cfg.mods:
-            s = m if m in src_mods else src_mods[0]  # a unimodal checkpoint initialises both streams (Table 3)
+            s = m if m in src_mods else src_mods[0]  # a unimodal checkpoint initialises
+                                                     # both streams (Table 3)
             if m in src_mods:
                 mapping[f"streams.{m}.embed.weight"] = f"patch_embed.{m}.weight"
                 mapping[f"streams.{m}.embed.bias"] = f"patch_embed.{m}.bias"
                 if pcfg["pos_embed"] == "learned":
                     mapping[f"streams.{m}.pos.table"] = f"enc_pos.{m}.table"
-            w = stream_weights(pcfg, s)  # (early / shared: one set of weights into every stream, untied)
-            for i in range(cfg.depth):  # a source block, or (block, {its submodule: the one to read})
+            w = stream_weights(pcfg, s)  # (early / shared: one set of
+                                         # weights into every stream, untied)
+            for i in range(cfg.depth):  # a source block, or (block, {its
+                                        # submodule: the one to read})
                 src, rename = w["blocks"][i] if isinstance(w["blocks"][i],
                                                            tuple) else (w["blocks"][i], {})
                 for k in model.streams[m].blocks[i].state_dict():
@@ -215,7 +226,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     out, loaded, folded = {}, [], set()
     if not isinstance(model,
                       avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
-        # an audio-only checkpoint: the video tubelet filter from the audio patch filter (ViViT Sec. 3.4)
+        # an audio-only checkpoint: the video tubelet filter from the audio patch filter (ViViT Sec.
+        # 3.4)
         if (pcfg["audio_patch_t"], pcfg["audio_patch_f"]) != (cfg.patch_size, cfg.patch_size):
             raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} audio patch into "
                              f"{cfg.patch_size}x{cfg.patch_size} video patches; use --inflate none")
@@ -519,7 +531,8 @@ def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool)
     except ValueError as e:
         raise SystemExit(f"{fcfg.init}: {e}")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    new = {k for k in report["new"] if not k.endswith("num_batches_tracked")}  # (BatchNorm fills that in)
+    # (BatchNorm fills that in)
+    new = {k for k in report["new"] if not k.endswith("num_batches_tracked")}
     assert not unexpected and set(missing) == new, (unexpected, set(missing) ^ new)
     other = ", other modality" if report["dropped_why"]["other modality"] else ""
     train.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; dropped "
@@ -574,7 +587,8 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     if d.world > 1 and not fcfg.eval_only:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda"
                                                         else None)
-    per_modality = isinstance(model, avmae.MBT) and model.norm is not None  # (shared head: a loss per modality)
+    # (shared head: a loss per modality)
+    per_modality = isinstance(model, avmae.MBT) and model.norm is not None
     return Job(fcfg, d, model, net, opt, train_ds, test_ds, mods, heads, pcfg, lr, total,
                int(fcfg.warmup_epochs * steps_per_epoch), steps_per_epoch, step, per_modality, resumed)
 

@@ -48,7 +48,8 @@ import data
 class RunConfig(data.LoadOptions):
     """What pretraining and finetuning share (finetune.FinetuneConfig extends it too)."""
     size: str = "base"            # model size preset (avmae.SIZES); explicit width flags win
-    data: str = "data/vggsound"   # a prepared set (data.py prepare); a missing '*builtin' folder is generated
+    data: str = "data/vggsound"   # a prepared set (data.py prepare); a
+                                  # missing '*builtin' folder is generated
     workers: int = 8              # DataLoader workers per rank
     max_steps: int = 0            # > 0 overrides epochs
     lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
@@ -60,16 +61,21 @@ class RunConfig(data.LoadOptions):
     save_every: int = 1000        # steps; a final checkpoint is always written
     log_every: int = 10
     max_bad_steps: int = 0        # non-finite losses to skip before stopping
-    on_save_error: str = "retry"  # a checkpoint that cannot be written (disk full): retry at the next save | stop
-    dist_timeout: float = 1800.0  # seconds a collective may wait for a stuck rank before the run stops
-    stop_at: int = 0              # stop (with a checkpoint) after this many steps, as if interrupted
+    on_save_error: str = "retry"  # a checkpoint that cannot be written (disk
+                                  # full): retry at the next save | stop
+    dist_timeout: float = 1800.0  # seconds a collective may wait for
+                                  # a stuck rank before the run stops
+    stop_at: int = 0              # stop (with a checkpoint) after
+                                  # this many steps, as if interrupted
 
 
 @dataclass
 class TrainConfig(RunConfig):
     preset: str = "vggsound_b"
-    variant: str = "avmae"        # avmae | mavil | mavil_mbt | mavil2 | cavmae | avme (the relatives)
-    teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint whose fusion outputs are the targets
+    variant: str = "avmae"        # avmae | mavil | mavil_mbt | mavil2
+                                  # | cavmae | avme (the relatives)
+    teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint
+                                  # whose fusion outputs are the targets
     split: str = "train"
     batch_size: int = 512         # global batch (all ranks, all accumulation steps)
     grad_accum: int = 1
@@ -79,7 +85,8 @@ class TrainConfig(RunConfig):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 0.0        # 0 = off
-    fsdp: bool = False            # shard parameters, gradients and optimizer state (torch fully_shard)
+    fsdp: bool = False            # shard parameters, gradients and
+                                  # optimizer state (torch fully_shard)
     out_dir: str = "out/pretrain"
     keep_last: int = 3
     picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
@@ -87,39 +94,46 @@ class TrainConfig(RunConfig):
     bench_steps: int = 10
 
 
-# MAViL stage 1 (Huang et al., Sec. 3.1-3.2, 4.1): full unimodal encoders + 2 fusion layers, separate decoders,
-# 80% masking, 2-D sin-cos positions, the reconstruction terms summed (Eq. 1) with inter-modal (alpha 0.1, tau 0.1)
-# and intra-modal (beta 0.01, tau 1.0) contrast on the unimodal outputs (Eq. 4)
+# MAViL stage 1 (Huang et al., Sec. 3.1-3.2, 4.1): full unimodal encoders + 2 fusion layers,
+# separate decoders, 80% masking, 2-D sin-cos positions, the reconstruction terms summed (Eq. 1)
+# with inter-modal (alpha 0.1, tau 0.1) and intra-modal (beta 0.01, tau 1.0) contrast on the
+# unimodal outputs (Eq. 4)
 MAVIL = dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate", mask_ratio_v=0.8, mask_ratio_a=0.8,
              pos_embed="sincos2d", recon_sum=True, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0)
 VARIANTS = {  # the relatives as overrides of the model
     "avmae": dict(),
     "mavil": MAVIL,
-    "mavil_mbt": {**MAVIL, "fusion": "mbt", "bottlenecks": 4},  # one g_av for both modalities (App. B)
-    "mavil2": {**MAVIL, "target": "teacher"},  # stage 2: predict a frozen teacher's fusion outputs (--teacher)
+    "mavil_mbt": {**MAVIL, "fusion": "mbt", "bottlenecks": 4},  # one g_av for both
+                                                                # modalities (App. B)
+    "mavil2": {**MAVIL, "target": "teacher"},  # stage 2: predict a frozen teacher's
+                                               # fusion outputs (--teacher)
     # CAV-MAE (Gong et al.) as its authors' code runs it: 11 modality layers + 1 unified layer with
-    # per-modality norms, modality-type embeddings, one decoder (one projection, one mask token) over the
-    # concatenation, 2-D sin-cos positions, 75% unstructured masking of both, per-patch normalised
-    # targets, the reconstruction terms summed + 0.01 x single-directional InfoNCE (tau 0.05)
+    # per-modality norms, modality-type embeddings, one decoder (one projection, one mask token)
+    # over the concatenation, 2-D sin-cos positions, 75% unstructured masking of both, per-patch
+    # normalised targets, the reconstruction terms summed + 0.01 x single-directional InfoNCE (tau
+    # 0.05)
     "cavmae": dict(encoder="cavmae", joint_layers=1, type_embed=True, dec_tied=True, decoder="early",
                    pos_embed="sincos2d", contrast_inter=0.01, tau_inter=0.05, contrast_symmetric=False,
                    mask_ratio_v=0.75, mask_ratio_a=0.75, recon_sum=True, norm_pix_loss=True),
-    # AV-MaskEnhancer (Diao et al.): 90% tube masking of video, all of the audio, bidirectional cross-attention,
-    # the video reconstructed from both streams
+    # AV-MaskEnhancer (Diao et al.): 90% tube masking of video, all of the audio, bidirectional
+    # cross-attention, the video reconstructed from both streams
     "avme": dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9, mask_ratio_a=0.0,
                  objective="video", decoder="early"),
 }
 
-# what a variant changes in the data pipeline: MAViL flips and randomly crops frames in pretraining (App. B)
+# what a variant changes in the data pipeline: MAViL flips and randomly crops frames in pretraining
+# (App. B)
 VARIANT_DATA = {"mavil": dict(video_aug="rrc"), "mavil_mbt": dict(video_aug="rrc"),
                 "mavil2": dict(video_aug="rrc")}
 
-# At the paper's sizes (base, large) a variant also takes its paper's decoder and input shapes; smaller
-# sizes keep the size preset's (a quick CPU run stays quick). MAViL Sec. 4.1 / App. B: 8-layer 512-wide
-# 16-head decoders, 10 s of audio as 1024 x 128 (512 tokens), 8 frames at 2 fps (4 x 14 x 14 = 784 tokens).
+# At the paper's sizes (base, large) a variant also takes its paper's decoder and input shapes;
+# smaller sizes keep the size preset's (a quick CPU run stays quick). MAViL Sec. 4.1 / App. B:
+# 8-layer 512-wide 16-head decoders, 10 s of audio as 1024 x 128 (512 tokens), 8 frames at 2 fps (4
+# x 14 x 14 = 784 tokens).
 MAVIL_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024, num_frames=8,
                     frame_stride=12.5)
-# CAV-MAE Sec. 3 / its code: 8-layer 512-wide 16-head decoder, 1024 x 128 audio (512 tokens), one RGB frame
+# CAV-MAE Sec. 3 / its code: 8-layer 512-wide 16-head decoder, 1024 x 128 audio (512 tokens), one
+# RGB frame
 CAVMAE_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024, num_frames=1,
                      tubelet=1)
 PAPER_SHAPES = {"mavil": MAVIL_SHAPES, "mavil_mbt": MAVIL_SHAPES, "mavil2": MAVIL_SHAPES,
@@ -134,7 +148,8 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
     "audioset_b": dict(data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80, warmup_epochs=4),
     "audioset_l": dict(size="large", data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80,
                        warmup_epochs=4),
-    # a few minutes on a 2-core CPU: 8 frames of 64x64 (64 video tokens), 2.56 s of audio (128 tokens)
+    # a few minutes on a 2-core CPU: 8 frames of 64x64 (64 video tokens), 2.56 s of audio (128
+    # tokens)
     "quick": dict(size="tiny", data="data/builtin", num_frames=8, image_size=64, audio_frames=256, batch_size=32,
                   audio_norm="dataset",
                   epochs=60, warmup_epochs=3, blr=1.5e-3, workers=2, save_every=300, picture_every=300,
@@ -245,15 +260,16 @@ def setup_distributed(timeout: float = 1800.0) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     limit = datetime.timedelta(seconds=timeout)
-    # the rendezvous store, with a key prefix per torchrun restart: without it a restarted job (a rank
-    # died, --max-restarts) reads the dead attempt's addresses and cannot connect
+    # the rendezvous store, with a key prefix per torchrun restart: without it a restarted job (a
+    # rank died, --max-restarts) reads the dead attempt's addresses and cannot connect
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, timeout=limit,
                           is_master=rank == 0 and not agent, multi_tenant=not agent)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"avmae/restart_{restart}", store), rank=rank,
                             world_size=world, device_id=device if device.type == "cuda" else None, timeout=limit)
-    monitor = dist.new_group(backend="gloo", timeout=limit)  # (a group that timed out cannot be asked again)
+    monitor = dist.new_group(backend="gloo", timeout=limit)  # (a group that timed out
+                                                             # cannot be asked again)
     return Dist(rank, local, world, device, monitor)
 
 
@@ -400,7 +416,8 @@ def resume_from(resume: str, out_dir: str, kind: str = "pretraining") -> tuple:
 # -----------------------------------------------------------------------------
 # faults on a cluster: a scheduler's signal, a non-finite step, a full disk, a stuck rank
 
-EXIT_PREEMPTED = 75  # (EX_TEMPFAIL) stopped cleanly on SIGTERM / SIGUSR1 with a checkpoint: resume with --resume auto
+EXIT_PREEMPTED = 75  # (EX_TEMPFAIL) stopped cleanly on SIGTERM / SIGUSR1
+                     # with a checkpoint: resume with --resume auto
 
 
 class Preemption:
@@ -570,7 +587,8 @@ def peak_flops(device: torch.device) -> float | None:
 # pictures: the paper's Figure 5 (rows: original, masked input, reconstruction with the visible
 # patches pasted back; frames on the left, spectrogram on the right)
 
-_CMAP = torch.tensor([[0, 0, 4], [80, 18, 123], [183, 55, 121], [251, 136, 97], [252, 253, 191]]) / 255.0  # magma-like
+# magma-like
+_CMAP = torch.tensor([[0, 0, 4], [80, 18, 123], [183, 55, 121], [251, 136, 97], [252, 253, 191]]) / 255.0
 
 
 def _colormap(x: torch.Tensor) -> torch.Tensor:  # (H, W) in [0, 1] -> (3, H, W)
@@ -813,7 +831,8 @@ def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None)
 
 
 def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
-    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every
+                                  # rank (FSDP shards them as they are)
     per_rank = tcfg.batch_size // (d.world * tcfg.grad_accum)
     if per_rank * d.world * tcfg.grad_accum != tcfg.batch_size or per_rank == 0:
         raise SystemExit(f"--batch_size {tcfg.batch_size} does not split into {d.world} ranks x "
@@ -880,7 +899,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
     state, path, picture = dict(loss=float("nan")), None, None
     with Preemption() as preempt:
-        while step < stop:  # the loop: a step, then its hooks (log, picture, checkpoint, a requested stop)
+        while step < stop:  # the loop: a step, then its hooks (log,
+                            # picture, checkpoint, a requested stop)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, lr, tcfg.min_lr)
             try:
@@ -957,7 +977,8 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
     masks = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device)
     masks2 = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device,
                           view=1) if mcfg.contrast_intra else None
-    sums = torch.zeros(len(LOSS_KEYS) + 1, device=d.device)  # the losses, then "a rank was asked to stop"
+    sums = torch.zeros(len(LOSS_KEYS) + 1, device=d.device)  # the losses, then "a
+                                                             # rank was asked to stop"
     bad_clips = 0
     for micro in range(tcfg.grad_accum):
         _, batch = next(run.stream)
@@ -982,7 +1003,8 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
         zero = torch.zeros((), device=d.device)
         sums[:-1] += torch.stack([out.get(k,
                                           zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
-    sums[-1] = float(preempt.signal is not None)  # (a signal that came during this step stops after it)
+    sums[-1] = float(preempt.signal is not None)  # (a signal that came during
+                                                  # this step stops after it)
     sums = all_reduce(sums) / d.world
     gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
                                            tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
@@ -1020,7 +1042,8 @@ def picture_step(run: Run, step: int, batch: dict, masks: dict) -> str | None:
     if mcfg.target != "pixels" or not (d.master or tcfg.fsdp):
         return None
     raw.eval()  # (an FSDP forward takes every rank)
-    with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):  # reconstruction only: no contrast
+    # reconstruction only: no contrast
+    with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
         o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (k[:1], r[:1]) for m, (k, r) in masks.items()},
                 contrast=False)
     raw.train()

@@ -102,7 +102,8 @@ def _assemble_backward(ctx, g):
     ids_vis, ids_mask = ctx.saved_tensors
     x_dtype, tok_dtype, n_vis, pv_dtype, n_mask, pm_dtype = ctx.meta
     K = ids_vis.shape[1]
-    need = ctx.needs_input_grad  # (a table passed as both pos_vis and pos_mask gets both parts, summed by autograd)
+    need = ctx.needs_input_grad  # (a table passed as both pos_vis and pos_mask
+                                 # gets both parts, summed by autograd)
     dx = g[:, :K].to(x_dtype) if need[0] else None
     dtok = g[:, K:].sum((0, 1), dtype=torch.float32).to(tok_dtype) if need[2] else None
     dpv = _table_grad(g[:, :K], ids_vis, n_vis, pv_dtype) if need[1] else None

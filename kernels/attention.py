@@ -37,7 +37,8 @@ else:
             for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]]
 
 
-def _prune(configs, named_args, **kwargs):  # big tiles of fp32 or at head dim 128 do not fit in shared memory
+def _prune(configs, named_args, **kwargs):  # big tiles of fp32 or at head dim
+                                            # 128 do not fit in shared memory
     a = {**named_args, **kwargs}
     big = a["HEAD_DIM"] >= 128 or a["IS_FP32"]
     return [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[-1:]
@@ -62,7 +63,8 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, N, H, sqb, sqh, sqn, skb, skh, skn, svb
         kn = n0 + rn
         k = tl.load(K + b * skb + h * skh + kn[None, :] * skn + rd[:, None], mask=kn[None, :] < N,
                     other=0.0)
-        s = tl.dot(q, k, input_precision="ieee" if IS_FP32 else "tf32") * qk_scale  # (BLOCK_M, BLOCK_N)
+        # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, k, input_precision="ieee" if IS_FP32 else "tf32") * qk_scale
         s = tl.where(kn[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])

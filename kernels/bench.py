@@ -143,7 +143,8 @@ def bench_step(dev, small):
     size, micro = ("tiny", 2) if small else ("base", 64)
     rows, backends = [], ["torch", "auto", "triton"] if run_ours(dev) else ["torch"]
     for backend in backends:
-        for compiled in (False, True) if dev == "cuda" else (False,):  # (compiling on a CPU: not a GPU figure)
+        # (compiling on a CPU: not a GPU figure)
+        for compiled in (False, True) if dev == "cuda" else (False,):
             torch.manual_seed(0)
             mcfg = avmae.make_config(size, encoder="mid", decoder="shared", kernels=backend,
                                      **base)
@@ -155,7 +156,8 @@ def bench_step(dev, small):
                                 micro)
                 rows.append((backend, "compiled" if compiled else "eager", r["clips_per_s"],
                              r["mfu"], r["peak_mem_gb"]))
-            except Exception as e:  # (a compiler missing on a CPU machine, say): reported, not fatal
+            except Exception as e:  # (a compiler missing on a CPU
+                                    # machine, say): reported, not fatal
                 rows.append((backend, "compiled" if compiled else "eager", None, None,
                              f"{type(e).__name__}"))
     return rows

@@ -1,8 +1,9 @@
 import os
 import sys
 
-# The kernel tests run Triton's interpreter on the CPU; it must be asked for before triton is imported.
-# Only models built with kernels='triton' use it: the default ('auto') runs the torch twins on CPU.
+# The kernel tests run Triton's interpreter on the CPU; it must be asked for before triton is
+# imported. Only models built with kernels='triton' use it: the default ('auto') runs the torch
+# twins on CPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -14,8 +15,8 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 
 import avmae  # noqa: E402
 
-# a CPU-sized model: 4 frames of 32x32 in 2x8x8 tubelets (32 video tokens), 64 x 32 log-mel in 8x8 patches
-# (32 audio tokens); the same code as the paper model, other numbers.
+# a CPU-sized model: 4 frames of 32x32 in 2x8x8 tubelets (32 video tokens), 64 x 32 log-mel in 8x8
+# patches (32 audio tokens); the same code as the paper model, other numbers.
 TINY_INPUTS = dict(num_frames=4, image_size=32, patch_size=8, audio_frames=64, mel_bins=32,
                    audio_patch_t=8, audio_patch_f=8)
 

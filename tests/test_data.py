@@ -59,7 +59,8 @@ def kaldi_fbank_reference(x, sr, n_mels=128, window="hann"):
 def test_logmel_matches_kaldi_definition(sr, seconds, window):
     rng = np.random.default_rng(sr)
     t = np.arange(int(sr * seconds)) / sr
-    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t)) + 0.01  # tone, noise, DC
+    # tone, noise, DC
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t)) + 0.01
     ref = kaldi_fbank_reference(x, sr, window=window)
     ours = data.logmel(torch.tensor(x, dtype=torch.float32), sr=sr, window=window).double().numpy()
     assert ours.shape == ref.shape
@@ -106,7 +107,8 @@ def test_vggsound_manifest(tmp_path):
     recs, bad = data.read_vggsound(p)
     assert [r.id for r in recs] == ["abc_000030", "xyz_000000"]
     assert recs[0].src[0] == "abc_000030.mp4" and recs[0].labels == {"label": ["dog barking"]}
-    assert len(bad) == 3 and all(str(p) in b for b in bad)  # the empty line, the short one, the bad number
+    assert len(bad) == 3 and all(str(p) in b for b in bad)  # the empty line, the short
+                                                            # one, the bad number
     assert [r.id for r in data.read_vggsound(p, "test")[0]] == ["xyz_000000"]
 
 
@@ -197,7 +199,8 @@ def test_prepare_real_mp4s(tmp_path):
         assert n == 25  # 2 s at 12.5 fps
         frames = data.decode_frames(data.read_frames(fb, range(n)))
         assert frames.shape[-2:] == (256, 342)  # short side 256
-        for j in (0, 6, 12, 20):  # stored frame j = source frame 2j: square's left edge at 20 + 8j px
+        for j in (0, 6, 12, 20):  # stored frame j = source frame 2j:
+                                  # square's left edge at 20 + 8j px
             col = frames[j, 0].float().amax(0)  # brightest pixel of each column
             xs = torch.nonzero(col > 127)[:, 0].float()
             assert abs(xs.mean().item() - (40 + 8 * j) * 256 / 240) < 3
@@ -367,7 +370,8 @@ def test_short_audio_is_zero_padded(copy):
     item = ds[0]
     assert item["id"] == cid and item["a"].shape == (256, 128)
     floor = float(np.log(np.finfo(np.float32).eps))
-    assert torch.all(item["a"][60:] == floor) and item["a"][:40].max() > 0  # tone, then zero-padded silence
+    # tone, then zero-padded silence
+    assert torch.all(item["a"][60:] == floor) and item["a"][:40].max() > 0
 
 
 def test_stereo_is_downmixed_and_other_rates_resampled(copy):
@@ -377,13 +381,16 @@ def test_stereo_is_downmixed_and_other_rates_resampled(copy):
     mono = 0.25 * np.sin(2 * np.pi * 700 * t16)
     _rewrite_audio(copy, cid, mono, 16000)
     ref = ds[0]["a"]
-    _rewrite_audio(copy, cid, np.stack([2 * mono, np.zeros_like(mono)], 1), 16000)  # mean of channels = mono
-    loud = ref > ref.max() - 8  # (16-bit files: compare where the tone is, not the quantisation noise)
+    # mean of channels = mono
+    _rewrite_audio(copy, cid, np.stack([2 * mono, np.zeros_like(mono)], 1), 16000)
+    loud = ref > ref.max() - 8  # (16-bit files: compare where the
+                                # tone is, not the quantisation noise)
     assert loud.sum() > 256 and (ds[0]["a"] - ref)[loud].abs().max() < 0.01
     t44 = np.arange(4 * 44100) / 44100
     _rewrite_audio(copy, cid, 0.25 * np.sin(2 * np.pi * 700 * t44), 44100)
     res = ds[0]["a"]
-    assert res.shape == ref.shape and (res - ref)[loud].abs().max() < 0.1  # the same tone after resampling
+    # the same tone after resampling
+    assert res.shape == ref.shape and (res - ref)[loud].abs().max() < 0.1
     assert torch.equal(res[0, 100].argmax(), ref[0, 100].argmax())
 
 
@@ -394,7 +401,8 @@ def test_short_video_holds_its_last_frame(copy):
     data.write_frames(fb, [j.numpy() for j in data.read_frames(fb, range(5))])
     v = ds[0]["v"][0]
     assert v.shape == (3, 8, 32, 32)
-    assert torch.equal(v[:, 2], v[:, 3]) and torch.equal(v[:, 2], v[:, 7])  # frames 4, 6, ... -> frame 4
+    # frames 4, 6, ... -> frame 4
+    assert torch.equal(v[:, 2], v[:, 3]) and torch.equal(v[:, 2], v[:, 7])
     assert not torch.equal(v[:, 0], v[:, 2])
 
 

@@ -55,7 +55,8 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_exactly(builtin, tmp_pat
     assert e.value.code == train.EXIT_PREEMPTED
     err = capsys.readouterr().err
     assert f"stopped at step 3 on {sig.name}" in err and "--resume auto to continue" in err
-    assert sorted(os.listdir(tmp_path / "cut"))[:1] == ["ckpt_0000003.pt"]  # the step in flight finished
+    # the step in flight finished
+    assert sorted(os.listdir(tmp_path / "cut"))[:1] == ["ckpt_0000003.pt"]
     res = train.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "auto"])
     assert res["step"] == 6 and same(full["checkpoint"], res["checkpoint"])
 
@@ -72,13 +73,14 @@ def test_a_second_signal_while_saving_does_not_corrupt_the_checkpoint(builtin, t
         train.main([*TINY, "--data", builtin, "--max_steps", "6", "--out_dir", str(tmp_path)],
                    hooks={"batch": signal_at(1)})
     assert e.value.code == train.EXIT_PREEMPTED
-    ck = train.load_checkpoint(str(tmp_path / "ckpt_0000002.pt"), "--resume")  # intact: checksum and all
+    # intact: checksum and all
+    ck = train.load_checkpoint(str(tmp_path / "ckpt_0000002.pt"), "--resume")
     assert ck["step"] == 2 and open(tmp_path / "latest").read() == "ckpt_0000002.pt"
 
 
-# -----------------------------------------------------------------------------
-# a rank dies (SIGKILL) under torchrun --max-restarts: the job restarts from the latest checkpoint by
-# itself; a rank hangs: the others stop naming it instead of waiting for hours
+# ----------------------------------------------------------------------------- a rank dies
+#   (SIGKILL) under torchrun --max-restarts: the job restarts from the latest checkpoint by itself; a
+#   rank hangs: the others stop naming it instead of waiting for hours
 
 DYING = """
 import os, signal, sys, time
@@ -110,14 +112,16 @@ def test_a_killed_rank_restarts_from_the_latest_checkpoint(builtin, tmp_path):
     p, _ = torchrun(tmp_path, script, [*args, "--out_dir", str(tmp_path / "two")], restarts=1)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "torchrun restart 1: continuing from the newest intact checkpoint" in p.stdout
-    # the same weights as one process with the same global batch (2 processes equal 1: test_train.py)
+    # the same weights as one process with the same global batch (2 processes equal 1:
+    # test_train.py)
     one = train.main([*args, "--out_dir", str(tmp_path / "one")])
     w1, w2 = weights(one["checkpoint"]), weights(tmp_path / "two" / "ckpt_0000006.pt")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
 
 
 def test_a_stuck_rank_stops_the_others_with_its_name(builtin, tmp_path):
-    script = DYING.format(root=ROOT, step=2, action="time.sleep(12)")  # (then it finds the others gone)
+    # (then it finds the others gone)
+    script = DYING.format(root=ROOT, step=2, action="time.sleep(12)")
     p, seconds = torchrun(tmp_path, script, [*TINY, "--data", builtin, "--max_steps", "6", "--dist_timeout", "4",
                                              "--out_dir", str(tmp_path / "o")], timeout=100)
     assert p.returncode != 0 and seconds < 40
@@ -161,7 +165,8 @@ def test_damaged_checkpoints_are_found_and_passed_over(builtin, tmp_path, capsys
     # truncated: the newest file cut in half
     newest = tmp_path / "ckpt_0000004.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    # bit flips in a tensor: one weight changed, saved with the old checksum (a flip the zip does not see)
+    # bit flips in a tensor: one weight changed, saved with the old checksum (a flip the zip does
+    # not see)
     ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=False)
     ck["model"]["patch_embed.a.weight"].view(-1)[0] += 1e-3
     torch.save(ck, tmp_path / "ckpt_0000003.pt")
@@ -198,7 +203,8 @@ def test_finetune_resumes_exactly_and_reports_at_the_end(builtin, tmp_path, caps
     done = FT.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "auto"])
     assert done["label_top1"] == full["label_top1"] and json.load(open(tmp_path / "cut" / "metrics.json"))
     out = capsys.readouterr()
-    assert "epoch 2: train top-1" in out.out + out.err  # is it learning: train next to test at each eval
+    assert "epoch 2: train top-1" in out.out + out.err  # is it learning: train
+                                                        # next to test at each eval
 
 
 def test_finetune_non_finite_policy_and_preemption(builtin, tmp_path, monkeypatch):
@@ -230,9 +236,9 @@ def test_finetune_non_finite_policy_and_preemption(builtin, tmp_path, monkeypatc
     assert e.value.code == train.EXIT_PREEMPTED and os.path.exists(tmp_path / "c" / "ckpt_0000002.pt")
 
 
-# -----------------------------------------------------------------------------
-# data at run time: a clip that disappears is replaced and counted; a vanished folder stops the run in
-# one line; a loader worker that dies is reported with the clips it was reading
+# ----------------------------------------------------------------------------- data at run time: a
+#   clip that disappears is replaced and counted; a vanished folder stops the run in one line; a
+#   loader worker that dies is reported with the clips it was reading
 
 
 def test_data_faults_during_a_run(builtin, tmp_path):
@@ -284,4 +290,5 @@ def test_a_checkpoint_of_the_old_decoder_layout_says_so_in_one_line(tmp_path):
     torch.save(dict(model=old, model_config={}), path)
     with pytest.raises(train.BadCheckpoint, match="decoder's parameters moved"):
         train.load_checkpoint(path, "--resume")
-    assert "dec_embed.a.weight" in train.load_checkpoint(path, "--init")["model"]  # finetuning reads the encoder
+    # finetuning reads the encoder
+    assert "dec_embed.a.weight" in train.load_checkpoint(path, "--init")["model"]

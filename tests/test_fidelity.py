@@ -176,11 +176,13 @@ def test_mixup_draws_a_weight_per_modality_with_its_own_targets():
              "label": torch.arange(8)}
     mixed, t = FT.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False, g, per_modality=True)
     lam = {}
-    for m in "av":  # clip i is mixed with clip p(i): its targets hold lam_m at i and 1 - lam_m at p(i)
+    for m in "av":  # clip i is mixed with clip p(i): its targets
+                    # hold lam_m at i and 1 - lam_m at p(i)
         y = t[m]["label"]
         lam[m] = y.diagonal().min()
         off = y - torch.diag(y.diagonal())
-        partner = torch.where(off.amax(1) > 0, off.argmax(1), torch.arange(8))  # (a clip may draw itself)
+        # (a clip may draw itself)
+        partner = torch.where(off.amax(1) > 0, off.argmax(1), torch.arange(8))
         assert torch.allclose(mixed[m][:, 0],
                               lam[m] * torch.arange(8.0) + (1 - lam[m]) * partner.float())
     assert not torch.isclose(lam["a"], lam["v"])  # a weight per modality, the same partners
@@ -219,7 +221,8 @@ def test_video_augmentation_defaults_and_boxes():
         assert h == w == 224 and 0 <= top <= 32 and 0 <= left <= 116
         _, _, h, _ = data.video_box(256, 340, rng, "finetune", True)
         assert round(256 / 1.33 * 224 / 256) - 1 <= h <= min(256, round(224 / 0.9)) + 1
-    assert data.video_box(256, 340, rng, "finetune", False) == (16, 58, 224, 224)  # central 224 of 256
+    # central 224 of 256
+    assert data.video_box(256, 340, rng, "finetune", False) == (16, 58, 224, 224)
 
 
 def test_pretraining_clips_are_never_flipped_or_coloured_finetuning_clips_are():
@@ -242,9 +245,9 @@ def test_pretraining_clips_are_never_flipped_or_coloured_finetuning_clips_are():
     assert 15 <= flips <= 45 and 1 <= greys <= 15 and colours >= 35
 
 
-# -----------------------------------------------------------------------------
-# MAViL at its paper shapes (Sec. 4.1, App. B): 8 x 512 decoders with 16 heads, 2-D sin-cos positions,
-# 1024 x 128 audio (512 tokens), 8 frames at 2 fps (784 tokens); one fusion g_av for both modalities
+# ----------------------------------------------------------------------------- MAViL at its paper
+#   shapes (Sec. 4.1, App. B): 8 x 512 decoders with 16 heads, 2-D sin-cos positions, 1024 x 128 audio
+#   (512 tokens), 8 frames at 2 fps (784 tokens); one fusion g_av for both modalities
 
 
 def test_mavil_builds_its_paper_model_at_paper_sizes():
@@ -291,18 +294,21 @@ def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
     masks = model.sample_masks(2)
     e, uni = avmae.encode_with_unimodal(model.encoder, model.embed(model.patchify(x), masks))
     assert e["v"].shape == (2, masks["v"][0].shape[1], 2 * cfg.width)
-    assert torch.equal(e["v"][..., :cfg.width], uni["v"])  # each video token beside its cross-attended audio
+    assert torch.equal(e["v"][..., :cfg.width], uni["v"])  # each video token beside
+                                                           # its cross-attended audio
     seen = []
     h = model.decoder.net.register_forward_pre_hook(lambda mod,
                                                     args: seen.append({k: v.shape for k, v in args[0].items()}))
     model(**x, masks=masks)
     h.remove()
-    assert seen[0]["v"][1] == model.n["v"]  # N_fuse = N_v: no audio tokens in the decoder's sequence
+    assert seen[0]["v"][1] == model.n["v"]  # N_fuse = N_v: no audio tokens
+                                            # in the decoder's sequence
     seq = avmae.AVMAE(tiny_config(**{**train.VARIANTS["avme"], "xattn_fuse": "sequence"}))
     seq.decoder.net.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k,
                                                                              v in args[0].items()}))
     seq(**x, masks=masks)
-    assert seen[1]["v"][1] == model.n["v"] + masks["a"][0].shape[1]  # the option: audio along the sequence
+    # the option: audio along the sequence
+    assert seen[1]["v"][1] == model.n["v"] + masks["a"][0].shape[1]
 
 
 # -----------------------------------------------------------------------------
@@ -347,7 +353,8 @@ def test_fusion_layer_follows_the_authors_configs():
 
 
 def test_recipe_defaults_are_the_papers():
-    mcfg, t = train.parse_args([])  # AV-MAE Table 20 (the authors' config differs: wd 0.05, warm-up 4)
+    mcfg, t = train.parse_args([])  # AV-MAE Table 20 (the authors'
+                                    # config differs: wd 0.05, warm-up 4)
     assert (t.weight_decay, t.warmup_epochs, t.beta1, t.beta2, t.blr, t.batch_size, t.epochs) == \
         (0.0, 40.0, 0.9, 0.95, 1.5e-4, 512, 800)
     assert (t.window, t.audio_norm, t.video_aug) == ("hann", "none", "none")

@@ -52,8 +52,8 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
     state, report = FT.map_pretrained(ck["model"], pcfg, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and sorted(missing) == [k for k in report["new"] if "num_batches" not in k]
-    # every encoder tensor of the finetuned modalities is used; what is dropped is the decoder or the
-    # other modality's own stream, and says so
+    # every encoder tensor of the finetuned modalities is used; what is dropped is the decoder or
+    # the other modality's own stream, and says so
     finetuned = {"av": "av", "audio": "a", "video": "v"}[modality]
     for k in report["dropped"]:
         assert k.startswith("decoder.") or \
@@ -65,7 +65,8 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
         if m in avmae.AVMAEConfig(**pcfg).mods:
             assert torch.equal(model.state_dict()[name],
                                pretrained.state_dict()[f"patch_embed.{m}.weight"])
-        elif m == "v":  # an audio-only checkpoint: the tubelet filter inflated from the audio patch filter
+        elif m == "v":  # an audio-only checkpoint: the tubelet
+                        # filter inflated from the audio patch filter
             assert f"{name} <- inflate(patch_embed.a.weight)" in report["loaded"]
         else:
             assert name in report["new"]  # a video-only checkpoint has no embedding for audio
@@ -109,7 +110,8 @@ def test_longer_video_than_pretraining(tmp_path):
     for pos in ("sincos", "learned"):
         path, _ = pretrained_ckpt(tmp_path, encoder="separate", pos_embed=pos)
         ck = torch.load(path, weights_only=False)
-        model = FT.build_model(fcfg(modality="video", num_frames=8), {"label": 3}, ck["model_config"])  # 4 -> 8 frames
+        # 4 -> 8 frames
+        model = FT.build_model(fcfg(modality="video", num_frames=8), {"label": 3}, ck["model_config"])
         state, report = FT.map_pretrained(ck["model"], ck["model_config"], model)
         model.load_state_dict(state, strict=False)
         assert model.streams["v"].pos().shape[0] == 2 * 8 and model(v=torch.rand(1, 3, 8, 32,
@@ -121,7 +123,8 @@ def test_longer_video_than_pretraining(tmp_path):
 def test_mismatched_checkpoints_are_clear_errors(tmp_path, builtin):
     path, _ = pretrained_ckpt(tmp_path, encoder="separate")
     ck = torch.load(path, weights_only=False)
-    wrong = {**ck["model_config"], "width": 96, "heads": 4}  # the config says 96 wide, the weights are 64
+    wrong = {**ck["model_config"], "width": 96, "heads": 4}  # the config says 96 wide,
+                                                             # the weights are 64
     model = FT.build_model(fcfg(), {"label": 3}, wrong)
     with pytest.raises(ValueError, match=r"has shape \(.*\) but .* needs"):
         FT.map_pretrained(ck["model"], wrong, model)
@@ -211,7 +214,8 @@ def test_layer_decay_and_mixup():
     groups = FT.param_groups(model, f, 1.0)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert scale[id(model.heads["av"]["label"].weight)] == 1.0
-    assert scale[id(model.streams["a"].blocks[3].attn.qkv.weight)] == 0.5  # block 3 of 4: one below the top
+    # block 3 of 4: one below the top
+    assert scale[id(model.streams["a"].blocks[3].attn.qkv.weight)] == 0.5
     assert scale[id(model.streams["v"].embed.weight)] == 0.5 ** 5
     assert scale[id(model.bottleneck)] == 0.5 ** (5 - 4)
     g = torch.Generator().manual_seed(0)
@@ -219,7 +223,8 @@ def test_layer_decay_and_mixup():
              "label": torch.tensor([0, 1, 2, 0])}
     mixed, t = FT.mixup(batch, ("a", "v"), {"label": 3}, 0.5, False, g)
     assert torch.allclose(t["label"].sum(1), torch.ones(4))
-    assert torch.allclose(mixed["v"], mixed["a"] * 10)  # the same weights and partners for both modalities
+    assert torch.allclose(mixed["v"], mixed["a"] * 10)  # the same weights and
+                                                        # partners for both modalities
 
 
 # -----------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def _perm_ids(B, N, K, seed=0):
 def test_gather(dtype, B, N, C, K):
     keep, _ = _perm_ids(B, N, K)
     x = torch.randn(B, N, C, dtype=dtype, requires_grad=True)
-    table = torch.randn(N, C, requires_grad=True)  # positions stay fp32: the output is promoted, as in torch
+    table = torch.randn(N, C, requires_grad=True)  # positions stay fp32: the output
+                                                   # is promoted, as in torch
     for args in [(x, keep), (x, keep, table), (table, keep)]:
         y, r = FAST["gather"](*args), avmae.gather_tokens(*args)
         close(y, r, 0)  # a copy (and one add) is exact
@@ -59,7 +60,8 @@ def test_assemble_and_unshuffle(dtype, B, N, K, D):
     x = torch.randn(B, K, D, dtype=dtype, requires_grad=True)
     tok = torch.randn(D, requires_grad=True)
     pos = torch.randn(N, D, requires_grad=True)  # learned positions: their gradient is checked too
-    other = torch.randn(N + 5, D, requires_grad=True)  # inpainting: context positions from another table
+    other = torch.randn(N + 5, D, requires_grad=True)  # inpainting: context
+                                                       # positions from another table
     cases = [("assemble", (x, pos, tok, pos, keep, drop)), ("assemble", (x, other, tok, pos, keep, drop)),
              ("unshuffle", (x, tok, pos, keep, drop))]
     for name, args in cases:
@@ -114,7 +116,8 @@ def test_attention_hard_cases(dtype):
     the rows of the ragged last block by max-abs, and the saved log-sum-exp (log2 units)."""
     B, H, N, d = 2, 2, 40, 32
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(B, H, N, d, generator=g) * s for s in (6.0, 6.0, 1.0))  # scores ~ 36 sqrt(d) / sqrt(d)
+    # scores ~ 36 sqrt(d) / sqrt(d)
+    q, k, v = (torch.randn(B, H, N, d, generator=g) * s for s in (6.0, 6.0, 1.0))
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     y, lse = kernels.attention._attention(q, k, v)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -169,7 +172,8 @@ def test_backend_is_chosen_per_op_and_unsupported_inputs_go_to_the_twin(monkeypa
     q48 = torch.randn(1, 2, 5, 48)  # a head dim the kernel does not take: the twin, no assert
     out = avmae.get_ops("triton")["attention"](q48, q48, q48)
     assert calls == [1] and torch.allclose(out, avmae.attention(q48, q48, q48))
-    monkeypatch.setitem(avmae.KERNELS_MEASURED_FASTER, "", ("attention",))  # "measured faster on every GPU"
+    # "measured faster on every GPU"
+    monkeypatch.setitem(avmae.KERNELS_MEASURED_FASTER, "", ("attention",))
     assert avmae.get_ops("auto")["gather"] is avmae.gather_tokens
     avmae.get_ops("auto")["attention"](q, q, q)  # a CPU tensor without 'triton': still the twin
     assert calls == [1]
@@ -221,13 +225,13 @@ print("OPS", ops, "WRAPPED", wrapped, "BACKWARDS", sorted(set(backwards)))
 
 
 def test_training_step_compiles_without_graph_breaks():
-    # torch.compile(fullgraph=True) raises at the first graph break. Dynamo must see each kernel as one
-    # op (torch.library.triton_op) and AOT autograd must trace their hand-written backwards into the
-    # joint graph. Fake-tensor tracing cannot go through the interpreter, so this runs without it, in
-    # a fresh process, up to the point where the traced kernels would launch (which needs a GPU:
-    # test_kernels_gpu.py runs the compiled step there, both decoder layouts). Without a GPU driver,
-    # Triton's mutation analysis falls back to "every argument may be written", which trips AOT's
-    # partitioner on the unshuffle layout's graph; the default layout is checked here.
+    # torch.compile(fullgraph=True) raises at the first graph break. Dynamo must see each kernel as
+    # one op (torch.library.triton_op) and AOT autograd must trace their hand-written backwards into
+    # the joint graph. Fake-tensor tracing cannot go through the interpreter, so this runs without
+    # it, in a fresh process, up to the point where the traced kernels would launch (which needs a
+    # GPU: test_kernels_gpu.py runs the compiled step there, both decoder layouts). Without a GPU
+    # driver, Triton's mutation analysis falls back to "every argument may be written", which trips
+    # AOT's partitioner on the unshuffle layout's graph; the default layout is checked here.
     import os
     import subprocess
     import sys
@@ -246,14 +250,16 @@ def test_training_step_compiles_without_graph_breaks():
 
 
 def test_bench_report_dry_run_and_kernel_rows(tmp_path):
-    # the one GPU report command, run on a CPU: the twins at small shapes, saying it is not a GPU figure
+    # the one GPU report command, run on a CPU: the twins at small shapes, saying it is not a GPU
+    # figure
     out = tmp_path / "bench.md"
     p = subprocess.run([sys.executable, "kernels/bench.py", "--report", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert p.returncode == 0, p.stderr[-2000:]
     text = out.read_text()
     assert "not a GPU figure" in text and "Device: **CPU**" in text
-    assert sum(line.startswith(("| 17 |", "| 40 |", "| 64 |")) for line in text.splitlines()) == 6  # 3 lengths x 2 passes
+    # 3 lengths x 2 passes
+    assert sum(line.startswith(("| 17 |", "| 40 |", "| 64 |")) for line in text.splitlines()) == 6
     for row in ("| gather fp32 patches", "| assemble ", "| unshuffle ", "| loss fwd+bwd ",
                 "| torch | eager |"):
         assert row in text, row

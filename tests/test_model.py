@@ -30,7 +30,8 @@ VARIANTS = AV_VARIANTS + [dict(modalities="a"), dict(modalities="v")] + list(REL
 IDS = ["-".join(map(str, v.values())) for v in AV_VARIANTS] + ["audio-only",
                                                                "video-only"] + list(RELATIVES)
 # every other valid combination of the model's choices (new encoders x decoders x objectives)
-NEEDS = {"cavmae": dict(contrast_inter=0.01)}  # what an encoder cannot go without (its unimodal norms)
+NEEDS = {"cavmae": dict(contrast_inter=0.01)}  # what an encoder cannot go
+                                               # without (its unimodal norms)
 EVERY = [dict(encoder=e, decoder=d, objective=o, **NEEDS.get(e, {}))
          for e, d, o in itertools.product(avmae.ENCODERS, avmae.DECODERS, avmae.OBJECTIVES)
          if (e not in PAPER_ENCODERS or o not in PAPER_OBJECTIVES)
@@ -46,9 +47,9 @@ def teacher_targets(model, B, seed=0):
 
 
 def test_variant_table():
-    # 4 encoders x 3 decoders minus separate+separate = 11 joint models; inpainting needs an early or mid
-    # encoder (2 x 3 decoders x 2 single-direction objectives = 12) and inpaint_both refuses the early
-    # decoder (2 x 2 = 4): 27 audiovisual variants in the paper's tables.
+    # 4 encoders x 3 decoders minus separate+separate = 11 joint models; inpainting needs an early
+    # or mid encoder (2 x 3 decoders x 2 single-direction objectives = 12) and inpaint_both refuses
+    # the early decoder (2 x 2 = 4): 27 audiovisual variants in the paper's tables.
     joint = [v for v in AV_VARIANTS if v["objective"] == "joint"]
     assert len(joint) == 11 and len(AV_VARIANTS) == 27
     assert {v["encoder"] for v in AV_VARIANTS if v["objective"] != "joint"} == {"early", "mid"}
@@ -89,8 +90,8 @@ def check_shapes_and_gradients(variant):
 
 
 # one case per encoder and per decoder family, one inpainting, one unimodal and the relatives' own
-# mechanisms (contrast, teacher targets, cross-attention); every other variant's gradients reach every
-# parameter (test_shapes_loss_and_gradients), which is the cheap half of the same property
+# mechanisms (contrast, teacher targets, cross-attention); every other variant's gradients reach
+# every parameter (test_shapes_loss_and_gradients), which is the cheap half of the same property
 OVERFIT = {"mid-shared-joint": dict(encoder="mid", decoder="shared"), "early-early-joint": dict(encoder="early", decoder="early"),
            "separate-shared-joint": dict(encoder="separate", decoder="shared"),
            "shared-separate-joint": dict(encoder="shared", decoder="separate"),
@@ -123,7 +124,8 @@ def test_overfits_one_batch(variant):
 
 
 def test_mask_counts_and_independence_at_paper_shapes():
-    model = avmae.AVMAE(avmae.make_config("tiny"))  # paper input shapes: 1568 video, 400 audio tokens
+    model = avmae.AVMAE(avmae.make_config("tiny"))  # paper input shapes: 1568
+                                                    # video, 400 audio tokens
     masks = model.sample_masks(8)
     for m, n, ratio in (("v", 1568, 0.9), ("a", 400, 0.5)):
         keep, drop = masks[m]
@@ -211,7 +213,8 @@ def test_patchify_roundtrip():
         p = model.patches[m]
         assert torch.equal(p.unpatchify(p.patchify(inp)), inp)
     ap = model.patches["a"]
-    odd = torch.randn(2, model.cfg.audio_frames + 5, model.cfg.mel_bins)  # frames that fill no patch fall off
+    # frames that fill no patch fall off
+    odd = torch.randn(2, model.cfg.audio_frames + 5, model.cfg.mel_bins)
     assert torch.equal(ap.unpatchify(ap.patchify(odd)), odd[:, : model.cfg.audio_frames])
 
 
@@ -307,7 +310,8 @@ def test_inpainting_paper_layout_supervises_the_last_raster_patches():
                                     inpaint_layout="paper"))
     out = model(**tiny_batch(model.cfg))
     n_v, k_a = model.n["v"], model.n["a"] - math.floor(0.5 * model.n["a"])
-    assert out["pred_v"].shape[1] == n_v - k_a  # m_v repeated n_v - (1 - alpha_a) n_a times (Sec. 3.4)
+    assert out["pred_v"].shape[1] == n_v - k_a  # m_v repeated n_v - (1 -
+                                                # alpha_a) n_a times (Sec. 3.4)
     assert torch.equal(out["ids_v"], torch.arange(k_a, n_v).expand(2, -1))
     assert "pred_a" not in out and "loss_a" not in out
 
@@ -322,8 +326,9 @@ def test_inpainting_masked_layout_supervises_masked_patches():
 
 
 def test_inpainting_decoder_never_sees_the_targets_own_tokens():
-    # video from audio: the decoder's context is the encoded audio alone (video reaches it only through
-    # the encoder's fusion), so replacing the encoded video tokens leaves the prediction unchanged
+    # video from audio: the decoder's context is the encoded audio alone (video reaches it only
+    # through the encoder's fusion), so replacing the encoded video tokens leaves the prediction
+    # unchanged
     model = avmae.AVMAE(tiny_config(encoder="mid", decoder="separate", objective="inpaint_v"))
     patches = model.patchify(tiny_batch(model.cfg))
     masks = model.sample_masks(2)
@@ -398,7 +403,8 @@ def _vit_block(d, hidden):  # 2 LayerNorms + qkv + proj + MLP, all with biases
 
 def test_vit_base_parameter_counts():
     with torch.device("meta"):  # shapes only: no memory, no init time
-        model = avmae.AVMAE(avmae.make_config("base"))  # mid-fusion S=2, shared decoder, paper shapes
+        model = avmae.AVMAE(avmae.make_config("base"))  # mid-fusion S=2, shared
+                                                        # decoder, paper shapes
     assert _vit_block(768, 3072) == 7_087_872 and _vit_block(384, 1536) == 1_774_464
     hand = {
         "encoder.streams.a": 10 * 7_087_872 + 1536,  # 10 separate layers + the stream's LayerNorm
@@ -415,7 +421,8 @@ def test_vit_base_parameter_counts():
     for prefix, n in hand.items():
         assert abs(model.num_params(prefix) - n) <= 0.01 * n, prefix
     assert model.num_params() == sum(hand.values()) == 165_695_488
-    # two full ViT streams = the audiovisual model the paper finetunes (Table 9: Base 172M, Large 611M)
+    # two full ViT streams = the audiovisual model the paper finetunes (Table 9: Base 172M, Large
+    # 611M)
     for size, paper in (("base", 172e6), ("large", 611e6)):
         with torch.device("meta"):
             sep = avmae.AVMAE(avmae.make_config(size, encoder="separate"))

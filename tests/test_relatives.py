@@ -55,8 +55,10 @@ def test_contrast_uses_the_unimodal_outputs_not_the_fusion():
     after = model(**x, masks=masks, masks2=masks2)
     for term in ("loss_inter", "loss_intra"):
         assert torch.equal(before[term], after[term])
-    assert not torch.equal(before["loss_recon"], after["loss_recon"])  # the fusion does feed reconstruction
-    # CAV-MAE's contrast: the joint layer on each modality alone (its unimodal pass), no audio-video mixing
+    # the fusion does feed reconstruction
+    assert not torch.equal(before["loss_recon"], after["loss_recon"])
+    # CAV-MAE's contrast: the joint layer on each modality alone (its unimodal pass), no audio-video
+    # mixing
     cav = relative("cavmae")
     xa = tiny_batch(cav.cfg)
     _, uni1 = avmae.encode_with_unimodal(cav.encoder, cav.embed(cav.patchify(xa), None))
@@ -96,11 +98,13 @@ def test_contrastive_negatives_span_ranks(tmp_path):
     res = torch.load(out)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g).requires_grad_()
-    # one process with the whole batch, rows ordered as the ranks hold them (rank r: rows r, r + 2, ...)
+    # one process with the whole batch, rows ordered as the ranks hold them (rank r: rows r, r + 2,
+    # ...)
     order = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
     loss = avmae.info_nce(x[order], y[order], 0.1)
     loss.backward()
-    assert torch.allclose(res["loss"], loss, atol=1e-6)  # local negatives alone would give another loss
+    assert torch.allclose(res["loss"], loss, atol=1e-6)  # local negatives alone
+                                                         # would give another loss
     world_grad = torch.cat(res["gy"])  # d(mean of the ranks' losses)/dy = (sum of rank grads) / W
     assert torch.allclose(world_grad / 2, y.grad[order], atol=1e-6)
 
@@ -157,7 +161,8 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
                       "--teacher", stage1["checkpoint"], "--max_steps", "3", "--batch_size", "8"])
     t = seen["teacher"]
     assert all(not p.requires_grad and p.grad is None for p in t.parameters()) and not t.training
-    assert all(torch.equal(t.state_dict()[k], v) for k, v in teacher_state.items())  # unchanged after 3 steps
+    # unchanged after 3 steps
+    assert all(torch.equal(t.state_dict()[k], v) for k, v in teacher_state.items())
     assert len(seen["targets"]) == 3
     for tgt, tout in zip(seen["targets"], seen["teacher_out"]):
         for m in "av":  # the targets are the teacher's fusion-encoder outputs over every token
@@ -177,7 +182,8 @@ def test_av_mask_enhancer_reconstructs_video_from_both():
     model = relative("avme").eval()
     x = tiny_batch(model.cfg)
     masks = model.sample_masks(2)
-    assert masks["a"][1].shape[1] == 0 and masks["a"][0].shape[1] == model.n["a"]  # all of the audio is seen
+    # all of the audio is seen
+    assert masks["a"][1].shape[1] == 0 and masks["a"][0].shape[1] == model.n["a"]
     patches = model.patchify(x)
     preds = model.forward_decoder(model.forward_encoder(patches, masks), masks)
     assert set(preds) == {"v"}
@@ -212,8 +218,10 @@ def test_inflated_tubelets_embed_a_repeated_image_as_the_image(mode):
     cfg = avmae.make_config("tiny", num_frames=t, image_size=p, patch_size=p, tubelet=t)
     tokens = avmae.VideoPatches(cfg).patchify(video.unsqueeze(0))[0] @ w3.T
     image_token = img.permute(1, 2, 0).reshape(-1) @ w2.T  # (h, w, c) order
-    assert torch.allclose(tokens[0], image_token, atol=1e-5)  # exactly, for both inflation and central frame
-    # an audio-style single-channel filter spreads over the colour channels: a grey video embeds the same
+    assert torch.allclose(tokens[0], image_token, atol=1e-5)  # exactly, for both inflation
+                                                              # and central frame
+    # an audio-style single-channel filter spreads over the colour channels: a grey video embeds the
+    # same
     w_audio = torch.randn(D, p * p)
     grey = torch.randn(p, p)
     w3a = avmae.inflate_patch_embed(w_audio, p, 1, t, C, mode)
@@ -242,9 +250,11 @@ def test_cavmae_builds_its_published_model_at_base():
     assert model.n == {"a": 512, "v": 196}
     D, Dd = 768, 512
     hand = {
-        "patch_embed.a": 256 * D + D, "patch_embed.v": 768 * D + D,  # 16x16 audio patch, one 16x16 RGB patch
+        # 16x16 audio patch, one 16x16 RGB patch
+        "patch_embed.a": 256 * D + D, "patch_embed.v": 768 * D + D,
         "type_embed": 2 * D,  # modality_a, modality_v
-        "encoder.streams.a": 11 * _block(D, 4 * D), "encoder.streams.v": 11 * _block(D, 4 * D),  # no closing norm
+        # no closing norm
+        "encoder.streams.a": 11 * _block(D, 4 * D), "encoder.streams.v": 11 * _block(D, 4 * D),
         "encoder.joint": _block(D, 4 * D, norms=6),  # norm1, norm2 and norm1_a/_v, norm2_a/_v
         "encoder.norm": 3 * 2 * D,  # norm (fused), norm_a, norm_v
         "decoder.embed": D * Dd + Dd, "decoder.mask_token": Dd,  # one of each for both modalities
@@ -255,8 +265,9 @@ def test_cavmae_builds_its_published_model_at_base():
     for prefix, n in hand.items():
         assert model.num_params(prefix) == n, prefix
     assert model.num_params() == sum(hand.values()) == 189_961_984
-    # the authors' Block carries 4 modality norms in every layer, used in the unified one only: their
-    # model's trainable count is ours + 22 x 4 + 8 x 4 unused LayerNorms (kernels/bench.py --cavmae)
+    # the authors' Block carries 4 modality norms in every layer, used in the unified one only:
+    # their model's trainable count is ours + 22 x 4 + 8 x 4 unused LayerNorms (kernels/bench.py
+    # --cavmae)
     assert model.num_params() + 22 * 4 * 2 * D + 8 * 4 * 2 * Dd == 190_129_920
     mcfg, _ = train.parse_args(["--preset", "quick", "--variant", "cavmae"])  # tiny stays small
     assert (mcfg.dec_width, mcfg.audio_frames, mcfg.num_frames) == (64, 256, 8)
@@ -295,11 +306,13 @@ def test_cavmae_unimodal_pass_uses_each_modality_s_own_norms():
 
 
 def test_time_frequency_masking_masks_whole_steps_and_bands():
-    grid, B = (64, 8), 64  # CAV-MAE's audio grid; its 'tf' mode: 0.7 x 0.75 of the steps and bands whole
+    grid, B = (64, 8), 64  # CAV-MAE's audio grid; its 'tf' mode:
+                           # 0.7 x 0.75 of the steps and bands whole
     keep, drop = avmae.sample_mask(B, grid, 0.75, "tf", generator=torch.Generator().manual_seed(0))
     assert drop.shape == (B, 384) and keep.shape == (B, 128)
     mask = avmae.ids_to_mask(drop, 512).view(B, 64, 8)
     whole_steps = (mask.sum(2) == 8).sum(1)  # 33 chosen; the overflow (388 > 384) unmasks at most 4
     assert whole_steps.min() >= 29
     _, rnd = avmae.sample_mask(B, grid, 0.75, (0, 1), generator=torch.Generator().manual_seed(0))
-    assert (avmae.ids_to_mask(rnd, 512).view(B, 64, 8).sum(2) == 8).sum(1).max() < 20  # random: about 6
+    # random: about 6
+    assert (avmae.ids_to_mask(rnd, 512).view(B, 64, 8).sum(2) == 8).sum(1).max() < 20

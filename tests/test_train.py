@@ -38,7 +38,8 @@ def losses(out_dir):
 def test_flags_come_from_the_configs():
     mcfg, tcfg = train.parse_args(["--preset", "quick", "--encoder", "early", "--width", "96",
                                    "--norm_pix_loss"])
-    assert (mcfg.encoder, mcfg.width, mcfg.depth, mcfg.norm_pix_loss) == ("early", 96, 4, True)  # tiny depth
+    # tiny depth
+    assert (mcfg.encoder, mcfg.width, mcfg.depth, mcfg.norm_pix_loss) == ("early", 96, 4, True)
     assert (tcfg.batch_size, tcfg.data, tcfg.audio_norm) == (32, "data/builtin", "dataset")
     mcfg, tcfg = train.parse_args([])  # the paper recipe
     assert (mcfg.encoder, mcfg.decoder, mcfg.width, mcfg.joint_layers, tcfg.batch_size,
@@ -108,7 +109,8 @@ def test_resume_continues_exactly(builtin, tmp_path):
     res = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto", "--workers",
               "1")
     assert res["step"] == 6
-    assert losses(a) == losses(b)  # bit for bit on CPU, step by step (the data crosses an epoch boundary)
+    assert losses(a) == losses(b)  # bit for bit on CPU, step by step
+                                   # (the data crosses an epoch boundary)
     wa, wb = weights(a / "ckpt_0000006.pt"), weights(b / "ckpt_0000006.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

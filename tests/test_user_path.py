@@ -42,17 +42,22 @@ def test_statistics_are_computed_on_first_use_and_saved(copy, tmp_path, capsys):
                       "--out_dir", str(tmp_path / "o")])
     assert res["step"] == 1 and "computing them from the train split" in capsys.readouterr().out
     got = json.load(open(meta_path))
-    assert (got["audio_mean"], got["audio_std"]) == pytest.approx(want, abs=1e-3)  # (the same clips: the same stats)
+    # (the same clips: the same stats)
+    assert (got["audio_mean"], got["audio_std"]) == pytest.approx(want, abs=1e-3)
 
 
 def test_the_window_fits_the_clips_unless_the_user_chose_it(builtin, capsys):
-    # the built-in clips are 4 s: the paper's 8 s of audio and 16 frames at stride 4 (2.56 s) become 4 s
+    # the built-in clips are 4 s: the paper's 8 s of audio and 16 frames at stride 4 (2.56 s) become
+    # 4 s
     mcfg, _ = train.parse_args(["--data", builtin])
-    assert (mcfg.audio_frames, mcfg.num_frames) == (384, 16)  # 398 real frames -> whole 16-frame patches
+    assert (mcfg.audio_frames, mcfg.num_frames) == (384, 16)  # 398 real frames ->
+                                                              # whole 16-frame patches
     assert "using --audio_frames 384" in capsys.readouterr().out
-    mcfg, _ = train.parse_args(["--data", builtin, "--audio_frames", "800"])  # chosen: kept (zero-padded)
+    # chosen: kept (zero-padded)
+    mcfg, _ = train.parse_args(["--data", builtin, "--audio_frames", "800"])
     assert mcfg.audio_frames == 800
-    assert data.fit_window(10.0, 1000, 16, 16, 4, 2) == (1000, 16)  # AudioSet's padded 1000 frames are kept
+    # AudioSet's padded 1000 frames are kept
+    assert data.fit_window(10.0, 1000, 16, 16, 4, 2) == (1000, 16)
     assert data.fit_window(2.0, 256, 16, 8, 12.5, 2) == (192, 4)  # 198 real frames; 2 s at 2 fps
 
 
@@ -85,7 +90,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path):
             main(args)
         line = e.value.code  # a string: printed to stderr, exit status 1
         assert isinstance(line, str) and "\n" not in line and says in line, (args, line)
-    # and from the command line, as a user sees them: one line on stderr, a non-zero exit, no traceback
+    # and from the command line, as a user sees them: one line on stderr, a non-zero exit, no
+    # traceback
     for args, says in ((["train.py", "--data", str(tmp_path / "nowhere")], "not a prepared data set"),
                        (["finetune.py", "--data", copy, "--preset", "quick", "--init",
                          str(bad_ckpt)], "not a readable"),
@@ -109,7 +115,8 @@ def test_a_video_without_sound_is_refused_in_words_or_kept_silent(tmp_path):
     failed = {r.split(",")[0]: r for r in open(os.path.join(out,
                                                             "failed_train.csv")).read().splitlines()}
     assert "no audio stream" in failed["mute_000000"] and "--allow_silent" in failed["mute_000000"]
-    assert "audio_mean" in json.load(open(os.path.join(out, "meta.json")))  # prepare computes the statistics
+    # prepare computes the statistics
+    assert "audio_mean" in json.load(open(os.path.join(out, "meta.json")))
     out2 = str(tmp_path / "p2")
     data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out2,
                "--workers", "1", "--allow_silent"])
