@@ -127,9 +127,12 @@ class AVMAEConfig:
 # 21); small follows ViT-S with VideoMAE's ViT-S decoder; tiny is for CPU tests and laptops.
 SIZES = {
     "tiny": dict(width=64, depth=4, heads=4, dec_width=64, dec_depth=2, dec_heads=4, dec_mlp=256),
-    "small": dict(width=384, depth=12, heads=6, dec_width=192, dec_depth=4, dec_heads=3, dec_mlp=768),
-    "base": dict(width=768, depth=12, heads=12, dec_width=384, dec_depth=4, dec_heads=6, dec_mlp=1536),
-    "large": dict(width=1024, depth=24, heads=16, dec_width=512, dec_depth=4, dec_heads=8, dec_mlp=2048),
+    "small": dict(width=384, depth=12, heads=6, dec_width=192, dec_depth=4, dec_heads=3,
+                  dec_mlp=768),
+    "base": dict(width=768, depth=12, heads=12, dec_width=384, dec_depth=4, dec_heads=6,
+                 dec_mlp=1536),
+    "large": dict(width=1024, depth=24, heads=16, dec_width=512, dec_depth=4, dec_heads=8,
+                  dec_mlp=2048),
 }
 
 
@@ -163,7 +166,8 @@ class VideoPatches:
         B, C, T, H, W = x.shape
         pt, ps = self.pt, self.ps
         if T % pt or H % ps or W % ps:
-            raise ValueError(f"video of shape {tuple(x.shape)} does not tile into {pt}x{ps}x{ps} tubelets")
+            raise ValueError(f"video of shape {tuple(x.shape)} does not tile into {pt}x{ps}x{ps} "
+                             "tubelets")
         x = x.reshape(B, C, T // pt, pt, H // ps, ps, W // ps, ps)
         x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, T', H', W', pt, ps, ps, C)
         return x.reshape(B, (T // pt) * (H // ps) * (W // ps), pt * ps * ps * C)
@@ -190,7 +194,8 @@ class AudioPatches:
         B, T, Fq = x.shape
         pt, pf = self.pt, self.pf
         if Fq % pf:
-            raise ValueError(f"spectrogram of shape {tuple(x.shape)}: {Fq} mel bins do not tile into {pf}")
+            raise ValueError(f"spectrogram of shape {tuple(x.shape)}: {Fq} mel bins do not tile "
+                             f"into {pf}")
         gt = T // pt
         x = x[:, : gt * pt].reshape(B, gt, pt, Fq // pf, pf).permute(0, 1, 3, 2, 4)
         return x.reshape(B, gt * (Fq // pf), pt * pf)
@@ -348,8 +353,8 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor,
     return out
 
 
-def assemble(x_vis: torch.Tensor, pos_vis: torch.Tensor, mask_token: torch.Tensor, pos_mask: torch.Tensor,
-             ids_vis: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+def assemble(x_vis: torch.Tensor, pos_vis: torch.Tensor, mask_token: torch.Tensor,
+             pos_mask: torch.Tensor, ids_vis: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
     """Decoder input in the [visible | mask] layout (VideoMAE's; no unshuffle needed).
 
     x_vis: (B, K, D) projected encoder tokens; pos_vis, pos_mask: (N, D) decoder position tables;
@@ -420,7 +425,8 @@ def get_ops(name: str, device: str | None = None) -> dict:
         faster = {op for k, ops in KERNELS_MEASURED_FASTER.items() if k in gpu for op in ops}
     else:
         faster = set(kernels.FAST)
-    return {k: _pick(kernels.FAST[k], twin, name == "triton" and kernels.INTERPRET, kernels.SUPPORTS.get(k))
+    return {k: _pick(kernels.FAST[k], twin, name == "triton" and kernels.INTERPRET,
+                     kernels.SUPPORTS.get(k))
             if k in faster and k in kernels.FAST else twin for k, twin in OPS_TORCH.items()}
 
 # -----------------------------------------------------------------------------
@@ -628,8 +634,9 @@ class Mid(nn.Module):
     def layer_ids(self) -> dict:
         ids = {k: v for m, s in self.streams.items() for k, v in _prefix(f"streams.{m}",
                                                                          s.layer_ids(1)).items()}
-        return {**ids,
-                **_prefix("joint", self.joint.layer_ids(self.n_layers - len(self.joint.blocks) + 1))}
+        return {
+            **ids,
+            **_prefix("joint", self.joint.layer_ids(self.n_layers - len(self.joint.blocks) + 1))}
 
     def forward(self, xs: dict) -> dict:
         return _joint(self.joint, {m: self.streams[m](x) for m, x in xs.items()})
@@ -652,9 +659,9 @@ EXTRA_CONTEXT = {"video": ("a",)}
 CHOICES = dict(modalities=("av", "a", "v"), encoder=ENCODERS, decoder=DECODERS,
                objective=tuple(OBJECTIVES), pos_embed=("sincos", "sincos2d", "learned"),
                fusion=("vanilla", "mbt", "mbt_sep"), xattn_fuse=("channel", "sequence"),
-               target=("pixels", "teacher"),
-               decoder_layout=("gather", "unshuffle"), inpaint_layout=("paper", "masked"),
-               mask_type_v=tuple(MASK_AXES["v"]), mask_type_a=tuple(MASK_AXES["a"]), kernels=("auto", "triton", "torch"))
+               target=("pixels", "teacher"), decoder_layout=("gather", "unshuffle"),
+               inpaint_layout=("paper", "masked"), mask_type_v=tuple(MASK_AXES["v"]),
+               mask_type_a=tuple(MASK_AXES["a"]), kernels=("auto", "triton", "torch"))
 
 # -----------------------------------------------------------------------------
 # rules (Sec. 3.3, 4.2): fail fast, say why
@@ -665,50 +672,65 @@ def check_config(cfg: AVMAEConfig) -> None:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     if cfg.modalities == "av" and cfg.encoder == "separate" and cfg.decoder == "separate":
-        raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that never "
-                         "exchange information (paper Sec. 3.3); for that baseline (Table 10) pretrain "
+        raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that "
+                         "never "
+                         "exchange information (paper Sec. 3.3); for that baseline (Table 10) "
+                         "pretrain "
                          "--modalities a and --modalities v on their own")
     if cfg.modalities != "av":
         for what, on in (("contrast_inter", cfg.contrast_inter > 0),
                          ("objective='video'", cfg.objective == "video")):
             if on:
-                raise ValueError(f"{what} relates audio and video: it needs --modalities av, not {cfg.modalities!r}")
+                raise ValueError(f"{what} relates audio and video: it needs --modalities av, not "
+                                 f"{cfg.modalities!r}")
     if cfg.objective == "video" and cfg.decoder_layout == "unshuffle":
-        raise ValueError("decoder_layout='unshuffle' has no place for the audio context of objective='video'")
+        raise ValueError("decoder_layout='unshuffle' has no place for the audio context of "
+                         "objective='video'")
     if cfg.objective not in ("joint", "video"):
         if cfg.modalities != "av":
-            raise ValueError(f"objective={cfg.objective!r} reconstructs one modality from the other: it "
+            raise ValueError(f"objective={cfg.objective!r} reconstructs one modality from the "
+                             "other: it "
                              f"needs --modalities av, not {cfg.modalities!r}")
         if not ENCODERS[cfg.encoder].mixes:
             mixing = ", ".join(k for k, e in ENCODERS.items() if e.mixes)
-            raise ValueError(f"objective={cfg.objective!r} decodes one modality from the other's encoded "
+            raise ValueError(f"objective={cfg.objective!r} decodes one modality from the other's "
+                             "encoded "
                              f"tokens, so the encoder must mix modalities ({mixing}); with "
-                             f"encoder={cfg.encoder!r} they never meet and training cannot converge "
+                             f"encoder={cfg.encoder!r} they never meet and training cannot "
+                             "converge "
                              f"(paper Sec. 4.2)")
         if cfg.encoder == "xattn" and cfg.objective != "inpaint_both":
-            raise ValueError(f"objective={cfg.objective!r} decodes from one modality's tokens only, so one direction "
-                             f"of the xattn encoder's cross-attention would never be trained; use inpaint_both")
+            raise ValueError(f"objective={cfg.objective!r} decodes from one modality's tokens "
+                             "only, so one direction "
+                             "of the xattn encoder's cross-attention would never be trained; use "
+                             "inpaint_both")
         if cfg.objective == "inpaint_both" and cfg.decoder == "early":
             raise ValueError("objective='inpaint_both' with decoder='early' would concatenate both "
-                             "inpainting sequences, so each modality's reconstruction would see its own "
+                             "inpainting sequences, so each modality's reconstruction would see "
+                             "its own "
                              "encoded tokens; use decoder 'shared' or 'separate'")
         if cfg.decoder_layout == "unshuffle":
-            raise ValueError("decoder_layout='unshuffle' restores one modality's own raster order: it "
+            raise ValueError("decoder_layout='unshuffle' restores one modality's own raster order: "
+                             "it "
                              "applies to objective='joint' only")
     if cfg.encoder == "cavmae" and cfg.modalities == "av" and not cfg.contrast_inter > 0:
-        raise ValueError("encoder='cavmae' keeps a LayerNorm pair per modality for the unimodal pass that only "
-                         "the contrastive term reads: set contrast_inter > 0 (CAV-MAE: 0.01), or use "
+        raise ValueError("encoder='cavmae' keeps a LayerNorm pair per modality for the unimodal "
+                         "pass that only "
+                         "the contrastive term reads: set contrast_inter > 0 (CAV-MAE: 0.01), or "
+                         "use "
                          "encoder='mid' with joint_layers=1")
-    if cfg.encoder in ("mid",
-                       "cavmae") and cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
-        raise ValueError(f"mid-fusion needs 1 <= joint_layers < depth, got joint_layers={cfg.joint_layers}, "
+    if cfg.encoder in (
+        "mid", "cavmae") and cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
+        raise ValueError("mid-fusion needs 1 <= joint_layers < depth, got "
+                         f"joint_layers={cfg.joint_layers}, "
                          f"depth={cfg.depth} (joint_layers=depth is early fusion)")
     for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads,
                                                            "decoder")):
         if w % h or (w // h) % 2:
             raise ValueError(f"{what} width {w} must split into {h} heads of even size")
     if cfg.num_frames % cfg.tubelet or cfg.image_size % cfg.patch_size:
-        raise ValueError(f"video {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} does not tile into "
+        raise ValueError(f"video {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} does not tile "
+                         "into "
                          f"{cfg.tubelet}x{cfg.patch_size}x{cfg.patch_size} tubelets")
     if cfg.mel_bins % cfg.audio_patch_f or cfg.audio_frames < cfg.audio_patch_t:
         raise ValueError(f"spectrogram {cfg.audio_frames}x{cfg.mel_bins} does not tile into "
@@ -721,14 +743,19 @@ def check_config(cfg: AVMAEConfig) -> None:
         n = mask_count(ratio, units)
         if (reconstructed and n == 0) or n >= units:
             raise ValueError(f"mask_ratio_{m}={ratio} masks {n} of {units} units: "
-                             f"at least one must be masked{' (it is reconstructed)' if reconstructed else ''} and one kept")
+                             "at least one must be "
+                             f"masked{' (it is reconstructed)' if reconstructed else ''} and one "
+                             "kept")
     if cfg.objective != "joint" and cfg.inpaint_layout == "paper":
         for t, s in OBJECTIVES[cfg.objective].items():
             n_t, k_s = _num_tokens(cfg, t), _num_tokens(cfg, s) - _num_masked(cfg, s)
             if n_t <= k_s:
-                raise ValueError(f"objective={cfg.objective!r}, inpaint_layout='paper': the {t} sequence has "
-                                 f"n_{t}={n_t} slots but {k_s} are taken by visible {s} tokens, leaving no "
-                                 f"mask token to supervise; raise mask_ratio_{s} or use inpaint_layout='masked'")
+                raise ValueError(f"objective={cfg.objective!r}, inpaint_layout='paper': the {t} "
+                                 "sequence has "
+                                 f"n_{t}={n_t} slots but {k_s} are taken by visible {s} tokens, "
+                                 "leaving no "
+                                 f"mask token to supervise; raise mask_ratio_{s} or use "
+                                 "inpaint_layout='masked'")
 
 
 def _num_tokens(cfg: AVMAEConfig, m: str) -> int:
@@ -768,8 +795,8 @@ class MAEDecoder(nn.Module):
                                               cfg.pos_embed) for m in sorted(pos_mods)})
         if cfg.type_embed:  # CAV-MAE: which modality a token is
             self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(D)) for m in cfg.mods})
-        self.net = DECODERS[cfg.decoder](list(targets), D, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp,
-                                         ops["attention"])
+        self.net = DECODERS[cfg.decoder](list(targets), D, cfg.dec_depth, cfg.dec_heads,
+                                         cfg.dec_mlp, ops["attention"])
         out = {t: cfg.teacher_width or cfg.width if cfg.target == "teacher" else patches[t].dim
                for t in targets}  # (MAViL stage 2 predicts a teacher's features)
         self.head = nn.ModuleDict({t: nn.Linear(D, out[t]) for t in targets})
@@ -795,7 +822,8 @@ class MAEDecoder(nn.Module):
         """[the other modalities' encoded tokens | t's visible tokens | t's mask tokens]: the decoder
         reconstructs t with everything the encoder saw as context (AV-MaskEnhancer)."""
         z, read, ids = self.own(t, s, e, masks)
-        ctx = [self._type(self.embed[self.key[o]](e[o]) + self.ops["gather"](self.pos[o](), masks[o][0]), o)
+        ctx = [self._type(
+            self.embed[self.key[o]](e[o]) + self.ops["gather"](self.pos[o](), masks[o][0]), o)
                for o in self.extra]
         return torch.cat(ctx + [z], dim=1), read + sum(c.shape[1] for c in ctx), ids
 
@@ -812,16 +840,16 @@ class MAEDecoder(nn.Module):
         B, k = e[s].shape[:2]
         ids = torch.arange(self.n[t], device=e[s].device).expand(B, -1)
         pos = self.pos[t]()
-        z = self.ops["assemble"](self.embed[self.key[s]](e[s]), pos, self.mask_token[self.key[t]], pos,
-                                 ids[:, :k], ids[:, k:])
+        z = self.ops["assemble"](self.embed[self.key[s]](e[s]), pos, self.mask_token[self.key[t]],
+                                 pos, ids[:, :k], ids[:, k:])
         return z, k, ids[:, k:]
 
     def inpaint_masked(self, t, s, e, masks):
         """Well-defined inpainting: context tokens keep their own modality's positions, one mask token
         per masked patch of t carries that patch's position and is supervised on it."""
         keep_s, drop_t = masks[s][0], masks[t][1]
-        z = self.ops["assemble"](self.embed[self.key[s]](e[s]), self.pos[s](), self.mask_token[self.key[t]],
-                                 self.pos[t](), keep_s, drop_t)
+        z = self.ops["assemble"](self.embed[self.key[s]](e[s]), self.pos[s](),
+                                 self.mask_token[self.key[t]], self.pos[t](), keep_s, drop_t)
         return z, keep_s.shape[1], drop_t
 
     def forward(self, e: dict, masks: dict) -> dict:
@@ -871,8 +899,9 @@ class AVMAE(nn.Module):
         if cfg.type_embed:  # CAV-MAE: which modality a token is
             self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width)) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
-                                             self.ops["attention"], dpr, cfg)
+        self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads,
+                                             int(cfg.width * cfg.mlp_ratio), self.ops["attention"],
+                                             dpr, cfg)
         # decoder: context-only modalities (AV-MaskEnhancer's audio) unless the encoder already
         # fused them into the target's channels target -> source
         targets = {t: s for t, s in OBJECTIVES[cfg.objective].items() if t in mods}
@@ -889,7 +918,8 @@ class AVMAE(nn.Module):
         """{modality: (ids_keep (B, K), ids_mask (B, M))}, independent per example and modality."""
         cfg = self.cfg
         return {m: sample_mask(B, self.patches[m].grid, getattr(cfg, f"mask_ratio_{m}"),
-                               MASK_AXES[m][getattr(cfg, f"mask_type_{m}")], device, generator) for m in cfg.mods}
+                               MASK_AXES[m][getattr(cfg, f"mask_type_{m}")], device,
+                               generator) for m in cfg.mods}
 
     def patchify(self, inputs: dict) -> dict:
         return {m: self.patches[m].patchify(x) for m, x in inputs.items()}
@@ -956,8 +986,8 @@ class AVMAE(nn.Module):
         contrast = contrast and (self.cfg.contrast_inter > 0 or self.cfg.contrast_intra > 0)
         x = self.embed(patches, masks)
         e, uni = encode_with_unimodal(self.encoder, x) if contrast else (self.encoder(x), None)
-        out = self.forward_loss(patches if targets is None else targets, self.decoder(e, masks), masks,
-                                None if targets is None else False)
+        out = self.forward_loss(patches if targets is None else targets, self.decoder(e, masks),
+                                masks, None if targets is None else False)
         return contrast_losses(self, out, patches, uni, masks2) if contrast else out
 
     def flops(self) -> dict:
@@ -970,8 +1000,8 @@ class AVMAE(nn.Module):
 
         def blk(n, layers=1):
             return layers * block_flops(n, cfg.width, hid)
-        enc = type(self.encoder).flops(cfg, k,
-                                       blk) + sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)
+        enc = type(self.encoder).flops(
+            cfg, k, blk) + sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)
         if cfg.contrast_inter or cfg.contrast_intra:
             enc += unimodal_flops(type(self.encoder), cfg, k, blk)
         dec = self.decoder.flops(k, self.encoder.out_width)
@@ -1195,7 +1225,8 @@ class CAVMAEEncoder(nn.Module):
     def stream_weights(cfg, m):
         L, S = cfg.depth, cfg.joint_layers
         blocks = [f"streams.{m}.{i}" if i < L - S else
-                  (f"joint.{i - L + S}", {"norm1": f"by.{m}.norm1", "norm2": f"by.{m}.norm2"}) for i in range(L)]
+                  (f"joint.{i - L + S}",
+                   {"norm1": f"by.{m}.norm1", "norm2": f"by.{m}.norm2"}) for i in range(L)]
         return dict(blocks=blocks, norm=f"norm.{m}", inner=None)
 
     @staticmethod
@@ -1256,7 +1287,8 @@ class ModalityNormBlock(Block):
 
     def __init__(self, mods, dim, heads, hidden, attn_fn, drop_path=0.0):
         super().__init__(dim, heads, hidden, attn_fn, drop_path)
-        self.by = nn.ModuleDict({m: nn.ModuleDict({n: nn.LayerNorm(dim, eps=1e-6) for n in ("norm1", "norm2")})
+        self.by = nn.ModuleDict({m: nn.ModuleDict({n: nn.LayerNorm(
+            dim, eps=1e-6) for n in ("norm1", "norm2")})
                                  for m in mods})
 
     def forward(self, x, m: str | None = None):
@@ -1309,8 +1341,8 @@ class XAttnEncoder(nn.Module):
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.channel, J = cfg.xattn_fuse == "channel", cfg.cross_layers
-        self.out_mods = ("v",
-                         ) if self.channel and cfg.objective == "video" and "v" in mods else tuple(mods)
+        self.out_mods = (
+            "v",) if self.channel and cfg.objective == "video" and "v" in mods else tuple(mods)
         self.streams = _streams(mods, dim, depth, heads, hidden, attn_fn, dpr)
         self.cross = nn.ModuleList(nn.ModuleDict({m: CrossBlock(dim, heads, hidden)
                                                   for m in (self.out_mods if j == J - 1 else mods)}) for j in range(J))
@@ -1429,7 +1461,8 @@ class MBT(Classifier):
     modalities' logits either way."""
 
     def __init__(self, cfg: AVMAEConfig, heads: dict, fusion_layer: int = 8, bottlenecks: int = 4,
-                 inner_norm_at: int | None = None, linear_probe: bool = False, shared_head: bool = True):
+                 inner_norm_at: int | None = None, linear_probe: bool = False,
+                 shared_head: bool = True):
         super().__init__()
         self.cfg, self.mods = cfg, cfg.mods
         if len(self.mods) == 2 and not 0 <= fusion_layer <= cfg.depth:
@@ -1447,7 +1480,8 @@ class MBT(Classifier):
         self.apply(init_weights)
         if len(self.mods) == 2:
             nn.init.trunc_normal_(self.bottleneck, std=0.02)
-        self.probe_norm, self.heads = classifier_heads(cfg.width, sorted(set(self.head_key.values())), heads,
+        self.probe_norm, self.heads = classifier_heads(cfg.width,
+                                                       sorted(set(self.head_key.values())), heads,
                                                        linear_probe)
         self.n_layers = cfg.depth
 
@@ -1506,7 +1540,8 @@ class EncoderClassifier(Classifier):
         self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width,
                                                   cfg.pos_embed) for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads, int(cfg.width * cfg.mlp_ratio),
+        self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads,
+                                             int(cfg.width * cfg.mlp_ratio),
                                              get_ops(cfg.kernels)["attention"], dpr, cfg)
         self.apply(init_weights)
         outs = getattr(self.encoder, "out_mods", mods)  # (AV-MaskEnhancer's channel
@@ -1518,7 +1553,8 @@ class EncoderClassifier(Classifier):
 
     def layer_ids(self) -> dict:
         enc = _prefix("encoder", self.encoder.layer_ids())
-        return {n: enc.get(n, 0 if n.startswith(("patch_embed.", "enc_pos.")) else self.n_layers + 1)
+        return {n: enc.get(n,
+                           0 if n.startswith(("patch_embed.", "enc_pos.")) else self.n_layers + 1)
                 for n, _ in self.named_parameters()}
 
     def features(self, a=None, v=None) -> dict:

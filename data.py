@@ -69,8 +69,8 @@ def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int, low: float = 20.0,
     return torch.from_numpy(np.pad(banks, ((0, 0), (0, 1)))).float()
 
 
-def logmel(wave: torch.Tensor, sr: int = SAMPLE_RATE, n_mels: int = 128, target_frames: int | None = None,
-           window: str = "hann") -> torch.Tensor:
+def logmel(wave: torch.Tensor, sr: int = SAMPLE_RATE, n_mels: int = 128,
+           target_frames: int | None = None, window: str = "hann") -> torch.Tensor:
     """Kaldi-compatible log-mel filterbank. wave: (n,) or (B, n) floats in [-1, 1].
     Returns (frames, n_mels) or (B, frames, n_mels), frames = 1 + (n - 25 ms) // 10 ms, then zero-padded
     at the end or cropped to `target_frames` (8 s at 16 kHz: 798 -> 800)."""
@@ -227,16 +227,20 @@ def read_audioset(path: str, labels_csv: str, split: str = "train", full_videos:
         try:
             ytid, start, end = row[0], float(row[1]), float(row[2])
         except (ValueError, IndexError):
-            bad.append(f"{path}:{i}: expected YTID, start_seconds, end_seconds, positive_labels, got {row!r}")
+            bad.append(f"{path}:{i}: expected YTID, start_seconds, end_seconds, positive_labels, "
+                       f"got {row!r}")
             continue
         labs = [m for m in ",".join(row[3:]).strip('"').split(",") if m]
         unknown = [m for m in labs if m not in mids]
         if unknown or not labs:
-            bad.append(f"{path}:{i}: {'unknown label ids ' + str(unknown) if unknown else 'no labels'}")
+            bad.append(f"{path}:{i}: "
+                       f"{'unknown label ids ' + str(unknown) if unknown else 'no labels'}")
             continue
         ms = f"{int(start * 1000)}_{int(end * 1000)}"
-        names = (f"{ytid}.mp4",) if full_videos else (
-            f"{ytid}.mp4", f"Y{ytid}.mp4", f"{ytid}_{int(start)}.mp4", f"{ytid}_{int(start):06d}.mp4", f"{ytid}_{ms}.mp4")
+        names = (f"{ytid}.mp4",) if full_videos else (f"{ytid}.mp4", f"Y{ytid}.mp4",
+                                                      f"{ytid}_{int(start)}.mp4",
+                                                      f"{ytid}_{int(start):06d}.mp4",
+                                                      f"{ytid}_{ms}.mp4")
         recs.append(Record(f"{ytid}_{int(start * 1000)}", names, start if full_videos else None,
                            end if full_videos else None, {"label": labs}, split))
     return recs, bad, mids
@@ -249,15 +253,17 @@ def read_epic(path: str, split: str = "train"):
     for i, row in _rows(path):
         if head is None:
             head = {k: j for j, k in enumerate(row)}
-            need = {"narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp",
-                    "verb_class", "noun_class"}
+            need = {"narration_id", "participant_id", "video_id", "start_timestamp",
+                    "stop_timestamp", "verb_class", "noun_class"}
             if not need <= set(head):
                 raise ValueError(f"{path}: header lacks {sorted(need - set(head))}")
             continue
         try:
             g = lambda k: row[head[k]]  # noqa: E731
             vid = os.path.join(g("participant_id"), g("video_id"))
-            rec = Record(g("narration_id"), (vid + ".MP4", vid + ".mp4", os.path.join(g("participant_id"), "videos", g("video_id") + ".MP4")),
+            rec = Record(g("narration_id"), (
+                vid + ".MP4", vid + ".mp4",
+                os.path.join(g("participant_id"), "videos", g("video_id") + ".MP4")),
                          _seconds(g("start_timestamp")), _seconds(g("stop_timestamp")),
                          {"verb": [int(g("verb_class"))], "noun": [int(g("noun_class"))]}, split)
         except (ValueError, IndexError):
@@ -289,8 +295,9 @@ def read_generic(path: str, split: str | None = None):
             if not p or lab is None:
                 raise ValueError
             start, end = g("start"), g("end")
-            rec = Record(os.path.splitext(p.replace("/", "__"))[0], (p,), float(start) if start else None,
-                         float(end) if end else None, {"label": lab.split(";")}, g("split", "train"))
+            rec = Record(os.path.splitext(p.replace("/", "__"))[0], (p,),
+                         float(start) if start else None, float(end) if end else None,
+                         {"label": lab.split(";")}, g("split", "train"))
         except (ValueError, IndexError):
             bad.append(f"{path}:{i}: malformed row {row!r}")
             continue
@@ -306,7 +313,8 @@ def _ffmpeg(args: list, timeout: float = 600) -> bytes:
     p = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"] + args,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     if p.returncode != 0:
-        raise RuntimeError(p.stderr.decode(errors="replace").strip().splitlines()[-1:] or "ffmpeg failed")
+        raise RuntimeError(p.stderr.decode(errors="replace").strip().splitlines()[-1:] or "ffmpeg "
+                                                                                          "failed")
     return p.stdout
 
 
@@ -321,11 +329,11 @@ def prepare_clip(src: str, dst: str, start: float | None, end: float | None, sho
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    cut = (["-ss", f"{start:.3f}"] if start else []) + ["-i", src] + (["-t",
-                                                                       f"{end - (start or 0):.3f}"] if end else [])
+    cut = (["-ss", f"{start:.3f}"] if start else []) + ["-i", src] + (
+        ["-t", f"{end - (start or 0):.3f}"] if end else [])
     scale = f"scale='if(lt(iw,ih),{short_side},-2)':'if(lt(iw,ih),-2,{short_side})'"
-    jpegs = split_mjpeg(_ffmpeg(cut + ["-an", "-vf", f"fps={fps},{scale}", "-f", "image2pipe", "-c:v", "mjpeg",
-                                       "-q:v", str(quality), "-"]))
+    jpegs = split_mjpeg(_ffmpeg(cut + ["-an", "-vf", f"fps={fps},{scale}", "-f", "image2pipe",
+                                       "-c:v", "mjpeg", "-q:v", str(quality), "-"]))
     if not jpegs:
         raise ValueError(f"{src}: no video frames")
     try:
@@ -338,7 +346,8 @@ def prepare_clip(src: str, dst: str, start: float | None, end: float | None, sho
     if len(audio) < SAMPLE_RATE // 10:
         if not allow_silent:
             what = "no audio stream" if pcm is None else f"no usable audio track ({len(audio)} samples)"
-            raise ValueError(f"{src}: {what}; --allow_silent keeps such clips with silent audio (video-only use)")
+            raise ValueError(f"{src}: {what}; --allow_silent keeps such clips with silent audio "
+                             "(video-only use)")
         audio = np.zeros(int(round(len(jpegs) / fps * SAMPLE_RATE)), np.int16)
     sf.write(os.path.join(tmp, "audio.flac"), audio, SAMPLE_RATE, subtype="PCM_16")
     write_frames(os.path.join(tmp, "frames.bin"), jpegs)
@@ -358,7 +367,8 @@ def _prepare_one(args):
             found = [os.path.join(videos, c) for c in rec.src if os.path.exists(os.path.join(videos,
                                                                                              c))]
             if not found:
-                raise FileNotFoundError(f"no video for {rec.id} in {videos} (looked for {', '.join(rec.src)})")
+                raise FileNotFoundError(f"no video for {rec.id} in {videos} (looked for "
+                                        f"{', '.join(rec.src)})")
             info = prepare_clip(found[0], dst, rec.start, rec.end, short_side,
                                 allow_silent=allow_silent)
         return rec, info, None
@@ -380,7 +390,8 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
         with open(meta_path) as f:
             old = json.load(f)
         if old["heads"] != json.loads(json.dumps(heads)) or old.get("short_side") != short_side:
-            raise ValueError(f"{meta_path} holds another vocabulary or frame size: prepare into a new folder")
+            raise ValueError(f"{meta_path} holds another vocabulary or frame size: prepare into a "
+                             "new folder")
     index = {h: {name: i for i, name in enumerate(names)} for h, names in heads.items()}
     rows, failed = {}, [("manifest", "", p) for p in problems]
     with ProcessPoolExecutor(max(1, workers)) as ex:
@@ -401,13 +412,15 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
     splits = sorted({r.split for r in records})
     with open(os.path.join(out, f"failed_{'_'.join(splits)}.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("id", "source", "reason"), *failed])
-    meta = dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=short_side, heads=heads, multi_label=multi_label,
-                source=source, **{k: old[k] for k in ("audio_mean", "audio_std") if k in old})
+    meta = dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=short_side, heads=heads,
+                multi_label=multi_label, source=source,
+                **{k: old[k] for k in ("audio_mean", "audio_std") if k in old})
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     if "train" in rows and "audio_mean" not in meta:
         mean, std = audio_stats(out, "train")
-        print(f"log-mel statistics of the training split: mean {mean:.3f}, std {std:.3f} (for --audio_norm dataset)")
+        print(f"log-mel statistics of the training split: mean {mean:.3f}, std {std:.3f} (for "
+              "--audio_norm dataset)")
     counts = dict(prepared=sum(len(r) for r in rows.values()), failed=len(failed))
     print(f"prepared {counts['prepared']} clips into {out}; {counts['failed']} failed "
           f"(see {out}/failed_{'_'.join(splits)}.csv)")
@@ -493,7 +506,8 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
 
 
 def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUILTIN["n_test"],
-                 seconds: float = BUILTIN["seconds"], size: int = BUILTIN["size"], seed: int = BUILTIN["seed"]) -> str:
+                 seconds: float = BUILTIN["seconds"], size: int = BUILTIN["size"],
+                 seed: int = BUILTIN["seed"]) -> str:
     """Generate the built-in set in the prepared-set format (idempotent: returns at once if done)."""
     from torchvision.io import encode_jpeg
     if os.path.exists(os.path.join(out, "meta.json")):
@@ -521,7 +535,8 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=size, multi_label=False, source="builtin",
                        heads={"label": [k[0] for k in BUILTIN_KINDS]},
-                       generator=dict(n_train=n_train, n_test=n_test, seconds=seconds, size=size, seed=seed)), f, indent=1)
+                       generator=dict(n_train=n_train, n_test=n_test, seconds=seconds, size=size,
+                                      seed=seed)), f, indent=1)
     audio_stats(tmp, max_clips=64)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
@@ -611,8 +626,8 @@ def crop_resize(frames: torch.Tensor, box, flip: bool, size: int) -> torch.Tenso
                           antialias=True)
         x = x.round_().clamp_(0, 255).to(torch.uint8)
     else:  # antialiased resize of channels-last uint8 is a CPU fast path (9x faster than float)
-        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",
-                          align_corners=False, antialias=True)
+        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size),
+                          mode="bilinear", align_corners=False, antialias=True)
     if flip:
         x = x.flip(-1)
     return x.permute(1, 0, 2, 3).contiguous()
@@ -685,7 +700,8 @@ def _norm(spec: str, meta: dict):
     like AudioMAE, scale = 2 std."""
     if spec == "dataset":
         if "audio_mean" not in meta:
-            raise ValueError("audio_norm='dataset' needs the set's statistics: run python data.py stats --root ROOT")
+            raise ValueError("audio_norm='dataset' needs the set's statistics: run python data.py "
+                             "stats --root ROOT")
         return meta["audio_mean"], 2 * meta["audio_std"]
     if spec in AUDIO_NORMS:
         return AUDIO_NORMS[spec]
@@ -750,8 +766,8 @@ def audio_windows(path: str, t0s: list, span_v: float, audio_frames: int) -> tup
         s0 = int(round(ta * sr))
         s1 = s0 + int(math.ceil(n_win * sr / SAMPLE_RATE))
         try:
-            x, _ = sf.read(path, start=max(0, s0), stop=max(0, min(s1, info.frames)), dtype="float32",
-                           always_2d=True)
+            x, _ = sf.read(path, start=max(0, s0), stop=max(0, min(s1, info.frames)),
+                           dtype="float32", always_2d=True)
         except Exception as e:
             raise BadClip(f"{path}: unreadable audio ({e})") from None
         x = resample(np.pad(x.mean(axis=1), (max(0, -s0), 0)), sr, SAMPLE_RATE)  # stereo -> mono
@@ -810,14 +826,15 @@ class AVDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         meta_path = os.path.join(cfg.root, "meta.json")
         if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{meta_path} not found: prepare the data set first (python data.py prepare/builtin)")
+            raise FileNotFoundError(f"{meta_path} not found: prepare the data set first (python "
+                                    "data.py prepare/builtin)")
         with open(meta_path) as f:
             self.meta = json.load(f)
         self.heads = self.meta["heads"]
         self.multi_label = self.meta.get("multi_label", False)
         self.fps = float(self.meta.get("fps", FPS))
-        self.rows, self.manifest_problems = read_manifest(os.path.join(cfg.root,
-                                                                       f"{cfg.split}.csv"), self.heads)
+        self.rows, self.manifest_problems = read_manifest(
+            os.path.join(cfg.root, f"{cfg.split}.csv"), self.heads)
         self.norm = _norm(cfg.audio_norm, self.meta)
         self.skip_silent = cfg.train if cfg.skip_silent is None else cfg.skip_silent
         self.step = cfg.frame_stride / VIDEO_FPS * self.fps  # stored frames between sampled frames
@@ -853,7 +870,8 @@ class AVDataset(torch.utils.data.Dataset):
                 return item
             except BadClip as e:
                 if not os.path.isdir(os.path.join(self.cfg.root, "clips")):
-                    raise DataGone(f"{self.cfg.root}: the data folder is gone (unmounted or deleted?) while "
+                    raise DataGone(f"{self.cfg.root}: the data folder is gone (unmounted or "
+                                   "deleted?) while "
                                    f"reading {self.rows[j]['id']}") from None
                 log.warning("bad clip %s: %s (using the next clip instead)", self.rows[j]["id"], e)
                 bad.append((self.rows[j]["id"], str(e)))
@@ -901,7 +919,8 @@ class AVDataset(torch.utils.data.Dataset):
         cfg = self.cfg
         try:
             n = frame_count(path)  # (fewer frames than the window: the last one is held)
-            views = [read_frames(path, [min(n - 1, j0 + round(i * self.step)) for i in range(cfg.num_frames)])
+            views = [read_frames(
+                path, [min(n - 1, j0 + round(i * self.step)) for i in range(cfg.num_frames)])
                      for j0 in starts]
         except (OSError, ValueError) as e:
             raise BadClip(f"{path}: {e}") from None
@@ -967,7 +986,8 @@ class GPUDecoder:
             videos.append(torch.stack(views))
         n = len(clips)
         out = {k: (x[keep] if isinstance(x, torch.Tensor) and len(x) == n else
-                   [x[c] for c in keep] if isinstance(x, list) and k != "bad" and len(x) == n else x)
+                   [x[c] for c in keep] if isinstance(x,
+                                                      list) and k != "bad" and len(x) == n else x)
                for k, x in batch.items()}
         v = torch.stack(videos)
         out["v"] = v[:, 0] if cfg.train else v
@@ -1003,9 +1023,10 @@ def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None
     """A DataLoader over AVDataset; `sampler` (e.g. an EpochSampler) picks the clips."""
     ds = AVDataset(cfg)
     sampler = sampler if sampler is not None else EpochSampler(len(ds), shuffle=cfg.train)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler,
+                                       num_workers=workers, collate_fn=collate, drop_last=drop_last,
+                                       pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=workers > 0)
 
 
 def median_duration(root: str, split: str = "train") -> float | None:
@@ -1018,8 +1039,8 @@ def median_duration(root: str, split: str = "train") -> float | None:
     return durations[len(durations) // 2] if durations else None
 
 
-def fit_window(seconds: float, audio_frames: int, audio_patch: int, num_frames: int, frame_stride: float,
-               tubelet: int) -> tuple:
+def fit_window(seconds: float, audio_frames: int, audio_patch: int, num_frames: int,
+               frame_stride: float, tubelet: int) -> tuple:
     """The largest (audio_frames, num_frames) no longer than asked that fit a clip of `seconds`:
     log-mel frames of 25 ms every 10 ms, whole audio patches; video frames every frame_stride / 25 s,
     whole tubelets. A window up to 5% longer than the clip is kept (zero-padded, as AudioSet's 1000
@@ -1061,8 +1082,9 @@ def audio_stats(root: str, split: str = "train", max_clips: int = 2000,
 
 
 def _bench(args):
-    cfg = DataConfig(root=args.root, split=args.split, num_frames=args.num_frames, frame_stride=args.frame_stride,
-                     image_size=args.image_size, audio_frames=args.audio_frames, decode=args.decode)
+    cfg = DataConfig(root=args.root, split=args.split, num_frames=args.num_frames,
+                     frame_stride=args.frame_stride, image_size=args.image_size,
+                     audio_frames=args.audio_frames, decode=args.decode)
     loader = make_loader(cfg, args.batch_size, args.workers)
     gpu = GPUDecoder(cfg) if args.decode == "gpu" else None
     n, t0, i = 0, None, 0
@@ -1078,7 +1100,8 @@ def _bench(args):
             if i > args.batches:
                 break
     dt = time.time() - t0
-    print(f"{n / dt:.1f} clips/s ({args.workers} workers, decode={args.decode}, {args.num_frames}x{args.image_size}"
+    print(f"{n / dt:.1f} clips/s ({args.workers} workers, decode={args.decode}, "
+          f"{args.num_frames}x{args.image_size}"
           f"^2 frames, {args.audio_frames} log-mel frames, batch {args.batch_size})")
 
 
@@ -1098,14 +1121,15 @@ def main(argv=None):
     pp.add_argument("--short_side", type=int, default=256)
     pp.add_argument("--full_videos", action="store_true",
                     help="audioset: cut each segment from the whole video")
-    pp.add_argument("--allow_silent", action="store_true", help="keep videos without audio, with silent audio "
+    pp.add_argument("--allow_silent", action="store_true", help="keep videos without audio, with "
+                                                                "silent audio "
                     "(for video-only use; audiovisual training skips silent clips)")
     pb = sub.add_parser("builtin", help="generate the built-in data set")
     pb.add_argument("--out", default="data/builtin")
     for k, v in BUILTIN.items():
         pb.add_argument(f"--{k}", type=type(v), default=v)
-    ps = sub.add_parser("stats",
-                        help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
+    ps = sub.add_parser(
+        "stats", help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
     ps.add_argument("--root", required=True)
     ps.add_argument("--split", default="train")
     ps.add_argument("--max_clips", type=int, default=2000)
@@ -1154,8 +1178,8 @@ def main(argv=None):
             log.warning("manifest: %s", b)
         if not recs:
             sys.exit(f"{args.manifest}: no usable rows ({len(bad)} malformed)")
-        prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers, args.short_side, bad,
-                allow_silent=args.allow_silent)
+        prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers,
+                args.short_side, bad, allow_silent=args.allow_silent)
 
 
 if __name__ == "__main__":

@@ -82,24 +82,25 @@ class FinetuneConfig(train.RunConfig):
 
 PRESETS = {
     "vggsound": dict(),
-    "audioset": dict(data="data/audioset", audio_frames=1000, blr=3.2, batch_size=128, time_shift=True),
+    "audioset": dict(data="data/audioset", audio_frames=1000, blr=3.2, batch_size=128,
+                     time_shift=True),
     "epic": dict(data="data/epic", blr=4.8, time_shift=True),
     # the built-in set on a CPU: the quick pretraining's shapes, a tiny model, a couple of minutes
-    "quick": dict(size="tiny", data="data/builtin", num_frames=8, frame_stride=4, image_size=64, audio_frames=256,
-                  audio_norm="dataset", batch_size=32, epochs=30, warmup_epochs=3, blr=0.8, workers=2, drop_path=0.1,
-                  label_smoothing=0.1, mixup=0.0, specaug_freq=24, views=2, eval_every=10, out_dir="out/finetune_quick"),
+    "quick": dict(size="tiny", data="data/builtin", num_frames=8, frame_stride=4, image_size=64,
+                  audio_frames=256, audio_norm="dataset", batch_size=32, epochs=30, warmup_epochs=3,
+                  blr=0.8, workers=2, drop_path=0.1, label_smoothing=0.1, mixup=0.0,
+                  specaug_freq=24, views=2, eval_every=10, out_dir="out/finetune_quick"),
 }
 AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only
                                                      # finetuning mixes harder
 MODALITY = {"audio": "a", "video": "v", "av": "av"}
 FUSION_LAYER = {("audioset", 24): 18}  # (preset, depth) -> MBT fusion layer
                                        # where the authors' config differs
-CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY), arch=("mbt", "encoder"),
-               mbt_head=("shared", "per_modality"), video_aug=("finetune", "none",
-                                                               "rrc"), on_save_error=("retry", "stop"),
-               inflate=("inflate", "central", "none"),
-               optimizer=("sgd", "adamw"), precision=("auto", "bf16",
-                                                      "fp32"), kernels=("auto", "triton", "torch"),
+CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY),
+               arch=("mbt", "encoder"), mbt_head=("shared", "per_modality"),
+               video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
+               inflate=("inflate", "central", "none"), optimizer=("sgd", "adamw"),
+               precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
                window=("hann", "hamming"), decode=("cpu", "gpu"))
 
 
@@ -110,10 +111,12 @@ def parse_args(argv=None) -> FinetuneConfig:
     if args.get("modality") == "audio" and args.get("mixup") is None and preset in AUDIO_ONLY_MIXUP:
         args["mixup"] = AUDIO_ONLY_MIXUP[preset]
     (fcfg,) = train.resolve(args, PRESETS, {k: {} for k in avmae.SIZES}, FinetuneConfig)
-    fcfg.audio_frames, fcfg.num_frames = train.fit_to_clips(fcfg.data, fcfg.train_split, fcfg.audio_frames,
-                                                            fcfg.num_frames, fcfg.frame_stride, 2, 16, args)
+    fcfg.audio_frames, fcfg.num_frames = train.fit_to_clips(fcfg.data, fcfg.train_split,
+                                                            fcfg.audio_frames, fcfg.num_frames,
+                                                            fcfg.frame_stride, 2, 16, args)
     if fcfg.arch == "encoder" and fcfg.modality != "av":
-        raise SystemExit("--arch encoder is the audiovisual pretraining encoder: use it with --modality av")
+        raise SystemExit("--arch encoder is the audiovisual pretraining encoder: use it with "
+                         "--modality av")
     return fcfg
 
 # -----------------------------------------------------------------------------
@@ -147,8 +150,10 @@ def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
     known = {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}
     arch = {k: v for k, v in (pcfg or {}).items() if k in known and k not in FINETUNE_OWNED}
     base = {**avmae.SIZES[fcfg.size], **arch} if pcfg is None else arch
-    return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality], "num_frames": fcfg.num_frames,
-                                        "image_size": fcfg.image_size, "audio_frames": fcfg.audio_frames,
+    return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality],
+                                        "num_frames": fcfg.num_frames,
+                                        "image_size": fcfg.image_size,
+                                        "audio_frames": fcfg.audio_frames,
                                         "drop_path": 0.0 if fcfg.linear_probe else fcfg.drop_path,
                                         "kernels": fcfg.kernels})
 
@@ -157,8 +162,8 @@ def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
     cfg = model_config(fcfg, pcfg)
     if fcfg.arch == "encoder":
         return avmae.EncoderClassifier(cfg, heads, fcfg.linear_probe)
-    kept = pcfg and stream_weights(pcfg,
-                                   avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods[0])["inner"]
+    kept = pcfg and stream_weights(
+        pcfg, avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods[0])["inner"]
     inner = kept[1] if kept else None  # e.g. the mid-fusion streams' closing
                                        # LayerNorm, kept where it was
     fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else \
@@ -224,15 +229,17 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                     mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.{w['inner'][0]}.{k}"
     dst = model.state_dict()
     out, loaded, folded = {}, [], set()
-    if not isinstance(model,
-                      avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
+    if not isinstance(
+        model,
+        avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
         # an audio-only checkpoint: the video tubelet filter from the audio patch filter (ViViT Sec.
         # 3.4)
         if (pcfg["audio_patch_t"], pcfg["audio_patch_f"]) != (cfg.patch_size, cfg.patch_size):
-            raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} audio patch into "
+            raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} "
+                             "audio patch into "
                              f"{cfg.patch_size}x{cfg.patch_size} video patches; use --inflate none")
-        out["streams.v.embed.weight"] = avmae.inflate_patch_embed(state["patch_embed.a.weight"], cfg.patch_size, 1,
-                                                                  cfg.tubelet, cfg.in_chans, inflate)
+        out["streams.v.embed.weight"] = avmae.inflate_patch_embed(
+            state["patch_embed.a.weight"], cfg.patch_size, 1, cfg.tubelet, cfg.in_chans, inflate)
         out["streams.v.embed.bias"] = state["patch_embed.a.bias"].clone()
         loaded += [f"streams.v.embed.weight <- {inflate}(patch_embed.a.weight)",
                    "streams.v.embed.bias <- patch_embed.a.bias"]
@@ -243,15 +250,18 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             loaded.append(f"{d_name} <- " + (f"mean({', '.join(s_name)})" if len(s_name) > 1 else s_name[0]))
             continue
         if s_name not in state:
-            raise ValueError(f"checkpoint has no {s_name} for {d_name}: it does not match its own config {pcfg}")
+            raise ValueError(f"checkpoint has no {s_name} for {d_name}: it does not match its own "
+                             f"config {pcfg}")
         t = state[s_name]
         if d_name.endswith("pos.table") and t.shape != dst[d_name].shape:
             m = d_name.split(".")[1]
             src_grid = avmae.PATCHES[m](avmae.AVMAEConfig(**pcfg)).grid
             t = _resize_positions(t, src_grid, avmae.PATCHES[m](cfg).grid)
         if t.shape != dst[d_name].shape:
-            raise ValueError(f"{s_name} has shape {tuple(t.shape)} but {d_name} needs {tuple(dst[d_name].shape)}: "
-                             f"the checkpoint and the finetuning model disagree (width, patch size or input shape)")
+            raise ValueError(f"{s_name} has shape {tuple(t.shape)} but {d_name} needs "
+                             f"{tuple(dst[d_name].shape)}: "
+                             "the checkpoint and the finetuning model disagree (width, patch size "
+                             "or input shape)")
         fold = f"type_embed.{s_name.split('.')[1]}" if pcfg.get("type_embed") and s_name.startswith("patch_embed.") \
             and s_name.endswith(".bias") else None
         if fold:  # a constant per token: the same function when added into the embedding's bias
@@ -259,8 +269,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             folded.add(fold)
         out[d_name] = t
         loaded.append(f"{d_name} <- {s_name}" + (f" + {fold}" if fold else ""))
-    used = {n for s_name in mapping.values() for n in (s_name if isinstance(s_name,
-                                                                            tuple) else (s_name,))} | folded
+    used = {n for s_name in mapping.values() for n in (
+        s_name if isinstance(s_name, tuple) else (s_name,))} | folded
     new = sorted(k for k in dst if k not in out)
     dropped = sorted(k for k in state if k not in used)
     other = set(src_mods) - set(cfg.mods)
@@ -272,8 +282,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                          f"{' ...' if len(encoder_unused) > 8 else ''}")
     report = dict(loaded=loaded, new=new, dropped=dropped,
                   dropped_why={"decoder": "the decoder is only for pretraining",
-                               "other modality": sorted(k for k in dropped if any(f".{m}." in k or k.endswith(f".{m}")
-                                                                                  for m in other)),
+                               "other modality": sorted(k for k in dropped if any(
+                                   f".{m}." in k or k.endswith(f".{m}") for m in other)),
                                "fusion": sorted(k for k in dropped if by_design and k.startswith(by_design))})
     return out, report
 
@@ -282,8 +292,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
 
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
-    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:,
-                                                                     None]).any(1).float().mean().item()
+    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[
+        :, None]).any(1).float().mean().item()
 
 
 def average_precision(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -401,8 +411,8 @@ def loss_fn(logits: dict, targets: dict, multi_label: bool, smoothing: float) ->
             total = total + torch.sum(-t * F.log_softmax(z.float(), dim=1), dim=1).mean()
     return total
 
-def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: bool, smoothing: float,
-                  device=None) -> torch.Tensor:
+def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: bool,
+                  smoothing: float, device=None) -> torch.Tensor:
     """per_modality (the authors' MBT): each modality's logits {m: {head: logits}} against its own
     mixed targets {m: {head: targets}}, the losses averaged over modalities; otherwise one loss on
     the averaged logits."""
@@ -424,11 +434,12 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     predictions.csv and per_class.csv to out_dir (rank 0)."""
     model.eval()
     idx = list(range(d.rank, len(ds), d.world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=max(1, fcfg.batch_size // d.world),
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx),
+                                         batch_size=max(1, fcfg.batch_size // d.world),
                                          num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
-    decode = data.GPUDecoder(ds.cfg,
-                             d.device) if ds.cfg.decode == "gpu" else (lambda b: data.to_device(b, d.device))
+    decode = data.GPUDecoder(
+        ds.cfg, d.device) if ds.cfg.decode == "gpu" else (lambda b: data.to_device(b, d.device))
     for b in loader:
         b = decode(b)
         V = fcfg.views
@@ -469,8 +480,8 @@ def write_reports(out_dir, ids, logits, targets, ds):
                 p = torch.sigmoid(z) if ds.multi_label else torch.softmax(z, 0)
                 top = p.topk(min(5, len(p)))
                 t = targets[h][i]
-                true = ";".join(str(j) for j in t.nonzero()[:,
-                                                            0].tolist()) if ds.multi_label else str(int(t))
+                true = ";".join(
+                    str(j) for j in t.nonzero()[:, 0].tolist()) if ds.multi_label else str(int(t))
                 row += [true, ";".join(map(str, top.indices.tolist())),
                         ";".join(f"{v:.4f}" for v in top.values.tolist())]
             w.writerow(row)
@@ -535,7 +546,8 @@ def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool)
     new = {k for k in report["new"] if not k.endswith("num_batches_tracked")}
     assert not unexpected and set(missing) == new, (unexpected, set(missing) ^ new)
     other = ", other modality" if report["dropped_why"]["other modality"] else ""
-    train.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; dropped "
+    train.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; "
+                 "dropped "
                  f"{len(report['dropped'])} (decoder{other})")
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -556,8 +568,10 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
                 image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
                 mel_bins=(pcfg or {}).get("mel_bins", 128),
                 **{f.name: getattr(fcfg, f.name) for f in dataclasses.fields(data.LoadOptions)})
-    train_ds = train.open_dataset(data.DataConfig(split=fcfg.train_split, train=True, specaug_freq=fcfg.specaug_freq,
-                                                  specaug_time=fcfg.specaug_time, time_shift=fcfg.time_shift, **dcfg))
+    train_ds = train.open_dataset(data.DataConfig(split=fcfg.train_split, train=True,
+                                                  specaug_freq=fcfg.specaug_freq,
+                                                  specaug_time=fcfg.specaug_time,
+                                                  time_shift=fcfg.time_shift, **dcfg))
     test_ds = train.open_dataset(data.DataConfig(split=fcfg.test_split, train=False,
                                                  views=fcfg.views, **dcfg))
     heads = {h: len(names) for h, names in train_ds.heads.items()}
@@ -585,12 +599,13 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     os.makedirs(fcfg.out_dir, exist_ok=True)
     net = torch.compile(model) if fcfg.compile else model
     if d.world > 1 and not fcfg.eval_only:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda"
-                                                        else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     # (shared head: a loss per modality)
     per_modality = isinstance(model, avmae.MBT) and model.norm is not None
     return Job(fcfg, d, model, net, opt, train_ds, test_ds, mods, heads, pcfg, lr, total,
-               int(fcfg.warmup_epochs * steps_per_epoch), steps_per_epoch, step, per_modality, resumed)
+               int(fcfg.warmup_epochs * steps_per_epoch), steps_per_epoch, step, per_modality,
+               resumed)
 
 
 def finetune_step(job: Job, batch: dict, gen, preempt) -> tuple:
@@ -626,8 +641,10 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                                 per_rank)
     gen = torch.Generator()
     trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad) / 1e6
-    train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | {trainable:.1f}M "
-                 f"trainable | init {fcfg.init or 'scratch'} | {len(job.train_ds)} train / {len(job.test_ds)} test "
+    train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
+                 f"{trainable:.1f}M "
+                 f"trainable | init {fcfg.init or 'scratch'} | {len(job.train_ds)} train / "
+                 f"{len(job.test_ds)} test "
                  f"clips | {total} steps | lr {job.lr:.3g}")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune",
@@ -702,8 +719,9 @@ def save(job: Job, step: int, results: dict, watch, final: bool):
     if not job.d.master:
         return None
     st = dict(model=train.model_state(job.model, False), optimizer=job.opt.state_dict(), step=step,
-              finetune_config=asdict(job.fcfg), model_config=asdict(job.model.cfg), pretrain_config=job.pcfg,
-              heads=job.heads, rng=train.rng_state(), results=results, watch=vars(watch))
+              finetune_config=asdict(job.fcfg), model_config=asdict(job.model.cfg),
+              pretrain_config=job.pcfg, heads=job.heads, rng=train.rng_state(), results=results,
+              watch=vars(watch))
     return train.save_or_say(job.fcfg.out_dir, st, step, job.fcfg.keep_last, job.fcfg.on_save_error,
                              final=final)
 
@@ -717,7 +735,8 @@ def finish(job: Job, step: int, results: dict, path) -> dict:
     if job.d.master and step >= job.total:
         with open(os.path.join(fcfg.out_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=1)
-        train.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions {fcfg.out_dir}/predictions.csv")
+        train.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions "
+                     f"{fcfg.out_dir}/predictions.csv")
     return results
 
 
@@ -743,8 +762,8 @@ class LearningWatch:
         self.steps += 1
 
     def summary(self) -> dict:
-        out = dict(train_loss=sum(self.loss[-self.steps_per_epoch:]) / max(1,
-                                                                           len(self.loss[-self.steps_per_epoch:])))
+        out = dict(train_loss=sum(self.loss[-self.steps_per_epoch:]) / max(
+            1, len(self.loss[-self.steps_per_epoch:])))
         if self.seen:
             out["train_top1"] = self.right / self.seen
         self.right = self.seen = 0
@@ -756,7 +775,8 @@ class LearningWatch:
         train_acc = f"train top-1 {res['train_top1']:.3f} (running, on mixed batches), " if "train_top1" in res else ""
         msg = f"epoch {epoch:.0f}: {train_acc}test {test}; train loss {res['train_loss']:.3f} (chance ln C = {self.chance:.3f})"
         if epoch >= 3 and res["train_loss"] > 0.98 * self.chance:
-            msg += ("\nwarning: the training loss has not moved from chance after 3 epochs: the model is not "
+            msg += ("\nwarning: the training loss has not moved from chance after 3 epochs: the "
+                    "model is not "
                     "learning (check the labels, the inputs' scale, the lr)")
         if bar is not None and not bar.disable:
             bar.write(msg)

@@ -98,8 +98,9 @@ class TrainConfig(RunConfig):
 # separate decoders, 80% masking, 2-D sin-cos positions, the reconstruction terms summed (Eq. 1)
 # with inter-modal (alpha 0.1, tau 0.1) and intra-modal (beta 0.01, tau 1.0) contrast on the
 # unimodal outputs (Eq. 4)
-MAVIL = dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate", mask_ratio_v=0.8, mask_ratio_a=0.8,
-             pos_embed="sincos2d", recon_sum=True, contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0)
+MAVIL = dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate",
+             mask_ratio_v=0.8, mask_ratio_a=0.8, pos_embed="sincos2d", recon_sum=True,
+             contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0)
 VARIANTS = {  # the relatives as overrides of the model
     "avmae": dict(),
     "mavil": MAVIL,
@@ -112,13 +113,14 @@ VARIANTS = {  # the relatives as overrides of the model
     # over the concatenation, 2-D sin-cos positions, 75% unstructured masking of both, per-patch
     # normalised targets, the reconstruction terms summed + 0.01 x single-directional InfoNCE (tau
     # 0.05)
-    "cavmae": dict(encoder="cavmae", joint_layers=1, type_embed=True, dec_tied=True, decoder="early",
-                   pos_embed="sincos2d", contrast_inter=0.01, tau_inter=0.05, contrast_symmetric=False,
-                   mask_ratio_v=0.75, mask_ratio_a=0.75, recon_sum=True, norm_pix_loss=True),
+    "cavmae": dict(encoder="cavmae", joint_layers=1, type_embed=True, dec_tied=True,
+                   decoder="early", pos_embed="sincos2d", contrast_inter=0.01, tau_inter=0.05,
+                   contrast_symmetric=False, mask_ratio_v=0.75, mask_ratio_a=0.75, recon_sum=True,
+                   norm_pix_loss=True),
     # AV-MaskEnhancer (Diao et al.): 90% tube masking of video, all of the audio, bidirectional
     # cross-attention, the video reconstructed from both streams
-    "avme": dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9, mask_ratio_a=0.0,
-                 objective="video", decoder="early"),
+    "avme": dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9,
+                 mask_ratio_a=0.0, objective="video", decoder="early"),
 }
 
 # what a variant changes in the data pipeline: MAViL flips and randomly crops frames in pretraining
@@ -130,12 +132,12 @@ VARIANT_DATA = {"mavil": dict(video_aug="rrc"), "mavil_mbt": dict(video_aug="rrc
 # smaller sizes keep the size preset's (a quick CPU run stays quick). MAViL Sec. 4.1 / App. B:
 # 8-layer 512-wide 16-head decoders, 10 s of audio as 1024 x 128 (512 tokens), 8 frames at 2 fps (4
 # x 14 x 14 = 784 tokens).
-MAVIL_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024, num_frames=8,
-                    frame_stride=12.5)
+MAVIL_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024,
+                    num_frames=8, frame_stride=12.5)
 # CAV-MAE Sec. 3 / its code: 8-layer 512-wide 16-head decoder, 1024 x 128 audio (512 tokens), one
 # RGB frame
-CAVMAE_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024, num_frames=1,
-                     tubelet=1)
+CAVMAE_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024,
+                     num_frames=1, tubelet=1)
 PAPER_SHAPES = {"mavil": MAVIL_SHAPES, "mavil_mbt": MAVIL_SHAPES, "mavil2": MAVIL_SHAPES,
                 "cavmae": CAVMAE_SHAPES}
 PAPER_SIZES = ("base", "large")
@@ -145,15 +147,15 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
     "vggsound_l": dict(size="large"),
     # AudioSet: 10 s of audio (1000 frames -> 496 tokens), audio masking 0.7 (Sec. 4.1), 80 epochs =
     # the same number of iterations as 800 on VGGSound (Table 4)
-    "audioset_b": dict(data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80, warmup_epochs=4),
-    "audioset_l": dict(size="large", data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80,
+    "audioset_b": dict(data="data/audioset", audio_frames=1000, mask_ratio_a=0.7, epochs=80,
                        warmup_epochs=4),
+    "audioset_l": dict(size="large", data="data/audioset", audio_frames=1000, mask_ratio_a=0.7,
+                       epochs=80, warmup_epochs=4),
     # a few minutes on a 2-core CPU: 8 frames of 64x64 (64 video tokens), 2.56 s of audio (128
     # tokens)
-    "quick": dict(size="tiny", data="data/builtin", num_frames=8, image_size=64, audio_frames=256, batch_size=32,
-                  audio_norm="dataset",
-                  epochs=60, warmup_epochs=3, blr=1.5e-3, workers=2, save_every=300, picture_every=300,
-                  out_dir="out/quick"),
+    "quick": dict(size="tiny", data="data/builtin", num_frames=8, image_size=64, audio_frames=256,
+                  batch_size=32, audio_norm="dataset", epochs=60, warmup_epochs=3, blr=1.5e-3,
+                  workers=2, save_every=300, picture_every=300, out_dir="out/quick"),
 }
 
 
@@ -184,10 +186,10 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
             if f.name in seen:
                 continue
             seen.add(f.name)
-            t = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type,
-                                                                           f.type) if isinstance(f.type, str) else f.type
-            kw = dict(nargs="?", const=True, type=_bool) if t is bool else dict(type=t,
-                                                                                choices=choices.get(f.name))
+            t = {"int": int, "float": float, "str": str, "bool": bool}.get(
+                f.type, f.type) if isinstance(f.type, str) else f.type
+            kw = dict(nargs="?", const=True, type=_bool) if t is bool else dict(
+                type=t, choices=choices.get(f.name))
             g.add_argument(f"--{f.name}", default=None, help=f"(default {f.default!r})", **kw)
     return p
 
@@ -208,8 +210,8 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dic
     if size not in sizes:
         raise SystemExit(f"--size {size!r} is not one of {', '.join(sizes)}")
     if size in PAPER_SIZES:
-        merged = {**presets[preset], **(variants or {}).get(variant, {}), **(paper_shapes or {}).get(variant, {}),
-                  **given}
+        merged = {**presets[preset], **(variants or {}).get(variant, {}),
+                  **(paper_shapes or {}).get(variant, {}), **given}
     merged = {**sizes[size], **merged}
     out = []
     for dc in dataclasses_:
@@ -219,16 +221,18 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dic
 
 
 def parse_args(argv=None):
-    args = vars(build_parser(TrainConfig, avmae.AVMAEConfig, choices={**avmae.CHOICES,
-                                                                      **TRAIN_CHOICES}).parse_args(argv))
+    args = vars(build_parser(TrainConfig, avmae.AVMAEConfig,
+                             choices={**avmae.CHOICES, **TRAIN_CHOICES}).parse_args(argv))
     tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig,
                          variants={k: {**v, **VARIANT_DATA.get(k, {})} for k,
                                    v in VARIANTS.items()},
                          paper_shapes=PAPER_SHAPES)
     if (mcfg.target == "teacher") != bool(tcfg.teacher):
-        raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and --teacher PATH")
-    mcfg.audio_frames, mcfg.num_frames = fit_to_clips(tcfg.data, tcfg.split, mcfg.audio_frames, mcfg.num_frames,
-                                                      tcfg.frame_stride, mcfg.tubelet, mcfg.audio_patch_t, args)
+        raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and "
+                         "--teacher PATH")
+    mcfg.audio_frames, mcfg.num_frames = fit_to_clips(tcfg.data, tcfg.split, mcfg.audio_frames,
+                                                      mcfg.num_frames, tcfg.frame_stride,
+                                                      mcfg.tubelet, mcfg.audio_patch_t, args)
     return mcfg, tcfg
 
 # -----------------------------------------------------------------------------
@@ -263,11 +267,12 @@ def setup_distributed(timeout: float = 1800.0) -> Dist:
     # the rendezvous store, with a key prefix per torchrun restart: without it a restarted job (a
     # rank died, --max-restarts) reads the dead attempt's addresses and cannot connect
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, timeout=limit,
-                          is_master=rank == 0 and not agent, multi_tenant=not agent)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          timeout=limit, is_master=rank == 0 and not agent, multi_tenant=not agent)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"avmae/restart_{restart}", store), rank=rank,
-                            world_size=world, device_id=device if device.type == "cuda" else None, timeout=limit)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"avmae/restart_{restart}", store),
+                            rank=rank, world_size=world,
+                            device_id=device if device.type == "cuda" else None, timeout=limit)
     monitor = dist.new_group(backend="gloo", timeout=limit)  # (a group that timed out
                                                              # cannot be asked again)
     return Dist(rank, local, world, device, monitor)
@@ -343,8 +348,9 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
     state = {**state, "crc32": tensor_crc([state.get("model"), state.get("optimizer")])}
     try:
         os.makedirs(out_dir, exist_ok=True)
-        for name, write in ((path, lambda f: torch.save(state, f)),
-                            (os.path.join(out_dir, "latest"), lambda f: f.write(os.path.basename(path).encode()))):
+        for name, write in (
+            (path, lambda f: torch.save(state, f)),
+            (os.path.join(out_dir, "latest"), lambda f: f.write(os.path.basename(path).encode()))):
             with open(name + ".tmp", "wb") as f:
                 write(f)
                 f.flush()
@@ -355,7 +361,8 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
             with contextlib.suppress(OSError):
                 os.remove(name + ".tmp")
         code = errno.errorcode.get(e.errno, str(e.errno))
-        raise CheckpointWriteError(e.errno, f"{path}: not written ({code}: {e.strerror}); the previous checkpoint "
+        raise CheckpointWriteError(e.errno, f"{path}: not written ({code}: {e.strerror}); the "
+                                            "previous checkpoint "
                                             f"and `latest` are intact") from None
     for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep]:
         os.remove(old)
@@ -372,7 +379,8 @@ def find_checkpoint(resume: str, out_dir: str) -> str | None:
             return None
         resume = os.path.join(out_dir, open(latest).read().strip())
     if not os.path.exists(resume):
-        raise SystemExit(f"--resume {resume}: no such checkpoint (--resume auto continues from out_dir's latest, if any)")
+        raise SystemExit(f"--resume {resume}: no such checkpoint (--resume auto continues from "
+                         "out_dir's latest, if any)")
     return resume
 
 
@@ -387,12 +395,16 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
         raise BadCheckpoint(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
-        raise BadCheckpoint(f"{what} {path}: not an avmae {kind} checkpoint (no model / model_config)")
+        raise BadCheckpoint(f"{what} {path}: not an avmae {kind} checkpoint (no model / "
+                            "model_config)")
     if "crc32" in ck and tensor_crc([ck["model"], ck.get("optimizer")]) != ck["crc32"]:
-        raise BadCheckpoint(f"{what} {path}: damaged (the checksum of its tensors does not match: bytes changed)")
+        raise BadCheckpoint(f"{what} {path}: damaged (the checksum of its tensors does not match: "
+                            "bytes changed)")
     if what != "--init" and any(k.startswith("dec_embed.") for k in ck["model"]):
-        raise BadCheckpoint(f"{what} {path}: written before the decoder's parameters moved under decoder.* "
-                            f"(avmae's layout change); finetune from it with finetune.py --init, or pretrain anew")
+        raise BadCheckpoint(f"{what} {path}: written before the decoder's parameters moved under "
+                            "decoder.* "
+                            "(avmae's layout change); finetune from it with finetune.py --init, "
+                            "or pretrain anew")
     return ck
 
 
@@ -410,7 +422,8 @@ def resume_from(resume: str, out_dir: str, kind: str = "pretraining") -> tuple:
         except BadCheckpoint as e:
             print0(f"{e}; trying the one before")
     if found:
-        raise SystemExit(f"--resume auto: none of the {len(found)} checkpoints in {out_dir} is intact")
+        raise SystemExit(f"--resume auto: none of the {len(found)} checkpoints in {out_dir} is "
+                         "intact")
     return None, None
 
 # -----------------------------------------------------------------------------
@@ -443,7 +456,8 @@ class Preemption:
             signal.signal(s, handler)
 
     def stop(self, step: int, path: str | None):
-        print0(f"stopped at step {step} on {self.signal or 'a signal to another rank'}; checkpoint {path}; "
+        print0(f"stopped at step {step} on {self.signal or 'a signal to another rank'}; checkpoint "
+               f"{path}; "
                f"run the same command with --resume auto to continue", file=sys.stderr)
         raise SystemExit(EXIT_PREEMPTED)
 
@@ -464,7 +478,8 @@ class NonFinite:
                 f.write(json.dumps(dict(step=step, event="non-finite", message=msg)) + "\n")
         if self.count > self.max_bad:
             last = find_checkpoint("auto", self.out_dir)
-            raise SystemExit(f"{msg}; stopping (--max_bad_steps {self.max_bad}). The last good checkpoint is "
+            raise SystemExit(f"{msg}; stopping (--max_bad_steps {self.max_bad}). The last good "
+                             "checkpoint is "
                              f"{last or 'none yet'}")
         print0(f"{msg}; skipped ({self.count}/{self.max_bad})")
 
@@ -492,12 +507,14 @@ def collective_failure(e: Exception, d: "Dist", step: int, timeout: float,
     gone = ""
     if d.monitor is not None:
         try:
-            dist.monitored_barrier(d.monitor, timeout=datetime.timedelta(seconds=max(5.0, timeout / 4)),
+            dist.monitored_barrier(d.monitor,
+                                   timeout=datetime.timedelta(seconds=max(5.0, timeout / 4)),
                                    wait_all_ranks=True)
         except RuntimeError as m:
             found = re.findall(r"[Rr]anks? ([\d, ]+) failed", str(m))
             gone = f"; rank(s) {found[0].strip()} did not answer" if found else ""
-    return SystemExit(f"rank {d.rank}, step {step}: a collective failed or timed out (--dist_timeout {timeout:g} s)"
+    return SystemExit(f"rank {d.rank}, step {step}: a collective failed or timed out "
+                      f"(--dist_timeout {timeout:g} s)"
                       f"{gone}: a rank is stuck or gone. The last good checkpoint is "
                       f"{find_checkpoint('auto', out_dir) or 'none yet'} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:160]})")
@@ -588,7 +605,8 @@ def peak_flops(device: torch.device) -> float | None:
 # patches pasted back; frames on the left, spectrogram on the right)
 
 # magma-like
-_CMAP = torch.tensor([[0, 0, 4], [80, 18, 123], [183, 55, 121], [251, 136, 97], [252, 253, 191]]) / 255.0
+_CMAP = torch.tensor([[0, 0, 4], [80, 18, 123], [183, 55, 121], [251, 136, 97],
+                      [252, 253, 191]]) / 255.0
 
 
 def _colormap(x: torch.Tensor) -> torch.Tensor:  # (H, W) in [0, 1] -> (3, H, W)
@@ -656,10 +674,12 @@ def save_picture(img: torch.Tensor, path: str):
 
 
 def data_config(mcfg: avmae.AVMAEConfig, tcfg, split: str, train: bool, **kw) -> data.DataConfig:
-    return data.DataConfig(root=tcfg.data, split=split, modalities=mcfg.modalities, num_frames=mcfg.num_frames,
-                           frame_stride=tcfg.frame_stride, image_size=mcfg.image_size, audio_frames=mcfg.audio_frames,
-                           mel_bins=mcfg.mel_bins, window=tcfg.window, audio_norm=tcfg.audio_norm, train=train,
-                           decode=tcfg.decode, seed=tcfg.seed, video_aug=tcfg.video_aug, **kw)
+    return data.DataConfig(root=tcfg.data, split=split, modalities=mcfg.modalities,
+                           num_frames=mcfg.num_frames, frame_stride=tcfg.frame_stride,
+                           image_size=mcfg.image_size, audio_frames=mcfg.audio_frames,
+                           mel_bins=mcfg.mel_bins, window=tcfg.window, audio_norm=tcfg.audio_norm,
+                           train=train, decode=tcfg.decode, seed=tcfg.seed,
+                           video_aug=tcfg.video_aug, **kw)
 
 
 def ensure_data(tcfg, d: Dist):
@@ -668,14 +688,17 @@ def ensure_data(tcfg, d: Dist):
     meta_path = os.path.join(tcfg.data, "meta.json")
     if not os.path.exists(meta_path):
         if not os.path.basename(os.path.normpath(tcfg.data)).endswith("builtin"):
-            raise SystemExit(f"{tcfg.data}: not a prepared data set (no meta.json). Prepare one with "
-                             f"`python data.py prepare ...` (README: Data) or run `python train.py --preset quick`.")
+            raise SystemExit(f"{tcfg.data}: not a prepared data set (no meta.json). Prepare one "
+                             "with "
+                             "`python data.py prepare ...` (README: Data) or run `python train.py "
+                             "--preset quick`.")
         if d.master:
             data.make_builtin(tcfg.data)
     elif tcfg.audio_norm == "dataset" and "audio_mean" not in json.load(open(meta_path)):
         split = getattr(tcfg, "train_split", getattr(tcfg, "split", "train"))
         if d.master:
-            print0(f"{tcfg.data}: no log-mel statistics yet (--audio_norm dataset); computing them from the "
+            print0(f"{tcfg.data}: no log-mel statistics yet (--audio_norm dataset); computing them "
+                   "from the "
                    f"{split} split, once (they are saved in meta.json)")
             try:
                 data.audio_stats(tcfg.data, split)
@@ -693,19 +716,21 @@ def open_dataset(cfg: data.DataConfig) -> data.AVDataset:
         raise SystemExit(f"{cfg.root}: {e}")
 
 
-def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, frame_stride: float, tubelet: int,
-                 audio_patch: int, given: dict) -> tuple:
+def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, frame_stride: float,
+                 tubelet: int, audio_patch: int, given: dict) -> tuple:
     """(audio_frames, num_frames), shrunk to the set's median clip length where a preset's window
     does not fit it and the user did not choose the window (--audio_frames / --num_frames); said."""
     seconds = data.median_duration(root, split)
     if seconds is None:
         return audio_frames, num_frames
-    fit = dict(zip(("audio_frames", "num_frames"),
-                   data.fit_window(seconds, audio_frames, audio_patch, num_frames, frame_stride, tubelet)))
+    fit = dict(zip(
+        ("audio_frames", "num_frames"),
+        data.fit_window(seconds, audio_frames, audio_patch, num_frames, frame_stride, tubelet)))
     out = dict(audio_frames=audio_frames, num_frames=num_frames)
     for name, new in fit.items():
         if given.get(name) is None and new != out[name]:
-            print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} does not fit them, "
+            print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} does not "
+                   "fit them, "
                    f"using --{name} {new} (pass --{name} to choose)")
             out[name] = new
     return out["audio_frames"], out["num_frames"]
@@ -717,8 +742,9 @@ def batch_stream(ds: data.AVDataset, per_rank: int, workers: int, seed: int, d: 
     resumable at any step: `per_step` samples of this rank per step), pinned memory and persistent
     workers, batches moved to the device (and decoded there with --decode gpu)."""
     sampler = data.EpochSampler(len(ds), d.world, d.rank, seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
-                                         collate_fn=data.collate, drop_last=True, pin_memory=d.device.type == "cuda",
+    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler,
+                                         num_workers=workers, collate_fn=data.collate,
+                                         drop_last=True, pin_memory=d.device.type == "cuda",
                                          persistent_workers=workers > 0)
     gpu_decoder = data.GPUDecoder(ds.cfg, d.device) if ds.cfg.decode == "gpu" else None
     epoch0, in_epoch = divmod(step, steps_per_epoch)
@@ -742,8 +768,10 @@ def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
             except RuntimeError as e:
                 if "DataLoader worker" not in str(e):
                     raise
-                raise SystemExit(f"rank {d.rank}: a data loader worker died ({str(e).splitlines()[0]}) while reading "
-                                 f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}: out of memory? use fewer "
+                raise SystemExit(f"rank {d.rank}: a data loader worker died "
+                                 f"({str(e).splitlines()[0]}) while reading "
+                                 f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}: out "
+                                 "of memory? use fewer "
                                  f"--workers or a smaller batch; --resume auto continues") from None
             yield epoch, (gpu_decoder(b) if gpu_decoder else data.to_device(b, d.device))
         epoch, start = epoch + 1, 0
@@ -809,11 +837,12 @@ def bench(model, mcfg, tcfg, d: Dist, micro: int):
     fl = raw.flops()
     clips = micro * d.world / dt
     peak = peak_flops(d.device)
-    res = dict(step_s=dt, clips_per_s=clips, tflops_per_gpu=clips * fl["train"] / d.world / 1e12,
-               mfu=(clips * fl["train"] / (peak * d.world)) if peak else None,
-               peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if d.device.type == "cuda" else None,
-               gflops_fwd_per_clip=fl["forward"] / 1e9, micro_batch=micro, world=d.world,
-               device=torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
+    res = dict(
+        step_s=dt, clips_per_s=clips, tflops_per_gpu=clips * fl["train"] / d.world / 1e12,
+        mfu=(clips * fl["train"] / (peak * d.world)) if peak else None,
+        peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if d.device.type == "cuda" else None,
+        gflops_fwd_per_clip=fl["forward"] / 1e9, micro_batch=micro, world=d.world,
+        device=torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
     print0(json.dumps(res))
     return res
 
@@ -849,7 +878,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     ds = open_dataset(data_config(mcfg, tcfg, tcfg.split, train=True))
     steps_per_epoch = len(ds) // tcfg.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of {tcfg.batch_size}")
+        raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of "
+                         f"{tcfg.batch_size}")
     total = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     warmup = int(tcfg.warmup_epochs * steps_per_epoch)
     lr = tcfg.lr or tcfg.blr * tcfg.batch_size / 256  # linear scaling (Goyal et al.)
@@ -860,8 +890,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
             if isinstance(mod, avmae.Block):
                 fully_shard(mod)
         fully_shard(model)
-    opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr, betas=(tcfg.beta1, tcfg.beta2),
-                            fused=d.device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr,
+                            betas=(tcfg.beta1, tcfg.beta2), fused=d.device.type == "cuda")
     step = 0
     ckpt_path, ckpt = resume_from(restart_resume(tcfg.resume), tcfg.out_dir)
     if ckpt:
@@ -876,8 +906,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     if tcfg.compile:
         model = torch.compile(model)
     if d.world > 1 and not tcfg.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(model,
-                                                          device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
     stream = batch_stream(ds, per_rank, tcfg.workers, tcfg.seed, d, step, steps_per_epoch,
                           per_rank * tcfg.grad_accum)
@@ -887,8 +917,10 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     if d.master:
         os.makedirs(tcfg.out_dir, exist_ok=True)
-        print0(f"{raw.num_params() / 1e6:.1f}M parameters | {len(ds)} clips, {steps_per_epoch} steps/epoch, "
-               f"{total} steps | global batch {tcfg.batch_size} = {d.world} ranks x {tcfg.grad_accum} x {per_rank} "
+        print0(f"{raw.num_params() / 1e6:.1f}M parameters | {len(ds)} clips, {steps_per_epoch} "
+               "steps/epoch, "
+               f"{total} steps | global batch {tcfg.batch_size} = {d.world} ranks x "
+               f"{tcfg.grad_accum} x {per_rank} "
                f"| lr {lr:.2e} | {d.device} | {fl['forward'] / 1e9:.1f} GFLOP forward/clip")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain",
@@ -919,8 +951,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
             opt.zero_grad(set_to_none=True)
             state = r["losses"]
             if step % tcfg.log_every == 0 or step == stop:
-                last = log_step(run, step, state, bad_clips, nonfinite.count, time.time() - t_last, step - n_last,
-                                steps_per_epoch, bar)
+                last = log_step(run, step, state, bad_clips, nonfinite.count, time.time() - t_last,
+                                step - n_last, steps_per_epoch, bar)
                 t_last, n_last = time.time(), step
             if (tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop:
                 picture = picture_step(run, step, r["batch"], r["masks"]) or picture
@@ -931,7 +963,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                 preempt.stop(step, path)
     bar.close()
     in_sync = tcfg.fsdp or ranks_in_sync(raw)  # (FSDP holds one copy, sharded)
-    print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} | log {log_path}"
+    print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} | "
+           f"log {log_path}"
            + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
     return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path,
                 last=last, in_sync=in_sync)
@@ -959,7 +992,8 @@ def restart_resume(resume: str) -> str:
     checkpoint by itself: a restart means --resume auto unless another checkpoint was named."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and not resume:
-        print0(f"torchrun restart {restarts}: continuing from the newest intact checkpoint (--resume auto)")
+        print0(f"torchrun restart {restarts}: continuing from the newest intact checkpoint "
+               "(--resume auto)")
         return "auto"
     return resume
 
@@ -994,40 +1028,43 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
                 targets = {m: t.float() for m,
                            t in run.teacher.encode(**{m: batch[m] for m in mcfg.mods}).items()}
         last_micro = micro == tcfg.grad_accum - 1
-        sync = contextlib.nullcontext() if last_micro or not hasattr(run.model,
-                                                                     "no_sync") else run.model.no_sync()
+        sync = contextlib.nullcontext() if last_micro or not hasattr(
+            run.model, "no_sync") else run.model.no_sync()
         with sync, autocast_ctx(tcfg.precision, d.device):
             out = run.model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets,
                             masks2=mk2)
             (out["loss"] / tcfg.grad_accum).backward()
         zero = torch.zeros((), device=d.device)
-        sums[:-1] += torch.stack([out.get(k,
-                                          zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
+        sums[:-1] += torch.stack(
+            [out.get(k, zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
     sums[-1] = float(preempt.signal is not None)  # (a signal that came during
                                                   # this step stops after it)
     sums = all_reduce(sums) / d.world
     gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
                                            tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
-    finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))], device=d.device),
+    finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))],
+                                     device=d.device),
                         dist.ReduceOp.MIN if dist.is_initialized() else None)
     values = sums.tolist()  # (one device sync)
     losses = {k: v for k, v in zip(LOSS_KEYS, values) if k in out}
-    what = "" if finite.item() >= 1 else (f"loss {values[0]:.4g} (audio {values[1]:.4g}, video {values[2]:.4g}, "
+    what = "" if finite.item() >= 1 else (f"loss {values[0]:.4g} (audio {values[1]:.4g}, video "
+                                          f"{values[2]:.4g}, "
                                           f"grad norm {float(gnorm):.4g})")
     return dict(losses=losses, nonfinite=what, stop=values[-1] > 0, batch=batch, masks=mk,
                 bad_clips=bad_clips)
 
 
-def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, seconds: float, steps: int,
-             steps_per_epoch: int, bar) -> dict:
+def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, seconds: float,
+             steps: int, steps_per_epoch: int, bar) -> dict:
     """The JSONL log and the progress bar: losses, lr, clips/s, MFU, bad clips (all ranks), skipped steps."""
     tcfg, d = run.tcfg, run.d
     clips_s = steps * tcfg.batch_size / max(seconds, 1e-9)
     peak = run.peak
     bad_total = int(all_reduce(torch.tensor([bad_clips], device=d.device)).item())
-    rec = dict(step=step, epoch=step / steps_per_epoch, lr=run.opt.param_groups[0]["lr"], **state, clips_per_s=clips_s,
-               mfu=(clips_s * run.train_flops / (peak * d.world)) if peak else None, bad_clips=bad_total,
-               skipped_steps=skipped)
+    rec = dict(step=step, epoch=step / steps_per_epoch, lr=run.opt.param_groups[0]["lr"], **state,
+               clips_per_s=clips_s,
+               mfu=(clips_s * run.train_flops / (peak * d.world)) if peak else None,
+               bad_clips=bad_total, skipped_steps=skipped)
     bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{rec['lr']:.1e}",
                      "clips/s": f"{clips_s:.0f}"})
     if d.master:
@@ -1044,8 +1081,8 @@ def picture_step(run: Run, step: int, batch: dict, masks: dict) -> str | None:
     raw.eval()  # (an FSDP forward takes every rank)
     # reconstruction only: no contrast
     with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
-        o = raw(**{m: batch[m][:1] for m in mcfg.mods}, masks={m: (k[:1], r[:1]) for m, (k, r) in masks.items()},
-                contrast=False)
+        o = raw(**{m: batch[m][:1] for m in mcfg.mods},
+                masks={m: (k[:1], r[:1]) for m, (k, r) in masks.items()}, contrast=False)
     raw.train()
     if not d.master:
         return None
@@ -1068,9 +1105,10 @@ def save_step(run: Run, step: int, steps_per_epoch: int, final: bool) -> str | N
         raise SystemExit(f"step {step}: ranks hold different parameters")
     st = None
     if d.master or tcfg.fsdp:  # gathering FSDP shards takes every rank
-        st = dict(model=model_state(raw, tcfg.fsdp), optimizer=optim_state(raw, run.opt, tcfg.fsdp), step=step,
-                  epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch, model_config=asdict(run.mcfg),
-                  train_config=asdict(tcfg), rng=rng_state(), world=d.world)
+        st = dict(model=model_state(raw, tcfg.fsdp), optimizer=optim_state(raw, run.opt, tcfg.fsdp),
+                  step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch,
+                  model_config=asdict(run.mcfg), train_config=asdict(tcfg), rng=rng_state(),
+                  world=d.world)
     if d.master:
         return save_or_say(tcfg.out_dir, st, step, tcfg.keep_last, tcfg.on_save_error, final)
     return None

@@ -29,6 +29,6 @@ except ImportError:  # e.g. a CPU-only torch on aarch64: the twins run everythin
 FAST, SUPPORTS = {}, {}
 if HAVE_TRITON:
     from . import assemble, attention, gather, loss
-    FAST = dict(gather=gather.gather_tokens, assemble=assemble.assemble, unshuffle=assemble.unshuffle,
-                attention=attention.attention, loss=loss.recon_loss)
+    FAST = dict(gather=gather.gather_tokens, assemble=assemble.assemble,
+                unshuffle=assemble.unshuffle, attention=attention.attention, loss=loss.recon_loss)
     SUPPORTS = dict(attention=attention.supports)

@@ -24,8 +24,8 @@ def _blocks(D: int):
 
 
 @triton.jit
-def _assemble_kernel(x_ptr, pv_ptr, tok_ptr, pm_ptr, iv_ptr, im_ptr, out_ptr, K, M, D,
-                     stride_xb, stride_xk, stride_pv, stride_pm, stride_ivb, stride_imb, stride_ob, stride_on,
+def _assemble_kernel(x_ptr, pv_ptr, tok_ptr, pm_ptr, iv_ptr, im_ptr, out_ptr, K, M, D, stride_xb,
+                     stride_xk, stride_pv, stride_pm, stride_ivb, stride_imb, stride_ob, stride_on,
                      RASTER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Slots r < K are visible tokens, r >= K mask tokens. RASTER: write slot r to row ids[r] and add
     pos[ids[r]] (unshuffle); else write it to row r (assemble)."""
@@ -49,37 +49,43 @@ def _assemble_kernel(x_ptr, pv_ptr, tok_ptr, pm_ptr, iv_ptr, im_ptr, out_ptr, K,
                      other=0.0)
         val = tl.where(vis[:, None], xv.to(tl.float32) + pv.to(tl.float32),
                        tok[None, :].to(tl.float32) + pm.to(tl.float32))
-        tl.store(out_ptr + b * stride_ob + dest[:, None] * stride_on + rd[None, :], val.to(out_ptr.dtype.element_ty),
-                 mask=(vis | msk)[:, None] & okd)
+        tl.store(out_ptr + b * stride_ob + dest[:, None] * stride_on + rd[None, :],
+                 val.to(out_ptr.dtype.element_ty), mask=(vis | msk)[:, None] & okd)
 
 
 def _launch(x_vis, pos_vis, tok, pos_mask, ids_vis, ids_mask, raster: bool):
     B, K, D = x_vis.shape
     M = ids_mask.shape[1]
-    assert ids_vis.shape == (B,
-                             K) and ids_mask.shape[0] == B and ids_vis.dtype == ids_mask.dtype == torch.int64
+    assert ids_vis.shape == (
+        B, K) and ids_mask.shape[0] == B and ids_vis.dtype == ids_mask.dtype == torch.int64
     assert tok.shape == (D,) and pos_vis.shape[1] == pos_mask.shape[1] == D
     assert x_vis.stride(-1) == 1 and pos_vis.stride(-1) == 1 and pos_mask.stride(-1) == 1 and tok.stride(-1) == 1
     dtype = torch.promote_types(torch.promote_types(x_vis.dtype, pos_vis.dtype),
                                 torch.promote_types(tok.dtype, pos_mask.dtype))
     out = torch.empty(B, K + M, D, device=x_vis.device, dtype=dtype)
     BR, BD = _blocks(D)
-    wrap_triton(_assemble_kernel)[(B, triton.cdiv(K + M, BR))](
-        x_vis, pos_vis, tok, pos_mask, ids_vis, ids_mask, out, K, M, D, x_vis.stride(0), x_vis.stride(1),
-        pos_vis.stride(0), pos_mask.stride(0), ids_vis.stride(0), ids_mask.stride(0), out.stride(0), out.stride(1),
-        RASTER=raster, BLOCK_R=BR, BLOCK_D=BD)
+    wrap_triton(_assemble_kernel)[(B, triton.cdiv(K + M, BR))](x_vis, pos_vis, tok, pos_mask,
+                                                               ids_vis, ids_mask, out, K, M, D,
+                                                               x_vis.stride(0), x_vis.stride(1),
+                                                               pos_vis.stride(0),
+                                                               pos_mask.stride(0),
+                                                               ids_vis.stride(0),
+                                                               ids_mask.stride(0), out.stride(0),
+                                                               out.stride(1), RASTER=raster,
+                                                               BLOCK_R=BR, BLOCK_D=BD)
     return out
 
 
 @triton_op("avmae::assemble", mutates_args=())
-def _assemble(x_vis: torch.Tensor, pos_vis: torch.Tensor, mask_token: torch.Tensor, pos_mask: torch.Tensor,
-              ids_vis: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+def _assemble(x_vis: torch.Tensor, pos_vis: torch.Tensor, mask_token: torch.Tensor,
+              pos_mask: torch.Tensor, ids_vis: torch.Tensor,
+              ids_mask: torch.Tensor) -> torch.Tensor:
     return _launch(x_vis, pos_vis, mask_token, pos_mask, ids_vis, ids_mask, raster=False)
 
 
 @triton_op("avmae::unshuffle", mutates_args=())
-def _unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor, ids_keep: torch.Tensor,
-               ids_mask: torch.Tensor) -> torch.Tensor:
+def _unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
+               ids_keep: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
     assert ids_keep.shape[1] + ids_mask.shape[1] == pos.shape[0], "keep + mask must cover every position"
     return _launch(x_vis, pos, mask_token, pos, ids_keep, ids_mask, raster=True)
 

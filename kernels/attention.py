@@ -31,10 +31,11 @@ LOG2E = 1.4426950408889634
 if INTERPRET:  # one small configuration: the interpreter runs every program in Python
     _FWD = _BWD = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
 else:
-    _FWD = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]]
-    _BWD = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]]
+    _FWD = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w,
+        s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]]
+    _BWD = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w,
+            s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]]
 
 
 def _prune(configs, named_args, **kwargs):  # big tiles of fp32 or at head dim
@@ -47,8 +48,9 @@ def _prune(configs, named_args, **kwargs):  # big tiles of fp32 or at head dim
 @triton.autotune(configs=_FWD, key=["N", "HEAD_DIM", "IS_FP32"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, qk_scale, N, H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-              HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_fwd(Q, K, V, O, LSE, qk_scale, N, H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
+              soh, son, HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -72,8 +74,8 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, N, H, sqb, sqh, sqn, skb, skh, skn, svb
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + rd[None, :], mask=kn[:, None] < N,
                     other=0.0)
-        acc = acc * alpha[:,
-                          None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IS_FP32 else "tf32")
+        acc = acc * alpha[
+            :, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IS_FP32 else "tf32")
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + rm[:, None] * son + rd[None, :], acc.to(O.dtype.element_ty),
@@ -98,9 +100,9 @@ def _attn_bwd_delta(O, DO, DELTA, N, H, sob, soh, son, sdb, sdh, sdn, HEAD_DIM: 
 @triton.autotune(configs=_BWD, key=["N", "HEAD_DIM", "IS_FP32"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb, skh, skn,
-                   svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb,
+                   skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, HEAD_DIM: tl.constexpr,
+                   IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     kn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,9 +139,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, N, H, sq
 @triton.autotune(configs=_BWD, key=["N", "HEAD_DIM", "IS_FP32"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb, skh, skn,
-                 svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb, skh,
+                 skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, HEAD_DIM: tl.constexpr,
+                 IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -166,8 +168,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H, sqb, sqh
         dp = tl.dot(do, tl.trans(v), input_precision=prec)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
-    tl.store(DQ + b * sgb + h * sgh + rm[:, None] * sgn + rd[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=okm[:, None])
+    tl.store(DQ + b * sgb + h * sgh + rm[:, None] * sgn + rd[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=okm[:, None])
 
 
 def _strides(t):  # (B, H, N, d) -> batch, head, row strides (the last dim must be contiguous)
@@ -180,8 +182,8 @@ def supports(q, k, v) -> bool:
     """The inputs this kernel takes: (B, H, N, d) q, k, v of one shape and dtype (fp32 / fp16 / bf16),
     head dim 16, 32, 64 or 128, contiguous along it. Anything else runs on the twin (SDPA)."""
     return (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-            and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] in (16,
-                                                                                              32, 64, 128)
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] in (
+                16, 32, 64, 128)
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 
 def _check(q, k, v):
@@ -205,22 +207,24 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
     o = _empty_bnhd(q)
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    wrap_triton(_attn_fwd)[grid](q, k, v, o, lse, LOG2E / math.sqrt(d), N, H, *_strides(q), *_strides(k),
-                                 *_strides(v), *_strides(o), HEAD_DIM=d, IS_FP32=q.dtype == torch.float32)
+    wrap_triton(_attn_fwd)[grid](q, k, v, o, lse, LOG2E / math.sqrt(d), N, H, *_strides(q),
+                                 *_strides(k), *_strides(v), *_strides(o), HEAD_DIM=d,
+                                 IS_FP32=q.dtype == torch.float32)
     return o, lse
 
 
 @triton_op("avmae::attention_bwd", mutates_args=())
-def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   o: torch.Tensor,
                    lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, d = q.shape
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
-    wrap_triton(_attn_bwd_delta)[(triton.cdiv(N, 64), B * H)](o, do, delta, N, H, *_strides(o), *_strides(do),
-                                                              HEAD_DIM=d, BLOCK_M=64)
+    wrap_triton(_attn_bwd_delta)[(triton.cdiv(N, 64), B * H)](o, do, delta, N, H, *_strides(o),
+                                                              *_strides(do), HEAD_DIM=d, BLOCK_M=64)
     dq, dk, dv = _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
-    args = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d), N, H, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dq))
+    args = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d), N, H, *_strides(q), *_strides(k),
+            *_strides(v), *_strides(do), *_strides(dq))
     fp32 = q.dtype == torch.float32
     wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, *args, HEAD_DIM=d, IS_FP32=fp32)

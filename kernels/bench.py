@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import avmae  # noqa: E402
 import kernels  # noqa: E402
 
-HBM = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("GH200", 4.0e12), ("A100", 2.0e12),
-       ("L40S", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("V100", 0.9e12)]
+HBM = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("GH200", 4.0e12),
+       ("A100", 2.0e12), ("L40S", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("V100", 0.9e12)]
 ENCODER_LENGTHS, DECODER_LENGTHS = (157, 200, 357, 400), (1568, 1968)
 REPS = 20
 
@@ -94,8 +94,8 @@ def bench_memory(dev, B, small):
             return g
         ours = timeit(lambda: step(kernels.FAST["loss"])) if run_ours(dev) else None
         twin = timeit(lambda: step(avmae.recon_loss))
-        rows.append((f"loss fwd+bwd {B}x{M}x{P} norm_pix={norm}", ours and moved / ours / 1e9, moved / twin / 1e9,
-                     ours and hbm_peak() and moved / ours / hbm_peak()))
+        rows.append((f"loss fwd+bwd {B}x{M}x{P} norm_pix={norm}", ours and moved / ours / 1e9,
+                     moved / twin / 1e9, ours and hbm_peak() and moved / ours / hbm_peak()))
     return rows
 
 
@@ -152,8 +152,8 @@ def bench_step(dev, small):
                                      precision="bf16" if dev == "cuda" else "fp32")
             model = avmae.AVMAE(mcfg).to(dev)
             try:
-                r = train.bench(torch.compile(model) if compiled else model, mcfg, tcfg, train.Dist(device=torch.device(dev)),
-                                micro)
+                r = train.bench(torch.compile(model) if compiled else model, mcfg, tcfg,
+                                train.Dist(device=torch.device(dev)), micro)
                 rows.append((backend, "compiled" if compiled else "eager", r["clips_per_s"],
                              r["mfu"], r["peak_mem_gb"]))
             except Exception as e:  # (a compiler missing on a CPU
@@ -170,7 +170,8 @@ def fullgraph_check(dev, small) -> str:
                                           **base)).to(dev)
     B = 2
     x = dict(a=torch.randn(B, model.cfg.audio_frames, model.cfg.mel_bins, device=dev),
-             v=torch.rand(B, 3, model.cfg.num_frames, model.cfg.image_size, model.cfg.image_size, device=dev))
+             v=torch.rand(B, 3, model.cfg.num_frames, model.cfg.image_size, model.cfg.image_size,
+                          device=dev))
     try:
         step = torch.compile(lambda: model(**x, masks=model.sample_masks(B, dev))["loss"],
                              fullgraph=True)
@@ -186,9 +187,12 @@ def markdown(dev, memory, attention, steps, fullgraph, small) -> str:
     out = ["# kernels/bench.py report", "",
            f"Device: **{name}**; torch {torch.__version__}, triton {triton.__version__}, "
            f"{'bf16' if dev == 'cuda' else 'fp32'}." + ("" if dev == "cuda" else
-                                                    " **A dry run on a CPU at small shapes: not a GPU figure.**"), ""]
-    out += ["## Attention (TFLOP/s)", "", "| N | heads | pass | ours | " + " | ".join(_backends(attention)) + " | ours / best SDPA |",
-            "|---|---|---|---|" + "---|" * len(_backends(attention)) + "---|"]
+                                                    " **A dry run on a CPU at small shapes: not a "
+                                                    "GPU figure.**"), ""]
+    out += [
+        "## Attention (TFLOP/s)", "",
+        "| N | heads | pass | ours | " + " | ".join(_backends(attention)) + " | ours / best SDPA |",
+        "|---|---|---|---|" + "---|" * len(_backends(attention)) + "---|"]
     for N, H, what, r in attention:
         sdpa = {k: v for k, v in r.items() if k != "ours"}
         best = max(sdpa.values()) if sdpa else None
@@ -241,7 +245,8 @@ def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> di
     a, v = torch.randn(B, 1024, 128, generator=g).to(dev), torch.rand(B, 3, 224, 224,
                                                                       generator=g).to(dev)
     steps = {"ours": lambda: ours(a=a, v=v.unsqueeze(2))["loss"],
-             "authors": lambda: theirs(a, v, 0.75, 0.75, mae_loss_weight=1.0, contrast_loss_weight=0.01)[0]}
+             "authors": lambda: theirs(a, v, 0.75, 0.75, mae_loss_weight=1.0,
+                                       contrast_loss_weight=0.01)[0]}
     rows = {}
     for name, model in (("ours", ours), ("authors", theirs)):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -254,8 +259,9 @@ def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> di
             opt.step()
         step()
         trained = sum(p.numel() for p in model.parameters() if p.grad is not None)
-        rows[name] = dict(seconds=timeit(step, reps), trainable=sum(p.numel() for p in model.parameters()
-                                                                     if p.requires_grad), trained=trained)
+        rows[name] = dict(seconds=timeit(step, reps),
+                          trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                          trained=trained)
     for r in rows.values():
         r["clips_per_s"] = B / r["seconds"]
     rows["ratio"] = rows["ours"]["clips_per_s"] / rows["authors"]["clips_per_s"]
@@ -271,7 +277,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes and one repetition (a check that it runs)")
     p.add_argument("--json", help="also write the rows here")
-    p.add_argument("--cavmae", metavar="REPO", help="time --variant cavmae against the authors' model in "
+    p.add_argument("--cavmae", metavar="REPO", help="time --variant cavmae against the authors' "
+                                                    "model in "
                    "this CAV-MAE checkout (nothing else is run)")
     p.add_argument("--site",
                    help="with --cavmae: a folder holding the timm they pin (pip install --target)")
@@ -282,8 +289,10 @@ def main(argv=None):
         rows = bench_cavmae(a.cavmae, a.site, dev, B, 3 if dev == "cpu" else 20)
         name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
         o, t = rows["ours"], rows["authors"]
-        print(f"CAV-MAE base, batch {B}, {name}, torch {torch.__version__}: ours {o['clips_per_s']:.2f} clips/s, "
-              f"authors' {t['clips_per_s']:.2f} clips/s, ratio {rows['ratio']:.2f}x; trainable parameters: ours "
+        print(f"CAV-MAE base, batch {B}, {name}, torch {torch.__version__}: ours "
+              f"{o['clips_per_s']:.2f} clips/s, "
+              f"authors' {t['clips_per_s']:.2f} clips/s, ratio {rows['ratio']:.2f}x; trainable "
+              "parameters: ours "
               f"{o['trainable']:,}, authors' {t['trainable']:,} ({t['trained']:,} with a gradient)")
         return rows
     small = a.smoke or dev == "cpu"

@@ -20,8 +20,9 @@ def _blocks(C: int):
 
 
 @triton.jit
-def _gather_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, K, C, stride_xb, stride_xn, stride_ib, stride_pn, stride_ob,
-                   stride_ok, HAS_POS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gather_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, K, C, stride_xb, stride_xn, stride_ib,
+                   stride_pn, stride_ob, stride_ok, HAS_POS: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
     b, kb = tl.program_id(0), tl.program_id(1)
     rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     ok_k = rk < K
@@ -39,8 +40,8 @@ def _gather_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, K, C, stride_xb, stride_xn,
 
 
 @triton.jit
-def _scatter_kernel(g_ptr, ids_ptr, dx_ptr, K, C, stride_gb, stride_gk, stride_ib, stride_db, stride_dn,
-                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scatter_kernel(g_ptr, ids_ptr, dx_ptr, K, C, stride_gb, stride_gk, stride_ib, stride_db,
+                    stride_dn, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     b, kb = tl.program_id(0), tl.program_id(1)
     rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     ok_k = rk < K
@@ -86,8 +87,9 @@ def _scatter(g: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
     g = g if g.stride(-1) == 1 else g.contiguous()
     dx = torch.zeros(B, n, C, device=g.device, dtype=torch.float32)
     BK, BC = _blocks(C)
-    wrap_triton(_scatter_kernel)[(B, triton.cdiv(K, BK))](
-        g, ids, dx, K, C, g.stride(0), g.stride(1), ids.stride(0), dx.stride(0), dx.stride(1), BLOCK_K=BK, BLOCK_C=BC)
+    wrap_triton(_scatter_kernel)[(B, triton.cdiv(K, BK))](g, ids, dx, K, C, g.stride(0),
+                                                          g.stride(1), ids.stride(0), dx.stride(0),
+                                                          dx.stride(1), BLOCK_K=BK, BLOCK_C=BC)
     return dx
 
 

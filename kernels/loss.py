@@ -28,8 +28,8 @@ def _target(patch_ptr, ids_ptr, b, m, stride_pb, stride_pn, stride_ib, rp, okp, 
 
 
 @triton.jit
-def _loss_fwd(pred_ptr, patch_ptr, ids_ptr, rows_ptr, M, P, stride_qb, stride_qm, stride_pb, stride_pn, stride_ib,
-              NORM: tl.constexpr, BLOCK_P: tl.constexpr):
+def _loss_fwd(pred_ptr, patch_ptr, ids_ptr, rows_ptr, M, P, stride_qb, stride_qm, stride_pb,
+              stride_pn, stride_ib, NORM: tl.constexpr, BLOCK_P: tl.constexpr):
     i = tl.program_id(0)  # one (b, m) row per program
     b, m = i // M, i % M
     rp = tl.arange(0, BLOCK_P)
@@ -41,8 +41,8 @@ def _loss_fwd(pred_ptr, patch_ptr, ids_ptr, rows_ptr, M, P, stride_qb, stride_qm
 
 
 @triton.jit
-def _loss_bwd(pred_ptr, patch_ptr, ids_ptr, grad_ptr, dpred_ptr, M, P, scale, stride_qb, stride_qm, stride_pb,
-              stride_pn, stride_ib, NORM: tl.constexpr, BLOCK_P: tl.constexpr):
+def _loss_bwd(pred_ptr, patch_ptr, ids_ptr, grad_ptr, dpred_ptr, M, P, scale, stride_qb, stride_qm,
+              stride_pb, stride_pn, stride_ib, NORM: tl.constexpr, BLOCK_P: tl.constexpr):
     i = tl.program_id(0)
     b, m = i // M, i % M
     rp = tl.arange(0, BLOCK_P)
@@ -68,19 +68,20 @@ def _loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor,
     B, M, P = pred.shape
     rows = torch.empty(B * M, device=pred.device, dtype=torch.float32)
     wrap_triton(_loss_fwd)[(B * M,)](pred, patches, ids, rows, M, P, pred.stride(0), pred.stride(1),
-                                     patches.stride(0), patches.stride(1), ids.stride(0), NORM=norm_pix,
-                                     BLOCK_P=triton.next_power_of_2(P))
+                                     patches.stride(0), patches.stride(1), ids.stride(0),
+                                     NORM=norm_pix, BLOCK_P=triton.next_power_of_2(P))
     return rows.sum() / (B * M * P)
 
 
 @triton_op("avmae::recon_loss_bwd", mutates_args=())
-def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor,
-                      norm_pix: bool) -> torch.Tensor:
+def _loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, patches: torch.Tensor,
+                      ids: torch.Tensor, norm_pix: bool) -> torch.Tensor:
     B, M, P = pred.shape
     dpred = torch.empty(B, M, P, device=pred.device, dtype=pred.dtype)
-    wrap_triton(_loss_bwd)[(B * M,)](pred, patches, ids, grad, dpred, M, P, 1.0 / (B * M * P), pred.stride(0),
-                                     pred.stride(1), patches.stride(0), patches.stride(1), ids.stride(0),
-                                     NORM=norm_pix, BLOCK_P=triton.next_power_of_2(P))
+    wrap_triton(_loss_bwd)[(B * M,)](pred, patches, ids, grad, dpred, M, P, 1.0 / (B * M * P),
+                                     pred.stride(0), pred.stride(1), patches.stride(0),
+                                     patches.stride(1), ids.stride(0), NORM=norm_pix,
+                                     BLOCK_P=triton.next_power_of_2(P))
     return dpred
 
 

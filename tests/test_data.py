@@ -14,8 +14,8 @@ import torch
 import data
 
 FFMPEG = shutil.which("ffmpeg")
-needs_ffmpeg = pytest.mark.skipif(FFMPEG is None,
-                                  reason="ffmpeg is not installed (.ci/run installs it with apt-get)")
+needs_ffmpeg = pytest.mark.skipif(
+    FFMPEG is None, reason="ffmpeg is not installed (.ci/run installs it with apt-get)")
 
 # -----------------------------------------------------------------------------
 # log-mel against a from-the-definition reference (numpy, float64, loops)
@@ -74,7 +74,8 @@ def test_logmel_shapes_and_batching():
     padded = data.logmel(eight, target_frames=800)
     assert padded.shape == (800, 128) and torch.all(padded[798:] == 0)  # zero-padded at the end
     assert data.logmel(ten, target_frames=800).shape == (800, 128)
-    assert data.samples_for_frames(800) == 128240 and data.logmel(torch.randn(128240)).shape == (800, 128)
+    assert data.samples_for_frames(800) == 128240 and data.logmel(torch.randn(128240)).shape == (
+        800, 128)
     batch = torch.stack([eight, eight * 0.5])
     out = data.logmel(batch)
     assert out.shape == (2, 798, 128) and torch.allclose(out[0], data.logmel(eight), atol=1e-5)
@@ -113,12 +114,14 @@ def test_vggsound_manifest(tmp_path):
 
 
 def test_audioset_manifest(tmp_path):
-    p = _write(tmp_path / "seg.csv", "# Segments csv\n# num_ytids=3\n# YTID, start_seconds, end_seconds, positive_labels\n"
+    p = _write(tmp_path / "seg.csv", "# Segments csv\n# num_ytids=3\n# YTID, start_seconds, "
+                                     "end_seconds, positive_labels\n"
                '--4gqARaEJE, 0.000, 10.000, "/m/068hy,/m/07q6cd_"\n'
                'abc, 30.000, 40.000, "/m/zzz"\n'
                'def, x, 10.000, "/m/068hy"\n')
-    lab = _write(tmp_path / "cls.csv",
-                 'index,mid,display_name\n0,/m/068hy,"Domestic animals, pets"\n1,/m/07q6cd_,Squeak\n')
+    lab = _write(
+        tmp_path / "cls.csv",
+        'index,mid,display_name\n0,/m/068hy,"Domestic animals, pets"\n1,/m/07q6cd_,Squeak\n')
     recs, bad, mids = data.read_audioset(p, lab)
     assert mids == {"/m/068hy": 0, "/m/07q6cd_": 1}
     assert len(recs) == 1 and recs[0].labels["label"] == ["/m/068hy",
@@ -162,9 +165,10 @@ def make_mp4(path, seconds=2.0, tone=440.0, size=(320, 240), fps=25, sr=44100, c
     frames = np.zeros((int(seconds * fps), H, W, 3), np.uint8)
     for i in range(len(frames)):
         frames[i, 100:140, 20 + 4 * i: 60 + 4 * i] = 255
-    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}",
-                    "-r", str(fps), "-i", "-", "-i", wav, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
-                    "-shortest", str(path)], input=frames.tobytes(), check=True)
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                    "-s", f"{W}x{H}", "-r", str(fps), "-i", "-", "-i", wav, "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+                    str(path)], input=frames.tobytes(), check=True)
     os.remove(wav)
 
 
@@ -175,11 +179,12 @@ def test_prepare_real_mp4s(tmp_path):
     make_mp4(videos / "aaa_000010.mp4", tone=440.0)
     make_mp4(videos / "bbb_000000.mp4", tone=1000.0, channels=1)
     (videos / "ccc_000000.mp4").write_bytes(os.urandom(5000))  # not a video
-    manifest = _write(tmp_path / "vgg.csv", "aaa,10,tone a,train\nbbb,0,tone b,train\nccc,0,tone a,train\n"
+    manifest = _write(tmp_path / "vgg.csv", "aaa,10,tone a,train\nbbb,0,tone b,train\nccc,0,tone "
+                                            "a,train\n"
                       "ddd,0,tone b,train\nmalformed\n")
     out = str(tmp_path / "prepared")
-    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out,
-               "--workers", "2"])
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound",
+               "--out", out, "--workers", "2"])
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["heads"] == {"label": ["tone a", "tone b"]} and meta["fps"] == 12.5
     rows = list(csv.DictReader(open(os.path.join(out, "train.csv"))))
@@ -231,8 +236,8 @@ def test_split_mjpeg():
 def test_builtin_is_deterministic(builtin, tmp_path):
     again = data.make_builtin(str(tmp_path / "again"), n_train=24, n_test=8)
     for split in ("train", "test"):
-        assert open(os.path.join(builtin, f"{split}.csv")).read() == open(os.path.join(again,
-                                                                                       f"{split}.csv")).read()
+        assert open(os.path.join(builtin, f"{split}.csv")).read() == open(
+            os.path.join(again, f"{split}.csv")).read()
     for cid in ("train_00003", "test_00030"):
         for f in ("audio.flac", "frames.bin"):
             assert open(os.path.join(builtin, "clips", cid, f),
@@ -247,11 +252,11 @@ def test_builtin_labels_and_shapes(builtin):
     labels = [r["label"][0] for r in ds.rows]
     assert len(ds) == 24 and len(set(labels)) >= 5 and all(0 <= y < 8 for y in labels)
     item = ds[0]
-    assert item["a"].shape == (256, 128) and item["v"].shape == (3, 8, 32,
-                                                                 32) and item["v"].dtype == torch.uint8
+    assert item["a"].shape == (256, 128) and item["v"].shape == (
+        3, 8, 32, 32) and item["v"].dtype == torch.uint8
     v = data.to_device(data.collate([item]), "cpu")["v"]
-    assert v.dtype == torch.float32 and v.min() >= -1 and v.max() <= 1 and torch.equal(v[0],
-                                                                                       item["v"] / 127.5 - 1)
+    assert v.dtype == torch.float32 and v.min() >= -1 and v.max() <= 1 and torch.equal(
+        v[0], item["v"] / 127.5 - 1)
 
 
 def test_builtin_sound_follows_the_picture():

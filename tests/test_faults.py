@@ -18,11 +18,12 @@ import finetune as FT
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16", "--audio_frames", "64",
-        "--mel_bins", "32", "--workers", "0", "--log_every", "1", "--picture_every", "0", "--batch_size", "8",
-        "--kernels", "torch"]
-FT_TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--audio_frames", "64", "--workers", "0",
-           "--batch_size", "8", "--views", "1", "--kernels", "torch", "--log_every", "1"]
+TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16",
+        "--audio_frames", "64", "--mel_bins", "32", "--workers", "0", "--log_every", "1",
+        "--picture_every", "0", "--batch_size", "8", "--kernels", "torch"]
+FT_TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--audio_frames", "64",
+           "--workers", "0", "--batch_size", "8", "--views", "1", "--kernels", "torch",
+           "--log_every", "1"]
 
 
 def weights(path):
@@ -122,8 +123,9 @@ def test_a_killed_rank_restarts_from_the_latest_checkpoint(builtin, tmp_path):
 def test_a_stuck_rank_stops_the_others_with_its_name(builtin, tmp_path):
     # (then it finds the others gone)
     script = DYING.format(root=ROOT, step=2, action="time.sleep(12)")
-    p, seconds = torchrun(tmp_path, script, [*TINY, "--data", builtin, "--max_steps", "6", "--dist_timeout", "4",
-                                             "--out_dir", str(tmp_path / "o")], timeout=100)
+    p, seconds = torchrun(tmp_path, script, [*TINY, "--data", builtin, "--max_steps", "6",
+                                             "--dist_timeout", "4", "--out_dir",
+                                             str(tmp_path / "o")], timeout=100)
     assert p.returncode != 0 and seconds < 40
     out = p.stdout + p.stderr
     assert "rank 0, step 2: a collective failed or timed out (--dist_timeout 4 s); rank(s) 1 did not answer" in out
@@ -147,8 +149,8 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_retries_or_stops(builtin, tmp
     res = train.main([*args, "--out_dir", str(tmp_path / "retry")])
     err = capsys.readouterr().err
     assert "ckpt_0000004.pt: not written (ENOSPC: No space left on device)" in err and "next save tries again" in err
-    assert res["step"] == 6 and calls == [2, 4,
-                                          6] and not os.path.exists(tmp_path / "retry" / "ckpt_0000004.pt.tmp")
+    assert res["step"] == 6 and calls == [
+        2, 4, 6] and not os.path.exists(tmp_path / "retry" / "ckpt_0000004.pt.tmp")
     with pytest.raises(SystemExit, match="ENOSPC.*previous checkpoint and `latest` are intact"):
         train.main([*args, "--out_dir", str(tmp_path / "stop"), "--on_save_error", "stop"])
     assert open(tmp_path / "stop" / "latest").read() == "ckpt_0000002.pt"

@@ -84,8 +84,8 @@ def check_layer_ids_follow_depth(model, x):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_layer_ids_follow_depth_through_the_whole_network(strategy, arch):
     pcfg = dataclasses.asdict(tiny_config(depth=4, **STRATEGIES[strategy]))
-    f = FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0, kernels="torch",
-                          arch=arch, fusion_layer=2)
+    f = FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0,
+                          kernels="torch", arch=arch, fusion_layer=2)
     cfg_in = {k: TINY_INPUTS[k] for k in ("patch_size", "audio_patch_t", "audio_patch_f",
                                           "mel_bins")}
     pcfg.update(cfg_in)
@@ -101,8 +101,8 @@ def test_layer_ids_follow_depth_through_the_whole_network(strategy, arch):
 def test_mavil_fusion_layers_train_near_the_top_not_the_bottom():
     # MAViL finetuned its own way: 12 + 2 fusion layers; the fusion blocks are layers 13 and 14
     pcfg = dataclasses.asdict(tiny_config(depth=4, **train.VARIANTS["mavil"]))
-    model = FT.build_model(FT.FinetuneConfig(size="tiny", arch="encoder", num_frames=4, image_size=32,
-                                             audio_frames=64), {"label": 3}, pcfg)
+    model = FT.build_model(FT.FinetuneConfig(size="tiny", arch="encoder", num_frames=4,
+                                             image_size=32, audio_frames=64), {"label": 3}, pcfg)
     ids = model.layer_ids()
     assert model.n_layers == 6
     assert ids["encoder.fusion.blocks.0.attn.qkv.weight"] == 5 and ids["encoder.fusion.blocks.1.mlp.fc2.bias"] == 6
@@ -165,8 +165,8 @@ def test_mbt_default_has_one_norm_and_one_head_and_a_loss_per_modality():
     assert torch.allclose(loss, (each[0] + each[1]) / 2)
     # the option: heads and norms per modality, logits averaged before one loss
     old = _mbt(shared_head=False)
-    assert set(old.heads) == {"a",
-                              "v"} and old.norm is None and all(s.norm is not None for s in old.streams.values())
+    assert set(old.heads) == {
+        "a", "v"} and old.norm is None and all(s.norm is not None for s in old.streams.values())
     assert FT.parse_args([]).mbt_head == "shared"
 
 
@@ -192,15 +192,17 @@ def test_mixup_draws_a_weight_per_modality_with_its_own_targets():
 
 
 def test_shared_norm_loads_the_mean_of_the_streams_final_norms(tmp_path):
-    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16, "audio_patch_t": 16, "audio_patch_f": 16,
-                                       "encoder": "separate", "decoder": "shared"})
+    cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16, "audio_patch_t": 16,
+                                       "audio_patch_f": 16, "encoder": "separate",
+                                       "decoder": "shared"})
     pre = avmae.AVMAE(cfg)
     with torch.no_grad():
         for m in "av":
             pre.encoder.streams[m].norm.weight.uniform_()
     pcfg = dataclasses.asdict(cfg)
-    model = FT.build_model(FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64), {"label": 3},
-                           pcfg)
+    model = FT.build_model(
+        FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64), {"label": 3},
+        pcfg)
     state, report = FT.map_pretrained(pre.state_dict(), pcfg, model)
     want = (pre.encoder.streams["a"].norm.weight + pre.encoder.streams["v"].norm.weight) / 2
     assert torch.allclose(state["norm.weight"], want)
@@ -297,8 +299,8 @@ def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
     assert torch.equal(e["v"][..., :cfg.width], uni["v"])  # each video token beside
                                                            # its cross-attended audio
     seen = []
-    h = model.decoder.net.register_forward_pre_hook(lambda mod,
-                                                    args: seen.append({k: v.shape for k, v in args[0].items()}))
+    h = model.decoder.net.register_forward_pre_hook(
+        lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
     model(**x, masks=masks)
     h.remove()
     assert seen[0]["v"][1] == model.n["v"]  # N_fuse = N_v: no audio tokens
@@ -321,8 +323,8 @@ def test_finetuning_models_from_scratch_get_the_pretraining_init(arch):
     torch.manual_seed(0)
     model = FT.build_model(FT.FinetuneConfig(size="small", arch=arch, num_frames=4, image_size=32,
                                              audio_frames=64), {"label": 309}, None)
-    heads = [m for n, m in model.named_modules() if n.startswith("heads.") and isinstance(m,
-                                                                                          nn.Linear)]
+    heads = [m for n,
+             m in model.named_modules() if n.startswith("heads.") and isinstance(m, nn.Linear)]
     for lin in heads:
         assert 1.8e-5 < lin.weight.std().item() < 2.2e-5
         assert not lin.bias.any()
@@ -358,10 +360,10 @@ def test_recipe_defaults_are_the_papers():
     assert (t.weight_decay, t.warmup_epochs, t.beta1, t.beta2, t.blr, t.batch_size, t.epochs) == \
         (0.0, 40.0, 0.9, 0.95, 1.5e-4, 512, 800)
     assert (t.window, t.audio_norm, t.video_aug) == ("hann", "none", "none")
-    assert (mcfg.mask_ratio_v, mcfg.mask_ratio_a, mcfg.pos_embed, mcfg.norm_pix_loss, mcfg.recon_sum,
-            mcfg.inpaint_layout) == (0.9, 0.5, "sincos", False, False, "paper")
+    assert (mcfg.mask_ratio_v, mcfg.mask_ratio_a, mcfg.pos_embed, mcfg.norm_pix_loss,
+            mcfg.recon_sum, mcfg.inpaint_layout) == (0.9, 0.5, "sincos", False, False, "paper")
     f = FT.parse_args([])  # AV-MAE Table 22 (VGGSound) and the authors' MBT
-    assert (f.optimizer, f.layer_decay, f.blr * 64 / 256, f.epochs, f.warmup_epochs, f.grad_clip, f.mixup,
-            f.label_smoothing, f.drop_path, f.views, f.specaug_freq, f.specaug_time) == \
+    assert (f.optimizer, f.layer_decay, f.blr * 64 / 256, f.epochs, f.warmup_epochs, f.grad_clip,
+            f.mixup, f.label_smoothing, f.drop_path, f.views, f.specaug_freq, f.specaug_time) == \
         ("sgd", 0.75, 0.8, 50, 2.5, 1.0, 0.5, 0.3, 0.3, 4, 48, 0)
     assert (f.arch, f.mbt_head, f.video_aug) == ("mbt", "shared", "finetune")

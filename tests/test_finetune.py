@@ -58,8 +58,9 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
     for k in report["dropped"]:
         assert k.startswith("decoder.") or \
             k in report["dropped_why"]["other modality"] or k in report["dropped_why"]["fusion"], k
-    assert all(n.startswith(("heads.",
-                             "bottleneck")) or (n.startswith("streams.") and "embed" in n) for n in report["new"])
+    assert all(n.startswith((
+        "heads.",
+        "bottleneck")) or (n.startswith("streams.") and "embed" in n) for n in report["new"])
     for m in finetuned:  # the audio patch embedding included (the authors' code leaves it random)
         name = f"streams.{m}.embed.weight" if arch == "mbt" else f"patch_embed.{m}.weight"
         if m in avmae.AVMAEConfig(**pcfg).mods:
@@ -72,7 +73,8 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
             assert name in report["new"]  # a video-only checkpoint has no embedding for audio
 
 
-@pytest.mark.parametrize("pre", [dict(encoder="separate"), dict(encoder="shared"), dict(modalities="a")],
+@pytest.mark.parametrize("pre",
+                         [dict(encoder="separate"), dict(encoder="shared"), dict(modalities="a")],
                          ids=["separate", "shared", "audio-only"])
 def test_mbt_streams_compute_what_the_pretrained_encoder_computed(tmp_path, pre):
     path, pretrained = pretrained_ckpt(tmp_path, **pre)
@@ -111,11 +113,12 @@ def test_longer_video_than_pretraining(tmp_path):
         path, _ = pretrained_ckpt(tmp_path, encoder="separate", pos_embed=pos)
         ck = torch.load(path, weights_only=False)
         # 4 -> 8 frames
-        model = FT.build_model(fcfg(modality="video", num_frames=8), {"label": 3}, ck["model_config"])
+        model = FT.build_model(fcfg(modality="video", num_frames=8), {"label": 3},
+                               ck["model_config"])
         state, report = FT.map_pretrained(ck["model"], ck["model_config"], model)
         model.load_state_dict(state, strict=False)
-        assert model.streams["v"].pos().shape[0] == 2 * 8 and model(v=torch.rand(1, 3, 8, 32,
-                                                                                 32))["label"].shape == (1, 3)
+        assert model.streams["v"].pos().shape[0] == 2 * 8 and model(
+            v=torch.rand(1, 3, 8, 32, 32))["label"].shape == (1, 3)
         if pos == "learned":  # interpolated along time: the first time slice stays close
             assert "streams.v.pos.table <- enc_pos.v.table" in report["loaded"]
 
@@ -152,8 +155,8 @@ def test_mbt_modalities_meet_only_from_the_fusion_layer():
     model = avmae.MBT(cfg, {"label": 3}, fusion_layer=3).eval()
     seen = {}
     for i, blk in enumerate(model.streams["v"].blocks):
-        blk.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i,
-                                                                              out[:, :8].detach().clone()))
+        blk.register_forward_hook(lambda mod, inp, out,
+                                  i=i: seen.__setitem__(i, out[:, :8].detach().clone()))
     v = torch.rand(2, 3, 4, 32, 32)
     model.features(a=torch.randn(2, 64, 32), v=v)
     first = dict(seen)
@@ -171,8 +174,8 @@ def test_mbt_modalities_meet_only_from_the_fusion_layer():
 def test_top_k_and_epic_action():
     z = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
     y = torch.tensor([1, 2, 2])
-    assert FT.topk_accuracy(z, y, 1) == pytest.approx(2 / 3) and FT.topk_accuracy(z, y,
-                                                                                  2) == pytest.approx(2 / 3)
+    assert FT.topk_accuracy(z, y, 1) == pytest.approx(2 / 3) and FT.topk_accuracy(
+        z, y, 2) == pytest.approx(2 / 3)
     assert FT.topk_accuracy(z, y, 3) == 1.0
     m = FT.metrics({"verb": z, "noun": z.flip(1)}, {"verb": y, "noun": torch.tensor([1, 0, 2])},
                    False)
@@ -232,11 +235,13 @@ def test_layer_decay_and_mixup():
 
 
 def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
-    pre = train.main(["--preset", "quick", "--data", builtin, "--out_dir", str(tmp_path / "pre"), "--workers", "0",
-                      "--num_frames", "4", "--image_size", "32", "--audio_frames", "64", "--max_steps", "2",
-                      "--batch_size", "8", "--picture_every", "0", "--kernels", "torch"])
-    args = ["--preset", "quick", "--data", builtin, "--init", pre["checkpoint"], "--workers", "0", "--num_frames", "4",
-            "--image_size", "32", "--audio_frames", "64", "--batch_size", "8", "--max_steps", "4", "--kernels", "torch"]
+    pre = train.main(["--preset", "quick", "--data", builtin, "--out_dir", str(tmp_path / "pre"),
+                      "--workers", "0", "--num_frames", "4", "--image_size", "32", "--audio_frames",
+                      "64", "--max_steps", "2", "--batch_size", "8", "--picture_every", "0",
+                      "--kernels", "torch"])
+    args = ["--preset", "quick", "--data", builtin, "--init", pre["checkpoint"], "--workers", "0",
+            "--num_frames", "4", "--image_size", "32", "--audio_frames", "64", "--batch_size", "8",
+            "--max_steps", "4", "--kernels", "torch"]
     res = FT.main([*args, "--out_dir", str(tmp_path / "ft")])
     assert 0 <= res["label_top1"] <= 1 and res["clips"] == 8
     out = tmp_path / "ft"
@@ -275,7 +280,8 @@ def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_pat
 def test_finetune_with_the_gpu_decode_path(builtin, tmp_path):
     # --decode gpu: the workers send JPEG bytes, the batch is decoded and augmented on the device
     # (here the CPU), in training and in the multi-view evaluation alike
-    res = FT.main(["--preset", "quick", "--data", builtin, "--num_frames", "4", "--image_size", "32",
-                   "--audio_frames", "64", "--workers", "0", "--batch_size", "8", "--max_steps", "2", "--views", "2",
-                   "--kernels", "torch", "--decode", "gpu", "--out_dir", str(tmp_path)])
+    res = FT.main(["--preset", "quick", "--data", builtin, "--num_frames", "4", "--image_size",
+                   "32", "--audio_frames", "64", "--workers", "0", "--batch_size", "8",
+                   "--max_steps", "2", "--views", "2", "--kernels", "torch", "--decode", "gpu",
+                   "--out_dir", str(tmp_path)])
     assert res["clips"] == 8 and 0 <= res["label_top1"] <= 1

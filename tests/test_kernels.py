@@ -16,8 +16,9 @@ from conftest import tiny_batch, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(not (kernels.HAVE_TRITON and kernels.INTERPRET),
-                                reason="needs triton and TRITON_INTERPRET=1 set before it is imported (conftest does)")
+pytestmark = pytest.mark.skipif(
+    not (kernels.HAVE_TRITON and kernels.INTERPRET),
+    reason="needs triton and TRITON_INTERPRET=1 set before it is imported (conftest does)")
 FAST = kernels.FAST if kernels.HAVE_TRITON else {}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -62,7 +63,8 @@ def test_assemble_and_unshuffle(dtype, B, N, K, D):
     pos = torch.randn(N, D, requires_grad=True)  # learned positions: their gradient is checked too
     other = torch.randn(N + 5, D, requires_grad=True)  # inpainting: context
                                                        # positions from another table
-    cases = [("assemble", (x, pos, tok, pos, keep, drop)), ("assemble", (x, other, tok, pos, keep, drop)),
+    cases = [("assemble", (x, pos, tok, pos, keep, drop)),
+             ("assemble", (x, other, tok, pos, keep, drop)),
              ("unshuffle", (x, tok, pos, keep, drop))]
     for name, args in cases:
         y, r = FAST[name](*args), getattr(avmae, name)(*args)
@@ -126,8 +128,8 @@ def test_attention_hard_cases(dtype):
     assert torch.softmax(scores, -1).amax(-1).mean() > 0.9  # really peaked
     close(y.float(), ref, TOL[dtype])
     tail = slice(32, N)  # the rows past the last whole block of 32 (and of 16)
-    assert (y.float()[:, :, tail] - ref[:, :, tail]).abs().max() <= TOL[dtype] * max(1.0,
-                                                                                     ref.abs().max().item())
+    assert (y.float()[:, :, tail] - ref[:, :, tail]).abs().max() <= TOL[dtype] * max(
+        1.0, ref.abs().max().item())
     close(lse.view(B, H, N) * math.log(2), torch.logsumexp(scores, -1).detach(), TOL[dtype] * 10)
     dout = torch.randn(B, H, N, d, generator=g)
     got = torch.autograd.grad(y, (q, k, v), dout.to(dtype))
@@ -144,8 +146,8 @@ def test_attention_hard_cases(dtype):
          pos_embed="learned"),
 ], ids=["mid-shared", "early-inpaint_v", "unshuffle-normpix", "inpaint_both-masked-learned"])
 def test_model_step_with_kernels_equals_the_twins(variant):
-    fast, twin = avmae.AVMAE(tiny_config(kernels="triton",
-                                         **variant)), avmae.AVMAE(tiny_config(kernels="torch", **variant))
+    fast, twin = avmae.AVMAE(tiny_config(
+        kernels="triton", **variant)), avmae.AVMAE(tiny_config(kernels="torch", **variant))
     twin.load_state_dict(fast.state_dict())
     x = tiny_batch(fast.cfg)
     masks = fast.sample_masks(2)
@@ -237,8 +239,8 @@ def test_training_step_compiles_without_graph_breaks():
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", f"ROOT = {root!r}\n" + COMPILE_CHECK], capture_output=True, text=True,
-                       env=env, timeout=600)
+    p = subprocess.run([sys.executable, "-c", f"ROOT = {root!r}\n" + COMPILE_CHECK],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     line = next(x for x in p.stdout.splitlines() if x.startswith("OPS"))
     for op in ("avmae.attention.default", "avmae.gather.default", "avmae.recon_loss.default",
@@ -253,8 +255,9 @@ def test_bench_report_dry_run_and_kernel_rows(tmp_path):
     # the one GPU report command, run on a CPU: the twins at small shapes, saying it is not a GPU
     # figure
     out = tmp_path / "bench.md"
-    p = subprocess.run([sys.executable, "kernels/bench.py", "--report", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
+    p = subprocess.run([sys.executable, "kernels/bench.py", "--report", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "0"})
     assert p.returncode == 0, p.stderr[-2000:]
     text = out.read_text()
     assert "not a GPU figure" in text and "Device: **CPU**" in text

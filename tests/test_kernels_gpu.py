@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                                reason="needs a CUDA GPU, and Triton compiling for it (TRITON_INTERPRET unset)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU, and Triton compiling for it (TRITON_INTERPRET unset)")
 
 if torch.cuda.is_available():
     import avmae

@@ -92,13 +92,14 @@ def check_shapes_and_gradients(variant):
 # one case per encoder and per decoder family, one inpainting, one unimodal and the relatives' own
 # mechanisms (contrast, teacher targets, cross-attention); every other variant's gradients reach
 # every parameter (test_shapes_loss_and_gradients), which is the cheap half of the same property
-OVERFIT = {"mid-shared-joint": dict(encoder="mid", decoder="shared"), "early-early-joint": dict(encoder="early", decoder="early"),
-           "separate-shared-joint": dict(encoder="separate", decoder="shared"),
-           "shared-separate-joint": dict(encoder="shared", decoder="separate"),
-           "mid-separate-inpaint_both": dict(encoder="mid", decoder="separate",
-                                             objective="inpaint_both"),
-           "audio-only": dict(modalities="a"), "mavil": RELATIVES["mavil"], "mavil2": RELATIVES["mavil2"],
-           "avme": RELATIVES["avme"]}
+OVERFIT = {
+    "mid-shared-joint": dict(encoder="mid", decoder="shared"),
+    "early-early-joint": dict(encoder="early", decoder="early"),
+    "separate-shared-joint": dict(encoder="separate", decoder="shared"),
+    "shared-separate-joint": dict(encoder="shared", decoder="separate"),
+    "mid-separate-inpaint_both": dict(encoder="mid", decoder="separate", objective="inpaint_both"),
+    "audio-only": dict(modalities="a"), "mavil": RELATIVES["mavil"], "mavil2": RELATIVES["mavil2"],
+    "avme": RELATIVES["avme"]}
 
 
 @pytest.mark.parametrize("variant", OVERFIT.values(), ids=OVERFIT)
@@ -129,8 +130,8 @@ def test_mask_counts_and_independence_at_paper_shapes():
     masks = model.sample_masks(8)
     for m, n, ratio in (("v", 1568, 0.9), ("a", 400, 0.5)):
         keep, drop = masks[m]
-        assert drop.shape == (8, math.floor(ratio * n)) and keep.shape == (8,
-                                                                           n - math.floor(ratio * n))
+        assert drop.shape == (8, math.floor(ratio * n)) and keep.shape == (
+            8, n - math.floor(ratio * n))
         both = torch.cat([keep, drop], 1).sort(1).values
         assert torch.equal(both, torch.arange(n).expand(8, n))  # a partition of the tokens
         assert len({tuple(d.tolist()) for d in drop}) == 8  # every example has its own mask
@@ -268,8 +269,8 @@ def test_sincos_positions():
     pe = avmae.sincos_1d(400, 64)
     assert pe.shape == (400, 64)
     assert torch.allclose(pe[0], torch.cat([torch.zeros(32), torch.ones(32)]))
-    assert torch.allclose(pe[5, 0], torch.tensor(math.sin(5.0))) and torch.allclose(pe[5, 32],
-                                                                                    torch.tensor(math.cos(5.0)))
+    assert torch.allclose(pe[5, 0], torch.tensor(math.sin(5.0))) and torch.allclose(
+        pe[5, 32], torch.tensor(math.cos(5.0)))
     assert len({tuple(r.tolist()) for r in pe.round(decimals=4)}) == 400  # every position distinct
 
 

@@ -42,8 +42,9 @@ class LateJoint(nn.Module):
                                                              1))).split(sizes, 1)))
 
 
-TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16", "--audio_frames", "64",
-        "--mel_bins", "32", "--workers", "0", "--picture_every", "0", "--batch_size", "8", "--kernels", "torch"]
+TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16",
+        "--audio_frames", "64", "--mel_bins", "32", "--workers", "0", "--picture_every", "0",
+        "--batch_size", "8", "--kernels", "torch"]
 
 
 def test_a_variant_registered_here_pretrains_counts_flops_and_finetunes(monkeypatch, builtin,
@@ -78,7 +79,8 @@ def test_a_variant_registered_here_pretrains_counts_flops_and_finetunes(monkeypa
     assert torch.equal(state["streams.v.blocks.3.attn.qkv.weight"],
                        pre.state_dict()["encoder.streams.v.blocks.3.attn.qkv.weight"])
     assert "encoder.joint.attn.qkv.weight" in report["dropped_why"]["fusion"]
-    out = FT.main([*TINY[:2], "--data", builtin, "--init", res["checkpoint"], "--num_frames", "4", "--image_size", "32",
-                   "--audio_frames", "64", "--workers", "0", "--batch_size", "8", "--max_steps", "2", "--views", "1",
-                   "--kernels", "torch", "--out_dir", str(tmp_path / "ft")])
+    out = FT.main([*TINY[:2], "--data", builtin, "--init", res["checkpoint"], "--num_frames", "4",
+                   "--image_size", "32", "--audio_frames", "64", "--workers", "0", "--batch_size",
+                   "8", "--max_steps", "2", "--views", "1", "--kernels", "torch", "--out_dir",
+                   str(tmp_path / "ft")])
     assert out["clips"] == 8

@@ -36,8 +36,8 @@ def test_intra_modal_views_have_their_own_masks():
     model = relative("mavil")
     seen = []
     real = model.embed
-    model.embed = lambda patches, masks: seen.append({m: k.clone() for m,
-                                                      (k, _) in masks.items()}) or real(patches, masks)
+    model.embed = lambda patches, masks: seen.append(
+        {m: k.clone() for m, (k, _) in masks.items()}) or real(patches, masks)
     out = model(**tiny_batch(model.cfg))
     assert len(seen) == 2 and "loss_intra" in out
     for m in "av":
@@ -92,8 +92,10 @@ def test_contrastive_negatives_span_ranks(tmp_path):
     out = tmp_path / "ddp.pt"
     script = tmp_path / "nce.py"
     script.write_text(f"ROOT = {ROOT!r}\nOUT = {str(out)!r}\n" + DDP_NCE)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=300, env={
+                           **os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     res = torch.load(out)
     g = torch.Generator().manual_seed(0)
@@ -126,8 +128,8 @@ def test_two_process_mavil_training_equals_one(builtin, tmp_path):
 def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(builtin, tmp_path,
                                                                             monkeypatch):
     from test_train import TINY
-    stage1 = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s1"), "--variant", "mavil",
-                         "--max_steps", "1", "--batch_size", "8"])
+    stage1 = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s1"), "--variant",
+                         "mavil", "--max_steps", "1", "--batch_size", "8"])
     teacher_state = {k: v.clone() for k, v in torch.load(stage1["checkpoint"],
                                                          weights_only=False)["model"].items()}
     seen = {}
@@ -157,8 +159,9 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
 
     monkeypatch.setattr(train, "load_teacher", spy_load)
     monkeypatch.setattr(avmae.AVMAE, "forward", spy_forward)
-    res = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s2"), "--variant", "mavil2",
-                      "--teacher", stage1["checkpoint"], "--max_steps", "3", "--batch_size", "8"])
+    res = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s2"), "--variant",
+                      "mavil2", "--teacher", stage1["checkpoint"], "--max_steps", "3",
+                      "--batch_size", "8"])
     t = seen["teacher"]
     assert all(not p.requires_grad and p.grad is None for p in t.parameters()) and not t.training
     # unchanged after 3 steps

@@ -14,8 +14,9 @@ import avmae
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16", "--audio_frames", "64",
-        "--mel_bins", "32", "--workers", "0", "--log_every", "1", "--save_every", "100", "--picture_every", "0"]
+TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16",
+        "--audio_frames", "64", "--mel_bins", "32", "--workers", "0", "--log_every", "1",
+        "--save_every", "100", "--picture_every", "0"]
 
 
 def run(builtin, out_dir, *extra, hooks=None):
@@ -151,7 +152,8 @@ def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
 def test_keeps_the_last_k_checkpoints(tmp_path):
     for s in range(1, 6):
         train.save_checkpoint(str(tmp_path), dict(step=s), s, keep=2)
-    assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "ckpt_*.pt"))) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
+    assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "ckpt_*.pt"))) == [
+        "ckpt_0000004.pt", "ckpt_0000005.pt"]
 
 
 def _poison_at(step_to_poison):
@@ -165,8 +167,9 @@ def _poison_at(step_to_poison):
 
 
 def test_nan_stops_with_the_step_and_keeps_the_good_checkpoint(builtin, tmp_path):
-    with pytest.raises(SystemExit,
-                       match=r"step 3: non-finite loss nan .*last good checkpoint is .*ckpt_0000003.pt"):
+    with pytest.raises(
+        SystemExit,
+        match=r"step 3: non-finite loss nan .*last good checkpoint is .*ckpt_0000003.pt"):
         run(builtin, tmp_path, "--max_steps", "6", "--batch_size", "8", "--save_every", "1",
             hooks={"batch": _poison_at(3)})
     assert open(tmp_path / "latest").read() == "ckpt_0000003.pt" and not os.path.exists(tmp_path / "ckpt_0000004.pt")
@@ -203,8 +206,8 @@ def test_bench_mode_reports_speed(capsys):
 
 
 def torchrun(builtin, out_dir, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
-           "--data", builtin, "--out_dir", str(out_dir), *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", *TINY, "--data", builtin, "--out_dir", str(out_dir), *extra]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

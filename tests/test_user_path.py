@@ -15,8 +15,8 @@ import train
 from test_data import make_mp4, needs_ffmpeg, _write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16", "--workers", "0",
-        "--picture_every", "0", "--batch_size", "8", "--kernels", "torch"]
+TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16",
+        "--workers", "0", "--picture_every", "0", "--batch_size", "8", "--kernels", "torch"]
 
 
 @pytest.fixture
@@ -28,8 +28,8 @@ def copy(builtin, tmp_path):
 
 def cli(*args, cwd=ROOT):
     """Run a command line of the project as a user would; returns (exit code, stderr lines)."""
-    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=120,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                       timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return p.returncode, [line for line in p.stderr.splitlines() if line.strip()]
 
 
@@ -38,8 +38,8 @@ def test_statistics_are_computed_on_first_use_and_saved(copy, tmp_path, capsys):
     meta = json.load(open(meta_path))
     want = (meta.pop("audio_mean"), meta.pop("audio_std"))
     json.dump(meta, open(meta_path, "w"))
-    res = train.main([*TINY, "--data", copy, "--audio_frames", "64", "--max_steps", "1", "--audio_norm", "dataset",
-                      "--out_dir", str(tmp_path / "o")])
+    res = train.main([*TINY, "--data", copy, "--audio_frames", "64", "--max_steps", "1",
+                      "--audio_norm", "dataset", "--out_dir", str(tmp_path / "o")])
     assert res["step"] == 1 and "computing them from the train split" in capsys.readouterr().out
     got = json.load(open(meta_path))
     # (the same clips: the same stats)
@@ -77,7 +77,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path):
         (train.main, ["--data", str(tmp_path / "nowhere")], "not a prepared data set"),
         (train.main, ["--data", copy, "--split", "valid"], "valid.csv not found"),
         (train.main, ["--data", str(empty), "--preset", "quick"], "no usable clips"),
-        (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "8", "--resume", str(tmp_path / "no.pt")],
+        (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "8", "--resume",
+                      str(tmp_path / "no.pt")],
          "no such checkpoint"),
         (train.main, ["--encoder", "separate", "--decoder", "separate"], "two unrelated MAEs"),
         (FT.main, ["--data", copy, "--preset", "quick", "--init", str(bad_ckpt)],
@@ -92,10 +93,12 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path):
         assert isinstance(line, str) and "\n" not in line and says in line, (args, line)
     # and from the command line, as a user sees them: one line on stderr, a non-zero exit, no
     # traceback
-    for args, says in ((["train.py", "--data", str(tmp_path / "nowhere")], "not a prepared data set"),
+    for args, says in ((["train.py", "--data", str(tmp_path / "nowhere")],
+                        "not a prepared data set"),
                        (["finetune.py", "--data", copy, "--preset", "quick", "--init",
                          str(bad_ckpt)], "not a readable"),
-                       (["data.py", "stats", "--root", str(tmp_path / "nowhere")], "meta.json not found")):
+                       (["data.py", "stats", "--root", str(tmp_path / "nowhere")],
+                        "meta.json not found")):
         code, err = cli(*args)
         assert code != 0 and not any("Traceback" in line for line in err), (args, err[-5:])
         assert says in err[-1], (args, err[-1])
@@ -106,20 +109,20 @@ def test_a_video_without_sound_is_refused_in_words_or_kept_silent(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     make_mp4(videos / "aaa_000000.mp4")
-    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-i", str(videos / "aaa_000000.mp4"), "-an", "-c:v", "copy",
-                    str(videos / "mute_000000.mp4")], check=True)
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-i", str(videos / "aaa_000000.mp4"),
+                    "-an", "-c:v", "copy", str(videos / "mute_000000.mp4")], check=True)
     manifest = _write(tmp_path / "m.csv", "aaa,0,a,train\nmute,0,b,train\n")
     out = str(tmp_path / "p")
-    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out,
-               "--workers", "1"])
-    failed = {r.split(",")[0]: r for r in open(os.path.join(out,
-                                                            "failed_train.csv")).read().splitlines()}
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound",
+               "--out", out, "--workers", "1"])
+    failed = {
+        r.split(",")[0]: r for r in open(os.path.join(out, "failed_train.csv")).read().splitlines()}
     assert "no audio stream" in failed["mute_000000"] and "--allow_silent" in failed["mute_000000"]
     # prepare computes the statistics
     assert "audio_mean" in json.load(open(os.path.join(out, "meta.json")))
     out2 = str(tmp_path / "p2")
-    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound", "--out", out2,
-               "--workers", "1", "--allow_silent"])
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound",
+               "--out", out2, "--workers", "1", "--allow_silent"])
     rows = open(os.path.join(out2, "train.csv")).read().splitlines()
     assert len(rows) == 3  # header + both clips
     ds = data.AVDataset(data.DataConfig(root=out2, modalities="v", num_frames=4, image_size=32))
