@@ -9,16 +9,18 @@ Every pretraining variant of the paper is a config string, chosen once in __init
             shared    one transformer applied to each modality, tied weights          (Fig. 2c)
             mid       L-S layers per modality, then S joint layers (S=2, Table 15)   (Fig. 2d)
   decoder   early / separate / shared, as above, on full-length sequences            (Sec. 3.3)
-  objective joint       reconstruct masked audio and video, equal weights            (Sec. 3.4, Eq. 1)
-            inpaint_v   video from the encoded audio tokens alone                    (Sec. 3.4, Fig. 3)
+  objective joint       reconstruct masked audio and video, equal weights   (Sec. 3.4, Eq. 1)
+            inpaint_v   video from the encoded audio tokens alone           (Sec. 3.4, Fig. 3)
             inpaint_a   audio from the encoded video tokens alone
             inpaint_both  both of the above, equal weights
             video       video only, from the encoded video and audio (AV-MaskEnhancer, Sec. III)
   modalities av (default), a (audio-only MAE = AudioMAE), v (video-only MAE = VideoMAE)  (Table 3)
   masking   video: random (0.9) | tube;  audio: random (0.5) | time | freq           (Sec. 4.1)
   relatives encoder mavil: full unimodal streams + F fusion layers (vanilla | mbt)  (MAViL Sec. 3.1)
-            encoder xattn: unimodal streams + bidirectional cross-attention  (AV-MaskEnhancer Sec. III-D)
-            contrast_inter / contrast_intra: InfoNCE across / within modalities     (MAViL Eq. 3, CAV-MAE)
+            encoder xattn: unimodal streams + bidirectional cross-attention
+                                                             (AV-MaskEnhancer Sec. III-D)
+            contrast_inter / contrast_intra: InfoNCE across / within modalities
+                                                             (MAViL Eq. 3, CAV-MAE)
             type_embed: modality-type embeddings (CAV-MAE); target teacher: MAViL stage 2 (Eq. 5)
 
 Shapes: B batch, N tokens, K kept (visible) tokens, M masked tokens, D width, P patch features.
@@ -91,9 +93,9 @@ class AVMAEConfig:
                                   # on top of full unimodal streams
     bottlenecks: int = 4          # bottleneck tokens of mbt fusion
     cross_layers: int = 1         # bidirectional cross-attention layers of the xattn encoder
-    xattn_fuse: str = "channel"   # channel: each token beside its
-                                  # cross-attended other modality, 2 D wide (AV-MaskEnhancer Sec.
-                                  # III-D) | sequence: the two streams concatenated
+    xattn_fuse: str = "channel"   # channel: each token beside its cross-attended other modality,
+                                  # 2 D wide (AV-MaskEnhancer Sec. III-D) | sequence: the two
+                                  # streams concatenated
     type_embed: bool = False      # learned modality-type embeddings on
                                   # encoder and decoder tokens (CAV-MAE)
     dec_tied: bool = False        # one decoder projection and mask
@@ -123,8 +125,8 @@ class AVMAEConfig:
         return tuple(m for m in MODALITIES if m in self.modalities)
 
 
-# size presets: overrides of the encoder / decoder widths. base and large are the paper's (Table
-# 21); small follows ViT-S with VideoMAE's ViT-S decoder; tiny is for CPU tests and laptops.
+# size presets: overrides of the encoder / decoder widths. base and large are the paper's
+# (Table 21); small follows ViT-S with VideoMAE's ViT-S decoder; tiny is for CPU tests and laptops.
 SIZES = {
     "tiny": dict(width=64, depth=4, heads=4, dec_width=64, dec_depth=2, dec_heads=4, dec_mlp=256),
     "small": dict(width=384, depth=12, heads=6, dec_width=192, dec_depth=4, dec_heads=3,
@@ -211,12 +213,13 @@ PATCHES = {"a": AudioPatches, "v": VideoPatches}
 
 def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_chans: int,
                         mode: str = "inflate"):
-    """ViViT's initialisation (Arnab et al., Sec. 3.4) of a tubelet embedding from a 2-D patch embedding. w2d: (D, p*p*c2),
-    features in (h, w, c) order (an image patch, or an audio patch read as (time, freq) with c2 = 1);
-    returns (D, tubelet*p*p*in_chans) in the tokeniser's (t, h, w, c) order. inflate: the filter
-    repeated over time and divided by tubelet, so a video of one repeated image embeds as the image
-    did; central: the filter on the middle frame, zeros elsewhere. A single-channel filter is spread
-    over the colour channels and divided by their number (a grey video embeds as the patch did)."""
+    """ViViT's initialisation (Arnab et al., Sec. 3.4) of a tubelet embedding from a 2-D patch
+    embedding. w2d: (D, p*p*c2), features in (h, w, c) order (an image patch, or an audio patch read
+    as (time, freq) with c2 = 1); returns (D, tubelet*p*p*in_chans) in the tokeniser's (t, h, w, c)
+    order. inflate: the filter repeated over time and divided by tubelet, so a video of one repeated
+    image embeds as the image did; central: the filter on the middle frame, zeros elsewhere. A
+    single-channel filter is spread over the colour channels and divided by their number (a grey
+    video embeds as the patch did)."""
     D = w2d.shape[0]
     w = w2d.reshape(D, p, p, c2)
     if c2 != in_chans:
@@ -247,10 +250,11 @@ def sincos_1d(n: int, dim: int) -> torch.Tensor:
 
 
 def sincos_grid(grid: tuple, dim: int) -> torch.Tensor:
-    """MAE's 2-D sin-cos table on a token grid (MAViL Sec. 3.1 uses it for both modalities): the width
-    is split into one even share per grid axis, each share a 1-D table of that axis' coordinate.
-    Audio (time, freq) is MAE's 2-D form; video (t, h, w) its 3-D extension; an axis of length 1 gets
-    no share (one frame: the 2-D table of an image, as CAV-MAE's). (N, dim), raster order."""
+    """MAE's 2-D sin-cos table on a token grid (MAViL Sec. 3.1 uses it for both modalities): the
+    width is split into one even share per grid axis, each share a 1-D table of that axis'
+    coordinate. Audio (time, freq) is MAE's 2-D form; video (t, h, w) its 3-D extension; an axis of
+    length 1 gets no share (one frame: the 2-D table of an image, as CAV-MAE's). (N, dim), raster
+    order."""
     axes = [d for d, g in enumerate(grid) if g > 1] or [0]
     shares = [2 * (dim // (2 * len(axes)))] * len(axes)
     shares[0] += dim - sum(shares)
@@ -260,9 +264,9 @@ def sincos_grid(grid: tuple, dim: int) -> torch.Tensor:
 
 
 class PosEmbed(nn.Module):
-    """A position table (N, D) over a token grid: fixed sin-cos (a non-persistent buffer, so it never
-    enters a checkpoint and another input length simply gets another table), 1-D over the raster
-    order or per grid axis, or learned."""
+    """A position table (N, D) over a token grid: fixed sin-cos (a non-persistent buffer, so it
+    never enters a checkpoint and another input length simply gets another table), 1-D over the
+    raster order or per grid axis, or learned."""
 
     def __init__(self, grid: tuple, dim: int, kind: str):
         super().__init__()
@@ -492,11 +496,12 @@ class Transformer(nn.Module):
 
     def layer_ids(self, first: int) -> dict:
         """{parameter name: depth in the network}: block i sits at depth first + i; the closing
-        LayerNorm belongs to the last block (it gets that block's learning rate under layer decay)."""
-        ids = {f"blocks.{i}.{n}": first + i for i, b in enumerate(self.blocks) for n,
-               _ in b.named_parameters()}
-        return {**ids, **{f"norm.{n}": first + len(self.blocks) - 1 for n,
-                          _ in self.norm.named_parameters()}}
+        LayerNorm belongs to the last block (it gets that block's learning rate under layer
+        decay)."""
+        ids = {f"blocks.{i}.{n}": first + i
+               for i, b in enumerate(self.blocks) for n, _ in b.named_parameters()}
+        last = first + len(self.blocks) - 1
+        return {**ids, **{f"norm.{n}": last for n, _ in self.norm.named_parameters()}}
 
 
 def _prefix(p: str, ids: dict) -> dict:
@@ -514,11 +519,14 @@ def block_flops(n: int, d: int, hidden: int) -> float:
 #   mixes                 whether one modality's tokens see the other's (inpainting needs it)
 #   n_layers, out_width   depth along a token's path (the top for layer-wise lr decay); output width
 #   layer_ids()           {parameter name: depth}, 1..n_layers
-#   flops(cfg, k, blk)    forward FLOPs on k[m] visible tokens per modality (blk(n, layers): blocks on n)
-#   stream_weights(cfg, m)  how an MBT finetuning stream of modality m is initialised from it: the
-#                         source of each block, the closing norm, an inner norm kept (name, after block)
-#   mbt_drops             parts MBT finetuning leaves out (the papers finetune the unimodal encoders)
-#                         (a tuple of name prefixes, or a function of the config giving one)
+#   flops(cfg, k, blk)    forward FLOPs on k[m] visible tokens per modality
+#                         (blk(n, layers): FLOPs of `layers` blocks on n tokens)
+#   stream_weights(cfg, m)  how an MBT finetuning stream of modality m is initialised from it:
+#                         the source of each block, the closing norm, an inner norm kept
+#                         (name, after block)
+#   mbt_drops             parts MBT finetuning leaves out (the papers finetune the unimodal
+#                         encoders): a tuple of name prefixes, or a function of the config
+#                         giving one
 
 
 def _concat(xs: dict):
@@ -616,10 +624,11 @@ class Mid(nn.Module):
         return sum(blk(n, L - S) for n in k.values()) + blk(sum(k.values()), S)
 
     @staticmethod
-    def stream_weights(cfg, m):  # the joint layers copied into both
-                                 # streams (untied); the stream's norm kept
+    def stream_weights(cfg, m):
+        # the joint layers copied into both streams (untied); the stream's norm kept
         L, S = cfg.depth, cfg.joint_layers
-        blocks = [f"streams.{m}.blocks.{i}" if i < L - S else f"joint.blocks.{i - (L - S)}" for i in range(L)]
+        blocks = [f"streams.{m}.blocks.{i}" if i < L - S else f"joint.blocks.{i - (L - S)}"
+                  for i in range(L)]
         return dict(blocks=blocks, norm="joint.norm", inner=(f"streams.{m}.norm", L - S))
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
@@ -651,8 +660,8 @@ OBJECTIVES = {
     "inpaint_v": {"v": "a"},
     "inpaint_a": {"a": "v"},
     "inpaint_both": {"a": "v", "v": "a"},
-    "video": {"v": "v"},  # + every other modality's encoded tokens
-                          # as extra context (AV-MaskEnhancer)
+    # + every other modality's encoded tokens as extra context (AV-MaskEnhancer)
+    "video": {"v": "v"},
 }
 EXTRA_CONTEXT = {"video": ("a",)}
 # (the tables: a new entry counts)
@@ -673,10 +682,8 @@ def check_config(cfg: AVMAEConfig) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     if cfg.modalities == "av" and cfg.encoder == "separate" and cfg.decoder == "separate":
         raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that "
-                         "never "
-                         "exchange information (paper Sec. 3.3); for that baseline (Table 10) "
-                         "pretrain "
-                         "--modalities a and --modalities v on their own")
+                         "never exchange information (paper Sec. 3.3); for that baseline "
+                         "(Table 10) pretrain --modalities a and --modalities v on their own")
     if cfg.modalities != "av":
         for what, on in (("contrast_inter", cfg.contrast_inter > 0),
                          ("objective='video'", cfg.objective == "video")):
@@ -689,49 +696,40 @@ def check_config(cfg: AVMAEConfig) -> None:
     if cfg.objective not in ("joint", "video"):
         if cfg.modalities != "av":
             raise ValueError(f"objective={cfg.objective!r} reconstructs one modality from the "
-                             "other: it "
-                             f"needs --modalities av, not {cfg.modalities!r}")
+                             f"other: it needs --modalities av, not {cfg.modalities!r}")
         if not ENCODERS[cfg.encoder].mixes:
             mixing = ", ".join(k for k, e in ENCODERS.items() if e.mixes)
             raise ValueError(f"objective={cfg.objective!r} decodes one modality from the other's "
-                             "encoded "
-                             f"tokens, so the encoder must mix modalities ({mixing}); with "
-                             f"encoder={cfg.encoder!r} they never meet and training cannot "
-                             "converge "
-                             f"(paper Sec. 4.2)")
+                             f"encoded tokens, so the encoder must mix modalities ({mixing}); "
+                             f"with encoder={cfg.encoder!r} they never meet and training cannot "
+                             "converge (paper Sec. 4.2)")
         if cfg.encoder == "xattn" and cfg.objective != "inpaint_both":
             raise ValueError(f"objective={cfg.objective!r} decodes from one modality's tokens "
-                             "only, so one direction "
-                             "of the xattn encoder's cross-attention would never be trained; use "
-                             "inpaint_both")
+                             "only, so one direction of the xattn encoder's cross-attention would "
+                             "never be trained; use inpaint_both")
         if cfg.objective == "inpaint_both" and cfg.decoder == "early":
-            raise ValueError("objective='inpaint_both' with decoder='early' would concatenate both "
-                             "inpainting sequences, so each modality's reconstruction would see "
-                             "its own "
-                             "encoded tokens; use decoder 'shared' or 'separate'")
+            raise ValueError("objective='inpaint_both' with decoder='early' would concatenate "
+                             "both inpainting sequences, so each modality's reconstruction would "
+                             "see its own encoded tokens; use decoder 'shared' or 'separate'")
         if cfg.decoder_layout == "unshuffle":
-            raise ValueError("decoder_layout='unshuffle' restores one modality's own raster order: "
-                             "it "
-                             "applies to objective='joint' only")
+            raise ValueError("decoder_layout='unshuffle' restores one modality's own raster "
+                             "order: it applies to objective='joint' only")
     if cfg.encoder == "cavmae" and cfg.modalities == "av" and not cfg.contrast_inter > 0:
         raise ValueError("encoder='cavmae' keeps a LayerNorm pair per modality for the unimodal "
-                         "pass that only "
-                         "the contrastive term reads: set contrast_inter > 0 (CAV-MAE: 0.01), or "
-                         "use "
-                         "encoder='mid' with joint_layers=1")
-    if cfg.encoder in (
-        "mid", "cavmae") and cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
+                         "pass that only the contrastive term reads: set contrast_inter > 0 "
+                         "(CAV-MAE: 0.01), or use encoder='mid' with joint_layers=1")
+    mid = cfg.encoder in ("mid", "cavmae") and cfg.modalities == "av"
+    if mid and not 1 <= cfg.joint_layers < cfg.depth:
         raise ValueError("mid-fusion needs 1 <= joint_layers < depth, got "
-                         f"joint_layers={cfg.joint_layers}, "
-                         f"depth={cfg.depth} (joint_layers=depth is early fusion)")
+                         f"joint_layers={cfg.joint_layers}, depth={cfg.depth} (joint_layers=depth "
+                         "is early fusion)")
     for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads,
                                                            "decoder")):
         if w % h or (w // h) % 2:
             raise ValueError(f"{what} width {w} must split into {h} heads of even size")
     if cfg.num_frames % cfg.tubelet or cfg.image_size % cfg.patch_size:
         raise ValueError(f"video {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} does not tile "
-                         "into "
-                         f"{cfg.tubelet}x{cfg.patch_size}x{cfg.patch_size} tubelets")
+                         f"into {cfg.tubelet}x{cfg.patch_size}x{cfg.patch_size} tubelets")
     if cfg.mel_bins % cfg.audio_patch_f or cfg.audio_frames < cfg.audio_patch_t:
         raise ValueError(f"spectrogram {cfg.audio_frames}x{cfg.mel_bins} does not tile into "
                          f"{cfg.audio_patch_t}x{cfg.audio_patch_f} patches")
@@ -742,20 +740,17 @@ def check_config(cfg: AVMAEConfig) -> None:
         reconstructed = m in OBJECTIVES[cfg.objective]  # (AV-MaskEnhancer keeps all of its audio)
         n = mask_count(ratio, units)
         if (reconstructed and n == 0) or n >= units:
-            raise ValueError(f"mask_ratio_{m}={ratio} masks {n} of {units} units: "
-                             "at least one must be "
-                             f"masked{' (it is reconstructed)' if reconstructed else ''} and one "
-                             "kept")
+            raise ValueError(f"mask_ratio_{m}={ratio} masks {n} of {units} units: at least one "
+                             f"must be masked{' (it is reconstructed)' if reconstructed else ''} "
+                             "and one kept")
     if cfg.objective != "joint" and cfg.inpaint_layout == "paper":
         for t, s in OBJECTIVES[cfg.objective].items():
             n_t, k_s = _num_tokens(cfg, t), _num_tokens(cfg, s) - _num_masked(cfg, s)
             if n_t <= k_s:
                 raise ValueError(f"objective={cfg.objective!r}, inpaint_layout='paper': the {t} "
-                                 "sequence has "
-                                 f"n_{t}={n_t} slots but {k_s} are taken by visible {s} tokens, "
-                                 "leaving no "
-                                 f"mask token to supervise; raise mask_ratio_{s} or use "
-                                 "inpaint_layout='masked'")
+                                 f"sequence has n_{t}={n_t} slots but {k_s} are taken by visible "
+                                 f"{s} tokens, leaving no mask token to supervise; raise "
+                                 f"mask_ratio_{s} or use inpaint_layout='masked'")
 
 
 def _num_tokens(cfg: AVMAEConfig, m: str) -> int:
@@ -769,8 +764,8 @@ def _num_masked(cfg: AVMAEConfig, m: str) -> int:
     return mask_count(getattr(cfg, f"mask_ratio_{m}"), units) * (math.prod(grid) // units)
 
 # ----------------------------------------------------------------------------- the decoder side
-#   (Sec. 3.3, 3.4): per target modality a sequence of context tokens and mask tokens, a decoder (one
-#   of DECODERS), a linear head on the predicted tokens
+# (Sec. 3.3, 3.4): per target modality a sequence of context tokens and mask tokens, a decoder
+# (one of DECODERS), a linear head on the predicted tokens
 
 
 class MAEDecoder(nn.Module):
@@ -782,17 +777,18 @@ class MAEDecoder(nn.Module):
     def __init__(self, cfg: AVMAEConfig, patches: dict, targets: dict, extra: tuple, in_width: int,
                  ops: dict):
         super().__init__()
-        self.cfg, self.n, self.targets, self.extra, self.ops = cfg, {m: p.n for m,
-                                                                     p in patches.items()}, \
-            targets, extra, ops
+        self.cfg, self.targets, self.extra, self.ops = cfg, targets, extra, ops
+        self.n = {m: p.n for m, p in patches.items()}
         D, sources = cfg.dec_width, sorted(set(targets.values()) | set(extra))
         self.key = {m: "av" if cfg.dec_tied else m for m in cfg.mods}
         self.embed = nn.ModuleDict({self.key[s]: nn.Linear(in_width, D) for s in sources})
-        self.mask_token = nn.ParameterDict({self.key[t]: nn.Parameter(torch.zeros(D)) for t in targets})
+        self.mask_token = nn.ParameterDict({self.key[t]: nn.Parameter(torch.zeros(D))
+                                            for t in targets})
         # the paper's inpainting layout gives context tokens the target's positions (Sec. 3.4)
-        pos_mods = set(targets) | (set(sources) if cfg.inpaint_layout == "masked" or extra else set())
-        self.pos = nn.ModuleDict({m: PosEmbed(patches[m].grid, D,
-                                              cfg.pos_embed) for m in sorted(pos_mods)})
+        own_pos = cfg.inpaint_layout == "masked" or extra
+        pos_mods = set(targets) | (set(sources) if own_pos else set())
+        self.pos = nn.ModuleDict({m: PosEmbed(patches[m].grid, D, cfg.pos_embed)
+                                  for m in sorted(pos_mods)})
         if cfg.type_embed:  # CAV-MAE: which modality a token is
             self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(D)) for m in cfg.mods})
         self.net = DECODERS[cfg.decoder](list(targets), D, cfg.dec_depth, cfg.dec_heads,
@@ -804,7 +800,8 @@ class MAEDecoder(nn.Module):
         layouts = {"gather": self.own, "unshuffle": self.unshuffle, "paper": self.inpaint_paper,
                    "masked": self.inpaint_masked}
         joint = cfg.objective in ("joint", "video")
-        self.context = self.with_extra if extra else layouts[cfg.decoder_layout if joint else cfg.inpaint_layout]
+        layout = cfg.decoder_layout if joint else cfg.inpaint_layout
+        self.context = self.with_extra if extra else layouts[layout]
 
     def _type(self, z, m):
         return z + self.type_embed[m] if self.cfg.type_embed else z
@@ -819,12 +816,12 @@ class MAEDecoder(nn.Module):
         return self._type(z, t), keep.shape[1], drop
 
     def with_extra(self, t, s, e, masks):
-        """[the other modalities' encoded tokens | t's visible tokens | t's mask tokens]: the decoder
-        reconstructs t with everything the encoder saw as context (AV-MaskEnhancer)."""
+        """[the other modalities' encoded tokens | t's visible tokens | t's mask tokens]: the
+        decoder reconstructs t with everything the encoder saw as context (AV-MaskEnhancer)."""
         z, read, ids = self.own(t, s, e, masks)
-        ctx = [self._type(
-            self.embed[self.key[o]](e[o]) + self.ops["gather"](self.pos[o](), masks[o][0]), o)
+        ctx = [self.embed[self.key[o]](e[o]) + self.ops["gather"](self.pos[o](), masks[o][0])
                for o in self.extra]
+        ctx = [self._type(c, o) for c, o in zip(ctx, self.extra)]
         return torch.cat(ctx + [z], dim=1), read + sum(c.shape[1] for c in ctx), ids
 
     def unshuffle(self, t, s, e, masks):  # joint, MAE's raster order; read the masked positions
@@ -845,8 +842,8 @@ class MAEDecoder(nn.Module):
         return z, k, ids[:, k:]
 
     def inpaint_masked(self, t, s, e, masks):
-        """Well-defined inpainting: context tokens keep their own modality's positions, one mask token
-        per masked patch of t carries that patch's position and is supervised on it."""
+        """Well-defined inpainting: context tokens keep their own modality's positions, one mask
+        token per masked patch of t carries that patch's position and is supervised on it."""
         keep_s, drop_t = masks[s][0], masks[t][1]
         z = self.ops["assemble"](self.embed[self.key[s]](e[s]), self.pos[s](),
                                  self.mask_token[self.key[t]], self.pos[t](), keep_s, drop_t)
@@ -872,7 +869,8 @@ class MAEDecoder(nn.Module):
             seq[t] = k[s] + pred[t] + sum(k[o] for o in self.extra)
         lens = [sum(seq.values())] if cfg.decoder == "early" else list(seq.values())
         dec = sum(cfg.dec_depth * block_flops(n, cfg.dec_width, cfg.dec_mlp) for n in lens)
-        dec += sum(2 * k[s] * in_width * cfg.dec_width for s in set(self.targets.values()) | set(self.extra))
+        sources = set(self.targets.values()) | set(self.extra)
+        dec += sum(2 * k[s] * in_width * cfg.dec_width for s in sources)
         return dec + sum(2 * pred[t] * cfg.dec_width * self.head[t].out_features for t in pred)
 
 # -----------------------------------------------------------------------------
@@ -880,8 +878,8 @@ class MAEDecoder(nn.Module):
 
 
 class AVMAE(nn.Module):
-    """forward(a, v) -> dict(loss, loss_a/loss_v, pred_a/pred_v (B, M, P), ids_a/ids_v (B, M) = which
-    patches the predictions are of, mask_a/mask_v (B, N) with 1 = masked).
+    """forward(a, v) -> dict(loss, loss_a/loss_v, pred_a/pred_v (B, M, P), ids_a/ids_v (B, M) =
+    which patches the predictions are of, mask_a/mask_v (B, N) with 1 = masked).
     encode(a, v) -> {modality: (B, N, D)}: the encoder on unmasked inputs, for finetuning."""
 
     def __init__(self, cfg: AVMAEConfig):
@@ -894,10 +892,11 @@ class AVMAE(nn.Module):
         # encoder: embed only the visible patches (patch embedding is linear: the same result)
         self.patch_embed = nn.ModuleDict({m: nn.Linear(self.patches[m].dim,
                                                        cfg.width) for m in mods})
-        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width,
-                                                  cfg.pos_embed) for m in mods})
+        self.enc_pos = nn.ModuleDict({m: PosEmbed(self.patches[m].grid, cfg.width, cfg.pos_embed)
+                                      for m in mods})
         if cfg.type_embed:  # CAV-MAE: which modality a token is
-            self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width)) for m in mods})
+            self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width))
+                                                for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads,
                                              int(cfg.width * cfg.mlp_ratio), self.ops["attention"],
@@ -959,10 +958,11 @@ class AVMAE(nn.Module):
 
     def forward_loss(self, patches: dict, preds: dict, masks: dict,
                      norm_pix: bool | None = None) -> dict:
-        """Reconstruction loss per target on the predicted (masked) patches only, averaged over targets
-        with equal weights (AV-MAE Sec. 3.4; the authors' code weighs each 0.5) or summed (recon_sum:
-        MAViL Eq. 1 and 5, CAV-MAE's code); plus everything the reconstruction pictures need.
-        `patches` are the targets: raw patches, or (MAViL stage 2) a teacher's features per token."""
+        """Reconstruction loss per target on the predicted (masked) patches only, averaged over
+        targets with equal weights (AV-MAE Sec. 3.4; the authors' code weighs each 0.5) or summed
+        (recon_sum: MAViL Eq. 1 and 5, CAV-MAE's code); plus everything the reconstruction pictures
+        need. `patches` are the targets: raw patches, or (MAViL stage 2) a teacher's features per
+        token."""
         norm_pix = self.cfg.norm_pix_loss if norm_pix is None else norm_pix
         out = {}
         for t, (pred, ids) in preds.items():
@@ -977,8 +977,9 @@ class AVMAE(nn.Module):
     def forward(self, a=None, v=None, masks: dict | None = None, targets: dict | None = None,
                 masks2: dict | None = None, contrast: bool = True) -> dict:
         """targets: a teacher's features {modality: (B, N, D_teacher)} instead of the raw patches
-        (MAViL stage 2); masks2: the second view's masks for the intra-modal contrast; contrast=False
-        skips the contrastive terms (e.g. for a picture on one rank: they gather across ranks)."""
+        (MAViL stage 2); masks2: the second view's masks for the intra-modal contrast;
+        contrast=False skips the contrastive terms (e.g. for a picture on one rank: they gather
+        across ranks)."""
         patches = self.patchify(self._inputs(a, v))
         if masks is None:
             p = next(iter(patches.values()))
@@ -1000,8 +1001,8 @@ class AVMAE(nn.Module):
 
         def blk(n, layers=1):
             return layers * block_flops(n, cfg.width, hid)
-        enc = type(self.encoder).flops(
-            cfg, k, blk) + sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)
+        enc = type(self.encoder).flops(cfg, k, blk)
+        enc += sum(2 * k[m] * self.patches[m].dim * cfg.width for m in k)  # patch embedding
         if cfg.contrast_inter or cfg.contrast_intra:
             enc += unimodal_flops(type(self.encoder), cfg, k, blk)
         dec = self.decoder.flops(k, self.encoder.out_width)
@@ -1150,8 +1151,8 @@ class BottleneckFusion(nn.Module):
         nn.init.trunc_normal_(self.tokens, std=0.02)
 
     def layer_ids(self, first: int) -> dict:
-        ids = {f"layers.{m}.{k}": v for m, s in self.layers.items() for k,
-               v in s.layer_ids(first).items()}
+        ids = {f"layers.{m}.{k}": v
+               for m, s in self.layers.items() for k, v in s.layer_ids(first).items()}
         return {**ids, "tokens": first}
 
     def forward(self, xs: dict) -> dict:
@@ -1168,8 +1169,8 @@ class BottleneckFusion(nn.Module):
 
 
 class MAViLEncoder(nn.Module):
-    """MAViL (Huang et al., Sec. 3.1): full unimodal encoders (depth layers + LayerNorm each), then a
-    fusion encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The
+    """MAViL (Huang et al., Sec. 3.1): full unimodal encoders (depth layers + LayerNorm each), then
+    a fusion encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The
     contrastive losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks
     the pairing)."""
     mixes, mbt_drops, stream_weights = True, ("fusion.",), Separate.stream_weights
@@ -1253,8 +1254,8 @@ class CAVMAEEncoder(nn.Module):
         ids = {f"streams.{m}.{i}.{n}": i + 1 for m, s in self.streams.items()
                for i, b in enumerate(s) for n, _ in b.named_parameters()}
         first = self.n_layers - len(self.joint) + 1
-        ids.update({f"joint.{j}.{n}": first + j for j, b in enumerate(self.joint) for n,
-                    _ in b.named_parameters()})
+        ids.update({f"joint.{j}.{n}": first + j
+                    for j, b in enumerate(self.joint) for n, _ in b.named_parameters()})
         return {**ids, **{f"norm.{n}": self.n_layers for n, _ in self.norm.named_parameters()}}
 
     def with_unimodal(self, xs: dict) -> tuple:
@@ -1287,9 +1288,8 @@ class ModalityNormBlock(Block):
 
     def __init__(self, mods, dim, heads, hidden, attn_fn, drop_path=0.0):
         super().__init__(dim, heads, hidden, attn_fn, drop_path)
-        self.by = nn.ModuleDict({m: nn.ModuleDict({n: nn.LayerNorm(
-            dim, eps=1e-6) for n in ("norm1", "norm2")})
-                                 for m in mods})
+        self.by = nn.ModuleDict({m: nn.ModuleDict({n: nn.LayerNorm(dim, eps=1e-6)
+                                                   for n in ("norm1", "norm2")}) for m in mods})
 
     def forward(self, x, m: str | None = None):
         n1, n2 = (self.norm1, self.norm2) if m is None else (self.by[m].norm1, self.by[m].norm2)
@@ -1341,13 +1341,15 @@ class XAttnEncoder(nn.Module):
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()
         self.channel, J = cfg.xattn_fuse == "channel", cfg.cross_layers
-        self.out_mods = (
-            "v",) if self.channel and cfg.objective == "video" and "v" in mods else tuple(mods)
+        video_only = self.channel and cfg.objective == "video" and "v" in mods
+        self.out_mods = ("v",) if video_only else tuple(mods)
         self.streams = _streams(mods, dim, depth, heads, hidden, attn_fn, dpr)
-        self.cross = nn.ModuleList(nn.ModuleDict({m: CrossBlock(dim, heads, hidden)
-                                                  for m in (self.out_mods if j == J - 1 else mods)}) for j in range(J))
+        self.cross = nn.ModuleList(
+            nn.ModuleDict({m: CrossBlock(dim, heads, hidden)
+                           for m in (self.out_mods if j == J - 1 else mods)}) for j in range(J))
         self.norm = nn.ModuleDict({m: nn.LayerNorm(dim, eps=1e-6) for m in self.out_mods})
-        self.depth, self.n_layers, self.out_width = depth, depth + J, dim * (2 if self.channel else 1)
+        self.depth, self.n_layers = depth, depth + J
+        self.out_width = dim * (2 if self.channel else 1)
 
     def layer_ids(self) -> dict:
         ids = {f"cross.{j}.{n}": self.depth + 1 + j for j, layer in enumerate(self.cross)
@@ -1397,8 +1399,8 @@ def classifier_heads(width: int, keys, heads: dict, linear_probe: bool):
     linear probe (MAE's linear probe)."""
     probe = nn.ModuleDict({k: nn.BatchNorm1d(width, affine=False,
                                              eps=1e-6) for k in keys}) if linear_probe else None
-    out = nn.ModuleDict({k: nn.ModuleDict({h: nn.Linear(width, n) for h,
-                                           n in heads.items()}) for k in keys})
+    out = nn.ModuleDict({k: nn.ModuleDict({h: nn.Linear(width, n) for h, n in heads.items()})
+                         for k in keys})
     for lin in (lin for hs in out.values() for lin in hs.values()):
         nn.init.trunc_normal_(lin.weight, std=0.01 if linear_probe else 2e-5)
         nn.init.zeros_(lin.bias)
@@ -1453,12 +1455,12 @@ class Stream(nn.Module):
 
 class MBT(Classifier):
     """Attention bottlenecks (Nagrani et al., 2021), as the paper finetunes (Sec. 4.1): layers
-    before `fusion_layer` run per modality; from it on, each modality's layer sees [own tokens |
-    the bottleneck tokens] and the bottleneck outputs are averaged over modalities. With one
-    modality this is a plain ViT (AST for audio, ViViT for video). shared_head (the authors' MBT):
-    one final LayerNorm and one classifier for both modalities, each modality's logits trained on
-    its own loss (finetune.py); otherwise a LayerNorm and heads per modality. Evaluation averages the
-    modalities' logits either way."""
+    before `fusion_layer` run per modality; from it on, each modality's layer sees [own tokens | the
+    bottleneck tokens] and the bottleneck outputs are averaged over modalities. With one modality
+    this is a plain ViT (AST for audio, ViViT for video). shared_head (the authors' MBT): one final
+    LayerNorm and one classifier for both modalities, each modality's logits trained on its own loss
+    (finetune.py); otherwise a LayerNorm and heads per modality. Evaluation averages the modalities'
+    logits either way."""
 
     def __init__(self, cfg: AVMAEConfig, heads: dict, fusion_layer: int = 8, bottlenecks: int = 4,
                  inner_norm_at: int | None = None, linear_probe: bool = False,
@@ -1522,8 +1524,8 @@ class MBT(Classifier):
                 xs[m] = y[:, :n]
                 zs.append(y[:, n:])
             z = torch.stack(zs).mean(0)  # the modalities meet only here
-        return {m: (self.norm if self.norm is not None else self.streams[m].norm)(x).mean(1) for m,
-                x in xs.items()}
+        # the shared head's one LayerNorm, or each stream's own
+        return {m: (self.norm or self.streams[m].norm)(x).mean(1) for m, x in xs.items()}
 
 
 class EncoderClassifier(Classifier):
@@ -1544,8 +1546,8 @@ class EncoderClassifier(Classifier):
                                              int(cfg.width * cfg.mlp_ratio),
                                              get_ops(cfg.kernels)["attention"], dpr, cfg)
         self.apply(init_weights)
-        outs = getattr(self.encoder, "out_mods", mods)  # (AV-MaskEnhancer's channel
-                                                        # fusion: video tokens only)
+        # (AV-MaskEnhancer's channel fusion: video tokens only)
+        outs = getattr(self.encoder, "out_mods", mods)
         self.head_key = {m: m for m in outs}
         self.probe_norm, self.heads = classifier_heads(self.encoder.out_width, outs, heads,
                                                        linear_probe)

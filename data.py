@@ -1,16 +1,19 @@
 """
-Data: raw video -> prepared set -> batches. (AV-MAE Sec. 4.1; the data sets as their own papers publish them).
+Data: raw video -> prepared set -> batches (AV-MAE Sec. 4.1; the data sets as their own papers
+publish them).
 
   python data.py prepare --videos DIR --manifest vggsound.csv --format vggsound --out data/vggsound
   python data.py prepare --videos DIR --manifest balanced_train_segments.csv --format audioset \
       --labels class_labels_indices.csv --split train --out data/audioset
-  python data.py prepare --videos DIR --manifest EPIC_100_train.csv --format epic --split train --out data/epic
-  python data.py builtin --out data/builtin        # the procedural data set (also made on first use)
+  python data.py prepare --videos DIR --manifest EPIC_100_train.csv --format epic --split train \
+      --out data/epic
+  python data.py builtin --out data/builtin        # the procedural set (also made on first use)
   python data.py stats --root data/vggsound        # log-mel mean/std for audio_norm=dataset
   python data.py bench --root data/builtin         # loader clips/s
 
 A prepared set (real or built-in) is one folder:
-  meta.json                 sample rate, frame rate, short side, label vocabularies ("heads"), multi_label
+  meta.json                 sample rate, frame rate, short side, label vocabularies ("heads"),
+                            multi_label
   {split}.csv               id,duration,frames,<one column per head: ';'-joined label indices>
   clips/{id}/audio.flac     16 kHz mono
   clips/{id}/frames.bin     the clip's JPEG frames at 12.5 fps, back to back after an offset table
@@ -44,8 +47,8 @@ import torch.nn.functional as F
 log = logging.getLogger("avmae.data")
 SAMPLE_RATE = 16000
 FPS = 12.5
-VIDEO_FPS = 25.0  # the frame rate strides are counted in
-                  # (paper: stride 4 pretraining, 2 finetuning)
+# the frame rate strides are counted in (paper: stride 4 pretraining, 2 finetuning)
+VIDEO_FPS = 25.0
 
 # ----------------------------------------------------------------------------- log-mel, Kaldi's
 #   fbank as every peer computes it (AST, AudioMAE, CAV-MAE), in torch, batched, CPU or GPU
@@ -71,9 +74,9 @@ def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int, low: float = 20.0,
 
 def logmel(wave: torch.Tensor, sr: int = SAMPLE_RATE, n_mels: int = 128,
            target_frames: int | None = None, window: str = "hann") -> torch.Tensor:
-    """Kaldi-compatible log-mel filterbank. wave: (n,) or (B, n) floats in [-1, 1].
-    Returns (frames, n_mels) or (B, frames, n_mels), frames = 1 + (n - 25 ms) // 10 ms, then zero-padded
-    at the end or cropped to `target_frames` (8 s at 16 kHz: 798 -> 800)."""
+    """Kaldi-compatible log-mel filterbank. wave: (n,) or (B, n) floats in [-1, 1]. Returns (frames,
+    n_mels) or (B, frames, n_mels), frames = 1 + (n - 25 ms) // 10 ms, then zero-padded at the end
+    or cropped to `target_frames` (8 s at 16 kHz: 798 -> 800)."""
     single = wave.dim() == 1
     x = wave.reshape(1, -1) if single else wave
     x = x.float()
@@ -135,7 +138,8 @@ def frame_count(path: str) -> int:
 
 
 def read_frames(path: str, indices) -> list:
-    """The JPEG bytes (uint8 tensors) of the given frame indices; raises ValueError on a damaged file."""
+    """The JPEG bytes (uint8 tensors) of the given frame indices; raises ValueError on a damaged
+    file."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -214,8 +218,9 @@ def read_vggsound(path: str, split: str | None = None):
 def read_audioset(path: str, labels_csv: str, split: str = "train", full_videos: bool = False):
     """AudioSet segment CSV (`YTID, start_seconds, end_seconds, "mid1,mid2"`, comment lines on top),
     labels from class_labels_indices.csv (index,mid,display_name). Sources are the downloaded 10 s
-    segments, named `{YTID}.mp4`, `Y{YTID}.mp4`, `{YTID}_{start}.mp4` or `{YTID}_{start_ms}_{end_ms}.mp4`;
-    with full_videos the segment is cut from the whole video `{YTID}.mp4`."""
+    segments, named `{YTID}.mp4`, `Y{YTID}.mp4`, `{YTID}_{start}.mp4` or
+    `{YTID}_{start_ms}_{end_ms}.mp4`; with full_videos the segment is cut from the whole video
+    `{YTID}.mp4`."""
     mids = {}
     for i, row in _rows(labels_csv):
         if i == 1 and row and row[0] == "index":
@@ -261,9 +266,9 @@ def read_epic(path: str, split: str = "train"):
         try:
             g = lambda k: row[head[k]]  # noqa: E731
             vid = os.path.join(g("participant_id"), g("video_id"))
-            rec = Record(g("narration_id"), (
-                vid + ".MP4", vid + ".mp4",
-                os.path.join(g("participant_id"), "videos", g("video_id") + ".MP4")),
+            names = (vid + ".MP4", vid + ".mp4",
+                     os.path.join(g("participant_id"), "videos", g("video_id") + ".MP4"))
+            rec = Record(g("narration_id"), names,
                          _seconds(g("start_timestamp")), _seconds(g("stop_timestamp")),
                          {"verb": [int(g("verb_class"))], "noun": [int(g("noun_class"))]}, split)
         except (ValueError, IndexError):
@@ -279,8 +284,8 @@ def _seconds(ts: str) -> float:  # "00:01:02.35" -> 62.35
 
 
 def read_generic(path: str, split: str | None = None):
-    """A plain CSV with a header: `path,label` and optionally `split,start,end` (labels ';'-separated
-    for multi-label)."""
+    """A plain CSV with a header: `path,label` and optionally `split,start,end` (labels
+    ';'-separated for multi-label)."""
     recs, bad, head = [], [], None
     for i, row in _rows(path):
         if head is None:
@@ -345,7 +350,8 @@ def prepare_clip(src: str, dst: str, start: float | None, end: float | None, sho
     audio = np.frombuffer(pcm or b"", dtype=np.int16)
     if len(audio) < SAMPLE_RATE // 10:
         if not allow_silent:
-            what = "no audio stream" if pcm is None else f"no usable audio track ({len(audio)} samples)"
+            what = ("no audio stream" if pcm is None
+                    else f"no usable audio track ({len(audio)} samples)")
             raise ValueError(f"{src}: {what}; --allow_silent keeps such clips with silent audio "
                              "(video-only use)")
         audio = np.zeros(int(round(len(jpegs) / fps * SAMPLE_RATE)), np.int16)
@@ -422,8 +428,8 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
         print(f"log-mel statistics of the training split: mean {mean:.3f}, std {std:.3f} (for "
               "--audio_norm dataset)")
     counts = dict(prepared=sum(len(r) for r in rows.values()), failed=len(failed))
-    print(f"prepared {counts['prepared']} clips into {out}; {counts['failed']} failed "
-          f"(see {out}/failed_{'_'.join(splits)}.csv)")
+    print(f"prepared {counts['prepared']} clips into {out}; {counts['failed']} failed (see "
+          f"{out}/failed_{'_'.join(splits)}.csv)")
     return counts
 
 
@@ -436,8 +442,8 @@ def _vocab(records, head):
 
 BUILTIN_KINDS = [  # (name, shape, fundamental Hz, harmonic amplitudes); two pairs share a shape and
     ("bell", "circle", 880.0, (1.0, 0.0, 0.6, 0.0, 0.3)),  # differ only in sound, and the colour is
-    ("drum", "square", 110.0, (1.0, 0.7, 0.5, 0.4, 0.3)),  # random: neither modality
-                                                           # alone is enough
+    # random: neither modality alone is enough
+    ("drum", "square", 110.0, (1.0, 0.7, 0.5, 0.4, 0.3)),
     ("chime", "triangle", 1320.0, (1.0, 0.2)),
     ("wood", "diamond", 330.0, (1.0, 0.5, 0.25)),
     ("glass", "ring", 1760.0, (1.0, 0.0, 0.0, 0.4)),
@@ -456,7 +462,8 @@ def _shape_mask(shape, yy, xx, cy, cx, r):
         "triangle": (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6),
         "diamond": np.abs(dy) + np.abs(dx) <= r,
         "ring": (dy ** 2 + dx ** 2 <= r ** 2) & (dy ** 2 + dx ** 2 >= (0.55 * r) ** 2),
-        "cross": ((np.abs(dy) <= r * 0.3) | (np.abs(dx) <= r * 0.3)) & (np.abs(dy) <= r) & (np.abs(dx) <= r),
+        "cross": (((np.abs(dy) <= r * 0.3) | (np.abs(dx) <= r * 0.3))
+                  & (np.abs(dy) <= r) & (np.abs(dx) <= r)),
     }[shape]
 
 
@@ -493,11 +500,11 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
         frames[j] = np.clip(img + rng.normal(0, 4, img.shape), 0, 255)
     n = int(seconds * SAMPLE_RATE)
     t = np.arange(int(0.4 * SAMPLE_RATE)) / SAMPLE_RATE
-    tone = sum(a * np.sin(2 * np.pi * pitch * (k + 1) * t) for k,
-               a in enumerate(harm)) * np.exp(-t * 12)
+    tone = sum(a * np.sin(2 * np.pi * pitch * (k + 1) * t) for k, a in enumerate(harm))
+    tone = tone * np.exp(-t * 12)
     tone /= np.abs(tone).max()
-    wave = rng.normal(0, rng.uniform(0.003, 0.03), n)    # room noise of random loudness,
-                                                         # never digital silence
+    # room noise of random loudness, never digital silence
+    wave = rng.normal(0, rng.uniform(0.003, 0.03), n)
     for tb in times:
         s = int(tb * SAMPLE_RATE)
         seg = tone[: n - s] * rng.uniform(0.3, 0.6)
@@ -508,7 +515,8 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
 def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUILTIN["n_test"],
                  seconds: float = BUILTIN["seconds"], size: int = BUILTIN["size"],
                  seed: int = BUILTIN["seed"]) -> str:
-    """Generate the built-in set in the prepared-set format (idempotent: returns at once if done)."""
+    """Generate the built-in set in the prepared-set format (idempotent: returns at once if
+    done)."""
     from torchvision.io import encode_jpeg
     if os.path.exists(os.path.join(out, "meta.json")):
         return out
@@ -533,10 +541,10 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
             w.writeheader()
             w.writerows(rs)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=size, multi_label=False, source="builtin",
-                       heads={"label": [k[0] for k in BUILTIN_KINDS]},
-                       generator=dict(n_train=n_train, n_test=n_test, seconds=seconds, size=size,
-                                      seed=seed)), f, indent=1)
+        gen = dict(n_train=n_train, n_test=n_test, seconds=seconds, size=size, seed=seed)
+        json.dump(dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=size, multi_label=False,
+                       source="builtin", heads={"label": [k[0] for k in BUILTIN_KINDS]},
+                       generator=gen), f, indent=1)
     audio_stats(tmp, max_clips=64)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
@@ -605,9 +613,9 @@ def color_augment(x: torch.Tensor, rng: np.random.Generator, p_color: float = 0.
 
 
 def augment_frames(frames: torch.Tensor, cfg, seed: int) -> torch.Tensor:
-    """(T, 3, H, W) uint8 stored frames -> (3, T, size, size) uint8, on any device: crop (video_box),
-    flip (except video_aug='none'), colour (video_aug='finetune'); every random choice from `seed`,
-    so the CPU workers and the GPU decoder make the same clip."""
+    """(T, 3, H, W) uint8 stored frames -> (3, T, size, size) uint8, on any device: crop
+    (video_box), flip (except video_aug='none'), colour (video_aug='finetune'); every random choice
+    from `seed`, so the CPU workers and the GPU decoder make the same clip."""
     rng = np.random.default_rng(seed)
     box = video_box(*frames.shape[-2:], rng, cfg.video_aug, cfg.train, cfg.crop_scale)
     flip = bool(rng.random() < 0.5) and cfg.train and cfg.video_aug != "none"
@@ -640,8 +648,8 @@ def scale_video(v: torch.Tensor) -> torch.Tensor:
 
 def to_device(batch: dict, device) -> dict:
     """Move a batch to `device` and scale its video to [-1, 1] there."""
-    out = {k: (x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x) for k,
-           x in batch.items()}
+    out = {k: (x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x)
+           for k, x in batch.items()}
     if "v" in out and out["v"].dtype == torch.uint8:
         out["v"] = scale_video(out["v"])
     return out
@@ -661,7 +669,8 @@ class DataGone(RuntimeError):
 
 @dataclass
 class LoadOptions:
-    """What train.py and finetune.py pass through to the loader as they are (declared once, here)."""
+    """What train.py and finetune.py pass through to the loader as they are (declared once,
+    here)."""
     frame_stride: float = 4       # in 25 fps frames: 4 pretraining,
                                   # 2 finetuning (MAViL 2 fps: 12.5)
     window: str = "hann"          # log-mel window: hann (peers) | hamming (the AV-MAE paper's text)
@@ -696,8 +705,8 @@ class DataConfig(LoadOptions):
 
 
 def _norm(spec: str, meta: dict):
-    """(mean, scale) with x -> (x - mean) / scale. 'dataset' uses the set's own log-mel statistics and,
-    like AudioMAE, scale = 2 std."""
+    """(mean, scale) with x -> (x - mean) / scale. 'dataset' uses the set's own log-mel statistics
+    and, like AudioMAE, scale = 2 std."""
     if spec == "dataset":
         if "audio_mean" not in meta:
             raise ValueError("audio_norm='dataset' needs the set's statistics: run python data.py "
@@ -709,14 +718,16 @@ def _norm(spec: str, meta: dict):
         mean, scale = (float(x) for x in spec.split(","))
         return mean, scale
     except ValueError:
-        raise ValueError(f"audio_norm={spec!r}: use one of {', '.join(AUDIO_NORMS)} or 'mean,scale'") from None
+        raise ValueError(f"audio_norm={spec!r}: use one of {', '.join(AUDIO_NORMS)} "
+                         "or 'mean,scale'") from None
 
 
 def read_manifest(path: str, heads: dict) -> tuple:
     """(rows, problems): a split's CSV as dicts (id, duration, frames, one label list per head); a
     malformed line is skipped and named (file:line), an empty manifest is an error."""
     if not os.path.exists(path):
-        here = sorted(f[:-4] for f in os.listdir(os.path.dirname(path) or ".") if f.endswith(".csv"))
+        folder = os.path.dirname(path) or "."
+        here = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".csv"))
         raise FileNotFoundError(f"{path} not found (splits here: {here})")
     rows, problems = [], []
     with open(path, newline="") as f:
@@ -752,8 +763,8 @@ def read_manifest(path: str, heads: dict) -> tuple:
 
 def audio_windows(path: str, t0s: list, span_v: float, audio_frames: int) -> tuple:
     """(waves (views, samples) at 16 kHz mono, window starts in s): per video window starting at t0
-    (span_v s long), the log-mel frame grid (frame k starts at ta + 10 ms k) centred on it, then moved
-    (not cropped) to stay inside the recording; beyond a short recording, zeros."""
+    (span_v s long), the log-mel frame grid (frame k starts at ta + 10 ms k) centred on it, then
+    moved (not cropped) to stay inside the recording; beyond a short recording, zeros."""
     try:
         info = sf.info(path)
     except Exception as e:
@@ -810,15 +821,12 @@ def label_target(labs: list, n: int, multi_label: bool):
 
 
 class AVDataset(torch.utils.data.Dataset):
-    """Clips of a prepared set as model inputs. One item (train=True) or `views` items (eval):
-    a: (audio_frames, mel_bins) log-mel, v: (3, num_frames, image_size, image_size) uint8 (to_device
-    scales it to [-1, 1] on the training device),
-    label, id, t0 (the video window's start, s), ta (the audio window's start, s), bad (clips replaced).
-
-    Alignment: the video window starts on a stored frame, t0 = j0 / 12.5 s; the audio window
-    (audio_frames x 10 ms, frame k starting at ta + 10 ms k) is centred on the video window and moved, if
-    needed, to lie inside the recording. Both start times come with the item, so a sound and the
-    picture of its cause keep the same absolute time. Bad input: the rules above the class."""
+    """Clips of a prepared set as model inputs, one item (train=True) or `views` items (eval):
+    a (audio_frames, mel_bins) log-mel; v (3, num_frames, image_size, image_size) uint8 (to_device
+    scales it to [-1, 1] on the device); the labels; id; t0, ta: the video and audio windows'
+    starts (s); bad: the clips replaced. The video window starts on a stored frame (t0 = j0 / 12.5);
+    the audio window (frame k starts at ta + 10 ms k) is centred on it and moved, if needed, inside
+    the recording, so a sound and the picture of its cause keep one time. Bad input: see above."""
 
     MAX_TRIES = 10
 
@@ -840,8 +848,7 @@ class AVDataset(torch.utils.data.Dataset):
         self.step = cfg.frame_stride / VIDEO_FPS * self.fps  # stored frames between sampled frames
         self.span_v = cfg.num_frames * cfg.frame_stride / VIDEO_FPS  # seconds of video per view
         self.epoch = 0
-        # clip index per loader worker
-        self.reading = multiprocessing.Array("q", [-1] * 256, lock=False)
+        self.reading = multiprocessing.Array("q", [-1] * 256, lock=False)  # clip per worker
 
     def being_read(self) -> list:
         """The clips the loader workers were reading last (to name the clip when a worker dies)."""
@@ -851,16 +858,14 @@ class AVDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def set_epoch(self, epoch: int):
-        """Augmentation randomness is a function of (seed, epoch, index): resumable and the same in
-        any worker layout. (EpochSampler passes the epoch with each index; this sets the default.)"""
+        """Augmentation randomness is a function of (seed, epoch, index), resumable and the same in
+        any worker layout (EpochSampler passes the epoch with each index; this sets the default)."""
         self.epoch = epoch
 
     def __getitem__(self, key):
-        # EpochSampler sends (index, epoch)
-        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # from EpochSampler
         worker = torch.utils.data.get_worker_info()
-        self.reading[worker.id if worker else 0] = idx  # (which clip each worker
-                                                        # is on, if one dies)
+        self.reading[worker.id if worker else 0] = idx  # (named if the worker dies)
         bad = []
         for k in range(self.MAX_TRIES):
             j = (idx + k) % len(self.rows)
@@ -871,8 +876,7 @@ class AVDataset(torch.utils.data.Dataset):
             except BadClip as e:
                 if not os.path.isdir(os.path.join(self.cfg.root, "clips")):
                     raise DataGone(f"{self.cfg.root}: the data folder is gone (unmounted or "
-                                   "deleted?) while "
-                                   f"reading {self.rows[j]['id']}") from None
+                                   f"deleted?) while reading {self.rows[j]['id']}") from None
                 log.warning("bad clip %s: %s (using the next clip instead)", self.rows[j]["id"], e)
                 bad.append((self.rows[j]["id"], str(e)))
         raise RuntimeError(f"{self.MAX_TRIES} clips in a row could not be read, starting at "
@@ -919,9 +923,8 @@ class AVDataset(torch.utils.data.Dataset):
         cfg = self.cfg
         try:
             n = frame_count(path)  # (fewer frames than the window: the last one is held)
-            views = [read_frames(
-                path, [min(n - 1, j0 + round(i * self.step)) for i in range(cfg.num_frames)])
-                     for j0 in starts]
+            views = [read_frames(path, [min(n - 1, j0 + round(i * self.step))
+                                        for i in range(cfg.num_frames)]) for j0 in starts]
         except (OSError, ValueError) as e:
             raise BadClip(f"{path}: {e}") from None
         seed = int(rng.integers(2**31))  # every view of a clip is augmented alike
@@ -974,7 +977,8 @@ class GPUDecoder:
                     frames.append(decode_frames(v["jpegs"], self.device))
                 except RuntimeError:
                     frames.append(None)
-        keep = [c for c in range(len(clips)) if all(frames[c * nv + k] is not None for k in range(nv))]
+        keep = [c for c in range(len(clips))
+                if all(frames[c * nv + k] is not None for k in range(nv))]
         for c in sorted(set(range(len(clips))) - set(keep)):
             log.warning("bad clip %s: corrupt JPEG (dropped from the batch)", batch["id"][c])
             batch["bad"].append((batch["id"][c], "corrupt JPEG"))
@@ -995,10 +999,10 @@ class GPUDecoder:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """This rank's share of a seeded permutation of the data set, as (index, epoch) keys, starting at a
-    given position: resuming mid-epoch skips the consumed samples without loading them. The global
-    order is the same for any number of ranks: rank r of W takes positions r, r + W, r + 2W, ... of the
-    epoch's permutation, so a global batch holds the same clips whatever W is."""
+    """This rank's share of a seeded permutation of the data set, as (index, epoch) keys, starting
+    at a given position: resuming mid-epoch skips the consumed samples without loading them. The
+    global order is the same for any number of ranks: rank r of W takes positions r, r + W, r + 2W,
+    ... of the epoch's permutation, so a global batch holds the same clips whatever W is."""
 
     def __init__(self, n: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
         self.n, self.world, self.rank, self.seed, self.shuffle = n, world, rank, seed, shuffle
@@ -1042,9 +1046,10 @@ def median_duration(root: str, split: str = "train") -> float | None:
 def fit_window(seconds: float, audio_frames: int, audio_patch: int, num_frames: int,
                frame_stride: float, tubelet: int) -> tuple:
     """The largest (audio_frames, num_frames) no longer than asked that fit a clip of `seconds`:
-    log-mel frames of 25 ms every 10 ms, whole audio patches; video frames every frame_stride / 25 s,
-    whole tubelets. A window up to 5% longer than the clip is kept (zero-padded, as AudioSet's 1000
-    frames of 10 s clips and MAViL's 1024 are). Used when the user did not choose the window."""
+    log-mel frames of 25 ms every 10 ms, whole audio patches; video frames every frame_stride / 25
+    s, whole tubelets. A window up to 5% longer than the clip is kept (zero-padded, as AudioSet's
+    1000 frames of 10 s clips and MAViL's 1024 are). Used when the user did not choose the
+    window."""
     a_max = int((seconds - 0.025) / 0.01) + 1
     a = audio_frames if audio_frames <= 1.05 * a_max else max(audio_patch,
                                                               a_max // audio_patch * audio_patch)
@@ -1101,8 +1106,8 @@ def _bench(args):
                 break
     dt = time.time() - t0
     print(f"{n / dt:.1f} clips/s ({args.workers} workers, decode={args.decode}, "
-          f"{args.num_frames}x{args.image_size}"
-          f"^2 frames, {args.audio_frames} log-mel frames, batch {args.batch_size})")
+          f"{args.num_frames}x{args.image_size}^2 frames, {args.audio_frames} log-mel frames, "
+          f"batch {args.batch_size})")
 
 
 def main(argv=None):
@@ -1185,6 +1190,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (OSError, ValueError) as e:  # a missing or malformed set, manifest
-                                        # or file: one line, not a traceback
+    # a missing or malformed set, manifest or file: one line, not a traceback
+    except (OSError, ValueError) as e:
         sys.exit(f"data.py: {e}")

@@ -2,13 +2,13 @@
 Finetuning and linear probing: audio-only, video-only and audiovisual classification (Sec. 4.1,
 Tables 22-24). Shares its distributed / checkpoint / logging plumbing with train.py.
 
-  python finetune.py --preset quick --init out/quick/ckpt_0000600.pt            # built-in data, CPU
-  python finetune.py --preset quick                                             # the same from scratch
+  python finetune.py --preset quick --init out/quick/ckpt_0000600.pt    # built-in data, CPU
+  python finetune.py --preset quick                                     # the same from scratch
   torchrun --standalone --nproc_per_node=8 finetune.py --preset vggsound --init out/pretrain/ckpt.pt
-  python finetune.py --preset audioset --modality audio --init ...              # AST on AudioSet (mAP)
-  python finetune.py --preset epic --init ...                                   # verb + noun heads
-  python finetune.py ... --linear_probe                                         # frozen encoder, linear head
-  python finetune.py ... --eval_only --resume out/finetune/ckpt_0005000.pt      # evaluate a checkpoint
+  python finetune.py --preset audioset --modality audio --init ...      # AST on AudioSet (mAP)
+  python finetune.py --preset epic --init ...                           # verb + noun heads
+  python finetune.py ... --linear_probe                         # frozen encoder, linear head
+  python finetune.py ... --eval_only --resume out/finetune/ckpt_0005000.pt  # evaluate a checkpoint
 
 --modality audio|video|av; --arch mbt (default; bottleneck fusion from --fusion_layer on) or encoder
 (the pretraining encoder structure). Every field of FinetuneConfig below is a flag.
@@ -91,11 +91,11 @@ PRESETS = {
                   blr=0.8, workers=2, drop_path=0.1, label_smoothing=0.1, mixup=0.0,
                   specaug_freq=24, views=2, eval_every=10, out_dir="out/finetune_quick"),
 }
-AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}  # Tables 23, 24: audio-only
-                                                     # finetuning mixes harder
+# Tables 23, 24: audio-only finetuning mixes harder
+AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}
 MODALITY = {"audio": "a", "video": "v", "av": "av"}
-FUSION_LAYER = {("audioset", 24): 18}  # (preset, depth) -> MBT fusion layer
-                                       # where the authors' config differs
+# (preset, depth) -> MBT fusion layer where the authors' config differs
+FUSION_LAYER = {("audioset", 24): 18}
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY),
                arch=("mbt", "encoder"), mbt_head=("shared", "per_modality"),
                video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
@@ -164,8 +164,8 @@ def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
         return avmae.EncoderClassifier(cfg, heads, fcfg.linear_probe)
     kept = pcfg and stream_weights(
         pcfg, avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods[0])["inner"]
-    inner = kept[1] if kept else None  # e.g. the mid-fusion streams' closing
-                                       # LayerNorm, kept where it was
+    # e.g. the mid-fusion streams' closing LayerNorm, kept where it was
+    inner = kept[1] if kept else None
     fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else \
         FUSION_LAYER.get((fcfg.preset, cfg.depth), round(2 * cfg.depth / 3))
     return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe,
@@ -202,22 +202,23 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                                                                      "encoder."))}
     else:
         for m in cfg.mods:
-            s = m if m in src_mods else src_mods[0]  # a unimodal checkpoint initialises
-                                                     # both streams (Table 3)
+            # a unimodal checkpoint initialises both streams (Table 3)
+            s = m if m in src_mods else src_mods[0]
             if m in src_mods:
                 mapping[f"streams.{m}.embed.weight"] = f"patch_embed.{m}.weight"
                 mapping[f"streams.{m}.embed.bias"] = f"patch_embed.{m}.bias"
                 if pcfg["pos_embed"] == "learned":
                     mapping[f"streams.{m}.pos.table"] = f"enc_pos.{m}.table"
-            w = stream_weights(pcfg, s)  # (early / shared: one set of
-                                         # weights into every stream, untied)
-            for i in range(cfg.depth):  # a source block, or (block, {its
-                                        # submodule: the one to read})
-                src, rename = w["blocks"][i] if isinstance(w["blocks"][i],
-                                                           tuple) else (w["blocks"][i], {})
+            # (early / shared: one set of weights into every stream, untied)
+            w = stream_weights(pcfg, s)
+            # a source block, or (block, {its submodule: the one to read})
+            for i in range(cfg.depth):
+                b = w["blocks"][i]
+                src, rename = b if isinstance(b, tuple) else (b, {})
                 for k in model.streams[m].blocks[i].state_dict():
                     head, rest = k.split(".", 1)
-                    mapping[f"streams.{m}.blocks.{i}.{k}"] = f"encoder.{src}.{rename.get(head, head)}.{rest}"
+                    read = f"encoder.{src}.{rename.get(head, head)}.{rest}"
+                    mapping[f"streams.{m}.blocks.{i}.{k}"] = read
             final = f"encoder.{w['norm']}"
             for k in ("weight", "bias"):
                 if model.norm is None:
@@ -229,15 +230,14 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                     mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.{w['inner'][0]}.{k}"
     dst = model.state_dict()
     out, loaded, folded = {}, [], set()
-    if not isinstance(
-        model,
-        avmae.EncoderClassifier) and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
-        # an audio-only checkpoint: the video tubelet filter from the audio patch filter (ViViT Sec.
-        # 3.4)
+    mbt = not isinstance(model, avmae.EncoderClassifier)
+    if mbt and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
+        # an audio-only checkpoint: the video tubelet filter from the audio patch filter
+        # (ViViT Sec. 3.4)
         if (pcfg["audio_patch_t"], pcfg["audio_patch_f"]) != (cfg.patch_size, cfg.patch_size):
             raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} "
-                             "audio patch into "
-                             f"{cfg.patch_size}x{cfg.patch_size} video patches; use --inflate none")
+                             f"audio patch into {cfg.patch_size}x{cfg.patch_size} video patches; "
+                             "use --inflate none")
         out["streams.v.embed.weight"] = avmae.inflate_patch_embed(
             state["patch_embed.a.weight"], cfg.patch_size, 1, cfg.tubelet, cfg.in_chans, inflate)
         out["streams.v.embed.bias"] = state["patch_embed.a.bias"].clone()
@@ -247,7 +247,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
         if isinstance(s_name, tuple):  # the mean of several tensors (or one)
             t = torch.stack([state[n] for n in s_name]).mean(0)
             out[d_name] = t
-            loaded.append(f"{d_name} <- " + (f"mean({', '.join(s_name)})" if len(s_name) > 1 else s_name[0]))
+            read = f"mean({', '.join(s_name)})" if len(s_name) > 1 else s_name[0]
+            loaded.append(f"{d_name} <- {read}")
             continue
         if s_name not in state:
             raise ValueError(f"checkpoint has no {s_name} for {d_name}: it does not match its own "
@@ -259,32 +260,35 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             t = _resize_positions(t, src_grid, avmae.PATCHES[m](cfg).grid)
         if t.shape != dst[d_name].shape:
             raise ValueError(f"{s_name} has shape {tuple(t.shape)} but {d_name} needs "
-                             f"{tuple(dst[d_name].shape)}: "
-                             "the checkpoint and the finetuning model disagree (width, patch size "
-                             "or input shape)")
-        fold = f"type_embed.{s_name.split('.')[1]}" if pcfg.get("type_embed") and s_name.startswith("patch_embed.") \
-            and s_name.endswith(".bias") else None
+                             f"{tuple(dst[d_name].shape)}: the checkpoint and the finetuning "
+                             "model disagree (width, patch size or input shape)")
+        embed_bias = s_name.startswith("patch_embed.") and s_name.endswith(".bias")
+        fold = None
+        if pcfg.get("type_embed") and embed_bias:
+            fold = f"type_embed.{s_name.split('.')[1]}"
         if fold:  # a constant per token: the same function when added into the embedding's bias
             t = t + state[fold]
             folded.add(fold)
         out[d_name] = t
         loaded.append(f"{d_name} <- {s_name}" + (f" + {fold}" if fold else ""))
-    used = {n for s_name in mapping.values() for n in (
-        s_name if isinstance(s_name, tuple) else (s_name,))} | folded
+    used = {n for s_name in mapping.values()
+            for n in (s_name if isinstance(s_name, tuple) else (s_name,))} | folded
     new = sorted(k for k in dst if k not in out)
     dropped = sorted(k for k in state if k not in used)
     other = set(src_mods) - set(cfg.mods)
     by_design = () if isinstance(model, avmae.EncoderClassifier) else mbt_drops(pcfg)
-    encoder_unused = [k for k in dropped if k.startswith(ENCODER_PREFIXES) and not k.startswith(by_design)
-                      and not any(f".{m}." in k or k.endswith(f".{m}") for m in other)]
+    def of_other(k):
+        return any(f".{m}." in k or k.endswith(f".{m}") for m in other)
+    encoder_unused = [k for k in dropped if k.startswith(ENCODER_PREFIXES)
+                      and not k.startswith(by_design) and not of_other(k)]
     if encoder_unused:
         raise ValueError(f"pretrained encoder tensors would go unused: {encoder_unused[:8]}"
                          f"{' ...' if len(encoder_unused) > 8 else ''}")
     report = dict(loaded=loaded, new=new, dropped=dropped,
                   dropped_why={"decoder": "the decoder is only for pretraining",
-                               "other modality": sorted(k for k in dropped if any(
-                                   f".{m}." in k or k.endswith(f".{m}") for m in other)),
-                               "fusion": sorted(k for k in dropped if by_design and k.startswith(by_design))})
+                               "other modality": sorted(filter(of_other, dropped)),
+                               "fusion": sorted(k for k in dropped
+                                                if by_design and k.startswith(by_design))})
     return out, report
 
 # -----------------------------------------------------------------------------
@@ -292,8 +296,8 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
 
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
-    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == y[
-        :, None]).any(1).float().mean().item()
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == y[:, None]).any(1).float().mean().item()
 
 
 def average_precision(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -352,7 +356,8 @@ def metrics(logits: dict, targets: dict, multi_label: bool) -> dict:
         else:
             out[f"{h}_top1"], out[f"{h}_top5"] = topk_accuracy(z, y, 1), topk_accuracy(z, y, 5)
     if {"verb", "noun"} <= set(logits):
-        right = (logits["verb"].argmax(1) == targets["verb"]) & (logits["noun"].argmax(1) == targets["noun"])
+        right = ((logits["verb"].argmax(1) == targets["verb"])
+                 & (logits["noun"].argmax(1) == targets["noun"]))
         out["action_top1"] = right.float().mean().item()
     return out
 
@@ -381,8 +386,8 @@ def mixup(batch: dict, mods, heads: dict, alpha: float, multi_label: bool, gen: 
     {head: (B, classes)}). per_modality (the authors' MBT): each modality draws its own weight and
     gets its own mixed targets, returned as {modality: {head: targets}}."""
     B = batch[mods[0]].shape[0]
-    targets = {h: batch[h].float() if multi_label else F.one_hot(batch[h], n).float() for h,
-               n in heads.items()}
+    targets = {h: batch[h].float() if multi_label else F.one_hot(batch[h], n).float()
+               for h, n in heads.items()}
     if alpha <= 0:
         return batch, ({m: targets for m in mods} if per_modality else targets)
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
@@ -392,15 +397,15 @@ def mixup(batch: dict, mods, heads: dict, alpha: float, multi_label: bool, gen: 
     for m in mods:
         lam = lams.get(m, lams[mods[0]])
         batch[m] = lam * batch[m] + (1 - lam) * batch[m][perm]
-    mixed = {m: {h: lam * t + (1 - lam) * t[perm] for h, t in targets.items()} for m,
-             lam in lams.items()}
+    mixed = {m: {h: lam * t + (1 - lam) * t[perm] for h, t in targets.items()}
+             for m, lam in lams.items()}
     return batch, (mixed if per_modality else mixed[mods[0]])
 
 
 def loss_fn(logits: dict, targets: dict, multi_label: bool, smoothing: float) -> torch.Tensor:
     """Cross-entropy (single label) or binary cross-entropy (multi-label), both on label-smoothed
-    targets (on 1 - s + s/C, off s/C, as the authors' code smooths either; AudioSet s = 0.3, Table
-    24), summed over heads (EPIC: verb + noun, equal weights)."""
+    targets (on 1 - s + s/C, off s/C, as the authors' code smooths either; AudioSet s = 0.3,
+    Table 24), summed over heads (EPIC: verb + noun, equal weights)."""
     total = 0.0
     for h, z in logits.items():
         t = targets[h]
@@ -438,10 +443,9 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
                                          batch_size=max(1, fcfg.batch_size // d.world),
                                          num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
-    decode = data.GPUDecoder(
-        ds.cfg, d.device) if ds.cfg.decode == "gpu" else (lambda b: data.to_device(b, d.device))
+    gpu = data.GPUDecoder(ds.cfg, d.device) if ds.cfg.decode == "gpu" else None
     for b in loader:
-        b = decode(b)
+        b = gpu(b) if gpu else data.to_device(b, d.device)
         V = fcfg.views
         x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
         with train.autocast_ctx(fcfg.precision, d.device):
@@ -480,8 +484,10 @@ def write_reports(out_dir, ids, logits, targets, ds):
                 p = torch.sigmoid(z) if ds.multi_label else torch.softmax(z, 0)
                 top = p.topk(min(5, len(p)))
                 t = targets[h][i]
-                true = ";".join(
-                    str(j) for j in t.nonzero()[:, 0].tolist()) if ds.multi_label else str(int(t))
+                if ds.multi_label:
+                    true = ";".join(str(j) for j in t.nonzero()[:, 0].tolist())
+                else:
+                    true = str(int(t))
                 row += [true, ";".join(map(str, top.indices.tolist())),
                         ";".join(f"{v:.4f}" for v in top.values.tolist())]
             w.writerow(row)
@@ -496,7 +502,7 @@ def write_reports(out_dir, ids, logits, targets, ds):
                     w.writerow([h, c, name, int(t[:, c].sum()), f"{ap[c].item():.4f}"])
                 else:
                     sel = t == c
-                    acc = (z[sel].argmax(1) == c).float().mean().item() if sel.any() else float("nan")
+                    acc = (z[sel].argmax(1) == c).float().mean().item() if sel.any() else math.nan
                     w.writerow([h, c, name, int(sel.sum()), f"{acc:.4f}"])
 
 # -----------------------------------------------------------------------------
@@ -547,8 +553,7 @@ def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool)
     assert not unexpected and set(missing) == new, (unexpected, set(missing) ^ new)
     other = ", other modality" if report["dropped_why"]["other modality"] else ""
     train.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; "
-                 "dropped "
-                 f"{len(report['dropped'])} (decoder{other})")
+                 f"dropped {len(report['dropped'])} (decoder{other})")
     if master:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "load_report.json"), "w") as f:
@@ -642,10 +647,9 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     gen = torch.Generator()
     trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad) / 1e6
     train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
-                 f"{trainable:.1f}M "
-                 f"trainable | init {fcfg.init or 'scratch'} | {len(job.train_ds)} train / "
-                 f"{len(job.test_ds)} test "
-                 f"clips | {total} steps | lr {job.lr:.3g}")
+                 f"{trainable:.1f}M trainable | init {fcfg.init or 'scratch'} | "
+                 f"{len(job.train_ds)} train / {len(job.test_ds)} test clips | {total} steps | lr "
+                 f"{job.lr:.3g}")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune",
                dynamic_ncols=True)
@@ -715,7 +719,8 @@ class Log:
 
 
 def save(job: Job, step: int, results: dict, watch, final: bool):
-    """A checkpoint on rank 0 (the path, or None when it could not be written and the run goes on)."""
+    """A checkpoint on rank 0 (the path, or None when it could not be written and the run goes
+    on)."""
     if not job.d.master:
         return None
     st = dict(model=train.model_state(job.model, False), optimizer=job.opt.state_dict(), step=step,
@@ -753,7 +758,10 @@ class LearningWatch:
         self.loss = []
 
     def update(self, logits: dict, targets: dict, per_modality: bool, loss: float):
-        z = torch.stack([lg[self.head] for lg in logits.values()]).mean(0) if per_modality else logits[self.head]
+        if per_modality:
+            z = torch.stack([lg[self.head] for lg in logits.values()]).mean(0)
+        else:
+            z = logits[self.head]
         t = (next(iter(targets.values())) if per_modality else targets)[self.head]
         if not self.multi_label:
             self.right += (z.argmax(1).cpu() == t.argmax(1).cpu()).sum().item()
@@ -762,8 +770,8 @@ class LearningWatch:
         self.steps += 1
 
     def summary(self) -> dict:
-        out = dict(train_loss=sum(self.loss[-self.steps_per_epoch:]) / max(
-            1, len(self.loss[-self.steps_per_epoch:])))
+        recent = self.loss[-self.steps_per_epoch:]
+        out = dict(train_loss=sum(recent) / max(1, len(recent)))
         if self.seen:
             out["train_top1"] = self.right / self.seen
         self.right = self.seen = 0
@@ -772,12 +780,14 @@ class LearningWatch:
     def line(self, step: int, res: dict, bar) -> str:
         epoch = step / self.steps_per_epoch
         test = next((f"{k} {v:.3f}" for k, v in res.items() if k.endswith(("top1", "mAP"))), "")
-        train_acc = f"train top-1 {res['train_top1']:.3f} (running, on mixed batches), " if "train_top1" in res else ""
-        msg = f"epoch {epoch:.0f}: {train_acc}test {test}; train loss {res['train_loss']:.3f} (chance ln C = {self.chance:.3f})"
+        train_acc = ""
+        if "train_top1" in res:
+            train_acc = f"train top-1 {res['train_top1']:.3f} (running, on mixed batches), "
+        msg = (f"epoch {epoch:.0f}: {train_acc}test {test}; train loss {res['train_loss']:.3f} "
+               f"(chance ln C = {self.chance:.3f})")
         if epoch >= 3 and res["train_loss"] > 0.98 * self.chance:
             msg += ("\nwarning: the training loss has not moved from chance after 3 epochs: the "
-                    "model is not "
-                    "learning (check the labels, the inputs' scale, the lr)")
+                    "model is not learning (check the labels, the inputs' scale, the lr)")
         if bar is not None and not bar.disable:
             bar.write(msg)
         return json.dumps(res)

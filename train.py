@@ -1,14 +1,15 @@
 """
-AV-MAE pretraining, on one CPU, one GPU, or many GPUs and nodes (torchrun + DDP / FSDP), AV-MAE Sec. 4.1, Table 20.
+AV-MAE pretraining, on one CPU, one GPU, or many GPUs and nodes (torchrun + DDP / FSDP):
+AV-MAE Sec. 4.1, Table 20.
 
   python train.py --preset quick                    # built-in data, tiny model, any device: minutes
   python train.py --data data/vggsound              # the paper recipe (ViT-B, VGGSound) on one GPU
   torchrun --standalone --nproc_per_node=8 train.py --encoder mid --decoder shared
-  torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-      train.py --preset vggsound_l                  # (and --node_rank=1 on the second node)
-  python train.py --preset vggsound_b --bench       # step time, clips/s, MFU, memory on synthetic batches
-  python train.py ... --resume auto                 # continue exactly where out_dir's last checkpoint stopped
-  python train.py --preset quick --variant mavil    # a relative: mavil | mavil_mbt | mavil2 | cavmae | avme
+  torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d \
+      --rdzv_endpoint=HOST:29500 train.py --preset vggsound_l   # (--node_rank=1 on the second)
+  python train.py --preset vggsound_b --bench       # step time, clips/s, MFU, memory (synthetic)
+  python train.py ... --resume auto                 # go on where out_dir's last checkpoint stopped
+  python train.py --preset quick --variant mavil    # a relative: mavil|mavil_mbt|mavil2|cavmae|avme
   python train.py --variant mavil2 --teacher out/pretrain/ckpt_XXXXXXX.pt   # MAViL stage 2
 
 Every field of avmae.AVMAEConfig and of TrainConfig below is a flag (`-h` lists them); --preset and
@@ -16,7 +17,6 @@ Every field of avmae.AVMAEConfig and of TrainConfig below is a flag (`-h` lists 
 """
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import errno
 import glob
@@ -104,10 +104,10 @@ MAVIL = dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separa
 VARIANTS = {  # the relatives as overrides of the model
     "avmae": dict(),
     "mavil": MAVIL,
-    "mavil_mbt": {**MAVIL, "fusion": "mbt", "bottlenecks": 4},  # one g_av for both
-                                                                # modalities (App. B)
-    "mavil2": {**MAVIL, "target": "teacher"},  # stage 2: predict a frozen teacher's
-                                               # fusion outputs (--teacher)
+    # one g_av for both modalities (App. B)
+    "mavil_mbt": {**MAVIL, "fusion": "mbt", "bottlenecks": 4},
+    # stage 2: predict a frozen teacher's fusion outputs (--teacher)
+    "mavil2": {**MAVIL, "target": "teacher"},
     # CAV-MAE (Gong et al.) as its authors' code runs it: 11 modality layers + 1 unified layer with
     # per-modality norms, modality-type embeddings, one decoder (one projection, one mask token)
     # over the concatenation, 2-D sin-cos positions, 75% unstructured masking of both, per-patch
@@ -186,10 +186,13 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
             if f.name in seen:
                 continue
             seen.add(f.name)
-            t = {"int": int, "float": float, "str": str, "bool": bool}.get(
-                f.type, f.type) if isinstance(f.type, str) else f.type
-            kw = dict(nargs="?", const=True, type=_bool) if t is bool else dict(
-                type=t, choices=choices.get(f.name))
+            t = f.type
+            if isinstance(t, str):  # (annotations as strings)
+                t = {"int": int, "float": float, "str": str, "bool": bool}.get(t, t)
+            if t is bool:
+                kw = dict(nargs="?", const=True, type=_bool)
+            else:
+                kw = dict(type=t, choices=choices.get(f.name))
             g.add_argument(f"--{f.name}", default=None, help=f"(default {f.default!r})", **kw)
     return p
 
@@ -224,8 +227,8 @@ def parse_args(argv=None):
     args = vars(build_parser(TrainConfig, avmae.AVMAEConfig,
                              choices={**avmae.CHOICES, **TRAIN_CHOICES}).parse_args(argv))
     tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig,
-                         variants={k: {**v, **VARIANT_DATA.get(k, {})} for k,
-                                   v in VARIANTS.items()},
+                         variants={k: {**v, **VARIANT_DATA.get(k, {})}
+                                   for k, v in VARIANTS.items()},
                          paper_shapes=PAPER_SHAPES)
     if (mcfg.target == "teacher") != bool(tcfg.teacher):
         raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and "
@@ -253,11 +256,11 @@ class Dist:
 
 
 def setup_distributed(timeout: float = 1800.0) -> Dist:
-    """torchrun's environment -> the process group, with `timeout` seconds for every collective (a stuck
-    rank then stops the others with a message instead of hanging them)."""
+    """torchrun's environment -> the process group, with `timeout` seconds for every collective (a
+    stuck rank then stops the others with a message instead of hanging them)."""
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
@@ -273,8 +276,8 @@ def setup_distributed(timeout: float = 1800.0) -> Dist:
     dist.init_process_group(backend, store=dist.PrefixStore(f"avmae/restart_{restart}", store),
                             rank=rank, world_size=world,
                             device_id=device if device.type == "cuda" else None, timeout=limit)
-    monitor = dist.new_group(backend="gloo", timeout=limit)  # (a group that timed out
-                                                             # cannot be asked again)
+    # (a group that timed out cannot be asked again)
+    monitor = dist.new_group(backend="gloo", timeout=limit)
     return Dist(rank, local, world, device, monitor)
 
 
@@ -320,11 +323,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 class BadCheckpoint(SystemExit):
-    """A checkpoint that cannot be used (missing, unreadable, damaged, foreign): one line, exit 1."""
+    """A checkpoint that cannot be used (missing, unreadable, damaged, foreign): one line, exit
+    1."""
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, out_dir unwritable); nothing older was touched."""
+    """A checkpoint could not be written (disk full, out_dir unwritable); nothing older was
+    touched."""
 
 
 def tensor_crc(obj, crc: int = 0) -> int:
@@ -362,8 +367,7 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
                 os.remove(name + ".tmp")
         code = errno.errorcode.get(e.errno, str(e.errno))
         raise CheckpointWriteError(e.errno, f"{path}: not written ({code}: {e.strerror}); the "
-                                            "previous checkpoint "
-                                            f"and `latest` are intact") from None
+                                            "previous checkpoint and `latest` are intact") from None
     for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep]:
         os.remove(old)
     return path
@@ -385,8 +389,8 @@ def find_checkpoint(resume: str, out_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
-    """A checkpoint file read on the CPU and checked against its checksum, or BadCheckpoint: one line
-    naming the file, the flag it came from and the problem."""
+    """A checkpoint file read on the CPU and checked against its checksum, or BadCheckpoint: one
+    line naming the file, the flag it came from and the problem."""
     if not os.path.isfile(path):
         raise BadCheckpoint(f"{what} {path}: no such file")
     try:
@@ -402,9 +406,8 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
                             "bytes changed)")
     if what != "--init" and any(k.startswith("dec_embed.") for k in ck["model"]):
         raise BadCheckpoint(f"{what} {path}: written before the decoder's parameters moved under "
-                            "decoder.* "
-                            "(avmae's layout change); finetune from it with finetune.py --init, "
-                            "or pretrain anew")
+                            "decoder.* (avmae's layout change); finetune from it with finetune.py "
+                            "--init, or pretrain anew")
     return ck
 
 
@@ -429,13 +432,13 @@ def resume_from(resume: str, out_dir: str, kind: str = "pretraining") -> tuple:
 # -----------------------------------------------------------------------------
 # faults on a cluster: a scheduler's signal, a non-finite step, a full disk, a stuck rank
 
-EXIT_PREEMPTED = 75  # (EX_TEMPFAIL) stopped cleanly on SIGTERM / SIGUSR1
-                     # with a checkpoint: resume with --resume auto
+# (EX_TEMPFAIL) stopped cleanly on SIGTERM / SIGUSR1 with a checkpoint: resume with --resume auto
+EXIT_PREEMPTED = 75
 
 
 class Preemption:
-    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a stop: the step in
-    flight finishes, every rank agrees (the flag rides on the step's all-reduce), a checkpoint is
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a stop: the step
+    in flight finishes, every rank agrees (the flag rides on the step's all-reduce), a checkpoint is
     written and every rank exits with EXIT_PREEMPTED. A second signal only asks again: the save is
     never cut short."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -456,9 +459,9 @@ class Preemption:
             signal.signal(s, handler)
 
     def stop(self, step: int, path: str | None):
-        print0(f"stopped at step {step} on {self.signal or 'a signal to another rank'}; checkpoint "
-               f"{path}; "
-               f"run the same command with --resume auto to continue", file=sys.stderr)
+        print0(f"stopped at step {step} on {self.signal or 'a signal to another rank'}; "
+               f"checkpoint {path}; run the same command with --resume auto to "
+               "continue", file=sys.stderr)
         raise SystemExit(EXIT_PREEMPTED)
 
 
@@ -479,8 +482,7 @@ class NonFinite:
         if self.count > self.max_bad:
             last = find_checkpoint("auto", self.out_dir)
             raise SystemExit(f"{msg}; stopping (--max_bad_steps {self.max_bad}). The last good "
-                             "checkpoint is "
-                             f"{last or 'none yet'}")
+                             f"checkpoint is {last or 'none yet'}")
         print0(f"{msg}; skipped ({self.count}/{self.max_bad})")
 
 
@@ -502,8 +504,8 @@ def save_or_say(out_dir: str, state: dict, step: int, keep: int, policy: str,
 
 def collective_failure(e: Exception, d: "Dist", step: int, timeout: float,
                        out_dir: str) -> SystemExit:
-    """A collective that failed or timed out (a rank stuck or gone): name the ranks that do not answer
-    (gloo's monitored barrier), the step, and stop instead of hanging."""
+    """A collective that failed or timed out (a rank stuck or gone): name the ranks that do not
+    answer (gloo's monitored barrier), the step, and stop instead of hanging."""
     gone = ""
     if d.monitor is not None:
         try:
@@ -514,10 +516,9 @@ def collective_failure(e: Exception, d: "Dist", step: int, timeout: float,
             found = re.findall(r"[Rr]anks? ([\d, ]+) failed", str(m))
             gone = f"; rank(s) {found[0].strip()} did not answer" if found else ""
     return SystemExit(f"rank {d.rank}, step {step}: a collective failed or timed out "
-                      f"(--dist_timeout {timeout:g} s)"
-                      f"{gone}: a rank is stuck or gone. The last good checkpoint is "
-                      f"{find_checkpoint('auto', out_dir) or 'none yet'} ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:160]})")
+                      f"(--dist_timeout {timeout:g} s){gone}: a rank is stuck or gone. The last "
+                      f"good checkpoint is {find_checkpoint('auto', out_dir) or 'none yet'} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
 
 
 def rng_state() -> dict:
@@ -536,7 +537,8 @@ def set_rng_state(s: dict):
 
 
 def model_state(model, fsdp: bool) -> dict:
-    """The un-wrapped, un-compiled model's state dict (full, on CPU; gathered from shards with FSDP)."""
+    """The un-wrapped, un-compiled model's state dict (full, on CPU; gathered from shards with
+    FSDP)."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
@@ -546,7 +548,8 @@ def model_state(model, fsdp: bool) -> dict:
 
 def optim_state(model, opt, fsdp: bool) -> dict:
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
                                                                              cpu_offload=True))
     return opt.state_dict()
@@ -575,7 +578,8 @@ def ranks_in_sync(model) -> bool:
     """Every rank holds the same parameters (a checksum all-gathered)."""
     if not dist.is_initialized():
         return True
-    s = torch.stack([p.detach().float().sum() for p in model.parameters()]).double().sum().reshape(1).cpu()
+    s = torch.stack([p.detach().float().sum() for p in model.parameters()])
+    s = s.double().sum().reshape(1).cpu()
     s = s.to("cuda") if dist.get_backend() == "nccl" else s
     got = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
     dist.all_gather(got, s)
@@ -689,17 +693,15 @@ def ensure_data(tcfg, d: Dist):
     if not os.path.exists(meta_path):
         if not os.path.basename(os.path.normpath(tcfg.data)).endswith("builtin"):
             raise SystemExit(f"{tcfg.data}: not a prepared data set (no meta.json). Prepare one "
-                             "with "
-                             "`python data.py prepare ...` (README: Data) or run `python train.py "
-                             "--preset quick`.")
+                             "with `python data.py prepare ...` (README: Data) or run `python "
+                             "train.py --preset quick`.")
         if d.master:
             data.make_builtin(tcfg.data)
     elif tcfg.audio_norm == "dataset" and "audio_mean" not in json.load(open(meta_path)):
         split = getattr(tcfg, "train_split", getattr(tcfg, "split", "train"))
         if d.master:
-            print0(f"{tcfg.data}: no log-mel statistics yet (--audio_norm dataset); computing them "
-                   "from the "
-                   f"{split} split, once (they are saved in meta.json)")
+            print0(f"{tcfg.data}: no log-mel statistics yet (--audio_norm dataset); computing "
+                   f"them from the {split} split, once (they are saved in meta.json)")
             try:
                 data.audio_stats(tcfg.data, split)
             except (OSError, ValueError) as e:
@@ -709,7 +711,8 @@ def ensure_data(tcfg, d: Dist):
 
 
 def open_dataset(cfg: data.DataConfig) -> data.AVDataset:
-    """The dataset, or one line saying what is wrong with the set (a user error, not a traceback)."""
+    """The dataset, or one line saying what is wrong with the set (a user error, not a
+    traceback)."""
     try:
         return data.AVDataset(cfg)
     except (OSError, ValueError) as e:
@@ -730,17 +733,16 @@ def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, fram
     for name, new in fit.items():
         if given.get(name) is None and new != out[name]:
             print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} does not "
-                   "fit them, "
-                   f"using --{name} {new} (pass --{name} to choose)")
+                   f"fit them, using --{name} {new} (pass --{name} to choose)")
             out[name] = new
     return out["audio_frames"], out["num_frames"]
 
 
 def batch_stream(ds: data.AVDataset, per_rank: int, workers: int, seed: int, d: Dist, step: int,
                  steps_per_epoch: int, per_step: int):
-    """The one loader of both scripts: data.EpochSampler's order (independent of the number of ranks,
-    resumable at any step: `per_step` samples of this rank per step), pinned memory and persistent
-    workers, batches moved to the device (and decoded there with --decode gpu)."""
+    """The one loader of both scripts: data.EpochSampler's order (independent of the number of
+    ranks, resumable at any step: `per_step` samples of this rank per step), pinned memory and
+    persistent workers, batches moved to the device (and decoded there with --decode gpu)."""
     sampler = data.EpochSampler(len(ds), d.world, d.rank, seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler,
                                          num_workers=workers, collate_fn=data.collate,
@@ -771,8 +773,8 @@ def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
                 raise SystemExit(f"rank {d.rank}: a data loader worker died "
                                  f"({str(e).splitlines()[0]}) while reading "
                                  f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}: out "
-                                 "of memory? use fewer "
-                                 f"--workers or a smaller batch; --resume auto continues") from None
+                                 "of memory? use fewer --workers or a smaller batch; --resume "
+                                 "auto continues") from None
             yield epoch, (gpu_decoder(b) if gpu_decoder else data.to_device(b, d.device))
         epoch, start = epoch + 1, 0
 
@@ -796,7 +798,8 @@ def global_masks(model: avmae.AVMAE, step: int, seed: int, B: int, device, view:
 
 
 def load_teacher(path: str, device) -> avmae.AVMAE:
-    """A frozen teacher (MAViL stage 2): any pretraining checkpoint, in eval mode, without gradients."""
+    """A frozen teacher (MAViL stage 2): any pretraining checkpoint, in eval mode, without
+    gradients."""
     ck = load_checkpoint(path, "--teacher")
     teacher = avmae.AVMAE(avmae.AVMAEConfig(**ck["model_config"]))
     teacher.load_state_dict(ck["model"])
@@ -860,8 +863,63 @@ def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None)
 
 
 def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
-    torch.manual_seed(tcfg.seed)  # the same initial weights on every
-                                  # rank (FSDP shards them as they are)
+    model, teacher, per_rank = build(mcfg, tcfg, d)
+    if tcfg.bench:
+        return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
+    run, s = setup(mcfg, tcfg, d, hooks, model, teacher, per_rank)
+    opt, step, total, lr = run.opt, s.step, s.total, s.lr
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain",
+               dynamic_ncols=True)
+    nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
+    bad_clips, t_last, n_last, last = 0, time.time(), step, {}
+    stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
+    state, path, picture = dict(loss=float("nan")), None, None
+    with Preemption() as preempt:
+        # the loop: a step, then its hooks (log, picture, checkpoint, a requested stop)
+        while step < stop:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, s.warmup, lr, tcfg.min_lr)
+            try:
+                r = pretrain_step(run, step, preempt)
+            except RuntimeError as e:
+                if not dist.is_initialized() or not is_collective_failure(e):
+                    raise
+                raise collective_failure(e, d, step, tcfg.dist_timeout, tcfg.out_dir) from None
+            bad_clips, step = bad_clips + r["bad_clips"], step + 1
+            bar.update(1)
+            if r["nonfinite"]:
+                opt.zero_grad(set_to_none=True)
+                nonfinite(step - 1, r["nonfinite"])
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state = r["losses"]
+            if step % tcfg.log_every == 0 or step == stop:
+                last = log_step(run, step, state, bad_clips, nonfinite.count, time.time() - t_last,
+                                step - n_last, s.steps_per_epoch, bar)
+                t_last, n_last = time.time(), step
+            if (tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop:
+                picture = picture_step(run, step, r["batch"], r["masks"]) or picture
+            if step % tcfg.save_every == 0 or step == stop or r["stop"]:
+                path = save_step(run, step, s.steps_per_epoch, final=step == stop) or path
+            if r["stop"]:
+                bar.close()
+                preempt.stop(step, path)
+    bar.close()
+    in_sync = tcfg.fsdp or ranks_in_sync(run.raw)  # (FSDP holds one copy, sharded)
+    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+    print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} "
+           f"| log {log_path}"
+           + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
+    return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path,
+                last=last, in_sync=in_sync)
+
+
+def build(mcfg, tcfg, d: Dist) -> tuple:
+    """The model (the same initial weights on every rank; FSDP shards them as they are), the
+    teacher of MAViL stage 2, and the rank's micro-batch."""
+    torch.manual_seed(tcfg.seed)
     per_rank = tcfg.batch_size // (d.world * tcfg.grad_accum)
     if per_rank * d.world * tcfg.grad_accum != tcfg.batch_size or per_rank == 0:
         raise SystemExit(f"--batch_size {tcfg.batch_size} does not split into {d.world} ranks x "
@@ -869,11 +927,24 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     if mcfg.target == "teacher" and not mcfg.teacher_width:
         mcfg.teacher_width = load_checkpoint(tcfg.teacher, "--teacher")["model_config"]["width"]
     model = avmae.AVMAE(mcfg).to(d.device)
-    raw = model
     teacher = load_teacher(tcfg.teacher, d.device) if tcfg.teacher else None
     torch.manual_seed(tcfg.seed + d.rank)  # anything drawn later differs per rank
-    if tcfg.bench:
-        return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
+    return model, teacher, per_rank
+
+
+@dataclass
+class Schedule:
+    step: int             # where this run starts (a resumed run: the checkpoint's step)
+    total: int
+    warmup: int
+    lr: float
+    steps_per_epoch: int
+
+
+def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int) -> tuple:
+    """The data, the optimizer, a resumed state, the wrapping (FSDP / compile / DDP): a Run and
+    its Schedule."""
+    raw = model
     ensure_data(tcfg, d)
     ds = open_dataset(data_config(mcfg, tcfg, tcfg.split, train=True))
     steps_per_epoch = len(ds) // tcfg.batch_size
@@ -914,60 +985,14 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
 
     fl = raw.flops()
     peak = peak_flops(d.device)
-    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     if d.master:
         os.makedirs(tcfg.out_dir, exist_ok=True)
         print0(f"{raw.num_params() / 1e6:.1f}M parameters | {len(ds)} clips, {steps_per_epoch} "
-               "steps/epoch, "
-               f"{total} steps | global batch {tcfg.batch_size} = {d.world} ranks x "
-               f"{tcfg.grad_accum} x {per_rank} "
-               f"| lr {lr:.2e} | {d.device} | {fl['forward'] / 1e9:.1f} GFLOP forward/clip")
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain",
-               dynamic_ncols=True)
+               f"steps/epoch, {total} steps | global batch {tcfg.batch_size} = {d.world} ranks x "
+               f"{tcfg.grad_accum} x {per_rank} | lr {lr:.2e} | {d.device} | "
+               f"{fl['forward'] / 1e9:.1f} GFLOP forward/clip")
     run = Run(model, raw, opt, teacher, stream, mcfg, tcfg, d, per_rank, hooks, fl["train"], peak)
-    nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
-    bad_clips, t_last, n_last, last = 0, time.time(), step, {}
-    stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
-    state, path, picture = dict(loss=float("nan")), None, None
-    with Preemption() as preempt:
-        while step < stop:  # the loop: a step, then its hooks (log,
-                            # picture, checkpoint, a requested stop)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, lr, tcfg.min_lr)
-            try:
-                r = pretrain_step(run, step, preempt)
-            except RuntimeError as e:
-                if not dist.is_initialized() or not is_collective_failure(e):
-                    raise
-                raise collective_failure(e, d, step, tcfg.dist_timeout, tcfg.out_dir) from None
-            bad_clips, step = bad_clips + r["bad_clips"], step + 1
-            bar.update(1)
-            if r["nonfinite"]:
-                opt.zero_grad(set_to_none=True)
-                nonfinite(step - 1, r["nonfinite"])
-                continue
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state = r["losses"]
-            if step % tcfg.log_every == 0 or step == stop:
-                last = log_step(run, step, state, bad_clips, nonfinite.count, time.time() - t_last,
-                                step - n_last, steps_per_epoch, bar)
-                t_last, n_last = time.time(), step
-            if (tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop:
-                picture = picture_step(run, step, r["batch"], r["masks"]) or picture
-            if step % tcfg.save_every == 0 or step == stop or r["stop"]:
-                path = save_step(run, step, steps_per_epoch, final=step == stop) or path
-            if r["stop"]:
-                bar.close()
-                preempt.stop(step, path)
-    bar.close()
-    in_sync = tcfg.fsdp or ranks_in_sync(raw)  # (FSDP holds one copy, sharded)
-    print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} | "
-           f"log {log_path}"
-           + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
-    return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path,
-                last=last, in_sync=in_sync)
+    return run, Schedule(step, total, warmup, lr, steps_per_epoch)
 
 
 @dataclass
@@ -988,8 +1013,9 @@ class Run:
 
 
 def restart_resume(resume: str) -> str:
-    """Under `torchrun --max-restarts N` a restarted job (a rank died) continues from the newest intact
-    checkpoint by itself: a restart means --resume auto unless another checkpoint was named."""
+    """Under `torchrun --max-restarts N` a restarted job (a rank died) continues from the newest
+    intact checkpoint by itself: a restart means --resume auto unless another checkpoint was
+    named."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and not resume:
         print0(f"torchrun restart {restarts}: continuing from the newest intact checkpoint "
@@ -1011,34 +1037,37 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
     masks = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device)
     masks2 = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device,
                           view=1) if mcfg.contrast_intra else None
-    sums = torch.zeros(len(LOSS_KEYS) + 1, device=d.device)  # the losses, then "a
-                                                             # rank was asked to stop"
+    # the losses, then "a rank was asked to stop"
+    sums = torch.zeros(len(LOSS_KEYS) + 1, device=d.device)
     bad_clips = 0
     for micro in range(tcfg.grad_accum):
         _, batch = next(run.stream)
         batch = run.hooks["batch"](step, batch) if "batch" in run.hooks else batch
         bad_clips += len(batch["bad"])
         rows = rank_rows(micro, run.per_rank, d).to(d.device)
-        mk = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
-        mk2 = {m: (keep[rows], drop[rows]) for m,
-               (keep, drop) in masks2.items()} if masks2 else None
+        # this micro-batch's rows of the step's masks (and of the second view's, for MAViL)
+        own = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
+        own2 = None
+        if masks2:
+            own2 = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks2.items()}
         targets = None
         if run.teacher is not None:  # the teacher encodes the full, unmasked clip
             with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
-                targets = {m: t.float() for m,
-                           t in run.teacher.encode(**{m: batch[m] for m in mcfg.mods}).items()}
+                encoded = run.teacher.encode(**{m: batch[m] for m in mcfg.mods})
+                targets = {m: t.float() for m, t in encoded.items()}
         last_micro = micro == tcfg.grad_accum - 1
-        sync = contextlib.nullcontext() if last_micro or not hasattr(
-            run.model, "no_sync") else run.model.no_sync()
+        # (DDP: gradients are all-reduced on the last micro-batch only)
+        accumulate = not last_micro and hasattr(run.model, "no_sync")
+        sync = run.model.no_sync() if accumulate else contextlib.nullcontext()
         with sync, autocast_ctx(tcfg.precision, d.device):
-            out = run.model(**{m: batch[m] for m in mcfg.mods}, masks=mk, targets=targets,
-                            masks2=mk2)
+            out = run.model(**{m: batch[m] for m in mcfg.mods}, masks=own, targets=targets,
+                            masks2=own2)
             (out["loss"] / tcfg.grad_accum).backward()
         zero = torch.zeros((), device=d.device)
         sums[:-1] += torch.stack(
             [out.get(k, zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
-    sums[-1] = float(preempt.signal is not None)  # (a signal that came during
-                                                  # this step stops after it)
+    # (a signal that came during this step stops after it)
+    sums[-1] = float(preempt.signal is not None)
     sums = all_reduce(sums) / d.world
     gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
                                            tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
@@ -1048,15 +1077,15 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
     values = sums.tolist()  # (one device sync)
     losses = {k: v for k, v in zip(LOSS_KEYS, values) if k in out}
     what = "" if finite.item() >= 1 else (f"loss {values[0]:.4g} (audio {values[1]:.4g}, video "
-                                          f"{values[2]:.4g}, "
-                                          f"grad norm {float(gnorm):.4g})")
-    return dict(losses=losses, nonfinite=what, stop=values[-1] > 0, batch=batch, masks=mk,
+                                          f"{values[2]:.4g}, grad norm {float(gnorm):.4g})")
+    return dict(losses=losses, nonfinite=what, stop=values[-1] > 0, batch=batch, masks=own,
                 bad_clips=bad_clips)
 
 
 def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, seconds: float,
              steps: int, steps_per_epoch: int, bar) -> dict:
-    """The JSONL log and the progress bar: losses, lr, clips/s, MFU, bad clips (all ranks), skipped steps."""
+    """The JSONL log and the progress bar: losses, lr, clips/s, MFU, bad clips (all ranks), skipped
+    steps."""
     tcfg, d = run.tcfg, run.d
     clips_s = steps * tcfg.batch_size / max(seconds, 1e-9)
     peak = run.peak
@@ -1074,7 +1103,8 @@ def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, sec
 
 
 def picture_step(run: Run, step: int, batch: dict, masks: dict) -> str | None:
-    """The reconstruction picture of the step's first clip (Figure 5); a teacher's features make none."""
+    """The reconstruction picture of the step's first clip (Figure 5); a teacher's features make
+    none."""
     mcfg, tcfg, d, raw = run.mcfg, run.tcfg, run.d, run.raw
     if mcfg.target != "pixels" or not (d.master or tcfg.fsdp):
         return None
@@ -1100,7 +1130,8 @@ def save_step(run: Run, step: int, steps_per_epoch: int, final: bool) -> str | N
     def local(p):  # an FSDP parameter is a DTensor: check this rank's shard
         return p.to_local() if hasattr(p, "to_local") else p
     if not all(torch.isfinite(local(p)).all() for p in raw.parameters()):
-        raise SystemExit(f"step {step}: parameters are not finite; the last good checkpoint is kept")
+        raise SystemExit(f"step {step}: parameters are not finite; "
+                         "the last good checkpoint is kept")
     if not tcfg.fsdp and not ranks_in_sync(raw):
         raise SystemExit(f"step {step}: ranks hold different parameters")
     st = None

@@ -1,18 +1,20 @@
 """
 Triton kernels for the steps avmae.py routes through its ops table :
 
-  gather.py    visible-token gather (+ positions), backward = scatter        avmae.gather_tokens
-  assemble.py  decoder input: [visible | mask] and MAE's unshuffle            avmae.assemble / unshuffle
-  attention.py fused non-causal attention, FlashAttention-2 forward/backward  avmae.attention
-  loss.py      masked reconstruction MSE (+ per-patch target normalisation)   avmae.recon_loss
+  file         what                                             twin in avmae.py
+  gather.py    visible-token gather (+ positions), bwd = scatter  gather_tokens
+  assemble.py  decoder input: [visible | mask], MAE's unshuffle   assemble / unshuffle
+  attention.py fused non-causal attention, FlashAttention-2       attention
+  loss.py      masked reconstruction MSE (+ per-patch norm)       recon_loss
   bench.py     each kernel against its twin (and attention against SDPA's backends)
 
-Each file: the @triton.jit kernel(s), a launcher with shape and dtype asserts, a torch.library.triton_op
-with a hand-written backward (so torch.compile traces it without graph breaks), and the plain-torch
-twin in avmae.py it must equal (tests/test_kernels.py holds them equal, forward and backward).
+Each file: the @triton.jit kernel(s), a launcher with shape and dtype asserts, a
+torch.library.triton_op with a hand-written backward (so torch.compile traces it without graph
+breaks), and the plain-torch twin in avmae.py it must equal (tests/test_kernels.py holds them equal,
+forward and backward).
 
-avmae.get_ops chooses between these and the twins (this package never imports the model: imports
-run one way, avmae -> kernels). FAST holds the kernels, SUPPORTS a predicate per kernel for the inputs
+avmae.get_ops chooses between these and the twins (this package never imports the model: imports run
+one way, avmae -> kernels). FAST holds the kernels, SUPPORTS a predicate per kernel for the inputs
 it takes (any other input goes to the twin). INTERPRET: the Triton interpreter was asked for
 (TRITON_INTERPRET=1 before triton is imported), so kernels can run on CPU tensors. Without triton
 installed FAST is empty and every op is its twin.

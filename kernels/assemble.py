@@ -1,14 +1,17 @@
 """
 Decoder assembly, the "unshuffle" (AV-MAE Sec. 3.3), in the two layouts the model can use:
 
-  assemble   [visible | mask] (VideoMAE):  out[b, k]     = x_vis[b, k] + pos_vis[ids_vis[b, k]]      k < K
-                                           out[b, K + j] = mask_token  + pos_mask[ids_mask[b, j]]
-  unshuffle  raster order (MAE):           out[b, n]     = (x_vis[b, k] if n = ids_keep[b, k] else mask_token) + pos[n]
+  assemble, [visible | mask] (VideoMAE):
+      out[b, k]     = x_vis[b, k] + pos_vis[ids_vis[b, k]]      (k < K)
+      out[b, K + j] = mask_token  + pos_mask[ids_mask[b, j]]
+  unshuffle, raster order (MAE):
+      out[b, n]     = (x_vis[b, k] if n = ids_keep[b, k] else mask_token) + pos[n]
 
 One pass writes the whole decoder input: no concatenation, no separate gather of the positions, no
 argsort for ids_restore (unshuffle writes each slot to its raster row, which the ids already name).
 Backward, by hand: the visible tokens' gradient is a slice (assemble) or a gather (unshuffle), the
-mask token's a sum, a learned table's a scatter-add over the batch. Twins: avmae.assemble / unshuffle.
+mask token's a sum, a learned table's a scatter-add over the batch.
+Twins: avmae.assemble / unshuffle.
 """
 import torch
 import triton
@@ -27,8 +30,8 @@ def _blocks(D: int):
 def _assemble_kernel(x_ptr, pv_ptr, tok_ptr, pm_ptr, iv_ptr, im_ptr, out_ptr, K, M, D, stride_xb,
                      stride_xk, stride_pv, stride_pm, stride_ivb, stride_imb, stride_ob, stride_on,
                      RASTER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Slots r < K are visible tokens, r >= K mask tokens. RASTER: write slot r to row ids[r] and add
-    pos[ids[r]] (unshuffle); else write it to row r (assemble)."""
+    """Slots r < K are visible tokens, r >= K mask tokens. RASTER: write slot r to row ids[r] and
+    add pos[ids[r]] (unshuffle); else write it to row r (assemble)."""
     b, rb = tl.program_id(0), tl.program_id(1)
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     vis = r < K
@@ -56,23 +59,20 @@ def _assemble_kernel(x_ptr, pv_ptr, tok_ptr, pm_ptr, iv_ptr, im_ptr, out_ptr, K,
 def _launch(x_vis, pos_vis, tok, pos_mask, ids_vis, ids_mask, raster: bool):
     B, K, D = x_vis.shape
     M = ids_mask.shape[1]
-    assert ids_vis.shape == (
-        B, K) and ids_mask.shape[0] == B and ids_vis.dtype == ids_mask.dtype == torch.int64
+    assert ids_vis.shape == (B, K) and ids_mask.shape[0] == B
+    assert ids_vis.dtype == ids_mask.dtype == torch.int64
     assert tok.shape == (D,) and pos_vis.shape[1] == pos_mask.shape[1] == D
-    assert x_vis.stride(-1) == 1 and pos_vis.stride(-1) == 1 and pos_mask.stride(-1) == 1 and tok.stride(-1) == 1
+    assert all(t.stride(-1) == 1 for t in (x_vis, pos_vis, pos_mask, tok))
     dtype = torch.promote_types(torch.promote_types(x_vis.dtype, pos_vis.dtype),
                                 torch.promote_types(tok.dtype, pos_mask.dtype))
     out = torch.empty(B, K + M, D, device=x_vis.device, dtype=dtype)
     BR, BD = _blocks(D)
-    wrap_triton(_assemble_kernel)[(B, triton.cdiv(K + M, BR))](x_vis, pos_vis, tok, pos_mask,
-                                                               ids_vis, ids_mask, out, K, M, D,
-                                                               x_vis.stride(0), x_vis.stride(1),
-                                                               pos_vis.stride(0),
-                                                               pos_mask.stride(0),
-                                                               ids_vis.stride(0),
-                                                               ids_mask.stride(0), out.stride(0),
-                                                               out.stride(1), RASTER=raster,
-                                                               BLOCK_R=BR, BLOCK_D=BD)
+    grid = (B, triton.cdiv(K + M, BR))
+    wrap_triton(_assemble_kernel)[grid](
+        x_vis, pos_vis, tok, pos_mask, ids_vis, ids_mask, out, K, M, D,
+        x_vis.stride(0), x_vis.stride(1), pos_vis.stride(0), pos_mask.stride(0),
+        ids_vis.stride(0), ids_mask.stride(0), out.stride(0), out.stride(1),
+        RASTER=raster, BLOCK_R=BR, BLOCK_D=BD)
     return out
 
 
@@ -86,7 +86,8 @@ def _assemble(x_vis: torch.Tensor, pos_vis: torch.Tensor, mask_token: torch.Tens
 @triton_op("avmae::unshuffle", mutates_args=())
 def _unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
                ids_keep: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
-    assert ids_keep.shape[1] + ids_mask.shape[1] == pos.shape[0], "keep + mask must cover every position"
+    assert ids_keep.shape[1] + ids_mask.shape[1] == pos.shape[0], \
+        "keep + mask must cover every position"
     return _launch(x_vis, pos, mask_token, pos, ids_keep, ids_mask, raster=True)
 
 
@@ -108,8 +109,8 @@ def _assemble_backward(ctx, g):
     ids_vis, ids_mask = ctx.saved_tensors
     x_dtype, tok_dtype, n_vis, pv_dtype, n_mask, pm_dtype = ctx.meta
     K = ids_vis.shape[1]
-    need = ctx.needs_input_grad  # (a table passed as both pos_vis and pos_mask
-                                 # gets both parts, summed by autograd)
+    # (a table passed as both pos_vis and pos_mask gets both parts, summed by autograd)
+    need = ctx.needs_input_grad
     dx = g[:, :K].to(x_dtype) if need[0] else None
     dtok = g[:, K:].sum((0, 1), dtype=torch.float32).to(tok_dtype) if need[2] else None
     dpv = _table_grad(g[:, :K], ids_vis, n_vis, pv_dtype) if need[1] else None

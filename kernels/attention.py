@@ -13,9 +13,9 @@ accumulates dk, dv over all query blocks; another owns a block of queries and ac
     p = 2^(s - lse),  dv += p^T do,  dp = do v^T,  ds = p (dp - delta),  dk += ds^T q,  dq += ds k
 (dk and dq then times the softmax scale). Any sequence length works: keys past N score -inf, query
 rows past N are neither read nor written. Head dims 32 / 64 / 128; fp32 / fp16 / bf16 in, fp32
-accumulation. q, k, v may be strided views (the model's qkv projection split in place); the output is
-laid out (B, N, H, d) so the model's transpose-reshape to (B, N, H*d) is free.
-Twin: avmae.attention (torch's scaled_dot_product_attention).
+accumulation. q, k, v may be strided views (the model's qkv projection split in place); the output
+is laid out (B, N, H, d) so the model's transpose-reshape to (B, N, H*d) is free. Twin:
+avmae.attention (torch's scaled_dot_product_attention).
 """
 import math
 
@@ -31,18 +31,21 @@ LOG2E = 1.4426950408889634
 if INTERPRET:  # one small configuration: the interpreter runs every program in Python
     _FWD = _BWD = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
 else:
-    _FWD = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w,
-        s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]]
-    _BWD = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w,
-            s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]]
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    _FWD = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                                 (128, 32, 4, 3), (64, 128, 4, 2)]]
+    _BWD = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2),
+                                 (128, 64, 8, 2), (32, 32, 4, 2)]]
 
 
-def _prune(configs, named_args, **kwargs):  # big tiles of fp32 or at head dim
-                                            # 128 do not fit in shared memory
+# big tiles of fp32 or at head dim 128 do not fit in shared memory
+def _prune(configs, named_args, **kwargs):
     a = {**named_args, **kwargs}
     big = a["HEAD_DIM"] >= 128 or a["IS_FP32"]
-    return [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[-1:]
+    fits = [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return fits or configs[-1:]
 
 
 @triton.autotune(configs=_FWD, key=["N", "HEAD_DIM", "IS_FP32"],
@@ -74,8 +77,8 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, N, H, sqb, sqh, sqn, skb, skh, skn, svb
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + rd[None, :], mask=kn[:, None] < N,
                     other=0.0)
-        acc = acc * alpha[
-            :, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IS_FP32 else "tf32")
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee" if IS_FP32 else "tf32")
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + rm[:, None] * son + rd[None, :], acc.to(O.dtype.element_ty),
@@ -179,11 +182,12 @@ def _strides(t):  # (B, H, N, d) -> batch, head, row strides (the last dim must 
 
 
 def supports(q, k, v) -> bool:
-    """The inputs this kernel takes: (B, H, N, d) q, k, v of one shape and dtype (fp32 / fp16 / bf16),
-    head dim 16, 32, 64 or 128, contiguous along it. Anything else runs on the twin (SDPA)."""
+    """The inputs this kernel takes: (B, H, N, d) q, k, v of one shape and dtype (fp32 / fp16 /
+    bf16), head dim 16, 32, 64 or 128, contiguous along it. Anything else runs on the twin
+    (SDPA)."""
     return (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-            and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] in (
-                16, 32, 64, 128)
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and q.shape[-1] in (16, 32, 64, 128)
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 
 def _check(q, k, v):

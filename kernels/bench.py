@@ -3,8 +3,8 @@ Every kernel against its torch twin (and attention against every SDPA backend) a
 shapes, and the ViT-B training step on each backend, in one run, as one markdown report:
 
   python kernels/bench.py --report bench.md      # on a GPU: under 10 minutes on an H100
-  python kernels/bench.py --report bench.md      # on a CPU: the twins at small shapes (a dry run, not a GPU figure)
-  TRITON_INTERPRET=1 python kernels/bench.py --smoke   # tiny shapes through the interpreter: the kernels run
+  python kernels/bench.py --report bench.md      # on a CPU: the twins at small shapes (a dry run)
+  TRITON_INTERPRET=1 python kernels/bench.py --smoke   # tiny shapes through the interpreter
 
 Shapes (AV-MAE ViT-B, batch 64 per GPU = 512 over 8): attention with head dim 64 at the encoder's
 visible lengths (157, 200, 357, 400; 12 heads) and the decoder's full sequences (1568, 1968; its 6
@@ -115,7 +115,9 @@ def bench_attention(dev, B, small):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         dout = torch.randn(B, H, N, d, device=dev, dtype=dtype)  # a fixed random dO
         fl = 4 * B * H * N * N * d
-        fns = {"ours": kernels.FAST.get("attention")} if run_ours(dev) and "attention" in kernels.FAST else {}
+        fns = {}
+        if run_ours(dev) and "attention" in kernels.FAST:
+            fns["ours"] = kernels.FAST["attention"]
         for name, be in backends.items():
             fns[name] = (lambda be: lambda q, k, v: _sdpa(q, k, v, be, sdpa_kernel))(be)
         fwd, fb = {}, {}
@@ -156,8 +158,8 @@ def bench_step(dev, small):
                                 train.Dist(device=torch.device(dev)), micro)
                 rows.append((backend, "compiled" if compiled else "eager", r["clips_per_s"],
                              r["mfu"], r["peak_mem_gb"]))
-            except Exception as e:  # (a compiler missing on a CPU
-                                    # machine, say): reported, not fatal
+            # (a compiler missing on a CPU machine, say): reported, not fatal
+            except Exception as e:
                 rows.append((backend, "compiled" if compiled else "eager", None, None,
                              f"{type(e).__name__}"))
     return rows
@@ -197,8 +199,9 @@ def markdown(dev, memory, attention, steps, fullgraph, small) -> str:
         sdpa = {k: v for k, v in r.items() if k != "ours"}
         best = max(sdpa.values()) if sdpa else None
         ratio = f"{r['ours'] / best:.2f}" if "ours" in r and best else "-"
-        out.append(f"| {N} | {H} | {what} | {_f(r.get('ours'))} | " + " | ".join(_f(r.get(b)) for b in _backends(attention))
-                   + f" | {ratio} |")
+        cells = [str(N), str(H), what, _f(r.get("ours"))]
+        cells += [_f(r.get(b)) for b in _backends(attention)] + [ratio]
+        out.append("| " + " | ".join(cells) + " |")
     out += ["", "## Memory kernels (GB/s)", "",
             "| what | ours | twin | ours, fraction of HBM peak |", "|---|---|---|---|"]
     out += [f"| {w} | {_f(o)} | {_f(t)} | {'-' if not p else f'{100 * p:.0f}%'} |" for w, o, t,
@@ -278,8 +281,7 @@ def main(argv=None):
                    help="tiny shapes and one repetition (a check that it runs)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--cavmae", metavar="REPO", help="time --variant cavmae against the authors' "
-                                                    "model in "
-                   "this CAV-MAE checkout (nothing else is run)")
+                   "model in this CAV-MAE checkout (nothing else is run)")
     p.add_argument("--site",
                    help="with --cavmae: a folder holding the timm they pin (pip install --target)")
     a = p.parse_args(argv)
@@ -290,17 +292,17 @@ def main(argv=None):
         name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
         o, t = rows["ours"], rows["authors"]
         print(f"CAV-MAE base, batch {B}, {name}, torch {torch.__version__}: ours "
-              f"{o['clips_per_s']:.2f} clips/s, "
-              f"authors' {t['clips_per_s']:.2f} clips/s, ratio {rows['ratio']:.2f}x; trainable "
-              "parameters: ours "
-              f"{o['trainable']:,}, authors' {t['trainable']:,} ({t['trained']:,} with a gradient)")
+              f"{o['clips_per_s']:.2f} clips/s, authors' {t['clips_per_s']:.2f} clips/s, ratio "
+              f"{rows['ratio']:.2f}x; trainable parameters: ours {o['trainable']:,}, authors' "
+              f"{t['trainable']:,} ({t['trained']:,} with a gradient)")
         return rows
     small = a.smoke or dev == "cpu"
     global REPS
     REPS = 2 if small else REPS
     B = 2 if small else a.batch
     print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; "
-          f"{'kernels and twins' if run_ours(dev) else 'twins only (no GPU, no interpreter)'}", flush=True)
+          f"{'kernels and twins' if run_ours(dev) else 'twins only (no GPU, no interpreter)'}",
+          flush=True)
     memory = bench_memory(dev, B, small) if a.only in (None, "memory") else []
     attention = bench_attention(dev, B, small) if a.only in (None, "attention") else []
     steps = bench_step(dev, small) if a.only in (None, "step") else []

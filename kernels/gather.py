@@ -87,9 +87,9 @@ def _scatter(g: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
     g = g if g.stride(-1) == 1 else g.contiguous()
     dx = torch.zeros(B, n, C, device=g.device, dtype=torch.float32)
     BK, BC = _blocks(C)
-    wrap_triton(_scatter_kernel)[(B, triton.cdiv(K, BK))](g, ids, dx, K, C, g.stride(0),
-                                                          g.stride(1), ids.stride(0), dx.stride(0),
-                                                          dx.stride(1), BLOCK_K=BK, BLOCK_C=BC)
+    wrap_triton(_scatter_kernel)[(B, triton.cdiv(K, BK))](
+        g, ids, dx, K, C, g.stride(0), g.stride(1), ids.stride(0), dx.stride(0), dx.stride(1),
+        BLOCK_K=BK, BLOCK_C=BC)
     return dx
 
 
@@ -106,7 +106,9 @@ def _backward(ctx, g):
         return None, None, None
     n = ctx.x_shape[-2]
     full = _scatter(g, ids, n)  # (B, n, C)
-    dx = (full.sum(0) if len(ctx.x_shape) == 2 else full).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    dx = None
+    if ctx.needs_input_grad[0]:  # (an unbatched x got the sum over the batch)
+        dx = (full.sum(0) if len(ctx.x_shape) == 2 else full).to(ctx.x_dtype)
     dpos = full.sum(0).to(ctx.pos_dtype) if ctx.has_pos and ctx.needs_input_grad[2] else None
     return dx, None, dpos
 

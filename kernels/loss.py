@@ -57,7 +57,8 @@ def _loss_bwd(pred_ptr, patch_ptr, ids_ptr, grad_ptr, dpred_ptr, M, P, scale, st
 def _check(pred, patches, ids):
     B, M, P = pred.shape
     assert ids.shape == (B, M) and ids.dtype == torch.int64, "ids: (B, M) int64"
-    assert patches.dim() == 3 and patches.shape[0] == B and patches.shape[2] == P, "patches: (B, N, P)"
+    assert patches.dim() == 3 and patches.shape[0] == B and patches.shape[2] == P, \
+        "patches: (B, N, P)"
     assert pred.stride(-1) == 1 and patches.stride(-1) == 1
 
 

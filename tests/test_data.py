@@ -1,4 +1,5 @@
-"""data.py: Kaldi log-mel, prepare with ffmpeg, manifests, the built-in set, the loader and bad input."""
+"""data.py: Kaldi log-mel, prepare with ffmpeg, manifests, the built-in set, the loader and bad
+input."""
 import csv
 import json
 import logging
@@ -41,8 +42,8 @@ def kaldi_fbank_reference(x, sr, n_mels=128, window="hann"):
         for k in range(n_fft // 2):  # Kaldi leaves the Nyquist bin out
             f = mel(k * sr / n_fft)
             if left < f < right:
-                bank[m,
-                     k] = (f - left) / (center - left) if f <= center else (right - f) / (right - center)
+                rising, falling = (f - left) / (center - left), (right - f) / (right - center)
+                bank[m, k] = rising if f <= center else falling
     out = np.empty((n_frames, n_mels))
     for t in range(n_frames):
         fr = x[t * hop: t * hop + win].copy()
@@ -108,8 +109,8 @@ def test_vggsound_manifest(tmp_path):
     recs, bad = data.read_vggsound(p)
     assert [r.id for r in recs] == ["abc_000030", "xyz_000000"]
     assert recs[0].src[0] == "abc_000030.mp4" and recs[0].labels == {"label": ["dog barking"]}
-    assert len(bad) == 3 and all(str(p) in b for b in bad)  # the empty line, the short
-                                                            # one, the bad number
+    # the empty line, the short one, the bad number
+    assert len(bad) == 3 and all(str(p) in b for b in bad)
     assert [r.id for r in data.read_vggsound(p, "test")[0]] == ["xyz_000000"]
 
 
@@ -132,9 +133,13 @@ def test_audioset_manifest(tmp_path):
 
 
 def test_epic_manifest(tmp_path):
-    head = "narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,start_frame,stop_frame,narration,verb,verb_class,noun,noun_class,all_nouns,all_noun_classes\n"
-    p = _write(tmp_path / "epic.csv", head + 'P01_01_0,P01,P01_01,00:00:01.089,00:00:00.14,00:00:03.37,8,202,open door,open,3,door,8,[\'door\'],[8]\n'
-               'P01_01_1,P01,P01_01,x,bad,00:00:03.37,8,202,open door,open,3,door,8,x,x\n')
+    head = ("narration_id,participant_id,video_id,narration_timestamp,start_timestamp,"
+            "stop_timestamp,start_frame,stop_frame,narration,verb,verb_class,noun,noun_class,"
+            "all_nouns,all_noun_classes\n")
+    good = ("P01_01_0,P01,P01_01,00:00:01.089,00:00:00.14,00:00:03.37,8,202,open door,open,3,"
+            "door,8,['door'],[8]\n")
+    bad = "P01_01_1,P01,P01_01,x,bad,00:00:03.37,8,202,open door,open,3,door,8,x,x\n"
+    p = _write(tmp_path / "epic.csv", head + good + bad)
     recs, bad = data.read_epic(p)
     assert len(recs) == 1 and len(bad) == 1
     r = recs[0]
@@ -204,8 +209,8 @@ def test_prepare_real_mp4s(tmp_path):
         assert n == 25  # 2 s at 12.5 fps
         frames = data.decode_frames(data.read_frames(fb, range(n)))
         assert frames.shape[-2:] == (256, 342)  # short side 256
-        for j in (0, 6, 12, 20):  # stored frame j = source frame 2j:
-                                  # square's left edge at 20 + 8j px
+        # stored frame j = source frame 2j: square's left edge at 20 + 8j px
+        for j in (0, 6, 12, 20):
             col = frames[j, 0].float().amax(0)  # brightest pixel of each column
             xs = torch.nonzero(col > 127)[:, 0].float()
             assert abs(xs.mean().item() - (40 + 8 * j) * 256 / 240) < 3
@@ -388,8 +393,8 @@ def test_stereo_is_downmixed_and_other_rates_resampled(copy):
     ref = ds[0]["a"]
     # mean of channels = mono
     _rewrite_audio(copy, cid, np.stack([2 * mono, np.zeros_like(mono)], 1), 16000)
-    loud = ref > ref.max() - 8  # (16-bit files: compare where the
-                                # tone is, not the quantisation noise)
+    # (16-bit files: compare where the tone is, not the quantisation noise)
+    loud = ref > ref.max() - 8
     assert loud.sum() > 256 and (ds[0]["a"] - ref)[loud].abs().max() < 0.01
     t44 = np.arange(4 * 44100) / 44100
     _rewrite_audio(copy, cid, 0.25 * np.sin(2 * np.pi * 700 * t44), 44100)

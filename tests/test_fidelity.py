@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import avmae
 import data
-import finetune as FT
+import finetune
 import train
 from conftest import TINY_INPUTS, tiny_batch, tiny_config
 
@@ -84,14 +84,14 @@ def check_layer_ids_follow_depth(model, x):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_layer_ids_follow_depth_through_the_whole_network(strategy, arch):
     pcfg = dataclasses.asdict(tiny_config(depth=4, **STRATEGIES[strategy]))
-    f = FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0,
-                          kernels="torch", arch=arch, fusion_layer=2)
+    f = finetune.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64,
+                                drop_path=0.0, kernels="torch", arch=arch, fusion_layer=2)
     cfg_in = {k: TINY_INPUTS[k] for k in ("patch_size", "audio_patch_t", "audio_patch_f",
                                           "mel_bins")}
     pcfg.update(cfg_in)
-    model = FT.build_model(f, {"label": 3}, pcfg)
+    model = finetune.build_model(f, {"label": 3}, pcfg)
     check_layer_ids_follow_depth(model, tiny_batch(model.cfg))
-    groups = FT.param_groups(model, dataclasses.replace(f, layer_decay=0.5), 1.0)
+    groups = finetune.param_groups(model, dataclasses.replace(f, layer_decay=0.5), 1.0)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     ids = model.layer_ids()
     for n, p in model.named_parameters():  # the lr follows the id: lr * decay^(top + 1 - id)
@@ -101,11 +101,12 @@ def test_layer_ids_follow_depth_through_the_whole_network(strategy, arch):
 def test_mavil_fusion_layers_train_near_the_top_not_the_bottom():
     # MAViL finetuned its own way: 12 + 2 fusion layers; the fusion blocks are layers 13 and 14
     pcfg = dataclasses.asdict(tiny_config(depth=4, **train.VARIANTS["mavil"]))
-    model = FT.build_model(FT.FinetuneConfig(size="tiny", arch="encoder", num_frames=4,
+    model = finetune.build_model(finetune.FinetuneConfig(size="tiny", arch="encoder", num_frames=4,
                                              image_size=32, audio_frames=64), {"label": 3}, pcfg)
     ids = model.layer_ids()
     assert model.n_layers == 6
-    assert ids["encoder.fusion.blocks.0.attn.qkv.weight"] == 5 and ids["encoder.fusion.blocks.1.mlp.fc2.bias"] == 6
+    assert ids["encoder.fusion.blocks.0.attn.qkv.weight"] == 5
+    assert ids["encoder.fusion.blocks.1.mlp.fc2.bias"] == 6
     assert ids["encoder.streams.a.norm.weight"] == 4 and ids["heads.a.label.weight"] == 7
 
 # -----------------------------------------------------------------------------
@@ -135,11 +136,11 @@ def test_mavil_sums_reconstruction_terms_avmae_averages_them():
 def test_multi_label_targets_are_label_smoothed():
     z = torch.randn(4, 5)
     t = (torch.rand(4, 5) > 0.5).float()
-    got = FT.loss_fn({"label": z}, {"label": t}, True, 0.3)
+    got = finetune.loss_fn({"label": z}, {"label": t}, True, 0.3)
     want = F.binary_cross_entropy_with_logits(z, t * 0.7 + 0.3 / 5)  # on 1 - s + s/C, off s/C
     assert torch.allclose(got, want)
     assert not torch.allclose(got, F.binary_cross_entropy_with_logits(z, t))
-    assert FT.parse_args(["--preset", "audioset"]).label_smoothing == 0.3
+    assert finetune.parse_args(["--preset", "audioset"]).label_smoothing == 0.3
 
 
 # -----------------------------------------------------------------------------
@@ -160,24 +161,24 @@ def test_mbt_default_has_one_norm_and_one_head_and_a_loss_per_modality():
     assert set(per) == {"a", "v"} and not torch.allclose(per["a"]["label"], per["v"]["label"])
     assert torch.allclose(model(**x)["label"], (per["a"]["label"] + per["v"]["label"]) / 2)
     t = {m: {"label": torch.softmax(torch.randn(2, 3), 1)} for m in "av"}
-    loss = FT.finetune_loss(per, t, True, False, 0.0)
-    each = [FT.loss_fn(per[m], t[m], False, 0.0) for m in "av"]
+    loss = finetune.finetune_loss(per, t, True, False, 0.0)
+    each = [finetune.loss_fn(per[m], t[m], False, 0.0) for m in "av"]
     assert torch.allclose(loss, (each[0] + each[1]) / 2)
     # the option: heads and norms per modality, logits averaged before one loss
     old = _mbt(shared_head=False)
     assert set(old.heads) == {
         "a", "v"} and old.norm is None and all(s.norm is not None for s in old.streams.values())
-    assert FT.parse_args([]).mbt_head == "shared"
+    assert finetune.parse_args([]).mbt_head == "shared"
 
 
 def test_mixup_draws_a_weight_per_modality_with_its_own_targets():
     g = torch.Generator().manual_seed(3)
     batch = {"a": torch.arange(8.0).view(8, 1), "v": torch.arange(8.0).view(8, 1),
              "label": torch.arange(8)}
-    mixed, t = FT.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False, g, per_modality=True)
+    mixed, t = finetune.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False, g, per_modality=True)
     lam = {}
-    for m in "av":  # clip i is mixed with clip p(i): its targets
-                    # hold lam_m at i and 1 - lam_m at p(i)
+    # clip i is mixed with clip p(i): its targets hold lam_m at i and 1 - lam_m at p(i)
+    for m in "av":
         y = t[m]["label"]
         lam[m] = y.diagonal().min()
         off = y - torch.diag(y.diagonal())
@@ -186,7 +187,7 @@ def test_mixup_draws_a_weight_per_modality_with_its_own_targets():
         assert torch.allclose(mixed[m][:, 0],
                               lam[m] * torch.arange(8.0) + (1 - lam[m]) * partner.float())
     assert not torch.isclose(lam["a"], lam["v"])  # a weight per modality, the same partners
-    _, one = FT.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False,
+    _, one = finetune.mixup(batch, ("a", "v"), {"label": 8}, 0.5, False,
                       torch.Generator().manual_seed(3))
     assert set(one) == {"label"}
 
@@ -200,13 +201,14 @@ def test_shared_norm_loads_the_mean_of_the_streams_final_norms(tmp_path):
         for m in "av":
             pre.encoder.streams[m].norm.weight.uniform_()
     pcfg = dataclasses.asdict(cfg)
-    model = FT.build_model(
-        FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64), {"label": 3},
-        pcfg)
-    state, report = FT.map_pretrained(pre.state_dict(), pcfg, model)
+    model = finetune.build_model(
+        finetune.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64),
+        {"label": 3}, pcfg)
+    state, report = finetune.map_pretrained(pre.state_dict(), pcfg, model)
     want = (pre.encoder.streams["a"].norm.weight + pre.encoder.streams["v"].norm.weight) / 2
     assert torch.allclose(state["norm.weight"], want)
-    assert "norm.weight <- mean(encoder.streams.a.norm.weight, encoder.streams.v.norm.weight)" in report["loaded"]
+    assert ("norm.weight <- mean(encoder.streams.a.norm.weight, encoder.streams.v.norm.weight)"
+            in report["loaded"])
 
 
 # -----------------------------------------------------------------------------
@@ -215,7 +217,8 @@ def test_shared_norm_loads_the_mean_of_the_streams_final_norms(tmp_path):
 
 
 def test_video_augmentation_defaults_and_boxes():
-    assert train.TrainConfig().video_aug == "none" and FT.FinetuneConfig().video_aug == "finetune"
+    assert train.TrainConfig().video_aug == "none"
+    assert finetune.FinetuneConfig().video_aug == "finetune"
     assert data.DataConfig().video_aug == "none"
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -248,8 +251,8 @@ def test_pretraining_clips_are_never_flipped_or_coloured_finetuning_clips_are():
 
 
 # ----------------------------------------------------------------------------- MAViL at its paper
-#   shapes (Sec. 4.1, App. B): 8 x 512 decoders with 16 heads, 2-D sin-cos positions, 1024 x 128 audio
-#   (512 tokens), 8 frames at 2 fps (784 tokens); one fusion g_av for both modalities
+# shapes (Sec. 4.1, App. B): 8 x 512 decoders with 16 heads, 2-D sin-cos positions, 1024 x 128
+# audio (512 tokens), 8 frames at 2 fps (784 tokens); one fusion g_av for both modalities
 
 
 def test_mavil_builds_its_paper_model_at_paper_sizes():
@@ -258,7 +261,8 @@ def test_mavil_builds_its_paper_model_at_paper_sizes():
         assert (mcfg.dec_width, mcfg.dec_depth, mcfg.dec_heads, mcfg.dec_mlp) == (512, 8, 16, 2048)
         assert mcfg.pos_embed == "sincos2d" and tcfg.frame_stride == 12.5  # 25 fps / 12.5 = 2 fps
         assert tcfg.video_aug == "rrc"  # flip + multi-scale crop in pretraining (App. B)
-        assert math.prod(avmae.AudioPatches(mcfg).grid) == 512 and math.prod(avmae.VideoPatches(mcfg).grid) == 784
+        assert math.prod(avmae.AudioPatches(mcfg).grid) == 512
+        assert math.prod(avmae.VideoPatches(mcfg).grid) == 784
     mcfg, _ = train.parse_args(["--preset", "quick", "--variant", "mavil"])  # tiny stays small
     assert (mcfg.dec_width, mcfg.audio_frames, mcfg.num_frames) == (64, 256, 8)
     mcfg, _ = train.parse_args(["--variant", "mavil", "--dec_depth", "2"])  # a flag still wins
@@ -291,20 +295,21 @@ def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
     cfg = tiny_config(**train.VARIANTS["avme"])
     assert cfg.xattn_fuse == "channel"
     model = avmae.AVMAE(cfg)
-    assert model.encoder.out_width == 2 * cfg.width and model.decoder.embed["v"].in_features == 2 * cfg.width
+    assert model.encoder.out_width == 2 * cfg.width
+    assert model.decoder.embed["v"].in_features == 2 * cfg.width
     x = tiny_batch(cfg)
     masks = model.sample_masks(2)
     e, uni = avmae.encode_with_unimodal(model.encoder, model.embed(model.patchify(x), masks))
     assert e["v"].shape == (2, masks["v"][0].shape[1], 2 * cfg.width)
-    assert torch.equal(e["v"][..., :cfg.width], uni["v"])  # each video token beside
-                                                           # its cross-attended audio
+    # each video token beside its cross-attended audio
+    assert torch.equal(e["v"][..., :cfg.width], uni["v"])
     seen = []
     h = model.decoder.net.register_forward_pre_hook(
         lambda mod, args: seen.append({k: v.shape for k, v in args[0].items()}))
     model(**x, masks=masks)
     h.remove()
-    assert seen[0]["v"][1] == model.n["v"]  # N_fuse = N_v: no audio tokens
-                                            # in the decoder's sequence
+    # N_fuse = N_v: no audio tokens in the decoder's sequence
+    assert seen[0]["v"][1] == model.n["v"]
     seq = avmae.AVMAE(tiny_config(**{**train.VARIANTS["avme"], "xattn_fuse": "sequence"}))
     seq.decoder.net.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k,
                                                                              v in args[0].items()}))
@@ -321,8 +326,9 @@ def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
 @pytest.mark.parametrize("arch", ["mbt", "encoder"])
 def test_finetuning_models_from_scratch_get_the_pretraining_init(arch):
     torch.manual_seed(0)
-    model = FT.build_model(FT.FinetuneConfig(size="small", arch=arch, num_frames=4, image_size=32,
-                                             audio_frames=64), {"label": 309}, None)
+    model = finetune.build_model(finetune.FinetuneConfig(size="small", arch=arch, num_frames=4,
+                                                         image_size=32,
+                                                         audio_frames=64), {"label": 309}, None)
     heads = [m for n,
              m in model.named_modules() if n.startswith("heads.") and isinstance(m, nn.Linear)]
     for lin in heads:
@@ -345,9 +351,9 @@ def test_fusion_layer_follows_the_authors_configs():
     for preset, depth, want in (("vggsound", 12, 8), ("vggsound", 24, 16), ("audioset", 24, 18),
                                 ("epic", 24, 16)):
         pcfg = dataclasses.asdict(tiny_config(depth=depth))
-        f = FT.FinetuneConfig(preset=preset, size="tiny", num_frames=4, image_size=32,
+        f = finetune.FinetuneConfig(preset=preset, size="tiny", num_frames=4, image_size=32,
                               audio_frames=64)
-        assert FT.build_model(f, {"label": 3}, pcfg).fusion_layer == want, (preset, depth)
+        assert finetune.build_model(f, {"label": 3}, pcfg).fusion_layer == want, (preset, depth)
 
 
 # -----------------------------------------------------------------------------
@@ -355,14 +361,14 @@ def test_fusion_layer_follows_the_authors_configs():
 
 
 def test_recipe_defaults_are_the_papers():
-    mcfg, t = train.parse_args([])  # AV-MAE Table 20 (the authors'
-                                    # config differs: wd 0.05, warm-up 4)
+    # AV-MAE Table 20 (the authors' config differs: wd 0.05, warm-up 4)
+    mcfg, t = train.parse_args([])
     assert (t.weight_decay, t.warmup_epochs, t.beta1, t.beta2, t.blr, t.batch_size, t.epochs) == \
         (0.0, 40.0, 0.9, 0.95, 1.5e-4, 512, 800)
     assert (t.window, t.audio_norm, t.video_aug) == ("hann", "none", "none")
     assert (mcfg.mask_ratio_v, mcfg.mask_ratio_a, mcfg.pos_embed, mcfg.norm_pix_loss,
             mcfg.recon_sum, mcfg.inpaint_layout) == (0.9, 0.5, "sincos", False, False, "paper")
-    f = FT.parse_args([])  # AV-MAE Table 22 (VGGSound) and the authors' MBT
+    f = finetune.parse_args([])  # AV-MAE Table 22 (VGGSound) and the authors' MBT
     assert (f.optimizer, f.layer_decay, f.blr * 64 / 256, f.epochs, f.warmup_epochs, f.grad_clip,
             f.mixup, f.label_smoothing, f.drop_path, f.views, f.specaug_freq, f.specaug_time) == \
         ("sgd", 0.75, 0.8, 50, 2.5, 1.0, 0.5, 0.3, 0.3, 4, 48, 0)

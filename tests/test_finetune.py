@@ -2,13 +2,12 @@
 import csv
 import json
 import math
-import os
 
 import pytest
 import torch
 
 import avmae
-import finetune as FT
+import finetune
 import train
 from conftest import TINY_INPUTS
 
@@ -34,7 +33,7 @@ def pretrained_ckpt(tmp_path, **kw):
 def fcfg(**kw):
     base = dict(size="tiny", num_frames=4, image_size=32, audio_frames=64, drop_path=0.0,
                 kernels="torch")
-    return FT.FinetuneConfig(**{**base, **kw})
+    return finetune.FinetuneConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("pre", PRETRAINED, ids=IDS)
@@ -46,12 +45,13 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
     f, pcfg = fcfg(modality=modality, arch=arch), ck["model_config"]
     if arch == "encoder" and pcfg["modalities"] != "av":
         with pytest.raises(ValueError, match="needs an audiovisual checkpoint"):
-            FT.map_pretrained(ck["model"], pcfg, FT.build_model(f, {"label": 5}, pcfg))
+            finetune.map_pretrained(ck["model"], pcfg, finetune.build_model(f, {"label": 5}, pcfg))
         return
-    model = FT.build_model(f, {"label": 5}, pcfg)
-    state, report = FT.map_pretrained(ck["model"], pcfg, model)
+    model = finetune.build_model(f, {"label": 5}, pcfg)
+    state, report = finetune.map_pretrained(ck["model"], pcfg, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and sorted(missing) == [k for k in report["new"] if "num_batches" not in k]
+    assert not unexpected
+    assert sorted(missing) == [k for k in report["new"] if "num_batches" not in k]
     # every encoder tensor of the finetuned modalities is used; what is dropped is the decoder or
     # the other modality's own stream, and says so
     finetuned = {"av": "av", "audio": "a", "video": "v"}[modality]
@@ -66,8 +66,8 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
         if m in avmae.AVMAEConfig(**pcfg).mods:
             assert torch.equal(model.state_dict()[name],
                                pretrained.state_dict()[f"patch_embed.{m}.weight"])
-        elif m == "v":  # an audio-only checkpoint: the tubelet
-                        # filter inflated from the audio patch filter
+        # an audio-only checkpoint: the tubelet filter inflated from the audio patch filter
+        elif m == "v":
             assert f"{name} <- inflate(patch_embed.a.weight)" in report["loaded"]
         else:
             assert name in report["new"]  # a video-only checkpoint has no embedding for audio
@@ -79,8 +79,8 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
 def test_mbt_streams_compute_what_the_pretrained_encoder_computed(tmp_path, pre):
     path, pretrained = pretrained_ckpt(tmp_path, **pre)
     ck = torch.load(path, weights_only=False)
-    model = FT.build_model(fcfg(modality="audio"), {"label": 3}, ck["model_config"])
-    state, _ = FT.map_pretrained(ck["model"], ck["model_config"], model)
+    model = finetune.build_model(fcfg(modality="audio"), {"label": 3}, ck["model_config"])
+    state, _ = finetune.map_pretrained(ck["model"], ck["model_config"], model)
     model.load_state_dict(state, strict=False)
     model.eval(), pretrained.eval()
     a = torch.randn(2, 64, 32)
@@ -93,8 +93,8 @@ def test_mbt_streams_compute_what_the_pretrained_encoder_computed(tmp_path, pre)
 def test_mid_fusion_maps_joint_layers_into_both_streams_untied(tmp_path):
     path, pretrained = pretrained_ckpt(tmp_path, encoder="mid")
     ck = torch.load(path, weights_only=False)
-    model = FT.build_model(fcfg(), {"label": 3}, ck["model_config"])
-    model.load_state_dict(FT.map_pretrained(ck["model"], ck["model_config"], model)[0],
+    model = finetune.build_model(fcfg(), {"label": 3}, ck["model_config"])
+    model.load_state_dict(finetune.map_pretrained(ck["model"], ck["model_config"], model)[0],
                           strict=False)
     L, S = 4, 2
     src = pretrained.state_dict()
@@ -105,7 +105,8 @@ def test_mid_fusion_maps_joint_layers_into_both_streams_untied(tmp_path):
                            src["encoder.joint.blocks.0.mlp.fc1.weight"])
         assert torch.equal(model.streams[m].inner_norm.weight,
                            src[f"encoder.streams.{m}.norm.weight"])
-    assert model.streams["a"].blocks[L - S].mlp.fc1.weight is not model.streams["v"].blocks[L - S].mlp.fc1.weight
+    fc1 = {m: model.streams[m].blocks[L - S].mlp.fc1.weight for m in "av"}
+    assert fc1["a"] is not fc1["v"]
 
 
 def test_longer_video_than_pretraining(tmp_path):
@@ -113,9 +114,9 @@ def test_longer_video_than_pretraining(tmp_path):
         path, _ = pretrained_ckpt(tmp_path, encoder="separate", pos_embed=pos)
         ck = torch.load(path, weights_only=False)
         # 4 -> 8 frames
-        model = FT.build_model(fcfg(modality="video", num_frames=8), {"label": 3},
+        model = finetune.build_model(fcfg(modality="video", num_frames=8), {"label": 3},
                                ck["model_config"])
-        state, report = FT.map_pretrained(ck["model"], ck["model_config"], model)
+        state, report = finetune.map_pretrained(ck["model"], ck["model_config"], model)
         model.load_state_dict(state, strict=False)
         assert model.streams["v"].pos().shape[0] == 2 * 8 and model(
             v=torch.rand(1, 3, 8, 32, 32))["label"].shape == (1, 3)
@@ -126,28 +127,29 @@ def test_longer_video_than_pretraining(tmp_path):
 def test_mismatched_checkpoints_are_clear_errors(tmp_path, builtin):
     path, _ = pretrained_ckpt(tmp_path, encoder="separate")
     ck = torch.load(path, weights_only=False)
-    wrong = {**ck["model_config"], "width": 96, "heads": 4}  # the config says 96 wide,
-                                                             # the weights are 64
-    model = FT.build_model(fcfg(), {"label": 3}, wrong)
+    # the config says 96 wide, the weights are 64
+    wrong = {**ck["model_config"], "width": 96, "heads": 4}
+    model = finetune.build_model(fcfg(), {"label": 3}, wrong)
     with pytest.raises(ValueError, match=r"has shape \(.*\) but .* needs"):
-        FT.map_pretrained(ck["model"], wrong, model)
+        finetune.map_pretrained(ck["model"], wrong, model)
     state = dict(ck["model"])
     del state["encoder.streams.a.blocks.1.mlp.fc2.weight"]
     with pytest.raises(ValueError,
                        match="checkpoint has no encoder.streams.a.blocks.1.mlp.fc2.weight"):
-        FT.map_pretrained(state, ck["model_config"], FT.build_model(fcfg(), {"label": 3},
-                                                                    ck["model_config"]))
+        finetune.map_pretrained(state, ck["model_config"],
+                                finetune.build_model(fcfg(), {"label": 3}, ck["model_config"]))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")  # somebody else's checkpoint
     with pytest.raises(SystemExit, match="not an avmae pretraining checkpoint"):
-        FT.finetune(fcfg(init=str(tmp_path / "other.pt"), data=builtin,
+        finetune.finetune(fcfg(init=str(tmp_path / "other.pt"), data=builtin,
                          out_dir=str(tmp_path / "o")), train.Dist())
     with pytest.raises(SystemExit, match=r"--init .*missing\.pt: no such file"):
-        FT.finetune(fcfg(init=str(tmp_path / "missing.pt"), data=builtin,
+        finetune.finetune(fcfg(init=str(tmp_path / "missing.pt"), data=builtin,
                          out_dir=str(tmp_path / "o")), train.Dist())
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])  # a copy cut short
     with pytest.raises(SystemExit, match=r"--init .*cut\.pt: not a readable checkpoint"):
-        FT.finetune(fcfg(init=str(tmp_path / "cut.pt"), data=builtin, out_dir=str(tmp_path / "o")),
-                    train.Dist())
+        finetune.finetune(
+            fcfg(init=str(tmp_path / "cut.pt"), data=builtin, out_dir=str(tmp_path / "o")),
+            train.Dist())
 
 
 def test_mbt_modalities_meet_only_from_the_fusion_layer():
@@ -174,11 +176,11 @@ def test_mbt_modalities_meet_only_from_the_fusion_layer():
 def test_top_k_and_epic_action():
     z = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
     y = torch.tensor([1, 2, 2])
-    assert FT.topk_accuracy(z, y, 1) == pytest.approx(2 / 3) and FT.topk_accuracy(
+    assert finetune.topk_accuracy(z, y, 1) == pytest.approx(2 / 3) and finetune.topk_accuracy(
         z, y, 2) == pytest.approx(2 / 3)
-    assert FT.topk_accuracy(z, y, 3) == 1.0
-    m = FT.metrics({"verb": z, "noun": z.flip(1)}, {"verb": y, "noun": torch.tensor([1, 0, 2])},
-                   False)
+    assert finetune.topk_accuracy(z, y, 3) == 1.0
+    m = finetune.metrics({"verb": z, "noun": z.flip(1)},
+                         {"verb": y, "noun": torch.tensor([1, 0, 2])}, False)
     # verb right on clips 0 and 2; noun (flipped scores -> argmax 1, 2, 0) right on clip 0 only
     assert m["verb_top1"] == pytest.approx(2 / 3) and m["noun_top1"] == pytest.approx(1 / 3)
     assert m["action_top1"] == pytest.approx(1 / 3)
@@ -187,13 +189,13 @@ def test_top_k_and_epic_action():
 def test_average_precision_with_ties_and_empty_classes():
     s = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.5, 0.2], [0.3, 0.5, 0.3], [0.1, 0.2, 0.4]])
     y = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0]])
-    ap = FT.average_precision(s, y)
+    ap = finetune.average_precision(s, y)
     # class 0: ranks 1 (+), 2 (-), 3 (+): AP = (1/1 + 2/3) / 2
     assert ap[0].item() == pytest.approx((1 + 2 / 3) / 2)
     # class 1: three clips tied at 0.5 (2 positives) form one threshold: precision 2/3 at recall 1
     assert ap[1].item() == pytest.approx(2 / 3)
     assert math.isnan(ap[2].item())  # no positives: left out of the mean
-    m = FT.metrics({"label": torch.logit(s)}, {"label": y}, True)
+    m = finetune.metrics({"label": torch.logit(s)}, {"label": y}, True)
     assert m["label_mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 2 / 3) / 2)
 
 
@@ -201,9 +203,10 @@ def test_auc_and_d_prime():
     s = torch.tensor([[0.1], [0.4], [0.35], [0.8], [0.4]])
     y = torch.tensor([[0], [0], [1], [1], [1]])
     # positives 0.35, 0.8, 0.4 vs negatives 0.1, 0.4: pairs won 1 + 2 + (1 + 0.5 tie) = 4.5 of 6
-    assert FT.roc_auc(s, y)[0].item() == pytest.approx(4.5 / 6)
-    assert FT.d_prime(0.5) == pytest.approx(0.0)
-    assert FT.d_prime(0.7602499389) == pytest.approx(1.0, abs=1e-6)  # Phi(1 / sqrt 2) = 0.76025
+    assert finetune.roc_auc(s, y)[0].item() == pytest.approx(4.5 / 6)
+    assert finetune.d_prime(0.5) == pytest.approx(0.0)
+    assert finetune.d_prime(0.7602499389) == pytest.approx(1.0,
+                                                           abs=1e-6)  # Phi(1 / sqrt 2) = 0.76025
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def test_layer_decay_and_mixup():
     model = avmae.MBT(avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16}), {"label": 3},
                       fusion_layer=3)
     f = fcfg(layer_decay=0.5)
-    groups = FT.param_groups(model, f, 1.0)
+    groups = finetune.param_groups(model, f, 1.0)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert scale[id(model.heads["av"]["label"].weight)] == 1.0
     # block 3 of 4: one below the top
@@ -224,10 +227,10 @@ def test_layer_decay_and_mixup():
     g = torch.Generator().manual_seed(0)
     batch = {"a": torch.arange(4.0).view(4, 1), "v": torch.arange(4.0).view(4, 1) * 10,
              "label": torch.tensor([0, 1, 2, 0])}
-    mixed, t = FT.mixup(batch, ("a", "v"), {"label": 3}, 0.5, False, g)
+    mixed, t = finetune.mixup(batch, ("a", "v"), {"label": 3}, 0.5, False, g)
     assert torch.allclose(t["label"].sum(1), torch.ones(4))
-    assert torch.allclose(mixed["v"], mixed["a"] * 10)  # the same weights and
-                                                        # partners for both modalities
+    # the same weights and partners for both modalities
+    assert torch.allclose(mixed["v"], mixed["a"] * 10)
 
 
 # -----------------------------------------------------------------------------
@@ -242,18 +245,20 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
     args = ["--preset", "quick", "--data", builtin, "--init", pre["checkpoint"], "--workers", "0",
             "--num_frames", "4", "--image_size", "32", "--audio_frames", "64", "--batch_size", "8",
             "--max_steps", "4", "--kernels", "torch"]
-    res = FT.main([*args, "--out_dir", str(tmp_path / "ft")])
+    res = finetune.main([*args, "--out_dir", str(tmp_path / "ft")])
     assert 0 <= res["label_top1"] <= 1 and res["clips"] == 8
     out = tmp_path / "ft"
     assert json.load(open(out / "metrics.json"))["label_top1"] == res["label_top1"]
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 8 and len(rows[0]["label_top5"].split(";")) == 5
     assert len(list(csv.DictReader(open(out / "per_class.csv")))) == 8
-    assert "streams.a.embed.weight <- patch_embed.a.weight" in json.load(open(out / "load_report.json"))["loaded"]
-    again = FT.main([*args, "--out_dir", str(out), "--eval_only", "--resume", "auto"])
+    report = json.load(open(out / "load_report.json"))
+    assert "streams.a.embed.weight <- patch_embed.a.weight" in report["loaded"]
+    again = finetune.main([*args, "--out_dir", str(out), "--eval_only", "--resume", "auto"])
     assert again["label_top1"] == res["label_top1"]
     # linear probe: the encoder stays exactly as pretrained
-    FT.main([*args, "--out_dir", str(tmp_path / "lp"), "--linear_probe", "--modality", "audio"])
+    finetune.main([*args, "--out_dir", str(tmp_path / "lp"), "--linear_probe", "--modality",
+                   "audio"])
     ck = torch.load(train.find_checkpoint("auto", str(tmp_path / "lp")), weights_only=False)
     src = torch.load(pre["checkpoint"], weights_only=False)["model"]
     assert torch.equal(ck["model"]["streams.a.blocks.1.attn.qkv.weight"],
@@ -266,8 +271,8 @@ def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_pat
     # CAV-MAE's modality-type embedding is folded into the patch embedding's bias: same features
     path, pretrained = pretrained_ckpt(tmp_path, **train.VARIANTS["cavmae"])
     ck = torch.load(path, weights_only=False)
-    model = FT.build_model(fcfg(arch="encoder"), {"label": 3}, ck["model_config"])
-    state, report = FT.map_pretrained(ck["model"], ck["model_config"], model)
+    model = finetune.build_model(fcfg(arch="encoder"), {"label": 3}, ck["model_config"])
+    state, report = finetune.map_pretrained(ck["model"], ck["model_config"], model)
     model.load_state_dict(state, strict=False)
     assert "patch_embed.a.bias <- patch_embed.a.bias + type_embed.a" in report["loaded"]
     model.eval(), pretrained.eval()
@@ -280,8 +285,8 @@ def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_pat
 def test_finetune_with_the_gpu_decode_path(builtin, tmp_path):
     # --decode gpu: the workers send JPEG bytes, the batch is decoded and augmented on the device
     # (here the CPU), in training and in the multi-view evaluation alike
-    res = FT.main(["--preset", "quick", "--data", builtin, "--num_frames", "4", "--image_size",
-                   "32", "--audio_frames", "64", "--workers", "0", "--batch_size", "8",
-                   "--max_steps", "2", "--views", "2", "--kernels", "torch", "--decode", "gpu",
-                   "--out_dir", str(tmp_path)])
+    res = finetune.main(["--preset", "quick", "--data", builtin, "--num_frames", "4",
+                         "--image_size", "32", "--audio_frames", "64", "--workers", "0",
+                         "--batch_size", "8", "--max_steps", "2", "--views", "2", "--kernels",
+                         "torch", "--decode", "gpu", "--out_dir", str(tmp_path)])
     assert res["clips"] == 8 and 0 <= res["label_top1"] <= 1

@@ -1,6 +1,6 @@
-"""kernels/: every Triton kernel equals its torch twin, forward and backward, here on the CPU through
-Triton's interpreter (fp32 and fp16; the interpreter's bf16 is broken) at ragged shapes.
-The bf16 checks at the paper's shapes are in test_kernels_gpu.py and need a GPU."""
+"""kernels/: every Triton kernel equals its torch twin, forward and backward, here on the CPU
+through Triton's interpreter (fp32 and fp16; the interpreter's bf16 is broken) at ragged shapes. The
+bf16 checks at the paper's shapes are in test_kernels_gpu.py and need a GPU."""
 import math
 import os
 import subprocess
@@ -44,8 +44,8 @@ def _perm_ids(B, N, K, seed=0):
 def test_gather(dtype, B, N, C, K):
     keep, _ = _perm_ids(B, N, K)
     x = torch.randn(B, N, C, dtype=dtype, requires_grad=True)
-    table = torch.randn(N, C, requires_grad=True)  # positions stay fp32: the output
-                                                   # is promoted, as in torch
+    # positions stay fp32: the output is promoted, as in torch
+    table = torch.randn(N, C, requires_grad=True)
     for args in [(x, keep), (x, keep, table), (table, keep)]:
         y, r = FAST["gather"](*args), avmae.gather_tokens(*args)
         close(y, r, 0)  # a copy (and one add) is exact
@@ -61,8 +61,8 @@ def test_assemble_and_unshuffle(dtype, B, N, K, D):
     x = torch.randn(B, K, D, dtype=dtype, requires_grad=True)
     tok = torch.randn(D, requires_grad=True)
     pos = torch.randn(N, D, requires_grad=True)  # learned positions: their gradient is checked too
-    other = torch.randn(N + 5, D, requires_grad=True)  # inpainting: context
-                                                       # positions from another table
+    # inpainting: context positions from another table
+    other = torch.randn(N + 5, D, requires_grad=True)
     cases = [("assemble", (x, pos, tok, pos, keep, drop)),
              ("assemble", (x, other, tok, pos, keep, drop)),
              ("unshuffle", (x, tok, pos, keep, drop))]
@@ -114,8 +114,8 @@ def test_attention(dtype, N, d):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_attention_hard_cases(dtype):
-    """A peaked softmax (large scores: the online max must hold), q / k / v gradients each on its own,
-    the rows of the ragged last block by max-abs, and the saved log-sum-exp (log2 units)."""
+    """A peaked softmax (large scores: the online max must hold), q / k / v gradients each on its
+    own, the rows of the ragged last block by max-abs, and the saved log-sum-exp (log2 units)."""
     B, H, N, d = 2, 2, 40, 32
     g = torch.Generator().manual_seed(3)
     # scores ~ 36 sqrt(d) / sqrt(d)
@@ -193,9 +193,10 @@ sys.path[:0] = [ROOT, ROOT + "/tests"]
 import torch, avmae, kernels
 from conftest import tiny_batch, tiny_config
 from torch._functorch.aot_autograd import aot_module_simplified
-avmae.get_ops = lambda name: kernels.FAST  # every step through its Triton kernel, even on CPU tensors
+avmae.get_ops = lambda name: kernels.FAST  # every step through its Triton kernel, even on a CPU
 backwards = []
-for mod, name in [(kernels.attention, "_attention_bwd"), (kernels.loss, "_loss_backward_op"), (kernels.gather, "_scatter")]:
+for mod, name in [(kernels.attention, "_attention_bwd"), (kernels.loss, "_loss_backward_op"),
+                  (kernels.gather, "_scatter")]:
     real = getattr(mod, name)
     setattr(mod, name, lambda *a, _real=real, _n=name: backwards.append(_n) or _real(*a))
 model = avmae.AVMAE(tiny_config(norm_pix_loss=True))
@@ -213,14 +214,17 @@ def forward_compiler(gm, example_inputs):  # the kernels cannot launch on a CPU:
 
 def backend(gm, example_inputs):
     graphs["dynamo"] = gm
-    return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=lambda g, e: g)
+    return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
+                                 bw_compiler=lambda g, e: g)
 
-step = torch.compile(lambda a, v: model(a=a, v=v, masks=masks)["loss"], backend=backend, fullgraph=True)
+step = torch.compile(lambda a, v: model(a=a, v=v, masks=masks)["loss"], backend=backend,
+                     fullgraph=True)
 try:
     step(x["a"], x["v"])
 except Traced:
     pass
-ops = sorted({str(n.target) for n in graphs["dynamo"].graph.nodes if str(n.target).startswith("avmae.")})
+ops = sorted({str(n.target) for n in graphs["dynamo"].graph.nodes
+              if str(n.target).startswith("avmae.")})
 wrapped = sum("triton_kernel_wrapper" in str(n.target) for n in graphs["aot_forward"].graph.nodes)
 print("OPS", ops, "WRAPPED", wrapped, "BACKWARDS", sorted(set(backwards)))
 """

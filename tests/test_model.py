@@ -30,8 +30,8 @@ VARIANTS = AV_VARIANTS + [dict(modalities="a"), dict(modalities="v")] + list(REL
 IDS = ["-".join(map(str, v.values())) for v in AV_VARIANTS] + ["audio-only",
                                                                "video-only"] + list(RELATIVES)
 # every other valid combination of the model's choices (new encoders x decoders x objectives)
-NEEDS = {"cavmae": dict(contrast_inter=0.01)}  # what an encoder cannot go
-                                               # without (its unimodal norms)
+# what an encoder cannot go without (its unimodal norms)
+NEEDS = {"cavmae": dict(contrast_inter=0.01)}
 EVERY = [dict(encoder=e, decoder=d, objective=o, **NEEDS.get(e, {}))
          for e, d, o in itertools.product(avmae.ENCODERS, avmae.DECODERS, avmae.OBJECTIVES)
          if (e not in PAPER_ENCODERS or o not in PAPER_OBJECTIVES)
@@ -39,7 +39,8 @@ EVERY = [dict(encoder=e, decoder=d, objective=o, **NEEDS.get(e, {}))
 
 
 def teacher_targets(model, B, seed=0):
-    """Random stand-ins for a teacher's fusion outputs (MAViL stage 2), or None for pixel targets."""
+    """Random stand-ins for a teacher's fusion outputs (MAViL stage 2), or None for pixel
+    targets."""
     if model.cfg.target != "teacher":
         return None
     g = torch.Generator().manual_seed(seed)
@@ -125,8 +126,8 @@ def test_overfits_one_batch(variant):
 
 
 def test_mask_counts_and_independence_at_paper_shapes():
-    model = avmae.AVMAE(avmae.make_config("tiny"))  # paper input shapes: 1568
-                                                    # video, 400 audio tokens
+    # paper input shapes: 1568 video, 400 audio tokens
+    model = avmae.AVMAE(avmae.make_config("tiny"))
     masks = model.sample_masks(8)
     for m, n, ratio in (("v", 1568, 0.9), ("a", 400, 0.5)):
         keep, drop = masks[m]
@@ -279,7 +280,8 @@ def test_sincos_positions():
 
 
 def test_gather_layout_equals_unshuffle_layout():
-    a, b = avmae.AVMAE(tiny_config(decoder_layout="gather")), avmae.AVMAE(tiny_config(decoder_layout="unshuffle"))
+    a = avmae.AVMAE(tiny_config(decoder_layout="gather"))
+    b = avmae.AVMAE(tiny_config(decoder_layout="unshuffle"))
     b.load_state_dict(a.state_dict())
     x = tiny_batch(a.cfg)
     masks = a.sample_masks(2)
@@ -311,8 +313,8 @@ def test_inpainting_paper_layout_supervises_the_last_raster_patches():
                                     inpaint_layout="paper"))
     out = model(**tiny_batch(model.cfg))
     n_v, k_a = model.n["v"], model.n["a"] - math.floor(0.5 * model.n["a"])
-    assert out["pred_v"].shape[1] == n_v - k_a  # m_v repeated n_v - (1 -
-                                                # alpha_a) n_a times (Sec. 3.4)
+    # m_v repeated n_v - (1 - alpha_a) n_a times (Sec. 3.4)
+    assert out["pred_v"].shape[1] == n_v - k_a
     assert torch.equal(out["ids_v"], torch.arange(k_a, n_v).expand(2, -1))
     assert "pred_a" not in out and "loss_a" not in out
 
@@ -374,7 +376,8 @@ def test_learned_positions_and_norm_pix_train():
     assert "enc_pos.a.table" in dict(model.named_parameters())
     out = model(**tiny_batch(model.cfg))
     out["loss"].backward()
-    assert model.enc_pos["v"].table.grad.abs().sum() > 0 and model.decoder.pos["a"].table.grad.abs().sum() > 0
+    assert model.enc_pos["v"].table.grad.abs().sum() > 0
+    assert model.decoder.pos["a"].table.grad.abs().sum() > 0
     # sin-cos tables are fixed: never in a checkpoint
     assert not any("table" in k for k in avmae.AVMAE(tiny_config()).state_dict())
 
@@ -404,8 +407,8 @@ def _vit_block(d, hidden):  # 2 LayerNorms + qkv + proj + MLP, all with biases
 
 def test_vit_base_parameter_counts():
     with torch.device("meta"):  # shapes only: no memory, no init time
-        model = avmae.AVMAE(avmae.make_config("base"))  # mid-fusion S=2, shared
-                                                        # decoder, paper shapes
+        # mid-fusion S=2, shared decoder, paper shapes
+        model = avmae.AVMAE(avmae.make_config("base"))
     assert _vit_block(768, 3072) == 7_087_872 and _vit_block(384, 1536) == 1_774_464
     hand = {
         "encoder.streams.a": 10 * 7_087_872 + 1536,  # 10 separate layers + the stream's LayerNorm

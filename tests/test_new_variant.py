@@ -1,19 +1,21 @@
-"""A new fusion variant is one class and one ENCODERS entry: this file registers one and pretrains it,
-counts its FLOPs, finetunes it with layer-wise decay and maps its weights, touching no other file."""
+"""A new fusion variant is one class and one ENCODERS entry: this file registers one and pretrains
+it, counts its FLOPs, finetunes it with layer-wise decay and maps its weights, touching no other
+file."""
 import dataclasses
 
 import torch
 import torch.nn as nn
 
 import avmae
-import finetune as FT
+import finetune
 import train
-from conftest import TINY_INPUTS, tiny_batch, tiny_config
+from conftest import tiny_batch, tiny_config
 from test_fidelity import check_layer_ids_follow_depth
 
 
 class LateJoint(nn.Module):
-    """A toy fusion: full unimodal streams, then one joint block over the concatenation and a norm."""
+    """A toy fusion: full unimodal streams, then one joint block over the concatenation and a
+    norm."""
     mixes, mbt_drops, stream_weights = True, ("joint.", "norm."), avmae.Separate.stream_weights
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
@@ -54,7 +56,8 @@ def test_a_variant_registered_here_pretrains_counts_flops_and_finetunes(monkeypa
     res = train.main([*TINY, "--data", builtin, "--encoder", "late_joint", "--max_steps", "2",
                       "--out_dir", str(tmp_path / "pre")])
     ck = torch.load(res["checkpoint"], weights_only=False)
-    assert ck["model_config"]["encoder"] == "late_joint" and "encoder.joint.attn.qkv.weight" in ck["model"]
+    assert ck["model_config"]["encoder"] == "late_joint"
+    assert "encoder.joint.attn.qkv.weight" in ck["model"]
     # inpainting needs an encoder that mixes modalities: the class says it does
     avmae.check_config(tiny_config(encoder="late_joint", objective="inpaint_v"))
     # FLOPs: the class's own count, in the model's total
@@ -68,19 +71,19 @@ def test_a_variant_registered_here_pretrains_counts_flops_and_finetunes(monkeypa
     assert model.flops()["encoder"] == want
     # finetuning: the encoder itself with layer ids along the whole depth, and MBT from its streams
     pcfg = dataclasses.asdict(tiny_config(encoder="late_joint", depth=4))
-    f = FT.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64,
+    f = finetune.FinetuneConfig(size="tiny", num_frames=4, image_size=32, audio_frames=64,
                           kernels="torch", fusion_layer=2)
-    enc = FT.build_model(dataclasses.replace(f, arch="encoder"), {"label": 3}, pcfg)
+    enc = finetune.build_model(dataclasses.replace(f, arch="encoder"), {"label": 3}, pcfg)
     check_layer_ids_follow_depth(enc, tiny_batch(enc.cfg))
     assert enc.layer_ids()["encoder.joint.mlp.fc1.weight"] == 5 and enc.n_layers == 5
     pre = avmae.AVMAE(avmae.AVMAEConfig(**pcfg))
-    mbt = FT.build_model(f, {"label": 3}, pcfg)
-    state, report = FT.map_pretrained(pre.state_dict(), pcfg, mbt)
+    mbt = finetune.build_model(f, {"label": 3}, pcfg)
+    state, report = finetune.map_pretrained(pre.state_dict(), pcfg, mbt)
     assert torch.equal(state["streams.v.blocks.3.attn.qkv.weight"],
                        pre.state_dict()["encoder.streams.v.blocks.3.attn.qkv.weight"])
     assert "encoder.joint.attn.qkv.weight" in report["dropped_why"]["fusion"]
-    out = FT.main([*TINY[:2], "--data", builtin, "--init", res["checkpoint"], "--num_frames", "4",
-                   "--image_size", "32", "--audio_frames", "64", "--workers", "0", "--batch_size",
-                   "8", "--max_steps", "2", "--views", "1", "--kernels", "torch", "--out_dir",
-                   str(tmp_path / "ft")])
+    out = finetune.main([*TINY[:2], "--data", builtin, "--init", res["checkpoint"], "--num_frames",
+                         "4", "--image_size", "32", "--audio_frames", "64", "--workers", "0",
+                         "--batch_size", "8", "--max_steps", "2", "--views", "1", "--kernels",
+                         "torch", "--out_dir", str(tmp_path / "ft")])
     assert out["clips"] == 8

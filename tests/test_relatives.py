@@ -105,8 +105,8 @@ def test_contrastive_negatives_span_ranks(tmp_path):
     order = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
     loss = avmae.info_nce(x[order], y[order], 0.1)
     loss.backward()
-    assert torch.allclose(res["loss"], loss, atol=1e-6)  # local negatives alone
-                                                         # would give another loss
+    # local negatives alone would give another loss
+    assert torch.allclose(res["loss"], loss, atol=1e-6)
     world_grad = torch.cat(res["gy"])  # d(mean of the ranks' losses)/dy = (sum of rank grads) / W
     assert torch.allclose(world_grad / 2, y.grad[order], atol=1e-6)
 
@@ -172,7 +172,8 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
             assert tgt[m].shape == (8, t.n[m], t.cfg.width) and torch.allclose(tgt[m],
                                                                                tout[m].float())
     student = torch.load(res["checkpoint"], weights_only=False)
-    assert student["model_config"]["target"] == "teacher" and student["model"]["decoder.head.v.weight"].shape[0] == 64
+    assert student["model_config"]["target"] == "teacher"
+    assert student["model"]["decoder.head.v.weight"].shape[0] == 64
     with pytest.raises(SystemExit, match="--teacher PATH"):
         train.parse_args(["--variant", "mavil2"])
 
@@ -221,8 +222,8 @@ def test_inflated_tubelets_embed_a_repeated_image_as_the_image(mode):
     cfg = avmae.make_config("tiny", num_frames=t, image_size=p, patch_size=p, tubelet=t)
     tokens = avmae.VideoPatches(cfg).patchify(video.unsqueeze(0))[0] @ w3.T
     image_token = img.permute(1, 2, 0).reshape(-1) @ w2.T  # (h, w, c) order
-    assert torch.allclose(tokens[0], image_token, atol=1e-5)  # exactly, for both inflation
-                                                              # and central frame
+    # exactly, for both inflation and central frame
+    assert torch.allclose(tokens[0], image_token, atol=1e-5)
     # an audio-style single-channel filter spreads over the colour channels: a grey video embeds the
     # same
     w_audio = torch.randn(D, p * p)
@@ -238,7 +239,8 @@ def test_inflated_tubelets_embed_a_repeated_image_as_the_image(mode):
 
 
 def _block(d, hidden, norms=2):  # LayerNorms + qkv + proj + MLP, all with biases
-    return norms * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+    qkv, proj, fc1, fc2 = d * 3 * d + 3 * d, d * d + d, d * hidden + hidden, hidden * d + d
+    return norms * 2 * d + qkv + proj + fc1 + fc2
 
 
 def test_cavmae_builds_its_published_model_at_base():
@@ -247,7 +249,8 @@ def test_cavmae_builds_its_published_model_at_base():
     assert (mcfg.audio_frames, mcfg.num_frames, mcfg.tubelet, mcfg.image_size) == (1024, 1, 1, 224)
     assert (mcfg.mask_ratio_a, mcfg.mask_ratio_v, mcfg.mask_type_a,
             mcfg.pos_embed) == (0.75, 0.75, "random", "sincos2d")
-    assert mcfg.norm_pix_loss and mcfg.recon_sum and not mcfg.contrast_symmetric and mcfg.tau_inter == 0.05
+    assert mcfg.norm_pix_loss and mcfg.recon_sum and not mcfg.contrast_symmetric
+    assert mcfg.tau_inter == 0.05
     with torch.device("meta"):
         model = avmae.AVMAE(mcfg)
     assert model.n == {"a": 512, "v": 196}
@@ -309,8 +312,8 @@ def test_cavmae_unimodal_pass_uses_each_modality_s_own_norms():
 
 
 def test_time_frequency_masking_masks_whole_steps_and_bands():
-    grid, B = (64, 8), 64  # CAV-MAE's audio grid; its 'tf' mode:
-                           # 0.7 x 0.75 of the steps and bands whole
+    # CAV-MAE's audio grid; its 'tf' mode: 0.7 x 0.75 of the steps and bands whole
+    grid, B = (64, 8), 64
     keep, drop = avmae.sample_mask(B, grid, 0.75, "tf", generator=torch.Generator().manual_seed(0))
     assert drop.shape == (B, 384) and keep.shape == (B, 128)
     mask = avmae.ids_to_mask(drop, 512).view(B, 64, 8)

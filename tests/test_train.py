@@ -98,7 +98,8 @@ def test_reconstruction_picture_has_three_rows():
                                           audio_frames=64, mel_bins=32))
     x = {"a": torch.randn(2, 64, 32), "v": torch.rand(2, 3, 4, 32, 32) * 2 - 1}
     img = train.reconstruction_picture(model, x, model(**x))
-    assert img.shape[0] == 3 and img.shape[1] == 3 * 32 + 2 * 4 and 0 <= img.min() and img.max() <= 1
+    assert img.shape[0] == 3 and img.shape[1] == 3 * 32 + 2 * 4 and 0 <= img.min()
+    assert img.max() <= 1
     assert img.shape[2] == 4 * 32 + 64 + 4  # 4 frames, a spacer, the spectrogram scaled to 32 high
 
 
@@ -110,8 +111,8 @@ def test_resume_continues_exactly(builtin, tmp_path):
     res = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto", "--workers",
               "1")
     assert res["step"] == 6
-    assert losses(a) == losses(b)  # bit for bit on CPU, step by step
-                                   # (the data crosses an epoch boundary)
+    # bit for bit on CPU, step by step (the data crosses an epoch boundary)
+    assert losses(a) == losses(b)
     wa, wb = weights(a / "ckpt_0000006.pt"), weights(b / "ckpt_0000006.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -172,7 +173,8 @@ def test_nan_stops_with_the_step_and_keeps_the_good_checkpoint(builtin, tmp_path
         match=r"step 3: non-finite loss nan .*last good checkpoint is .*ckpt_0000003.pt"):
         run(builtin, tmp_path, "--max_steps", "6", "--batch_size", "8", "--save_every", "1",
             hooks={"batch": _poison_at(3)})
-    assert open(tmp_path / "latest").read() == "ckpt_0000003.pt" and not os.path.exists(tmp_path / "ckpt_0000004.pt")
+    assert open(tmp_path / "latest").read() == "ckpt_0000003.pt"
+    assert not os.path.exists(tmp_path / "ckpt_0000004.pt")
     ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=False)
     assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
     events = [json.loads(x) for x in open(tmp_path / "log.jsonl") if "non-finite" in x]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import data
-import finetune as FT
+import finetune
 import train
 from test_data import make_mp4, needs_ffmpeg, _write
 
@@ -50,8 +50,8 @@ def test_the_window_fits_the_clips_unless_the_user_chose_it(builtin, capsys):
     # the built-in clips are 4 s: the paper's 8 s of audio and 16 frames at stride 4 (2.56 s) become
     # 4 s
     mcfg, _ = train.parse_args(["--data", builtin])
-    assert (mcfg.audio_frames, mcfg.num_frames) == (384, 16)  # 398 real frames ->
-                                                              # whole 16-frame patches
+    # 398 real frames -> whole 16-frame patches
+    assert (mcfg.audio_frames, mcfg.num_frames) == (384, 16)
     assert "using --audio_frames 384" in capsys.readouterr().out
     # chosen: kept (zero-padded)
     mcfg, _ = train.parse_args(["--data", builtin, "--audio_frames", "800"])
@@ -81,9 +81,9 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path):
                       str(tmp_path / "no.pt")],
          "no such checkpoint"),
         (train.main, ["--encoder", "separate", "--decoder", "separate"], "two unrelated MAEs"),
-        (FT.main, ["--data", copy, "--preset", "quick", "--init", str(bad_ckpt)],
+        (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(bad_ckpt)],
          "not a readable checkpoint"),
-        (FT.main, ["--data", copy, "--preset", "quick", "--init", str(other)],
+        (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(other)],
          "not an avmae pretraining"),
     ]
     for main, args, says in cases:
