@@ -294,8 +294,8 @@ def read_generic(path: str, split: str | None = None):
                 raise ValueError(f"{path}: a generic manifest needs a header with path,label")
             continue
         try:
-            # noqa: E731
-            g = lambda k, d=None: row[head[k]] if k in head and row[head[k]] != "" else d
+            def g(k, d=None):  # a column's value, or d where it is missing or empty
+                return row[head[k]] if k in head and row[head[k]] != "" else d
             p, lab = g("path"), g("label")
             if not p or lab is None:
                 raise ValueError
