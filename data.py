@@ -440,9 +440,10 @@ def _vocab(records, head):
 # the built-in data set: bouncing objects whose kind sets their look and their timbre, and whose
 # bounces make the sound. Deterministic (one seed per clip), generated in seconds.
 
-BUILTIN_KINDS = [  # (name, shape, fundamental Hz, harmonic amplitudes); two pairs share a shape and
-    ("bell", "circle", 880.0, (1.0, 0.0, 0.6, 0.0, 0.3)),  # differ only in sound, and the colour is
-    # random: neither modality alone is enough
+# (name, shape, fundamental Hz, harmonic amplitudes); two pairs share a shape and differ only in
+# sound, and the colour is random: neither modality alone is enough
+BUILTIN_KINDS = [
+    ("bell", "circle", 880.0, (1.0, 0.0, 0.6, 0.0, 0.3)),
     ("drum", "square", 110.0, (1.0, 0.7, 0.5, 0.4, 0.3)),
     ("chime", "triangle", 1320.0, (1.0, 0.2)),
     ("wood", "diamond", 330.0, (1.0, 0.5, 0.25)),
@@ -549,6 +550,122 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     print(f"built-in data set: {n_train + n_test} clips in {out} ({time.time() - t0:.1f} s)")
+    return out
+
+# -----------------------------------------------------------------------------
+# the check set: what a user's own data looks like. Each class is a short audiovisual event inside
+# a longer clip: a spoken word (espeak-ng) over noise, while an object of one shape crosses the
+# picture for about a second. The label is the pair (word, shape), so audio alone can tell the word
+# only and video alone the shape only: audio-only tops out at 1/2, video-only at 1/3, both at 1.
+# Written as ordinary H.264/AAC mp4 files and a generic manifest, so that `prepare` is exercised.
+
+CHECK_WORDS = ("one", "four", "seven")
+CHECK_SHAPES = ("circle", "square")
+CHECK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan")
+CHECKSET = dict(n_train=240, n_test=120, seconds=4.0, size=128, seed=0)
+
+
+def _speak(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
+    """espeak-ng's rendering of `word`, at 16 kHz."""
+    import io
+    p = subprocess.run(["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), "-p", str(pitch),
+                        word], capture_output=True, timeout=60)
+    if p.returncode:
+        raise RuntimeError(f"espeak-ng failed: {p.stderr.decode(errors='replace').strip()}")
+    x, sr = sf.read(io.BytesIO(p.stdout), dtype="float32")
+    n = int(len(x) * SAMPLE_RATE / sr)
+    return np.interp(np.arange(n) * sr / SAMPLE_RATE, np.arange(len(x)), x).astype(np.float32)
+
+
+def make_check_clip(seed: int, seconds: float, size: int):
+    """(label, waveform (n,) float32 at 16 kHz, frames uint8 (T, size, size, 3) at 25 fps, onset)."""
+    rng = np.random.default_rng(seed)
+    label = int(rng.integers(len(CHECK_WORDS) * len(CHECK_SHAPES)))
+    word, shape = CHECK_WORDS[label // 2], CHECK_SHAPES[label % 2]
+    speech = _speak(word, CHECK_VOICES[int(rng.integers(len(CHECK_VOICES)))],
+                    int(rng.integers(130, 211)), int(rng.integers(25, 76)))
+    speech = speech / (np.abs(speech).max() + 1e-6) * rng.uniform(0.3, 0.7)
+    onset = rng.uniform(0.4, seconds - 1.2)
+    n = int(seconds * SAMPLE_RATE)
+    # brown-ish noise at 0-15 dB below the speech, never digital silence
+    noise = np.cumsum(rng.normal(0, 1, n))
+    noise = noise - np.convolve(noise, np.ones(400) / 400, mode="same")
+    rms = np.sqrt(np.mean(speech ** 2))
+    wave = noise / noise.std() * rms * 10 ** (-rng.uniform(0, 15) / 20)
+    s = int(onset * SAMPLE_RATE)
+    wave[s:s + len(speech)] += speech[: n - s]
+    # the picture: a smooth random background, a grey distractor always moving, and the labelled
+    # shape crossing the frame from 0.2 s before the word to 0.8 s after it
+    n_frames = int(round(seconds * VIDEO_FPS))
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    bg = (rng.uniform(20, 90, 3)[None, None] + rng.uniform(-30, 30, 3)[None, None]
+          * (yy / size)[..., None])
+    d0, dv, dr = rng.uniform(0.2, 0.8, 2) * size, rng.uniform(-0.3, 0.3, 2) * size, 0.08 * size
+    r = rng.uniform(0.12, 0.18) * size
+    color = rng.uniform(120, 255, 3)
+    p0 = rng.uniform(r, size - r, 2)
+    v = rng.uniform(-0.35, 0.35, 2) * size
+    frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
+    for j in range(n_frames):
+        t = j / VIDEO_FPS
+        img = bg.copy()
+        dy, dx = d0 + dv * t
+        img[(yy - dy) ** 2 / 4 + (xx - dx) ** 2 <= dr ** 2] = 128
+        if onset - 0.2 <= t <= onset + 0.8:
+            cy, cx = np.clip(p0 + v * (t - onset), r, size - r)
+            img[_shape_mask(shape, yy, xx, cy, cx, r)] = color
+        frames[j] = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
+    return label, np.clip(wave, -1, 1).astype(np.float32), frames, onset
+
+
+def _write_mp4(path: str, wave: np.ndarray, frames: np.ndarray):
+    """H.264 (yuv420p) + AAC, as a camera or a download would have it (one thread: the same bytes
+    every time)."""
+    wav = path + ".wav"
+    sf.write(wav, wave, SAMPLE_RATE, subtype="PCM_16")
+    T, H, W, _ = frames.shape
+    try:
+        p = subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                            "-s", f"{W}x{H}", "-r", str(VIDEO_FPS), "-i", "-", "-i", wav,
+                            "-c:v", "libx264", "-preset", "veryfast", "-crf", "20",
+                            "-pix_fmt", "yuv420p", "-threads", "1", "-c:a", "aac", "-b:a", "96k",
+                            "-shortest", path], input=frames.tobytes(), capture_output=True,
+                           timeout=600)
+    finally:
+        os.remove(wav)
+    if p.returncode:
+        raise RuntimeError(f"ffmpeg could not write {path}: {p.stderr.decode(errors='replace')}")
+
+
+def _check_item(args):
+    i, split, seed, seconds, size, out = args
+    label, wave, frames, onset = make_check_clip(seed * 1_000_003 + i, seconds, size)
+    name = f"{split}_{i:05d}.mp4"
+    _write_mp4(os.path.join(out, name), wave, frames)
+    return dict(path=name, label=f"{CHECK_WORDS[label // 2]}_{CHECK_SHAPES[label % 2]}",
+                split=split, onset=f"{onset:.3f}")
+
+
+def make_checkset(out: str, n_train: int = CHECKSET["n_train"], n_test: int = CHECKSET["n_test"],
+                  seconds: float = CHECKSET["seconds"], size: int = CHECKSET["size"],
+                  seed: int = CHECKSET["seed"], workers: int = os.cpu_count() or 1) -> str:
+    """The check set as mp4 files in `out` and `out`/manifest.csv (generic format: path, label,
+    split; the word's onset for reference). Then: data.py prepare --format generic."""
+    for tool in ("espeak-ng", "ffmpeg"):
+        if shutil.which(tool) is None:
+            raise FileNotFoundError(f"{tool} is not installed (Debian: apt-get install {tool})")
+    os.makedirs(out, exist_ok=True)
+    jobs = [(i, "train" if i < n_train else "test", seed, seconds, size, out)
+            for i in range(n_train + n_test)]
+    t0 = time.time()
+    with ProcessPoolExecutor(max(1, workers)) as ex:
+        rows = list(ex.map(_check_item, jobs, chunksize=4))
+    with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "split", "onset"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"check set: {len(rows)} mp4 clips and manifest.csv in {out} "
+          f"({time.time() - t0:.1f} s)")
     return out
 
 # -----------------------------------------------------------------------------
@@ -1133,6 +1250,12 @@ def main(argv=None):
     pb.add_argument("--out", default="data/builtin")
     for k, v in BUILTIN.items():
         pb.add_argument(f"--{k}", type=type(v), default=v)
+    pc = sub.add_parser("checkset", help="write the check set (spoken words over noise + shapes) "
+                        "as mp4 files and a generic manifest; needs espeak-ng and ffmpeg")
+    pc.add_argument("--out", default="raw/checkset")
+    pc.add_argument("--workers", type=int, default=os.cpu_count())
+    for k, v in CHECKSET.items():
+        pc.add_argument(f"--{k}", type=type(v), default=v)
     ps = sub.add_parser(
         "stats", help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
     ps.add_argument("--root", required=True)
@@ -1153,6 +1276,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "builtin":
         make_builtin(args.out, **{k: getattr(args, k) for k in BUILTIN})
+    elif args.cmd == "checkset":
+        try:
+            make_checkset(args.out, workers=args.workers, **{k: getattr(args, k) for k in CHECKSET})
+        except (FileNotFoundError, RuntimeError) as e:
+            sys.exit(str(e))
     elif args.cmd == "bench":
         _bench(args)
     elif args.cmd == "stats":
@@ -1176,8 +1304,8 @@ def main(argv=None):
             heads, multi = {"verb": list(range(97)), "noun": list(range(300))}, False
         else:
             recs, bad = read_generic(args.manifest)
-            heads, multi = {"label": _vocab(recs,
-                                            "label")}, any(len(r.labels["label"]) > 1 for r in recs)
+            heads = {"label": _vocab(recs, "label")}
+            multi = any(len(r.labels["label"]) > 1 for r in recs)
             recs = [r for r in recs if args.split is None or r.split == args.split]
         for b in bad:
             log.warning("manifest: %s", b)
