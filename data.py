@@ -578,7 +578,8 @@ def _speak(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
 
 
 def make_check_clip(seed: int, seconds: float, size: int):
-    """(label, waveform (n,) float32 at 16 kHz, frames uint8 (T, size, size, 3) at 25 fps, onset)."""
+    """(label, waveform (n,) float32 at 16 kHz, frames uint8 (T, size, size, 3) at 25 fps,
+    the word's onset in s)."""
     rng = np.random.default_rng(seed)
     label = int(rng.integers(len(CHECK_WORDS) * len(CHECK_SHAPES)))
     word, shape = CHECK_WORDS[label // 2], CHECK_SHAPES[label % 2]
@@ -651,6 +652,10 @@ def make_checkset(out: str, n_train: int = CHECKSET["n_train"], n_test: int = CH
                   seed: int = CHECKSET["seed"], workers: int = os.cpu_count() or 1) -> str:
     """The check set as mp4 files in `out` and `out`/manifest.csv (generic format: path, label,
     split; the word's onset for reference). Then: data.py prepare --format generic."""
+    if n_train < 0 or n_test < 0 or n_train + n_test == 0 or size < 32 or seconds < 2.0:
+        raise ValueError(f"checkset: n_train={n_train}, n_test={n_test}, size={size}, "
+                         f"seconds={seconds}: need counts >= 0 (not both 0), size >= 32 and "
+                         "seconds >= 2 (the event lasts about a second)")
     for tool in ("espeak-ng", "ffmpeg"):
         if shutil.which(tool) is None:
             raise FileNotFoundError(f"{tool} is not installed (Debian: apt-get install {tool})")
@@ -1279,7 +1284,7 @@ def main(argv=None):
     elif args.cmd == "checkset":
         try:
             make_checkset(args.out, workers=args.workers, **{k: getattr(args, k) for k in CHECKSET})
-        except (FileNotFoundError, RuntimeError) as e:
+        except (FileNotFoundError, RuntimeError, ValueError) as e:
             sys.exit(str(e))
     elif args.cmd == "bench":
         _bench(args)

@@ -49,3 +49,10 @@ def test_finetuning_fits_a_handful_of_check_clips(tmp_path):
     # the same 8 clips: near-perfect, far above chance (1/6)
     print(json.dumps(res))
     assert res["label_top1"] >= 0.875, json.dumps(res)
+
+
+def test_check_set_arguments_that_cannot_work_are_refused_in_one_line(tmp_path):
+    for kw in (dict(n_train=-3), dict(n_train=0, n_test=0), dict(size=8), dict(seconds=1.0)):
+        with pytest.raises(ValueError, match="checkset: "):
+            data.make_checkset(str(tmp_path / "x"), **kw)
+    assert not os.path.exists(tmp_path / "x")
