@@ -561,6 +561,10 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
 
 CHECK_WORDS = ("one", "four", "seven")
 CHECK_SHAPES = ("circle", "square")
+# each shape's colour range (RGB): warm circles, cool squares, so that a small model can see the
+# object's kind in a 64-pixel frame (a tiny ViT does not learn the shape alone within a CPU budget)
+CHECK_COLOURS = {"circle": ((170, 255), (40, 140), (0, 60)),
+                 "square": ((0, 60), (90, 190), (170, 255))}
 CHECK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan")
 CHECKSET = dict(n_train=240, n_test=120, seconds=4.0, size=128, seed=0)
 
@@ -596,14 +600,14 @@ def make_check_clip(seed: int, seconds: float, size: int):
     s = int(onset * SAMPLE_RATE)
     wave[s:s + len(speech)] += speech[: n - s]
     # the picture: a smooth random background, a grey distractor always moving, and the labelled
-    # shape crossing the frame from 0.2 s before the word to 0.8 s after it
+    # shape crossing the frame from 0.3 s before the word to 1.2 s after it
     n_frames = int(round(seconds * VIDEO_FPS))
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     bg = (rng.uniform(20, 90, 3)[None, None] + rng.uniform(-30, 30, 3)[None, None]
           * (yy / size)[..., None])
     d0, dv, dr = rng.uniform(0.2, 0.8, 2) * size, rng.uniform(-0.3, 0.3, 2) * size, 0.08 * size
-    r = rng.uniform(0.12, 0.18) * size
-    color = rng.uniform(120, 255, 3)
+    r = rng.uniform(0.2, 0.28) * size
+    color = np.array([rng.uniform(lo, hi) for lo, hi in CHECK_COLOURS[shape]])
     p0 = rng.uniform(r, size - r, 2)
     v = rng.uniform(-0.35, 0.35, 2) * size
     frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
@@ -612,7 +616,7 @@ def make_check_clip(seed: int, seconds: float, size: int):
         img = bg.copy()
         dy, dx = d0 + dv * t
         img[(yy - dy) ** 2 / 4 + (xx - dx) ** 2 <= dr ** 2] = 128
-        if onset - 0.2 <= t <= onset + 0.8:
+        if onset - 0.3 <= t <= onset + 1.2:
             cy, cx = np.clip(p0 + v * (t - onset), r, size - r)
             img[_shape_mask(shape, yy, xx, cy, cx, r)] = color
         frames[j] = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
