@@ -553,10 +553,11 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
     return out
 
 # -----------------------------------------------------------------------------
-# the check set: what a user's own data looks like. Each class is a short audiovisual event inside
-# a longer clip: a spoken word (espeak-ng) over noise, while an object (a warm circle or a cool
-# square) crosses the picture for 1.5 s. The label is the pair (word, shape), so audio alone can tell the word
-# only and video alone the shape only: audio-only tops out at 1/2, video-only at 1/3, both at 1.
+# the check set: what a user's own data looks like. Each class is a short audiovisual event inside a
+# longer clip: a spoken word (espeak-ng) over noise, while an object (a warm circle or a cool
+# square) crosses the picture for 1.5 s. The label is the pair (word, shape), so audio alone can
+# tell the word only and video alone the shape only: audio-only tops out at 1/2, video-only at 1/3,
+# both at 1.
 # Written as ordinary H.264/AAC mp4 files and a generic manifest, so that `prepare` is exercised.
 
 CHECK_WORDS = ("one", "four", "seven")
