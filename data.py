@@ -437,22 +437,34 @@ def _vocab(records, head):
     return sorted({x for r in records for x in r.labels[head]}, key=str)
 
 # -----------------------------------------------------------------------------
-# the built-in data set: bouncing objects whose kind sets their look and their timbre, and whose
-# bounces make the sound. Deterministic (one seed per clip), generated in seconds.
+# the built-in data set: short audiovisual events inside 4 s clips. An object appears for 1.2-1.8 s,
+# bounces off the walls, and every bounce (and its arrival) makes its sound; before and after, the
+# picture is an empty background and the sound is room noise. Deterministic (one seed per clip),
+# generated in seconds.
 
-# (name, shape, fundamental Hz, harmonic amplitudes); two pairs share a shape and differ only in
-# sound, and the colour is random: neither modality alone is enough
+# timbres: (fundamental Hz, harmonic amplitudes)
+BUILTIN_SOUNDS = {
+    "bell": (880.0, (1.0, 0.0, 0.6, 0.0, 0.3)), "drum": (110.0, (1.0, 0.7, 0.5, 0.4, 0.3)),
+    "chime": (1320.0, (1.0, 0.2)), "wood": (330.0, (1.0, 0.5, 0.25)),
+    "glass": (1760.0, (1.0, 0.0, 0.0, 0.4)), "gong": (165.0, (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)),
+    "pluck": (440.0, (1.0, 0.5, 0.33, 0.25)),
+    "buzz": (220.0, (1.0, 0.0, 0.33, 0.0, 0.2, 0.0, 0.14)),
+}
+# each shape's hue (degrees) +-12: a tiny model sees the shape's kind in a 64-pixel frame
+BUILTIN_HUES = dict(circle=0, square=220, triangle=120, diamond=50, ring=280, cross=170)
+# (class name, its (sound, shape) pairs, one drawn per clip). The last two classes are an XOR pair:
+# each has both sounds and both shapes, in opposite pairings, so audio alone and video alone are at
+# chance between them and only the two together tell them apart (audio-only tops out at 7/8,
+# video-only at 3/4 of the set)
 BUILTIN_KINDS = [
-    ("bell", "circle", 880.0, (1.0, 0.0, 0.6, 0.0, 0.3)),
-    ("drum", "square", 110.0, (1.0, 0.7, 0.5, 0.4, 0.3)),
-    ("chime", "triangle", 1320.0, (1.0, 0.2)),
-    ("wood", "diamond", 330.0, (1.0, 0.5, 0.25)),
-    ("glass", "ring", 1760.0, (1.0, 0.0, 0.0, 0.4)),
-    ("gong", "cross", 165.0, (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)),
-    ("pluck", "circle", 440.0, (1.0, 0.5, 0.33, 0.25)),
-    ("buzz", "square", 220.0, (1.0, 0.0, 0.33, 0.0, 0.2, 0.0, 0.14)),
+    ("bell", (("bell", "circle"),)), ("drum", (("drum", "square"),)),
+    ("chime", (("chime", "triangle"),)), ("wood", (("wood", "diamond"),)),
+    ("glass", (("glass", "ring"),)), ("gong", (("gong", "cross"),)),
+    ("pluck-circle|buzz-square", (("pluck", "circle"), ("buzz", "square"))),
+    ("pluck-square|buzz-circle", (("pluck", "square"), ("buzz", "circle"))),
 ]
 BUILTIN = dict(n_train=320, n_test=80, seconds=4.0, size=64, seed=0)
+BUILTIN_VERSION = 2  # 1: the object and its sound all through the clip, no XOR pair
 
 
 def _shape_mask(shape, yy, xx, cy, cx, r):
@@ -468,36 +480,49 @@ def _shape_mask(shape, yy, xx, cy, cx, r):
     }[shape]
 
 
+def _hue_rgb(hue: float, sat: float, val: float) -> np.ndarray:
+    k = (np.array([5.0, 3.0, 1.0]) + hue / 60.0) % 6
+    return 255 * val * (1 - sat * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
 def make_builtin_clip(seed: int, seconds: float, size: int):
-    """(label, waveform (n,) float32, frames uint8 (T, size, size, 3), bounce times)."""
+    """(label, waveform (n,) float32, frames uint8 (T, size, size, 3), event) where event =
+    dict(sound, shape, on, off (s: the object is in the picture from on to off), times (s: each
+    sound's start))."""
     rng = np.random.default_rng(seed)
     kind = int(rng.integers(len(BUILTIN_KINDS)))
-    _, shape, f0, harm = BUILTIN_KINDS[kind]
-    color = rng.uniform(70, 255, 3)
-    r = rng.uniform(0.12, 0.22) * size                  # radius: bigger objects sound lower
-    pitch = f0 * (0.17 * size / r) ** 0.5
-    p0, vel = rng.uniform(r, size - r, 2), rng.uniform(0.6, 1.2, 2) * size * rng.choice([-1, 1], 2)
+    pairs = BUILTIN_KINDS[kind][1]
+    sound, shape = pairs[int(rng.integers(len(pairs)))]
+    f0, harm = BUILTIN_SOUNDS[sound]
+    color = _hue_rgb(BUILTIN_HUES[shape] + rng.uniform(-12, 12), rng.uniform(0.6, 1.0),
+                     rng.uniform(0.7, 1.0))
+    r = rng.uniform(0.14, 0.22) * size                  # radius: bigger objects sound lower
+    pitch = f0 * (0.18 * size / r) ** 0.5
+    p0, vel = rng.uniform(r, size - r, 2), rng.uniform(0.8, 1.4, 2) * size * rng.choice([-1, 1], 2)
     bg = rng.uniform(0, 60, 3)
+    dur = rng.uniform(1.2, 1.8)
+    on = rng.uniform(0.2, seconds - dur - 0.2)
     n_frames, span = int(round(seconds * FPS)), size - 2 * r
 
     def position(t):  # elastic bounces between the walls: unfold, then fold back
         u = np.mod(p0 - r + vel * np.asarray(t, dtype=np.float64)[..., None], 2 * span)
         return r + np.where(u <= span, u, 2 * span - u)
 
-    times = []  # a bounce whenever the unfolded coordinate crosses a multiple of the free span
-    for d in range(2):
+    times = [on]  # its arrival, then a bounce whenever the unfolded coordinate crosses a multiple
+    for d in range(2):  # of the free span
         u0 = p0[d] - r
-        ks = np.arange(np.floor(min(u0, u0 + vel[d] * seconds) / span) + 1,
-                       np.ceil(max(u0, u0 + vel[d] * seconds) / span))
-        times += [t for t in (ks * span - u0) / vel[d] if 0 < t < seconds]
+        ks = np.arange(np.floor(min(u0, u0 + vel[d] * dur) / span) + 1,
+                       np.ceil(max(u0, u0 + vel[d] * dur) / span))
+        times += [on + t for t in (ks * span - u0) / vel[d] if 0.05 < t < dur]
     times.sort()
-    traj = position(np.arange(n_frames) / FPS)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
     for j in range(n_frames):
-        cy, cx = traj[j]
         img = np.broadcast_to(bg, (size, size, 3)).copy()
-        img[_shape_mask(shape, yy, xx, cy, cx, r)] = color
+        t = j / FPS
+        if on <= t < on + dur:
+            cy, cx = position(t - on)
+            img[_shape_mask(shape, yy, xx, cy, cx, r)] = color
         frames[j] = np.clip(img + rng.normal(0, 4, img.shape), 0, 255)
     n = int(seconds * SAMPLE_RATE)
     t = np.arange(int(0.4 * SAMPLE_RATE)) / SAMPLE_RATE
@@ -510,17 +535,32 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
         s = int(tb * SAMPLE_RATE)
         seg = tone[: n - s] * rng.uniform(0.3, 0.6)
         wave[s:s + len(seg)] += seg
-    return kind, np.clip(wave, -1, 1).astype(np.float32), frames, times
+    event = dict(sound=sound, shape=shape, on=on, off=on + dur, times=times)
+    return kind, np.clip(wave, -1, 1).astype(np.float32), frames, event
+
+
+def builtin_outdated(root: str) -> bool:
+    """Whether root holds a built-in set made by an earlier version of its generator."""
+    try:
+        with open(os.path.join(root, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):  # being made by another rank
+        return False
+    return meta.get("source") == "builtin" and meta.get("generator", {}).get(
+        "version", 1) != BUILTIN_VERSION
 
 
 def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUILTIN["n_test"],
                  seconds: float = BUILTIN["seconds"], size: int = BUILTIN["size"],
                  seed: int = BUILTIN["seed"]) -> str:
     """Generate the built-in set in the prepared-set format (idempotent: returns at once if
-    done)."""
+    done; a set made by an earlier version of the generator is made again)."""
     from torchvision.io import encode_jpeg
     if os.path.exists(os.path.join(out, "meta.json")):
-        return out
+        if not builtin_outdated(out):
+            return out
+        print(f"{out}: made by an earlier version of the built-in generator; making version "
+              f"{BUILTIN_VERSION}")
     t0 = time.time()
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -542,7 +582,8 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
             w.writeheader()
             w.writerows(rs)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        gen = dict(n_train=n_train, n_test=n_test, seconds=seconds, size=size, seed=seed)
+        gen = dict(n_train=n_train, n_test=n_test, seconds=seconds, size=size, seed=seed,
+                   version=BUILTIN_VERSION)
         json.dump(dict(sample_rate=SAMPLE_RATE, fps=FPS, short_side=size, multi_label=False,
                        source="builtin", heads={"label": [k[0] for k in BUILTIN_KINDS]},
                        generator=gen), f, indent=1)
@@ -682,10 +723,12 @@ def make_checkset(out: str, n_train: int = CHECKSET["n_train"], n_test: int = CH
 # frames: crop, flip, resize, scale to [-1, 1] (the same on CPU in workers or on the GPU)
 
 
-def decode_frames(jpegs: list, device="cpu") -> torch.Tensor:
-    """JPEG bytes -> (T, 3, H, W) uint8 on `device` (batched nvJPEG when device is CUDA)."""
+def decode_frames(jpegs: list, device="cpu", stack: bool = True):
+    """JPEG bytes -> (T, 3, H, W) uint8 on `device` (batched nvJPEG when device is CUDA), or the
+    list of T (3, H, W) frames (stack=False: the CPU path crops them before any copy)."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    return torch.stack(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
+    frames = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    return torch.stack(frames) if stack else frames
 
 
 def random_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.3, 1.0),
@@ -739,33 +782,39 @@ def color_augment(x: torch.Tensor, rng: np.random.Generator, p_color: float = 0.
     return x.permute(1, 0, 2, 3).contiguous()
 
 
-def augment_frames(frames: torch.Tensor, cfg, seed: int) -> torch.Tensor:
-    """(T, 3, H, W) uint8 stored frames -> (3, T, size, size) uint8, on any device: crop
-    (video_box), flip (except video_aug='none'), colour (video_aug='finetune'); every random choice
-    from `seed`, so the CPU workers and the GPU decoder make the same clip."""
+def augment_frames(frames, cfg, seed: int) -> torch.Tensor:
+    """(T, 3, H, W) uint8 stored frames (or a list of T (3, H, W)) -> (3, T, size, size) uint8, on
+    any device: crop (video_box), flip (except video_aug='none'), colour (video_aug='finetune');
+    every random choice from `seed`, so the CPU workers and the GPU decoder make the same clip."""
     rng = np.random.default_rng(seed)
-    box = video_box(*frames.shape[-2:], rng, cfg.video_aug, cfg.train, cfg.crop_scale)
+    box = video_box(*frames[0].shape[-2:], rng, cfg.video_aug, cfg.train, cfg.crop_scale)
     flip = bool(rng.random() < 0.5) and cfg.train and cfg.video_aug != "none"
     x = crop_resize(frames, box, flip, cfg.image_size)
     return color_augment(x, rng) if cfg.train and cfg.video_aug == "finetune" else x
 
 
-def crop_resize(frames: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
-    """(T, 3, H, W) uint8 -> (3, T, size, size) uint8, the model's video layout. Frames stay uint8
-    until they reach the training device (4x less to copy between processes): `to_device` scales
-    them to [-1, 1] there."""
+def crop_resize(frames, box, flip: bool, size: int) -> torch.Tensor:
+    """(T, 3, H, W) uint8 (or a list of T (3, H, W)) -> (3, T, size, size) uint8, the model's video
+    layout (a view: the batch's stack makes it contiguous). Frames stay uint8 until they reach the
+    training device (4x less to copy between processes): `to_device` scales them to [-1, 1]
+    there."""
     top, left, h, w = box
-    x = frames[:, :, top:top + h, left:left + w]
-    if x.is_cuda:
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)
-        x = x.round_().clamp_(0, 255).to(torch.uint8)
-    else:  # antialiased resize of channels-last uint8 is a CPU fast path (9x faster than float)
-        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size),
+    if frames[0].is_cuda:
+        x = torch.stack(list(frames)) if isinstance(frames, list) else frames
+        x = F.interpolate(x[:, :, top:top + h, left:left + w].float(), size=(size, size),
                           mode="bilinear", align_corners=False, antialias=True)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    else:  # the crops copied once into a channels-last buffer, resized in uint8 there (a CPU fast
+        # path, 9x faster than float)
+        x = torch.empty((len(frames), 3, h, w), dtype=torch.uint8,
+                        memory_format=torch.channels_last)
+        for i, f in enumerate(frames):
+            x[i] = f[:, top:top + h, left:left + w]
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
     if flip:
         x = x.flip(-1)
-    return x.permute(1, 0, 2, 3).contiguous()
+    return x.permute(1, 0, 2, 3)
 
 
 def scale_video(v: torch.Tensor) -> torch.Tensor:
@@ -914,19 +963,28 @@ def audio_windows(path: str, t0s: list, span_v: float, audio_frames: int) -> tup
     return torch.stack(waves), tas
 
 
-def augment_spec(s: torch.Tensor, cfg: DataConfig, rng) -> torch.Tensor:
-    """SpecAugment (one frequency and one time mask, filled with the mean, as AST) and a random
-    circular time shift, on one (T, mel) log-mel."""
-    (T, Fq), s = s.shape, s.clone()
-    fill = s.mean()
-    for width, dim, n in ((cfg.specaug_freq, 1, Fq), (cfg.specaug_time, 0, T)):
-        if width:
-            w = int(rng.integers(0, width + 1))
-            a0 = int(rng.integers(0, max(1, n - w + 1)))
-            s.narrow(dim, a0, w).fill_(fill)
-    if cfg.time_shift:
-        s = torch.roll(s, int(rng.integers(0, T)), dims=0)
-    return s
+def spec_draw(cfg: DataConfig, rng, T: int, Fq: int) -> list:
+    """The random part of SpecAugment for one (T, mel) log-mel, drawn on the CPU in the loader:
+    [frequency mask width, start, time mask width, start, circular time shift]."""
+    p = []
+    for width, n in ((cfg.specaug_freq, Fq), (cfg.specaug_time, T)):
+        w = int(rng.integers(0, width + 1)) if width else 0
+        p += [w, int(rng.integers(0, max(1, n - w + 1))) if width else 0]
+    return p + [int(rng.integers(0, T)) if cfg.time_shift else 0]
+
+
+def augment_spec(s: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """SpecAugment (one frequency and one time mask, filled with the log-mel's mean, as AST) and a
+    circular time shift, on a batch of log-mels s (N, T, mel) given each one's spec_draw (N, 5).
+    The same code in the loader (CPU) and in GPUDecoder (the device)."""
+    N, T, Fq = s.shape
+    p = draws.to(s.device)[:, :, None]                                # (N, 5, 1)
+    f, t = torch.arange(Fq, device=s.device), torch.arange(T, device=s.device)
+    masked = (((f >= p[:, 1]) & (f < p[:, 1] + p[:, 0]))[:, None, :]   # (N, 1, mel)
+              | ((t >= p[:, 3]) & (t < p[:, 3] + p[:, 2]))[:, :, None])  # (N, T, 1)
+    s = torch.where(masked, s.mean((1, 2), keepdim=True), s)
+    rolled = (t - p[:, 4]) % T                                        # roll: out[t] = s[t - shift]
+    return s.gather(1, rolled[:, :, None].expand(N, T, Fq))
 
 
 # Rules for bad input in AVDataset (each counted in the item's `bad` and logged with the file):
@@ -1021,8 +1079,11 @@ class AVDataset(torch.utils.data.Dataset):
             starts = [int(round(s)) for s in np.linspace(0, last_start, cfg.views)]
         out = dict(id=row["id"], t0=[s / self.fps for s in starts])
         if "a" in cfg.modalities:
-            out["a"], out["ta"], silent = self._audio(os.path.join(clip, "audio.flac"), out["t0"],
-                                                      rng)
+            a, out["ta"], silent = self._audio(os.path.join(clip, "audio.flac"), out["t0"], rng)
+            if cfg.decode == "gpu":  # samples and SpecAugment draws: GPUDecoder makes the log-mels
+                out["a"], out["a_draws"] = a
+            else:
+                out["a"] = a
             if silent and self.skip_silent:
                 raise BadClip(f"{clip}/audio.flac is silent")
             if silent:
@@ -1031,20 +1092,37 @@ class AVDataset(torch.utils.data.Dataset):
             out["v"] = self._video(os.path.join(clip, "frames.bin"), starts, rng)
         for h in self.heads:
             out[h] = label_target(row[h], len(self.heads[h]), self.multi_label)
-        if cfg.train:  # one view: drop the view axis (GPU decoding keeps its list of views)
-            for k in ("a", "t0", "ta") + (("v",) if cfg.decode == "cpu" else ()):
+        if cfg.train:  # one view: drop the view axis (GPU decoding keeps its views)
+            for k in ("t0", "ta") + (("a", "v") if cfg.decode == "cpu" else ()):
                 if k in out:
                     out[k] = out[k][0]
         return out
 
     def _audio(self, path, t0s, rng):
+        """(log-mels (views, T, mel), or with decode='gpu' the samples (views, n) and the
+        SpecAugment draws (views, 5) that GPUDecoder turns into them; audio start times; silent)"""
         cfg = self.cfg
         wave, tas = audio_windows(path, t0s, self.span_v, cfg.audio_frames)
-        a = logmel(wave, SAMPLE_RATE, cfg.mel_bins, cfg.audio_frames, cfg.window)  # (views, T, mel)
+        draws = torch.tensor([spec_draw(cfg, rng, cfg.audio_frames, cfg.mel_bins)
+                              for _ in t0s]) if self.spec_augmented else None
+        lo, hi = torch.aminmax(wave)
+        silent = bool(hi < 1e-4 and lo > -1e-4)
+        if cfg.decode == "gpu":
+            if draws is None:
+                draws = torch.zeros(len(t0s), 5, dtype=torch.long)
+            return (wave, draws), tas, silent
+        return self.log_mels(wave, draws), tas, silent
+
+    @property
+    def spec_augmented(self) -> bool:
+        return bool(self.cfg.specaug_freq or self.cfg.specaug_time or self.cfg.time_shift)
+
+    def log_mels(self, wave: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        """Samples (N, n) -> normalised, augmented log-mels (N, T, mel), on wave's device."""
+        cfg = self.cfg
+        a = logmel(wave, SAMPLE_RATE, cfg.mel_bins, cfg.audio_frames, cfg.window)
         a = (a - self.norm[0]) / self.norm[1]
-        if cfg.specaug_freq or cfg.specaug_time or cfg.time_shift:
-            a = torch.stack([augment_spec(s, cfg, rng) for s in a])
-        return a, tas, bool(wave.abs().amax() < 1e-4)
+        return augment_spec(a, draws) if draws is not None and self.spec_augmented else a
 
     def _video(self, path, starts, rng):
         cfg = self.cfg
@@ -1060,19 +1138,26 @@ class AVDataset(torch.utils.data.Dataset):
         out = []
         for jp in views:
             try:
-                frames = decode_frames(jp)
+                frames = decode_frames(jp, stack=False)
             except RuntimeError as e:
                 raise BadClip(f"{path}: corrupt JPEG ({str(e).splitlines()[0]})") from None
             out.append(augment_frames(frames, cfg, seed))
         return torch.stack(out)
 
 def collate(items: list) -> dict:
-    """Stack tensors, keep ids / bad lists as lists (and gpu-decode payloads as is)."""
+    """Stack tensors, keep ids / bad lists as lists; pack --decode gpu's JPEGs into one tensor (one
+    shared-memory transfer per batch instead of one per frame)."""
     out = {}
     for k in items[0]:
         vals = [it[k] for it in items]
-        if isinstance(vals[0], torch.Tensor):
-            out[k] = torch.stack(vals)
+        if k == "v" and isinstance(vals[0], list):  # per clip, per view: dict(jpegs, seed)
+            jpegs = [j for views in vals for v in views for j in v["jpegs"]]
+            out[k] = dict(bytes=torch.cat(jpegs),
+                          sizes=torch.tensor([len(j) for j in jpegs]).view(
+                              len(vals), len(vals[0]), -1),
+                          seeds=torch.tensor([[v["seed"] for v in views] for views in vals]))
+        elif isinstance(vals[0], torch.Tensor):  # (stacked straight into shared memory in a
+            out[k] = torch.utils.data.default_collate(vals)  # worker: one copy, not two)
         elif isinstance(vals[0], (int, float)) and k not in ("id",):
             out[k] = torch.tensor(vals)
         elif k == "bad":
@@ -1083,46 +1168,54 @@ def collate(items: list) -> dict:
 
 
 class GPUDecoder:
-    """Decode a batch's JPEGs on the GPU (one nvJPEG call for the whole batch) and crop, flip and
-    resize there. A clip with a frame that will not decode is dropped from the batch and reported
-    in batch['bad']."""
+    """--decode gpu: what the workers leave to the device, batched. The workers send JPEG bytes,
+    audio samples and their random draws; here the batch's JPEGs are decoded in one nvJPEG call and
+    cropped, flipped and resized, and the log-mels computed, normalised and SpecAugmented, with the
+    same randomness as the CPU path. A clip with a frame that will not decode is dropped from the
+    batch and reported in batch['bad']."""
 
-    def __init__(self, cfg: DataConfig, device="cuda"):
-        self.cfg, self.device = cfg, device
+    def __init__(self, ds: "AVDataset", device="cuda"):
+        self.ds, self.cfg, self.device = ds, ds.cfg, device
 
     def __call__(self, batch: dict) -> dict:
-        cfg, clips = self.cfg, batch["v"]  # per clip: a list of views, each dict(jpegs, seed)
-        flat = [v for views in clips for v in views]
-        nv = len(clips[0])
+        cfg, n = self.cfg, len(batch["id"])
+        keep, videos = list(range(n)), None
+        if "v" in batch:
+            keep, videos = self._video(batch)
+        out = {k: (x[keep] if isinstance(x, torch.Tensor) and len(x) == n else
+                   [x[c] for c in keep] if isinstance(x, list) and k != "bad" and len(x) == n
+                   else x) for k, x in batch.items()}
+        if videos is not None:
+            out["v"] = videos[:, 0] if cfg.train else videos
+        out = to_device(out, self.device)
+        if "a" in out:  # samples (B, views, n) -> log-mels (B, views, T, mel)
+            wave, draws = out["a"], out.pop("a_draws")
+            a = self.ds.log_mels(wave.flatten(0, 1), draws.flatten(0, 1))
+            a = a.view(*wave.shape[:2], *a.shape[1:])
+            out["a"] = a[:, 0] if cfg.train else a
+        return out
+
+    def _video(self, batch: dict):
+        cfg, packed = self.cfg, batch["v"]  # collate's dict(bytes, sizes (B, views, T), seeds)
+        n, nv, T = packed["sizes"].shape
+        jpegs = list(packed["bytes"].split(packed["sizes"].flatten().tolist()))
+        seeds = packed["seeds"].flatten().tolist()
         try:
-            frames = list(decode_frames([j for v in flat for j in v["jpegs"]],
-                                        self.device).split(cfg.num_frames))
+            frames = list(decode_frames(jpegs, self.device).split(T))
         except RuntimeError:  # find the culprit clip by clip
             frames = []
-            for v in flat:
+            for i in range(n * nv):
                 try:
-                    frames.append(decode_frames(v["jpegs"], self.device))
+                    frames.append(decode_frames(jpegs[i * T:(i + 1) * T], self.device))
                 except RuntimeError:
                     frames.append(None)
-        keep = [c for c in range(len(clips))
-                if all(frames[c * nv + k] is not None for k in range(nv))]
-        for c in sorted(set(range(len(clips))) - set(keep)):
+        keep = [c for c in range(n) if all(frames[c * nv + k] is not None for k in range(nv))]
+        for c in sorted(set(range(n)) - set(keep)):
             log.warning("bad clip %s: corrupt JPEG (dropped from the batch)", batch["id"][c])
             batch["bad"].append((batch["id"][c], "corrupt JPEG"))
-        videos = []
-        for c in keep:
-            views = []
-            for k in range(nv):
-                views.append(augment_frames(frames[c * nv + k], cfg, flat[c * nv + k]["seed"]))
-            videos.append(torch.stack(views))
-        n = len(clips)
-        out = {k: (x[keep] if isinstance(x, torch.Tensor) and len(x) == n else
-                   [x[c] for c in keep] if isinstance(x,
-                                                      list) and k != "bad" and len(x) == n else x)
-               for k, x in batch.items()}
-        v = torch.stack(videos)
-        out["v"] = v[:, 0] if cfg.train else v
-        return to_device(out, self.device)
+        videos = [torch.stack([augment_frames(frames[c * nv + k], cfg, seeds[c * nv + k])
+                               for k in range(nv)]) for c in keep]
+        return keep, torch.stack(videos)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -1213,12 +1306,30 @@ def audio_stats(root: str, split: str = "train", max_clips: int = 2000,
 # command line
 
 
+def cores_per_rank() -> int:
+    """The CPU cores this process may use, shared among the ranks on its node (torchrun sets
+    LOCAL_WORLD_SIZE): the default number of loader workers per rank."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def _bench(args):
+    """Loader clips/s (and per core), beside what AV-MAE pretraining needs per second at the same
+    shapes on a GPU (its FLOPs per training clip at a given MFU): data or model, which is slower?"""
+    import avmae
+    import train
     cfg = DataConfig(root=args.root, split=args.split, num_frames=args.num_frames,
                      frame_stride=args.frame_stride, image_size=args.image_size,
                      audio_frames=args.audio_frames, decode=args.decode)
     loader = make_loader(cfg, args.batch_size, args.workers)
-    gpu = GPUDecoder(cfg) if args.decode == "gpu" else None
+    if len(loader) == 0:
+        raise ValueError(f"{args.root}: {len(loader.dataset)} clips in {args.split}, fewer than "
+                         f"--batch_size {args.batch_size}")
+    on_gpu = args.decode == "gpu" and torch.cuda.is_available()
+    gpu = GPUDecoder(loader.dataset) if on_gpu else None
     n, t0, i = 0, None, 0
     while i <= args.batches:  # as many epochs as it takes
         for batch in loader:
@@ -1231,10 +1342,28 @@ def _bench(args):
             i += 1
             if i > args.batches:
                 break
-    dt = time.time() - t0
-    print(f"{n / dt:.1f} clips/s ({args.workers} workers, decode={args.decode}, "
-          f"{args.num_frames}x{args.image_size}^2 frames, {args.audio_frames} log-mel frames, "
-          f"batch {args.batch_size})")
+    rate = n / (time.time() - t0)
+    what = {"cpu": "CPU decode", "gpu": "GPU decode" if on_gpu else
+            "the worker side of --decode gpu (no CUDA here: JPEG bytes, samples and draws; the "
+            "decode, log-mel and augmentation on the device are not counted)"}[args.decode]
+    print(f"{rate:.1f} clips/s, {rate / max(1, args.workers):.1f} per worker core ({args.workers} "
+          f"workers; {what}; {args.num_frames} x {args.image_size}^2 frames at stride "
+          f"{args.frame_stride:g}, {args.audio_frames} log-mel frames, batch {args.batch_size})")
+    model = avmae.AVMAE(avmae.make_config(args.size, num_frames=args.num_frames,
+                                          image_size=args.image_size,
+                                          audio_frames=args.audio_frames))
+    per_clip = model.flops()["train"]
+    peak = next((p for k, p in train.PEAK_BF16 if k in args.gpu), None)
+    if peak is None:
+        return print(f"--gpu {args.gpu}: no known peak; one of "
+                     f"{', '.join(k for k, _ in train.PEAK_BF16)}")
+    need = peak * args.mfu / per_clip
+    cores = args.cores or args.workers
+    verdict = "data-bound" if rate / max(1, args.workers) * cores < need else "model-bound"
+    print(f"AV-MAE pretraining, ViT-{args.size}, these shapes: {per_clip / 1e9:.0f} GFLOP per "
+          f"training clip; one {args.gpu} at {args.mfu:.0%} MFU needs {need:.0f} clips/s; "
+          f"{cores} cores at this rate give {rate / max(1, args.workers) * cores:.0f}: "
+          f"{verdict}")
 
 
 def main(argv=None):
@@ -1274,14 +1403,19 @@ def main(argv=None):
     pn = sub.add_parser("bench", help="measure loader throughput")
     pn.add_argument("--root", default="data/builtin")
     pn.add_argument("--split", default="train")
-    pn.add_argument("--workers", type=int, default=os.cpu_count())
+    pn.add_argument("--workers", type=int, default=cores_per_rank())
     pn.add_argument("--batch_size", type=int, default=32)
     pn.add_argument("--batches", type=int, default=20)
     pn.add_argument("--num_frames", type=int, default=16)
-    pn.add_argument("--frame_stride", type=int, default=4)
+    pn.add_argument("--frame_stride", type=float, default=4)
     pn.add_argument("--image_size", type=int, default=224)
     pn.add_argument("--audio_frames", type=int, default=800)
     pn.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
+    pn.add_argument("--size", default="base", help="the model whose need is printed beside")
+    pn.add_argument("--gpu", default="H100", help="whose bf16 peak sets the need")
+    pn.add_argument("--mfu", type=float, default=0.45)
+    pn.add_argument("--cores", type=int, default=0, help="cores per GPU to scale to (16: an "
+                    "H100 node's share); default: --workers")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "builtin":
@@ -1292,7 +1426,10 @@ def main(argv=None):
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             sys.exit(str(e))
     elif args.cmd == "bench":
-        _bench(args)
+        try:
+            _bench(args)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"{e} (bench measures a prepared set: --root)")
     elif args.cmd == "stats":
         mean, std = audio_stats(args.root, args.split, args.max_clips)
         print(f"{args.root}: log-mel mean {mean:.4f}, std {std:.4f} (written to meta.json)")

@@ -50,7 +50,8 @@ class RunConfig(data.LoadOptions):
     size: str = "base"            # model size preset (avmae.SIZES); explicit width flags win
     data: str = "data/vggsound"   # a prepared set (data.py prepare); a
                                   # missing '*builtin' folder is generated
-    workers: int = 8              # DataLoader workers per rank
+    workers: int = -1             # DataLoader workers per rank; -1 = the
+                                  # cores per rank (affinity / LOCAL_WORLD_SIZE)
     max_steps: int = 0            # > 0 overrides epochs
     lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
     min_lr: float = 0.0
@@ -151,11 +152,12 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
                        warmup_epochs=4),
     "audioset_l": dict(size="large", data="data/audioset", audio_frames=1000, mask_ratio_a=0.7,
                        epochs=80, warmup_epochs=4),
-    # a few minutes on a 2-core CPU: 8 frames of 64x64 (64 video tokens), 2.56 s of audio (128
-    # tokens)
-    "quick": dict(size="tiny", data="data/builtin", num_frames=8, image_size=64, audio_frames=256,
-                  batch_size=32, audio_norm="dataset", epochs=60, warmup_epochs=3, blr=1.5e-3,
-                  workers=2, save_every=300, picture_every=300, out_dir="out/quick"),
+    # minutes on a 2-core CPU: windows that cover a 4 s clip (8 frames of 64x64 at 2 fps = 64 video
+    # tokens, 400 log-mel frames = 200 audio tokens), so short events are always in view; small
+    # batches and many steps (3000 at batch 8 beat 600 at batch 32 on short events: docs/sanity.md)
+    "quick": dict(size="tiny", data="data/builtin", num_frames=8, frame_stride=12.5, image_size=64,
+                  audio_frames=400, batch_size=8, audio_norm="dataset", epochs=75, warmup_epochs=3,
+                  blr=1.6e-2, workers=2, save_every=1000, picture_every=1000, out_dir="out/quick"),
 }
 
 
@@ -220,6 +222,8 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dic
     for dc in dataclasses_:
         names = {f.name for f in fields(dc)}
         out.append(dc(**{k: v for k, v in merged.items() if k in names}))
+        if getattr(out[-1], "workers", 0) < 0:
+            out[-1].workers = data.cores_per_rank()
     return out
 
 
@@ -690,8 +694,9 @@ def ensure_data(tcfg, d: Dist):
     """Generate the built-in set on first use, and the set's log-mel statistics when
     --audio_norm dataset needs them and the set has none yet (rank 0; the others wait)."""
     meta_path = os.path.join(tcfg.data, "meta.json")
-    if not os.path.exists(meta_path):
-        if not os.path.basename(os.path.normpath(tcfg.data)).endswith("builtin"):
+    builtin = os.path.basename(os.path.normpath(tcfg.data)).endswith("builtin")
+    if not os.path.exists(meta_path) or (builtin and data.builtin_outdated(tcfg.data)):
+        if not builtin:
             raise SystemExit(f"{tcfg.data}: not a prepared data set (no meta.json). Prepare one "
                              "with `python data.py prepare ...` (README: Data) or run `python "
                              "train.py --preset quick`.")
@@ -748,7 +753,7 @@ def batch_stream(ds: data.AVDataset, per_rank: int, workers: int, seed: int, d: 
                                          num_workers=workers, collate_fn=data.collate,
                                          drop_last=True, pin_memory=d.device.type == "cuda",
                                          persistent_workers=workers > 0)
-    gpu_decoder = data.GPUDecoder(ds.cfg, d.device) if ds.cfg.decode == "gpu" else None
+    gpu_decoder = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
     epoch0, in_epoch = divmod(step, steps_per_epoch)
     return batches(loader, sampler, epoch0, in_epoch * per_step, d, gpu_decoder)
 

@@ -264,17 +264,44 @@ def test_builtin_labels_and_shapes(builtin):
         v[0], item["v"] / 127.5 - 1)
 
 
-def test_builtin_sound_follows_the_picture():
-    # every bounce (the object touching a wall in the picture) starts a sound at that moment
-    for seed in range(5):
-        kind, wave, frames, times = data.make_builtin_clip(seed, 4.0, 64)
-        assert len(times) >= 2
-        for prev, tb in zip([-1.0] + times, times):
-            if tb - prev < 0.3 or tb < 0.02:  # the last tone still rings
+def test_builtin_events_are_short_and_the_sound_follows_the_picture():
+    rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
+    for seed in range(6):
+        kind, wave, frames, ev = data.make_builtin_clip(seed, 4.0, 64)
+        assert 1.2 <= ev["off"] - ev["on"] <= 1.8 and len(ev["times"]) >= 2
+        # the object is in the picture during the event only: frames outside it are background
+        moving = [float(np.abs(f.astype(float) - frames[0].astype(float)).max()) > 60 or
+                  float(np.abs(f.astype(float) - frames[-1].astype(float)).max()) > 60
+                  for f in frames]
+        t = np.arange(len(frames)) / data.FPS
+        inside = (t >= ev["on"]) & (t < ev["off"])
+        assert all(moving[j] for j in np.flatnonzero(inside))
+        assert not any(moving[j] for j in np.flatnonzero(t < ev["on"] - 0.1))
+        # its arrival and every bounce (touching a wall) start a sound at that moment, and the
+        # room is quiet before it arrives
+        assert all(ev["on"] <= tb < ev["off"] for tb in ev["times"])
+        assert rms(wave[:int(ev["on"] * 16000)]) < 0.05
+        for prev, tb in zip([-1.0] + ev["times"], ev["times"]):
+            if tb - prev < 0.3:  # the last tone still rings
                 continue
             s = int(tb * 16000)
-            rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
             assert rms(wave[s: s + 160]) > 3 * rms(wave[s - 320: s])
+
+
+def test_builtin_xor_pair_needs_both_modalities():
+    # the last two classes share their sounds and their shapes, in opposite pairings: each
+    # modality alone sees the same distribution in both; only the pairing tells them apart
+    seen = {6: set(), 7: set()}
+    for seed in range(80):
+        kind, _, _, ev = data.make_builtin_clip(seed, 4.0, 32)
+        if kind in seen:
+            seen[kind].add((ev["sound"], ev["shape"]))
+    assert {s for s, _ in seen[6]} == {s for s, _ in seen[7]} and len(seen[6]) == 2
+    assert {h for _, h in seen[6]} == {h for _, h in seen[7]}
+    assert not seen[6] & seen[7]
+    # every other class has a sound and a shape of its own
+    others = [p for name, pairs in data.BUILTIN_KINDS[:6] for p in pairs]
+    assert len({s for s, _ in others}) == 6 and len({h for _, h in others}) == 6
 
 
 # -----------------------------------------------------------------------------
@@ -439,18 +466,54 @@ def test_gpu_decoder_path_on_cpu(copy):
     # a clip whose JPEGs will not decode is dropped from the batch and reported
     ds_cpu, ds_gpu = _small(copy, train=False, views=2), _small(copy, train=False, views=2,
                                                                 decode="gpu")
-    out = data.GPUDecoder(ds_gpu.cfg, device="cpu")(data.collate([ds_gpu[0], ds_gpu[1]]))
+    out = data.GPUDecoder(ds_gpu, device="cpu")(data.collate([ds_gpu[0], ds_gpu[1]]))
     ref = data.collate([ds_cpu[0], ds_cpu[1]])
     assert out["v"].shape == (2, 2, 3, 4, 32, 32) and out["a"].shape == (2, 2, 128, 128)
     assert torch.allclose(out["v"], data.scale_video(ref["v"]))
     ds_gpu = _small(copy, decode="gpu")
-    dec = data.GPUDecoder(ds_gpu.cfg, device="cpu")
+    dec = data.GPUDecoder(ds_gpu, device="cpu")
     assert dec(data.collate([ds_gpu[0], ds_gpu[1]]))["v"].shape == (2, 3, 4, 32, 32)
     batch = data.collate([ds_gpu[0], ds_gpu[1]])
-    batch["v"][1][0]["jpegs"][2] = torch.zeros(100, dtype=torch.uint8)
+    sizes = batch["v"]["sizes"]  # one tensor of JPEG bytes per batch: damage clip 1's frame 2
+    at = int(sizes[0].sum() + sizes[1, 0, :2].sum())
+    batch["v"]["bytes"][at:at + int(sizes[1, 0, 2])] = 0
     out = dec(batch)
     assert out["v"].shape[0] == 1 and out["id"] == [ds_gpu.rows[0]["id"]] and out["a"].shape[0] == 1
     assert batch["bad"] and "corrupt JPEG" in batch["bad"][0][1]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_mode_augments_as_the_cpu_path(copy, train):
+    # with --decode gpu the workers send samples, JPEG bytes and their random draws; GPUDecoder (run
+    # here on CPU tensors) must give the batch the CPU path gives for the same (seed, epoch, clip)
+    kw = dict(train=train, views=1 if train else 2, seed=3, specaug_freq=20, specaug_time=16,
+              time_shift=True, video_aug="finetune" if train else "none")
+    ds_cpu, ds_gpu = _small(copy, **kw), _small(copy, decode="gpu", **kw)
+    keys = [(i, 2) for i in range(4)]
+    ref = data.to_device(data.collate([ds_cpu[k] for k in keys]), "cpu")
+    raw = data.collate([ds_gpu[k] for k in keys])
+    assert raw["a"].shape[-1] > 1000 and "a_draws" in raw  # samples, not log-mels
+    out = data.GPUDecoder(ds_gpu, device="cpu")(raw)
+    assert out["a"].shape == ref["a"].shape and out["v"].shape == ref["v"].shape
+    assert torch.allclose(out["a"], ref["a"], atol=1e-4)
+    assert torch.equal(out["v"], ref["v"])
+    assert out["label"].tolist() == ref["label"].tolist() and "a_draws" not in out
+    # the masks and the shift really happened, identically: some rows are the fill value
+    if train:
+        assert (raw["a_draws"][:, 0, :4] > 0).any()
+
+
+def test_spec_augment_matches_its_definition():
+    cfg = data.DataConfig(specaug_freq=10, specaug_time=8, time_shift=True)
+    rng = np.random.default_rng(0)
+    s = torch.randn(3, 50, 20)
+    draws = torch.tensor([data.spec_draw(cfg, rng, 50, 20) for _ in range(3)])
+    out = data.augment_spec(s, draws)
+    for i, (fw, f0, tw, t0, shift) in enumerate(draws.tolist()):  # one mask per axis, then a roll
+        ref = s[i].clone()
+        ref[:, f0:f0 + fw] = s[i].mean()
+        ref[t0:t0 + tw] = s[i].mean()
+        assert torch.equal(out[i], torch.roll(ref, shift, dims=0))
 
 
 # -----------------------------------------------------------------------------
@@ -493,3 +556,34 @@ def test_flash_and_click_stay_aligned(tmp_path):
         # (16 frames = 0.16 s) holding the click: audio token time // 2 = video token time
         assert int((loud * 0.01 + 0.0125) / 0.16) // 2 == i // 2
     assert seen >= 5
+
+
+# -----------------------------------------------------------------------------
+# loader tuning: decided by the code
+
+
+def test_loader_workers_default_to_the_cores_per_rank(builtin, monkeypatch):
+    import train
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 ranks on the node
+    assert data.cores_per_rank() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert data.cores_per_rank() == 16
+    _, tcfg = train.parse_args(["--size", "tiny", "--data", builtin])
+    assert tcfg.workers == 16
+    _, tcfg = train.parse_args(["--size", "tiny", "--data", builtin, "--workers", "3"])
+    assert tcfg.workers == 3
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_bench_prints_clips_per_core_beside_the_models_need(builtin, capsys, decode):
+    data.main(["bench", "--root", builtin, "--workers", "0", "--batches", "3", "--batch_size", "4",
+               "--num_frames", "4", "--image_size", "32", "--audio_frames", "128", "--size", "tiny",
+               "--cores", "16", "--decode", decode])
+    out = capsys.readouterr().out
+    rate = float(out.split(" clips/s")[0])
+    assert rate > 0 and "per worker core" in out and "16 cores at this rate give" in out
+    need = float(out.split("needs ")[1].split(" clips/s")[0])
+    assert need > 0 and ("data-bound" if rate * 16 < need else "model-bound") in out
+    if decode == "gpu" and not torch.cuda.is_available():
+        assert "worker side" in out

@@ -20,7 +20,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16",
         "--audio_frames", "64", "--mel_bins", "32", "--workers", "0", "--log_every", "1",
-        "--picture_every", "0", "--batch_size", "8", "--kernels", "torch"]
+        "--picture_every", "0", "--batch_size", "8", "--kernels", "torch", "--blr", "1.5e-3"]
 FT_TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--audio_frames", "64",
            "--workers", "0", "--batch_size", "8", "--views", "1", "--kernels", "torch",
            "--log_every", "1"]
@@ -117,7 +117,9 @@ def test_a_killed_rank_restarts_from_the_latest_checkpoint(builtin, tmp_path):
     # test_train.py)
     one = train.main([*args, "--out_dir", str(tmp_path / "one")])
     w1, w2 = weights(one["checkpoint"]), weights(tmp_path / "two" / "ckpt_0000006.pt")
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    # (up to float summation order: one Adam step of lr 4.7e-5 moves a weight by about that much,
+    # so a lost or repeated step is far outside 1e-5)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
 def test_a_stuck_rank_stops_the_others_with_its_name(builtin, tmp_path):

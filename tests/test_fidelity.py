@@ -264,7 +264,7 @@ def test_mavil_builds_its_paper_model_at_paper_sizes():
         assert math.prod(avmae.AudioPatches(mcfg).grid) == 512
         assert math.prod(avmae.VideoPatches(mcfg).grid) == 784
     mcfg, _ = train.parse_args(["--preset", "quick", "--variant", "mavil"])  # tiny stays small
-    assert (mcfg.dec_width, mcfg.audio_frames, mcfg.num_frames) == (64, 256, 8)
+    assert (mcfg.dec_width, mcfg.audio_frames, mcfg.num_frames) == (64, 400, 8)
     mcfg, _ = train.parse_args(["--variant", "mavil", "--dec_depth", "2"])  # a flag still wins
     assert mcfg.dec_depth == 2
 

@@ -276,7 +276,7 @@ def test_cavmae_builds_its_published_model_at_base():
     # --cavmae)
     assert model.num_params() + 22 * 4 * 2 * D + 8 * 4 * 2 * Dd == 190_129_920
     mcfg, _ = train.parse_args(["--preset", "quick", "--variant", "cavmae"])  # tiny stays small
-    assert (mcfg.dec_width, mcfg.audio_frames, mcfg.num_frames) == (64, 256, 8)
+    assert (mcfg.dec_width, mcfg.audio_frames, mcfg.num_frames) == (64, 400, 8)
 
 
 def test_cavmae_loss_is_the_sum_plus_one_direction_of_infonce():

@@ -98,7 +98,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path):
                        (["finetune.py", "--data", copy, "--preset", "quick", "--init",
                          str(bad_ckpt)], "not a readable"),
                        (["data.py", "stats", "--root", str(tmp_path / "nowhere")],
-                        "meta.json not found")):
+                        "meta.json not found"),
+                       (["data.py", "bench", "--root", str(tmp_path / "nowhere")], "--root")):
         code, err = cli(*args)
         assert code != 0 and not any("Traceback" in line for line in err), (args, err[-5:])
         assert says in err[-1], (args, err[-1])
