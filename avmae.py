@@ -29,7 +29,7 @@ Masks: 1 = masked (removed). Variables prefixed a_ / v_ belong to audio / video;
 by the modality letter 'a' or 'v'.
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -1424,33 +1424,176 @@ class Classifier(nn.Module):
         return {h: torch.stack([lg[h] for lg in logits.values()]).mean(0) for h in names}
 
 
+# The video transformers of the AV-MAE authors' group that finetune from our pretraining (Arnab's
+# talk): ViViT's factorisations, TokenLearner and Multiview Transformers. Tokens of a stream come in
+# (time index, position) order: t time indices of s tokens each, N = t s (video: the tubelets' time
+# index and the h x w grid; audio: the time patch and the frequency patches).
+
+
+class FrameBlock(Block):
+    """ViViT Model 2's spatial encoder (factorised encoder; Arnab et al., 2021, Sec. 3.3): the
+    plain block on the s tokens of each time index alone. (B, t s, D) -> (B, t s, D)."""
+
+    def forward(self, x, t):
+        B, N, D = x.shape
+        return super().forward(x.reshape(B * t, N // t, D)).reshape(B, N, D)
+
+
+class FSABlock(Block):
+    """ViViT Model 3 (factorised self-attention): attention among the tokens of one time index,
+    then a second attention among the tokens of one spatial position, then the MLP. The second
+    attention and its LayerNorm are new in finetuning; its output projection starts at zero (set by
+    the model after its init), so the block starts as the pretrained spatial block (Sec. 3.4)."""
+    new = ("norm_t", "attn_t")  # not in a pretrained block
+
+    def __init__(self, dim: int, heads: int, hidden: int, attn_fn, drop_path: float = 0.0):
+        super().__init__(dim, heads, hidden, attn_fn, drop_path)
+        self.norm_t, self.attn_t = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, attn_fn)
+
+    def forward(self, x, t):
+        B, N, D = x.shape
+        s = N // t
+        y = self.attn(self.norm1(x).reshape(B * t, s, D)).reshape(B, N, D)  # within a frame
+        x = x + self._drop(y)
+        y = self.norm_t(x).view(B, t, s, D).transpose(1, 2).reshape(B * s, t, D)
+        y = self.attn_t(y).view(B, s, t, D).transpose(1, 2).reshape(B, N, D)  # across frames
+        x = x + self._drop(y)
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class FDPAttention(Attention):
+    """ViViT Model 4 (factorised dot-product): the weights of full attention; the first half of
+    the heads attend among the tokens of one time index, the other half among the tokens of one
+    spatial position; the heads' outputs are concatenated and projected as usual."""
+
+    def forward(self, x, t):
+        B, N, D = x.shape
+        H, s = self.heads, N // t
+        hd, h = D // H, H // 2
+        q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
+
+        def space(u):  # (B, h, t s, hd) -> (B, h t, s, hd)
+            return u.reshape(B, -1, s, hd)
+
+        def time(u):  # (B, h, t s, hd) -> (B, h s, t, hd)
+            return u.reshape(B, -1, t, s, hd).transpose(2, 3).reshape(B, -1, t, hd)
+        ys = self.attn_fn(space(q[:, :h]), space(k[:, :h]), space(v[:, :h])).reshape(B, h, N, hd)
+        yt = self.attn_fn(time(q[:, h:]), time(k[:, h:]), time(v[:, h:]))
+        yt = yt.reshape(B, H - h, s, t, hd).transpose(2, 3).reshape(B, H - h, N, hd)
+        y = torch.cat([ys, yt], dim=1)  # (B, H, N, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class FDPBlock(Block):
+    def __init__(self, dim: int, heads: int, hidden: int, attn_fn, drop_path: float = 0.0):
+        super().__init__(dim, heads, hidden, attn_fn, drop_path)
+        if heads < 2 or heads % 2:
+            raise ValueError(f"factorised dot-product attention splits the heads in two halves: "
+                             f"{heads} heads do not split")
+        self.attn = FDPAttention(dim, heads, attn_fn)
+
+    def forward(self, x, t):
+        x = x + self._drop(self.attn(self.norm1(x), t))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+BLOCKS = {"joint": Block, "frames": FrameBlock, "fsa": FSABlock, "fdp": FDPBlock}
+
+
+class TokenLearner(nn.Module):
+    """TokenLearner (Ryoo et al., 2021): S learned tokens per time index. alpha (a LayerNorm and a
+    two-layer MLP with S outputs) scores each of the s tokens of a time index S times; a softmax
+    over the s positions makes each score map a weighting; learned token i is the weighted sum of
+    the tokens under map i. (B, t s, D) -> (B, t S, D): later layers see t S tokens."""
+
+    def __init__(self, dim: int, S: int):
+        super().__init__()
+        self.S = S
+        self.alpha = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, dim), nn.GELU(),
+                                   nn.Linear(dim, S))
+
+    def forward(self, x, t):
+        B, N, D = x.shape
+        x = x.reshape(B * t, N // t, D)
+        w = self.alpha(x).softmax(dim=1)  # (B t, s, S): S maps over the s positions
+        return torch.einsum("bns,bnd->bsd", w, x).reshape(B, t * self.S, D)
+
+    def flops(self, n: int, d: int) -> float:  # on n tokens: alpha, then the weighted sums
+        return 2 * n * (d * d + d * self.S) + 2 * n * self.S * d
+
+
 class Stream(nn.Module):
     """One modality's ViT: patch embedding, positions, `depth` blocks, a final LayerNorm (unless the
     model shares one across modalities). A stream initialised from a mid-fusion encoder keeps that
     stream's closing LayerNorm after block `inner_norm_at - 1`, so the pretrained function is kept
-    exactly."""
+    exactly. kind: the blocks (joint: full attention; frames, fsa, fdp: ViViT's factorisations);
+    tokenlearner (S, L): S learned tokens per time index after block L - 1 (0: none)."""
 
     def __init__(self, cfg: AVMAEConfig, m: str, attn_fn, dpr, inner_norm_at: int | None = None,
-                 final_norm: bool = True):
+                 final_norm: bool = True, kind: str = "joint", tokenlearner: tuple = (0, 0)):
         super().__init__()
-        self.patches = PATCHES[m](cfg)
+        self.patches, self.kind, self.width = PATCHES[m](cfg), kind, cfg.width
+        self.t = self.patches.grid[0]  # time indices
+        self.hidden = int(cfg.width * cfg.mlp_ratio)
         self.embed = nn.Linear(self.patches.dim, cfg.width)
         self.pos = PosEmbed(self.patches.grid, cfg.width, cfg.pos_embed)
-        hidden = int(cfg.width * cfg.mlp_ratio)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, hidden, attn_fn,
-                                          dpr[i]) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(BLOCKS[kind](cfg.width, cfg.heads, self.hidden, attn_fn,
+                                                 dpr[i]) for i in range(cfg.depth))
         self.inner_norm_at = inner_norm_at
         if inner_norm_at is not None:
             self.inner_norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6) if final_norm else None
+        S, self.learn_at = tokenlearner
+        if S and not 1 <= self.learn_at <= cfg.depth:
+            raise ValueError(f"tokenlearner layer {self.learn_at} must lie in 1..{cfg.depth}")
+        self.learner = TokenLearner(cfg.width, S) if S else None
 
     def tokens(self, x):  # input -> (B, N, D)
         p = self.patches.patchify(x)
         return self.embed(p) + self.pos()[: p.shape[1]]
 
     def block(self, i, x):
-        x = self.blocks[i](x)
+        x = self.blocks[i](x) if self.kind == "joint" else self.blocks[i](x, self.t)
         return self.inner_norm(x) if i + 1 == self.inner_norm_at else x
+
+    def learn(self, i, x):  # TokenLearner after block i, if it sits there
+        return self.learner(x, self.t) if self.learner and i + 1 == self.learn_at else x
+
+    def layer(self, i, x):
+        return self.learn(i, self.block(i, x))
+
+    def zero_new(self):  # after the model's init: new attentions start as a residual (ViViT)
+        for b in self.blocks:
+            if isinstance(b, FSABlock):
+                nn.init.zeros_(b.attn_t.proj.weight)
+
+    def layer_ids(self, name: str, depth: int):
+        """The depth of this stream's parameter `name` (embeddings 0, block i at i + 1, a norm at
+        the block it closes, the TokenLearner where it sits)."""
+        p = name.split(".")
+        return dict(blocks=lambda: int(p[1]) + 1, inner_norm=lambda: self.inner_norm_at,
+                    embed=lambda: 0, pos=lambda: 0, learner=lambda: self.learn_at,
+                    norm=lambda: depth)[p[0]]()
+
+    def flops(self, extra: dict | None = None) -> float:
+        """Forward FLOPs on one clip; extra: {block: tokens added there} (MBT's bottlenecks)."""
+        n, d = self.patches.n, self.width
+        f = 2 * n * self.patches.dim * d  # patch embedding
+        for i in range(len(self.blocks)):
+            f += self._block_flops(n + (extra or {}).get(i, 0))
+            if self.learner and i + 1 == self.learn_at:
+                f += self.learner.flops(n, d)
+                n = self.t * self.learner.S
+        return f
+
+    def _block_flops(self, n: int) -> float:
+        d, h, t = self.width, self.hidden, self.t
+        s = n // t
+        mm = n * 2 * (4 * d * d + 2 * d * h)  # qkv, projection, MLP
+        return {"joint": lambda: block_flops(n, d, h),
+                "frames": lambda: mm + 4 * n * s * d,  # scores and weighted sums within a frame
+                "fsa": lambda: mm + n * 2 * 4 * d * d + 4 * n * (s + t) * d,
+                "fdp": lambda: mm + 4 * n * (s + t) * d / 2}[self.kind]()
 
 
 class MBT(Classifier):
@@ -1460,26 +1603,38 @@ class MBT(Classifier):
     this is a plain ViT (AST for audio, ViViT for video). shared_head (the authors' MBT): one final
     LayerNorm and one classifier for both modalities, each modality's logits trained on its own loss
     (finetune.py); otherwise a LayerNorm and heads per modality. Evaluation averages the modalities'
-    logits either way."""
+    logits either way. kind: the video stream's blocks (joint; or, video only, ViViT's factorised
+    self-attention fsa or dot-product fdp); tokenlearner (S, L): TokenLearner on the video stream
+    after block L - 1."""
 
     def __init__(self, cfg: AVMAEConfig, heads: dict, fusion_layer: int = 8, bottlenecks: int = 4,
                  inner_norm_at: int | None = None, linear_probe: bool = False,
-                 shared_head: bool = True):
+                 shared_head: bool = True, kind: str = "joint", tokenlearner: tuple = (0, 0)):
         super().__init__()
         self.cfg, self.mods = cfg, cfg.mods
         if len(self.mods) == 2 and not 0 <= fusion_layer <= cfg.depth:
             raise ValueError(f"fusion_layer={fusion_layer} must lie in 0..{cfg.depth}")
+        if kind != "joint" and self.mods != ("v",):
+            raise ValueError(f"ViViT's factorised blocks ({kind}) are a video model: finetune "
+                             "video only (bottleneck tokens have no place in space or time)")
+        if tokenlearner[0] and "v" not in self.mods:
+            raise ValueError("TokenLearner works on the video stream: finetune video or av")
         shared = shared_head and len(self.mods) == 2
         attn = get_ops(cfg.kernels)["attention"]
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.streams = nn.ModuleDict({m: Stream(cfg, m, attn, dpr, inner_norm_at,
-                                                not shared) for m in self.mods})
+        self.streams = nn.ModuleDict({m: Stream(cfg, m, attn, dpr, inner_norm_at, not shared,
+                                                kind if m == "v" else "joint",
+                                                tokenlearner if m == "v" else (0, 0))
+                                      for m in self.mods})
+        self.bottlenecks = bottlenecks
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6) if shared else None
         self.fusion_layer = fusion_layer if len(self.mods) == 2 else cfg.depth
         if len(self.mods) == 2:
             self.bottleneck = nn.Parameter(torch.zeros(1, bottlenecks, cfg.width))
         self.head_key = {m: "av" if shared else m for m in self.mods}
         self.apply(init_weights)
+        for st in self.streams.values():
+            st.zero_new()
         if len(self.mods) == 2:
             nn.init.trunc_normal_(self.bottleneck, std=0.02)
         self.probe_norm, self.heads = classifier_heads(cfg.width,
@@ -1493,17 +1648,23 @@ class MBT(Classifier):
         ids = {}
         for n, _ in self.named_parameters():
             p = n.split(".")
-            if p[0] == "streams" and p[2] == "blocks":
-                ids[n] = int(p[3]) + 1
-            elif p[0] == "streams" and p[2] == "inner_norm":
-                ids[n] = self.streams[p[1]].inner_norm_at
-            elif p[0] == "streams" and p[2] in ("embed", "pos"):
-                ids[n] = 0
+            if p[0] == "streams":
+                ids[n] = self.streams[p[1]].layer_ids(".".join(p[2:]), self.cfg.depth)
             elif p[0] == "bottleneck":
                 ids[n] = self.fusion_layer + 1
-            else:  # the final norms and the heads
-                ids[n] = self.n_layers + (p[0] == "heads")
+            else:  # the shared final norm, the heads
+                ids[n] = self.cfg.depth if p[0] == "norm" else self.n_layers + 1
         return ids
+
+    def stream_sources(self) -> list:
+        """[(name prefix, stream, modality)]: the streams a pretrained encoder initialises."""
+        return [(f"streams.{m}", st, m) for m, st in self.streams.items()]
+
+    def flops(self) -> dict:
+        """Forward FLOPs per clip (one test view) of the backbone, from the config."""
+        fused = {i: self.bottlenecks for i in range(self.fusion_layer, self.cfg.depth)}
+        f = sum(st.flops(fused if len(self.mods) == 2 else None) for st in self.streams.values())
+        return dict(forward=f)
 
     def features(self, a=None, v=None) -> dict:
         """{modality: (B, D)} pooled features (what a linear probe sees)."""
@@ -1513,7 +1674,7 @@ class MBT(Classifier):
         z = None
         for i in range(self.cfg.depth):
             if i < self.fusion_layer:
-                xs = {m: self.streams[m].block(i, x) for m, x in xs.items()}
+                xs = {m: self.streams[m].layer(i, x) for m, x in xs.items()}
                 continue
             if z is None:
                 z = self.bottleneck.expand(next(iter(xs.values())).shape[0], -1, -1)
@@ -1521,11 +1682,191 @@ class MBT(Classifier):
             for m, x in xs.items():
                 n = x.shape[1]
                 y = self.streams[m].block(i, torch.cat([x, z], dim=1))  # (B, n + bottlenecks, D)
-                xs[m] = y[:, :n]
+                xs[m] = self.streams[m].learn(i, y[:, :n])
                 zs.append(y[:, n:])
             z = torch.stack(zs).mean(0)  # the modalities meet only here
         # the shared head's one LayerNorm, or each stream's own
-        return {m: (self.norm or self.streams[m].norm)(x).mean(1) for m, x in xs.items()}
+        return {m: self.pool((self.norm or self.streams[m].norm)(x)) for m, x in xs.items()}
+
+    def pool(self, x):  # (B, N, D) -> (B, D)
+        return x.mean(1)
+
+
+class ViViTFE(MBT):
+    """ViViT Model 2 (factorised encoder; Arnab et al., 2021, Sec. 3.3), "late fusion" of space and
+    time: the video stream is a spatial encoder run on each time index alone (the pretrained
+    stream, its positions kept); each time index's tokens are pooled into one, and a temporal
+    encoder of `temporal_layers` new blocks, with new temporal positions, runs over those t tokens.
+    (ViViT reads CLS tokens; here every pooling is an average, as in the rest of the model.)"""
+
+    def __init__(self, cfg: AVMAEConfig, heads: dict, temporal_layers: int = 4,
+                 inner_norm_at: int | None = None, linear_probe: bool = False,
+                 tokenlearner: tuple = (0, 0)):
+        super().__init__(cfg, heads, inner_norm_at=inner_norm_at, linear_probe=linear_probe,
+                         kind="frames", tokenlearner=tokenlearner)
+        t, hidden = self.streams["v"].t, int(cfg.width * cfg.mlp_ratio)
+        self.time_pos = nn.Parameter(torch.zeros(1, t, cfg.width))
+        self.temporal = Transformer(cfg.width, temporal_layers, cfg.heads, hidden,
+                                    get_ops(cfg.kernels)["attention"])
+        self.temporal.apply(init_weights)
+        nn.init.trunc_normal_(self.time_pos, std=0.02)
+        self.n_layers = cfg.depth + temporal_layers
+
+    def layer_ids(self) -> dict:
+        ids = super().layer_ids()
+        ids.update(_prefix("temporal", self.temporal.layer_ids(self.cfg.depth + 1)))
+        return {**ids, "time_pos": self.cfg.depth + 1}
+
+    def pool(self, x):  # (B, t s, D) -> a token per time index (B, t, D) -> temporal -> (B, D)
+        B, N, D = x.shape
+        t = self.streams["v"].t
+        return self.temporal(x.view(B, t, N // t, D).mean(2) + self.time_pos).mean(1)
+
+    def flops(self) -> dict:
+        t, d = self.streams["v"].t, self.cfg.width
+        f = len(self.temporal.blocks) * block_flops(t, d, int(d * self.cfg.mlp_ratio))
+        return dict(forward=super().flops()["forward"] + f)
+
+
+class CrossViewAttention(nn.Module):
+    """MTV's cross-view attention (Yan et al., 2022, Sec. 3.2): the tokens of one view (width dim)
+    query those of the next (width ctx_dim), both LayerNormed; keys and values are projected to the
+    querying view's width; the output projection starts at zero (the authors' code), so the views
+    start as they were pretrained. Returns the update for the querying view."""
+
+    def __init__(self, dim: int, ctx_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(ctx_dim, eps=1e-6)
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(ctx_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx):  # (B, N, dim), (B, M, ctx_dim) -> (B, N, dim)
+        B, N, D = x.shape
+        H = self.heads
+        q = self.q(self.norm_q(x)).view(B, N, H, D // H).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(ctx)).view(B, ctx.shape[1], 2, H,
+                                               D // H).permute(2, 0, 3, 1, 4)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+    def flops(self, n: int, m: int, ctx_dim: int) -> float:
+        d = self.q.out_features
+        return 2 * n * 2 * d * d + 2 * m * ctx_dim * 2 * d + 4 * n * m * d
+
+
+class MTV(Classifier):
+    """Multiview Transformers (Yan et al., 2022), multimodal as in the talk (audio as a view; Xiong
+    et al., 2022). views: [(modality, tubelet, width scale)]: each view tokenises the clip its own
+    way (video with its own tubelet length, or the spectrogram) and has its own encoder of the
+    model's depth, width and heads scaled (ViT-B/S/Ti: 1, 1/2, 1/4). The views are ordered by token
+    count, fewest first. From `fusion_layer` on, each layer starts with cross-view attention in
+    which view i reads view i + 1 (every query made from the layer's inputs: one layer moves
+    information one view down the order, never up). A global encoder of `global_layers` blocks
+    with learned positions then runs over each view's tokens pooled per time index and projected
+    to the model's width; its output, pooled, is the clip's feature. (The authors' code encodes
+    each largest-tubelet time span apart; a spectrogram's time patches need not divide into those,
+    so each view here is encoded whole.)"""
+
+    def __init__(self, cfg: AVMAEConfig, heads: dict, views: list, fusion_layer: int = 0,
+                 global_layers: int = 4, inner_norm_at: int | None = None,
+                 linear_probe: bool = False, tokenlearner: tuple = (0, 0)):
+        super().__init__()
+        self.cfg = cfg
+        self.mods = tuple(m for m in MODALITIES if any(w[0] == m for w in views))
+        if not 0 <= fusion_layer <= cfg.depth:
+            raise ValueError(f"fusion_layer={fusion_layer} must lie in 0..{cfg.depth}")
+        attn = get_ops(cfg.kernels)["attention"]
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        streams = []
+        for m, tub, scale in views:
+            vc = replace(cfg, tubelet=tub, width=round(cfg.width * scale),
+                         heads=max(1, round(cfg.heads * scale)))
+            if m == "v" and cfg.num_frames % tub:
+                raise ValueError(f"a view's tubelet of {tub} frames does not divide "
+                                 f"{cfg.num_frames} frames")
+            if vc.width % vc.heads:
+                raise ValueError(f"a view of width {vc.width} does not split into {vc.heads} heads")
+            full = vc.width == cfg.width  # a view that a checkpoint of this width initialises
+            st = Stream(vc, m, attn, dpr, inner_norm_at if full else None, True, "joint",
+                        tokenlearner if m == "v" else (0, 0))
+            st.name, st.mod, st.heads = (f"v/{tub}" if m == "v" else "a"), m, vc.heads
+            streams.append(st)
+        streams.sort(key=lambda st: st.patches.n)  # fewest tokens first (stable)
+        self.views = nn.ModuleList(streams)
+        self.fusion_layer = fusion_layer
+        self.cross = nn.ModuleDict({str(i): nn.ModuleList(
+            CrossViewAttention(a.width, b.width, a.heads) for a, b in zip(streams, streams[1:]))
+            for i in range(fusion_layer, cfg.depth)})
+        self.proj = nn.ModuleList(nn.Linear(st.width, cfg.width) for st in streams)
+        self.global_pos = nn.Parameter(torch.zeros(1, sum(st.t for st in streams), cfg.width))
+        self.global_enc = Transformer(cfg.width, global_layers, cfg.heads,
+                                      int(cfg.width * cfg.mlp_ratio), attn)
+        self.norm = None  # (each view closes with its own LayerNorm)
+        self.key = "av" if len(self.mods) == 2 else self.mods[0]
+        self.head_key = {self.key: self.key}
+        self.apply(init_weights)
+        for layer in self.cross.values():
+            for c in layer:
+                nn.init.zeros_(c.proj.weight)
+        nn.init.trunc_normal_(self.global_pos, std=0.02)
+        self.probe_norm, self.heads = classifier_heads(cfg.width, [self.key], heads, linear_probe)
+        self.n_layers = cfg.depth + global_layers
+
+    def stream_sources(self) -> list:
+        return [(f"views.{k}", st, st.mod) for k, st in enumerate(self.views)
+                if st.width == self.cfg.width]
+
+    def layer_ids(self) -> dict:
+        depth, ids = self.cfg.depth, {}
+        for n, _ in self.named_parameters():
+            p = n.split(".")
+            if p[0] == "views":
+                ids[n] = self.views[int(p[1])].layer_ids(".".join(p[2:]), depth)
+            elif p[0] == "cross":
+                ids[n] = int(p[1]) + 1
+            elif p[0] in ("proj", "global_pos"):
+                ids[n] = depth + 1
+            elif p[0] == "heads":
+                ids[n] = self.n_layers + 1
+        return {**ids, **_prefix("global_enc", self.global_enc.layer_ids(depth + 1))}
+
+    def view_tokens(self, i: int) -> list:  # each view's token count entering layer i
+        return [st.t * st.learner.S if st.learner and i >= st.learn_at else st.patches.n
+                for st in self.views]
+
+    def features(self, a=None, v=None) -> dict:
+        inputs = {m: x for m, x in (("a", a), ("v", v)) if x is not None}
+        if set(inputs) != set(self.mods):
+            raise ValueError(f"this model's views take modalities {self.mods}, got "
+                             f"{tuple(inputs)}")
+        xs = self.encode([st.tokens(inputs[st.mod]) for st in self.views])
+        g = []
+        for st, x, proj in zip(self.views, xs, self.proj):
+            B, N, D = x.shape
+            g.append(proj(x.view(B, st.t, N // st.t, D).mean(2)))  # (B, t_i, width)
+        g = torch.cat(g, dim=1) + self.global_pos  # (B, sum t_i, width)
+        return {self.key: self.global_enc(g).mean(1)}
+
+    def encode(self, xs: list) -> list:
+        """The view encoders with their lateral connections: [(B, N_i, D_i)] -> the same, each
+        view closed by its LayerNorm."""
+        for i in range(self.cfg.depth):
+            if str(i) in self.cross:  # view j reads view j + 1
+                ups = [c(xs[j], xs[j + 1]) for j, c in enumerate(self.cross[str(i)])]
+                xs = [x + u for x, u in zip(xs, ups)] + xs[len(ups):]
+            xs = [st.layer(i, x) for st, x in zip(self.views, xs)]
+        return [st.norm(x) for st, x in zip(self.views, xs)]
+
+    def flops(self) -> dict:
+        f = sum(st.flops() for st in self.views)
+        for i in map(int, self.cross):
+            n = self.view_tokens(i)
+            f += sum(c.flops(n[j], n[j + 1], self.views[j + 1].width)
+                     for j, c in enumerate(self.cross[str(i)]))
+        d, T = self.cfg.width, self.global_pos.shape[1]
+        f += sum(2 * st.t * st.width * d for st in self.views)
+        f += len(self.global_enc.blocks) * block_flops(T, d, int(d * self.cfg.mlp_ratio))
+        return dict(forward=f)
 
 
 class EncoderClassifier(Classifier):

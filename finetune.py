@@ -10,8 +10,10 @@ Tables 22-24). Shares its distributed / checkpoint / logging plumbing with train
   python finetune.py ... --linear_probe                         # frozen encoder, linear head
   python finetune.py ... --eval_only --resume out/finetune/ckpt_0005000.pt  # evaluate a checkpoint
 
---modality audio|video|av; --arch mbt (default; bottleneck fusion from --fusion_layer on) or encoder
-(the pretraining encoder structure). Every field of FinetuneConfig below is a flag.
+--modality audio|video|av; --arch mbt (default; bottleneck fusion from --fusion_layer on), encoder
+(the pretraining encoder structure), vivit_fe | vivit_fsa | vivit_fdp (ViViT's factorisations, video)
+or mtv (Multiview Transformer; --mtv_views, audio a view with --modality av); --tokenlearner 8 puts
+8 learned tokens per time index on the video stream. Every field of FinetuneConfig below is a flag.
 """
 import csv
 import dataclasses
@@ -39,7 +41,15 @@ class FinetuneConfig(train.RunConfig):
     preset: str = "vggsound"
     init: str = ""                # a pretraining checkpoint (train.py); '' = from scratch
     modality: str = "av"          # audio | video | av
-    arch: str = "mbt"             # mbt | encoder (av only)
+    arch: str = "mbt"             # mbt | encoder (av only) | vivit_fe | vivit_fsa | vivit_fdp
+                                  # (video only) | mtv
+    temporal_layers: int = -1     # ViViT-FE's temporal / MTV's global encoder blocks; -1 = a
+                                  # third of the depth (ViViT-B FE: 12 + 4)
+    mtv_views: str = ""           # MTV views "v2:1,a:1,v4:0.5": modality (v with its tubelet
+                                  # length), width scale; '' = v at the pretraining tubelet (1),
+                                  # twice it (0.5), and audio (1) if av
+    tokenlearner: int = 0         # S learned tokens per time index on the video stream (0 = off)
+    tokenlearner_layer: int = -1  # after this many blocks; -1 = the middle
     mbt_head: str = "shared"      # shared: the authors' MBT (one LayerNorm
                                   # + classifier for both modalities, a loss and a mixup weight per
                                   # modality) | per_modality (heads per modality, logits averaged,
@@ -102,7 +112,8 @@ MODALITY = {"audio": "a", "video": "v", "av": "av"}
 # (preset, depth) -> MBT fusion layer where the authors' config differs
 FUSION_LAYER = {("audioset", 24): 18}
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY),
-               arch=("mbt", "encoder"), mbt_head=("shared", "per_modality"),
+               arch=("mbt", "encoder", "vivit_fe", "vivit_fsa", "vivit_fdp", "mtv"),
+               mbt_head=("shared", "per_modality"),
                video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
                inflate=("inflate", "central", "none"), optimizer=("sgd", "adamw"),
                precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
@@ -122,7 +133,41 @@ def parse_args(argv=None) -> FinetuneConfig:
     if fcfg.arch == "encoder" and fcfg.modality != "av":
         raise SystemExit("--arch encoder is the audiovisual pretraining encoder: use it with "
                          "--modality av")
+    if fcfg.arch.startswith("vivit") and fcfg.modality != "video":
+        raise SystemExit(f"--arch {fcfg.arch} is one of ViViT's video models: use it with "
+                         "--modality video (--arch mtv takes audio as a view)")
+    if fcfg.tokenlearner and (fcfg.modality == "audio" or fcfg.arch == "encoder"):
+        raise SystemExit("--tokenlearner works on the video stream of mbt, vivit_* or mtv: use "
+                         "--modality video or av")
+    if fcfg.mtv_views and fcfg.arch != "mtv":
+        raise SystemExit("--mtv_views is for --arch mtv")
+    try:
+        mtv_views(fcfg, 2)
+    except ValueError as e:
+        raise SystemExit(f"--mtv_views {fcfg.mtv_views!r}: {e}")
     return fcfg
+
+
+def mtv_views(fcfg, tubelet: int) -> list:
+    """[(modality, tubelet, width scale)] from --mtv_views (or its default, given the pretraining
+    tubelet); an error names what is wrong."""
+    spec = fcfg.mtv_views or f"v{tubelet}:1,v{2 * tubelet}:0.5" + (",a:1" if fcfg.modality ==
+                                                                    "av" else "")
+    views = []
+    for item in spec.split(","):
+        name, _, scale = item.strip().partition(":")
+        try:
+            views.append((name[0], int(name[1:]) if name[0] == "v" else 0, float(scale or 1)))
+        except (ValueError, IndexError):
+            raise ValueError(f"view {item!r} is not 'v<tubelet>:<scale>' or 'a:<scale>'")
+        if name[0] not in "av" or (name[0] == "a" and name[1:]) or views[-1][2] <= 0:
+            raise ValueError(f"view {item!r} is not 'v<tubelet>:<scale>' or 'a:<scale>'")
+    mods = {m for m, _, _ in views}
+    want = set(MODALITY[fcfg.modality])
+    if fcfg.arch == "mtv" and mods != want:
+        raise ValueError(f"the views' modalities {''.join(sorted(mods))} are not those of "
+                         f"--modality {fcfg.modality}")
+    return views
 
 # -----------------------------------------------------------------------------
 # the model and the weight mapping from any pretraining strategy
@@ -173,8 +218,20 @@ def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
     inner = kept[1] if kept else None
     fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else \
         FUSION_LAYER.get((fcfg.preset, cfg.depth), round(2 * cfg.depth / 3))
-    return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe,
-                     fcfg.mbt_head == "shared")
+    tl = (fcfg.tokenlearner, fcfg.tokenlearner_layer if fcfg.tokenlearner_layer >= 0
+          else cfg.depth // 2)
+    temporal = fcfg.temporal_layers if fcfg.temporal_layers >= 0 else max(1, cfg.depth // 3)
+    try:
+        if fcfg.arch == "vivit_fe":
+            return avmae.ViViTFE(cfg, heads, temporal, inner, fcfg.linear_probe, tl)
+        if fcfg.arch == "mtv":
+            return avmae.MTV(cfg, heads, mtv_views(fcfg, cfg.tubelet), fusion, temporal, inner,
+                             fcfg.linear_probe, tl)
+        kind = {"vivit_fsa": "fsa", "vivit_fdp": "fdp"}.get(fcfg.arch, "joint")
+        return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe,
+                         fcfg.mbt_head == "shared", kind, tl)
+    except ValueError as e:
+        raise SystemExit(f"--arch {fcfg.arch}: {e}")
 
 
 def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> torch.Tensor:
@@ -205,37 +262,41 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                              f"modalities={pcfg['modalities']!r}); use --arch mbt")
         mapping = {k: k for k in model.state_dict() if k.startswith(("patch_embed.", "enc_pos.",
                                                                      "encoder."))}
-    else:
-        for m in cfg.mods:
+    else:  # MBT / ViViT streams, MTV views of the checkpoint's width (stream_sources)
+        for prefix, st, m in model.stream_sources():
             # a unimodal checkpoint initialises both streams (Table 3)
             s = m if m in src_mods else src_mods[0]
             if m in src_mods:
-                mapping[f"streams.{m}.embed.weight"] = f"patch_embed.{m}.weight"
-                mapping[f"streams.{m}.embed.bias"] = f"patch_embed.{m}.bias"
+                mapping[f"{prefix}.embed.weight"] = f"patch_embed.{m}.weight"
+                mapping[f"{prefix}.embed.bias"] = f"patch_embed.{m}.bias"
                 if pcfg["pos_embed"] == "learned":
-                    mapping[f"streams.{m}.pos.table"] = f"enc_pos.{m}.table"
+                    mapping[f"{prefix}.pos.table"] = f"enc_pos.{m}.table"
             # (early / shared: one set of weights into every stream, untied)
             w = stream_weights(pcfg, s)
-            # a source block, or (block, {its submodule: the one to read})
+            # a source block, or (block, {its submodule: the one to read}); a factorised block's
+            # new parts (e.g. ViViT-FSA's temporal attention) are left out
             for i in range(cfg.depth):
                 b = w["blocks"][i]
                 src, rename = b if isinstance(b, tuple) else (b, {})
-                for k in model.streams[m].blocks[i].state_dict():
+                for k in st.blocks[i].state_dict():
                     head, rest = k.split(".", 1)
+                    if head in getattr(st.blocks[i], "new", ()):
+                        continue
                     read = f"encoder.{src}.{rename.get(head, head)}.{rest}"
-                    mapping[f"streams.{m}.blocks.{i}.{k}"] = read
+                    mapping[f"{prefix}.blocks.{i}.{k}"] = read
             final = f"encoder.{w['norm']}"
             for k in ("weight", "bias"):
                 if model.norm is None:
-                    mapping[f"streams.{m}.norm.{k}"] = f"{final}.{k}"
+                    mapping[f"{prefix}.norm.{k}"] = f"{final}.{k}"
                 else:  # one LayerNorm for both modalities: the mean of the streams' final norms
                     mapping[f"norm.{k}"] = tuple(sorted(set(mapping.get(f"norm.{k}",
                                                                         ())) | {f"{final}.{k}"}))
-                if model.streams[m].inner_norm_at is not None:
-                    mapping[f"streams.{m}.inner_norm.{k}"] = f"encoder.{w['inner'][0]}.{k}"
+                if st.inner_norm_at is not None:
+                    mapping[f"{prefix}.inner_norm.{k}"] = f"encoder.{w['inner'][0]}.{k}"
     dst = model.state_dict()
     out, loaded, folded = {}, [], set()
     mbt = not isinstance(model, avmae.EncoderClassifier)
+    sources = model.stream_sources() if mbt else []
     if mbt and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
         # an audio-only checkpoint: the video tubelet filter from the audio patch filter
         # (ViViT Sec. 3.4)
@@ -243,11 +304,15 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} "
                              f"audio patch into {cfg.patch_size}x{cfg.patch_size} video patches; "
                              "use --inflate none")
-        out["streams.v.embed.weight"] = avmae.inflate_patch_embed(
-            state["patch_embed.a.weight"], cfg.patch_size, 1, cfg.tubelet, cfg.in_chans, inflate)
-        out["streams.v.embed.bias"] = state["patch_embed.a.bias"].clone()
-        loaded += [f"streams.v.embed.weight <- {inflate}(patch_embed.a.weight)",
-                   "streams.v.embed.bias <- patch_embed.a.bias"]
+        for prefix, st, m in sources:
+            if m == "v":
+                out[f"{prefix}.embed.weight"] = avmae.inflate_patch_embed(
+                    state["patch_embed.a.weight"], cfg.patch_size, 1,
+                    st.patches.pt, cfg.in_chans, inflate)
+                out[f"{prefix}.embed.bias"] = state["patch_embed.a.bias"].clone()
+                loaded += [f"{prefix}.embed.weight <- {inflate}(patch_embed.a.weight)",
+                           f"{prefix}.embed.bias <- patch_embed.a.bias"]
+    grids = {f"{prefix}.pos.table": st.patches.grid for prefix, st, _ in sources}
     for d_name, s_name in mapping.items():
         if isinstance(s_name, tuple):  # the mean of several tensors (or one)
             t = torch.stack([state[n] for n in s_name]).mean(0)
@@ -259,10 +324,19 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             raise ValueError(f"checkpoint has no {s_name} for {d_name}: it does not match its own "
                              f"config {pcfg}")
         t = state[s_name]
+        how = ""
         if d_name.endswith("pos.table") and t.shape != dst[d_name].shape:
-            m = d_name.split(".")[1]
-            src_grid = avmae.PATCHES[m](avmae.AVMAEConfig(**pcfg)).grid
-            t = _resize_positions(t, src_grid, avmae.PATCHES[m](cfg).grid)
+            src_grid = avmae.PATCHES[s_name.split(".")[1]](avmae.AVMAEConfig(**pcfg)).grid
+            t, how = _resize_positions(t, src_grid, grids[d_name]), "resized "
+        if s_name == "patch_embed.v.weight" and t.shape != dst[d_name].shape and \
+                t.shape[1] % (cfg.patch_size ** 2 * cfg.in_chans) == 0:
+            # another tubelet length (an MTV view): the 2-D filter (the sum over the tubelet's
+            # frames) re-inflated, so a still clip embeds as before
+            p2 = cfg.patch_size ** 2 * cfg.in_chans
+            w2d = t.reshape(t.shape[0], -1, p2).sum(1)
+            tub = dst[d_name].shape[1] // p2
+            t = avmae.inflate_patch_embed(w2d, cfg.patch_size, cfg.in_chans, tub, cfg.in_chans)
+            how = f"re-inflated to {tub} frames "
         if t.shape != dst[d_name].shape:
             raise ValueError(f"{s_name} has shape {tuple(t.shape)} but {d_name} needs "
                              f"{tuple(dst[d_name].shape)}: the checkpoint and the finetuning "
@@ -275,12 +349,13 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             t = t + state[fold]
             folded.add(fold)
         out[d_name] = t
-        loaded.append(f"{d_name} <- {s_name}" + (f" + {fold}" if fold else ""))
+        loaded.append(f"{d_name} <- {how}{s_name}" + (f" + {fold}" if fold else ""))
     used = {n for s_name in mapping.values()
             for n in (s_name if isinstance(s_name, tuple) else (s_name,))} | folded
     new = sorted(k for k in dst if k not in out)
     dropped = sorted(k for k in state if k not in used)
-    other = set(src_mods) - set(cfg.mods)
+    # (an MTV without a view of the checkpoint's width for a modality leaves that stream unused)
+    other = set(src_mods) - {m for _, _, m in sources} if mbt else set(src_mods) - set(cfg.mods)
     by_design = () if isinstance(model, avmae.EncoderClassifier) else mbt_drops(pcfg)
     def of_other(k):
         return any(f".{m}." in k or k.endswith(f".{m}") for m in other)
@@ -472,6 +547,8 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     targets = {h: torch.cat([p[2][h] for p in parts]) for h in ds.heads}
     res = metrics(logits, targets, ds.multi_label)
     res["clips"] = len(ids)
+    if hasattr(model, "flops"):  # the backbone's forward pass on every test view of one clip
+        res["gflop_per_clip"] = round(model.flops()["forward"] * fcfg.views / 1e9, 4)
     if out_dir and d.master:
         write_reports(out_dir, ids, logits, targets, ds)
     return res
@@ -652,7 +729,7 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     gen = torch.Generator()
     trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad) / 1e6
     train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
-                 f"{trainable:.1f}M trainable | init {fcfg.init or 'scratch'} | "
+                 f"{trainable:.2f}M trainable | init {fcfg.init or 'scratch'} | "
                  f"{len(job.train_ds)} train / {len(job.test_ds)} test clips | {total} steps | lr "
                  f"{job.lr:.3g}")
     from tqdm import tqdm

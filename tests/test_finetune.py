@@ -121,7 +121,7 @@ def test_longer_video_than_pretraining(tmp_path):
         assert model.streams["v"].pos().shape[0] == 2 * 8 and model(
             v=torch.rand(1, 3, 8, 32, 32))["label"].shape == (1, 3)
         if pos == "learned":  # interpolated along time: the first time slice stays close
-            assert "streams.v.pos.table <- enc_pos.v.table" in report["loaded"]
+            assert "streams.v.pos.table <- resized enc_pos.v.table" in report["loaded"]
 
 
 def test_mismatched_checkpoints_are_clear_errors(tmp_path, builtin):
