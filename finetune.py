@@ -11,9 +11,10 @@ Tables 22-24). Shares its distributed / checkpoint / logging plumbing with train
   python finetune.py ... --eval_only --resume out/finetune/ckpt_0005000.pt  # evaluate a checkpoint
 
 --modality audio|video|av; --arch mbt (default; bottleneck fusion from --fusion_layer on), encoder
-(the pretraining encoder structure), vivit_fe | vivit_fsa | vivit_fdp (ViViT's factorisations, video)
-or mtv (Multiview Transformer; --mtv_views, audio a view with --modality av); --tokenlearner 8 puts
-8 learned tokens per time index on the video stream. Every field of FinetuneConfig below is a flag.
+(the pretraining encoder structure), vivit_fe | vivit_fsa | vivit_fdp (ViViT's factorisations,
+video) or mtv (Multiview Transformer; --mtv_views, audio a view with --modality av);
+--tokenlearner 8 puts 8 learned tokens per time index on the video stream. Every field of
+FinetuneConfig below is a flag.
 """
 import csv
 import dataclasses

@@ -167,10 +167,11 @@ def test_flops_match_torch_s_counter(arch, mod, tl, monkeypatch):
 
 
 def test_the_talk_s_trade_off_at_vit_b_scale():
-    """ViT-B at the paper's input (16 frames of 224: 1568 tokens) and at ViViT's (32 frames: 3136):
-    the factorised encoder and dot-product cost less than the unfactorised model, TokenLearner (8
-    per time index after the middle) about half; factorised self-attention pays its second
-    attention's projections (2 x 4 d^2 per token and layer), which only the longer clip earns back."""
+    """ViT-B at the paper's input (16 frames of 224: 1568 tokens) and at ViViT's (32 frames,
+    3136 tokens): the factorised encoder and dot-product cost less than the unfactorised model,
+    TokenLearner (8 per time index after the middle) about half; factorised self-attention pays
+    its second attention's projections (2 x 4 d^2 per token and layer), which only the longer clip
+    earns back."""
     def gflop(arch, frames, tl=0):
         cfg = finetune.FinetuneConfig(arch=arch, modality="video", tokenlearner=tl, size="base",
                                       num_frames=frames, image_size=224, drop_path=0.0,
