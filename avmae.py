@@ -1470,7 +1470,7 @@ class FDPAttention(Attention):
         B, N, D = x.shape
         H, s = self.heads, N // t
         hd, h = D // H, H // 2
-        q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
+        q, k, v = self.qkv(x).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
 
         def space(u):  # (B, h, t s, hd) -> (B, h t, s, hd)
             return u.reshape(B, -1, s, hd)
@@ -1532,7 +1532,8 @@ class Stream(nn.Module):
     def __init__(self, cfg: AVMAEConfig, m: str, attn_fn, dpr, inner_norm_at: int | None = None,
                  final_norm: bool = True, kind: str = "joint", tokenlearner: tuple = (0, 0)):
         super().__init__()
-        self.patches, self.kind, self.width = PATCHES[m](cfg), kind, cfg.width
+        self.patches, self.kind, self.mod = PATCHES[m](cfg), kind, m
+        self.width, self.heads = cfg.width, cfg.heads
         self.t = self.patches.grid[0]  # time indices
         self.hidden = int(cfg.width * cfg.mlp_ratio)
         self.embed = nn.Linear(self.patches.dim, cfg.width)
@@ -1562,6 +1563,9 @@ class Stream(nn.Module):
     def layer(self, i, x):
         return self.learn(i, self.block(i, x))
 
+    def tokens_at(self, i: int) -> int:  # tokens entering block i
+        return self.t * self.learner.S if self.learner and i >= self.learn_at else self.patches.n
+
     def zero_new(self):  # after the model's init: new attentions start as a residual (ViViT)
         for b in self.blocks:
             if isinstance(b, FSABlock):
@@ -1577,13 +1581,11 @@ class Stream(nn.Module):
 
     def flops(self, extra: dict | None = None) -> float:
         """Forward FLOPs on one clip; extra: {block: tokens added there} (MBT's bottlenecks)."""
-        n, d = self.patches.n, self.width
-        f = 2 * n * self.patches.dim * d  # patch embedding
+        f = 2 * self.patches.n * self.patches.dim * self.width  # patch embedding
         for i in range(len(self.blocks)):
-            f += self._block_flops(n + (extra or {}).get(i, 0))
-            if self.learner and i + 1 == self.learn_at:
-                f += self.learner.flops(n, d)
-                n = self.t * self.learner.S
+            f += self._block_flops(self.tokens_at(i) + (extra or {}).get(i, 0))
+        if self.learner:
+            f += self.learner.flops(self.tokens_at(self.learn_at - 1), self.width)
         return f
 
     def _block_flops(self, n: int) -> float:
@@ -1789,7 +1791,7 @@ class MTV(Classifier):
             full = vc.width == cfg.width  # a view that a checkpoint of this width initialises
             st = Stream(vc, m, attn, dpr, inner_norm_at if full else None, True, "joint",
                         tokenlearner if m == "v" else (0, 0))
-            st.name, st.mod, st.heads = (f"v/{tub}" if m == "v" else "a"), m, vc.heads
+            st.name = f"v/{tub}" if m == "v" else "a"
             streams.append(st)
         streams.sort(key=lambda st: st.patches.n)  # fewest tokens first (stable)
         self.views = nn.ModuleList(streams)
@@ -1830,10 +1832,6 @@ class MTV(Classifier):
                 ids[n] = self.n_layers + 1
         return {**ids, **_prefix("global_enc", self.global_enc.layer_ids(depth + 1))}
 
-    def view_tokens(self, i: int) -> list:  # each view's token count entering layer i
-        return [st.t * st.learner.S if st.learner and i >= st.learn_at else st.patches.n
-                for st in self.views]
-
     def features(self, a=None, v=None) -> dict:
         inputs = {m: x for m, x in (("a", a), ("v", v)) if x is not None}
         if set(inputs) != set(self.mods):
@@ -1860,7 +1858,7 @@ class MTV(Classifier):
     def flops(self) -> dict:
         f = sum(st.flops() for st in self.views)
         for i in map(int, self.cross):
-            n = self.view_tokens(i)
+            n = [st.tokens_at(i) for st in self.views]
             f += sum(c.flops(n[j], n[j + 1], self.views[j + 1].width)
                      for j, c in enumerate(self.cross[str(i)]))
         d, T = self.cfg.width, self.global_pos.shape[1]
