@@ -1602,16 +1602,23 @@ class MBT(Classifier):
     """Attention bottlenecks (Nagrani et al., 2021), as the paper finetunes (Sec. 4.1): layers
     before `fusion_layer` run per modality; from it on, each modality's layer sees [own tokens | the
     bottleneck tokens] and the bottleneck outputs are averaged over modalities. With one modality
-    this is a plain ViT (AST for audio, ViViT for video). shared_head (the authors' MBT): one final
-    LayerNorm and one classifier for both modalities, each modality's logits trained on its own loss
-    (finetune.py); otherwise a LayerNorm and heads per modality. Evaluation averages the modalities'
-    logits either way. kind: the video stream's blocks (joint; or, video only, ViViT's factorised
-    self-attention fsa or dot-product fdp); tokenlearner (S, L): TokenLearner on the video stream
-    after block L - 1."""
+    this is a plain ViT (AST for audio, ViViT for video). The bottleneck a layer writes is read by
+    the next, so fusing from layer L of D gives D - L - 1 exchanges: L = D - 1 is late fusion (each
+    stream's logits see only its own input; logits averaged). head: "shared" (the authors' MBT): one
+    final LayerNorm and one classifier for both modalities, each modality's logits trained on its
+    own loss (finetune.py); "separate": a LayerNorm and a classifier per modality, a loss each;
+    "per_modality": heads per modality, one loss on the averaged logits. Evaluation averages the
+    modalities' logits in every case. kind: the video stream's blocks (joint; or, video only,
+    ViViT's factorised self-attention fsa or dot-product fdp); tokenlearner (S, L): TokenLearner on
+    the video stream after block L - 1. unimodal_heads (Gradient Blending, Wang et al., 2020): a
+    LayerNorm + classifier per modality on the pooled tokens entering the fusion layer, whose logits
+    forward(per_modality=True) adds as "a_alone", "v_alone" for a loss of their own: each stream
+    must then learn its modality's part of the label alone, before the other can stand in for it."""
 
     def __init__(self, cfg: AVMAEConfig, heads: dict, fusion_layer: int = 8, bottlenecks: int = 4,
                  inner_norm_at: int | None = None, linear_probe: bool = False,
-                 shared_head: bool = True, kind: str = "joint", tokenlearner: tuple = (0, 0)):
+                 head: str = "shared", kind: str = "joint", tokenlearner: tuple = (0, 0),
+                 unimodal_heads: bool = False):
         super().__init__()
         self.cfg, self.mods = cfg, cfg.mods
         if len(self.mods) == 2 and not 0 <= fusion_layer <= cfg.depth:
@@ -1621,7 +1628,11 @@ class MBT(Classifier):
                              "video only (bottleneck tokens have no place in space or time)")
         if tokenlearner[0] and "v" not in self.mods:
             raise ValueError("TokenLearner works on the video stream: finetune video or av")
-        shared = shared_head and len(self.mods) == 2
+        if head not in ("shared", "separate", "per_modality"):
+            raise ValueError(f"head={head!r}: shared | separate | per_modality")
+        shared = head == "shared" and len(self.mods) == 2
+        # finetune.py trains each modality's logits on a loss of their own
+        self.loss_per_modality = head != "per_modality" and len(self.mods) == 2
         attn = get_ops(cfg.kernels)["attention"]
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.streams = nn.ModuleDict({m: Stream(cfg, m, attn, dpr, inner_norm_at, not shared,
@@ -1642,6 +1653,11 @@ class MBT(Classifier):
         self.probe_norm, self.heads = classifier_heads(cfg.width,
                                                        sorted(set(self.head_key.values())), heads,
                                                        linear_probe)
+        self.unimodal = self.alone = None
+        if unimodal_heads and len(self.mods) == 2 and self.fusion_layer < cfg.depth:
+            self.unimodal_norm = nn.ModuleDict({m: nn.LayerNorm(cfg.width, eps=1e-6)
+                                                for m in self.mods})
+            _, self.unimodal = classifier_heads(cfg.width, self.mods, heads, False)
         self.n_layers = cfg.depth
 
     def layer_ids(self) -> dict:
@@ -1652,6 +1668,8 @@ class MBT(Classifier):
             p = n.split(".")
             if p[0] == "streams":
                 ids[n] = self.streams[p[1]].layer_ids(".".join(p[2:]), self.cfg.depth)
+            elif p[0].startswith("unimodal"):  # new heads: the full learning rate
+                ids[n] = self.n_layers + 1
             elif p[0] == "bottleneck":
                 ids[n] = self.fusion_layer + 1
             else:  # the shared final norm, the heads
@@ -1680,6 +1698,8 @@ class MBT(Classifier):
                 continue
             if z is None:
                 z = self.bottleneck.expand(next(iter(xs.values())).shape[0], -1, -1)
+                if self.unimodal is not None:  # what each stream learned alone, for forward()
+                    self.alone = {m: x.mean(1) for m, x in xs.items()}
             zs = []
             for m, x in xs.items():
                 n = x.shape[1]
@@ -1689,6 +1709,13 @@ class MBT(Classifier):
             z = torch.stack(zs).mean(0)  # the modalities meet only here
         # the shared head's one LayerNorm, or each stream's own
         return {m: self.pool((self.norm or self.streams[m].norm)(x)) for m, x in xs.items()}
+
+    def forward(self, a=None, v=None, per_modality: bool = False) -> dict:
+        out = super().forward(a, v, per_modality)
+        if per_modality and self.unimodal is not None:
+            out.update({f"{m}_alone": {h: lin(self.unimodal_norm[m](self.alone[m]))
+                                       for h, lin in self.unimodal[m].items()} for m in self.mods})
+        return out
 
     def pool(self, x):  # (B, N, D) -> (B, D)
         return x.mean(1)

@@ -148,8 +148,8 @@ def test_multi_label_targets_are_label_smoothed():
 # logits and a mixup weight per modality, the per-modality losses averaged
 
 
-def _mbt(shared_head=True):
-    return avmae.MBT(tiny_config(), {"label": 3}, fusion_layer=2, shared_head=shared_head)
+def _mbt(head="shared"):
+    return avmae.MBT(tiny_config(), {"label": 3}, fusion_layer=2, head=head)
 
 
 def test_mbt_default_has_one_norm_and_one_head_and_a_loss_per_modality():
@@ -164,11 +164,65 @@ def test_mbt_default_has_one_norm_and_one_head_and_a_loss_per_modality():
     loss = finetune.finetune_loss(per, t, True, False, 0.0)
     each = [finetune.loss_fn(per[m], t[m], False, 0.0) for m in "av"]
     assert torch.allclose(loss, (each[0] + each[1]) / 2)
-    # the option: heads and norms per modality, logits averaged before one loss
-    old = _mbt(shared_head=False)
-    assert set(old.heads) == {
-        "a", "v"} and old.norm is None and all(s.norm is not None for s in old.streams.values())
+    assert model.loss_per_modality
+    # the options: heads and norms per modality, a loss each (separate) or one loss on the
+    # averaged logits (per_modality)
+    for head in ("separate", "per_modality"):
+        other = _mbt(head)
+        assert set(other.heads) == {"a", "v"} and other.norm is None
+        assert all(s.norm is not None for s in other.streams.values())
+        assert other.loss_per_modality == (head == "separate")
+        per = other(**x, per_modality=True)
+        assert torch.allclose(other(**x)["label"], (per["a"]["label"] + per["v"]["label"]) / 2)
+    assert not avmae.MBT(tiny_config(modalities="a"), {"label": 3}).loss_per_modality
     assert finetune.parse_args([]).mbt_head == "shared"
+    with pytest.raises(ValueError, match="shared | separate"):
+        _mbt("both")
+
+
+def test_mbt_streams_exchange_from_the_layer_after_the_fusion_layer():
+    """A bottleneck written at layer i is read at i + 1: fusing from the last layer is late fusion
+    (audio logits blind to video), one layer earlier gives the audio stream a view of the video."""
+    for fusion, sees_video in ((3, False), (2, True)):
+        torch.manual_seed(0)
+        model = avmae.MBT(tiny_config(), {"label": 3}, fusion_layer=fusion, head="separate").eval()
+        x = tiny_batch(model.cfg)
+        a = model(**x, per_modality=True)["a"]["label"]
+        b = model(a=x["a"], v=torch.randn_like(x["v"]), per_modality=True)["a"]["label"]
+        assert torch.allclose(a, b) != sees_video
+
+
+def test_mbt_unimodal_heads_read_each_stream_before_fusion_and_add_their_own_loss():
+    """Gradient Blending (Wang et al., 2020) on MBT: a_alone sees audio only, its loss trains the
+    audio layers before fusion and nothing of the video stream; evaluation never sees it."""
+    torch.manual_seed(0)
+    model = avmae.MBT(tiny_config(), {"label": 3}, fusion_layer=2, head="separate",
+                      unimodal_heads=True)
+    x = tiny_batch(model.cfg)
+    per = model(**x, per_modality=True)
+    assert set(per) == {"a", "v", "a_alone", "v_alone"} and set(model(**x)) == {"label"}
+    other = model(a=x["a"], v=torch.randn_like(x["v"]), per_modality=True)
+    assert torch.allclose(per["a_alone"]["label"], other["a_alone"]["label"])
+    assert not torch.allclose(per["v_alone"]["label"], other["v_alone"]["label"])
+    t = {m: {"label": torch.eye(3)[[0, 2]]} for m in "av"}
+    fused = finetune.finetune_loss({m: per[m] for m in "av"}, t, True, False, 0.0)
+    alone = [finetune.loss_fn(per[f"{m}_alone"], t[m], False, 0.0) for m in "av"]
+    total = finetune.finetune_loss(per, t, True, False, 0.0, unimodal=0.5)
+    assert torch.allclose(total, fused + 0.5 * (alone[0] + alone[1]) / 2)
+    model.zero_grad()
+    finetune.loss_fn(per["a_alone"], t["a"], False, 0.0).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["streams.a.blocks.0.attn.qkv.weight"].abs().sum() > 0
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".v." in n)
+    # the quick preset learns with it; without fusion layers or with one loss it has no place
+    q = finetune.parse_args(["--preset", "quick"])
+    assert (q.fusion_layer, q.mbt_head, q.unimodal_loss) == (2, "separate", 1.0)
+    late = avmae.MBT(tiny_config(), {"label": 3}, fusion_layer=4, unimodal_heads=True)
+    assert late.unimodal is None
+    for bad in (["--unimodal_loss", "-1"], ["--unimodal_loss", "1", "--mbt_head", "per_modality"],
+                ["--unimodal_loss", "1", "--arch", "mtv"]):
+        with pytest.raises(SystemExit, match="--unimodal_loss"):
+            finetune.parse_args(bad)
 
 
 def test_mixup_draws_a_weight_per_modality_with_its_own_targets():

@@ -267,6 +267,31 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
                            torch.zeros_like(ck["model"]["heads.a.label.weight"]))
 
 
+def test_learning_watch_sets_train_accuracy_beside_test_and_warns_at_chance(capsys):
+    from tqdm import tqdm
+    watch = finetune.LearningWatch({"label": 6}, False, steps_per_epoch=2)
+    y = torch.eye(6)[[0, 1]]
+    t = {"a": {"label": y}, "v": {"label": y}}
+    right = {"a": {"label": y * 5}, "v": {"label": y * 5}, "a_alone": {"label": -y * 9}}
+    for _ in range(2):  # MBT's unimodal logits (a_alone) are no part of the model's prediction
+        watch.update(right, t, True, math.log(6))
+    res = {**watch.summary(), "label_top1": 0.25}
+    assert res["train_top1"] == 1.0
+    bar = tqdm(disable=False)
+    line = watch.line(2 * 3, res, bar)
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert "epoch 3: train top-1 1.000" in out and "test label_top1 0.250" in out
+    assert "warning: the training loss has not moved from chance" in out
+    assert json.loads(line)["train_loss"] == pytest.approx(math.log(6))
+    for _ in range(2):
+        watch.update(right, t, True, 0.5)
+    watch.line(2 * 3, watch.summary(), bar)
+    bar.close()
+    cap = capsys.readouterr()
+    assert "epoch 3" in cap.out + cap.err and "warning" not in cap.out + cap.err
+
+
 def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_path):
     # CAV-MAE's modality-type embedding is folded into the patch embedding's bias: same features
     path, pretrained = pretrained_ckpt(tmp_path, **train.VARIANTS["cavmae"])
