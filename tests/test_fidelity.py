@@ -176,7 +176,7 @@ def test_mbt_default_has_one_norm_and_one_head_and_a_loss_per_modality():
         assert torch.allclose(other(**x)["label"], (per["a"]["label"] + per["v"]["label"]) / 2)
     assert not avmae.MBT(tiny_config(modalities="a"), {"label": 3}).loss_per_modality
     assert finetune.parse_args([]).mbt_head == "shared"
-    with pytest.raises(ValueError, match="shared | separate"):
+    with pytest.raises(ValueError, match=r"shared \| separate \| per_modality"):
         _mbt("both")
 
 
