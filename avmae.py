@@ -379,8 +379,13 @@ def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor,
     return gather_tokens(x, ids_restore) + pos
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal softmax attention, (B, H, N, hd) each."""
+def attention(q: torch.Tensor, k: torch.Tensor | None = None,
+              v: torch.Tensor | None = None) -> torch.Tensor:
+    """Non-causal softmax attention of (B, H, N, hd) q, k, v, or of one packed (B, N, 3, H, hd)
+    qkv (self-attention, as the projection makes it: the kernel then returns one packed gradient);
+    (B, H, N, hd) out."""
+    if k is None:
+        q, k, v = q.permute(2, 0, 3, 1, 4)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -400,15 +405,17 @@ OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, a
                  loss=recon_loss)
 
 
-# GPUs (a name substring) on which a Triton kernel was measured faster than its twin, per op
-# (`python kernels/bench.py` on that GPU, eager and compiled). --kernels auto uses a kernel only
+# GPUs (a name substring) on which a Triton kernel was measured no slower than its twin, per op
+# (`python kernels/bench.py --report` on that GPU prints the entry its figures support, eager and
+# compiled); "attention/64": attention at head dim 64 only. --kernels auto uses a kernel only
 # there: until a measurement says otherwise the twins (SDPA for attention) are the fast path.
-KERNELS_MEASURED_FASTER: dict = {}  # e.g. {"H100": ("gather", "assemble")}
+KERNELS_MEASURED_FASTER: dict = {}  # e.g. {"H100": ("gather", "assemble", "attention/64")}
 
 
-def _pick(fast, twin, on_cpu: bool, supports=None):
+def _pick(fast, twin, on_cpu: bool, supports=None, head_dims=None):
     def op(x, *args):  # the inputs decide (trace-time constants for torch.compile)
-        use = (x.is_cuda or on_cpu) and (supports is None or supports(x, *args))
+        use = (x.is_cuda or on_cpu) and (supports is None or supports(x, *args)) and (
+            head_dims is None or x.shape[-1] in head_dims)
         return fast(x, *args) if use else twin(x, *args)
     op.__name__, op.__doc__ = twin.__name__, twin.__doc__
     return op
@@ -426,12 +433,16 @@ def get_ops(name: str, device: str | None = None) -> dict:
     import kernels  # (imports triton; only when asked for)
     if name == "auto":
         gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else ""
-        faster = {op for k, ops in KERNELS_MEASURED_FASTER.items() if k in gpu for op in ops}
+        listed = [op for k, ops in KERNELS_MEASURED_FASTER.items() if k in gpu for op in ops]
     else:
-        faster = set(kernels.FAST)
-    return {k: _pick(kernels.FAST[k], twin, name == "triton" and kernels.INTERPRET,
-                     kernels.SUPPORTS.get(k))
-            if k in faster and k in kernels.FAST else twin for k, twin in OPS_TORCH.items()}
+        listed = list(kernels.FAST)
+    ops = {}
+    for k, twin in OPS_TORCH.items():
+        dims = {int(op.split("/")[1]) for op in listed if op.startswith(k + "/")}
+        ops[k] = twin if k not in kernels.FAST or (k not in listed and not dims) else \
+            _pick(kernels.FAST[k], twin, name == "triton" and kernels.INTERPRET,
+                  kernels.SUPPORTS.get(k), None if k in listed else dims)
+    return ops
 
 # -----------------------------------------------------------------------------
 # transformer primitives: pre-LN ViT block (LN eps 1e-6, GELU, MLP 4x), as ViT / MAE
@@ -447,8 +458,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = self.attn_fn(q, k, v)  # (B, H, N, hd)
+        y = self.attn_fn(self.qkv(x).view(B, N, 3, self.heads, D // self.heads))  # (B, H, N, hd)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 

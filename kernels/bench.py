@@ -61,7 +61,8 @@ def run_ours(dev) -> bool:  # the kernels run on CUDA, or on the CPU under the i
 
 
 def bench_memory(dev, B, small):
-    """Rows (what, ours GB/s, twin GB/s, % of HBM peak)."""
+    """Rows (what, ours GB/s, twin GB/s, twin under torch.compile GB/s (on a GPU), fraction of
+    HBM peak)."""
     N, K, P, D = (64, 8, 96, 64) if small else (1568, 157, 1536, 384)
     perm = torch.stack([torch.randperm(N, device=dev) for _ in range(B)])
     keep, drop = perm[:, :K].contiguous(), perm[:, K:].contiguous()
@@ -84,7 +85,10 @@ def bench_memory(dev, B, small):
     for what, name, args, moved in cases:
         ours = timeit(lambda: kernels.FAST[name](*args)) if run_ours(dev) else None
         twin = timeit(lambda: avmae.OPS_TORCH[name](*args))
+        fused = _compiled(avmae.OPS_TORCH[name], dev)
+        comp = timeit(lambda: fused(*args)) if fused else None
         rows.append((what, ours and moved / ours / 1e9, moved / twin / 1e9,
+                     comp and moved / comp / 1e9,
                      ours and hbm_peak() and moved / ours / hbm_peak()))
     for norm in (False, True):
         moved = B * M * P * (2 * act + f32)  # read predictions and targets, write the gradient
@@ -94,9 +98,35 @@ def bench_memory(dev, B, small):
             return g
         ours = timeit(lambda: step(kernels.FAST["loss"])) if run_ours(dev) else None
         twin = timeit(lambda: step(avmae.recon_loss))
+        fused = _compiled(avmae.recon_loss, dev)
+        comp = timeit(lambda: step(fused)) if fused else None
         rows.append((f"loss fwd+bwd {B}x{M}x{P} norm_pix={norm}", ours and moved / ours / 1e9,
-                     moved / twin / 1e9, ours and hbm_peak() and moved / ours / hbm_peak()))
+                     moved / twin / 1e9, comp and moved / comp / 1e9,
+                     ours and hbm_peak() and moved / ours / hbm_peak()))
     return rows
+
+
+def _compiled(fn, dev):  # the twin as torch.compile fuses it (on a GPU only: a CPU compile is slow)
+    return torch.compile(fn, dynamic=False) if dev == "cuda" else None
+
+
+def suggest(dev, memory, attention) -> str:
+    """The avmae.KERNELS_MEASURED_FASTER entry these figures support: a memory kernel where it was
+    no slower than its twin, eager and compiled; attention at head dim 64 where ours (either
+    backward) was no slower than SDPA's best backend, forward and backward, at every length."""
+    if dev != "cuda" or not memory or not attention:
+        return "none (needs the memory and attention figures of a GPU run)"
+    ops = []
+    for name in ("gather", "assemble", "unshuffle", "loss"):
+        rs = [r for r in memory if r[0].split()[0] == name]
+        if all(r[1] is not None and r[1] >= r[2] and (r[3] is None or r[1] >= r[3]) for r in rs):
+            ops.append(name)
+    fb = [r for *_, what, r in attention if what == "fwd+bwd"]
+    if all(max(v for k, v in r.items() if k.startswith("ours")) >= max(
+            v for k, v in r.items() if not k.startswith("ours")) for r in fb):
+        ops.append("attention/64")
+    gpu = torch.cuda.get_device_name()
+    return f"`{{{gpu!r}: {tuple(ops)!r}}}`"
 
 
 def bench_attention(dev, B, small):
@@ -111,30 +141,38 @@ def bench_attention(dev, B, small):
         dict(math=SDPBackend.MATH)
     rows = []
     for N, H in shapes:
+        # the model's packed projection: ours takes it whole, SDPA its three views
         qkv = torch.randn(B, N, 3, H, d, device=dev, dtype=dtype, requires_grad=True)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         dout = torch.randn(B, H, N, d, device=dev, dtype=dtype)  # a fixed random dO
         fl = 4 * B * H * N * N * d
         fns = {}
-        if run_ours(dev) and "attention" in kernels.FAST:
-            fns["ours"] = kernels.FAST["attention"]
+        if run_ours(dev) and "attention" in kernels.FAST:  # (name: DQ_ATOMIC, FWD_TMA)
+            fns.update({f"ours{x}": (kernels.FAST["attention"], opt) for x, opt in OURS.items()})
         for name, be in backends.items():
-            fns[name] = (lambda be: lambda q, k, v: _sdpa(q, k, v, be, sdpa_kernel))(be)
+            fns[name] = ((lambda be: lambda qkv: _sdpa(qkv, be, sdpa_kernel))(be), (0, 0))
         fwd, fb = {}, {}
-        for name, fn in fns.items():
+        for name, (fn, (atomic, tma)) in fns.items():
+            kernels.attention.DQ_ATOMIC, kernels.attention.FWD_TMA = atomic, tma
             try:
-                fwd[name] = fl / timeit(lambda: fn(q, k, v)) / 1e12
-                fb[name] = 3.5 * fl / timeit(lambda: torch.autograd.grad(fn(q, k, v), qkv,
+                if not atomic:  # (the same forward as ours)
+                    fwd[name] = fl / timeit(lambda: fn(qkv)) / 1e12
+                fb[name] = 3.5 * fl / timeit(lambda: torch.autograd.grad(fn(qkv), qkv,
                                                                          dout)) / 1e12
             except RuntimeError:  # a backend that does not take this shape / dtype / GPU
                 continue
+            finally:
+                kernels.attention.DQ_ATOMIC = kernels.attention.FWD_TMA = False
         rows += [(N, H, "fwd", fwd), (N, H, "fwd+bwd", fb)]
     return rows
 
 
-def _sdpa(q, k, v, backend, sdpa_kernel):
+# our kernel's options as columns: (kernels.attention.DQ_ATOMIC, FWD_TMA)
+OURS = {"": (False, False), ", dq by atomics": (True, False), ", TMA forward": (False, True)}
+
+
+def _sdpa(qkv, backend, sdpa_kernel):
     with sdpa_kernel([backend]):
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4))
 
 
 def bench_step(dev, small):
@@ -183,6 +221,81 @@ def fullgraph_check(dev, small) -> str:
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
+SMEM = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # bytes per block, opt-in
+
+
+def compile_check(cc: int, full: bool = True) -> list:
+    """Compiles every kernel, in every autotuning configuration it may pick, for a CUDA GPU of
+    compute capability cc (90: H100 / H200) without one: Triton's compiler and ptxas run on any
+    machine. Catches what the interpreter cannot (a tl.dot shape or dtype the GPU does not take,
+    shared memory over the GPU's limit) before a GPU is at hand. Rows (kernel, case, config,
+    shared memory bytes or None, error or ""). full=False: bf16 and head dim 64 only."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from kernels import assemble, attention, gather, loss
+    cases = []  # (name, kernel, pointer dtypes, constexprs, configs)
+    for dt in ("bf16", "fp16", "fp32") if full else ("bf16",):
+        fp32 = dt == "fp32"
+        for d in (32, 64, 128) if full else (64,):
+            fix = dict(HEAD_DIM=d, IS_FP32=fp32)
+            io = dict(Q=dt, K=dt, V=dt, O=dt, DO=dt, DQ=dt, DK=dt, DV=dt, LSE="fp32",
+                      DELTA="fp32", DQACC="fp32")
+            cases += [(f"attention fwd{' tma' if t else ''}", attention._attn_fwd, io,
+                       {**fix, "TMA": t}, attention._FWD) for t in (False, True)]
+            cases += [
+                      ("attention delta", attention._attn_bwd_delta, io,
+                       dict(HEAD_DIM=d, BLOCK_M=64), [triton.Config({})]),
+                      ("attention dq", attention._attn_bwd_dq, io, fix, attention._DQ)]
+            cases += [(f"attention dkdv{' atomic dq' if a else ''}", attention._attn_bwd_dkdv, io,
+                      {**fix, "DQ_ATOMIC": a}, attention._DKDV) for a in (False, True)]
+        C = 384  # the decoder's width; patches 1536 wide
+        bk, bc = gather._blocks(C)
+        one = [triton.Config({})]
+        cases += [
+            ("gather", gather._gather_kernel, dict(x_ptr="fp32", ids_ptr="i64", pos_ptr=dt,
+                                                   out_ptr=dt), dict(HAS_POS=True, BLOCK_K=bk,
+                                                                     BLOCK_C=bc), one),
+            ("scatter", gather._scatter_kernel, dict(g_ptr=dt, ids_ptr="i64", dx_ptr="fp32"),
+             dict(BLOCK_K=bk, BLOCK_C=bc), one)]
+        br, bd = assemble._blocks(C)
+        cases += [(f"assemble raster={r}", assemble._assemble_kernel,
+                   dict(x_ptr=dt, pv_ptr=dt, tok_ptr=dt, pm_ptr=dt, iv_ptr="i64", im_ptr="i64",
+                        out_ptr=dt), dict(RASTER=r, BLOCK_R=br, BLOCK_D=bd), one)
+                  for r in (False, True)]
+        lp = dict(pred_ptr=dt, patch_ptr="fp32", ids_ptr="i64", rows_ptr="fp32",
+                  grad_ptr="fp32", dpred_ptr=dt)
+        cases += [(f"loss {w} norm={n}", k, lp, dict(NORM=n, BLOCK_P=2048), one)
+                  for w, k in (("fwd", loss._loss_fwd), ("bwd", loss._loss_bwd))
+                  for n in (False, True)]
+    rows = []
+    for name, kernel, ptrs, fix, configs in cases:
+        jit = kernel.fn if hasattr(kernel, "configs") else kernel
+        if hasattr(kernel, "configs") and "HEAD_DIM" in fix:  # the kernel's own pruning
+            configs = kernel.early_config_prune(configs, fix)
+        for cfg in configs:
+            consts = {**fix, **cfg.kwargs}
+            sig = {p.name: "constexpr" if p.is_constexpr else "*" + ptrs[p.name]
+                   if p.name in ptrs else "fp32" if "scale" in p.name else "i32"
+                   for p in jit.params}
+            what = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + \
+                f" w{cfg.num_warps} s{cfg.num_stages}"
+            case = ", ".join(f"{k}={v}" for k, v in fix.items() if not k.startswith("BLOCK")) + \
+                f" {[v for v in ptrs.values() if v not in ('fp32', 'i64')][:1] or ['fp32']}"
+            try:
+                c = triton.compile(triton.compiler.ASTSource(fn=jit, signature=sig,
+                                                              constexprs=consts),
+                                   target=GPUTarget("cuda", cc, 32),
+                                   options=dict(num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages))
+                shared, err = c.metadata.shared, ""
+                if shared > SMEM.get(cc, 232448):
+                    err = f"shared memory {shared} B over the {SMEM.get(cc, 232448)} B of sm_{cc}"
+            except Exception as e:  # the compiler's message, first line
+                shared, err = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            rows.append((name, case, what, shared, err))
+    return rows
+
+
 def markdown(dev, memory, attention, steps, fullgraph, small) -> str:
     import triton
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
@@ -193,33 +306,38 @@ def markdown(dev, memory, attention, steps, fullgraph, small) -> str:
                                                     "GPU figure.**"), ""]
     out += [
         "## Attention (TFLOP/s)", "",
-        "| N | heads | pass | ours | " + " | ".join(_backends(attention)) + " | ours / best SDPA |",
-        "|---|---|---|---|" + "---|" * len(_backends(attention)) + "---|"]
+        "| N | heads | pass | " + " | ".join(f"ours{x}" for x in OURS) + " | "
+        + " | ".join(_backends(attention)) + " | ours (best) / best SDPA |",
+        "|---|---|---|" + "---|" * (len(OURS) + len(_backends(attention))) + "---|"]
     for N, H, what, r in attention:
-        sdpa = {k: v for k, v in r.items() if k != "ours"}
+        sdpa = {k: v for k, v in r.items() if not k.startswith("ours")}
         best = max(sdpa.values()) if sdpa else None
-        ratio = f"{r['ours'] / best:.2f}" if "ours" in r and best else "-"
-        cells = [str(N), str(H), what, _f(r.get("ours"))]
+        ours = max((v for k, v in r.items() if k.startswith("ours")), default=None)
+        ratio = f"{ours / best:.2f}" if ours and best else "-"
+        cells = [str(N), str(H), what] + [_f(r.get(f"ours{x}")) for x in OURS]
         cells += [_f(r.get(b)) for b in _backends(attention)] + [ratio]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "## Memory kernels (GB/s)", "",
-            "| what | ours | twin | ours, fraction of HBM peak |", "|---|---|---|---|"]
-    out += [f"| {w} | {_f(o)} | {_f(t)} | {'-' if not p else f'{100 * p:.0f}%'} |" for w, o, t,
-            p in memory]
+            "| what | ours | twin | twin, compiled | ours, fraction of HBM peak |",
+            "|---|---|---|---|---|"]
+    out += [f"| {w} | {_f(o)} | {_f(t)} | {_f(c)} | {'-' if not p else f'{100 * p:.0f}%'} |"
+            for w, o, t, c, p in memory]
     title = "Training step (tiny, small shapes)" if small else \
         "ViT-B training step (mid fusion S = 2, shared decoder, batch 64, bf16)"
     out += ["", f"## {title}", "", "| --kernels | mode | clips/s | MFU | peak memory (GB) |",
             "|---|---|---|---|---|"]
     out += [f"| {b} | {m} | {_f(c)} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
             f"{mem if isinstance(mem, str) else _f(mem)} |" for b, m, c, mfu, mem in steps]
-    out += ["", f"torch.compile of the training step: {fullgraph}", ""]
+    out += ["", f"torch.compile of the training step: {fullgraph}", "",
+            f"avmae.KERNELS_MEASURED_FASTER entry these figures support: "
+            f"{suggest(dev, memory, attention)}", ""]
     return "\n".join(out)
 
 
 def _backends(attention):
     seen = []
     for *_, r in attention:
-        seen += [k for k in r if k != "ours" and k not in seen]
+        seen += [k for k in r if not k.startswith("ours") and k not in seen]
     return seen
 
 
@@ -284,8 +402,23 @@ def main(argv=None):
                    "model in this CAV-MAE checkout (nothing else is run)")
     p.add_argument("--site",
                    help="with --cavmae: a folder holding the timm they pin (pip install --target)")
+    p.add_argument("--compile", type=int, metavar="CC", help="compile every kernel and config "
+                   "for compute capability CC (90: H100) without a GPU; nothing else is run")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.compile:
+        if kernels.INTERPRET:
+            sys.exit("--compile: unset TRITON_INTERPRET (it compiles for the GPU, not the CPU)")
+        rows = compile_check(a.compile, full=not a.smoke)
+        bad = [r for r in rows if r[4]]
+        for r in rows:
+            print(f"{r[0]:<26} {r[1]:<40} {r[2]:<36} {'-' if r[3] is None else r[3]:>7} B  "
+                  f"{r[4] or 'ok'}")
+        print(f"{len(rows) - len(bad)} of {len(rows)} compiled for sm_{a.compile}")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        sys.exit(1 if bad else 0)
     if a.cavmae:
         B = 4 if dev == "cpu" and a.batch == 64 else a.batch
         rows = bench_cavmae(a.cavmae, a.site, dev, B, 3 if dev == "cpu" else 20)

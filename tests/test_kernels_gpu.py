@@ -23,17 +23,25 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("N", [157, 200, 357, 400, 1568, 1968, 3136])
-@pytest.mark.parametrize("d", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_attention_paper_lengths(N, d, dtype):
-    if d != 64 and N not in (157, 1968):
-        pytest.skip("other head dims at two lengths")
+LENGTHS = [157, 200, 357, 400, 1568, 1968, 3136]
+ATTENTION_CASES = (  # every length at head dim 64 in the three dtypes, packed; the other head dims
+    # at two lengths; the other forms (three views, dq by atomics, the TMA forward) in bf16
+    [(N, 64, dt, "packed") for N in LENGTHS for dt in ("bf16", "fp16", "fp32")]
+    + [(N, d, dt, "packed") for N in (157, 1968) for d in (32, 128) for dt in ("bf16", "fp16",
+                                                                               "fp32")]
+    + [(N, 64, "bf16", form) for N in LENGTHS for form in ("qkv", "atomic_dq", "tma")])
+
+
+@pytest.mark.parametrize("N,d,dt,form", ATTENTION_CASES)
+def test_attention_paper_lengths(N, d, dt, form, monkeypatch):
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[dt]
+    monkeypatch.setattr(kernels.attention, "DQ_ATOMIC", form == "atomic_dq")
+    monkeypatch.setattr(kernels.attention, "FWD_TMA", form == "tma")
     torch.manual_seed(0)
     H = 768 // 64
     qkv = torch.randn(2, N, 3, H, d, device=DEV, dtype=dtype, requires_grad=True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    y = kernels.FAST["attention"](q, k, v)
+    y = kernels.FAST["attention"](*((q, k, v) if form == "qkv" else (qkv,)))
     ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)))
     g = torch.randn_like(ref)
     (dy,) = torch.autograd.grad(y, qkv, g.to(dtype))

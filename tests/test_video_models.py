@@ -155,7 +155,9 @@ def test_shapes_through_each_model():
                                          ("vivit_fdp", "video", 8), ("mtv", "av", 0),
                                          ("mtv", "video", 8)])
 def test_flops_match_torch_s_counter(arch, mod, tl, monkeypatch):
-    def matmul_attention(q, k, v):  # what the counter sees (it does not count CPU SDPA)
+    def matmul_attention(q, k=None, v=None):  # what the counter sees (not CPU SDPA)
+        if k is None:  # a packed (B, N, 3, H, hd) qkv
+            q, k, v = q.permute(2, 0, 3, 1, 4)
         return (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v
     monkeypatch.setattr(avmae, "attention", matmul_attention)
     monkeypatch.setattr(avmae, "get_ops", lambda *a: dict(attention=matmul_attention))
