@@ -367,3 +367,22 @@ def test_every_kernel_compiles_for_an_h100_without_one(tmp_path):
             "gather", "scatter", "assemble raster=True", "loss bwd norm=True"} <= names
     # each configuration of the GPU's autotuning list (here the interpreter's list has one)
     assert len({r[2] for r in rows if r[0] == "attention fwd"}) >= 4
+
+
+def test_the_report_suggests_a_kernel_only_where_it_was_no_slower(monkeypatch):
+    # --kernels auto takes the entry the GPU report prints: a memory kernel only if no slower than
+    # its twin eager and compiled, attention only if one of our forms is no slower than SDPA's
+    # best backend at every length (made-up figures; GB/s and TFLOP/s)
+    sys.path.insert(0, os.path.join(ROOT, "kernels"))
+    import bench
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    memory = [("gather fp32", 2000, 1500, 1900, .6), ("assemble x", 1800, 1000, 1900, .5),
+              ("unshuffle x", 1800, 1000, None, .5), ("loss fwd+bwd a", 1500, 900, 1400, .4),
+              ("loss fwd+bwd b", 1500, 900, 1600, .4)]
+    fast = [(157, 12, "fwd+bwd", {"ours": 300, "ours, dq by atomics": 340, "flash": 320}),
+            (1968, 6, "fwd+bwd", {"ours": 400, "flash": 390, "cudnn": 380})]
+    entry = bench.suggest("cuda", memory, fast)
+    assert entry == "`{'NVIDIA H100 80GB HBM3': ('gather', 'unshuffle', 'attention/64')}`"
+    slow = fast[:1] + [(1968, 6, "fwd+bwd", {"ours": 400, "flash": 410})]
+    assert "attention" not in bench.suggest("cuda", memory, slow)
+    assert bench.suggest("cpu", memory, fast).startswith("none")
