@@ -9,8 +9,9 @@ output in registers (the "online softmax"): for each block, with c = log2(e) / s
 and at the end o = acc / l. The N x N score matrix never exists. The row's log-sum-exp
 (lse = m + log2 l, in base 2) is kept for the backward. Only the last key block, when N is not a
 multiple of BLOCK_N, is masked (keys past N score -inf); the others run without a compare.
-Backward (FA2's split, no atomics): delta = rowsum(do * o); one kernel owns a block of keys and
-accumulates dk, dv over all query blocks; another owns a block of queries and accumulates dq:
+Backward (FA2's split, by default without atomics): delta = rowsum(do * o); one kernel owns a block
+of keys and accumulates dk, dv over all query blocks; another owns a block of queries and
+accumulates dq:
     p = 2^(c s - lse),  dv += p^T do,  dp = do v^T,  ds = p (dp - delta),  dk += ds^T q,  dq += ds k
 (dk and dq then times 1 / sqrt(d)). In the dk / dv kernel no mask is needed: query rows past N load
 as zeros with lse = +inf, so their p is exactly 0, and key rows past N are never stored. The dq
@@ -37,8 +38,9 @@ from torch.library import triton_op, wrap_triton
 from . import INTERPRET
 
 LOG2E = 1.4426950408889634
-DQ_ATOMIC = False  # dq by atomics inside the dk / dv kernel (see above); read at each launch
-FWD_TMA = False    # forward loads through tensor descriptors (Hopper's TMA); read at each launch
+# options (see above), read at each launch (under torch.compile: when the step is traced)
+DQ_ATOMIC = False  # dq by atomics inside the dk / dv kernel
+FWD_TMA = False    # forward loads through tensor descriptors (Hopper's TMA)
 
 
 def _configs(shapes):  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
