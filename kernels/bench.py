@@ -312,6 +312,9 @@ def markdown(dev, memory, attention, steps, fullgraph, small) -> str:
                                                     "GPU figure.**"), ""]
     out += [
         "## Attention (TFLOP/s)", "",
+        "The TMA column: " + ("loads through tensor descriptors." if hasattr(
+            triton.language, "make_tensor_descriptor") else "this Triton has no tensor "
+            "descriptors, so it repeats the pointer loads."), "",
         "| N | heads | pass | " + " | ".join(f"ours{x}" for x in OURS) + " | "
         + " | ".join(_backends(attention)) + " | ours (best) / best SDPA |",
         "|---|---|---|" + "---|" * (len(OURS) + len(_backends(attention))) + "---|"]
