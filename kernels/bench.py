@@ -364,6 +364,12 @@ def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> di
 
     import numpy as np
     import train
+    if not os.path.isfile(os.path.join(repo, "src", "models", "cav_mae.py")):
+        sys.exit(f"--cavmae {repo}: no src/models/cav_mae.py there (give a CAV-MAE checkout, or a "
+                 f"folder holding its src/)")
+    if site and not os.path.isdir(os.path.join(site, "timm")):
+        sys.exit(f"--site {site}: no timm there (pip install --no-deps --target {site} "
+                 f"timm==0.4.5)")
     sys.path[:0] = ([site] if site else []) + [os.path.join(repo, "src")]
     np.float = float  # their pos_embed.py uses an alias numpy 1.24 removed (the model is untouched)
     with contextlib.redirect_stdout(io.StringIO()):

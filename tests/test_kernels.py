@@ -391,3 +391,17 @@ def test_the_report_suggests_a_kernel_only_where_it_was_no_slower(monkeypatch):
     assert entry.split("`")[1] == "{'NVIDIA H100 80GB HBM3': ('gather', 'unshuffle')}"
     assert "with an option on: `ours, dq by atomics`" in entry
     assert bench.suggest("cpu", memory, fast).startswith("none")
+
+
+def test_bench_user_errors_are_one_line(tmp_path):
+    # (the flag the message must name, the arguments, the environment)
+    for flag, args, env in [("--cavmae", ["--cavmae", str(tmp_path / "missing")], {}),
+                            ("--site", ["--cavmae", str(tmp_path), "--site", str(tmp_path)], {}),
+                            ("--compile", ["--compile", "90"], {"TRITON_INTERPRET": "1"})]:
+        if "--site" in args:
+            os.makedirs(tmp_path / "src" / "models", exist_ok=True)
+            (tmp_path / "src" / "models" / "cav_mae.py").write_text("")
+        p = subprocess.run([sys.executable, "kernels/bench.py", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and flag in p.stderr
