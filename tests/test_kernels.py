@@ -124,7 +124,9 @@ def test_attention_forward_through_tensor_descriptors(dtype, monkeypatch):
     ref = kernels.attention._attention_qkv(qkv)
     monkeypatch.setattr(kernels.attention, "FWD_TMA", True)
     import triton.language as tl
-    assert hasattr(tl, "make_tensor_descriptor") and kernels.attention._tma_ok(q, k, v)
+    if not hasattr(tl, "make_tensor_descriptor"):  # (the kernel then falls back by itself)
+        pytest.skip("this Triton has no tensor descriptors")
+    assert kernels.attention._tma_ok(q, k, v)
     got = kernels.attention._attention_qkv(qkv)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
