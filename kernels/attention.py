@@ -38,6 +38,7 @@ from torch.library import triton_op, wrap_triton
 from . import INTERPRET
 
 LOG2E = 1.4426950408889634
+HOPPER_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 # options (see above), read at each launch (under torch.compile: when the step is traced)
 DQ_ATOMIC = False  # dq by atomics inside the dk / dv kernel
 FWD_TMA = False    # forward loads through tensor descriptors (Hopper's TMA)
@@ -72,7 +73,7 @@ def _pruner(loop: str, fixed: str):
             rows = lambda x: c.kwargs["BLOCK_" + x]  # noqa: E731
             smem = 2 * d * size * ((c.num_stages - 1) * rows(loop) + rows(fixed))
             small = not (d >= 128 or a["IS_FP32"]) or rows("M") * rows("N") <= 64 * 64
-            return small and 1.1 * smem <= 232448
+            return small and 1.1 * smem <= HOPPER_SMEM
         return [c for c in configs if fits(c)] or configs[-1:]
     return prune
 
@@ -267,14 +268,6 @@ def supports(q, k=None, v=None) -> bool:
             and q.shape[-1] in (16, 32, 64, 128) and all(t.stride(-1) == 1 for t in ts))
 
 
-def _check(q, k, v):
-    assert q.shape == k.shape == v.shape and q.dim() == 4, "q, k, v: (B, H, N, d), equal shapes"
-    assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float16,
-                                                         torch.bfloat16)
-    assert q.shape[-1] in (16, 32, 64,
-                           128), f"head dim {q.shape[-1]} is not one of 16, 32, 64, 128"
-
-
 def _unpack(qkv):  # (B, N, 3, H, d) -> three (B, H, N, d) views
     assert qkv.dim() == 5 and qkv.shape[2] == 3, "qkv: (B, N, 3, H, d)"
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -291,7 +284,8 @@ def _tma_ok(*ts):  # a descriptor's base and row strides must be 16-byte aligned
 
 
 def _forward(q, k, v):
-    _check(q, k, v)
+    assert supports(q, k, v), (f"not an input this kernel takes (see supports): {q.shape} "
+                               f"{q.dtype}, strides {q.stride()}")
     B, H, N, d = q.shape
     o = _empty_bnhd(q)
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
@@ -307,7 +301,8 @@ def _forward(q, k, v):
 
 
 def _backward_into(do, q, k, v, o, lse, dq, dk, dv):
-    """Writes the gradients into dq, dk, dv ((B, H, N, d) views of any layout)."""
+    """Writes the gradients into dq, dk, dv ((B, H, N, d) views; dk and dv share one layout)."""
+    assert dk.stride() == dv.stride(), "dk and dv: one layout (the kernel takes one set of strides)"
     B, H, N, d = q.shape
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
