@@ -29,6 +29,7 @@ The output is laid out (B, N, H, d), so the model's transpose-reshape to (B, N, 
 avmae.attention (torch's scaled_dot_product_attention).
 """
 import math
+import os
 
 import torch
 import triton
@@ -42,6 +43,9 @@ HOPPER_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 K
 # options (see above), read at each launch (under torch.compile: when the step is traced)
 DQ_ATOMIC = False  # dq by atomics inside the dk / dv kernel
 FWD_TMA = False    # forward loads through tensor descriptors (Hopper's TMA)
+# AVMAE_AUTOTUNE=0: no autotuning, the first configuration that fits (each new length and dtype
+# then costs one compilation, not a compile and a timing of every configuration: for tests)
+AUTOTUNE = os.environ.get("AVMAE_AUTOTUNE", "1") != "0"
 
 
 def _configs(shapes):  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -74,7 +78,8 @@ def _pruner(loop: str, fixed: str):
             smem = 2 * d * size * ((c.num_stages - 1) * rows(loop) + rows(fixed))
             small = not (d >= 128 or a["IS_FP32"]) or rows("M") * rows("N") <= 64 * 64
             return small and 1.1 * smem <= HOPPER_SMEM
-        return [c for c in configs if fits(c)] or configs[-1:]
+        kept = [c for c in configs if fits(c)] or configs[-1:]
+        return kept if AUTOTUNE else kept[:1]
     return prune
 
 

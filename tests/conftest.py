@@ -1,13 +1,14 @@
 import os
 import sys
 
-# The kernel tests run Triton's interpreter on the CPU; it must be asked for before triton is
-# imported. Only models built with kernels='triton' use it: the default ('auto') runs the torch
-# twins on CPU.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch  # (torch does not import triton)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the kernel tests run Triton's interpreter on the CPU; it must be asked for before
+# triton is imported. Only models built with kernels='triton' use it: the default ('auto') runs the
+# torch twins on CPU. With a GPU, Triton compiles for it (tests/test_kernels_gpu.py; the
+# interpreter's tests skip, saying so), unless TRITON_INTERPRET is set either way.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # one thread per test process when pytest-xdist runs several (-n 2 on 2 cores), else two
