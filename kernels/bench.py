@@ -16,6 +16,7 @@ The step: mid fusion S = 2, shared decoder, bf16 autocast, AdamW, with --kernels
 triton, eager and compiled: clips/s, MFU and peak memory; and torch.compile(fullgraph=True).
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -200,7 +201,6 @@ OURS = {"": (False, False), ", dq by atomics": (True, False), ", TMA forward": (
 
 
 def _sdpa(qkv, backend, sdpa_kernel):  # backend None: SDPA's own choice
-    import contextlib
     with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
         return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4))
 
@@ -401,7 +401,6 @@ def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> di
     with the timm their users install in `site`) at the published shapes: 1024 x 128 audio, one 224
     RGB frame, 75% masking, 512 x 8 x 16 decoder, loss with contrast 0.01. One training step each
     (forward, backward, AdamW) on the same inputs, fp32 on a CPU, bf16 autocast on a GPU."""
-    import contextlib
     import io
 
     import numpy as np

@@ -8,7 +8,25 @@ import torch  # (torch does not import triton)
 # triton is imported. Only models built with kernels='triton' use it: the default ('auto') runs the
 # torch twins on CPU. With a GPU, Triton compiles for it (tests/test_kernels_gpu.py; the
 # interpreter's tests skip, saying so), unless TRITON_INTERPRET is set either way.
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+
+def _interpreter_refused() -> str:
+    """Why this machine's Triton interpreter cannot run the kernels, or ''. Triton < 3.7 calls int()
+    on one-element arrays, which NumPy >= 2.4 refuses (triton-lang/triton#9171)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        t, n = version("triton"), version("numpy")
+    except PackageNotFoundError:
+        return ""
+    major = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    if major(t) < (3, 7) and major(n) >= (2, 4):
+        return (f"triton {t}'s interpreter fails under numpy {n} (triton-lang/triton#9171): "
+                f"pip install 'numpy<2.4' or 'triton>=3.7' to run the kernel tests on a CPU")
+    return ""
+
+
+REFUSED = "" if torch.cuda.is_available() else _interpreter_refused()
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() or REFUSED else "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # one thread per test process when pytest-xdist runs several (-n 2 on 2 cores), else two

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 
 import avmae
 import kernels
-from conftest import tiny_batch, tiny_config
+from conftest import REFUSED, tiny_batch, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     not (kernels.HAVE_TRITON and kernels.INTERPRET),
-    reason="needs triton and TRITON_INTERPRET=1 set before it is imported (conftest does)")
+    reason=REFUSED or "needs triton and TRITON_INTERPRET=1 set before it is imported (conftest "
+    "does where there is no GPU)")
 FAST = kernels.FAST if kernels.HAVE_TRITON else {}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -251,7 +252,7 @@ COMPILE_CHECK = """
 import sys
 sys.path[:0] = [ROOT, ROOT + "/tests"]
 import torch, avmae, kernels
-from conftest import tiny_batch, tiny_config
+from conftest import REFUSED, tiny_batch, tiny_config
 from torch._functorch.aot_autograd import aot_module_simplified
 avmae.get_ops = lambda name: kernels.FAST  # every step through its Triton kernel, even on a CPU
 backwards = []
