@@ -1,6 +1,7 @@
 """kernels/ on a GPU: bf16 at the paper's shapes, the whole model step with kernels against the
 twins, and the compiled training step. Skipped without CUDA.
-Run alone: python -m pytest -q tests/test_kernels_gpu.py (TRITON_INTERPRET must not be set).
+Run alone: python -m pytest -q tests/test_kernels_gpu.py (where there is a GPU, conftest asks for no
+interpreter; TRITON_INTERPRET=1 set by hand skips these).
 Attention runs in the first configuration that fits, not autotuned (a compile and a timing of every
 configuration at each of the 60-odd cases would take minutes): kernels/bench.py --report checks the
 autotuned kernel against SDPA at every length it times."""
