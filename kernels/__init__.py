@@ -28,6 +28,19 @@ try:
 except ImportError:  # e.g. a CPU-only torch on aarch64: the twins run everything
     HAVE_TRITON = False
 
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton(kernel): the launch as one op that torch.compile traces. Under the
+    interpreter torch < 2.13 refuses the kernel (it is not a JITFunction there), and nothing is
+    traced on a CPU anyway: the kernel then launches as it is."""
+    from torch.library import wrap_triton as wrap
+    try:
+        return wrap(kernel)
+    except RuntimeError:
+        if INTERPRET:
+            return kernel
+        raise
+
 FAST, SUPPORTS = {}, {}
 if HAVE_TRITON:
     from . import assemble, attention, gather, loss

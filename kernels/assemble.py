@@ -16,9 +16,9 @@ Twins: avmae.assemble / unshuffle.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from . import INTERPRET
+from . import INTERPRET, wrap_triton
 from .gather import _gather
 
 

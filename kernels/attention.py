@@ -34,9 +34,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from . import INTERPRET
+from . import INTERPRET, wrap_triton
 
 LOG2E = 1.4426950408889634
 HOPPER_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)

@@ -10,9 +10,9 @@ over the batch. Twin: avmae.gather_tokens.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from . import INTERPRET
+from . import INTERPRET, wrap_triton
 
 
 def _blocks(C: int):

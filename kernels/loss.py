@@ -10,8 +10,9 @@ Nothing of size (B, M, P) is materialised but the gradient. Twin: avmae.recon_lo
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from . import wrap_triton
 
 
 @triton.jit

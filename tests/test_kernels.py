@@ -483,3 +483,19 @@ def test_bench_user_errors_are_one_line(tmp_path):
                            capture_output=True, text=True, timeout=120, env={**os.environ, **env})
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1 and flag in p.stderr
+
+
+def test_kernels_launch_under_a_torch_whose_wrap_triton_refuses_the_interpreter(monkeypatch):
+    # torch < 2.13's wrap_triton takes only JITFunctions, and the interpreter's kernels are not:
+    # the launch then goes to the kernel as it is (nothing is traced on a CPU); without the
+    # interpreter the refusal stands
+    import torch.library
+
+    def refuses(kernel):
+        raise RuntimeError("wrap_triton only works on functions annotated with triton.jit")
+    monkeypatch.setattr(torch.library, "wrap_triton", refuses)
+    x, ids = torch.randn(2, 9, 16), torch.stack([torch.randperm(9)[:4] for _ in range(2)])
+    assert torch.equal(FAST["gather"](x, ids), avmae.gather_tokens(x, ids))
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="only works"):
+        kernels.wrap_triton(kernels.gather._gather_kernel)
