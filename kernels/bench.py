@@ -205,12 +205,12 @@ def _sdpa(qkv, backend, sdpa_kernel):  # backend None: SDPA's own choice
         return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4))
 
 
-def bench_step(dev, small):
+def bench_step(dev, small, on_row=None):
     """The ViT-B paper configuration's training step per backend, eager and compiled (on a GPU,
     with fullgraph=True: a graph break fails the compile, which is then retried without it and
     reported). Returns the rows and what the compiles said. A backend that resolves to the same
     ops as one already timed ('auto' on a GPU with no measured entry is 'torch') is not timed
-    again."""
+    again. on_row(rows, graphs) after each row (a time limit in a later compile keeps them)."""
     import train
     base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64,
                 mel_bins=32) if small else {}
@@ -243,6 +243,8 @@ def bench_step(dev, small):
             del model
             if dev == "cuda":
                 torch.cuda.empty_cache()
+            if on_row:
+                on_row(rows, "; ".join(graphs))
     return rows, "; ".join(graphs) or "not compiled here (a CPU)"
 
 
@@ -502,10 +504,15 @@ def main(argv=None):
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1, default=str)
         return text
+
+    def step_row(rows, graphs):  # each step row as it comes
+        res.update(steps=rows, fullgraph=graphs or "not compiled yet")
+        save()
     sections = dict(memory=lambda: dict(memory=bench_memory(dev, B, small)),
                     attention=lambda: dict(zip(("attention", "checks"),
                                                bench_attention(dev, B, small))),
-                    step=lambda: dict(zip(("steps", "fullgraph"), bench_step(dev, small))))
+                    step=lambda: dict(zip(("steps", "fullgraph"),
+                                          bench_step(dev, small, step_row))))
     for name, fn in sections.items():
         if a.only in (None, name):
             t0 = time.perf_counter()

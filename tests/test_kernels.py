@@ -440,9 +440,11 @@ def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(mo
         timed.append(mcfg.kernels)
         return dict(clips_per_s=10.0 * len(timed), mfu=None, peak_mem_gb=None)
     monkeypatch.setattr(train, "bench", fake_bench)
-    rows, graphs = bench.bench_step("cpu", small=True)
+    seen = []
+    rows, graphs = bench.bench_step("cpu", small=True, on_row=lambda r, g: seen.append(len(r)))
     # with no measured entry for this machine 'auto' is 'torch': reported, not timed again
     assert timed == ["torch", "triton"]
+    assert seen == [1, 3]  # the rows so far, after each timing (the report saves them)
     assert [r[0] for r in rows] == ["torch", "auto (= torch: the same ops here)", "triton"]
     assert rows[1][2] == rows[0][2] == 10.0
     # a compile with fullgraph=True that fails is said, and the step timed without it
