@@ -41,6 +41,7 @@ def wrap_triton(kernel):
             return kernel
         raise
 
+
 FAST, SUPPORTS = {}, {}
 if HAVE_TRITON:
     from . import assemble, attention, gather, loss

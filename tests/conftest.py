@@ -4,11 +4,6 @@ import sys
 import pytest
 import torch  # (torch does not import triton)
 
-# Without a GPU the kernel tests run Triton's interpreter on the CPU; it must be asked for before
-# triton is imported. Only models built with kernels='triton' use it: the default ('auto') runs the
-# torch twins on CPU. With a GPU, Triton compiles for it (tests/test_kernels_gpu.py; the
-# interpreter's tests skip, saying so), unless TRITON_INTERPRET is set either way.
-
 
 def _interpreter_refused() -> str:
     """Why this machine's Triton interpreter cannot run the kernels, or ''. Triton < 3.7 calls int()
@@ -25,6 +20,10 @@ def _interpreter_refused() -> str:
     return ""
 
 
+# Without a GPU the kernel tests run Triton's interpreter on the CPU; it must be asked for before
+# triton is imported. Only models built with kernels='triton' use it: the default ('auto') runs the
+# torch twins on CPU. With a GPU, Triton compiles for it (tests/test_kernels_gpu.py; the
+# interpreter's tests skip, saying so), unless TRITON_INTERPRET is set either way.
 REFUSED = "" if torch.cuda.is_available() else _interpreter_refused()
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() or REFUSED else "1")
 
