@@ -501,3 +501,17 @@ def test_kernels_launch_under_a_torch_whose_wrap_triton_refuses_the_interpreter(
     monkeypatch.setattr(kernels, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="only works"):
         kernels.wrap_triton(kernels.gather._gather_kernel)
+
+
+def test_the_gpu_sitting_runs_its_steps_and_logs_each(tmp_path):
+    # .ci/gpu is run once, on a GPU lent for minutes: a broken step must show here first. On a CPU
+    # the report is its dry run and the GPU test skips; each step's status lands in the log
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "STEPS": "report jpeg", "TRITON_INTERPRET": "0"}
+    p = subprocess.run(["bash", ".ci/gpu", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    log = (out / "sitting.log").read_text()
+    assert "=== report: ok" in log and "=== nvJPEG against libjpeg-turbo: ok" in log, log[-3000:]
+    assert "=== GPU tests" not in log and "=== NCCL" not in log  # (not among STEPS)
+    assert "not a GPU figure" in (out / "bench.md").read_text()
