@@ -318,13 +318,17 @@ def test_training_step_compiles_without_graph_breaks():
 
 def test_bench_report_dry_run_and_kernel_rows(tmp_path):
     # the one GPU report command, run on a CPU: the twins at small shapes, saying it is not a GPU
-    # figure
-    out = tmp_path / "bench.md"
-    p = subprocess.run([sys.executable, "kernels/bench.py", "--report", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert p.returncode == 0, p.stderr[-2000:]
-    text = out.read_text()
+    # figure; run as .ci/gpu runs it (that script is run once, on a GPU lent for minutes: a broken
+    # step must show here first), each step's status in its log
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "STEPS": "report jpeg", "TRITON_INTERPRET": "0"}
+    p = subprocess.run(["bash", ".ci/gpu", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    log = (out / "sitting.log").read_text()
+    assert "=== report: ok" in log and "=== nvJPEG against libjpeg-turbo: ok" in log, log[-3000:]
+    assert "=== GPU tests" not in log and "=== NCCL" not in log  # (not among STEPS)
+    text = (out / "bench.md").read_text()
     assert "not a GPU figure" in text and "Device: **CPU**" in text
     # 3 lengths x 2 passes, and SDPA's error at each length (ours is not run without a GPU or the
     # interpreter)
@@ -341,8 +345,6 @@ def test_bench_report_dry_run_and_kernel_rows(tmp_path):
     rows = bench.bench_memory("cpu", 2, small=True)
     assert [r[0].split()[0] for r in rows] == ["gather", "assemble", "unshuffle", "loss", "loss"]
     assert all(r[1] is not None and r[1] > 0 and r[2] > 0 for r in rows)
-
-
 
 
 def test_autotuning_drops_the_configurations_that_overflow_shared_memory():
@@ -502,16 +504,3 @@ def test_kernels_launch_under_a_torch_whose_wrap_triton_refuses_the_interpreter(
     with pytest.raises(RuntimeError, match="only works"):
         kernels.wrap_triton(kernels.gather._gather_kernel)
 
-
-def test_the_gpu_sitting_runs_its_steps_and_logs_each(tmp_path):
-    # .ci/gpu is run once, on a GPU lent for minutes: a broken step must show here first. On a CPU
-    # the report is its dry run and the GPU test skips; each step's status lands in the log
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "STEPS": "report jpeg", "TRITON_INTERPRET": "0"}
-    p = subprocess.run(["bash", ".ci/gpu", str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=env)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    log = (out / "sitting.log").read_text()
-    assert "=== report: ok" in log and "=== nvJPEG against libjpeg-turbo: ok" in log, log[-3000:]
-    assert "=== GPU tests" not in log and "=== NCCL" not in log  # (not among STEPS)
-    assert "not a GPU figure" in (out / "bench.md").read_text()
