@@ -21,6 +21,8 @@ installed FAST is empty and every op is its twin.
 """
 import os
 
+from torch.library import wrap_triton as _torch_wrap
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 try:
     import triton  # noqa: F401
@@ -33,9 +35,8 @@ def wrap_triton(kernel):
     """torch.library.wrap_triton(kernel): the launch as one op that torch.compile traces. Under the
     interpreter torch < 2.13 refuses the kernel (it is not a JITFunction there), and nothing is
     traced on a CPU anyway: the kernel then launches as it is."""
-    from torch.library import wrap_triton as wrap
     try:
-        return wrap(kernel)
+        return _torch_wrap(kernel)
     except RuntimeError:
         if INTERPRET:
             return kernel

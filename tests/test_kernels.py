@@ -493,11 +493,9 @@ def test_kernels_launch_under_a_torch_whose_wrap_triton_refuses_the_interpreter(
     # torch < 2.13's wrap_triton takes only JITFunctions, and the interpreter's kernels are not:
     # the launch then goes to the kernel as it is (nothing is traced on a CPU); without the
     # interpreter the refusal stands
-    import torch.library
-
     def refuses(kernel):
         raise RuntimeError("wrap_triton only works on functions annotated with triton.jit")
-    monkeypatch.setattr(torch.library, "wrap_triton", refuses)
+    monkeypatch.setattr(kernels, "_torch_wrap", refuses)
     x, ids = torch.randn(2, 9, 16), torch.stack([torch.randperm(9)[:4] for _ in range(2)])
     assert torch.equal(FAST["gather"](x, ids), avmae.gather_tokens(x, ids))
     monkeypatch.setattr(kernels, "INTERPRET", False)
