@@ -112,6 +112,9 @@ PRESETS = {
                   label_smoothing=0.0, mixup=0.0, specaug_freq=24, views=1, eval_every=10,
                   out_dir="out/finetune_quick"),
 }
+# the same recipe at ViT-S on one GPU (bf16), the loader on every core (docs/sanity.md)
+PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "workers": -1,
+                        "out_dir": "out/finetune_quick_gpu"}
 # Tables 23, 24: audio-only finetuning mixes harder
 AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}
 MODALITY = {"audio": "a", "video": "v", "av": "av"}

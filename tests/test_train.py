@@ -58,6 +58,25 @@ def test_flags_come_from_the_configs():
         train.main(["--encoder", "separate", "--decoder", "separate", "--data", "/nonexistent"])
 
 
+def test_quick_gpu_is_the_quick_recipe_at_vit_s():
+    import finetune
+    (qm, qt), (gm, gt) = (train.parse_args(["--preset", p]) for p in ("quick", "quick_gpu"))
+    assert (gm.width, gm.depth, gm.heads, gm.dec_width) == (384, 12, 6, 192)
+    # the same windows, set and loss; lr sqrt-scaled from batch 8 to 32; the loader takes every core
+    same = ("num_frames", "image_size", "audio_frames", "mask_ratio_v", "tubelet")
+    assert all(getattr(gm, k) == getattr(qm, k) for k in same)
+    assert (gt.data, gt.frame_stride, gt.audio_norm, gt.batch_size) == \
+        (qt.data, qt.frame_stride, "dataset", 32)
+    assert train.PRESETS["quick_gpu"]["workers"] == finetune.PRESETS["quick_gpu"]["workers"] == -1
+    lr = lambda t: t.blr * t.batch_size / 256  # noqa: E731
+    assert lr(gt) == pytest.approx(2 * lr(qt))
+    qf, gf = (finetune.parse_args(["--preset", p]) for p in ("quick", "quick_gpu"))
+    assert gf.size == "small" and lr(gf) == lr(qf)
+    assert all(getattr(gf, k) == getattr(qf, k) for k in
+               ("fusion_layer", "mbt_head", "unimodal_loss", "optimizer", "layer_decay",
+                "audio_frames", "num_frames", "epochs", "batch_size", "mixup", "specaug_freq"))
+
+
 def test_lr_schedule_warms_up_then_decays_to_min():
     lrs = [train.lr_at(s, 100, 10, 1e-3) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
