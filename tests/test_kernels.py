@@ -467,7 +467,7 @@ def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(mo
 
 
 def test_without_autotuning_the_first_configuration_that_fits_runs(monkeypatch):
-    # AVMAE_AUTOTUNE=0 (the GPU tests): one configuration, so no compile-and-time of each
+    # AUTOTUNE off (the GPU tests): one configuration, so no compile-and-time of each
     A = kernels.attention
     cfgs = A._configs([(128, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
     big = dict(HEAD_DIM=128, IS_FP32=False)  # (128, 64) is too big a tile at head dim 128
