@@ -116,7 +116,8 @@ PRESETS = {
 # 1 / width from the tiny model's (64 -> 384 wide: 1e-3 -> 1.7e-4); at 1e-3 a 384-wide encoder
 # stays at chance on the check set's words where 1.7e-4 learns them faster than tiny (docs/sanity.md)
 PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "workers": -1,
-                        "blr": PRESETS["quick"]["blr"] * 64 / 384,
+                        "blr": PRESETS["quick"]["blr"] * avmae.SIZES["tiny"]["width"]
+                        / avmae.SIZES["small"]["width"],
                         "out_dir": "out/finetune_quick_gpu"}
 # Tables 23, 24: audio-only finetuning mixes harder
 AUDIO_ONLY_MIXUP = {"audioset": 1.25, "epic": 1.25}
