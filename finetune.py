@@ -114,7 +114,7 @@ PRESETS = {
 }
 # the same recipe at ViT-S on one GPU (bf16), the loader on every core, with the lr scaled by
 # 1 / width from the tiny model's (64 -> 384 wide: 1e-3 -> 1.7e-4); at 1e-3 a 384-wide encoder
-# stays at chance on the check set's words where 1.7e-4 learns them faster than tiny (docs/sanity.md)
+# stays at chance on the check set's words, at 1.7e-4 it learns them (docs/sanity.md)
 PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "workers": -1,
                         "blr": PRESETS["quick"]["blr"] * avmae.SIZES["tiny"]["width"]
                         / avmae.SIZES["small"]["width"],

@@ -160,10 +160,12 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
                   blr=1.6e-2, workers=2, save_every=1000, picture_every=1000, out_dir="out/quick"),
 }
 # the same windows and set, ViT-S on one GPU (bf16), where the loader, not the model, bounds the
-# speed: batch 32 at the lr of `quick` scaled by the square root of the batch, 400 epochs (5x the
-# clips of `quick` on the built-in set, 4x on the check set), 5% warm-up (docs/sanity.md)
+# speed: batch 32 at the lr of `quick` scaled by the square root of the batch and by 1 / width
+# (64 -> 384: 1e-3 -> 1.7e-4, as finetuning needs), 400 epochs (5x the clips of `quick` on the
+# built-in set, 4x on the check set), 5% warm-up (docs/sanity.md)
 PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "batch_size": 32, "epochs": 400,
-                        "warmup_epochs": 20, "blr": 8e-3, "workers": -1, "out_dir": "out/quick_gpu"}
+                        "warmup_epochs": 20, "workers": -1, "out_dir": "out/quick_gpu",
+                        "blr": 8e-3 * avmae.SIZES["tiny"]["width"] / avmae.SIZES["small"]["width"]}
 
 
 TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(VARIANTS),
