@@ -165,7 +165,8 @@ PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
 # built-in set, 4x on the check set), 5% warm-up (docs/sanity.md)
 PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "batch_size": 32, "epochs": 400,
                         "warmup_epochs": 20, "workers": -1, "out_dir": "out/quick_gpu",
-                        "blr": 8e-3 * avmae.SIZES["tiny"]["width"] / avmae.SIZES["small"]["width"]}
+                        "blr": PRESETS["quick"]["blr"] * (8 / 32) ** 0.5  # lr ~ sqrt(batch)
+                        * avmae.SIZES["tiny"]["width"] / avmae.SIZES["small"]["width"]}
 
 
 TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(VARIANTS),
