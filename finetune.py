@@ -877,12 +877,11 @@ class LearningWatch:
         if not self.multi_label:
             self.right += (z.argmax(1).cpu() == t.argmax(1).cpu()).sum().item()
             self.seen += len(z)
-        self.loss.append(loss)
+        self.loss = (self.loss + [loss])[-self.steps_per_epoch:]  # the last epoch's (saved)
         self.steps += 1
 
     def summary(self) -> dict:
-        recent = self.loss[-self.steps_per_epoch:]
-        out = dict(train_loss=sum(recent) / max(1, len(recent)))
+        out = dict(train_loss=sum(self.loss) / max(1, len(self.loss)))
         if self.seen:
             out["train_top1"] = self.right / self.seen
         self.right = self.seen = 0

@@ -287,6 +287,7 @@ def test_learning_watch_sets_train_accuracy_beside_test_and_warns_at_chance(caps
     for _ in range(2):
         watch.update(right, t, True, 0.5)
     watch.line(2 * 3, watch.summary(), bar)
+    assert watch.loss == [0.5, 0.5]  # the last epoch's only: a checkpoint holds no more
     bar.close()
     cap = capsys.readouterr()
     assert "epoch 3" in cap.out + cap.err and "warning" not in cap.out + cap.err
