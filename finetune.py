@@ -57,6 +57,9 @@ class FinetuneConfig(train.RunConfig):
                                   # loss per modality) | per_modality (heads per modality, one
                                   # loss on the averaged logits, one mixup)
     linear_probe: bool = False    # freeze the encoder, train a linear head (Table 18)
+    width: int = 0                # from scratch: the size preset's width / depth / heads unless
+    depth: int = 0                # given (0), e.g. the scratch twin of a train.py --depth 4 run;
+    heads: int = 0                # with --init the checkpoint's, which these must then match
     fusion_layer: int = -1        # MBT's first fusion layer; -1 = the
                                   # authors' (8 of 12; 16 of 24, AudioSet 18)
     inflate: str = "inflate"      # a video stream from an audio-only
@@ -217,7 +220,12 @@ def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
     shapes and stochastic depth from the finetuning config."""
     known = {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}
     arch = {k: v for k, v in (pcfg or {}).items() if k in known and k not in FINETUNE_OWNED}
-    base = {**avmae.SIZES[fcfg.size], **arch} if pcfg is None else arch
+    shape = {k: getattr(fcfg, k) for k in ("width", "depth", "heads") if getattr(fcfg, k)}
+    if pcfg is not None and any(arch[k] != v for k, v in shape.items()):
+        raise SystemExit(f"{fcfg.init}: the checkpoint's encoder is width {arch['width']}, "
+                         f"depth {arch['depth']}, heads {arch['heads']}; drop --width / --depth / "
+                         "--heads (they shape a model from scratch)")
+    base = {**avmae.SIZES[fcfg.size], **shape} if pcfg is None else arch
     return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality],
                                         "num_frames": fcfg.num_frames,
                                         "image_size": fcfg.image_size,

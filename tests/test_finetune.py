@@ -152,6 +152,20 @@ def test_mismatched_checkpoints_are_clear_errors(tmp_path, builtin):
             train.Dist())
 
 
+def test_scratch_model_takes_the_shape_of_a_pretraining_with_another_depth(tmp_path):
+    # train.py --depth 4 has a scratch twin: finetune.py --depth 4 (the size's width and heads)
+    m = finetune.build_model(fcfg(modality="audio", depth=6), {"label": 3}, None)
+    assert len(m.streams["a"].blocks) == 6 and m.cfg.width == avmae.SIZES["tiny"]["width"]
+    m = finetune.build_model(fcfg(modality="audio", width=96, heads=4), {"label": 3}, None)
+    assert m.cfg.width == 96 and m.cfg.depth == avmae.SIZES["tiny"]["depth"]
+    # from a checkpoint the shape is the checkpoint's; a contradicting flag says so
+    path, _ = pretrained_ckpt(tmp_path, depth=6)
+    pcfg = torch.load(path, weights_only=False)["model_config"]
+    assert finetune.build_model(fcfg(modality="audio", depth=6), {"label": 3}, pcfg).cfg.depth == 6
+    with pytest.raises(SystemExit, match=r"encoder is width 64, depth 6.*drop --width"):
+        finetune.build_model(fcfg(modality="audio", depth=4, init=str(path)), {"label": 3}, pcfg)
+
+
 def test_mbt_modalities_meet_only_from_the_fusion_layer():
     cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16}, depth=6)
     model = avmae.MBT(cfg, {"label": 3}, fusion_layer=3).eval()
