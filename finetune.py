@@ -710,6 +710,10 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
            else torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999)))
     step = 0
     if resumed:
+        was = {k: resumed["model_config"][k] for k in ("width", "depth", "heads")}
+        if was != {k: getattr(model.cfg, k) for k in was}:
+            raise SystemExit(f"{ckpt_path}: this run's model is {was}; resume it with the same "
+                             "--size / --width / --depth / --heads")
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
         step = resumed["step"]

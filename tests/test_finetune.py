@@ -251,6 +251,15 @@ def test_layer_decay_and_mixup():
 # the loop on the built-in set
 
 
+def test_resuming_with_another_shape_is_a_clear_error(builtin, tmp_path):
+    args = ["--preset", "quick", "--data", builtin, "--workers", "0", "--num_frames", "4",
+            "--image_size", "32", "--audio_frames", "64", "--batch_size", "8", "--max_steps", "1",
+            "--modality", "audio", "--kernels", "torch", "--out_dir", str(tmp_path / "ft")]
+    finetune.main([*args, "--depth", "3"])
+    with pytest.raises(SystemExit, match=r"'depth': 3.*resume it with the same --size"):
+        finetune.main([*args, "--resume", "auto"])  # the size's depth, 4
+
+
 def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
     pre = train.main(["--preset", "quick", "--data", builtin, "--out_dir", str(tmp_path / "pre"),
                       "--workers", "0", "--num_frames", "4", "--image_size", "32", "--audio_frames",
