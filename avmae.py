@@ -65,6 +65,9 @@ class AVMAEConfig:
     mlp_ratio: float = 4.0
     joint_layers: int = 2         # S for the mid-fusion encoder
     drop_path: float = 0.0        # stochastic depth (finetuning uses 0.3)
+    layer_scale: float = 0.0      # LayerScale's first value (Touvron et al., ICCV 2021): each
+                                  # encoder block's two branches times a learned per-channel
+                                  # factor; 0 = off (the papers)
     # decoder (Table 21, Base)
     dec_width: int = 384
     dec_depth: int = 4
@@ -471,11 +474,25 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """A residual branch times a learned per-channel factor that starts at `init` (CaiT: Touvron
+    et al., ICCV 2021, Sec. 2.1). Small branches keep a deep block stack near the identity, so its
+    tokens do not all collapse to their mean under the uniform attention of a fresh model."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, attn_fn, drop_path: float = 0.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.attn, self.mlp = Attention(dim, heads, attn_fn), MLP(dim, hidden)
+        self.ls1, self.ls2 = nn.Identity(), nn.Identity()  # LayerScale where add_layer_scale says
         self.drop_path = drop_path
 
     def _drop(self, x):  # stochastic depth, per example
@@ -485,8 +502,16 @@ class Block(nn.Module):
         return x * keep.to(x.dtype) / (1.0 - self.drop_path)
 
     def forward(self, x):
-        x = x + self._drop(self.attn(self.norm1(x)))
-        return x + self._drop(self.mlp(self.norm2(x)))
+        x = x + self._drop(self.ls1(self.attn(self.norm1(x))))
+        return x + self._drop(self.ls2(self.mlp(self.norm2(x))))
+
+
+def add_layer_scale(module: nn.Module, init: float) -> None:
+    """LayerScale on both branches of every block in module (the config's layer_scale)."""
+    for b in module.modules():
+        if isinstance(b, Block):
+            dim = b.norm1.normalized_shape[0]
+            b.ls1, b.ls2 = LayerScale(dim, init), LayerScale(dim, init)
 
 
 class Transformer(nn.Module):
@@ -733,6 +758,10 @@ def check_config(cfg: AVMAEConfig) -> None:
         raise ValueError("mid-fusion needs 1 <= joint_layers < depth, got "
                          f"joint_layers={cfg.joint_layers}, depth={cfg.depth} (joint_layers=depth "
                          "is early fusion)")
+    if not 0.0 <= cfg.layer_scale <= 1.0:
+        raise ValueError(f"layer_scale={cfg.layer_scale} is LayerScale's first value, between 0 "
+                         "(off) and 1 (CaiT, Sec. 2.1: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 "
+                         "deeper)")
     for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads,
                                                            "decoder")):
         if w % h or (w // h) % 2:
@@ -922,6 +951,8 @@ class AVMAE(nn.Module):
         for n, p in self.named_parameters():  # learned tokens: N(0, 0.02), as MAE's mask token
             if n.split(".")[-2] in ("mask_token", "type_embed"):
                 nn.init.trunc_normal_(p, std=0.02)
+        if cfg.layer_scale:
+            add_layer_scale(self.encoder, cfg.layer_scale)
 
     def sample_masks(self, B: int, device=None, generator=None) -> dict:
         """{modality: (ids_keep (B, K), ids_mask (B, M))}, independent per example and modality."""
@@ -1303,8 +1334,8 @@ class ModalityNormBlock(Block):
 
     def forward(self, x, m: str | None = None):
         n1, n2 = (self.norm1, self.norm2) if m is None else (self.by[m].norm1, self.by[m].norm2)
-        x = x + self._drop(self.attn(n1(x)))
-        return x + self._drop(self.mlp(n2(x)))
+        x = x + self._drop(self.ls1(self.attn(n1(x))))
+        return x + self._drop(self.ls2(self.mlp(n2(x))))
 
 
 class CrossBlock(nn.Module):
@@ -1464,11 +1495,11 @@ class FSABlock(Block):
         B, N, D = x.shape
         s = N // t
         y = self.attn(self.norm1(x).reshape(B * t, s, D)).reshape(B, N, D)  # within a frame
-        x = x + self._drop(y)
+        x = x + self._drop(self.ls1(y))
         y = self.norm_t(x).view(B, t, s, D).transpose(1, 2).reshape(B * s, t, D)
         y = self.attn_t(y).view(B, s, t, D).transpose(1, 2).reshape(B, N, D)  # across frames
-        x = x + self._drop(y)
-        return x + self._drop(self.mlp(self.norm2(x)))
+        x = x + self._drop(y)  # (the new branch starts at zero: no LayerScale)
+        return x + self._drop(self.ls2(self.mlp(self.norm2(x))))
 
 
 class FDPAttention(Attention):
@@ -1503,8 +1534,8 @@ class FDPBlock(Block):
         self.attn = FDPAttention(dim, heads, attn_fn)
 
     def forward(self, x, t):
-        x = x + self._drop(self.attn(self.norm1(x), t))
-        return x + self._drop(self.mlp(self.norm2(x)))
+        x = x + self._drop(self.ls1(self.attn(self.norm1(x), t)))
+        return x + self._drop(self.ls2(self.mlp(self.norm2(x))))
 
 
 BLOCKS = {"joint": Block, "frames": FrameBlock, "fsa": FSABlock, "fdp": FDPBlock}

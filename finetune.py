@@ -60,6 +60,7 @@ class FinetuneConfig(train.RunConfig):
     width: int = 0                # from scratch: the size preset's width / depth / heads unless
     depth: int = 0                # given (0), e.g. the scratch twin of a train.py --depth 4 run;
     heads: int = 0                # with --init the checkpoint's, which these must then match
+    layer_scale: float = 0.0      # likewise: LayerScale's first value from scratch (0 = off)
     fusion_layer: int = -1        # MBT's first fusion layer; -1 = the
                                   # authors' (8 of 12; 16 of 24, AudioSet 18)
     inflate: str = "inflate"      # a video stream from an audio-only
@@ -117,8 +118,9 @@ PRESETS = {
 }
 # the same recipe at ViT-S on one GPU (bf16), the loader on every core, with the lr scaled by
 # 1 / width from the tiny model's (64 -> 384 wide: 1e-3 -> 1.7e-4); at 1e-3 a 384-wide encoder
-# stays at chance on the check set's words, at 1.7e-4 it learns them (docs/sanity.md)
-PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "workers": -1,
+# stays at chance on the check set's words, at 1.7e-4 it learns them (docs/sanity.md); LayerScale
+# 0.1 as in its pretraining, for the scratch twin (with --init the checkpoint's)
+PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "workers": -1, "layer_scale": 0.1,
                         "blr": PRESETS["quick"]["blr"] * avmae.SIZES["tiny"]["width"]
                         / avmae.SIZES["small"]["width"],
                         "out_dir": "out/finetune_quick_gpu"}
@@ -143,6 +145,8 @@ def parse_args(argv=None) -> FinetuneConfig:
     if args.get("modality") == "audio" and args.get("mixup") is None and preset in AUDIO_ONLY_MIXUP:
         args["mixup"] = AUDIO_ONLY_MIXUP[preset]
     (fcfg,) = train.resolve(args, PRESETS, {k: {} for k in avmae.SIZES}, FinetuneConfig)
+    if fcfg.init and args.get("layer_scale") is None:
+        fcfg.layer_scale = 0.0  # a preset's is for its scratch runs: --init brings the checkpoint's
     fcfg.audio_frames, fcfg.num_frames = train.fit_to_clips(fcfg.data, fcfg.train_split,
                                                             fcfg.audio_frames, fcfg.num_frames,
                                                             fcfg.frame_stride, 2, 16, args)
@@ -157,6 +161,9 @@ def parse_args(argv=None) -> FinetuneConfig:
                          "--modality video or av")
     if fcfg.mtv_views and fcfg.arch != "mtv":
         raise SystemExit("--mtv_views is for --arch mtv")
+    if not 0.0 <= fcfg.layer_scale <= 1.0:
+        raise SystemExit(f"--layer_scale {fcfg.layer_scale}: LayerScale's first value is between 0 "
+                         "(off) and 1")
     if fcfg.unimodal_loss < 0:
         raise SystemExit(f"--unimodal_loss {fcfg.unimodal_loss}: a loss weight is 0 (off) or more")
     if args.get("unimodal_loss") and (fcfg.arch != "mbt" or fcfg.mbt_head == "per_modality"):
@@ -194,6 +201,7 @@ def mtv_views(fcfg, tubelet: int) -> list:
 # the model and the weight mapping from any pretraining strategy
 
 
+SCRATCH_SHAPE = ("width", "depth", "heads", "layer_scale")  # flags for a model from scratch
 FINETUNE_OWNED = ("modalities", "num_frames", "image_size", "audio_frames", "drop_path", "kernels")
 
 
@@ -220,11 +228,12 @@ def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
     shapes and stochastic depth from the finetuning config."""
     known = {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}
     arch = {k: v for k, v in (pcfg or {}).items() if k in known and k not in FINETUNE_OWNED}
-    shape = {k: getattr(fcfg, k) for k in ("width", "depth", "heads") if getattr(fcfg, k)}
-    if pcfg is not None and any(arch[k] != v for k, v in shape.items()):
+    shape = {k: getattr(fcfg, k) for k in SCRATCH_SHAPE if getattr(fcfg, k)}
+    if pcfg is not None and any(arch.get(k, 0.0) != v for k, v in shape.items()):
         raise SystemExit(f"{fcfg.init}: the checkpoint's encoder is width {arch['width']}, "
-                         f"depth {arch['depth']}, heads {arch['heads']}; drop --width / --depth / "
-                         "--heads (they shape a model from scratch)")
+                         f"depth {arch['depth']}, heads {arch['heads']}, layer scale "
+                         f"{arch.get('layer_scale', 0.0)}; drop --width / --depth / --heads / "
+                         "--layer_scale (they shape a model from scratch)")
     base = {**avmae.SIZES[fcfg.size], **shape} if pcfg is None else arch
     return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality],
                                         "num_frames": fcfg.num_frames,
@@ -235,6 +244,13 @@ def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
 
 
 def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
+    model = _build_model(fcfg, heads, pcfg)
+    if model.cfg.layer_scale:  # every block, pretrained or new (e.g. ViViT-FE's temporal ones)
+        avmae.add_layer_scale(model, model.cfg.layer_scale)
+    return model
+
+
+def _build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
     cfg = model_config(fcfg, pcfg)
     if fcfg.arch == "encoder":
         return avmae.EncoderClassifier(cfg, heads, fcfg.linear_probe)
@@ -710,10 +726,10 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
            else torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999)))
     step = 0
     if resumed:
-        was = {k: resumed["model_config"][k] for k in ("width", "depth", "heads")}
+        was = {k: resumed["model_config"].get(k, 0.0) for k in SCRATCH_SHAPE}
         if was != {k: getattr(model.cfg, k) for k in was}:
             raise SystemExit(f"{ckpt_path}: this run's model is {was}; resume it with the same "
-                             "--size / --width / --depth / --heads")
+                             "--size / --width / --depth / --heads / --layer_scale")
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
         step = resumed["step"]

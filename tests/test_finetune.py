@@ -166,6 +166,33 @@ def test_scratch_model_takes_the_shape_of_a_pretraining_with_another_depth(tmp_p
         finetune.build_model(fcfg(modality="audio", depth=4, init=str(path)), {"label": 3}, pcfg)
 
 
+def test_layer_scale_comes_with_the_checkpoint_and_shapes_a_scratch_model(tmp_path):
+    path, _ = pretrained_ckpt(tmp_path, layer_scale=0.1)
+    ck = torch.load(path, weights_only=False)
+    pcfg = ck["model_config"]
+    for k, w in ck["model"].items():  # as if pretraining had moved them
+        if k.endswith(".gamma"):
+            w.fill_(0.37)
+    model = finetune.build_model(fcfg(modality="audio"), {"label": 3}, pcfg)
+    state, report = finetune.map_pretrained(ck["model"], pcfg, model)
+    model.load_state_dict(state, strict=False)  # (all but the new head)
+    blocks = list(model.streams["a"].blocks)
+    want = torch.full((64,), 0.37)
+    assert len(blocks) == 4 and all(torch.equal(b.ls1.gamma, want) and
+                                    torch.equal(b.ls2.gamma, want) for b in blocks)
+    assert "streams.a.blocks.3.ls2.gamma <- encoder.joint.blocks.1.ls2.gamma" in report["loaded"]
+    # from scratch the flag sets it; with --init a contradicting flag says so
+    m = finetune.build_model(fcfg(modality="audio", layer_scale=0.2), {"label": 3}, None)
+    assert all(torch.equal(b.ls1.gamma, torch.full((64,), 0.2)) for b in m.streams["a"].blocks)
+    assert not hasattr(finetune.build_model(fcfg(modality="audio"), {"label": 3},
+                                            None).streams["a"].blocks[0].ls1, "gamma")
+    with pytest.raises(SystemExit, match=r"layer scale 0.1; drop .*--layer_scale"):
+        finetune.build_model(fcfg(modality="audio", layer_scale=0.2, init=str(path)),
+                             {"label": 3}, pcfg)
+    with pytest.raises(SystemExit, match="--layer_scale -1.0: LayerScale's first value"):
+        finetune.parse_args(["--layer_scale", "-1"])
+
+
 def test_mbt_modalities_meet_only_from_the_fusion_layer():
     cfg = avmae.make_config("tiny", **{**TINY_INPUTS, "patch_size": 16}, depth=6)
     model = avmae.MBT(cfg, {"label": 3}, fusion_layer=3).eval()

@@ -460,10 +460,41 @@ def test_vit_base_parameter_counts():
     (dict(encoder="early", objective="inpaint_a", num_frames=16, mask_ratio_v=0.1),
      "leaving no mask token"),
     (dict(kernels="cuda"), "kernels='cuda' is not one of auto, triton, torch"),
+    (dict(layer_scale=-0.1), "layer_scale=-0.1 is LayerScale's first value, between 0 (off)"),
 ])
 def test_invalid_configs_say_why(overrides, rule):
     with pytest.raises(ValueError, match=rule.replace("(", r"\(").replace(")", r"\)")):
         avmae.AVMAE(tiny_config(**overrides))
+
+
+def test_layer_scale_scales_every_encoder_branch_and_keeps_a_deep_stack_apart():
+    # off by default (the papers): no parameter and no change; on, each encoder block's attention
+    # and MLP branches start at layer_scale times their output, the decoder's are left as they are
+    torch.manual_seed(0)
+    plain = avmae.AVMAE(tiny_config(depth=12, joint_layers=2))
+    torch.manual_seed(0)
+    scaled = avmae.AVMAE(tiny_config(depth=12, joint_layers=2, layer_scale=0.1))
+    sp, ss = plain.state_dict(), scaled.state_dict()
+    extra = set(ss) - set(sp)
+    assert all(torch.equal(sp[k], ss[k]) for k in sp)  # the same init otherwise
+    assert len(extra) == 2 * 22 and all(k.startswith("encoder.") for k in extra)  # 10+10+2 blocks
+    assert all(torch.equal(ss[k], torch.full_like(ss[k], 0.1)) for k in extra)
+    blk, pblk = scaled.encoder.joint.blocks[0], plain.encoder.joint.blocks[0]
+    x = torch.randn(2, 7, blk.norm1.normalized_shape[0])
+    h = x + 0.1 * pblk.attn(pblk.norm1(x))
+    torch.testing.assert_close(blk(x), h + 0.1 * pblk.mlp(pblk.norm2(h)))
+    # why: at init attention is uniform, so every branch adds its clip's mean to every token, and
+    # twelve full-size blocks pull the tokens together (rank collapse); small branches keep them
+    # apart. |mean of the tokens| / mean |token| after the audio stream's 10 blocks:
+    a = torch.randn(4, scaled.cfg.audio_frames, scaled.cfg.mel_bins)
+
+    def collapse(model):
+        with torch.no_grad():
+            x = model.patch_embed["a"](model.patches["a"].patchify(a)) + model.enc_pos["a"]()
+            for b in model.encoder.streams["a"].blocks:
+                x = b(x)
+        return float((x.mean(1).norm(dim=-1) / x.norm(dim=-1).mean(1)).mean())
+    assert collapse(scaled) < collapse(plain) - 0.1, (collapse(scaled), collapse(plain))
 
 
 def test_make_config_rejects_unknown_fields_and_sizes():

@@ -77,6 +77,12 @@ def test_quick_gpu_is_the_quick_recipe_at_vit_s():
     assert all(getattr(gf, k) == getattr(qf, k) for k in
                ("fusion_layer", "mbt_head", "unimodal_loss", "optimizer", "layer_decay",
                 "audio_frames", "num_frames", "epochs", "batch_size", "mixup", "specaug_freq"))
+    # LayerScale 0.1 in pretraining and in its scratch twin; from a checkpoint, the checkpoint's (a
+    # pretraining without it finetunes without it, no contradiction); given, the flag wins
+    assert (gm.layer_scale, qm.layer_scale, gf.layer_scale, qf.layer_scale) == (0.1, 0.0, 0.1, 0.0)
+    assert finetune.parse_args(["--preset", "quick_gpu", "--init", "x.pt"]).layer_scale == 0.0
+    assert finetune.parse_args(["--preset", "quick_gpu", "--init", "x.pt",
+                                "--layer_scale", "0.2"]).layer_scale == 0.2
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
