@@ -820,9 +820,10 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             watch.update(logits, targets, job.per_modality, task_loss.item())
+            log.add(loss.item())
             if step % fcfg.log_every == 0:
-                log.step(step, spe, loss.item(), opt.param_groups[0]["lr"],
-                         fcfg.log_every * fcfg.batch_size, bar)
+                log.step(step, spe, opt.param_groups[0]["lr"], fcfg.log_every * fcfg.batch_size,
+                         bar)
             if (step % spe == 0 and (step // spe) % fcfg.eval_every == 0) or step == total:
                 results = evaluate(job.model, job.test_ds, fcfg, d, job.mods,
                                    fcfg.out_dir if step == total else None)
@@ -839,22 +840,27 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
 
 
 class Log:
-    """log.jsonl on rank 0: a line per logged step (loss, lr, clips/s) and per evaluation."""
+    """log.jsonl on rank 0: a line per logged step (the loss's mean over the steps since the last
+    line, lr, clips/s) and per evaluation."""
 
     def __init__(self, path: str, master: bool):
         self.path, self.master, self.t = path, master, time.time()
+        self.sum, self.n = 0.0, 0
+
+    def add(self, loss: float):
+        self.sum, self.n = self.sum + loss, self.n + 1
 
     def write(self, rec: dict):
         if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def step(self, step, steps_per_epoch, loss, lr, clips, bar):
-        now = time.time()
+    def step(self, step, steps_per_epoch, lr, clips, bar):
+        now, loss = time.time(), self.sum / max(1, self.n)
         bar.set_postfix(loss=f"{loss:.4f}")
         self.write(dict(step=step, epoch=step / steps_per_epoch, loss=loss, lr=lr,
                         clips_per_s=clips / (now - self.t)))
-        self.t = now
+        self.t, self.sum, self.n = now, 0.0, 0
 
 
 def save(job: Job, step: int, results: dict, watch, final: bool):

@@ -889,6 +889,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                dynamic_ncols=True)
     nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
     bad_clips, t_last, n_last, last = 0, time.time(), step, {}
+    sums, n_sums = {}, 0  # the losses since the last log line, which gives their mean
     stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
     state, path, picture = dict(loss=float("nan")), None, None
     with Preemption() as preempt:
@@ -911,10 +912,13 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             state = r["losses"]
+            sums = {k: sums.get(k, 0.0) + v for k, v in state.items()}
+            n_sums += 1
             if step % tcfg.log_every == 0 or step == stop:
-                last = log_step(run, step, state, bad_clips, nonfinite.count, time.time() - t_last,
+                mean = {k: v / n_sums for k, v in sums.items()}
+                last = log_step(run, step, mean, bad_clips, nonfinite.count, time.time() - t_last,
                                 step - n_last, s.steps_per_epoch, bar)
-                t_last, n_last = time.time(), step
+                t_last, n_last, sums, n_sums = time.time(), step, {}, 0
             if (tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop:
                 picture = picture_step(run, step, r["batch"], r["masks"]) or picture
             if step % tcfg.save_every == 0 or step == stop or r["stop"]:
@@ -925,10 +929,11 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     bar.close()
     in_sync = tcfg.fsdp or ranks_in_sync(run.raw)  # (FSDP holds one copy, sharded)
     log_path = os.path.join(tcfg.out_dir, "log.jsonl")
-    print0(f"done: step {step}, loss {state['loss']:.4f} | checkpoint {path} | picture {picture} "
+    loss = last.get("loss", state["loss"])  # the mean over the last log line's steps
+    print0(f"done: step {step}, loss {loss:.4f} | checkpoint {path} | picture {picture} "
            f"| log {log_path}"
            + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
-    return dict(step=step, loss=state["loss"], checkpoint=path, picture=picture, log=log_path,
+    return dict(step=step, loss=loss, checkpoint=path, picture=picture, log=log_path,
                 last=last, in_sync=in_sync)
 
 
@@ -1100,8 +1105,8 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
 
 def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, seconds: float,
              steps: int, steps_per_epoch: int, bar) -> dict:
-    """The JSONL log and the progress bar: losses, lr, clips/s, MFU, bad clips (all ranks), skipped
-    steps."""
+    """The JSONL log and the progress bar: losses (their mean over the steps since the last line),
+    lr, clips/s, MFU, bad clips (all ranks), skipped steps."""
     tcfg, d = run.tcfg, run.d
     clips_s = steps * tcfg.batch_size / max(seconds, 1e-9)
     peak = run.peak

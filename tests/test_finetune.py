@@ -317,6 +317,21 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
                            torch.zeros_like(ck["model"]["heads.a.label.weight"]))
 
 
+def test_a_log_line_holds_the_mean_loss_since_the_last(tmp_path):
+    class Bar:
+        def set_postfix(self, **kw):
+            self.shown = kw
+
+    log, bar = finetune.Log(str(tmp_path / "log.jsonl"), master=True), Bar()
+    for loss in (1.0, 3.0, 2.0):
+        log.add(loss)
+    log.step(3, 10, 1e-3, 24, bar)
+    log.add(5.0)
+    log.step(4, 10, 1e-3, 8, bar)
+    lines = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
+    assert [r["loss"] for r in lines] == [2.0, 5.0] and bar.shown == {"loss": "5.0000"}
+
+
 def test_learning_watch_sets_train_accuracy_beside_test_and_warns_at_chance(capsys):
     from tqdm import tqdm
     watch = finetune.LearningWatch({"label": 6}, False, steps_per_epoch=2)

@@ -146,6 +146,17 @@ def test_resume_continues_exactly(builtin, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_log_line_holds_the_mean_loss_of_its_steps(builtin, tmp_path):
+    # (one step's loss is noise: a run is judged by the mean since the last line, as MAE's logger)
+    every, fours = tmp_path / "every", tmp_path / "fours"
+    run(builtin, every, "--max_steps", "6", "--batch_size", "8")
+    res = run(builtin, fours, "--max_steps", "6", "--batch_size", "8", "--log_every", "4")
+    one = losses(every)
+    assert len(one) == 6 and len(set(one)) == 6
+    assert losses(fours) == pytest.approx([sum(one[:4]) / 4, sum(one[4:]) / 2], rel=1e-6)
+    assert res["loss"] == pytest.approx(sum(one[4:]) / 2, rel=1e-6)  # the final line's, as printed
+
+
 def test_resume_refuses_another_model_but_takes_another_kernel_backend(builtin, tmp_path):
     run(builtin, tmp_path, "--max_steps", "1", "--batch_size", "8", "--kernels", "torch")
     with pytest.raises(SystemExit, match="another model config"):
