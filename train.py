@@ -879,10 +879,14 @@ def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None)
 
 
 def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
+    ds = None
+    if not tcfg.bench:  # the data first: a set that is missing or empty is said at once
+        ensure_data(tcfg, d)
+        ds = open_dataset(data_config(mcfg, tcfg, tcfg.split, train=True))
     model, teacher, per_rank = build(mcfg, tcfg, d)
     if tcfg.bench:
         return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
-    run, s = setup(mcfg, tcfg, d, hooks, model, teacher, per_rank)
+    run, s = setup(mcfg, tcfg, d, hooks, model, teacher, per_rank, ds)
     opt, step, total, lr = run.opt, s.step, s.total, s.lr
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain",
@@ -962,12 +966,11 @@ class Schedule:
     steps_per_epoch: int
 
 
-def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int) -> tuple:
-    """The data, the optimizer, a resumed state, the wrapping (FSDP / compile / DDP): a Run and
-    its Schedule."""
+def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
+          ds: data.AVDataset) -> tuple:
+    """The schedule, the optimizer, a resumed state, the wrapping (FSDP / compile / DDP), the
+    batches: a Run and its Schedule."""
     raw = model
-    ensure_data(tcfg, d)
-    ds = open_dataset(data_config(mcfg, tcfg, tcfg.split, train=True))
     steps_per_epoch = len(ds) // tcfg.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of "

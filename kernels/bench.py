@@ -32,6 +32,7 @@ import kernels  # noqa: E402
 HBM = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("GH200", 4.0e12),
        ("A100", 2.0e12), ("L40S", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("V100", 0.9e12)]
 ENCODER_LENGTHS, DECODER_LENGTHS = (157, 200, 357, 400), (1568, 1968)
+SMALL_LENGTHS = (17, 40), (64,)  # (--smoke and the CPU: encoder, decoder)
 REPS = 20
 
 
@@ -149,8 +150,8 @@ def bench_attention(dev, B, small):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     d = 32 if small else 64
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    shapes = [(n, 2 if small else 12) for n in ((17, 40) if small else ENCODER_LENGTHS)] + \
-             [(n, 2 if small else 6) for n in ((64,) if small else DECODER_LENGTHS)]
+    enc, dec = SMALL_LENGTHS if small else (ENCODER_LENGTHS, DECODER_LENGTHS)
+    shapes = [(n, 2 if small else 12) for n in enc] + [(n, 2 if small else 6) for n in dec]
     backends = dict(flash=SDPBackend.FLASH_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
                     cudnn=SDPBackend.CUDNN_ATTENTION, math=SDPBackend.MATH) if dev == "cuda" else \
         dict(math=SDPBackend.MATH)

@@ -427,7 +427,9 @@ def test_the_report_keeps_each_section_as_it_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "bench_step", stopped)
     monkeypatch.setattr(bench, "bench_memory", lambda *a: [("gather fp32 patches", 1, 2, 3, .5)])
     monkeypatch.setattr(bench, "REPS", 1)
-    monkeypatch.setattr(bench, "OURS", {"": (False, False)})  # (one form: the interpreter is slow)
+    # (one form at one length: the interpreter is slow)
+    monkeypatch.setattr(bench, "OURS", {"": (False, False)})
+    monkeypatch.setattr(bench, "SMALL_LENGTHS", ((), (64,)))
     out = tmp_path / "bench.md"
     with pytest.raises(RuntimeError, match="stopped"):
         bench.main(["--report", str(out), "--smoke", "--json", str(tmp_path / "b.json")])
