@@ -87,6 +87,7 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(other)],
          "not an avmae pretraining"),
     ]
+
     def built(*a, **k):
         raise AssertionError("the model was built before the data set was checked")
     for i, (main, args, says) in enumerate(cases):
