@@ -883,6 +883,9 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     if not tcfg.bench:  # the data first: a set that is missing or empty is said at once
         ensure_data(tcfg, d)
         ds = open_dataset(data_config(mcfg, tcfg, tcfg.split, train=True))
+        if len(ds) < tcfg.batch_size:
+            raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of "
+                             f"{tcfg.batch_size}: lower --batch_size")
     model, teacher, per_rank = build(mcfg, tcfg, d)
     if tcfg.bench:
         return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
@@ -972,9 +975,6 @@ def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
     batches: a Run and its Schedule."""
     raw = model
     steps_per_epoch = len(ds) // tcfg.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of "
-                         f"{tcfg.batch_size}")
     total = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     warmup = int(tcfg.warmup_epochs * steps_per_epoch)
     lr = tcfg.lr or tcfg.blr * tcfg.batch_size / 256  # linear scaling (Goyal et al.)

@@ -78,6 +78,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (train.main, ["--data", str(tmp_path / "nowhere")], "not a prepared data set"),
         (train.main, ["--data", copy, "--split", "valid"], "valid.csv not found"),
         (train.main, ["--data", str(empty), "--preset", "quick"], "no usable clips"),
+        (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "4096"],
+         "fewer than one batch of 4096: lower --batch_size"),
         (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "8", "--resume",
                       str(tmp_path / "no.pt")],
          "no such checkpoint"),
@@ -92,7 +94,7 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         raise AssertionError("the model was built before the data set was checked")
     for i, (main, args, says) in enumerate(cases):
         with monkeypatch.context() as m:
-            if i < 3:  # (the set is said at once: a paper-size model takes seconds to build)
+            if i < 4:  # (the set is said at once: a paper-size model takes seconds to build)
                 m.setattr(avmae.AVMAE, "__init__", built)
             with pytest.raises(SystemExit) as e:
                 main(args)
