@@ -244,30 +244,50 @@ def test_bench_mode_reports_speed(capsys):
 
 
 # -----------------------------------------------------------------------------
-# two processes on CPU (gloo): DDP and FSDP equal one process with the same global batch
+# two processes on CPU (gloo): DDP, FSDP and MAViL (whose contrast takes its negatives from every
+# rank) equal one process with the same global batch; one torchrun job runs the three (a job may
+# call train.main more than once), as a job's start-up is most of its time here
 
 
-def torchrun(builtin, out_dir, *extra):
+def torchrun(script, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train.py", *TINY, "--data", builtin, "--out_dir", str(out_dir), *extra]
+           script, *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_equal_one(builtin, tmp_path, mode):
-    args = ["--max_steps", "3", "--batch_size", "8", "--grad_accum",
-            "2"] + (["--fsdp"] if mode == "fsdp" else [])
-    stdout = torchrun(builtin, tmp_path / "two", *args)
-    assert "global batch 8 = 2 ranks x 2 x 2" in stdout
-    assert mode == "fsdp" or "2 ranks in sync: True" in stdout
-    one = run(builtin, tmp_path / "one", "--max_steps", "3", "--batch_size", "8")
-    w1, w2 = weights(one["checkpoint"]), weights(tmp_path / "two" / "ckpt_0000003.pt")
-    assert set(w1) == set(w2)
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
-    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+RUNS = """
+import sys
+sys.path.insert(0, {root!r})
+import train
+for name, args in {runs!r}:
+    train.print0("=== " + name)
+    train.main(args)
+"""
+
+
+def test_two_processes_equal_one(builtin, tmp_path):
+    # name: (the run's flags, what two processes add: 2 ranks x 2 accumulated x 2 = 8)
+    runs = {"ddp": (["--max_steps", "3"], ["--grad_accum", "2"]),
+            "fsdp": (["--max_steps", "3"], ["--grad_accum", "2", "--fsdp"]),
+            "mavil": (["--variant", "mavil", "--max_steps", "2"], [])}
+    args = {n: [*TINY, "--data", builtin, "--batch_size", "8", *a] for n, (a, _) in runs.items()}
+    script = tmp_path / "runs.py"
+    script.write_text(RUNS.format(root=ROOT, runs=[
+        (n, [*args[n], *two, "--out_dir", str(tmp_path / "two" / n)])
+        for n, (_, two) in runs.items()]))
+    stdout = dict(zip(runs, torchrun(str(script)).split("=== ")[1:]))
+    for name in runs:
+        two = tmp_path / "two" / name
+        one = train.main([*args[name], "--out_dir", str(tmp_path / "one" / name)])
+        w1, w2 = weights(one["checkpoint"]), weights(two / os.path.basename(one["checkpoint"]))
+        assert set(w1) == set(w2), name
+        assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1), name
+        assert losses(tmp_path / "one" / name) == pytest.approx(losses(two), rel=1e-4), name
+    assert all("global batch 8 = 2 ranks x 2 x 2" in stdout[n] for n in ("ddp", "fsdp"))
+    assert "2 ranks in sync: True" in stdout["ddp"]
 
 
 def test_no_option_is_declared_in_three_dataclasses():
