@@ -784,7 +784,11 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                                 per_rank)
     gen = torch.Generator()
     trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad) / 1e6
-    train.print0(f"{fcfg.modality} {fcfg.arch}{' linear probe' if fcfg.linear_probe else ''} | "
+    m = job.model
+    fused = (f" fused from layer {m.fusion_layer} of {m.cfg.depth}"
+             if isinstance(m, avmae.MBT) and len(m.mods) == 2 else "")
+    train.print0(f"{fcfg.modality} {fcfg.arch}{fused}"
+                 f"{' linear probe' if fcfg.linear_probe else ''} | "
                  f"{trainable:.2f}M trainable | init {fcfg.init or 'scratch'} | "
                  f"{len(job.train_ds)} train / {len(job.test_ds)} test clips | {total} steps | lr "
                  f"{job.lr:.3g}")

@@ -287,7 +287,7 @@ def test_resuming_with_another_shape_is_a_clear_error(builtin, tmp_path):
         finetune.main([*args, "--resume", "auto"])  # the size's depth, 4
 
 
-def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
+def test_finetune_runs_evaluates_and_reports(builtin, tmp_path, capsys):
     pre = train.main(["--preset", "quick", "--data", builtin, "--out_dir", str(tmp_path / "pre"),
                       "--workers", "0", "--num_frames", "4", "--image_size", "32", "--audio_frames",
                       "64", "--max_steps", "2", "--batch_size", "8", "--picture_every", "0",
@@ -297,6 +297,7 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path):
             "--max_steps", "4", "--kernels", "torch"]
     res = finetune.main([*args, "--out_dir", str(tmp_path / "ft")])
     assert 0 <= res["label_top1"] <= 1 and res["clips"] == 8
+    assert "av mbt fused from layer 2 of 4 | " in capsys.readouterr().out  # (the run's header)
     out = tmp_path / "ft"
     assert json.load(open(out / "metrics.json"))["label_top1"] == res["label_top1"]
     rows = list(csv.DictReader(open(out / "predictions.csv")))
