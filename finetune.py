@@ -119,8 +119,11 @@ PRESETS = {
 # the same recipe at ViT-S on one GPU (bf16), the loader on every core, with the lr scaled by
 # 1 / width from the tiny model's (64 -> 384 wide: 1e-3 -> 1.7e-4); at 1e-3 a 384-wide encoder
 # stays at chance on the check set's words, at 1.7e-4 it learns them (docs/sanity.md); LayerScale
-# 0.1 as in its pretraining, for the scratch twin (with --init the checkpoint's)
+# 0.1 as in its pretraining, for the scratch twin (with --init the checkpoint's); MBT fused from
+# layer 10 of 12, where the pretraining's mid-fusion encoder joins the modalities (as quick's 2 of
+# 4): fused from layer 2 the audio stream reads the check set's words far worse than alone
 PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "workers": -1, "layer_scale": 0.1,
+                        "fusion_layer": 10,
                         "blr": PRESETS["quick"]["blr"] * avmae.SIZES["tiny"]["width"]
                         / avmae.SIZES["small"]["width"],
                         "out_dir": "out/finetune_quick_gpu"}

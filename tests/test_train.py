@@ -75,8 +75,11 @@ def test_quick_gpu_is_the_quick_recipe_at_vit_s():
     assert gf.size == "small" and lr(gf) == pytest.approx(lr(qf) * 64 / 384)
     assert lr(gf) == pytest.approx(1e-3 / 6)
     assert all(getattr(gf, k) == getattr(qf, k) for k in
-               ("fusion_layer", "mbt_head", "unimodal_loss", "optimizer", "layer_decay",
-                "audio_frames", "num_frames", "epochs", "batch_size", "mixup", "specaug_freq"))
+               ("mbt_head", "unimodal_loss", "optimizer", "layer_decay", "audio_frames",
+                "num_frames", "epochs", "batch_size", "mixup", "specaug_freq"))
+    # MBT fuses where the pretraining's mid-fusion encoder joins the modalities: 2 of 4, 10 of 12
+    assert (qf.fusion_layer, gf.fusion_layer) == (qm.depth - qm.joint_layers,
+                                                  gm.depth - gm.joint_layers) == (2, 10)
     # LayerScale 0.1 in pretraining and in its scratch twin; from a checkpoint, the checkpoint's (a
     # pretraining without it finetunes without it, no contradiction); given, the flag wins
     assert (gm.layer_scale, qm.layer_scale, gf.layer_scale, qf.layer_scale) == (0.1, 0.0, 0.1, 0.0)
