@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import errno
 import glob
+import itertools
 import json
 import math
 import os
@@ -270,6 +271,9 @@ class Dist:
         return self.rank == 0
 
 
+_GROUPS = itertools.count()  # process groups this process has made
+
+
 def setup_distributed(timeout: float = 1800.0) -> Dist:
     """torchrun's environment -> the process group, with `timeout` seconds for every collective (a
     stuck rank then stops the others with a message instead of hanging them)."""
@@ -282,13 +286,16 @@ def setup_distributed(timeout: float = 1800.0) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     limit = datetime.timedelta(seconds=timeout)
-    # the rendezvous store, with a key prefix per torchrun restart: without it a restarted job (a
-    # rank died, --max-restarts) reads the dead attempt's addresses and cannot connect
+    # the rendezvous store, with a key prefix per torchrun restart and per group made in this
+    # process: without the first a restarted job (a rank died, --max-restarts) reads the dead
+    # attempt's addresses and cannot connect; without the second so does a job's second run (a
+    # script that calls train.main more than once)
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           timeout=limit, is_master=rank == 0 and not agent, multi_tenant=not agent)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"avmae/restart_{restart}", store),
+    prefix = f"avmae/restart_{restart}/group_{next(_GROUPS)}"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store),
                             rank=rank, world_size=world,
                             device_id=device if device.type == "cuda" else None, timeout=limit)
     # (a group that timed out cannot be asked again)
