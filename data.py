@@ -27,6 +27,7 @@ batch ("bad"), so the training loop counts them. See `AVDataset` for each rule.
 """
 import argparse
 import csv
+import functools
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ VIDEO_FPS = 25.0
 AUDIO_NORMS = {"none": (0.0, 1.0), "audiomae": (-4.27, 2 * 4.57), "cavmae": (-5.081, 4.4849)}
 
 
+@functools.lru_cache  # (one per shape: a clip's log-mel reuses it)
 def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int, low: float = 20.0,
                     high: float = 0.0) -> torch.Tensor:
     """(n_mels, n_fft // 2 + 1) triangles on the mel scale 1127 ln(1 + f / 700), drawn in mel space
@@ -93,7 +95,8 @@ def logmel(wave: torch.Tensor, sr: int = SAMPLE_RATE, n_mels: int = 128,
     frames = frames - 0.97 * prev
     w = {"hann": torch.hann_window, "hamming": torch.hamming_window}[window](win, periodic=False,
                                                                              device=x.device)
-    spec = torch.fft.rfft(frames * w, n=n_fft).abs().pow(2)          # (B, T, n_fft / 2 + 1) power
+    X = torch.fft.rfft(frames * w, n=n_fft)                           # (B, T, n_fft / 2 + 1)
+    spec = X.real.square() + X.imag.square()       # power (5x faster on a CPU than |X| ** 2)
     mel = spec @ kaldi_mel_banks(n_mels, n_fft, sr).to(x.device).T
     out = mel.clamp_min(torch.finfo(torch.float32).eps).log()
     if target_frames is not None:
@@ -764,22 +767,47 @@ def video_box(h: int, w: int, rng: np.random.Generator, aug: str, train: bool,
     return int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1)), side, side
 
 
+GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma: YIQ's Y, torchvision's grey (0.2989, ...)
+YIQ = torch.tensor([GREY, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)], dtype=torch.float64)
+
+
+def colour_matrix(b: float, c: float, s: float, hue: float, grey: bool) -> torch.Tensor:
+    """The 3 x 3 RGB map of brightness b, contrast c's scaling (its offset, (1 - c) x the frame's
+    mean grey, is added apart), saturation s (a blend with the pixel's grey), a hue rotation by
+    `hue` turns (a rotation of YIQ's chroma plane, which keeps the grey), then grey if asked."""
+    w = YIQ[0:1]
+    ones = torch.ones(3, 1, dtype=torch.float64)
+    t = -2 * math.pi * hue  # (this sign turns red towards yellow for hue > 0, as HSV does)
+    rot = torch.tensor([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]],
+                       dtype=torch.float64)
+    sat = s * torch.eye(3, dtype=torch.float64) + (1 - s) * ones @ w
+    m = torch.linalg.inv(YIQ) @ rot @ YIQ @ sat
+    m = m * (b * c)
+    return (ones @ w @ m if grey else m).float()
+
+
 def color_augment(x: torch.Tensor, rng: np.random.Generator, p_color: float = 0.8,
                   p_drop: float = 0.1):
     """The authors' finetuning colour augmentation on a (3, T, H, W) uint8 clip, the same for every
-    frame: with p_color a brightness / contrast / saturation / hue jitter (0.4, 0.4, 0.4, 0.1), with
-    p_drop grey. Every random number is drawn whether used or not (a fixed stream per clip)."""
-    from torchvision.transforms.v2 import functional as TF
+    frame: with p_color a jitter of brightness, contrast (about each frame's mean grey), saturation
+    and hue of torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1) strengths, with p_drop grey. All of
+    it is one affine map of each pixel's colour (as NVIDIA DALI's ColorTwist; the hue turns YIQ's
+    chroma plane where torchvision turns HSV's hue circle), clipped once at the end: about 10x
+    faster on a CPU than torchvision's four passes. Every random number is drawn whether used or
+    not (a fixed stream per clip)."""
     u = rng.uniform(size=6)
     b, c, s = 1 + 0.4 * (2 * u[:3] - 1)
     hue = 0.1 * (2 * u[3] - 1)
-    x = x.permute(1, 0, 2, 3)  # (T, 3, H, W): torchvision's layout
-    if u[4] < p_color:
-        x = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c),
-                                               s), hue)
-    if u[5] < p_drop:
-        x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    return x.permute(1, 0, 2, 3).contiguous()
+    jitter, grey = bool(u[4] < p_color), bool(u[5] < p_drop)
+    if not (jitter or grey):
+        return x.contiguous()
+    m = colour_matrix(b, c, s, hue, grey) if jitter else colour_matrix(1, 1, 1, 0, grey)
+    y = x.float()
+    out = torch.einsum("ij,jthw->ithw", m.to(y.device), y)
+    if jitter:  # contrast's offset, the same in every channel (saturation and hue keep greys)
+        mean = torch.einsum("j,jt->t", YIQ[0].float().to(y.device), y.mean(dim=(2, 3)))
+        out += ((1 - c) * b * mean).view(1, -1, 1, 1)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def augment_frames(frames, cfg, seed: int) -> torch.Tensor:
@@ -1142,7 +1170,9 @@ class AVDataset(torch.utils.data.Dataset):
             except RuntimeError as e:
                 raise BadClip(f"{path}: corrupt JPEG ({str(e).splitlines()[0]})") from None
             out.append(augment_frames(frames, cfg, seed))
-        return torch.stack(out)
+        # (one view, training: a view of it, which the batch's stack copies once into shared memory)
+        return out[0][None] if len(out) == 1 else torch.stack(out)
+
 
 def collate(items: list) -> dict:
     """Stack tensors, keep ids / bad lists as lists; pack --decode gpu's JPEGs into one tensor (one
@@ -1323,7 +1353,8 @@ def _bench(args):
     import train
     cfg = DataConfig(root=args.root, split=args.split, num_frames=args.num_frames,
                      frame_stride=args.frame_stride, image_size=args.image_size,
-                     audio_frames=args.audio_frames, decode=args.decode)
+                     audio_frames=args.audio_frames, decode=args.decode,
+                     video_aug=args.video_aug)
     loader = make_loader(cfg, args.batch_size, args.workers)
     if len(loader) == 0:
         raise ValueError(f"{args.root}: {len(loader.dataset)} clips in {args.split}, fewer than "
@@ -1348,7 +1379,8 @@ def _bench(args):
             "decode, log-mel and augmentation on the device are not counted)"}[args.decode]
     print(f"{rate:.1f} clips/s, {rate / max(1, args.workers):.1f} per worker core ({args.workers} "
           f"workers; {what}; {args.num_frames} x {args.image_size}^2 frames at stride "
-          f"{args.frame_stride:g}, {args.audio_frames} log-mel frames, batch {args.batch_size})")
+          f"{args.frame_stride:g}, video_aug {args.video_aug}, {args.audio_frames} log-mel "
+          f"frames, batch {args.batch_size})")
     model = avmae.AVMAE(avmae.make_config(args.size, num_frames=args.num_frames,
                                           image_size=args.image_size,
                                           audio_frames=args.audio_frames))
@@ -1382,9 +1414,9 @@ def main(argv=None):
     pp.add_argument("--short_side", type=int, default=256)
     pp.add_argument("--full_videos", action="store_true",
                     help="audioset: cut each segment from the whole video")
-    pp.add_argument("--allow_silent", action="store_true", help="keep videos without audio, with "
-                                                                "silent audio "
-                    "(for video-only use; audiovisual training skips silent clips)")
+    pp.add_argument("--allow_silent", action="store_true",
+                    help="keep videos without audio, with silent audio (for video-only use; "
+                    "audiovisual training skips silent clips)")
     pb = sub.add_parser("builtin", help="generate the built-in data set")
     pb.add_argument("--out", default="data/builtin")
     for k, v in BUILTIN.items():
@@ -1411,6 +1443,8 @@ def main(argv=None):
     pn.add_argument("--image_size", type=int, default=224)
     pn.add_argument("--audio_frames", type=int, default=800)
     pn.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
+    pn.add_argument("--video_aug", choices=["none", "finetune", "rrc"], default="none",
+                    help="none: pretraining's crop; finetune: finetuning's jitter, flip and colour")
     pn.add_argument("--size", default="base", help="the model whose need is printed beside")
     pn.add_argument("--gpu", default="H100", help="whose bf16 peak sets the need")
     pn.add_argument("--mfu", type=float, default=0.45)

@@ -521,6 +521,45 @@ def test_gpu_decode_on_a_gpu_is_the_cpu_path_up_to_the_jpeg_decoder(copy):
     assert torch.allclose(out["a"], ref["a"], atol=1e-3)
 
 
+def test_colour_jitter_is_torchvisions_with_a_yiq_hue():
+    # brightness, contrast and saturation are torchvision's (on colours that do not clip); the hue
+    # turns YIQ's chroma plane: it keeps each pixel's grey and moves the HSV hue by about the turn
+    import colorsys
+    from torchvision.transforms.v2 import functional as TF
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(3, 2, 8, 8, generator=g) * 120 + 60).to(torch.uint8)  # (3, T, H, W)
+    grey = lambda y: torch.einsum("j,jthw->thw", data.YIQ[0], y)[None]  # noqa: E731
+
+    def ours(b, c, s, hue, drop=False):
+        y = x.double()
+        out = torch.einsum("ij,jthw->ithw", data.colour_matrix(b, c, s, hue, drop).double(), y)
+        return out + (1 - c) * b * grey(y).mean(dim=(2, 3), keepdim=True)
+
+    tv = x.double().permute(1, 0, 2, 3) / 255  # torchvision's (T, 3, H, W), in [0, 1]
+    for b, c, s in [(1.2, 1, 1), (1, 0.7, 1), (1, 1.3, 1), (1, 1, 0.6), (1, 1, 1.4), (0.9, 1.2, 1)]:
+        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(tv, b), c), s)
+        assert torch.allclose(ours(b, c, s, 0), ref.permute(1, 0, 2, 3) * 255, atol=0.05)
+    for hue in (-0.1, -0.03, 0.03, 0.1):
+        y = ours(1, 1, 1, hue)
+        assert torch.allclose(grey(y), grey(x.double()), atol=1e-3)
+        hsv = lambda z: [colorsys.rgb_to_hsv(*(p / 255))[0] for p in z.flatten(1).T.numpy()]
+        moved = [(h1 - h0 + 0.5) % 1 - 0.5 for h0, h1 in zip(hsv(x.double()), hsv(y))]
+        assert abs(np.mean(moved) - hue) < 0.25 * abs(hue)
+    drop = ours(1, 1, 1, 0, drop=True)  # colour drop: every channel the pixel's grey
+    assert torch.allclose(drop, grey(x.double()).expand_as(drop), atol=1e-3)
+    assert torch.equal(data.color_augment(x, np.random.default_rng(5), 0, 0), x)  # nothing drawn
+    jittered = 0
+    for seed in range(12):  # the clip's draws: factors, then whether to jitter and to drop colour
+        u = np.random.default_rng(seed).uniform(size=6)
+        if u[4] < 0.8:
+            jittered += 1
+            b, c, s = 1 + 0.4 * (2 * u[:3] - 1)
+            want = ours(b, c, s, 0.1 * (2 * u[3] - 1), u[5] < 0.1).round().clamp(0, 255)
+            got = data.color_augment(x, np.random.default_rng(seed)).double()
+            assert (got - want).abs().max() <= 1
+    assert jittered >= 6
+
+
 def test_spec_augment_matches_its_definition():
     cfg = data.DataConfig(specaug_freq=10, specaug_time=8, time_shift=True)
     rng = np.random.default_rng(0)
