@@ -700,6 +700,9 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     train.ensure_data(fcfg, d)
     ckpt_path, resumed = train.resume_from(train.restart_resume(fcfg.resume), fcfg.out_dir,
                                            "finetuning")
+    if fcfg.eval_only and not resumed:
+        raise SystemExit("--eval_only evaluates a finetuned checkpoint: pass --resume CKPT (or "
+                         "--resume auto with that finetuning's --out_dir)")
     ck = train.load_checkpoint(fcfg.init, "--init") if fcfg.init and not resumed else None
     pcfg = resumed.get("pretrain_config") if resumed else ck and ck["model_config"]
     dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
@@ -713,6 +716,7 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     test_ds = train.open_dataset(data.DataConfig(split=fcfg.test_split, train=False,
                                                  views=fcfg.views, **dcfg))
     heads = {h: len(names) for h, names in train_ds.heads.items()}
+    train.make_out_dir(fcfg.out_dir)
     model = build_model(fcfg, heads, pcfg)
     if ck is not None:
         load_init(fcfg, model, ck, fcfg.out_dir, d.master)
@@ -738,7 +742,6 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
         step = resumed["step"]
         train.set_rng_state(resumed["rng"])
         train.print0(f"resumed from {ckpt_path} at step {step}")
-    os.makedirs(fcfg.out_dir, exist_ok=True)
     net = torch.compile(model) if fcfg.compile else model
     if d.world > 1 and not fcfg.eval_only:
         net = torch.nn.parallel.DistributedDataParallel(

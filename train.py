@@ -413,6 +413,11 @@ def find_checkpoint(resume: str, out_dir: str) -> str | None:
 def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
     """A checkpoint file read on the CPU and checked against its checksum, or BadCheckpoint: one
     line naming the file, the flag it came from and the problem."""
+    if os.path.isdir(path):  # a run's out_dir: name the checkpoint its `latest` points at
+        latest = os.path.join(path, "latest")
+        hint = (f"its latest is {os.path.join(path, open(latest).read().strip())}"
+                if os.path.isfile(latest) else "pass one of its ckpt_*.pt files")
+        raise BadCheckpoint(f"{what} {path}: a folder, not a checkpoint file ({hint})")
     if not os.path.isfile(path):
         raise BadCheckpoint(f"{what} {path}: no such file")
     try:
@@ -708,6 +713,15 @@ def data_config(mcfg: avmae.AVMAEConfig, tcfg, split: str, train: bool, **kw) ->
                            video_aug=tcfg.video_aug, **kw)
 
 
+def make_out_dir(path: str):
+    """--out_dir, or one line saying why it cannot be made (before any work)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out_dir {path}: cannot make it ({e.strerror}: {e.filename}); "
+                         "choose another")
+
+
 def ensure_data(tcfg, d: Dist):
     """Generate the built-in set on first use, and the set's log-mel statistics when
     --audio_norm dataset needs them and the set has none yet (rank 0; the others wait)."""
@@ -893,6 +907,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         if len(ds) < tcfg.batch_size:
             raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of "
                              f"{tcfg.batch_size}: lower --batch_size")
+    if d.master:
+        make_out_dir(tcfg.out_dir)
     model, teacher, per_rank = build(mcfg, tcfg, d)
     if tcfg.bench:
         return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
@@ -1017,7 +1033,6 @@ def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
     fl = raw.flops()
     peak = peak_flops(d.device)
     if d.master:
-        os.makedirs(tcfg.out_dir, exist_ok=True)
         print0(f"{raw.num_params() / 1e6:.1f}M parameters | {len(ds)} clips, {steps_per_epoch} "
                f"steps/epoch, {total} steps | global batch {tcfg.batch_size} = {d.world} ranks x "
                f"{tcfg.grad_accum} x {per_rank} | lr {lr:.2e} | {d.device} | "

@@ -448,6 +448,17 @@ def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> di
     return rows
 
 
+def writable(path: str, flag: str) -> str:
+    """An output file's folder made and the file opened once, before minutes of measuring: or
+    one line saying why it cannot be written."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "a").close()
+    except OSError as e:
+        sys.exit(f"{flag} {path}: cannot write there ({e.strerror}: {e.filename})")
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -464,6 +475,10 @@ def main(argv=None):
     p.add_argument("--compile", type=int, metavar="CC", help="compile every kernel and config "
                    "for compute capability CC (90: H100) without a GPU; nothing else is run")
     a = p.parse_args(argv)
+    if a.json:
+        writable(a.json, "--json")
+    if not (a.compile or a.cavmae):
+        writable(a.report, "--report")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if a.compile:
         if kernels.INTERPRET:

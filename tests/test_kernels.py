@@ -490,7 +490,12 @@ def test_bench_user_errors_are_one_line(tmp_path):
     os.makedirs(tmp_path / "src" / "models")
     (tmp_path / "src" / "models" / "cav_mae.py").write_text("")
     for flag, args in [("--cavmae", ["--cavmae", str(tmp_path / "missing")]),
-                       ("--site", ["--cavmae", str(tmp_path), "--site", str(tmp_path)])]:
+                       ("--site", ["--cavmae", str(tmp_path), "--site", str(tmp_path)]),
+                       # an output that cannot be written is said before anything is measured
+                       ("--report", ["--report", str(tmp_path / "src" / "models" / "cav_mae.py"
+                                                     / "bench.md")]),
+                       ("--json", ["--json", str(tmp_path / "src" / "models" / "cav_mae.py"
+                                                 / "rows.json")])]:
         with pytest.raises(SystemExit) as e:
             bench.main(args)
         assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code

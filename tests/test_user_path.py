@@ -74,27 +74,42 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
     with open(empty / "train.csv") as f:
         header = f.readline()
     (empty / "train.csv").write_text(header)
+    run = tmp_path / "run"  # a pretraining's out_dir
+    run.mkdir()
+    (run / "latest").write_text("ckpt_0000002.pt")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     cases = [  # (main, arguments, what the line says)
+        (train.main, ["--data", copy, "--preset", "quick", "--out_dir", str(a_file / "o")],
+         "o: cannot make it (Not a directory: "),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--out_dir", str(a_file / "o")],
+         "o: cannot make it (Not a directory: "),
         (train.main, ["--data", str(tmp_path / "nowhere")], "not a prepared data set"),
         (train.main, ["--data", copy, "--split", "valid"], "valid.csv not found"),
         (train.main, ["--data", str(empty), "--preset", "quick"], "no usable clips"),
         (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "4096"],
          "fewer than one batch of 4096: lower --batch_size"),
         (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "8", "--resume",
-                      str(tmp_path / "no.pt")],
+                      str(tmp_path / "no.pt"), "--out_dir", str(tmp_path / "o")],
          "no such checkpoint"),
         (train.main, ["--encoder", "separate", "--decoder", "separate"], "two unrelated MAEs"),
         (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(bad_ckpt)],
          "not a readable checkpoint"),
         (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(other)],
          "not an avmae pretraining"),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(run)],
+         f"a folder, not a checkpoint file (its latest is {run / 'ckpt_0000002.pt'})"),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(empty)],
+         "a folder, not a checkpoint file (pass one of its ckpt_*.pt files)"),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--eval_only"],
+         "--eval_only evaluates a finetuned checkpoint: pass --resume"),
     ]
 
     def built(*a, **k):
-        raise AssertionError("the model was built before the data set was checked")
+        raise AssertionError("the model was built before the out_dir and the set were checked")
     for i, (main, args, says) in enumerate(cases):
         with monkeypatch.context() as m:
-            if i < 4:  # (the set is said at once: a paper-size model takes seconds to build)
+            if i < 6:  # (said at once: a paper-size model takes seconds to build)
                 m.setattr(avmae.AVMAE, "__init__", built)
             with pytest.raises(SystemExit) as e:
                 main(args)
