@@ -340,8 +340,13 @@ def prepare_clip(src: str, dst: str, start: float | None, end: float | None, sho
     cut = (["-ss", f"{start:.3f}"] if start else []) + ["-i", src] + (
         ["-t", f"{end - (start or 0):.3f}"] if end else [])
     scale = f"scale='if(lt(iw,ih),{short_side},-2)':'if(lt(iw,ih),-2,{short_side})'"
-    jpegs = split_mjpeg(_ffmpeg(cut + ["-an", "-vf", f"fps={fps},{scale}", "-f", "image2pipe",
-                                       "-c:v", "mjpeg", "-q:v", str(quality), "-"]))
+    try:
+        jpegs = split_mjpeg(_ffmpeg(cut + ["-an", "-vf", f"fps={fps},{scale}", "-f", "image2pipe",
+                                           "-c:v", "mjpeg", "-q:v", str(quality), "-"]))
+    except RuntimeError as e:  # ffmpeg: "Output file ... does not contain any stream"
+        if "does not contain any stream" in str(e):
+            raise ValueError(f"{src}: no video stream (an audio-only file?)") from None
+        raise
     if not jpegs:
         raise ValueError(f"{src}: no video frames")
     try:
@@ -385,6 +390,33 @@ def _prepare_one(args):
         return rec, None, f"{type(e).__name__}: {e}"
 
 
+def _unique(records: list, out: str, failed: list) -> list:
+    """Each clip id once: a row whose id is taken (listed twice, in another split, also one
+    prepared earlier into `out`, or another file that makes the same id) goes to failed_*.csv
+    instead of being prepared twice at once."""
+    splits, taken, keep = {r.split for r in records}, {}, []
+    for name in sorted(os.listdir(out)):
+        split = name[:-4]
+        if name.endswith(".csv") and split not in splits and not split.startswith("failed_"):
+            with open(os.path.join(out, name)) as f:
+                taken.update({row["id"]: (split, None) for row in csv.DictReader(f)})
+    for r in records:
+        if r.id not in taken:
+            taken[r.id] = (r.split, r.src[0])
+            keep.append(r)
+            continue
+        split, src = taken[r.id]
+        if split != r.split:
+            why = (f"already in the {split} split" + (f" (from {src})" if src else "") + ": one "
+                   "clip in two splits puts test clips into training")
+        elif src != r.src[0]:
+            why = f"{r.src[0]} and {src} make the same clip id: rename one"
+        else:
+            why = "listed twice in the manifest: prepared once"
+        failed.append((r.id, r.src[0], f"duplicate: {why}"))
+    return keep
+
+
 def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool, source: str,
             workers: int = os.cpu_count() or 1, short_side: int = 256, problems: list = (),
             allow_silent: bool = False) -> dict:
@@ -403,9 +435,10 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
                              "new folder")
     index = {h: {name: i for i, name in enumerate(names)} for h, names in heads.items()}
     rows, failed = {}, [("manifest", "", p) for p in problems]
+    kept = _unique(records, out, failed)
     with ProcessPoolExecutor(max(1, workers)) as ex:
         jobs = [ex.submit(_prepare_one, (r, videos, out, short_side,
-                                         allow_silent)) for r in records]
+                                         allow_silent)) for r in kept]
         for job in tqdm(as_completed(jobs), total=len(jobs), desc="prepare", unit="clip"):
             rec, info, err = job.result()
             if err:
@@ -1492,8 +1525,11 @@ def main(argv=None):
             log.warning("manifest: %s", b)
         if not recs:
             sys.exit(f"{args.manifest}: no usable rows ({len(bad)} malformed)")
-        prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers,
-                args.short_side, bad, allow_silent=args.allow_silent)
+        counts = prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers,
+                         args.short_side, bad, allow_silent=args.allow_silent)
+        if not counts["prepared"]:
+            sys.exit(f"data.py: none of the {len(recs)} clips was prepared: the reasons are in "
+                     f"{args.out}/failed_*.csv")
 
 
 if __name__ == "__main__":

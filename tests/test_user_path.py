@@ -152,3 +152,38 @@ def test_a_video_without_sound_is_refused_in_words_or_kept_silent(tmp_path):
     assert len(rows) == 3  # header + both clips
     ds = data.AVDataset(data.DataConfig(root=out2, modalities="v", num_frames=4, image_size=32))
     assert len(ds) == 2 and ds[1]["v"].shape == (3, 4, 32, 32)
+
+
+@needs_ffmpeg
+def test_prepare_takes_each_clip_once_and_says_what_it_refused(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_mp4(videos / "aaa.mp4", seconds=1.0)
+    shutil.copy(videos / "aaa.mp4", videos / "aaa.mkv")
+    import soundfile as sf
+    sf.write(str(videos / "song.wav"), 0.1 * torch.randn(16000).numpy(), 16000)
+    # a row twice, another file with the same clip id, the same clip in the test split, a sound
+    # file without pictures: each said in failed_*.csv, none prepared twice at once
+    manifest = _write(tmp_path / "m.csv", "path,label,split\naaa.mp4,a,train\naaa.mp4,a,train\n"
+                      "aaa.mkv,b,train\naaa.mp4,b,test\nsong.wav,b,train\n")
+    out = str(tmp_path / "p")
+    args = ["prepare", "--videos", str(videos), "--format", "generic", "--out", out, "--workers",
+            "2"]
+    data.main([*args, "--manifest", manifest])
+    rows = [r.split(",") for r in open(os.path.join(out, "train.csv")).read().splitlines()[1:]]
+    assert [(r[0], r[-1]) for r in rows] == [("aaa", "0")]  # (id, label: the first row's)
+    assert not os.path.exists(os.path.join(out, "test.csv"))
+    failed = open(os.path.join(out, "failed_test_train.csv")).read().splitlines()
+    assert sorted(failed[1:]) == [
+        "aaa,aaa.mkv,duplicate: aaa.mkv and aaa.mp4 make the same clip id: rename one",
+        "aaa,aaa.mp4,duplicate: already in the train split (from aaa.mp4): one clip in two "
+        "splits puts test clips into training",
+        "aaa,aaa.mp4,duplicate: listed twice in the manifest: prepared once",
+        f"song,song.wav,ValueError: {videos / 'song.wav'}: no video stream (an audio-only file?)"]
+    # the test split prepared later into the same folder: the clip is in train.csv already, and a
+    # run that prepares nothing says so and fails
+    later = _write(tmp_path / "t.csv", "path,label,split\naaa.mp4,a,test\nbbb.mp4,b,test\n")
+    with pytest.raises(SystemExit, match="none of the 2 clips was prepared: the reasons are in"):
+        data.main([*args, "--manifest", later])
+    failed = open(os.path.join(out, "failed_test.csv")).read()
+    assert "aaa,aaa.mp4,duplicate: already in the train split: one clip" in failed
