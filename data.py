@@ -398,8 +398,8 @@ def _unique(records: list, out: str, failed: list) -> list:
     for name in sorted(os.listdir(out)):
         split = name[:-4]
         if name.endswith(".csv") and split not in splits and not split.startswith("failed_"):
-            with open(os.path.join(out, name)) as f:
-                taken.update({row["id"]: (split, None) for row in csv.DictReader(f)})
+            with open(os.path.join(out, name)) as f:  # (a split's CSV has an id column)
+                taken.update({row["id"]: (split, None) for row in csv.DictReader(f) if "id" in row})
     for r in records:
         if r.id not in taken:
             taken[r.id] = (r.split, r.src[0])

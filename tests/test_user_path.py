@@ -181,8 +181,8 @@ def test_prepare_takes_each_clip_once_and_says_what_it_refused(tmp_path):
         "aaa,aaa.mp4,duplicate: listed twice in the manifest: prepared once",
         f"song,song.wav,ValueError: {videos / 'song.wav'}: no video stream (an audio-only file?)"]
     # the test split prepared later into the same folder: the clip is in train.csv already, and a
-    # run that prepares nothing says so and fails
-    later = _write(tmp_path / "t.csv", "path,label,split\naaa.mp4,a,test\nbbb.mp4,b,test\n")
+    # run that prepares nothing says so and fails (its manifest kept in the folder is no split)
+    later = _write(os.path.join(out, "t.csv"), "path,label,split\naaa.mp4,a,test\nbbb.mp4,b,test\n")
     with pytest.raises(SystemExit, match="none of the 2 clips was prepared: the reasons are in"):
         data.main([*args, "--manifest", later])
     failed = open(os.path.join(out, "failed_test.csv")).read()
