@@ -964,8 +964,10 @@ def read_manifest(path: str, heads: dict) -> tuple:
     malformed line is skipped and named (file:line), an empty manifest is an error."""
     if not os.path.exists(path):
         folder = os.path.dirname(path) or "."
-        here = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".csv"))
-        raise FileNotFoundError(f"{path} not found (splits here: {here})")
+        here = [f[:-4] for f in sorted(os.listdir(folder)) if f.endswith(".csv")
+                and not f.startswith("failed_") and open(os.path.join(folder, f)).read(3) == "id,"]
+        raise FileNotFoundError(f"{path} not found (this set's splits: {here}; prepare the missing "
+                                "one: the manifest's split column names a clip's split)")
     rows, problems = [], []
     with open(path, newline="") as f:
         reader = csv.reader(f)

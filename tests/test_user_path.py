@@ -77,6 +77,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
     run = tmp_path / "run"  # a pretraining's out_dir
     run.mkdir()
     (run / "latest").write_text("ckpt_0000002.pt")
+    for name, text in (("failed_train.csv", "id,source,reason\n"), ("mine.csv", "path,label\n")):
+        _write(os.path.join(copy, name), text)  # (neither is a split)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     cases = [  # (main, arguments, what the line says)
@@ -85,7 +87,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (finetune.main, ["--data", copy, "--preset", "quick", "--out_dir", str(a_file / "o")],
          "o: cannot make it (Not a directory: "),
         (train.main, ["--data", str(tmp_path / "nowhere")], "not a prepared data set"),
-        (train.main, ["--data", copy, "--split", "valid"], "valid.csv not found"),
+        (train.main, ["--data", copy, "--split", "valid"],
+         "valid.csv not found (this set's splits: ['test', 'train']; prepare the missing one"),
         (train.main, ["--data", str(empty), "--preset", "quick"], "no usable clips"),
         (train.main, ["--data", copy, "--preset", "quick", "--batch_size", "4096"],
          "fewer than one batch of 4096: lower --batch_size"),
