@@ -234,9 +234,32 @@ def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dic
     for dc in dataclasses_:
         names = {f.name for f in fields(dc)}
         out.append(dc(**{k: v for k, v in merged.items() if k in names}))
+        check_ranges(out[-1])
         if getattr(out[-1], "workers", 0) < 0:
             out[-1].workers = data.cores_per_rank()
     return out
+
+
+# run options that a number out of range breaks deep inside (a traceback, or a run that does
+# nothing); the model's own shapes and ratios are avmae.check_config's
+AT_LEAST_ONE = ("batch_size", "grad_accum", "views", "log_every", "save_every", "eval_every",
+                "bench_steps")
+ABOVE_ZERO = ("frame_stride", "dist_timeout")
+NOT_NEGATIVE = ("epochs", "warmup_epochs", "max_steps", "lr", "blr", "min_lr", "weight_decay",
+                "grad_clip", "mixup", "label_smoothing", "drop_path", "specaug_freq",
+                "specaug_time", "keep_last", "picture_every", "max_bad_steps", "layer_decay",
+                "stop_at")
+
+
+def check_ranges(cfg):
+    """One line for a flag whose number cannot work (e.g. --batch_size 0, --lr -1)."""
+    for names, ok, says in ((AT_LEAST_ONE, lambda v: v >= 1, "1 or more"),
+                            (ABOVE_ZERO, lambda v: v > 0, "above 0"),
+                            (NOT_NEGATIVE, lambda v: v >= 0, "0 or more")):
+        for name in names:
+            v = getattr(cfg, name, None)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):
+                raise SystemExit(f"--{name} {v}: must be {says}")
 
 
 def parse_args(argv=None):

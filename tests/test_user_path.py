@@ -106,6 +106,10 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
          "a folder, not a checkpoint file (pass one of its ckpt_*.pt files)"),
         (finetune.main, ["--data", copy, "--preset", "quick", "--eval_only"],
          "--eval_only evaluates a finetuned checkpoint: pass --resume"),
+        (train.main, ["--data", copy, "--batch_size", "0"], "--batch_size 0: must be 1 or more"),
+        (train.main, ["--data", copy, "--lr", "-1"], "--lr -1.0: must be 0 or more"),
+        (finetune.main, ["--data", copy, "--eval_every", "0"], "--eval_every 0: must be 1 or"),
+        (finetune.main, ["--data", copy, "--frame_stride", "0"], "--frame_stride 0.0: must be abo"),
     ]
 
     def built(*a, **k):
