@@ -390,16 +390,26 @@ def _prepare_one(args):
         return rec, None, f"{type(e).__name__}: {e}"
 
 
+def split_names(folder: str) -> list:
+    """The splits of a prepared set: its CSVs with an id column (not failed_*.csv, nor a user's
+    manifest kept beside them)."""
+    names = []
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".csv") and not f.startswith("failed_"):
+            with open(os.path.join(folder, f)) as fh:
+                if fh.read(3) == "id,":
+                    names.append(f[:-4])
+    return names
+
+
 def _unique(records: list, out: str, failed: list) -> list:
     """Each clip id once: a row whose id is taken (listed twice, in another split, also one
     prepared earlier into `out`, or another file that makes the same id) goes to failed_*.csv
     instead of being prepared twice at once."""
     splits, taken, keep = {r.split for r in records}, {}, []
-    for name in sorted(os.listdir(out)):
-        split = name[:-4]
-        if name.endswith(".csv") and split not in splits and not split.startswith("failed_"):
-            with open(os.path.join(out, name)) as f:  # (a split's CSV has an id column)
-                taken.update({row["id"]: (split, None) for row in csv.DictReader(f) if "id" in row})
+    for split in set(split_names(out)) - splits:
+        with open(os.path.join(out, f"{split}.csv")) as f:
+            taken.update({row["id"]: (split, None) for row in csv.DictReader(f)})
     for r in records:
         if r.id not in taken:
             taken[r.id] = (r.split, r.src[0])
@@ -964,10 +974,9 @@ def read_manifest(path: str, heads: dict) -> tuple:
     malformed line is skipped and named (file:line), an empty manifest is an error."""
     if not os.path.exists(path):
         folder = os.path.dirname(path) or "."
-        here = [f[:-4] for f in sorted(os.listdir(folder)) if f.endswith(".csv")
-                and not f.startswith("failed_") and open(os.path.join(folder, f)).read(3) == "id,"]
-        raise FileNotFoundError(f"{path} not found (this set's splits: {here}; prepare the missing "
-                                "one: the manifest's split column names a clip's split)")
+        raise FileNotFoundError(f"{path} not found (this set's splits: {split_names(folder)}; "
+                                "prepare the missing one: the manifest's split column names "
+                                "a clip's split)")
     rows, problems = [], []
     with open(path, newline="") as f:
         reader = csv.reader(f)
