@@ -105,8 +105,9 @@ def test_attention(dtype, N, d):
     ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)))  # in fp32
     g = torch.randn_like(ref)
     (dr,) = torch.autograd.grad(ref, qkv, g)
-    # the model's packed qkv (one packed gradient), and separate (B, H, N, d) views of it
-    for args in [(qkv,), (q, k, v)]:
+    # the model's packed qkv (one packed gradient), and at one shape separate (B, H, N, d) views
+    # of it (the same kernels with other strides: the interpreter's time goes to the other shapes)
+    for args in [(qkv,), (q, k, v)][:2 if N == 40 else 1]:
         y = FAST["attention"](*args)
         assert y.shape == ref.shape and y.dtype == dtype
         close(y.float(), ref, TOL[dtype])
@@ -246,9 +247,18 @@ def test_backend_is_chosen_per_op_and_unsupported_inputs_go_to_the_twin(monkeypa
 
 
 def test_importing_kernels_does_not_import_the_model():
-    code = "import sys, kernels; assert 'avmae' not in sys.modules, 'kernels imported avmae'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
-                   env={**os.environ, "TRITON_INTERPRET": "1"})
+    # kernels/ stands below the model: it imports torch and triton, never the project's scripts
+    # (read from the source: a fresh interpreter importing torch costs seconds)
+    import ast
+    ours = {"avmae", "data", "train", "finetune"}
+    for name in sorted(os.listdir(os.path.join(ROOT, "kernels"))):
+        if name.endswith(".py") and name != "bench.py":  # (bench.py is a script: it times models)
+            tree = ast.parse(open(os.path.join(ROOT, "kernels", name)).read())
+            found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                     for a in n.names}
+            found |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                      if isinstance(n, ast.ImportFrom) and not n.level}
+            assert not found & ours, (name, found & ours)
 
 
 COMPILE_CHECK = """
@@ -263,7 +273,8 @@ for mod, name in [(kernels.attention, "_attention_qkv_bwd"), (kernels.loss, "_lo
                   (kernels.gather, "_scatter")]:
     real = getattr(mod, name)
     setattr(mod, name, lambda *a, _real=real, _n=name: backwards.append(_n) or _real(*a))
-model = avmae.AVMAE(tiny_config(norm_pix_loss=True))
+# (two encoder layers, one joint, and one decoder layer take every path: less to trace)
+model = avmae.AVMAE(tiny_config(norm_pix_loss=True, depth=2, joint_layers=1, dec_depth=1))
 x, masks = tiny_batch(model.cfg), model.sample_masks(2)
 graphs = {}
 

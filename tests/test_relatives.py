@@ -1,10 +1,6 @@
 """The relatives : MAViL's contrast and stage 2, CAV-MAE, AV-MaskEnhancer, ViViT
 inflation. (Shapes, gradients and overfitting of every relative are in test_model.py.)"""
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,8 +9,6 @@ import torch.nn.functional as F
 import avmae
 import train
 from conftest import tiny_batch, tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def relative(name, **kw):
@@ -67,51 +61,9 @@ def test_contrast_uses_the_unimodal_outputs_not_the_fusion():
     assert torch.equal(uni1["a"], uni2["a"])
 
 
-DDP_NCE = textwrap.dedent("""
-    import os, sys, torch, torch.distributed as dist
-    sys.path.insert(0, ROOT)
-    import avmae
-    dist.init_process_group("gloo")
-    r, W = dist.get_rank(), dist.get_world_size()
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
-    lx, ly = x[r::W].clone().requires_grad_(), y[r::W].clone().requires_grad_()
-    loss = avmae.info_nce(lx, ly, 0.1)  # this rank's rows against every rank's y
-    loss.backward()
-    got = [torch.zeros(1) for _ in range(W)]
-    dist.all_gather(got, loss.detach().reshape(1))
-    gy = [torch.zeros_like(ly.grad) for _ in range(W)]
-    dist.all_gather(gy, ly.grad)
-    if r == 0:
-        torch.save(dict(loss=torch.stack(got).mean(), gy=gy), OUT)
-    dist.destroy_process_group()
-""")
-
-
-def test_contrastive_negatives_span_ranks(tmp_path):
-    out = tmp_path / "ddp.pt"
-    script = tmp_path / "nce.py"
-    script.write_text(f"ROOT = {ROOT!r}\nOUT = {str(out)!r}\n" + DDP_NCE)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", str(script)],
-                       capture_output=True, text=True, timeout=300, env={
-                           **os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = torch.load(out)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g).requires_grad_()
-    # one process with the whole batch, rows ordered as the ranks hold them (rank r: rows r, r + 2,
-    # ...)
-    order = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
-    loss = avmae.info_nce(x[order], y[order], 0.1)
-    loss.backward()
-    # local negatives alone would give another loss
-    assert torch.allclose(res["loss"], loss, atol=1e-6)
-    world_grad = torch.cat(res["gy"])  # d(mean of the ranks' losses)/dy = (sum of rank grads) / W
-    assert torch.allclose(world_grad / 2, y.grad[order], atol=1e-6)
-
-
-# (two processes training MAViL equal one: test_train.py's test_two_processes_equal_one)
+# The contrast's negatives span the ranks (its gradient reaches every rank's rows), and two
+# processes training MAViL equal one: test_train.py's test_two_processes_equal_one, one torchrun
+# job for both (a job's start-up is most of its time here).
 
 
 # -----------------------------------------------------------------------------

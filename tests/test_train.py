@@ -249,7 +249,8 @@ def test_bench_mode_reports_speed(capsys):
 # -----------------------------------------------------------------------------
 # two processes on CPU (gloo): DDP, FSDP and MAViL (whose contrast takes its negatives from every
 # rank) equal one process with the same global batch; one torchrun job runs the three (a job may
-# call train.main more than once), as a job's start-up is most of its time here
+# call train.main more than once) and MAViL's contrast alone, as a job's start-up is most of its
+# time here
 
 
 def torchrun(script, *args):
@@ -263,8 +264,25 @@ def torchrun(script, *args):
 
 RUNS = """
 import sys
+import torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-import train
+import avmae, train
+# MAViL's contrast alone first: this rank's rows against every rank's y (rank r holds rows r, r + 2,
+# ...); the loss of each rank and the gradient each rank's y gets
+dist.init_process_group("gloo")
+r, W = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+lx, ly = x[r::W].clone().requires_grad_(), y[r::W].clone().requires_grad_()
+loss = avmae.info_nce(lx, ly, 0.1)
+loss.backward()
+got = [torch.zeros(1) for _ in range(W)]
+dist.all_gather(got, loss.detach().reshape(1))
+gy = [torch.zeros_like(ly.grad) for _ in range(W)]
+dist.all_gather(gy, ly.grad)
+if r == 0:
+    torch.save(dict(loss=torch.stack(got).mean(), gy=gy), {nce!r})
+dist.destroy_process_group()
 for name, args in {runs!r}:
     train.print0("=== " + name)
     train.main(args)
@@ -278,7 +296,7 @@ def test_two_processes_equal_one(builtin, tmp_path):
             "mavil": (["--variant", "mavil", "--max_steps", "2"], [])}
     args = {n: [*TINY, "--data", builtin, "--batch_size", "8", *a] for n, (a, _) in runs.items()}
     script = tmp_path / "runs.py"
-    script.write_text(RUNS.format(root=ROOT, runs=[
+    script.write_text(RUNS.format(root=ROOT, nce=str(tmp_path / "nce.pt"), runs=[
         (n, [*args[n], *two, "--out_dir", str(tmp_path / "two" / n)])
         for n, (_, two) in runs.items()]))
     stdout = dict(zip(runs, torchrun(str(script)).split("=== ")[1:]))
@@ -291,6 +309,16 @@ def test_two_processes_equal_one(builtin, tmp_path):
         assert losses(tmp_path / "one" / name) == pytest.approx(losses(two), rel=1e-4), name
     assert all("global batch 8 = 2 ranks x 2 x 2" in stdout[n] for n in ("ddp", "fsdp"))
     assert "2 ranks in sync: True" in stdout["ddp"]
+    # the contrast's negatives are the global batch: one process with all 8 rows (in the ranks'
+    # order) has the ranks' mean loss, and its y's gradient is the sum of the ranks' over 2
+    res = torch.load(tmp_path / "nce.pt")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g).requires_grad_()
+    order = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])
+    loss = avmae.info_nce(x[order], y[order], 0.1)
+    loss.backward()
+    assert torch.allclose(res["loss"], loss, atol=1e-6)  # (local negatives alone: another loss)
+    assert torch.allclose(torch.cat(res["gy"]) / 2, y.grad[order], atol=1e-6)
 
 
 def test_no_option_is_declared_in_three_dataclasses():
