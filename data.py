@@ -602,6 +602,10 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
     """Generate the built-in set in the prepared-set format (idempotent: returns at once if
     done; a set made by an earlier version of the generator is made again)."""
     from torchvision.io import encode_jpeg
+    if n_train < 1 or n_test < 0 or size < 32 or seconds < 2.5:
+        raise ValueError(f"builtin: n_train={n_train}, n_test={n_test}, size={size}, "
+                         f"seconds={seconds}: needs n_train >= 1, n_test >= 0, size >= 32 and "
+                         f"seconds >= 2.5 (an event lasts up to 1.8 s, with 0.2 s either side)")
     if os.path.exists(os.path.join(out, "meta.json")):
         if not builtin_outdated(out):
             return out
@@ -1405,17 +1409,19 @@ def _bench(args):
                          f"--batch_size {args.batch_size}")
     on_gpu = args.decode == "gpu" and torch.cuda.is_available()
     gpu = GPUDecoder(loader.dataset) if on_gpu else None
+    # the clock starts once 2 batches are in (the workers' start-up); then --batches are timed
     n, t0, i = 0, None, 0
-    while i <= args.batches:  # as many epochs as it takes
+    while i < args.batches + 2:  # as many epochs as it takes
         for batch in loader:
             if gpu:
                 batch = gpu(batch)
                 torch.cuda.synchronize()
-            if i == 2:  # skip worker start-up
-                t0, n = time.time(), 0
-            n += len(batch["id"])
             i += 1
-            if i > args.batches:
+            if i == 2:
+                t0 = time.time()
+            elif i > 2:
+                n += len(batch["id"])
+            if i == args.batches + 2:
                 break
     rate = n / (time.time() - t0)
     what = {"cpu": "CPU decode", "gpu": "GPU decode" if on_gpu else
@@ -1434,12 +1440,22 @@ def _bench(args):
         return print(f"--gpu {args.gpu}: no known peak; one of "
                      f"{', '.join(k for k, _ in train.PEAK_BF16)}")
     need = peak * args.mfu / per_clip
-    cores = args.cores or args.workers
+    cores = args.cores or max(1, args.workers)  # (0 workers: the main process's core)
     verdict = "data-bound" if rate / max(1, args.workers) * cores < need else "model-bound"
     print(f"AV-MAE pretraining, ViT-{args.size}, these shapes: {per_clip / 1e9:.0f} GFLOP per "
           f"training clip; one {args.gpu} at {args.mfu:.0%} MFU needs {need:.0f} clips/s; "
           f"{cores} cores at this rate give {rate / max(1, args.workers) * cores:.0f}: "
           f"{verdict}")
+
+
+def _at_least(low: int):
+    """An argparse type: an integer of at least `low` (else one line, at parse time)."""
+    def parse(text):
+        v = int(text)
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v}: must be {low} or more")
+        return v
+    return parse
 
 
 def main(argv=None):
@@ -1454,8 +1470,8 @@ def main(argv=None):
     pp.add_argument("--split", default=None,
                     help="keep this split only (vggsound/generic); the split name (audioset/epic)")
     pp.add_argument("--out", required=True)
-    pp.add_argument("--workers", type=int, default=os.cpu_count())
-    pp.add_argument("--short_side", type=int, default=256)
+    pp.add_argument("--workers", type=_at_least(1), default=os.cpu_count())
+    pp.add_argument("--short_side", type=_at_least(32), default=256)
     pp.add_argument("--full_videos", action="store_true",
                     help="audioset: cut each segment from the whole video")
     pp.add_argument("--allow_silent", action="store_true",
@@ -1468,36 +1484,39 @@ def main(argv=None):
     pc = sub.add_parser("checkset", help="write the check set (spoken words over noise + shapes) "
                         "as mp4 files and a generic manifest; needs espeak-ng and ffmpeg")
     pc.add_argument("--out", default="raw/checkset")
-    pc.add_argument("--workers", type=int, default=os.cpu_count())
+    pc.add_argument("--workers", type=_at_least(1), default=os.cpu_count())
     for k, v in CHECKSET.items():
         pc.add_argument(f"--{k}", type=type(v), default=v)
     ps = sub.add_parser(
         "stats", help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
     ps.add_argument("--root", required=True)
     ps.add_argument("--split", default="train")
-    ps.add_argument("--max_clips", type=int, default=2000)
+    ps.add_argument("--max_clips", type=_at_least(1), default=2000)
     pn = sub.add_parser("bench", help="measure loader throughput")
     pn.add_argument("--root", default="data/builtin")
     pn.add_argument("--split", default="train")
-    pn.add_argument("--workers", type=int, default=cores_per_rank())
-    pn.add_argument("--batch_size", type=int, default=32)
-    pn.add_argument("--batches", type=int, default=20)
-    pn.add_argument("--num_frames", type=int, default=16)
+    pn.add_argument("--workers", type=_at_least(0), default=cores_per_rank())
+    pn.add_argument("--batch_size", type=_at_least(1), default=32)
+    pn.add_argument("--batches", type=_at_least(1), default=20)
+    pn.add_argument("--num_frames", type=_at_least(1), default=16)
     pn.add_argument("--frame_stride", type=float, default=4)
-    pn.add_argument("--image_size", type=int, default=224)
-    pn.add_argument("--audio_frames", type=int, default=800)
+    pn.add_argument("--image_size", type=_at_least(16), default=224)
+    pn.add_argument("--audio_frames", type=_at_least(16), default=800)
     pn.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
     pn.add_argument("--video_aug", choices=["none", "finetune", "rrc"], default="none",
                     help="none: pretraining's crop; finetune: finetuning's jitter, flip and colour")
     pn.add_argument("--size", default="base", help="the model whose need is printed beside")
     pn.add_argument("--gpu", default="H100", help="whose bf16 peak sets the need")
     pn.add_argument("--mfu", type=float, default=0.45)
-    pn.add_argument("--cores", type=int, default=0, help="cores per GPU to scale to (16: an "
-                    "H100 node's share); default: --workers")
+    pn.add_argument("--cores", type=_at_least(0), default=0, help="cores per GPU to scale to "
+                    "(16: an H100 node's share); default: --workers")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "builtin":
-        make_builtin(args.out, **{k: getattr(args, k) for k in BUILTIN})
+        try:
+            make_builtin(args.out, **{k: getattr(args, k) for k in BUILTIN})
+        except ValueError as e:
+            sys.exit(str(e))
     elif args.cmd == "checkset":
         try:
             make_checkset(args.out, workers=args.workers, **{k: getattr(args, k) for k in CHECKSET})

@@ -253,7 +253,8 @@ NOT_NEGATIVE = ("epochs", "warmup_epochs", "max_steps", "lr", "blr", "min_lr", "
 
 def check_ranges(cfg):
     """One line for a flag whose number cannot work (e.g. --batch_size 0, --lr -1)."""
-    for names, ok, says in ((AT_LEAST_ONE, lambda v: v >= 1, "1 or more"),
+    for names, ok, says in ((("workers",), lambda v: v >= -1, "-1 (the cores per rank) or more"),
+                            (AT_LEAST_ONE, lambda v: v >= 1, "1 or more"),
                             (ABOVE_ZERO, lambda v: v > 0, "above 0"),
                             (NOT_NEGATIVE, lambda v: v >= 0, "0 or more")):
         for name in names:

@@ -644,3 +644,48 @@ def test_bench_prints_clips_per_core_beside_the_models_need(builtin, capsys, dec
     assert need > 0 and ("data-bound" if rate * 16 < need else "model-bound") in out
     if decode == "gpu" and not torch.cuda.is_available():
         assert "worker side" in out
+
+
+@pytest.mark.parametrize("batches", [1, 5])
+def test_bench_times_exactly_the_batches_it_counts(builtin, capsys, monkeypatch, batches):
+    # a loader whose every batch of 4 takes 1 s: 4 clips/s, however few batches are timed (the
+    # first two are the workers' start-up)
+    clock = [0.0]
+
+    class Loader:
+        dataset = range(400)
+
+        def __len__(self):
+            return 100
+
+        def __iter__(self):
+            for _ in range(100):
+                clock[0] += 1.0
+                yield {"id": ["clip"] * 4}
+    monkeypatch.setattr(data, "make_loader", lambda *a, **k: Loader())
+    monkeypatch.setattr(data.time, "time", lambda: clock[0])
+    data.main(["bench", "--root", builtin, "--workers", "0", "--batches", str(batches), "--size",
+               "tiny", "--num_frames", "4", "--image_size", "32", "--audio_frames", "128"])
+    out = capsys.readouterr().out
+    assert out.startswith("4.0 clips/s, 4.0 per worker core") and clock[0] == batches + 2, out
+    assert "1 cores at this rate give 4" in out  # (no workers: the main process's one core)
+
+
+def test_numbers_the_commands_cannot_take_are_one_line(tmp_path, capsys):
+    cases = [(["prepare", "--videos", ".", "--manifest", "m.csv", "--format", "generic", "--out",
+               "o", "--workers", "0"], "argument --workers: 0: must be 1 or more"),
+             (["prepare", "--videos", ".", "--manifest", "m.csv", "--format", "generic", "--out",
+               "o", "--short_side", "8"], "argument --short_side: 8: must be 32 or more"),
+             (["stats", "--root", ".", "--max_clips", "0"], "argument --max_clips: 0: must be 1"),
+             (["bench", "--workers", "-1"], "argument --workers: -1: must be 0 or more"),
+             (["bench", "--batches", "0"], "argument --batches: 0: must be 1 or more"),
+             (["builtin", "--out", str(tmp_path / "b"), "--n_train", "0"], "needs n_train >= 1"),
+             (["builtin", "--out", str(tmp_path / "b"), "--seconds", "2"], "seconds >= 2.5")]
+    for args, says in cases:
+        with pytest.raises(SystemExit) as e:
+            data.main(args)
+        # argparse: usage, then the error line, exit status 2; the rest: one line, status 1
+        line = e.value.code if isinstance(e.value.code, str) else \
+            capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code != 0 and says in line and "\n" not in line, (args, line)
+    assert not os.path.exists(tmp_path / "b")

@@ -111,6 +111,7 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (finetune.main, ["--data", copy, "--eval_every", "0"], "--eval_every 0: must be 1 or"),
         (finetune.main, ["--data", copy, "--frame_stride", "0"], "--frame_stride 0.0: must be abo"),
         (data.main, ["bench", "--root", str(tmp_path / "nowhere")], "--root"),
+        (train.main, ["--data", copy, "--workers", "-2"], "--workers -2: must be -1 (the cores"),
     ]
 
     def built(*a, **k):
