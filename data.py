@@ -474,8 +474,9 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
         print(f"log-mel statistics of the training split: mean {mean:.3f}, std {std:.3f} (for "
               "--audio_norm dataset)")
     counts = dict(prepared=sum(len(r) for r in rows.values()), failed=len(failed))
-    print(f"prepared {counts['prepared']} clips into {out}; {counts['failed']} failed (see "
-          f"{out}/failed_{'_'.join(splits)}.csv)")
+    print(f"prepared {counts['prepared']} clips into {out}; " + (
+        f"{counts['failed']} failed (why: {out}/failed_{'_'.join(splits)}.csv)"
+        if failed else "none failed"))
     return counts
 
 
