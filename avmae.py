@@ -711,10 +711,23 @@ CHOICES = dict(modalities=("av", "a", "v"), encoder=ENCODERS, decoder=DECODERS,
 # rules (Sec. 3.3, 4.2): fail fast, say why
 
 
+# the sizes and counts of the model (each at least 1)
+COUNTS = ("num_frames", "image_size", "in_chans", "tubelet", "patch_size", "audio_frames",
+          "mel_bins", "audio_patch_t", "audio_patch_f", "width", "depth", "heads", "dec_width",
+          "dec_depth", "dec_heads", "dec_mlp", "fusion_layers", "cross_layers")
+
+
 def check_config(cfg: AVMAEConfig) -> None:
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    for names, ok, says in ((COUNTS, lambda v: v >= 1, "1 or more"),
+                            (("mlp_ratio", "tau_inter", "tau_intra"), lambda v: v > 0, "above 0"),
+                            (("drop_path", "contrast_inter", "contrast_intra", "teacher_width",
+                              "bottlenecks"), lambda v: v >= 0, "0 or more")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"{name}={getattr(cfg, name)}: must be {says}")
     if cfg.modalities == "av" and cfg.encoder == "separate" and cfg.decoder == "separate":
         raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that "
                          "never exchange information (paper Sec. 3.3); for that baseline "

@@ -248,12 +248,13 @@ ABOVE_ZERO = ("frame_stride", "dist_timeout")
 NOT_NEGATIVE = ("epochs", "warmup_epochs", "max_steps", "lr", "blr", "min_lr", "weight_decay",
                 "grad_clip", "mixup", "label_smoothing", "drop_path", "specaug_freq",
                 "specaug_time", "keep_last", "picture_every", "max_bad_steps", "layer_decay",
-                "stop_at")
+                "stop_at", "tokenlearner", "width", "depth", "heads", "layer_scale", "bottlenecks")
+MINUS_ONE = ("workers", "temporal_layers", "tokenlearner_layer", "fusion_layer")  # (-1: a default)
 
 
 def check_ranges(cfg):
     """One line for a flag whose number cannot work (e.g. --batch_size 0, --lr -1)."""
-    for names, ok, says in ((("workers",), lambda v: v >= -1, "-1 (the cores per rank) or more"),
+    for names, ok, says in ((MINUS_ONE, lambda v: v >= -1, "-1 (the default) or more"),
                             (AT_LEAST_ONE, lambda v: v >= 1, "1 or more"),
                             (ABOVE_ZERO, lambda v: v > 0, "above 0"),
                             (NOT_NEGATIVE, lambda v: v >= 0, "0 or more")):

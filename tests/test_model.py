@@ -461,6 +461,12 @@ def test_vit_base_parameter_counts():
      "leaving no mask token"),
     (dict(kernels="cuda"), "kernels='cuda' is not one of auto, triton, torch"),
     (dict(layer_scale=-0.1), "layer_scale=-0.1 is LayerScale's first value, between 0 (off)"),
+    # sizes and counts a model cannot have (a traceback from deep inside, or a silently empty
+    # decoder, before this)
+    (dict(width=-64), "width=-64: must be 1 or more"), (dict(heads=0), "heads=0: must be 1"),
+    (dict(dec_depth=0), "dec_depth=0: must be 1 or more"),
+    (dict(num_frames=0), "num_frames=0: must be 1"), (dict(mlp_ratio=0), "mlp_ratio=0: must be"),
+    (dict(contrast_inter=-1), "contrast_inter=-1: must be 0 or more"),
 ])
 def test_invalid_configs_say_why(overrides, rule):
     with pytest.raises(ValueError, match=rule.replace("(", r"\(").replace(")", r"\)")):

@@ -111,7 +111,10 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (finetune.main, ["--data", copy, "--eval_every", "0"], "--eval_every 0: must be 1 or"),
         (finetune.main, ["--data", copy, "--frame_stride", "0"], "--frame_stride 0.0: must be abo"),
         (data.main, ["bench", "--root", str(tmp_path / "nowhere")], "--root"),
-        (train.main, ["--data", copy, "--workers", "-2"], "--workers -2: must be -1 (the cores"),
+        (train.main, ["--data", copy, "--workers", "-2"], "--workers -2: must be -1 (the default"),
+        (finetune.main, ["--data", copy, "--tokenlearner", "-1"], "--tokenlearner -1: must be 0"),
+        (finetune.main, ["--data", copy, "--fusion_layer", "-2"], "--fusion_layer -2: must be -1"),
+        (train.main, ["--data", copy, "--heads", "0"], "heads=0: must be 1 or more"),
     ]
 
     def built(*a, **k):
