@@ -1534,9 +1534,11 @@ def main(argv=None):
     else:
         if shutil.which("ffmpeg") is None:
             sys.exit("prepare needs ffmpeg on the PATH (Debian: apt-get install -y ffmpeg)")
+        listed = None  # the splits a --split filter chose from
         if args.format == "vggsound":  # the vocabulary comes from every split of the CSV
             recs, bad = read_vggsound(args.manifest)
             heads, multi = {"label": _vocab(recs, "label")}, False
+            listed = sorted({r.split for r in recs})
             recs = [r for r in recs if args.split is None or r.split == args.split]
         elif args.format == "audioset":
             if not args.labels:
@@ -1551,10 +1553,14 @@ def main(argv=None):
             recs, bad = read_generic(args.manifest)
             heads = {"label": _vocab(recs, "label")}
             multi = any(len(r.labels["label"]) > 1 for r in recs)
+            listed = sorted({r.split for r in recs})
             recs = [r for r in recs if args.split is None or r.split == args.split]
         for b in bad:
             log.warning("manifest: %s", b)
         if not recs:
+            if listed and args.split is not None:
+                sys.exit(f"{args.manifest}: no rows of split {args.split!r} (its splits: "
+                         f"{listed}): pass one of them to --split, or leave --split out")
             sys.exit(f"{args.manifest}: no usable rows ({len(bad)} malformed)")
         counts = prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers,
                          args.short_side, bad, allow_silent=args.allow_silent)

@@ -689,3 +689,13 @@ def test_numbers_the_commands_cannot_take_are_one_line(tmp_path, capsys):
             capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code != 0 and says in line and "\n" not in line, (args, line)
     assert not os.path.exists(tmp_path / "b")
+
+
+@needs_ffmpeg
+def test_a_split_the_manifest_does_not_have_is_named_with_those_it_has(tmp_path):
+    manifest = tmp_path / "clips.csv"
+    manifest.write_text("path,label,split\na.mp4,dog,train\nb.mp4,cat,test\n")
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--videos", str(tmp_path), "--manifest", str(manifest), "--format",
+                   "generic", "--out", str(tmp_path / "set"), "--split", "valid"])
+    assert "no rows of split 'valid' (its splits: ['test', 'train'])" in e.value.code
