@@ -248,7 +248,7 @@ ABOVE_ZERO = ("frame_stride", "dist_timeout")
 NOT_NEGATIVE = ("epochs", "warmup_epochs", "max_steps", "lr", "blr", "min_lr", "weight_decay",
                 "grad_clip", "mixup", "label_smoothing", "drop_path", "specaug_freq",
                 "specaug_time", "keep_last", "picture_every", "max_bad_steps", "layer_decay",
-                "stop_at", "tokenlearner", "width", "depth", "heads", "layer_scale", "bottlenecks")
+                "stop_at", "tokenlearner", "width", "depth", "heads", "bottlenecks")
 MINUS_ONE = ("workers", "temporal_layers", "tokenlearner_layer", "fusion_layer")  # (-1: a default)
 
 
