@@ -115,6 +115,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (finetune.main, ["--data", copy, "--tokenlearner", "-1"], "--tokenlearner -1: must be 0"),
         (finetune.main, ["--data", copy, "--fusion_layer", "-2"], "--fusion_layer -2: must be -1"),
         (train.main, ["--data", copy, "--heads", "0"], "heads=0: must be 1 or more"),
+        # (one rule for the model's numbers: not "0 or more" for a width that must be 1 or more)
+        (train.main, ["--data", copy, "--width", "-64"], "width=-64: must be 1 or more"),
     ]
 
     def built(*a, **k):
