@@ -193,12 +193,22 @@ class Record:
 
 
 def _rows(path: str, skip_comments: bool = False):
-    """(line number, fields) of a CSV, counting empty lines as problems rather than rows."""
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
-            if skip_comments and row and row[0].startswith("#"):
-                continue
-            yield i, [c.strip() for c in row]
+    """(line number, fields) of a CSV, counting empty lines as problems rather than rows. UTF-8,
+    with or without the byte-order mark spreadsheets write."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            for i, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
+                if skip_comments and row and row[0].startswith("#"):
+                    continue
+                yield i, [c.strip() for c in row]
+        except UnicodeDecodeError:
+            raw = open(path, "rb").read().removeprefix(b"\xef\xbb\xbf")
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # (the whole file, to name the line)
+                line = raw[:e.start].count(b"\n") + 1
+                raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}): save "
+                                 "the file as UTF-8") from None
 
 
 def read_vggsound(path: str, split: str | None = None):

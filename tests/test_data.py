@@ -112,6 +112,16 @@ def test_vggsound_manifest(tmp_path):
     # the empty line, the short one, the bad number
     assert len(bad) == 3 and all(str(p) in b for b in bad)
     assert [r.id for r in data.read_vggsound(p, "test")[0]] == ["xyz_000000"]
+    # a spreadsheet's export: a byte-order mark and CRLF line ends read as plain UTF-8
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_bytes(b"\xef\xbb\xbfabc,30,caf\xc3\xa9 noise,train\r\nxyz,0,cat,test\r\n")
+    recs, bad = data.read_vggsound(str(sheet))
+    assert [r.id for r in recs] == ["abc_000030", "xyz_000000"] and not bad
+    assert recs[0].labels == {"label": ["caf\u00e9 noise"]}
+    # another encoding (Latin-1 here) is named with its line, not a traceback
+    sheet.write_bytes(b"abc,30,dog,train\nxyz,0,caf\xe9,test\n")
+    with pytest.raises(ValueError, match=r"sheet.csv:2: not UTF-8 text \(byte 0xe9\): save"):
+        data.read_vggsound(str(sheet))
 
 
 def test_audioset_manifest(tmp_path):
