@@ -1469,9 +1469,16 @@ def _at_least(low: int):
     return parse
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a user error on one line: the message and where the flags are listed (not
+    the whole usage, 50 lines for train.py's flags); exit status 2, as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} ({self.prog} -h lists the flags)\n")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="raw videos + a manifest -> a prepared set")
     pp.add_argument("--videos", required=True, help="folder of the source videos")
@@ -1521,6 +1528,7 @@ def main(argv=None):
     pn.add_argument("--mfu", type=float, default=0.45)
     pn.add_argument("--cores", type=_at_least(0), default=0, help="cores per GPU to scale to "
                     "(16: an H100 node's share); default: --workers")
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # (named so when it is missing)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "builtin":

@@ -191,8 +191,7 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
     """One flag per dataclass field (default None = not given), typed from the field; `choices`
     (field -> allowed values) makes argparse list them."""
     choices = choices or {}
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     seen = set()
     for dc in dataclasses_:
         g = p.add_argument_group(dc.__name__)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import avmae  # noqa: E402
+import data  # noqa: E402
 import kernels  # noqa: E402
 
 HBM = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("GH200", 4.0e12),
@@ -460,8 +461,7 @@ def writable(path: str, flag: str) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default="bench.md", help="the markdown report to write")
     p.add_argument("--only", choices=["memory", "attention", "step"])
     p.add_argument("--batch", type=int, default=64, help="clips per GPU (512 over 8)")

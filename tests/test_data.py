@@ -694,9 +694,8 @@ def test_numbers_the_commands_cannot_take_are_one_line(tmp_path, capsys):
     for args, says in cases:
         with pytest.raises(SystemExit) as e:
             data.main(args)
-        # argparse: usage, then the error line, exit status 2; the rest: one line, status 1
-        line = e.value.code if isinstance(e.value.code, str) else \
-            capsys.readouterr().err.strip().splitlines()[-1]
+        # argparse's errors: one line on stderr, exit status 2; the rest: one line, status 1
+        line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
         assert e.value.code != 0 and says in line and "\n" not in line, (args, line)
     assert not os.path.exists(tmp_path / "b")
 

@@ -62,7 +62,7 @@ def test_the_window_fits_the_clips_unless_the_user_chose_it(builtin, capsys):
     assert data.fit_window(2.0, 256, 16, 8, 12.5, 2) == (192, 4)  # 198 real frames; 2 s at 2 fps
 
 
-def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatch):
+def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatch, capsys):
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"not a checkpoint")
     other = tmp_path / "other.pt"
@@ -129,6 +129,16 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
                 main(args)
         line = e.value.code  # a string: printed to stderr, exit status 1
         assert isinstance(line, str) and "\n" not in line and says in line, (args, line)
+    # a flag argparse refuses: its message and where the flags are listed, not the whole usage
+    for main, args, says in ((train.main, ["--preset", "nope"], "invalid choice: 'nope'"),
+                             (finetune.main, ["--epox", "3"], "unrecognized arguments: --epox"),
+                             (data.main, [], "required: {prepare,builtin,")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and says in err and "-h lists the flags" in err, err
+        assert "\n" not in err, err
     # and from the command line, as a user sees them: one line on stderr, a non-zero exit, no
     # traceback
     for args, says in ((["train.py", "--data", str(tmp_path / "nowhere")],
