@@ -34,8 +34,10 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -1336,10 +1338,46 @@ def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None
     """A DataLoader over AVDataset; `sampler` (e.g. an EpochSampler) picks the clips."""
     ds = AVDataset(cfg)
     sampler = sampler if sampler is not None else EpochSampler(len(ds), shuffle=cfg.train)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                                       num_workers=workers, collate_fn=collate, drop_last=drop_last,
-                                       pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=workers > 0)
+    return Loader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                  collate_fn=collate, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=workers > 0)
+
+
+class Loader(torch.utils.data.DataLoader):
+    """torch's DataLoader, whose workers leave a scheduler's stop to the main process. A scheduler
+    that preempts a job (SLURM, scancel) signals every process of it, the loader's workers too; a
+    worker killed by it failed the run in its last step ("DataLoader worker is killed by signal"),
+    with no checkpoint. Here a worker ignores SIGUSR1, and SIGTERM unless its own main process sent
+    it (the loader's terminate(), at exit); the main process finishes the step, checkpoints and
+    shuts the workers down. A worker whose main process has gone ends by itself (the loader's
+    watchdog). (Linux: elsewhere, e.g. macOS without sigwaitinfo, torch's DataLoader as it is.)"""
+    HOLD = hasattr(signal, "sigwaitinfo")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=_worker_init if self.HOLD else None, **kwargs)
+
+    def __iter__(self):
+        # the workers start (fork) with SIGTERM blocked, in every thread they have (some start
+        # at fork, before _worker_init): one thread of theirs reads it, with its sender
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM} if self.HOLD else ())
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _worker_init(_):
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not the main process's handler, inherited)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_from_the_main_process_only, args=(os.getppid(),),
+                     daemon=True).start()
+
+
+def _sigterm_from_the_main_process_only(main_pid: int):
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+        pass  # (a scheduler's: the main process stops the run)
+    os._exit(0)  # (not killed by the signal, which the main process's loader reports as a fault)
 
 
 def median_duration(root: str, split: str = "train") -> float | None:

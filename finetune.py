@@ -570,9 +570,9 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     predictions.csv and per_class.csv to out_dir (rank 0)."""
     model.eval()
     idx = list(range(d.rank, len(ds), d.world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx),
-                                         batch_size=max(1, fcfg.batch_size // d.world),
-                                         num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
+    loader = data.Loader(torch.utils.data.Subset(ds, idx),
+                         batch_size=max(1, fcfg.batch_size // d.world),
+                         num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
     gpu = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
     for b in loader:

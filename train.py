@@ -806,10 +806,9 @@ def batch_stream(ds: data.AVDataset, per_rank: int, workers: int, seed: int, d: 
     ranks, resumable at any step: `per_step` samples of this rank per step), pinned memory and
     persistent workers, batches moved to the device (and decoded there with --decode gpu)."""
     sampler = data.EpochSampler(len(ds), d.world, d.rank, seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler,
-                                         num_workers=workers, collate_fn=data.collate,
-                                         drop_last=True, pin_memory=d.device.type == "cuda",
-                                         persistent_workers=workers > 0)
+    loader = data.Loader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                         collate_fn=data.collate, drop_last=True,
+                         pin_memory=d.device.type == "cuda", persistent_workers=workers > 0)
     gpu_decoder = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
     epoch0, in_epoch = divmod(step, steps_per_epoch)
     return batches(loader, sampler, epoch0, in_epoch * per_step, d, gpu_decoder)

@@ -62,6 +62,37 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_exactly(builtin, tmp_pat
     assert res["step"] == 6 and same(full["checkpoint"], res["checkpoint"])
 
 
+def test_a_signal_to_every_process_of_the_job_still_checkpoints(builtin, tmp_path, capsys):
+    # a scheduler's preemption (SLURM, scancel) signals every process of the job, the loader's
+    # workers too; killed by it, a worker failed the run in its last step ("DataLoader worker is
+    # killed by signal"), with no checkpoint. The workers leave the stop to the main process.
+    import multiprocessing
+
+    def everyone(step, batch):
+        if step == 2:  # (both workers have delivered a batch: they are set up)
+            pids = [str(p.pid) for p in multiprocessing.active_children()]
+            # sent by another process, as a scheduler's is
+            subprocess.run(["kill", "-TERM", str(os.getpid()), *pids], check=True)
+        return batch
+    args = [*TINY, "--data", builtin, "--max_steps", "6", "--workers", "2"]
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--out_dir", str(tmp_path)], hooks={"batch": everyone})
+    assert e.value.code == train.EXIT_PREEMPTED, e.value.code
+    assert "stopped at step 3 on SIGTERM" in capsys.readouterr().err
+    assert train.load_checkpoint(str(tmp_path / "ckpt_0000003.pt"), "--resume")["step"] == 3
+    # a SIGTERM from the worker's own main process (the loader's terminate(), at exit) still ends
+    # it: a worker that ignored that one would hang the main process's exit
+    loader = data.make_loader(data.DataConfig(root=builtin, num_frames=4, image_size=32,
+                                              audio_frames=64, mel_bins=32), 2, workers=1)
+    it = iter(loader)
+    next(it)
+    worker = it._workers[0]
+    worker.terminate()
+    worker.join(timeout=10)
+    assert worker.exitcode == 0  # (0: the loader does not report it as a worker that died)
+    del it
+
+
 def test_a_second_signal_while_saving_does_not_corrupt_the_checkpoint(builtin, tmp_path,
                                                                       monkeypatch):
     real = torch.save
