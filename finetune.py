@@ -699,7 +699,7 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
     train.ensure_data(fcfg, d)
     ckpt_path, resumed = train.resume_from(train.restart_resume(fcfg.resume), fcfg.out_dir,
-                                           "finetuning")
+                                           "finetuning", d)
     if fcfg.eval_only and not resumed:
         raise SystemExit("--eval_only evaluates a finetuned checkpoint: pass --resume CKPT (or "
                          "--resume auto with that finetuning's --out_dir)")

@@ -463,9 +463,17 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
     return ck
 
 
-def resume_from(resume: str, out_dir: str, kind: str = "pretraining") -> tuple:
+def resume_from(resume: str, out_dir: str, kind: str = "pretraining", d: "Dist | None" = None):
     """(path, checkpoint) to continue from, or (None, None): a named file, or with 'auto' the newest
-    intact checkpoint in out_dir (a damaged newer one is reported and passed over)."""
+    intact checkpoint in out_dir (a damaged newer one is reported and passed over). Every rank
+    reads it; with `d`, they must agree on the step."""
+    path, ckpt = _resume_from(resume, out_dir, kind)
+    if d is not None and d.world > 1:
+        same_step_on_every_rank(ckpt["step"] if ckpt else 0, d, out_dir)
+    return path, ckpt
+
+
+def _resume_from(resume: str, out_dir: str, kind: str) -> tuple:
     if not resume:
         return None, None
     if resume != "auto":
@@ -480,6 +488,23 @@ def resume_from(resume: str, out_dir: str, kind: str = "pretraining") -> tuple:
         raise SystemExit(f"--resume auto: none of the {len(found)} checkpoints in {out_dir} is "
                          "intact")
     return None, None
+
+
+def same_step_on_every_rank(step: int, d: "Dist", out_dir: str):
+    """Ranks that would resume from different steps (an --out_dir on each node's own disk: the
+    other nodes see no checkpoint, or an older one) would run other schedules and sample other
+    clips, then hang at the end: stop every rank, saying so."""
+    steps = [None] * d.world
+    dist.all_gather_object(steps, step, group=d.monitor)
+    if len(set(steps)) > 1:
+        seen = {}
+        for r, s in enumerate(steps):
+            seen.setdefault(s, []).append(r)
+        ranks = lambda rs: ", ".join(map(str, rs[:4])) + (", ..." if len(rs) > 4 else "")  # noqa
+        found = "; ".join(f"step {s} on rank(s) {ranks(rs)}" for s, rs in sorted(seen.items()))
+        raise SystemExit(f"rank {d.rank}: the ranks would resume from different steps ({found}): "
+                         f"--out_dir {out_dir} must be one folder that every node sees (a shared "
+                         "file system)")
 
 # -----------------------------------------------------------------------------
 # faults on a cluster: a scheduler's signal, a non-finite step, a full disk, a stuck rank
@@ -1035,7 +1060,7 @@ def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
     opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr,
                             betas=(tcfg.beta1, tcfg.beta2), fused=d.device.type == "cuda")
     step = 0
-    ckpt_path, ckpt = resume_from(restart_resume(tcfg.resume), tcfg.out_dir)
+    ckpt_path, ckpt = resume_from(restart_resume(tcfg.resume), tcfg.out_dir, d=d)
     if ckpt:
         diff = {k: (v, asdict(mcfg).get(k)) for k, v in ckpt["model_config"].items()
                 if asdict(mcfg).get(k) != v and k not in RUN_TIME_FIELDS}

@@ -263,7 +263,7 @@ def torchrun(script, *args):
 
 
 RUNS = """
-import sys
+import os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import avmae, train
@@ -286,6 +286,12 @@ dist.destroy_process_group()
 for name, args in {runs!r}:
     train.print0("=== " + name)
     train.main(args)
+# an --out_dir on each node's own disk: rank 1's holds no checkpoint, rank 0's the ddp run's
+try:
+    train.main({apart!r}[r])
+except SystemExit as e:
+    sys.stdout.flush()
+    os.write(1, f"APART {{e.code}}\\n".encode())  # (one write: the ranks' lines do not interleave)
 """
 
 
@@ -296,10 +302,17 @@ def test_two_processes_equal_one(builtin, tmp_path):
             "mavil": (["--variant", "mavil", "--max_steps", "2"], [])}
     args = {n: [*TINY, "--data", builtin, "--batch_size", "8", *a] for n, (a, _) in runs.items()}
     script = tmp_path / "runs.py"
-    script.write_text(RUNS.format(root=ROOT, nce=str(tmp_path / "nce.pt"), runs=[
+    apart = [[*args["ddp"], "--grad_accum", "2", "--resume", "auto", "--max_steps", "4",
+              "--out_dir", str(tmp_path / d)] for d in ("two/ddp", "empty")]
+    script.write_text(RUNS.format(root=ROOT, nce=str(tmp_path / "nce.pt"), apart=apart, runs=[
         (n, [*args[n], *two, "--out_dir", str(tmp_path / "two" / n)])
         for n, (_, two) in runs.items()]))
-    stdout = dict(zip(runs, torchrun(str(script)).split("=== ")[1:]))
+    out = torchrun(str(script))
+    stdout = dict(zip(runs, out.split("=== ")[1:]))
+    # ranks that would resume from different steps stop, every one, saying why
+    for r in (0, 1):
+        assert (f"APART rank {r}: the ranks would resume from different steps (step 0 on rank(s) "
+                f"1; step 3 on rank(s) 0): --out_dir") in out, out[-2000:]
     for name in runs:
         two = tmp_path / "two" / name
         one = train.main([*args[name], "--out_dir", str(tmp_path / "one" / name)])
