@@ -1350,27 +1350,28 @@ class Loader(torch.utils.data.DataLoader):
     with no checkpoint. Here a worker ignores SIGUSR1, and SIGTERM unless its own main process sent
     it (the loader's terminate(), at exit); the main process finishes the step, checkpoints and
     shuts the workers down. A worker whose main process has gone ends by itself (the loader's
-    watchdog). (Linux: elsewhere, e.g. macOS without sigwaitinfo, torch's DataLoader as it is.)"""
-    HOLD = hasattr(signal, "sigwaitinfo")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, worker_init_fn=_worker_init if self.HOLD else None, **kwargs)
+    watchdog). Workers made by fork on Linux (the default before Python 3.14); elsewhere
+    (macOS has no sigwaitinfo; spawn, forkserver) torch's DataLoader as it is."""
 
     def __iter__(self):
+        ctx = self.multiprocessing_context or multiprocessing.get_context()
+        hold = (self.num_workers > 0 and hasattr(signal, "sigwaitinfo")
+                and ctx.get_start_method() == "fork")
+        self.worker_init_fn = functools.partial(_worker_init, os.getpid()) if hold else None
         # the workers start (fork) with SIGTERM blocked, in every thread they have (some start
         # at fork, before _worker_init): one thread of theirs reads it, with its sender
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM} if self.HOLD else ())
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM} if hold else ())
         try:
             return super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _worker_init(_):
+def _worker_init(main_pid: int, _worker_id: int):
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not the main process's handler, inherited)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_sigterm_from_the_main_process_only, args=(os.getppid(),),
+    threading.Thread(target=_sigterm_from_the_main_process_only, args=(main_pid,),
                      daemon=True).start()
 
 
