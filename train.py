@@ -499,9 +499,9 @@ def same_step_on_every_rank(step: int, d: "Dist", out_dir: str):
     if len(set(steps)) > 1:
         seen = {}
         for r, s in enumerate(steps):
-            seen.setdefault(s, []).append(r)
-        ranks = lambda rs: ", ".join(map(str, rs[:4])) + (", ..." if len(rs) > 4 else "")  # noqa
-        found = "; ".join(f"step {s} on rank(s) {ranks(rs)}" for s, rs in sorted(seen.items()))
+            seen.setdefault(s, []).append(str(r))
+        found = "; ".join(f"step {s} on rank(s) {', '.join(rs[:4])}{', ...' * (len(rs) > 4)}"
+                          for s, rs in sorted(seen.items()))
         raise SystemExit(f"rank {d.rank}: the ranks would resume from different steps ({found}): "
                          f"--out_dir {out_dir} must be one folder that every node sees (a shared "
                          "file system)")
