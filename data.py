@@ -439,6 +439,20 @@ def _unique(records: list, out: str, failed: list) -> list:
     return keep
 
 
+class Pool(ProcessPoolExecutor):
+    """A process pool whose workers (and the ffmpeg they run) leave Ctrl-C to the main process:
+    there, the jobs not started are cancelled and those in flight finish (a clip is written whole
+    or not at all), then the KeyboardInterrupt goes on. (A plain pool would run every job left.)"""
+
+    def __init__(self, workers: int):
+        super().__init__(max(1, workers), initializer=signal.signal,
+                         initargs=(signal.SIGINT, signal.SIG_IGN))
+
+    def __exit__(self, kind, *exc):
+        self.shutdown(wait=True, cancel_futures=kind is not None)
+        return False
+
+
 def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool, source: str,
             workers: int = os.cpu_count() or 1, short_side: int = 256, problems: list = (),
             allow_silent: bool = False) -> dict:
@@ -458,7 +472,7 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
     index = {h: {name: i for i, name in enumerate(names)} for h, names in heads.items()}
     rows, failed = {}, [("manifest", "", p) for p in problems]
     kept = _unique(records, out, failed)
-    with ProcessPoolExecutor(max(1, workers)) as ex:
+    with Pool(workers) as ex:
         jobs = [ex.submit(_prepare_one, (r, videos, out, short_side,
                                          allow_silent)) for r in kept]
         for job in tqdm(as_completed(jobs), total=len(jobs), desc="prepare", unit="clip"):
@@ -772,7 +786,7 @@ def make_checkset(out: str, n_train: int = CHECKSET["n_train"], n_test: int = CH
     jobs = [(i, "train" if i < n_train else "test", seed, seconds, size, out)
             for i in range(n_train + n_test)]
     t0 = time.time()
-    with ProcessPoolExecutor(max(1, workers)) as ex:
+    with Pool(workers) as ex:
         rows = list(ex.map(_check_item, jobs, chunksize=4))
     with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "label", "split", "onset"])
@@ -1344,31 +1358,38 @@ def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None
 
 
 class Loader(torch.utils.data.DataLoader):
-    """torch's DataLoader, whose workers leave a scheduler's stop to the main process. A scheduler
-    that preempts a job (SLURM, scancel) signals every process of it, the loader's workers too; a
-    worker killed by it failed the run in its last step ("DataLoader worker is killed by signal"),
-    with no checkpoint. Here a worker ignores SIGUSR1, and SIGTERM unless its own main process sent
-    it (the loader's terminate(), at exit); the main process finishes the step, checkpoints and
-    shuts the workers down. A worker whose main process has gone ends by itself (the loader's
-    watchdog). Workers made by fork on Linux (the default before Python 3.14); elsewhere
-    (macOS has no sigwaitinfo; spawn, forkserver) torch's DataLoader as it is."""
+    """torch's DataLoader, whose workers leave a stop to the main process. A scheduler that
+    preempts a job (SLURM, scancel) signals every process of it, and Ctrl-C every process in the
+    terminal's foreground, the loader's workers too; a worker killed by it failed the run in its
+    last step ("DataLoader worker is killed by signal"), with no checkpoint. Here a worker ignores
+    SIGINT and SIGUSR1, and SIGTERM unless its own main process sent it (the loader's terminate(),
+    at exit); the main process finishes the step, checkpoints and shuts the workers down. A worker
+    whose main process has gone ends by itself (the loader's watchdog). SIGTERM needs workers made
+    by fork on Linux (the default before Python 3.14); elsewhere (macOS has no sigwaitinfo;
+    spawn, forkserver) a worker takes it as torch's do."""
 
     def __iter__(self):
         ctx = self.multiprocessing_context or multiprocessing.get_context()
-        hold = (self.num_workers > 0 and hasattr(signal, "sigwaitinfo")
-                and ctx.get_start_method() == "fork")
-        self.worker_init_fn = functools.partial(_worker_init, os.getpid()) if hold else None
-        # the workers start (fork) with SIGTERM blocked, in every thread they have (some start
-        # at fork, before _worker_init): one thread of theirs reads it, with its sender
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM} if hold else ())
+        fork = self.num_workers > 0 and ctx.get_start_method() == "fork"
+        term = fork and hasattr(signal, "sigwaitinfo")
+        if self.num_workers > 0:
+            self.worker_init_fn = functools.partial(_worker_init, os.getpid() if term else None)
+        # forked workers start with SIGINT and SIGTERM blocked, in every thread they have (some
+        # start at fork, before _worker_init): one thread of theirs reads SIGTERM, with its sender
+        hold = ({signal.SIGINT} if fork else set()) | ({signal.SIGTERM} if term else set())
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, hold)
         try:
             return super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _worker_init(main_pid: int, _worker_id: int):
+def _worker_init(main_pid: int | None, _worker_id: int):
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (one held since fork: dropped)
+    if main_pid is None:
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not the main process's handler, inherited)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_sigterm_from_the_main_process_only, args=(main_pid,),
@@ -1626,9 +1647,19 @@ def main(argv=None):
                      f"{args.out}/failed_*.csv")
 
 
-if __name__ == "__main__":
+def command_line(argv=None):
+    """main as a command: a missing or malformed set, manifest or file, or Ctrl-C, is one line on
+    stderr and a non-zero exit, not a traceback."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main()
-    # a missing or malformed set, manifest or file: one line, not a traceback
+        main(argv)
     except (OSError, ValueError) as e:
         sys.exit(f"data.py: {e}")
+    except KeyboardInterrupt:
+        print("data.py: stopped by Ctrl-C" + ("; the clips finished are kept, and the same "
+              "command goes on from there" if argv[:1] == ["prepare"] else ""), file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    command_line()

@@ -807,7 +807,7 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     stop_at = min(total, fcfg.stop_at) if fcfg.stop_at else total
     log = Log(os.path.join(fcfg.out_dir, "log.jsonl"), d.master)
     results, path = {}, None
-    with train.Preemption() as preempt:
+    with train.Preemption() as preempt, bar:  # (bar: closed, a line of its own, on any stop)
         while step < stop_at:
             for g in opt.param_groups:
                 g["lr"] = train.lr_at(step, total, job.warmup, job.lr, fcfg.min_lr) * g["lr_scale"]
@@ -845,7 +845,6 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
             if stop:
                 bar.close()
                 preempt.stop(step, path)
-    bar.close()
     return finish(job, step, results, path)
 
 
@@ -950,4 +949,4 @@ class LearningWatch:
 
 
 if __name__ == "__main__":
-    main()
+    train.command_line(main)

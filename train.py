@@ -511,17 +511,23 @@ def same_step_on_every_rank(step: int, d: "Dist", out_dir: str):
 
 # (EX_TEMPFAIL) stopped cleanly on SIGTERM / SIGUSR1 with a checkpoint: resume with --resume auto
 EXIT_PREEMPTED = 75
+# (128 + SIGINT, the shell's convention) stopped by Ctrl-C, with a checkpoint after the first
+EXIT_INTERRUPTED = 130
+CTRL_C_AGAIN = ("stopped by Ctrl-C at once, without a new checkpoint; run the same command with "
+                "--resume auto to continue from the last one in --out_dir")
 
 
 class Preemption:
     """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a stop: the step
     in flight finishes, every rank agrees (the flag rides on the step's all-reduce), a checkpoint is
     written and every rank exits with EXIT_PREEMPTED. A second signal only asks again: the save is
-    never cut short."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    never cut short. Ctrl-C (SIGINT) asks the same way and exits with EXIT_INTERRUPTED; a second
+    Ctrl-C stops at once (KeyboardInterrupt, which the command line turns into CTRL_C_AGAIN; the
+    last checkpoint stays intact, saves being atomic)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.signal, self._old = None, {}
+        self.signal, self._old, self.ctrl_c = None, {}, 0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -529,7 +535,15 @@ class Preemption:
         return self
 
     def _ask(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.ctrl_c += 1
+            if self.ctrl_c > 1:
+                raise KeyboardInterrupt
+            if int(os.environ.get("RANK", 0)) == 0:  # (os.write: a print could cut into tqdm's)
+                os.write(2, b"\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C "
+                            b"again stops at once, without one)\n")
+        self.signal = self.signal or ("Ctrl-C" if signum == signal.SIGINT
+                                      else signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():
@@ -539,7 +553,17 @@ class Preemption:
         print0(f"stopped at step {step} on {self.signal or 'a signal to another rank'}; "
                f"checkpoint {path}; run the same command with --resume auto to "
                "continue", file=sys.stderr)
-        raise SystemExit(EXIT_PREEMPTED)
+        raise SystemExit(EXIT_INTERRUPTED if self.signal == "Ctrl-C" else EXIT_PREEMPTED)
+
+
+def command_line(main):
+    """Runs a command's main: Ctrl-C outside the training loop (or a second one inside it) is one
+    line and EXIT_INTERRUPTED, not a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print0(CTRL_C_AGAIN, file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 class NonFinite:
@@ -971,7 +995,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     sums, n_sums = {}, 0  # the losses since the last log line, which gives their mean
     stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
     state, path, picture = dict(loss=float("nan")), None, None
-    with Preemption() as preempt:
+    with Preemption() as preempt, bar:  # (bar: closed, a line of its own, on any stop)
         # the loop: a step, then its hooks (log, picture, checkpoint, a requested stop)
         while step < stop:
             for g in opt.param_groups:
@@ -1005,7 +1029,6 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
             if r["stop"]:
                 bar.close()
                 preempt.stop(step, path)
-    bar.close()
     in_sync = tcfg.fsdp or ranks_in_sync(run.raw)  # (FSDP holds one copy, sharded)
     log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     loss = last.get("loss", state["loss"])  # the mean over the last log line's steps
@@ -1250,4 +1273,4 @@ def main(argv=None, hooks=None):
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -5,7 +5,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -235,6 +237,29 @@ def test_prepare_real_mp4s(tmp_path):
     item = ds[0]
     assert item["a"].shape == (128, 128) and item["v"].shape == (3, 4, 64,
                                                                  64) and item["label"] == 0
+
+
+def _a_clip(i, folder):
+    time.sleep(0.3)
+    open(os.path.join(folder, f"{i}.done"), "w").close()
+    return i
+
+
+def test_ctrl_c_in_prepare_cancels_what_has_not_started_and_finishes_what_has(tmp_path):
+    # Ctrl-C reaches every process in the terminal's foreground: prepare's workers leave it to the
+    # main process, which cancels the clips not started and waits for those in flight (a plain
+    # pool's workers took it inside their clips, then went on through every clip left)
+    from concurrent.futures import as_completed
+    with pytest.raises(KeyboardInterrupt):
+        with data.Pool(2) as ex:
+            jobs = [ex.submit(_a_clip, i, str(tmp_path)) for i in range(20)]
+            next(as_completed(jobs))
+            for p in ex._processes.values():
+                os.kill(p.pid, signal.SIGINT)
+            raise KeyboardInterrupt  # (the main process's own Ctrl-C)
+    done = [j for j in jobs if not j.cancelled()]
+    assert all(j.done() and j.exception() is None for j in done), [j.exception() for j in done]
+    assert 1 <= len(done) <= 10 and len(os.listdir(tmp_path)) == len(done)  # (of 20)
 
 
 def test_split_mjpeg():

@@ -62,24 +62,40 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_exactly(builtin, tmp_pat
     assert res["step"] == 6 and same(full["checkpoint"], res["checkpoint"])
 
 
-def test_a_signal_to_every_process_of_the_job_still_checkpoints(builtin, tmp_path, capsys):
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_a_signal_to_every_process_of_the_job_still_checkpoints(builtin, tmp_path, capfd, sig):
     # a scheduler's preemption (SLURM, scancel) signals every process of the job, the loader's
-    # workers too; killed by it, a worker failed the run in its last step ("DataLoader worker is
-    # killed by signal"), with no checkpoint. The workers leave the stop to the main process.
+    # workers too, and Ctrl-C every process in the terminal's foreground; killed by it, a worker
+    # failed the run in its last step ("DataLoader worker is killed by signal"), with no
+    # checkpoint. The workers leave the stop to the main process.
     import multiprocessing
+
+    workers = []
 
     def everyone(step, batch):
         if step == 2:  # (both workers have delivered a batch: they are set up)
-            pids = [str(p.pid) for p in multiprocessing.active_children()]
+            workers.extend(multiprocessing.active_children())
             # sent by another process, as a scheduler's is
-            subprocess.run(["kill", "-TERM", str(os.getpid()), *pids], check=True)
+            subprocess.run(["kill", f"-{sig}", str(os.getpid()), *[str(p.pid) for p in workers]],
+                           check=True)
+        if step == 3:  # (the batches of these steps were on their way: the workers must live on)
+            time.sleep(0.5)
+            assert len(workers) == 2 and all(p.exitcode is None for p in workers), workers
         return batch
     args = [*TINY, "--data", builtin, "--max_steps", "6", "--workers", "2"]
     with pytest.raises(SystemExit) as e:
         train.main([*args, "--out_dir", str(tmp_path)], hooks={"batch": everyone})
-    assert e.value.code == train.EXIT_PREEMPTED, e.value.code
-    assert "stopped at step 3 on SIGTERM" in capsys.readouterr().err
+    err = capfd.readouterr().err
+    if sig == "INT":  # (the first Ctrl-C: said at once, by the main process only; exit 130)
+        assert e.value.code == train.EXIT_INTERRUPTED, e.value.code
+        assert err.count("Ctrl-C: stopping after this step") == 1, err
+        assert "stopped at step 3 on Ctrl-C" in err
+    else:
+        assert e.value.code == train.EXIT_PREEMPTED, e.value.code
+        assert "stopped at step 3 on SIGTERM" in err
     assert train.load_checkpoint(str(tmp_path / "ckpt_0000003.pt"), "--resume")["step"] == 3
+    if sig == "INT":
+        return
     # a SIGTERM from the worker's own main process (the loader's terminate(), at exit) still ends
     # it: a worker that ignored that one would hang the main process's exit
     loader = data.make_loader(data.DataConfig(root=builtin, num_frames=4, image_size=32,
@@ -91,6 +107,27 @@ def test_a_signal_to_every_process_of_the_job_still_checkpoints(builtin, tmp_pat
     worker.join(timeout=10)
     assert worker.exitcode == 0  # (0: the loader does not report it as a worker that died)
     del it
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(builtin, tmp_path, capsys):
+    # the first Ctrl-C asks for a checkpointed stop, the second stops at once: one line, exit 130,
+    # the last checkpoint intact; the handlers are put back
+    def twice(step, batch):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch
+    before = signal.getsignal(signal.SIGINT)
+    args = [*TINY, "--data", builtin, "--max_steps", "6", "--save_every", "2"]
+    with pytest.raises(SystemExit) as e:
+        train.command_line(lambda: train.main([*args, "--out_dir", str(tmp_path)],
+                                              hooks={"batch": twice}))
+    assert e.value.code == train.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == train.CTRL_C_AGAIN and "Traceback" not in err
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt")) == ["ckpt_0000002.pt"]
+    assert train.load_checkpoint(str(tmp_path / "ckpt_0000002.pt"), "--resume")["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_second_signal_while_saving_does_not_corrupt_the_checkpoint(builtin, tmp_path,

@@ -152,6 +152,26 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         assert says in err[-1], (args, err[-1])
 
 
+def test_ctrl_c_outside_the_training_loop_is_one_line(monkeypatch, capsys):
+    # (inside it the first Ctrl-C checkpoints: test_faults.py)
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "main", interrupted)
+    for argv, says in ((["prepare", "--out", "x"], "; the clips finished are kept, and the same "
+                        "command goes on from there"), (["stats", "--root", "x"], "")):
+        with pytest.raises(SystemExit) as e:
+            data.command_line(argv)
+        assert e.value.code == 130
+        assert capsys.readouterr().err == "data.py: stopped by Ctrl-C" + says + "\n"
+    # (as while a set is made or a model built)
+    monkeypatch.setattr(train, "parse_args", interrupted)
+    monkeypatch.setattr(finetune, "parse_args", interrupted)
+    for main in (train.main, finetune.main):
+        with pytest.raises(SystemExit) as e:
+            train.command_line(main)
+        assert e.value.code == 130 and capsys.readouterr().err == train.CTRL_C_AGAIN + "\n"
+
+
 @needs_ffmpeg
 def test_a_video_without_sound_is_refused_in_words_or_kept_silent(tmp_path):
     videos = tmp_path / "videos"
