@@ -490,6 +490,24 @@ def _resume_from(resume: str, out_dir: str, kind: str) -> tuple:
     return None, None
 
 
+# flags that steer only a run's bookkeeping (or its speed): a resumed run changes them unsaid
+BOOKKEEPING = ("resume", "out_dir", "stop_at", "workers", "save_every", "log_every",
+               "picture_every", "keep_last", "dist_timeout", "on_save_error", "max_bad_steps",
+               "bench", "bench_steps", "preset", "decode", "kernels", "compile", "init",
+               "eval_only")
+
+
+def resumed_line(path: str, step: int, saved: dict | None, cfg) -> str:
+    """'resumed from PATH at step N', and the flags this run changes against the checkpoint's run
+    (the batch, the schedule, the clips...): they apply from that step on, so the run is no longer
+    the one that stopped. Said, not refused: extending --max_steps is a common wish."""
+    now = asdict(cfg)
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in now.items()
+               if k in (saved or {}) and saved[k] != v and k not in BOOKKEEPING]
+    return f"resumed from {path} at step {step}" + (
+        f"; changed since, applying from here: {', '.join(changed)}" if changed else "")
+
+
 def same_step_on_every_rank(step: int, d: "Dist", out_dir: str):
     """Ranks that would resume from different steps (an --out_dir on each node's own disk: the
     other nodes see no checkpoint, or an older one) would run other schedules and sample other
@@ -1092,7 +1110,7 @@ def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
         load_states(model, opt, ckpt, tcfg.fsdp)
         step = ckpt["step"]
         set_rng_state(ckpt["rng"])
-        print0(f"resumed from {ckpt_path} at step {step}")
+        print0(resumed_line(ckpt_path, step, ckpt.get("train_config"), tcfg))
     if tcfg.compile:
         model = torch.compile(model)
     if d.world > 1 and not tcfg.fsdp:

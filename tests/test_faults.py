@@ -281,6 +281,7 @@ def test_finetune_resumes_exactly_and_reports_at_the_end(builtin, tmp_path, caps
     out = capsys.readouterr()
     # is it learning: train next to test at each eval
     assert "epoch 2: train top-1" in out.out + out.err
+    assert f"resumed from {tmp_path / 'cut' / 'ckpt_0000003.pt'} at step 3\n" in out.out
 
 
 def test_finetune_non_finite_policy_and_preemption(builtin, tmp_path, monkeypatch):

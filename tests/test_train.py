@@ -135,14 +135,17 @@ def test_reconstruction_picture_has_three_rows():
     assert img.shape[2] == 4 * 32 + 64 + 4  # 4 frames, a spacer, the spectrogram scaled to 32 high
 
 
-def test_resume_continues_exactly(builtin, tmp_path):
+def test_resume_continues_exactly(builtin, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     run(builtin, a, "--max_steps", "6", "--batch_size", "8")
     run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--stop_at", "3")
     assert len(losses(b)) == 3
+    capsys.readouterr()
     res = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto", "--workers",
               "1")
     assert res["step"] == 6
+    # (--workers, --resume and --stop_at change nothing the run computes: not listed)
+    assert f"resumed from {b / 'ckpt_0000003.pt'} at step 3\n" in capsys.readouterr().out
     # bit for bit on CPU, step by step (the data crosses an epoch boundary)
     assert losses(a) == losses(b)
     wa, wb = weights(a / "ckpt_0000006.pt"), weights(b / "ckpt_0000006.pt")
@@ -160,15 +163,20 @@ def test_a_log_line_holds_the_mean_loss_of_its_steps(builtin, tmp_path):
     assert res["loss"] == pytest.approx(sum(one[4:]) / 2, rel=1e-6)  # the final line's, as printed
 
 
-def test_resume_refuses_another_model_but_takes_another_kernel_backend(builtin, tmp_path):
+def test_resume_refuses_another_model_but_takes_another_kernel_backend(builtin, tmp_path,
+                                                                      capsys):
     run(builtin, tmp_path, "--max_steps", "1", "--batch_size", "8", "--kernels", "torch")
     with pytest.raises(SystemExit, match="another model config"):
         run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto",
             "--encoder", "early")
     # the backend is the resuming run's choice, not part of the model
+    capsys.readouterr()
     res = run(builtin, tmp_path, "--max_steps", "2", "--batch_size", "8", "--resume", "auto",
               "--kernels", "auto")
     assert res["step"] == 2
+    # a training flag changed on resuming applies from there on, and is said
+    assert "at step 1; changed since, applying from here: --max_steps 1 -> 2\n" in (
+        capsys.readouterr().out)
 
 
 def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
