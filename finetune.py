@@ -565,9 +565,11 @@ def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: 
 
 @torch.no_grad()
 def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
-             out_dir: str | None = None) -> dict:
+             out_dir: str | None = None, stop=None) -> dict | None:
     """N evenly spaced views per clip, logits averaged; every clip once over all ranks. Writes
-    predictions.csv and per_class.csv to out_dir (rank 0)."""
+    predictions.csv and per_class.csv to out_dir (rank 0). None, on every rank, where stop() (a
+    scheduler's signal, Ctrl-C) turned true on any rank before its last batch: the checkpoint comes
+    first, within the scheduler's grace time, not after the whole test set."""
     model.eval()
     idx = list(range(d.rank, len(ds), d.world))
     loader = data.Loader(torch.utils.data.Subset(ds, idx),
@@ -575,7 +577,11 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
                          num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
     gpu = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
+    stopped = False
     for b in loader:
+        if stop is not None and stop():
+            stopped = True
+            break
         b = gpu(b) if gpu else data.to_device(b, d.device)
         V = fcfg.views
         x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
@@ -585,17 +591,20 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
             logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu())
             targets[h].append(b[h].cpu() if torch.is_tensor(b[h]) else torch.tensor(b[h]))
         ids += b["id"]
-    local = (ids, {h: torch.cat(v) for h, v in logits.items()},
-             {h: torch.cat(v) for h, v in targets.items()})
+    local = (ids, {h: torch.cat(v) if v else None for h, v in logits.items()},
+             {h: torch.cat(v) if v else None for h, v in targets.items()}, stopped)
     if dist.is_initialized():
         parts = [None] * d.world
         dist.all_gather_object(parts, local)
     else:
         parts = [local]
     model.train()
+    if any(p[3] for p in parts):
+        return None
     ids = [i for p in parts for i in p[0]]
-    logits = {h: torch.cat([p[1][h] for p in parts]) for h in ds.heads}
-    targets = {h: torch.cat([p[2][h] for p in parts]) for h in ds.heads}
+    # (a rank with no clip: fewer test clips than ranks)
+    logits = {h: torch.cat([p[1][h] for p in parts if p[1][h] is not None]) for h in ds.heads}
+    targets = {h: torch.cat([p[2][h] for p in parts if p[2][h] is not None]) for h in ds.heads}
     res = metrics(logits, targets, ds.multi_label)
     res["clips"] = len(ids)
     if hasattr(model, "flops"):  # the backbone's forward pass on every test view of one clip
@@ -836,16 +845,22 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                          bar)
             if (step % spe == 0 and (step // spe) % fcfg.eval_every == 0) or step == total:
                 results = evaluate(job.model, job.test_ds, fcfg, d, job.mods,
-                                   fcfg.out_dir if step == total else None)
-                results.update(step=step, epoch=step / spe, **watch.summary())
-                train.print0(watch.line(step, results, bar))
-                log.write(dict(eval=results))
+                                   fcfg.out_dir if step == total else None,
+                                   stop=lambda: preempt.signal is not None)
+                if results is None:  # asked to stop during it: a run resumed at the end
+                    if step < total:     # evaluates then; a mid-run evaluation is left out,
+                        watch.summary()  # and its epoch's training figures with it
+                    results, stop = {}, True
+                else:
+                    results.update(step=step, epoch=step / spe, **watch.summary())
+                    train.print0(watch.line(step, results, bar))
+                    log.write(dict(eval=results))
             if step % fcfg.save_every == 0 or step == stop_at or stop:
                 path = save(job, step, results, watch, final=step == stop_at) or path
             if stop:
                 bar.close()
                 preempt.stop(step, path)
-    return finish(job, step, results, path)
+    return finish(job, step, results, path, watch)
 
 
 class Log:
@@ -885,12 +900,12 @@ def save(job: Job, step: int, results: dict, watch, final: bool):
                              final=final)
 
 
-def finish(job: Job, step: int, results: dict, path) -> dict:
+def finish(job: Job, step: int, results: dict, path, watch: "LearningWatch") -> dict:
     """The final metrics (evaluated now if the run resumed at its end) in metrics.json."""
     fcfg = job.fcfg
-    if step >= job.total and not results:  # resumed at the end (or preempted during the last save)
+    if step >= job.total and not results:  # resumed at the end (stopped in the last eval or save)
         results = evaluate(job.model, job.test_ds, fcfg, job.d, job.mods, fcfg.out_dir)
-        results.update(step=step, epoch=step / job.steps_per_epoch)
+        results.update(step=step, epoch=step / job.steps_per_epoch, **watch.summary())
     if job.d.master and step >= job.total:
         with open(os.path.join(fcfg.out_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -284,6 +284,26 @@ def test_finetune_resumes_exactly_and_reports_at_the_end(builtin, tmp_path, caps
     assert f"resumed from {tmp_path / 'cut' / 'ckpt_0000003.pt'} at step 3\n" in out.out
 
 
+def test_a_stop_asked_for_during_an_evaluation_checkpoints_first(builtin, tmp_path, monkeypatch):
+    # a scheduler's grace time is seconds; a whole test set may take minutes: the evaluation is
+    # left, the checkpoint written; resumed at the end, the run evaluates then, as if never stopped
+    args = [*FT_TINY, "--data", builtin, "--max_steps", "6", "--save_every", "100"]
+    full = finetune.main([*args, "--out_dir", str(tmp_path / "full")])
+    real = finetune.evaluate
+
+    def signalled(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(finetune, "evaluate", signalled)
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*args, "--out_dir", str(tmp_path / "cut")])
+    assert e.value.code == train.EXIT_PREEMPTED
+    assert os.path.exists(tmp_path / "cut" / "ckpt_0000006.pt")
+    assert not os.path.exists(tmp_path / "cut" / "metrics.json")
+    monkeypatch.setattr(finetune, "evaluate", real)
+    assert finetune.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "auto"]) == full
+
+
 def test_finetune_non_finite_policy_and_preemption(builtin, tmp_path, monkeypatch):
     real = finetune.mixup
 
