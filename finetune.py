@@ -707,6 +707,7 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     torch.manual_seed(fcfg.seed)
     mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
     train.ensure_data(fcfg, d)
+    train.refuse_to_overwrite(fcfg.out_dir, fcfg.resume)
     ckpt_path, resumed = train.resume_from(train.restart_resume(fcfg.resume), fcfg.out_dir,
                                            "finetuning", d)
     if fcfg.eval_only and not resumed:

@@ -814,6 +814,18 @@ def make_out_dir(path: str):
                          "choose another")
 
 
+def refuse_to_overwrite(out_dir: str, resume: str):
+    """A new run (no --resume) in a folder that holds a run's checkpoints would write over them,
+    and --resume auto after a crash could then pick the older run's later steps: one line instead.
+    (A torchrun restart resumes: restart_resume.)"""
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    found = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+    if found and not resume and not restarted:
+        raise SystemExit(f"--out_dir {out_dir} holds a run already (up to "
+                         f"{os.path.basename(found[-1])}): --resume auto continues it; for a new "
+                         "run choose another --out_dir, or remove that one")
+
+
 def ensure_data(tcfg, d: Dist):
     """Generate the built-in set on first use, and the set's log-mel statistics when
     --audio_norm dataset needs them and the set has none yet (rank 0; the others wait)."""
@@ -998,6 +1010,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         if len(ds) < tcfg.batch_size:
             raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of "
                              f"{tcfg.batch_size}: lower --batch_size")
+        refuse_to_overwrite(tcfg.out_dir, tcfg.resume)
     if d.master:
         make_out_dir(tcfg.out_dir)
     model, teacher, per_rank = build(mcfg, tcfg, d)

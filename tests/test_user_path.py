@@ -81,7 +81,14 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         _write(os.path.join(copy, name), text)  # (neither is a split)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    done = tmp_path / "done"  # a run's out_dir, given again without --resume
+    done.mkdir()
+    (done / "ckpt_0000003.pt").write_bytes(b"")
     cases = [  # (main, arguments, what the line says)
+        (train.main, ["--data", copy, "--preset", "quick", "--out_dir", str(done)],
+         "holds a run already (up to ckpt_0000003.pt): --resume auto continues it; for a new"),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--out_dir", str(done)],
+         "holds a run already (up to ckpt_0000003.pt): --resume auto continues it; for a new"),
         (train.main, ["--data", copy, "--preset", "quick", "--out_dir", str(a_file / "o")],
          "o: cannot make it (Not a directory: "),
         (finetune.main, ["--data", copy, "--preset", "quick", "--out_dir", str(a_file / "o")],
@@ -123,7 +130,7 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         raise AssertionError("the model was built before the out_dir and the set were checked")
     for i, (main, args, says) in enumerate(cases):
         with monkeypatch.context() as m:
-            if i < 6:  # (said at once: a paper-size model takes seconds to build)
+            if i < 8:  # (said at once: a paper-size model takes seconds to build)
                 m.setattr(avmae.AVMAE, "__init__", built)
             with pytest.raises(SystemExit) as e:
                 main(args)
