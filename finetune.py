@@ -681,6 +681,7 @@ class Job:
     step: int                       # where the run starts (a resumed run: where it stopped)
     per_modality: bool              # the authors' MBT: a loss per modality
     resumed: dict | None
+    resumed_path: str | None        # the checkpoint it resumed from
 
 
 def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool):
@@ -759,7 +760,7 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     per_modality = getattr(model, "loss_per_modality", False)
     return Job(fcfg, d, model, net, opt, train_ds, test_ds, mods, heads, pcfg, lr, total,
                int(fcfg.warmup_epochs * steps_per_epoch), steps_per_epoch, step, per_modality,
-               resumed)
+               resumed, ckpt_path if resumed else None)
 
 
 def finetune_step(job: Job, batch: dict, gen, preempt) -> tuple:
@@ -816,7 +817,7 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     vars(watch).update((job.resumed or {}).get("watch", {}))
     stop_at = min(total, fcfg.stop_at) if fcfg.stop_at else total
     log = Log(os.path.join(fcfg.out_dir, "log.jsonl"), d.master)
-    results, path = {}, None
+    results, path = {}, job.resumed_path
     with train.Preemption() as preempt, bar:  # (bar: closed, a line of its own, on any stop)
         while step < stop_at:
             for g in opt.param_groups:
@@ -906,7 +907,11 @@ def finish(job: Job, step: int, results: dict, path, watch: "LearningWatch") -> 
     fcfg = job.fcfg
     if step >= job.total and not results:  # resumed at the end (stopped in the last eval or save)
         results = evaluate(job.model, job.test_ds, fcfg, job.d, job.mods, fcfg.out_dir)
-        results.update(step=step, epoch=step / job.steps_per_epoch, **watch.summary())
+        # the training figures of the last epoch: saved with the final evaluation, or (stopped
+        # during it) still in the watch
+        saved = {k: v for k, v in ((job.resumed or {}).get("results") or {}).items()
+                 if k.startswith("train_")}
+        results.update(step=step, epoch=step / job.steps_per_epoch, **(saved or watch.summary()))
     if job.d.master and step >= job.total:
         with open(os.path.join(fcfg.out_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -1018,13 +1018,19 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
     run, s = setup(mcfg, tcfg, d, hooks, model, teacher, per_rank, ds)
     opt, step, total, lr = run.opt, s.step, s.total, s.lr
+    stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
+    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+    if step >= stop:  # resumed where this run stops
+        print0(f"{s.resumed} is at step {step}, where this run stops: nothing to train (for more "
+               "steps, raise --max_steps or --epochs and --resume auto)")
+        return dict(step=step, loss=float("nan"), checkpoint=s.resumed, picture=None,
+                    log=log_path, last={}, in_sync=True)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain",
                dynamic_ncols=True)
     nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
     bad_clips, t_last, n_last, last = 0, time.time(), step, {}
     sums, n_sums = {}, 0  # the losses since the last log line, which gives their mean
-    stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
     state, path, picture = dict(loss=float("nan")), None, None
     with Preemption() as preempt, bar:  # (bar: closed, a line of its own, on any stop)
         # the loop: a step, then its hooks (log, picture, checkpoint, a requested stop)
@@ -1061,7 +1067,6 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                 bar.close()
                 preempt.stop(step, path)
     in_sync = tcfg.fsdp or ranks_in_sync(run.raw)  # (FSDP holds one copy, sharded)
-    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     loss = last.get("loss", state["loss"])  # the mean over the last log line's steps
     print0(f"done: step {step}, loss {loss:.4f} | checkpoint {path} | picture {picture} "
            f"| log {log_path}"
@@ -1093,6 +1098,7 @@ class Schedule:
     warmup: int
     lr: float
     steps_per_epoch: int
+    resumed: str | None   # the checkpoint it resumed from
 
 
 def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
@@ -1141,7 +1147,7 @@ def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
                f"{tcfg.grad_accum} x {per_rank} | lr {lr:.2e} | {d.device} | "
                f"{fl['forward'] / 1e9:.1f} GFLOP forward/clip")
     run = Run(model, raw, opt, teacher, stream, mcfg, tcfg, d, per_rank, hooks, fl["train"], peak)
-    return run, Schedule(step, total, warmup, lr, steps_per_epoch)
+    return run, Schedule(step, total, warmup, lr, steps_per_epoch, ckpt_path if ckpt else None)
 
 
 @dataclass
