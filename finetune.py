@@ -610,8 +610,13 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     if hasattr(model, "flops"):  # the backbone's forward pass on every test view of one clip
         res["gflop_per_clip"] = round(model.flops()["forward"] * fcfg.views / 1e9, 4)
     if out_dir and d.master:
-        write_reports(out_dir, ids, logits, targets, ds)
+        train.write_or_say(reports_path(out_dir),
+                           lambda: write_reports(out_dir, ids, logits, targets, ds))
     return res
+
+
+def reports_path(out_dir: str) -> str:
+    return os.path.join(out_dir, "predictions.csv") + " and per_class.csv"
 
 
 def write_reports(out_dir, ids, logits, targets, ds):
@@ -878,8 +883,7 @@ class Log:
 
     def write(self, rec: dict):
         if self.master:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            train.append_log(self.path, rec)
 
     def step(self, step, steps_per_epoch, lr, clips, bar):
         now, loss = time.time(), self.sum / max(1, self.n)
@@ -913,8 +917,18 @@ def finish(job: Job, step: int, results: dict, path, watch: "LearningWatch") -> 
                  if k.startswith("train_")}
         results.update(step=step, epoch=step / job.steps_per_epoch, **(saved or watch.summary()))
     if job.d.master and step >= job.total:
-        with open(os.path.join(fcfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        mpath = os.path.join(fcfg.out_dir, "metrics.json")
+
+        def write():
+            with open(mpath + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(mpath + ".tmp", mpath)
+        train.write_or_say(mpath, write)
+        lost = [p for p in (reports_path(fcfg.out_dir), mpath) if p in train._NOT_WRITTEN]
+        if lost:  # (a disk that filled up at the end)
+            raise SystemExit(f"the results were not all written ({', '.join(lost)}); the final "
+                             f"checkpoint is {path}: with space again, the same command with "
+                             "--resume auto evaluates it and writes them")
         train.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions "
                      f"{fcfg.out_dir}/predictions.csv")
     return results

@@ -596,13 +596,41 @@ class NonFinite:
         self.count += 1
         msg = f"step {step}: non-finite {what}"
         if self.master:
-            with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(dict(step=step, event="non-finite", message=msg)) + "\n")
+            append_log(os.path.join(self.out_dir, "log.jsonl"),
+                       dict(step=step, event="non-finite", message=msg))
         if self.count > self.max_bad:
             last = find_checkpoint("auto", self.out_dir)
             raise SystemExit(f"{msg}; stopping (--max_bad_steps {self.max_bad}). The last good "
                              f"checkpoint is {last or 'none yet'}")
         print0(f"{msg}; skipped ({self.count}/{self.max_bad})")
+
+
+_NOT_WRITTEN = set()  # the paths whose last write failed (said once until one succeeds)
+
+
+def write_or_say(path: str, write) -> bool:
+    """write() puts a log line, a picture or a report at path. A disk that is full or gone costs
+    that file, said in one line (once, until a write there succeeds again), not the run: the
+    checkpoints have their own policy (--on_save_error)."""
+    try:
+        write()
+    except OSError as e:
+        if path not in _NOT_WRITTEN:
+            _NOT_WRITTEN.add(path)
+            code = errno.errorcode.get(e.errno, str(e.errno))
+            print0(f"{path}: not written ({code}: {e.strerror}); the run goes on",
+                   file=sys.stderr)
+        return False
+    _NOT_WRITTEN.discard(path)
+    return True
+
+
+def append_log(path: str, rec: dict) -> bool:
+    """A line of log.jsonl (write_or_say)."""
+    def write():
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return write_or_say(path, write)
 
 
 def save_or_say(out_dir: str, state: dict, step: int, keep: int, policy: str,
@@ -1252,8 +1280,7 @@ def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, sec
     bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{rec['lr']:.1e}",
                      "clips/s": f"{clips_s:.0f}"})
     if d.master:
-        with open(os.path.join(tcfg.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_log(os.path.join(tcfg.out_dir, "log.jsonl"), rec)
     return rec
 
 
@@ -1273,9 +1300,9 @@ def picture_step(run: Run, step: int, batch: dict, masks: dict) -> str | None:
         return None
     img = reconstruction_picture(raw, {m: batch[m][:1] for m in mcfg.mods}, o)
     path = os.path.join(tcfg.out_dir, f"recon_{step:07d}.png")
-    save_picture(img, path)
-    save_picture(img, os.path.join(tcfg.out_dir, "recon_latest.png"))
-    return path
+    latest = os.path.join(tcfg.out_dir, "recon_latest.png")
+    ok = write_or_say(path, lambda: save_picture(img, path))
+    return path if write_or_say(latest, lambda: save_picture(img, latest)) and ok else None
 
 
 def save_step(run: Run, step: int, steps_per_epoch: int, final: bool) -> str | None:

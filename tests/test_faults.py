@@ -229,6 +229,30 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_retries_or_stops(builtin, tmp
     assert train.load_checkpoint(str(tmp_path / "stop" / "ckpt_0000002.pt"), "x")["step"] == 2
 
 
+def test_a_full_disk_costs_log_lines_and_pictures_not_the_run(builtin, tmp_path, capsys):
+    # a disk that fills up fails the log and the pictures too, not only the checkpoints: those
+    # lines and files are lost, said once each, and the run goes on; finetuning's final results,
+    # if lost, are written by the same command with --resume auto
+    out = tmp_path / "pre"
+    for name in ("log.jsonl", "recon_latest.png"):  # (a folder there: every write fails)
+        (out / name).mkdir(parents=True)
+    res = train.main([*TINY, "--data", builtin, "--max_steps", "4", "--picture_every", "2",
+                      "--out_dir", str(out)])
+    assert res["step"] == 4 and os.path.exists(out / "ckpt_0000004.pt")
+    err = capsys.readouterr().err
+    assert err.count(f"{out / 'log.jsonl'}: not written (EISDIR: Is a directory); the run") == 1
+    assert err.count(f"{out / 'recon_latest.png'}: not written") == 1
+    ft = tmp_path / "ft"
+    (ft / "metrics.json").mkdir(parents=True)
+    args = [*FT_TINY, "--data", builtin, "--max_steps", "4", "--out_dir", str(ft)]
+    with pytest.raises(SystemExit, match=r"not all written \(.*metrics.json\); the final "
+                                         r"checkpoint is .*ckpt_0000004.pt: with space again"):
+        finetune.main(args)
+    (ft / "metrics.json").rmdir()
+    res = finetune.main([*args, "--resume", "auto"])
+    assert json.load(open(ft / "metrics.json")) == res
+
+
 # -----------------------------------------------------------------------------
 # a damaged checkpoint is found on load; --resume auto takes the newest intact one and says so
 
