@@ -1430,15 +1430,29 @@ def fit_window(seconds: float, audio_frames: int, audio_patch: int, num_frames: 
 def audio_stats(root: str, split: str = "train", max_clips: int = 2000,
                 write: bool = True) -> tuple:
     """Mean and std of the raw log-mel over (up to) max_clips clips, whole recordings; stored in
-    meta.json for audio_norm='dataset'."""
+    meta.json for audio_norm='dataset'. An unreadable clip is left out and said, as the loader
+    does in training."""
+    from tqdm import tqdm
     ds = AVDataset(DataConfig(root=root, split=split, modalities="a", train=False,
                               skip_silent=False))
     s = s2 = n = 0.0
-    for r in ds.rows[:: max(1, len(ds.rows) // max_clips)]:
-        wave, sr = sf.read(os.path.join(root, "clips", r["id"], "audio.flac"), dtype="float32",
-                           always_2d=True)
+    rows, bad = ds.rows[:: max(1, len(ds.rows) // max_clips)], []
+    for r in tqdm(rows, desc="log-mel statistics", unit="clip", leave=False,
+                  disable=len(rows) < 200):
+        path = os.path.join(root, "clips", r["id"], "audio.flac")
+        try:
+            wave, sr = sf.read(path, dtype="float32", always_2d=True)
+        except (OSError, RuntimeError) as e:  # (soundfile's errors are RuntimeErrors)
+            bad.append(f"{path}: {e}")
+            continue
         x = logmel(torch.from_numpy(resample(wave.mean(1), sr, SAMPLE_RATE))).double()
         s, s2, n = s + x.sum().item(), s2 + (x ** 2).sum().item(), n + x.numel()
+    if bad:
+        print(f"{root}: log-mel statistics without {len(bad)} unreadable clip(s) of {len(rows)} "
+              f"(the first: {bad[0]})", file=sys.stderr)
+    if not n:
+        raise ValueError(f"{root}: no readable audio in the {split} split for the log-mel "
+                         "statistics")
     mean = s / n
     std = math.sqrt(max(s2 / n - mean ** 2, 0.0))
     if write:

@@ -45,6 +45,15 @@ def test_statistics_are_computed_on_first_use_and_saved(copy, tmp_path, capsys):
     got = json.load(open(meta_path))
     # (the same clips: the same stats)
     assert (got["audio_mean"], got["audio_std"]) == pytest.approx(want, abs=1e-3)
+    # a clip whose audio cannot be read is left out and said, not the end of the run
+    first = open(os.path.join(copy, "train.csv")).read().splitlines()[1].split(",")[0]
+    flac = os.path.join(copy, "clips", first, "audio.flac")
+    with open(flac, "r+b") as f:
+        f.truncate(300)
+    mean, std = data.audio_stats(copy, write=False)
+    err = capsys.readouterr().err
+    assert "without 1 unreadable clip(s) of " in err and f"(the first: {flac}: " in err
+    assert (mean, std) == pytest.approx(want, abs=0.05)
 
 
 def test_the_window_fits_the_clips_unless_the_user_chose_it(builtin, capsys):
