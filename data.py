@@ -1160,6 +1160,7 @@ class AVDataset(torch.utils.data.Dataset):
             try:
                 item = self._load(j, epoch)
                 item["bad"] = bad
+                item["replaced"] = bool(bad)  # (evaluation leaves a stand-in out: it has its turn)
                 return item
             except BadClip as e:
                 if not os.path.isdir(os.path.join(self.cfg.root, "clips")):

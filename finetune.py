@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -577,22 +578,27 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
                          num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
     gpu = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
-    stopped = False
+    stopped, unreadable = False, []
     for b in loader:
         if stop is not None and stop():
             stopped = True
             break
         b = gpu(b) if gpu else data.to_device(b, d.device)
+        # an unreadable clip's stand-in (the next readable clip) is left out: that clip is
+        # evaluated at its own turn, and counting it twice would bias the metrics
+        keep = ~b["replaced"].bool().cpu()
+        unreadable += [i for i, _ in b["bad"]]
         V = fcfg.views
         x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
         with train.autocast_ctx(fcfg.precision, d.device):
             out = model(**x)
         for h in ds.heads:
-            logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu())
-            targets[h].append(b[h].cpu() if torch.is_tensor(b[h]) else torch.tensor(b[h]))
-        ids += b["id"]
+            logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu()[keep])
+            t = b[h].cpu() if torch.is_tensor(b[h]) else torch.tensor(b[h])
+            targets[h].append(t[keep])
+        ids += [i for i, k in zip(b["id"], keep.tolist()) if k]
     local = (ids, {h: torch.cat(v) if v else None for h, v in logits.items()},
-             {h: torch.cat(v) if v else None for h, v in targets.items()}, stopped)
+             {h: torch.cat(v) if v else None for h, v in targets.items()}, stopped, unreadable)
     if dist.is_initialized():
         parts = [None] * d.world
         dist.all_gather_object(parts, local)
@@ -602,11 +608,18 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     if any(p[3] for p in parts):
         return None
     ids = [i for p in parts for i in p[0]]
+    unreadable = sorted({i for p in parts for i in p[4]})
+    if unreadable:
+        train.print0(f"{len(unreadable)} test clip(s) could not be read and are left out of the "
+                     f"metrics: {', '.join(unreadable[:5])}{', ...' * (len(unreadable) > 5)}",
+                     file=sys.stderr)
     # (a rank with no clip: fewer test clips than ranks)
     logits = {h: torch.cat([p[1][h] for p in parts if p[1][h] is not None]) for h in ds.heads}
     targets = {h: torch.cat([p[2][h] for p in parts if p[2][h] is not None]) for h in ds.heads}
     res = metrics(logits, targets, ds.multi_label)
     res["clips"] = len(ids)
+    if unreadable:
+        res["unreadable_clips"] = len(unreadable)
     if hasattr(model, "flops"):  # the backbone's forward pass on every test view of one clip
         res["gflop_per_clip"] = round(model.flops()["forward"] * fcfg.views / 1e9, 4)
     if out_dir and d.master:

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -307,6 +308,21 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path, capsys):
     assert "streams.a.embed.weight <- patch_embed.a.weight" in report["loaded"]
     again = finetune.main([*args, "--out_dir", str(out), "--eval_only", "--resume", "auto"])
     assert again["label_top1"] == res["label_top1"]
+    # a test clip that cannot be read is left out, said and counted: its stand-in (the next clip)
+    # is not counted twice
+    copy = tmp_path / "set"
+    shutil.copytree(builtin, copy)
+    ids = [r["id"] for r in csv.DictReader(open(copy / "test.csv"))]
+    with open(copy / "clips" / ids[2] / "audio.flac", "r+b") as f:
+        f.truncate(300)
+    capsys.readouterr()
+    less = finetune.main([*args[:3], str(copy), *args[4:], "--out_dir", str(out), "--eval_only",
+                          "--resume", "auto"])
+    assert less["clips"] == 7 and less["unreadable_clips"] == 1
+    assert f"1 test clip(s) could not be read and are left out of the metrics: {ids[2]}" in (
+        capsys.readouterr().err)
+    rows = [r["id"] for r in csv.DictReader(open(out / "predictions.csv"))]
+    assert sorted(rows) == sorted(set(ids) - {ids[2]})
     # linear probe: the encoder stays exactly as pretrained
     finetune.main([*args, "--out_dir", str(tmp_path / "lp"), "--linear_probe", "--modality",
                    "audio"])
