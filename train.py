@@ -408,10 +408,12 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(name + ".tmp", name)
-    except OSError as e:
+    except BaseException as e:  # (a second Ctrl-C too: no half file left behind)
         for name in (path, os.path.join(out_dir, "latest")):
             with contextlib.suppress(OSError):
                 os.remove(name + ".tmp")
+        if not isinstance(e, OSError):
+            raise
         code = errno.errorcode.get(e.errno, str(e.errno))
         raise CheckpointWriteError(e.errno, f"{path}: not written ({code}: {e.strerror}); the "
                                             "previous checkpoint and `latest` are intact") from None

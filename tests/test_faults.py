@@ -130,6 +130,21 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(builtin, tmp_path, capsys):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_second_ctrl_c_while_saving_leaves_no_half_file(tmp_path, monkeypatch):
+    # (a half-written ViT-L checkpoint is gigabytes of disk)
+    train.save_checkpoint(str(tmp_path), dict(w=torch.ones(3)), 1, keep=3)
+    real = torch.save
+
+    def interrupted(obj, f, *a, **k):
+        real(obj, f, *a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(str(tmp_path), dict(w=torch.zeros(3)), 2, keep=3)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000001.pt", "latest"]
+    assert open(tmp_path / "latest").read() == "ckpt_0000001.pt"
+
+
 def test_a_second_signal_while_saving_does_not_corrupt_the_checkpoint(builtin, tmp_path,
                                                                       monkeypatch):
     real = torch.save
