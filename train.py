@@ -651,6 +651,17 @@ def save_or_say(out_dir: str, state: dict, step: int, keep: int, policy: str,
         return None
 
 
+def out_of_memory(e: Exception, d: "Dist", step: int, per_step: int, advice: str,
+                  out_dir: str) -> SystemExit:
+    """The device's memory ran out in a step (a batch too large for this GPU): one line with what
+    to change, not a traceback."""
+    tried = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
+    return SystemExit(f"rank {d.rank}, step {step}: out of {d.device.type.upper()} memory"
+                      f"{f' ({tried.group(0)})' if tried else ''} at {per_step} clips per "
+                      f"micro-step on this rank: {advice}. The last good checkpoint is "
+                      f"{find_checkpoint('auto', out_dir) or 'none yet'}")
+
+
 def collective_failure(e: Exception, d: "Dist", step: int, timeout: float,
                        out_dir: str) -> SystemExit:
     """A collective that failed or timed out (a rank stuck or gone): name the ranks that do not
@@ -1045,7 +1056,11 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
         make_out_dir(tcfg.out_dir)
     model, teacher, per_rank = build(mcfg, tcfg, d)
     if tcfg.bench:
-        return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
+        try:
+            return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, d, 0, per_rank, "lower --batch_size, raise --grad_accum, or "
+                                "add --fsdp", tcfg.out_dir) from None
     run, s = setup(mcfg, tcfg, d, hooks, model, teacher, per_rank, ds)
     opt, step, total, lr = run.opt, s.step, s.total, s.lr
     stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
@@ -1069,6 +1084,10 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                 g["lr"] = lr_at(step, total, s.warmup, lr, tcfg.min_lr)
             try:
                 r = pretrain_step(run, step, preempt)
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(e, d, step, run.per_rank, "raise --grad_accum (the same "
+                                    "global batch and results in smaller micro-steps), lower "
+                                    "--batch_size, or add --fsdp", tcfg.out_dir) from None
             except RuntimeError as e:
                 if not dist.is_initialized() or not is_collective_failure(e):
                     raise

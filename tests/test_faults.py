@@ -268,6 +268,30 @@ def test_a_full_disk_costs_log_lines_and_pictures_not_the_run(builtin, tmp_path,
     assert json.load(open(ft / "metrics.json")) == res
 
 
+def test_out_of_memory_is_one_line_with_what_to_change(builtin, tmp_path, monkeypatch):
+    # the commonest failure of a first GPU run: a batch too large for the card
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                     "a total capacity of 23.6 GiB of which ...")
+
+    def at_step_2(step, batch):
+        return oom() if step == 2 else batch
+    args = [*TINY, "--data", builtin, "--max_steps", "4", "--save_every", "1"]
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--out_dir", str(tmp_path / "pre")], hooks={"batch": at_step_2})
+    assert e.value.code == (f"rank 0, step 2: out of CPU memory (Tried to allocate 2.00 GiB) at 8 "
+                            "clips per micro-step on this rank: raise --grad_accum (the same "
+                            "global batch and results in smaller micro-steps), lower --batch_size, "
+                            "or add --fsdp. The last good checkpoint is "
+                            f"{tmp_path / 'pre' / 'ckpt_0000002.pt'}")
+    monkeypatch.setattr(finetune, "mixup", oom)
+    with pytest.raises(SystemExit, match=r"step 0: out of CPU memory \(Tried to allocate 2.00 "
+                                         r"GiB\) at 8 clips per micro-step on this rank: lower "
+                                         r"--batch_size \(--blr scales"):
+        finetune.main([*FT_TINY, "--data", builtin, "--max_steps", "2",
+                       "--out_dir", str(tmp_path / "ft")])
+
+
 # -----------------------------------------------------------------------------
 # a damaged checkpoint is found on load; --resume auto takes the newest intact one and says so
 
