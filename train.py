@@ -306,6 +306,11 @@ def setup_distributed(timeout: float = 1800.0) -> Dist:
         return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():  # (else: "invalid device ordinal", a traceback)
+            raise SystemExit(f"rank {rank}: LOCAL_RANK {local}, but this node has "
+                             f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start torchrun "
+                             f"with --nproc_per_node {torch.cuda.device_count()} at most")
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:

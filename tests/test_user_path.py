@@ -168,6 +168,20 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         assert says in err[-1], (args, err[-1])
 
 
+def test_more_ranks_per_node_than_gpus_is_one_line(monkeypatch):
+    # torchrun --nproc_per_node 8 on a node with 4 GPUs (or a CUDA_VISIBLE_DEVICES that hides some)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    for k, v in dict(RANK="5", LOCAL_RANK="5", WORLD_SIZE="8").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        train.setup_distributed()
+    assert e.value.code == ("rank 5: LOCAL_RANK 5, but this node has 4 GPU(s) "
+                            "(CUDA_VISIBLE_DEVICES=0,1,2,3): start torchrun with --nproc_per_node "
+                            "4 at most")
+
+
 def test_ctrl_c_outside_the_training_loop_is_one_line(monkeypatch, capsys):
     # (inside it the first Ctrl-C checkpoints: test_faults.py)
     def interrupted(*a):
