@@ -57,7 +57,8 @@ class RunConfig(data.LoadOptions):
     lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
     min_lr: float = 0.0
     weight_decay: float = 0.0     # Table 20 (the authors' config: 0.05 on weight matrices)
-    precision: str = "auto"       # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"       # auto (bf16 autocast on a GPU that has bf16
+                                  # (Ampere on), else fp32) | bf16 | fp32
     compile: bool = False
     resume: str = ""              # '' | auto (out_dir's latest, if any) | a checkpoint path
     save_every: int = 1000        # steps; a final checkpoint is always written
@@ -345,7 +346,9 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def autocast_ctx(precision: str, device: torch.device):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    # (a GPU before Ampere, a T4 or a V100, only emulates bf16: 'auto' keeps fp32 there)
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda"
+                                       and torch.cuda.get_device_capability(device)[0] >= 8)
     return torch.autocast(device.type,
                           dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 

@@ -184,6 +184,19 @@ def test_resume_refuses_another_model_but_takes_another_kernel_backend(builtin, 
         capsys.readouterr().out)
 
 
+def test_auto_precision_is_bf16_only_on_a_gpu_that_has_it(monkeypatch):
+    # (a T4 or a V100 only emulates bf16, slowly: fp32 there unless --precision bf16 is asked for)
+    import warnings
+    cuda = torch.device("cuda", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (an autocast for CUDA made on a machine without one)
+        for cap, bf16 in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+            assert isinstance(train.autocast_ctx("auto", cuda), torch.autocast) == bf16, cap
+        assert isinstance(train.autocast_ctx("bf16", cuda), torch.autocast)
+    assert not isinstance(train.autocast_ctx("auto", torch.device("cpu")), torch.autocast)
+
+
 def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
