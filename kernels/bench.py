@@ -541,4 +541,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # (a --report keeps the sections it finished)
+        sys.exit("bench.py: stopped by Ctrl-C")
