@@ -1074,8 +1074,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
     log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     if step >= stop:  # resumed where this run stops
-        print0(f"{s.resumed} is at step {step}, where this run stops: nothing to train (for more "
-               "steps, raise --max_steps or --epochs and --resume auto)")
+        print0(f"{s.resumed} is at step {step}, and this run stops at step {stop}: nothing to "
+               "train (for more steps, raise --max_steps or --epochs, with --resume auto)")
         return dict(step=step, loss=float("nan"), checkpoint=s.resumed, picture=None,
                     log=log_path, last={}, in_sync=True)
     from tqdm import tqdm

@@ -149,7 +149,8 @@ def test_resume_continues_exactly(builtin, tmp_path, capsys):
     # resumed at its end: nothing to train, and it says so (not a loss of nan)
     again = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto")
     assert again["step"] == 6 and again["checkpoint"] == str(b / "ckpt_0000006.pt")
-    assert "is at step 6, where this run stops: nothing to train" in capsys.readouterr().out
+    assert "is at step 6, and this run stops at step 6: nothing to train" in (
+        capsys.readouterr().out)
     assert losses(a) == losses(b)  # (and nothing was logged)
     # bit for bit on CPU, step by step (the data crosses an epoch boundary)
     assert losses(a) == losses(b)
