@@ -996,8 +996,8 @@ def _norm(spec: str, meta: dict):
         mean, scale = (float(x) for x in spec.split(","))
         return mean, scale
     except ValueError:
-        raise ValueError(f"audio_norm={spec!r}: use one of {', '.join(AUDIO_NORMS)} "
-                         "or 'mean,scale'") from None
+        raise ValueError(f"audio_norm={spec!r}: use one of {', '.join(AUDIO_NORMS)}, dataset "
+                         "(the set's own statistics) or 'mean,scale'") from None
 
 
 def read_manifest(path: str, heads: dict) -> tuple:

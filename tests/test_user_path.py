@@ -133,6 +133,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (train.main, ["--data", copy, "--heads", "0"], "heads=0: must be 1 or more"),
         # (one rule for the model's numbers: not "0 or more" for a width that must be 1 or more)
         (train.main, ["--data", copy, "--width", "-64"], "width=-64: must be 1 or more"),
+        (finetune.main, ["--data", copy, "--audio_norm", "abc"],
+         "audio_norm='abc': use one of none, audiomae, cavmae, dataset (the set's own"),
     ]
 
     def built(*a, **k):
