@@ -551,11 +551,14 @@ class Preemption:
     written and every rank exits with EXIT_PREEMPTED. A second signal only asks again: the save is
     never cut short. Ctrl-C (SIGINT) asks the same way and exits with EXIT_INTERRUPTED; a second
     Ctrl-C stops at once (KeyboardInterrupt, which the command line turns into CTRL_C_AGAIN; the
-    last checkpoint stays intact, saves being atomic)."""
+    last checkpoint stays intact, saves being atomic). Under torchrun one Ctrl-C in the terminal
+    reaches a rank twice, from the terminal and forwarded by torchrun (which then waits 30 s before
+    SIGKILL): a second SIGINT within ONE_PRESS seconds is that same press."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    ONE_PRESS = 2.0
 
     def __init__(self):
-        self.signal, self._old, self.ctrl_c = None, {}, 0
+        self.signal, self._old, self.ctrl_c = None, {}, None  # (ctrl_c: when the first came)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -564,9 +567,12 @@ class Preemption:
 
     def _ask(self, signum, frame):
         if signum == signal.SIGINT:
-            self.ctrl_c += 1
-            if self.ctrl_c > 1:
+            if self.ctrl_c is not None:
+                if ("TORCHELASTIC_RUN_ID" in os.environ
+                        and time.monotonic() - self.ctrl_c < self.ONE_PRESS):
+                    return  # (the same press, forwarded by torchrun)
                 raise KeyboardInterrupt
+            self.ctrl_c = time.monotonic()
             if int(os.environ.get("RANK", 0)) == 0:  # (os.write: a print could cut into tqdm's)
                 os.write(2, b"\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C "
                             b"again stops at once, without one)\n")

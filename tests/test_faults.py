@@ -130,6 +130,28 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(builtin, tmp_path, capsys):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_under_torchrun_one_ctrl_c_arrives_twice_and_is_one_press(monkeypatch):
+    # the terminal's SIGINT and torchrun's forward of it: one press, not the second, which would
+    # stop the rank without its checkpoint
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setenv("RANK", "1")  # (rank 0 would say it on stderr)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    p = train.Preemption()
+    p._ask(signal.SIGINT, None)
+    now[0] += 0.3
+    p._ask(signal.SIGINT, None)  # (forwarded)
+    assert p.signal == "Ctrl-C"
+    now[0] += 5
+    with pytest.raises(KeyboardInterrupt):  # a second press
+        p._ask(signal.SIGINT, None)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # without torchrun nothing forwards: the second
+    p = train.Preemption()
+    p._ask(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        p._ask(signal.SIGINT, None)
+
+
 def test_a_second_ctrl_c_while_saving_leaves_no_half_file(tmp_path, monkeypatch):
     # (a half-written ViT-L checkpoint is gigabytes of disk)
     train.save_checkpoint(str(tmp_path), dict(w=torch.ones(3)), 1, keep=3)
