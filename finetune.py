@@ -770,7 +770,7 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
         opt.load_state_dict(resumed["optimizer"])
         step = resumed["step"]
         train.set_rng_state(resumed["rng"])
-        train.print0(train.resumed_line(ckpt_path, step, resumed.get("finetune_config"), fcfg))
+        train.say_resumed(ckpt_path, step, resumed.get("finetune_config"), fcfg, d.master)
     net = torch.compile(model) if fcfg.compile else model
     if d.world > 1 and not fcfg.eval_only:
         net = torch.nn.parallel.DistributedDataParallel(

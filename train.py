@@ -507,15 +507,20 @@ BOOKKEEPING = ("resume", "out_dir", "stop_at", "workers", "save_every", "log_eve
                "eval_only")
 
 
-def resumed_line(path: str, step: int, saved: dict | None, cfg) -> str:
+def say_resumed(path: str, step: int, saved: dict | None, cfg, master: bool):
     """'resumed from PATH at step N', and the flags this run changes against the checkpoint's run
     (the batch, the schedule, the clips...): they apply from that step on, so the run is no longer
-    the one that stopped. Said, not refused: extending --max_steps is a common wish."""
+    the one that stopped. Said, not refused: extending --max_steps is a common wish. Printed, and
+    an event line in log.jsonl (a curve then shows where its run resumed)."""
     now = asdict(cfg)
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in now.items()
                if k in (saved or {}) and saved[k] != v and k not in BOOKKEEPING]
-    return f"resumed from {path} at step {step}" + (
+    line = f"resumed from {path} at step {step}" + (
         f"; changed since, applying from here: {', '.join(changed)}" if changed else "")
+    print0(line)
+    if master:
+        append_log(os.path.join(cfg.out_dir, "log.jsonl"),
+                   dict(step=step, event="resumed", message=line))
 
 
 def same_step_on_every_rank(step: int, d: "Dist", out_dir: str):
@@ -1192,7 +1197,7 @@ def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
         load_states(model, opt, ckpt, tcfg.fsdp)
         step = ckpt["step"]
         set_rng_state(ckpt["rng"])
-        print0(resumed_line(ckpt_path, step, ckpt.get("train_config"), tcfg))
+        say_resumed(ckpt_path, step, ckpt.get("train_config"), tcfg, d.master)
     if tcfg.compile:
         model = torch.compile(model)
     if d.world > 1 and not tcfg.fsdp:

@@ -146,6 +146,9 @@ def test_resume_continues_exactly(builtin, tmp_path, capsys):
     assert res["step"] == 6
     # (--workers, --resume and --stop_at change nothing the run computes: not listed)
     assert f"resumed from {b / 'ckpt_0000003.pt'} at step 3\n" in capsys.readouterr().out
+    events = [r for r in map(json.loads, open(b / "log.jsonl")) if "event" in r]
+    assert events == [dict(step=3, event="resumed",
+                           message=f"resumed from {b / 'ckpt_0000003.pt'} at step 3")]
     # resumed at its end: nothing to train, and it says so (not a loss of nan)
     again = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto")
     assert again["step"] == 6 and again["checkpoint"] == str(b / "ckpt_0000006.pt")
