@@ -334,9 +334,14 @@ def test_two_processes_equal_one(builtin, tmp_path):
     script = tmp_path / "runs.py"
     apart = [[*args["ddp"], "--grad_accum", "2", "--resume", "auto", "--max_steps", "4",
               "--out_dir", str(tmp_path / d)] for d in ("two/ddp", "empty")]
+    # a run stopped on one process and resumed on two (a job that grows, or a node lost and the
+    # job restarted on fewer) continues the same run
+    grow = tmp_path / "two" / "grow"
+    train.main([*args["ddp"], "--stop_at", "1", "--out_dir", str(grow)])
     script.write_text(RUNS.format(root=ROOT, nce=str(tmp_path / "nce.pt"), apart=apart, runs=[
         (n, [*args[n], *two, "--out_dir", str(tmp_path / "two" / n)])
-        for n, (_, two) in runs.items()]))
+        for n, (_, two) in runs.items()] + [
+        ("grow", [*args["ddp"], "--grad_accum", "2", "--resume", "auto", "--out_dir", str(grow)])]))
     out = torchrun(str(script))
     stdout = dict(zip(runs, out.split("=== ")[1:]))
     # ranks that would resume from different steps stop, every one, saying why
@@ -350,6 +355,10 @@ def test_two_processes_equal_one(builtin, tmp_path):
         assert set(w1) == set(w2), name
         assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1), name
         assert losses(tmp_path / "one" / name) == pytest.approx(losses(two), rel=1e-4), name
+    w1 = weights(tmp_path / "one" / "ddp" / "ckpt_0000003.pt")
+    w2 = weights(grow / "ckpt_0000003.pt")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1), "grow"
+    assert losses(tmp_path / "one" / "ddp") == pytest.approx(losses(grow), rel=1e-4)
     assert all("global batch 8 = 2 ranks x 2 x 2" in stdout[n] for n in ("ddp", "fsdp"))
     assert "2 ranks in sync: True" in stdout["ddp"]
     # the contrast's negatives are the global batch: one process with all 8 rows (in the ranks'
