@@ -941,7 +941,7 @@ def finish(job: Job, step: int, results: dict, path, watch: "LearningWatch") -> 
                 json.dump(results, f, indent=1)
             os.replace(mpath + ".tmp", mpath)
         train.write_or_say(mpath, write)
-        lost = [p for p in (reports_path(fcfg.out_dir), mpath) if p in train._NOT_WRITTEN]
+        lost = [p for p in (reports_path(fcfg.out_dir), mpath) if p in train.NOT_WRITTEN]
         if lost:  # (a disk that filled up at the end)
             raise SystemExit(f"the results were not all written ({', '.join(lost)}); the final "
                              f"checkpoint is {path}: with space again, the same command with "

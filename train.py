@@ -626,7 +626,7 @@ class NonFinite:
         print0(f"{msg}; skipped ({self.count}/{self.max_bad})")
 
 
-_NOT_WRITTEN = set()  # the paths whose last write failed (said once until one succeeds)
+NOT_WRITTEN = set()  # the paths whose last write failed (said once until one succeeds)
 
 
 def write_or_say(path: str, write) -> bool:
@@ -636,13 +636,13 @@ def write_or_say(path: str, write) -> bool:
     try:
         write()
     except OSError as e:
-        if path not in _NOT_WRITTEN:
-            _NOT_WRITTEN.add(path)
+        if path not in NOT_WRITTEN:
+            NOT_WRITTEN.add(path)
             code = errno.errorcode.get(e.errno, str(e.errno))
             print0(f"{path}: not written ({code}: {e.strerror}); the run goes on",
                    file=sys.stderr)
         return False
-    _NOT_WRITTEN.discard(path)
+    NOT_WRITTEN.discard(path)
     return True
 
 
