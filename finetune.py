@@ -770,7 +770,8 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
         opt.load_state_dict(resumed["optimizer"])
         step = resumed["step"]
         train.set_rng_state(resumed["rng"])
-        train.say_resumed(ckpt_path, step, resumed.get("finetune_config"), fcfg, d.master)
+        train.say_resumed(ckpt_path, step, resumed.get("finetune_config"), fcfg, d.master,
+                          (resumed.get("steps_per_epoch"), steps_per_epoch))
     net = torch.compile(model) if fcfg.compile else model
     if d.world > 1 and not fcfg.eval_only:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -916,9 +917,9 @@ def save(job: Job, step: int, results: dict, watch, final: bool):
     if not job.d.master:
         return None
     st = dict(model=train.model_state(job.model, False), optimizer=job.opt.state_dict(), step=step,
-              finetune_config=asdict(job.fcfg), model_config=asdict(job.model.cfg),
-              pretrain_config=job.pcfg, heads=job.heads, rng=train.rng_state(), results=results,
-              watch=vars(watch))
+              steps_per_epoch=job.steps_per_epoch, finetune_config=asdict(job.fcfg),
+              model_config=asdict(job.model.cfg), pretrain_config=job.pcfg, heads=job.heads,
+              rng=train.rng_state(), results=results, watch=vars(watch))
     return train.save_or_say(job.fcfg.out_dir, st, step, job.fcfg.keep_last, job.fcfg.on_save_error,
                              final=final)
 

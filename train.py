@@ -507,7 +507,8 @@ BOOKKEEPING = ("resume", "out_dir", "stop_at", "workers", "save_every", "log_eve
                "eval_only")
 
 
-def say_resumed(path: str, step: int, saved: dict | None, cfg, master: bool):
+def say_resumed(path: str, step: int, saved: dict | None, cfg, master: bool,
+                spe: tuple = (None, None)):
     """'resumed from PATH at step N', and the flags this run changes against the checkpoint's run
     (the batch, the schedule, the clips...): they apply from that step on, so the run is no longer
     the one that stopped. Said, not refused: extending --max_steps is a common wish. Printed, and
@@ -515,6 +516,8 @@ def say_resumed(path: str, step: int, saved: dict | None, cfg, master: bool):
     now = asdict(cfg)
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in now.items()
                if k in (saved or {}) and saved[k] != v and k not in BOOKKEEPING]
+    if None not in spe and spe[0] != spe[1]:  # (the set's clips, or the batch, changed)
+        changed.append(f"steps per epoch {spe[0]} -> {spe[1]}")
     line = f"resumed from {path} at step {step}" + (
         f"; changed since, applying from here: {', '.join(changed)}" if changed else "")
     print0(line)
@@ -1197,7 +1200,8 @@ def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
         load_states(model, opt, ckpt, tcfg.fsdp)
         step = ckpt["step"]
         set_rng_state(ckpt["rng"])
-        say_resumed(ckpt_path, step, ckpt.get("train_config"), tcfg, d.master)
+        say_resumed(ckpt_path, step, ckpt.get("train_config"), tcfg, d.master,
+                    (ckpt.get("steps_per_epoch"), steps_per_epoch))
     if tcfg.compile:
         model = torch.compile(model)
     if d.world > 1 and not tcfg.fsdp:
@@ -1360,8 +1364,8 @@ def save_step(run: Run, step: int, steps_per_epoch: int, final: bool) -> str | N
     if d.master or tcfg.fsdp:  # gathering FSDP shards takes every rank
         st = dict(model=model_state(raw, tcfg.fsdp), optimizer=optim_state(raw, run.opt, tcfg.fsdp),
                   step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch,
-                  model_config=asdict(run.mcfg), train_config=asdict(tcfg), rng=rng_state(),
-                  world=d.world)
+                  steps_per_epoch=steps_per_epoch, model_config=asdict(run.mcfg),
+                  train_config=asdict(tcfg), rng=rng_state(), world=d.world)
     if d.master:
         return save_or_say(tcfg.out_dir, st, step, tcfg.keep_last, tcfg.on_save_error, final)
     return None

@@ -161,6 +161,20 @@ def test_resume_continues_exactly(builtin, tmp_path, capsys):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_resume_on_a_set_that_changed_says_so(builtin, tmp_path, capsys):
+    # (the same --data, other clips: the epochs and the data order are no longer the run's)
+    import shutil
+    copy = tmp_path / "set"
+    shutil.copytree(builtin, copy)
+    run(str(copy), tmp_path / "o", "--max_steps", "1", "--batch_size", "8")
+    rows = open(copy / "train.csv").read().splitlines()
+    (copy / "train.csv").write_text("\n".join(rows[:17]) + "\n")  # 16 clips: 2 steps per epoch
+    capsys.readouterr()
+    run(str(copy), tmp_path / "o", "--max_steps", "2", "--batch_size", "8", "--resume", "auto")
+    assert "; changed since, applying from here: --max_steps 1 -> 2, steps per epoch 3 -> 2\n" in (
+        capsys.readouterr().out)
+
+
 def test_a_log_line_holds_the_mean_loss_of_its_steps(builtin, tmp_path):
     # (one step's loss is noise: a run is judged by the mean since the last line, as MAE's logger)
     every, fours = tmp_path / "every", tmp_path / "fours"
