@@ -846,15 +846,12 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                 batch = next(stream)[1]
                 loss, task_loss, logits, targets, skip, stop = finetune_step(job, batch, gen,
                                                                              preempt)
-            except torch.OutOfMemoryError as e:
-                raise train.out_of_memory(e, d, step, per_rank, "lower --batch_size (--blr "
-                                          "scales the learning rate with it)", fcfg.out_dir
-                                          ) from None
             except RuntimeError as e:
-                if not dist.is_initialized() or not train.is_collective_failure(e):
+                why = train.step_failure(e, d, step, fcfg, per_rank, "lower --batch_size (--blr "
+                                         "scales the learning rate with it)")
+                if why is None:
                     raise
-                raise train.collective_failure(e, d, step, fcfg.dist_timeout,
-                                               fcfg.out_dir) from None
+                raise why from None
             step += 1
             bar.update(1)
             if skip:

@@ -684,6 +684,18 @@ def out_of_memory(e: Exception, d: "Dist", step: int, per_step: int, advice: str
                       f"{find_checkpoint('auto', out_dir) or 'none yet'}")
 
 
+def step_failure(e: RuntimeError, d: "Dist", step: int, cfg, per_step: int,
+                 advice: str) -> SystemExit | None:
+    """What an error inside a step means for the run, in one line: out of device memory (with
+    `advice`, what to change) or a collective that failed or timed out (a rank stuck or gone).
+    None for any other error: a bug, whose traceback stands."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return out_of_memory(e, d, step, per_step, advice, cfg.out_dir)
+    if dist.is_initialized() and is_collective_failure(e):
+        return collective_failure(e, d, step, cfg.dist_timeout, cfg.out_dir)
+    return None
+
+
 def collective_failure(e: Exception, d: "Dist", step: int, timeout: float,
                        out_dir: str) -> SystemExit:
     """A collective that failed or timed out (a rank stuck or gone): name the ranks that do not
@@ -1106,14 +1118,13 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                 g["lr"] = lr_at(step, total, s.warmup, lr, tcfg.min_lr)
             try:
                 r = pretrain_step(run, step, preempt)
-            except torch.OutOfMemoryError as e:
-                raise out_of_memory(e, d, step, run.per_rank, "raise --grad_accum (the same "
-                                    "global batch and results in smaller micro-steps), lower "
-                                    "--batch_size, or add --fsdp", tcfg.out_dir) from None
             except RuntimeError as e:
-                if not dist.is_initialized() or not is_collective_failure(e):
+                why = step_failure(e, d, step, tcfg, run.per_rank, "raise --grad_accum (the same "
+                                   "global batch and results in smaller micro-steps), lower "
+                                   "--batch_size, or add --fsdp")
+                if why is None:
                     raise
-                raise collective_failure(e, d, step, tcfg.dist_timeout, tcfg.out_dir) from None
+                raise why from None
             bad_clips, step = bad_clips + r["bad_clips"], step + 1
             bar.update(1)
             if r["nonfinite"]:
