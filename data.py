@@ -1363,11 +1363,11 @@ class Loader(torch.utils.data.DataLoader):
     preempts a job (SLURM, scancel) signals every process of it, and Ctrl-C every process in the
     terminal's foreground, the loader's workers too; a worker killed by it failed the run in its
     last step ("DataLoader worker is killed by signal"), with no checkpoint. Here a worker ignores
-    SIGINT and SIGUSR1, and SIGTERM unless its own main process sent it (the loader's terminate(),
-    at exit); the main process finishes the step, checkpoints and shuts the workers down. A worker
-    whose main process has gone ends by itself (the loader's watchdog). SIGTERM needs workers made
-    by fork on Linux (the default before Python 3.14); elsewhere (macOS has no sigwaitinfo;
-    spawn, forkserver) a worker takes it as torch's do."""
+    SIGINT, SIGHUP (a closed terminal's) and SIGUSR1, and SIGTERM unless its own main process sent
+    it (the loader's terminate(), at exit); the main process finishes the step, checkpoints and
+    shuts the workers down. A worker whose main process has gone ends by itself (the loader's
+    watchdog). SIGTERM needs workers made by fork on Linux (the default before Python 3.14);
+    elsewhere (macOS has no sigwaitinfo; spawn, forkserver) a worker takes it as torch's do."""
 
     def __iter__(self):
         ctx = self.multiprocessing_context or multiprocessing.get_context()
@@ -1375,9 +1375,11 @@ class Loader(torch.utils.data.DataLoader):
         term = fork and hasattr(signal, "sigwaitinfo")
         if self.num_workers > 0:
             self.worker_init_fn = functools.partial(_worker_init, os.getpid() if term else None)
-        # forked workers start with SIGINT and SIGTERM blocked, in every thread they have (some
-        # start at fork, before _worker_init): one thread of theirs reads SIGTERM, with its sender
-        hold = ({signal.SIGINT} if fork else set()) | ({signal.SIGTERM} if term else set())
+        # forked workers start with SIGINT, SIGHUP and SIGTERM blocked, in every thread they have
+        # (some start at fork, before _worker_init): one thread of theirs reads SIGTERM, with its
+        # sender
+        hold = ({signal.SIGINT, signal.SIGHUP} if fork else set()) | (
+            {signal.SIGTERM} if term else set())
         old = signal.pthread_sigmask(signal.SIG_BLOCK, hold)
         try:
             return super().__iter__()
@@ -1388,7 +1390,8 @@ class Loader(torch.utils.data.DataLoader):
 def _worker_init(main_pid: int | None, _worker_id: int):
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (one held since fork: dropped)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGHUP})  # (held: dropped)
     if main_pid is None:
         return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not the main process's handler, inherited)

@@ -837,7 +837,8 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     stop_at = min(total, fcfg.stop_at) if fcfg.stop_at else total
     log = Log(os.path.join(fcfg.out_dir, "log.jsonl"), d.master)
     results, path = {}, job.resumed_path
-    with train.Preemption() as preempt, bar:  # (bar: closed, a line of its own, on any stop)
+    # (bar: closed, a line of its own, on any stop)
+    with train.Preemption(log.path if d.master else None) as preempt, bar:
         while step < stop_at:
             for g in opt.param_groups:
                 g["lr"] = train.lr_at(step, total, job.warmup, job.lr, fcfg.min_lr) * g["lr_scale"]

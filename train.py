@@ -545,7 +545,7 @@ def same_step_on_every_rank(step: int, d: "Dist", out_dir: str):
 # -----------------------------------------------------------------------------
 # faults on a cluster: a scheduler's signal, a non-finite step, a full disk, a stuck rank
 
-# (EX_TEMPFAIL) stopped cleanly on SIGTERM / SIGUSR1 with a checkpoint: resume with --resume auto
+# (EX_TEMPFAIL) stopped cleanly on SIGTERM / SIGUSR1 / SIGHUP with a checkpoint: --resume auto
 EXIT_PREEMPTED = 75
 # (128 + SIGINT, the shell's convention) stopped by Ctrl-C, with a checkpoint after the first
 EXIT_INTERRUPTED = 130
@@ -561,12 +561,16 @@ class Preemption:
     Ctrl-C stops at once (KeyboardInterrupt, which the command line turns into CTRL_C_AGAIN; the
     last checkpoint stays intact, saves being atomic). Under torchrun one Ctrl-C in the terminal
     reaches a rank twice, from the terminal and forwarded by torchrun (which then waits 30 s before
-    SIGKILL): a second SIGINT within ONE_PRESS seconds is that same press."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGKILL): a second SIGINT within ONE_PRESS seconds is that same press. SIGHUP (the terminal
+    closed: an ssh connection dropped) asks the same way as SIGTERM; the output that went to the
+    closed terminal goes nowhere from then on (a write there fails, which would end the run in its
+    last step), and log.jsonl says where the run stopped."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
     ONE_PRESS = 2.0
 
-    def __init__(self):
+    def __init__(self, log: str | None = None):
         self.signal, self._old, self.ctrl_c = None, {}, None  # (ctrl_c: when the first came)
+        self.log = log  # (log.jsonl, on rank 0: the stop's line)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -584,6 +588,14 @@ class Preemption:
             if int(os.environ.get("RANK", 0)) == 0:  # (os.write: a print could cut into tqdm's)
                 os.write(2, b"\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C "
                             b"again stops at once, without one)\n")
+        if signum == signal.SIGHUP:
+            for fd in (1, 2):
+                try:
+                    os.write(fd, b"")  # (a terminal that has hung up answers EIO)
+                except OSError:
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(null, fd)
+                    os.close(null)
         self.signal = self.signal or ("Ctrl-C" if signum == signal.SIGINT
                                       else signal.Signals(signum).name)
 
@@ -592,9 +604,11 @@ class Preemption:
             signal.signal(s, handler)
 
     def stop(self, step: int, path: str | None):
-        print0(f"stopped at step {step} on {self.signal or 'a signal to another rank'}; "
-               f"checkpoint {path}; run the same command with --resume auto to "
-               "continue", file=sys.stderr)
+        msg = (f"stopped at step {step} on {self.signal or 'a signal to another rank'}; "
+               f"checkpoint {path}; run the same command with --resume auto to continue")
+        if self.log and int(os.environ.get("RANK", 0)) == 0:
+            append_log(self.log, dict(step=step, event="stopped", message=msg))
+        print0(msg, file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED if self.signal == "Ctrl-C" else EXIT_PREEMPTED)
 
 
@@ -1111,7 +1125,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     bad_clips, t_last, n_last, last = 0, time.time(), step, {}
     sums, n_sums = {}, 0  # the losses since the last log line, which gives their mean
     state, path, picture = dict(loss=float("nan")), None, None
-    with Preemption() as preempt, bar:  # (bar: closed, a line of its own, on any stop)
+    with Preemption(log_path) as preempt, bar:  # (bar: closed, a line of its own, on any stop)
         # the loop: a step, then its hooks (log, picture, checkpoint, a requested stop)
         while step < stop:
             for g in opt.param_groups:

@@ -62,6 +62,7 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_exactly(builtin, tmp_pat
     assert res["step"] == 6 and same(full["checkpoint"], res["checkpoint"])
 
 
+@pytest.mark.slow(11)
 @pytest.mark.parametrize("sig", ["TERM", "INT"])
 def test_a_signal_to_every_process_of_the_job_still_checkpoints(builtin, tmp_path, capfd, sig):
     # a scheduler's preemption (SLURM, scancel) signals every process of the job, the loader's
@@ -103,10 +104,54 @@ def test_a_signal_to_every_process_of_the_job_still_checkpoints(builtin, tmp_pat
     it = iter(loader)
     next(it)
     worker = it._workers[0]
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):  # (a closed terminal's, ...)
+        os.kill(worker.pid, sig)
+    time.sleep(0.3)
+    assert worker.exitcode is None and len(next(it)["a"]) == 2  # (not killed: it still works)
     worker.terminate()
     worker.join(timeout=10)
     assert worker.exitcode == 0  # (0: the loader does not report it as a worker that died)
     del it
+
+
+@pytest.mark.slow(12)
+def test_a_closed_terminal_checkpoints_and_says_so_in_the_log(builtin, tmp_path):
+    # an ssh connection that drops hangs up the run's terminal: the kernel sends SIGHUP to the
+    # session's leader, the login shell passes it on to its jobs (here: sent to the run's process
+    # group, its loader's workers too), and from then on every write to the terminal fails (EIO).
+    # Killed by the SIGHUP (or ended by a failed write of its progress bar) the run lost every step
+    # since its last checkpoint; it must checkpoint at the step and say so where it still can.
+    import fcntl
+    import select
+    import termios
+    out = tmp_path / "o"
+    master, slave = os.openpty()
+    cmd = [sys.executable, "train.py", *TINY, "--data", builtin, "--max_steps", "400",
+           "--workers", "2", "--save_every", "1000", "--out_dir", str(out)]
+    # (its own session, the pty its controlling terminal: as a login shell's job)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                         start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    shown, log = b"", out / "log.jsonl"
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 90 and p.poll() is None:  # until 3 steps are logged
+            if select.select([master], [], [], 0.2)[0]:
+                shown += os.read(master, 65536)  # (a terminal that is read, as a user's is)
+            if log.exists() and sum('"loss"' in line for line in open(log)) >= 3:
+                break
+        assert p.poll() is None, shown.decode(errors="replace")[-2000:]
+    finally:
+        os.close(master)  # the hang-up: the kernel signals the session's leader
+    os.killpg(p.pid, signal.SIGHUP)  # (the shell's, to the whole job)
+    assert p.wait(timeout=60) == train.EXIT_PREEMPTED, shown.decode(errors="replace")[-2000:]
+    last = json.loads(open(log).read().splitlines()[-1])
+    step = last["step"]
+    assert last["event"] == "stopped" and "on SIGHUP" in last["message"], last
+    assert 3 <= step < 400 and f"ckpt_{step:07d}.pt" in last["message"]
+    assert train.load_checkpoint(str(out / f"ckpt_{step:07d}.pt"), "--resume")["step"] == step
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(builtin, tmp_path, capsys):
@@ -212,6 +257,7 @@ def torchrun(tmp_path, script, args, restarts=0, timeout=120):
     return p, time.time() - t0
 
 
+@pytest.mark.slow(35)
 def test_a_killed_rank_restarts_from_the_latest_checkpoint(builtin, tmp_path):
     args = [*TINY, "--data", builtin, "--max_steps", "6", "--save_every", "2"]
     script = DYING.format(root=ROOT, step=3, action="os.kill(os.getpid(), signal.SIGKILL)")
@@ -227,6 +273,7 @@ def test_a_killed_rank_restarts_from_the_latest_checkpoint(builtin, tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
+@pytest.mark.slow(30)
 def test_a_stuck_rank_stops_the_others_with_its_name(builtin, tmp_path):
     # (then it finds the others gone)
     script = DYING.format(root=ROOT, step=2, action="time.sleep(12)")
