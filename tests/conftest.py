@@ -70,3 +70,18 @@ def pytest_configure(config):
     # torchvision 0.29 deprecates its JPEG codec (README: Known differences); one note is enough
     config.addinivalue_line("filterwarnings",
                             "ignore:The image decoding and encoding capabilities of TorchVision")
+    config.addinivalue_line("markers", "slow(seconds): about that long on 2 cores; run first "
+                            "(-m 'not slow' leaves them out)")
+    # pytest-xdist hands each process one test at a time, in the order below, not a run of them
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first, as their marks estimate: with -n 2 the two processes then end
+    together (one started last would keep a core idle for its whole length). The rest keep the
+    files' order."""
+    def seconds(item):
+        mark = item.get_closest_marker("slow")
+        return mark.args[0] if mark else 0
+    items.sort(key=seconds, reverse=True)

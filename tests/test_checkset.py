@@ -36,6 +36,7 @@ def test_check_clips_carry_the_word_and_the_object_at_the_event():
     assert again[0] == label and np.array_equal(again[2], frames)
 
 
+@pytest.mark.slow(17)
 @needs_ffmpeg
 @needs_espeak
 def test_finetuning_fits_a_handful_of_check_clips(tmp_path):

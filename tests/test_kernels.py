@@ -198,6 +198,7 @@ def test_attention_hard_cases(dtype, kind, atomic, monkeypatch):
     dict(encoder="mid", decoder="separate", objective="inpaint_both", inpaint_layout="masked",
          pos_embed="learned"),
 ], ids=["mid-shared", "early-inpaint_v", "unshuffle-normpix", "inpaint_both-masked-learned"])
+@pytest.mark.slow(8)
 def test_model_step_with_kernels_equals_the_twins(variant):
     # two encoder layers (one joint in mid fusion) and one decoder layer take every path that
     # four and two do, at half the interpreter's time
@@ -305,6 +306,7 @@ print("OPS", ops, "WRAPPED", wrapped, "BACKWARDS", sorted(set(backwards)))
 """
 
 
+@pytest.mark.slow(20)
 def test_training_step_compiles_without_graph_breaks():
     # torch.compile(fullgraph=True) raises at the first graph break. Dynamo must see each kernel as
     # one op (torch.library.triton_op) and AOT autograd must trace their hand-written backwards into
@@ -330,6 +332,7 @@ def test_training_step_compiles_without_graph_breaks():
         assert bw in line.split("BACKWARDS")[1]
 
 
+@pytest.mark.slow(22)
 def test_bench_report_dry_run_and_kernel_rows(tmp_path):
     # the one GPU report command, run on a CPU: the twins at small shapes, saying it is not a GPU
     # figure; run as .ci/gpu runs it (that script is run once, on a GPU lent for minutes: a broken
@@ -378,6 +381,7 @@ def test_autotuning_drops_the_configurations_that_overflow_shared_memory():
     assert len(A._pruner("N", "M")(A._configs([(128, 32, 4, 5), (32, 64, 4, 5)]), bf16)) == 2
 
 
+@pytest.mark.slow(10)
 def test_every_kernel_compiles_for_an_h100_without_one(tmp_path):
     # The interpreter runs the kernels' arithmetic, not the GPU compiler: a tl.dot shape or dtype
     # the tensor cores refuse, or a configuration over the shared memory of a block, only shows
@@ -428,6 +432,7 @@ def test_the_report_suggests_a_kernel_only_where_it_was_no_slower(monkeypatch):
     assert "attention/64" in bench.suggest("cuda", memory, fast, checks)
 
 
+@pytest.mark.slow(10)
 def test_the_report_keeps_each_section_as_it_ends(tmp_path, monkeypatch):
     # a report stopped by a time limit (or a crash) in its last section keeps the sections done
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
@@ -451,6 +456,7 @@ def test_the_report_keeps_each_section_as_it_ends(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b.json").read_text())["checks"]
 
 
+@pytest.mark.slow(10)
 def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(monkeypatch):
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
     import bench
@@ -494,6 +500,7 @@ def test_without_autotuning_the_first_configuration_that_fits_runs(monkeypatch):
     assert [c.kwargs["BLOCK_M"] for c in A._pruner("N", "M")(cfgs, big)] == [64]
 
 
+@pytest.mark.slow(10)
 def test_bench_user_errors_are_one_line(tmp_path):
     # each a SystemExit with one line (what python prints to stderr, exit status 1) ...
     sys.path.insert(0, os.path.join(ROOT, "kernels"))

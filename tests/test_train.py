@@ -339,6 +339,7 @@ except SystemExit as e:
 """
 
 
+@pytest.mark.slow(30)
 def test_two_processes_equal_one(builtin, tmp_path):
     # name: (the run's flags, what two processes add: 2 ranks x 2 accumulated x 2 = 8)
     runs = {"ddp": (["--max_steps", "3"], ["--grad_accum", "2"]),

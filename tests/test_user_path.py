@@ -71,6 +71,7 @@ def test_the_window_fits_the_clips_unless_the_user_chose_it(builtin, capsys):
     assert data.fit_window(2.0, 256, 16, 8, 12.5, 2) == (192, 4)  # 198 real frames; 2 s at 2 fps
 
 
+@pytest.mark.slow(12)
 def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatch, capsys):
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"not a checkpoint")
