@@ -952,7 +952,8 @@ def open_dataset(cfg: data.DataConfig) -> data.AVDataset:
 def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, frame_stride: float,
                  tubelet: int, audio_patch: int, given: dict) -> tuple:
     """(audio_frames, num_frames), shrunk to the set's median clip length where a preset's window
-    does not fit it and the user did not choose the window (--audio_frames / --num_frames); said."""
+    does not fit it and the user did not choose the window (--audio_frames / --num_frames); said.
+    A window the user chose is kept, and said where it does not fit: the rest is padding."""
     seconds = data.median_duration(root, split)
     if seconds is None:
         return audio_frames, num_frames
@@ -961,10 +962,15 @@ def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, fram
         data.fit_window(seconds, audio_frames, audio_patch, num_frames, frame_stride, tubelet)))
     out = dict(audio_frames=audio_frames, num_frames=num_frames)
     for name, new in fit.items():
-        if given.get(name) is None and new != out[name]:
+        if new == out[name]:
+            continue
+        if given.get(name) is None:
             print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} does not "
                    f"fit them, using --{name} {new} (pass --{name} to choose)")
             out[name] = new
+        else:  # (audio: zeros; video: the last frame again)
+            print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} is "
+                   f"longer, so each window ends in padding (--{name} {new} fits them)")
     return out["audio_frames"], out["num_frames"]
 
 

@@ -63,9 +63,11 @@ def test_the_window_fits_the_clips_unless_the_user_chose_it(builtin, capsys):
     # 398 real frames -> whole 16-frame patches
     assert (mcfg.audio_frames, mcfg.num_frames) == (384, 16)
     assert "using --audio_frames 384" in capsys.readouterr().out
-    # chosen: kept (zero-padded)
+    # chosen: kept (zero-padded), and said
     mcfg, _ = train.parse_args(["--data", builtin, "--audio_frames", "800"])
     assert mcfg.audio_frames == 800
+    assert ("--audio_frames 800 is longer, so each window ends in padding (--audio_frames 384 fits "
+            "them)") in capsys.readouterr().out
     # AudioSet's padded 1000 frames are kept
     assert data.fit_window(10.0, 1000, 16, 16, 4, 2) == (1000, 16)
     assert data.fit_window(2.0, 256, 16, 8, 12.5, 2) == (192, 4)  # 198 real frames; 2 s at 2 fps
