@@ -33,6 +33,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1651,18 +1652,38 @@ def main(argv=None):
             multi = any(len(r.labels["label"]) > 1 for r in recs)
             listed = sorted({r.split for r in recs})
             recs = [r for r in recs if args.split is None or r.split == args.split]
-        for b in bad:
+        for b in bad[:SHOWN]:  # (all of them in failed_*.csv)
             log.warning("manifest: %s", b)
+        if len(bad) > SHOWN:
+            log.warning("manifest: %d more malformed rows", len(bad) - SHOWN)
         if not recs:
             if listed and args.split is not None:
                 sys.exit(f"{args.manifest}: no rows of split {args.split!r} (its splits: "
                          f"{listed}): pass one of them to --split, or leave --split out")
-            sys.exit(f"{args.manifest}: no usable rows ({len(bad)} malformed)")
+            sys.exit(f"{args.manifest}: no usable rows ({len(bad)} malformed)"
+                     + _other_format(args.manifest, args.format))
         counts = prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers,
                          args.short_side, bad, allow_silent=args.allow_silent)
         if not counts["prepared"]:
             sys.exit(f"data.py: none of the {len(recs)} clips was prepared: the reasons are in "
                      f"{args.out}/failed_*.csv")
+
+
+SHOWN = 5  # malformed manifest rows shown; the rest counted
+# words of a manifest's first lines (its header) that name its format
+FORMAT_WORDS = {"generic": {"path", "label"}, "audioset": {"YTID", "positive_labels"},
+                "epic": {"narration_id", "verb_class"}}
+
+
+def _other_format(path: str, given: str) -> str:
+    """'; its first lines are --format F's' where the manifest's header names another format."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            words = set(re.split(r"[\s,#]+", "".join(f.readline() for _ in range(3))))
+    except OSError:
+        return ""
+    return next((f"; its first lines are --format {name}'s" for name, need in FORMAT_WORDS.items()
+                 if name != given and need <= words), "")
 
 
 def command_line(argv=None):

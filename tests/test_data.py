@@ -478,6 +478,22 @@ def test_short_video_holds_its_last_frame(copy):
     assert not torch.equal(v[:, 0], v[:, 2])
 
 
+def test_a_manifest_of_another_format_is_named_in_one_line(tmp_path, monkeypatch, caplog):
+    # every row malformed: a few are shown, the rest counted, and the header that names the format
+    # the rows are in is said (a generic CSV given as --format vggsound)
+    rows = "".join(f"clip{i}.mp4,dog,train\n" for i in range(40))
+    manifest = _write(tmp_path / "m.csv", "path,label,split\n" + rows)
+    monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/" + name)
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--videos", str(tmp_path), "--manifest", manifest, "--format",
+                   "vggsound", "--out", str(tmp_path / "o")])
+    assert str(e.value) == (f"{manifest}: no usable rows (41 malformed); its first lines are "
+                            "--format generic's")
+    shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("manifest:")]
+    assert len(shown) == 6 and shown[-1] == "manifest: 36 more malformed rows"
+    assert data._other_format(manifest, "generic") == ""  # (its own format: no hint)
+
+
 def test_malformed_and_empty_manifest_lines(copy, caplog):
     path = os.path.join(copy, "train.csv")
     lines = open(path).read().splitlines()
