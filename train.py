@@ -463,6 +463,11 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise BadCheckpoint(f"{what} {path}: not an avmae {kind} checkpoint (no model / "
                             "model_config)")
+    made_by = "finetuning" if "finetune_config" in ck else "pretraining"
+    if made_by != kind:  # (else the other kind's weights: a traceback of missing keys)
+        hint = ("go on with that finetuning by finetune.py --resume, or pass a train.py checkpoint"
+                if made_by == "finetuning" else "finetune from it by finetune.py --init")
+        raise BadCheckpoint(f"{what} {path}: a {made_by} checkpoint, not a {kind} one: {hint}")
     if "crc32" in ck and tensor_crc([ck["model"], ck.get("optimizer")]) != ck["crc32"]:
         raise BadCheckpoint(f"{what} {path}: damaged (the checksum of its tensors does not match: "
                             "bytes changed)")
@@ -1089,6 +1094,10 @@ def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None)
     """Pretrain; returns a summary (final loss, paths). hooks['batch'](step, batch) -> batch lets
     tests inject faults."""
     hooks = hooks or {}
+    if tcfg.fsdp and "RANK" not in os.environ:  # (else torch's traceback: "RANK expected")
+        raise SystemExit("--fsdp shards the model over the ranks of a torchrun job: run torchrun "
+                         "--nproc_per_node N train.py ... --fsdp (N = 1 on one GPU), or leave "
+                         "--fsdp out")
     d = setup_distributed(tcfg.dist_timeout)
     try:
         return _train(mcfg, tcfg, d, hooks)

@@ -79,6 +79,9 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
     bad_ckpt.write_bytes(b"not a checkpoint")
     other = tmp_path / "other.pt"
     torch.save({"something": 1}, other)
+    pre, ft = tmp_path / "pre.pt", tmp_path / "ft.pt"  # (what load_checkpoint reads of each kind)
+    torch.save(dict(model={}, model_config={}), pre)
+    torch.save(dict(model={}, model_config={}, finetune_config={}), ft)
     empty = tmp_path / "empty"
     empty.mkdir()
     for f in ("meta.json", "train.csv"):
@@ -119,6 +122,17 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
          "not a readable checkpoint"),
         (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(other)],
          "not an avmae pretraining"),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(ft)],
+         "a finetuning checkpoint, not a pretraining one: go on with that finetuning by "),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--resume", str(pre), "--out_dir",
+                         str(tmp_path / "o")],
+         "a pretraining checkpoint, not a finetuning one: finetune from it by finetune.py --init"),
+        (train.main, ["--data", copy, "--preset", "quick", "--resume", str(ft), "--out_dir",
+                      str(tmp_path / "o")], "a finetuning checkpoint, not a pretraining one"),
+        (train.main, ["--data", copy, "--preset", "quick", "--variant", "mavil2", "--teacher",
+                      str(ft)], "--teacher " + str(ft) + ": a finetuning checkpoint, not a"),
+        (train.main, ["--data", copy, "--preset", "quick", "--fsdp"],
+         "--fsdp shards the model over the ranks of a torchrun job: run torchrun"),
         (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(run)],
          f"a folder, not a checkpoint file (its latest is {run / 'ckpt_0000002.pt'})"),
         (finetune.main, ["--data", copy, "--preset", "quick", "--init", str(empty)],
