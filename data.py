@@ -465,8 +465,7 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
     meta_path = os.path.join(out, "meta.json")
     old = {}
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
+        old = read_meta(out)
         if old["heads"] != json.loads(json.dumps(heads)) or old.get("short_side") != short_side:
             raise ValueError(f"{meta_path} holds another vocabulary or frame size: prepare into a "
                              "new folder")
@@ -611,6 +610,24 @@ def make_builtin_clip(seed: int, seconds: float, size: int):
         wave[s:s + len(seg)] += seg
     event = dict(sound=sound, shape=shape, on=on, off=on + dur, times=times)
     return kind, np.clip(wave, -1, 1).astype(np.float32), frames, event
+
+
+def read_meta(root: str) -> dict:
+    """A prepared set's meta.json, or ValueError naming the file and what is wrong with it (a file
+    cut short or edited by hand: a line, not a traceback from the json module)."""
+    path = os.path.join(root, "meta.json")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
+        why = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise ValueError(f"{path}: not readable as JSON ({why}): mend it, or prepare the set "
+                         "again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("heads"), dict):
+        raise ValueError(f"{path}: no \"heads\" (the label vocabulary that data.py prepare "
+                         "writes): mend it, or prepare the set again")
+    return meta
 
 
 def builtin_outdated(root: str) -> bool:
@@ -1125,8 +1142,7 @@ class AVDataset(torch.utils.data.Dataset):
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: prepare the data set first (python "
                                     "data.py prepare/builtin)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = read_meta(cfg.root)
         self.heads = self.meta["heads"]
         self.multi_label = self.meta.get("multi_label", False)
         self.fps = float(self.meta.get("fps", FPS))
@@ -1462,7 +1478,7 @@ def audio_stats(root: str, split: str = "train", max_clips: int = 2000,
     std = math.sqrt(max(s2 / n - mean ** 2, 0.0))
     if write:
         meta_path = os.path.join(root, "meta.json")
-        meta = json.load(open(meta_path))
+        meta = read_meta(root)
         meta.update(audio_mean=round(mean, 4), audio_std=round(std, 4))
         with open(meta_path + ".tmp", "w") as f:
             json.dump(meta, f, indent=1)

@@ -932,7 +932,7 @@ def ensure_data(tcfg, d: Dist):
                              "train.py --preset quick`.")
         if d.master:
             data.make_builtin(tcfg.data)
-    elif tcfg.audio_norm == "dataset" and "audio_mean" not in json.load(open(meta_path)):
+    elif tcfg.audio_norm == "dataset" and "audio_mean" not in _meta(tcfg.data):
         split = getattr(tcfg, "train_split", getattr(tcfg, "split", "train"))
         if d.master:
             print0(f"{tcfg.data}: no log-mel statistics yet (--audio_norm dataset); computing "
@@ -943,6 +943,13 @@ def ensure_data(tcfg, d: Dist):
                 raise SystemExit(f"{tcfg.data}: cannot compute the log-mel statistics: {e}")
     if dist.is_initialized():
         dist.barrier()
+
+
+def _meta(root: str) -> dict:
+    try:
+        return data.read_meta(root)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def open_dataset(cfg: data.DataConfig) -> data.AVDataset:

@@ -89,6 +89,11 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
     with open(empty / "train.csv") as f:
         header = f.readline()
     (empty / "train.csv").write_text(header)
+    cut, vocab = tmp_path / "cut", tmp_path / "vocab"  # meta.json cut short; without its heads
+    for d, text in ((cut, '{"heads": {"label": ["a", '), (vocab, '{"fps": 12.5}')):
+        d.mkdir()
+        (d / "meta.json").write_text(text)
+        shutil.copy(os.path.join(copy, "train.csv"), d / "train.csv")
     run = tmp_path / "run"  # a pretraining's out_dir
     run.mkdir()
     (run / "latest").write_text("ckpt_0000002.pt")
@@ -139,6 +144,11 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
          "a folder, not a checkpoint file (pass one of its ckpt_*.pt files)"),
         (finetune.main, ["--data", copy, "--preset", "quick", "--eval_only"],
          "--eval_only evaluates a finetuned checkpoint: pass --resume"),
+        (train.main, ["--data", str(cut), "--preset", "quick"],
+         "meta.json: not readable as JSON (Expecting value, line 1): mend it, or prepare the set"),
+        (finetune.main, ["--data", str(vocab), "--preset", "quick"],
+         "meta.json: no \"heads\" (the label vocabulary that data.py prepare writes)"),
+        (data.command_line, ["stats", "--root", str(cut)], "meta.json: not readable as JSON"),
         (train.main, ["--data", copy, "--batch_size", "0"], "--batch_size 0: must be 1 or more"),
         (train.main, ["--data", copy, "--lr", "-1"], "--lr -1.0: must be 0 or more"),
         (finetune.main, ["--data", copy, "--eval_every", "0"], "--eval_every 0: must be 1 or"),
