@@ -27,7 +27,9 @@ batch ("bad"), so the training loop counts them. See `AVDataset` for each rule.
 """
 import argparse
 import csv
+import errno
 import functools
+import io
 import json
 import logging
 import math
@@ -376,7 +378,10 @@ def prepare_clip(src: str, dst: str, start: float | None, end: float | None, sho
             raise ValueError(f"{src}: {what}; --allow_silent keeps such clips with silent audio "
                              "(video-only use)")
         audio = np.zeros(int(round(len(jpegs) / fps * SAMPLE_RATE)), np.int16)
-    sf.write(os.path.join(tmp, "audio.flac"), audio, SAMPLE_RATE, subtype="PCM_16")
+    flac = io.BytesIO()  # (written by Python: a full disk is an OSError with its errno)
+    sf.write(flac, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    with open(os.path.join(tmp, "audio.flac"), "wb") as f:
+        f.write(flac.getvalue())
     write_frames(os.path.join(tmp, "frames.bin"), jpegs)
     shutil.rmtree(dst, ignore_errors=True)
     os.rename(tmp, dst)
@@ -399,8 +404,16 @@ def _prepare_one(args):
             info = prepare_clip(found[0], dst, rec.start, rec.end, short_side,
                                 allow_silent=allow_silent)
         return rec, info, None
+    except OSError as e:
+        if e.errno in OUT_OF_ROOM:  # (the output's disk, not this clip: the others would fail too)
+            shutil.rmtree(dst + ".tmp", ignore_errors=True)
+            return rec, None, e
+        return rec, None, f"{type(e).__name__}: {e}"
     except Exception as e:  # reported in failed.csv; the run goes on
         return rec, None, f"{type(e).__name__}: {e}"
+
+
+OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # stop prepare: no clip can be written
 
 
 def split_names(folder: str) -> list:
@@ -477,6 +490,11 @@ def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool
                                          allow_silent)) for r in kept]
         for job in tqdm(as_completed(jobs), total=len(jobs), desc="prepare", unit="clip"):
             rec, info, err = job.result()
+            if isinstance(err, OSError):  # (the clips not started are cancelled)
+                raise SystemExit(
+                    f"{out}: {err.strerror} ({errno.errorcode[err.errno]}) while writing {rec.id}; "
+                    f"the {sum(map(len, rows.values()))} clips finished are kept: make room and "
+                    "run the same command, which goes on from there")
             if err:
                 failed.append((rec.id, rec.src[0], err))
                 continue

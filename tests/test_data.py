@@ -1,6 +1,7 @@
 """data.py: Kaldi log-mel, prepare with ffmpeg, manifests, the built-in set, the loader and bad
 input."""
 import csv
+import errno
 import json
 import logging
 import os
@@ -476,6 +477,39 @@ def test_short_video_holds_its_last_frame(copy):
     # frames 4, 6, ... -> frame 4
     assert torch.equal(v[:, 2], v[:, 3]) and torch.equal(v[:, 2], v[:, 7])
     assert not torch.equal(v[:, 0], v[:, 2])
+
+
+@needs_ffmpeg
+def test_a_full_disk_stops_prepare_at_once_and_keeps_the_clips_finished(tmp_path, monkeypatch):
+    # every clip after the disk fills would fail the same way, after its ffmpeg decode: hours of
+    # a large set's CPU for a failed_*.csv of "No space left on device"; prepare stops instead
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("aaa", "bbb", "ccc", "ddd"):
+        make_mp4(videos / f"{name}_000000.mp4", seconds=1.0)
+    manifest = _write(tmp_path / "vgg.csv", "".join(f"{n},0,tone,train\n" for n in
+                                                    ("aaa", "bbb", "ccc", "ddd")))
+    real = data.write_frames
+
+    def full_at_ccc(path, jpegs):
+        if "ccc_000000" in path:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(path, jpegs)
+    monkeypatch.setattr(data, "write_frames", full_at_ccc)  # (the pool's workers are forks)
+    out = tmp_path / "prepared"
+    args = ["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "vggsound",
+            "--out", str(out), "--workers", "1"]
+    with pytest.raises(SystemExit) as e:
+        data.command_line(args)
+    assert str(e.value.code).startswith(
+        f"{out}: No space left on device (ENOSPC) while writing ccc_000000; the 2 clips finished "
+        "are kept: make room and run the same command")
+    assert sorted(os.listdir(out / "clips")) in (["aaa_000000", "bbb_000000"],
+                                                 ["aaa_000000", "bbb_000000", "ddd_000000"])
+    monkeypatch.setattr(data, "write_frames", real)  # room made: it goes on
+    data.command_line(args)
+    assert [r["id"] for r in csv.DictReader(open(out / "train.csv"))] == [
+        f"{n}_000000" for n in ("aaa", "bbb", "ccc", "ddd")]
 
 
 def test_a_manifest_of_another_format_is_named_in_one_line(tmp_path, monkeypatch, caplog):
