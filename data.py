@@ -1665,6 +1665,10 @@ def main(argv=None):
     else:
         if shutil.which("ffmpeg") is None:
             sys.exit("prepare needs ffmpeg on the PATH (Debian: apt-get install -y ffmpeg)")
+        for flag, path, isit, what in (("--manifest", args.manifest, os.path.isfile, "file"),
+                                       ("--videos", args.videos, os.path.isdir, "folder")):
+            if not isit(path):  # (else a set of nothing, each clip failed "no video for ...")
+                sys.exit(f"{flag} {path}: no such {what}")
         listed = None  # the splits a --split filter chose from
         if args.format == "vggsound":  # the vocabulary comes from every split of the CSV
             recs, bad = read_vggsound(args.manifest)

@@ -512,7 +512,7 @@ def test_a_full_disk_stops_prepare_at_once_and_keeps_the_clips_finished(tmp_path
         f"{n}_000000" for n in ("aaa", "bbb", "ccc", "ddd")]
 
 
-def test_a_manifest_of_another_format_is_named_in_one_line(tmp_path, monkeypatch, caplog):
+def test_a_manifest_of_another_format_or_a_missing_path_is_one_line(tmp_path, monkeypatch, caplog):
     # every row malformed: a few are shown, the rest counted, and the header that names the format
     # the rows are in is said (a generic CSV given as --format vggsound)
     rows = "".join(f"clip{i}.mp4,dog,train\n" for i in range(40))
@@ -526,6 +526,13 @@ def test_a_manifest_of_another_format_is_named_in_one_line(tmp_path, monkeypatch
     shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("manifest:")]
     assert len(shown) == 6 and shown[-1] == "manifest: 36 more malformed rows"
     assert data._other_format(manifest, "generic") == ""  # (its own format: no hint)
+    for flag, path, what in (("--videos", tmp_path / "nowhere", "folder"),
+                             ("--manifest", tmp_path / "no.csv", "file")):
+        args = ["prepare", "--videos", str(tmp_path), "--manifest", manifest, "--format", "generic",
+                "--out", str(tmp_path / "o2"), flag, str(path)]
+        with pytest.raises(SystemExit, match=f"^{flag} {path}: no such {what}$"):
+            data.main(args)
+    assert not os.path.exists(tmp_path / "o2")  # (nothing made)
 
 
 def test_malformed_and_empty_manifest_lines(copy, caplog):
