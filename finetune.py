@@ -750,6 +750,9 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     if ck is not None:
         load_init(fcfg, model, ck, fcfg.out_dir, d.master)
     if fcfg.linear_probe:
+        if ck is None and not resumed:
+            train.print0("--linear_probe without --init probes a random encoder (a baseline); "
+                         "pass --init CKPT to probe a pretraining")
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith("heads.")
     model.to(d.device)

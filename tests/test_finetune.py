@@ -332,6 +332,11 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path, capsys):
                        src["encoder.streams.a.blocks.1.attn.qkv.weight"])
     assert not torch.equal(ck["model"]["heads.a.label.weight"],
                            torch.zeros_like(ck["model"]["heads.a.label.weight"]))
+    # without --init it probes a random encoder: a baseline, or a forgotten flag, said
+    assert "probes a random encoder" not in capsys.readouterr().out
+    finetune.main([*args[:4], *args[6:], "--out_dir", str(tmp_path / "lp0"), "--linear_probe",
+                   "--modality", "audio", "--max_steps", "1"])
+    assert "--linear_probe without --init probes a random encoder" in capsys.readouterr().out
 
 
 def test_a_log_line_holds_the_mean_loss_since_the_last(tmp_path):
