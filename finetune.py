@@ -812,6 +812,9 @@ def finetune_step(job: Job, batch: dict, gen, preempt) -> tuple:
 
 
 def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
+    if fcfg.batch_size % d.world and not fcfg.eval_only:  # (a global batch, as pretraining's)
+        raise SystemExit(f"--batch_size {fcfg.batch_size} does not split into {d.world} ranks: "
+                         f"use a multiple of {d.world}")
     job = setup(fcfg, d)
     if fcfg.eval_only:
         res = evaluate(job.model, job.test_ds, fcfg, d, job.mods, fcfg.out_dir)

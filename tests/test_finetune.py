@@ -339,6 +339,13 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path, capsys):
     assert "--linear_probe without --init probes a random encoder" in capsys.readouterr().out
 
 
+def test_a_global_batch_that_does_not_split_into_the_ranks_is_one_line(tmp_path):
+    # (before, 7 on 2 ranks trained batches of 6 at the learning rate of 7)
+    fcfg = finetune.parse_args(["--batch_size", "7", "--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^--batch_size 7 does not split into 2 ranks: use a "):
+        finetune.finetune(fcfg, train.Dist(rank=0, world=2))
+
+
 def test_a_log_line_holds_the_mean_loss_since_the_last(tmp_path):
     class Bar:
         def set_postfix(self, **kw):
