@@ -651,8 +651,7 @@ def read_meta(root: str) -> dict:
 def builtin_outdated(root: str) -> bool:
     """Whether root holds a built-in set made by an earlier version of its generator."""
     try:
-        with open(os.path.join(root, "meta.json")) as f:
-            meta = json.load(f)
+        meta = read_meta(root)
     except (OSError, ValueError):  # being made by another rank
         return False
     return meta.get("source") == "builtin" and meta.get("generator", {}).get(
