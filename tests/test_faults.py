@@ -154,6 +154,31 @@ def test_a_closed_terminal_checkpoints_and_says_so_in_the_log(builtin, tmp_path)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow(8)
+def test_ctrl_c_under_tee_still_checkpoints(builtin, tmp_path):
+    # `train.py 2>&1 | tee log`, then Ctrl-C: the terminal's SIGINT stops tee too, and the run's
+    # next write (its progress bar's) met a pipe without a reader: BrokenPipeError, exit 1, no
+    # checkpoint. Here the reader goes (the pipe's read end closed), then the SIGINT comes.
+    out = tmp_path / "o"
+    cmd = [sys.executable, "train.py", *TINY, "--data", builtin, "--max_steps", "400",
+           "--save_every", "1000", "--out_dir", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, t0 = out / "log.jsonl", time.time()
+    while time.time() - t0 < 90 and p.poll() is None:  # until 3 steps are logged
+        p.stdout.read1(65536)
+        if log.exists() and sum('"loss"' in line for line in open(log)) >= 3:
+            break
+    assert p.poll() is None
+    p.stdout.close()  # tee, gone
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=60) == train.EXIT_INTERRUPTED
+    last = json.loads(open(log).read().splitlines()[-1])
+    step = last["step"]
+    assert last["event"] == "stopped" and f"ckpt_{step:07d}.pt" in last["message"], last
+    assert train.load_checkpoint(str(out / f"ckpt_{step:07d}.pt"), "--resume")["step"] == step
+
+
 def test_a_second_ctrl_c_stops_at_once_in_one_line(builtin, tmp_path, capsys):
     # the first Ctrl-C asks for a checkpointed stop, the second stops at once: one line, exit 130,
     # the last checkpoint intact; the handlers are put back
