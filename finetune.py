@@ -675,6 +675,7 @@ def main(argv=None) -> dict:
     try:
         return finetune(fcfg, d)
     finally:
+        train.release_out_dirs()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -745,7 +746,7 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     test_ds = train.open_dataset(data.DataConfig(split=fcfg.test_split, train=False,
                                                  views=fcfg.views, **dcfg))
     heads = {h: len(names) for h, names in train_ds.heads.items()}
-    train.make_out_dir(fcfg.out_dir)
+    train.make_out_dir(fcfg.out_dir, d.master)
     model = build_model(fcfg, heads, pcfg)
     if ck is not None:
         load_init(fcfg, model, ck, fcfg.out_dir, d.master)

@@ -928,13 +928,41 @@ def data_config(mcfg: avmae.AVMAEConfig, tcfg, split: str, train: bool, **kw) ->
                            video_aug=tcfg.video_aug, **kw)
 
 
-def make_out_dir(path: str):
-    """--out_dir, or one line saying why it cannot be made (before any work)."""
+def make_out_dir(path: str, master: bool = True):
+    """--out_dir, or one line saying why it cannot be made (before any work). Rank 0 holds it (an
+    flock on out_dir/.lock, until release_out_dirs): the same command started twice, or a resume
+    of a run that is still going, would write one run's checkpoints among the other's."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--out_dir {path}: cannot make it ({e.strerror}: {e.filename}); "
                          "choose another")
+    if not master or path in HELD:
+        return
+    import fcntl
+    fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise SystemExit(f"--out_dir {path}: another run is writing there (pid {holder}): "
+                             "wait for it to end (then --resume auto), or choose another "
+                             "--out_dir") from None
+        return  # (a file system without locks: run unheld)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    HELD[path] = fd
+
+
+HELD = {}  # out_dir -> the descriptor of its held .lock
+
+
+def release_out_dirs():
+    for fd in HELD.values():
+        os.close(fd)  # (the flock goes with it)
+    HELD.clear()
 
 
 def refuse_to_overwrite(out_dir: str, resume: str):
@@ -1138,6 +1166,7 @@ def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None)
     try:
         return _train(mcfg, tcfg, d, hooks)
     finally:
+        release_out_dirs()
         if dist.is_initialized():
             dist.destroy_process_group()
 

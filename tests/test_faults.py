@@ -57,7 +57,8 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_exactly(builtin, tmp_pat
     err = capsys.readouterr().err
     assert f"stopped at step 3 on {sig.name}" in err and "--resume auto to continue" in err
     # the step in flight finished
-    assert sorted(os.listdir(tmp_path / "cut"))[:1] == ["ckpt_0000003.pt"]
+    assert sorted(f for f in os.listdir(tmp_path / "cut") if f.startswith("ckpt"))[:1] == [
+        "ckpt_0000003.pt"]
     res = train.main([*args, "--out_dir", str(tmp_path / "cut"), "--resume", "auto"])
     assert res["step"] == 6 and same(full["checkpoint"], res["checkpoint"])
 
@@ -177,6 +178,29 @@ def test_ctrl_c_under_tee_still_checkpoints(builtin, tmp_path):
     step = last["step"]
     assert last["event"] == "stopped" and f"ckpt_{step:07d}.pt" in last["message"], last
     assert train.load_checkpoint(str(out / f"ckpt_{step:07d}.pt"), "--resume")["step"] == step
+
+
+def test_an_out_dir_in_use_by_another_run_is_one_line(builtin, tmp_path):
+    # the same command started twice, or --resume auto on a run that is still going, wrote one
+    # run's checkpoints among the other's: rank 0 holds its --out_dir while it runs (an flock)
+    out = tmp_path / "o"
+    out.mkdir()
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); "
+            "time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", hold, str(out / ".lock")],
+                             stdout=subprocess.PIPE, text=True)
+    args = [*TINY, "--data", builtin, "--max_steps", "1", "--out_dir", str(out)]
+    try:
+        assert other.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit, match=r"another run is writing there \(pid 4242\): wait "):
+            train.main(args)
+    finally:
+        other.kill()
+        other.wait()
+    assert train.main(args)["step"] == 1  # (free again)
+    # released when a run ends: the same process goes on with it at once
+    assert train.main([*args, "--max_steps", "2", "--resume", "auto"])["step"] == 2
 
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(builtin, tmp_path, capsys):
