@@ -837,7 +837,7 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                  f"{job.lr:.3g}")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=train.bar_interval())
     nonfinite = train.NonFinite(fcfg.max_bad_steps, fcfg.out_dir, d.master)
     watch = LearningWatch(job.heads, job.train_ds.multi_label, spe)
     vars(watch).update((job.resumed or {}).get("watch", {}))
@@ -910,7 +910,7 @@ class Log:
 
     def step(self, step, steps_per_epoch, lr, clips, bar):
         now, loss = time.time(), self.sum / max(1, self.n)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         self.write(dict(step=step, epoch=step / steps_per_epoch, loss=loss, lr=lr,
                         clips_per_s=clips / (now - self.t)))
         self.t, self.sum, self.n = now, 0.0, 0

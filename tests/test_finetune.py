@@ -348,7 +348,7 @@ def test_a_global_batch_that_does_not_split_into_the_ranks_is_one_line(tmp_path)
 
 def test_a_log_line_holds_the_mean_loss_since_the_last(tmp_path):
     class Bar:
-        def set_postfix(self, **kw):
+        def set_postfix(self, refresh=True, **kw):
             self.shown = kw
 
     log, bar = finetune.Log(str(tmp_path / "log.jsonl"), master=True), Bar()
