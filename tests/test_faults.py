@@ -115,6 +115,29 @@ def test_a_signal_to_every_process_of_the_job_still_checkpoints(builtin, tmp_pat
     del it
 
 
+def read_until_3_steps(p, fd: int, log) -> bytes:
+    """What a reader of the run's output (a terminal, tee) reads until 3 steps are logged."""
+    import select
+    shown, t0 = b"", time.time()
+    while time.time() - t0 < 90 and p.poll() is None:
+        if select.select([fd], [], [], 0.2)[0]:
+            shown += os.read(fd, 65536)
+        if log.exists() and sum('"loss"' in line for line in open(log)) >= 3:
+            break
+    assert p.poll() is None, shown.decode(errors="replace")[-2000:]
+    return shown
+
+
+def stopped_with_its_checkpoint(out, signal_name: str):
+    """The run's last log line is its stop, naming a checkpoint at that step, which loads."""
+    last = json.loads(open(out / "log.jsonl").read().splitlines()[-1])
+    step = last["step"]
+    assert last["event"] == "stopped" and f"on {signal_name}" in last["message"], last
+    assert 3 <= step < 400 and f"ckpt_{step:07d}.pt" in last["message"]
+    assert train.load_checkpoint(str(out / f"ckpt_{step:07d}.pt"), "--resume")["step"] == step
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
 @pytest.mark.slow(12)
 def test_a_closed_terminal_checkpoints_and_says_so_in_the_log(builtin, tmp_path):
     # an ssh connection that drops hangs up the run's terminal: the kernel sends SIGHUP to the
@@ -123,7 +146,6 @@ def test_a_closed_terminal_checkpoints_and_says_so_in_the_log(builtin, tmp_path)
     # Killed by the SIGHUP (or ended by a failed write of its progress bar) the run lost every step
     # since its last checkpoint; it must checkpoint at the step and say so where it still can.
     import fcntl
-    import select
     import termios
     out = tmp_path / "o"
     master, slave = os.openpty()
@@ -134,30 +156,17 @@ def test_a_closed_terminal_checkpoints_and_says_so_in_the_log(builtin, tmp_path)
                          start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     os.close(slave)
-    shown, log = b"", out / "log.jsonl"
     try:
-        t0 = time.time()
-        while time.time() - t0 < 90 and p.poll() is None:  # until 3 steps are logged
-            if select.select([master], [], [], 0.2)[0]:
-                shown += os.read(master, 65536)  # (a terminal that is read, as a user's is)
-            if log.exists() and sum('"loss"' in line for line in open(log)) >= 3:
-                break
-        assert p.poll() is None, shown.decode(errors="replace")[-2000:]
+        shown = read_until_3_steps(p, master, out / "log.jsonl")
     finally:
         os.close(master)  # the hang-up: the kernel signals the session's leader
     os.killpg(p.pid, signal.SIGHUP)  # (the shell's, to the whole job)
     assert p.wait(timeout=60) == train.EXIT_PREEMPTED, shown.decode(errors="replace")[-2000:]
-    last = json.loads(open(log).read().splitlines()[-1])
-    step = last["step"]
-    assert last["event"] == "stopped" and "on SIGHUP" in last["message"], last
-    assert 3 <= step < 400 and f"ckpt_{step:07d}.pt" in last["message"]
-    assert train.load_checkpoint(str(out / f"ckpt_{step:07d}.pt"), "--resume")["step"] == step
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    stopped_with_its_checkpoint(out, "SIGHUP")
 
 
 @pytest.mark.slow(8)
 def test_ctrl_c_under_tee_still_checkpoints(builtin, tmp_path):
-    import select
     # `train.py 2>&1 | tee log`, then Ctrl-C: the terminal's SIGINT stops tee too, and the run's
     # next write (its progress bar's) met a pipe without a reader: BrokenPipeError, exit 1, no
     # checkpoint. Here the reader goes (the pipe's read end closed), then the SIGINT comes.
@@ -166,20 +175,11 @@ def test_ctrl_c_under_tee_still_checkpoints(builtin, tmp_path):
            "--save_every", "1000", "--out_dir", str(out)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log, t0 = out / "log.jsonl", time.time()
-    while time.time() - t0 < 90 and p.poll() is None:  # until 3 steps are logged
-        if select.select([p.stdout], [], [], 0.2)[0]:
-            p.stdout.read1(65536)  # (a reader, as tee)
-        if log.exists() and sum('"loss"' in line for line in open(log)) >= 3:
-            break
-    assert p.poll() is None
+    read_until_3_steps(p, p.stdout.fileno(), out / "log.jsonl")
     p.stdout.close()  # tee, gone
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=60) == train.EXIT_INTERRUPTED
-    last = json.loads(open(log).read().splitlines()[-1])
-    step = last["step"]
-    assert last["event"] == "stopped" and f"ckpt_{step:07d}.pt" in last["message"], last
-    assert train.load_checkpoint(str(out / f"ckpt_{step:07d}.pt"), "--resume")["step"] == step
+    stopped_with_its_checkpoint(out, "Ctrl-C")
 
 
 def test_an_out_dir_in_use_by_another_run_is_one_line(builtin, tmp_path):
