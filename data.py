@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
@@ -1401,7 +1402,8 @@ class Loader(torch.utils.data.DataLoader):
     it (the loader's terminate(), at exit); the main process finishes the step, checkpoints and
     shuts the workers down. A worker whose main process has gone ends by itself (the loader's
     watchdog). SIGTERM needs workers made by fork on Linux (the default before Python 3.14);
-    elsewhere (macOS has no sigwaitinfo; spawn, forkserver) a worker takes it as torch's do."""
+    elsewhere (macOS has no sigwaitinfo; spawn, forkserver) a worker takes it as torch's do.
+    close() ends the workers at once: a run closes its loaders when it ends, however it ends."""
 
     def __iter__(self):
         ctx = self.multiprocessing_context or multiprocessing.get_context()
@@ -1416,9 +1418,22 @@ class Loader(torch.utils.data.DataLoader):
             {signal.SIGTERM} if term else set())
         old = signal.pthread_sigmask(signal.SIG_BLOCK, hold)
         try:
-            return super().__iter__()
+            it = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self.__dict__.setdefault("_made", weakref.WeakSet()).add(it)
+        return it
+
+    def close(self):
+        """Shuts the workers down now. Left to the garbage collector, a loader that an exception's
+        traceback holds (a run stopped by a signal or an error, in a process that goes on: a
+        notebook, a job that runs several) kept its workers until a collection, which then waited
+        5 s per worker: the collector had closed the queues that carry the workers' stop."""
+        for it in list(self.__dict__.get("_made", ())):
+            if hasattr(it, "_shutdown_workers"):  # (none with --workers 0)
+                it._shutdown_workers()
+        self.__dict__.pop("_made", None)
+        self._iterator = None  # (persistent workers: the next iter() starts new ones)
 
 
 def _worker_init(main_pid: int | None, _worker_id: int):

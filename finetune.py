@@ -16,6 +16,7 @@ video) or mtv (Multiview Transformer; --mtv_views, audio a view with --modality 
 --tokenlearner 8 puts 8 learned tokens per time index on the video stream. Every field of
 FinetuneConfig below is a flag.
 """
+import contextlib
 import csv
 import dataclasses
 import json
@@ -579,24 +580,25 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
     gpu = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
     stopped, unreadable = False, []
-    for b in loader:
-        if stop is not None and stop():
-            stopped = True
-            break
-        b = gpu(b) if gpu else data.to_device(b, d.device)
-        # an unreadable clip's stand-in (the next readable clip) is left out: that clip is
-        # evaluated at its own turn, and counting it twice would bias the metrics
-        keep = ~b["replaced"].bool().cpu()
-        unreadable += [i for i, _ in b["bad"]]
-        V = fcfg.views
-        x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
-        with train.autocast_ctx(fcfg.precision, d.device):
-            out = model(**x)
-        for h in ds.heads:
-            logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu()[keep])
-            t = b[h].cpu() if torch.is_tensor(b[h]) else torch.tensor(b[h])
-            targets[h].append(t[keep])
-        ids += [i for i, k in zip(b["id"], keep.tolist()) if k]
+    with contextlib.closing(loader):  # (its workers end here, however the loop ends)
+        for b in loader:
+            if stop is not None and stop():
+                stopped = True
+                break
+            b = gpu(b) if gpu else data.to_device(b, d.device)
+            # an unreadable clip's stand-in (the next readable clip) is left out: that clip is
+            # evaluated at its own turn, and counting it twice would bias the metrics
+            keep = ~b["replaced"].bool().cpu()
+            unreadable += [i for i, _ in b["bad"]]
+            V = fcfg.views
+            x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
+            with train.autocast_ctx(fcfg.precision, d.device):
+                out = model(**x)
+            for h in ds.heads:
+                logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu()[keep])
+                t = b[h].cpu() if torch.is_tensor(b[h]) else torch.tensor(b[h])
+                targets[h].append(t[keep])
+            ids += [i for i, k in zip(b["id"], keep.tolist()) if k]
     local = (ids, {h: torch.cat(v) if v else None for h, v in logits.items()},
              {h: torch.cat(v) if v else None for h, v in targets.items()}, stopped, unreadable)
     if dist.is_initialized():
@@ -844,8 +846,9 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     stop_at = min(total, fcfg.stop_at) if fcfg.stop_at else total
     log = Log(os.path.join(fcfg.out_dir, "log.jsonl"), d.master)
     results, path = {}, job.resumed_path
-    # (bar: closed, a line of its own, on any stop)
-    with train.Preemption(log.path if d.master else None) as preempt, bar:
+    # (bar: closed, a line of its own, on any stop; the stream: its workers end with the run)
+    with train.Preemption(log.path if d.master else None) as preempt, bar, \
+            contextlib.closing(stream):
         while step < stop_at:
             for g in opt.param_groups:
                 g["lr"] = train.lr_at(step, total, job.warmup, job.lr, fcfg.min_lr) * g["lr_scale"]

@@ -1067,26 +1067,30 @@ def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
     """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device. A
     data folder that vanished, or a loader worker that died (killed for memory), stops the run with
     one line naming the folder or the clips being read, instead of retrying or hanging."""
-    while True:
-        sampler.set_position(epoch, start)
-        it = iter(loader)
+    try:
         while True:
-            try:
-                b = next(it)
-            except StopIteration:
-                break
-            except data.DataGone as e:  # (from a worker, the message ends with the original line)
-                raise SystemExit(str(e).strip().splitlines()[-1].split("DataGone: ")[-1]) from None
-            except RuntimeError as e:
-                if "DataLoader worker" not in str(e):
-                    raise
-                raise SystemExit(f"rank {d.rank}: a data loader worker died "
-                                 f"({str(e).splitlines()[0]}) while reading "
-                                 f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}: out "
-                                 "of memory? use fewer --workers or a smaller batch; --resume "
-                                 "auto continues") from None
-            yield epoch, (gpu_decoder(b) if gpu_decoder else data.to_device(b, d.device))
-        epoch, start = epoch + 1, 0
+            sampler.set_position(epoch, start)
+            it = iter(loader)
+            while True:
+                try:
+                    b = next(it)
+                except StopIteration:
+                    break
+                except data.DataGone as e:  # (from a worker: the message ends with the original)
+                    raise SystemExit(str(e).strip().splitlines()[-1].split("DataGone: ")[-1]
+                                     ) from None
+                except RuntimeError as e:
+                    if "DataLoader worker" not in str(e):
+                        raise
+                    raise SystemExit(f"rank {d.rank}: a data loader worker died "
+                                     f"({str(e).splitlines()[0]}) while reading "
+                                     f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}"
+                                     ": out of memory? use fewer --workers or a smaller batch; "
+                                     "--resume auto continues") from None
+                yield epoch, (gpu_decoder(b) if gpu_decoder else data.to_device(b, d.device))
+            epoch, start = epoch + 1, 0
+    finally:  # (the stream closed: the run ends, however it ends)
+        loader.close()
 
 
 def rank_rows(micro: int, b: int, d: Dist) -> torch.Tensor:
@@ -1211,7 +1215,8 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     bad_clips, t_last, n_last, last = 0, time.time(), step, {}
     sums, n_sums = {}, 0  # the losses since the last log line, which gives their mean
     state, path, picture = dict(loss=float("nan")), None, None
-    with Preemption(log_path) as preempt, bar:  # (bar: closed, a line of its own, on any stop)
+    # (bar: closed, a line of its own, on any stop; the stream: its workers end with the run)
+    with Preemption(log_path) as preempt, bar, contextlib.closing(run.stream):
         # the loop: a step, then its hooks (log, picture, checkpoint, a requested stop)
         while step < stop:
             for g in opt.param_groups:
