@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import pytest
@@ -52,6 +53,66 @@ def tiny_batch(cfg, B=2, seed=0):
         x["v"] = torch.rand(B, cfg.in_chans, cfg.num_frames, cfg.image_size, cfg.image_size,
                             generator=g) * 2 - 1
     return x
+
+
+def ranks(body, world: int = 2, timeout: float = 300.0) -> tuple:
+    """Runs body() on `world` ranks of one job, each in a process forked from this one, with the
+    environment torchrun gives a rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    torch and the project are then imported already: a torchrun job's start-up (its agent and
+    every rank import torch) is most of a small job's time on 2 cores. test_faults.py still runs
+    torchrun itself where its own part is tested (a restart). As torchrun does, the first rank
+    that fails ends the others. Returns ([exit code per rank], the ranks' output, rank 0's
+    first); a SystemExit's code as Python gives it (a message: 1)."""
+    import socket
+    import tempfile
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = [tempfile.TemporaryFile("w+") for _ in range(world)]
+    pids = []
+    for r in range(world):
+        pid = os.fork()
+        if pid == 0:  # the rank: its output into its log, and never back into pytest
+            code = 1
+            try:
+                os.dup2(logs[r].fileno(), 1)
+                os.dup2(logs[r].fileno(), 2)
+                sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+                os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port))
+                torch.set_num_threads(1)
+                body()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else (
+                    print(e.code) or 1)
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        pids.append(pid)
+    codes, end = [None] * world, time.time() + timeout
+    while None in codes:
+        for i, pid in enumerate(pids):
+            if codes[i] is None:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                codes[i] = os.waitstatus_to_exitcode(status) if done else None
+        if None in codes and (any(codes) or time.time() > end):
+            for pid, code in zip(pids, codes):
+                if code is None:
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    out = []
+    for f in logs:
+        f.seek(0)
+        out.append(f.read())
+        f.close()
+    assert time.time() <= end, f"the ranks ran past {timeout} s: {''.join(out)[-3000:]}"
+    return codes, "".join(out)
 
 
 @pytest.fixture(autouse=True)

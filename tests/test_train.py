@@ -296,72 +296,57 @@ def test_bench_mode_reports_speed(capsys):
 
 # -----------------------------------------------------------------------------
 # two processes on CPU (gloo): DDP, FSDP and MAViL (whose contrast takes its negatives from every
-# rank) equal one process with the same global batch; one torchrun job runs the three (a job may
-# call train.main more than once) and MAViL's contrast alone, as a job's start-up is most of its
-# time here
+# rank) equal one process with the same global batch; one job runs the three (a job may call
+# train.main more than once) and MAViL's contrast alone
 
 
-def torchrun(script, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           script, *args]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+def two_ranks_job(runs, apart, nce):
+    import torch.distributed as dist
+    # MAViL's contrast alone first: this rank's rows against every rank's y (rank r holds rows r,
+    # r + 2, ...); the loss of each rank and the gradient each rank's y gets
+    dist.init_process_group("gloo")
+    r, W = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    lx, ly = x[r::W].clone().requires_grad_(), y[r::W].clone().requires_grad_()
+    loss = avmae.info_nce(lx, ly, 0.1)
+    loss.backward()
+    got = [torch.zeros(1) for _ in range(W)]
+    dist.all_gather(got, loss.detach().reshape(1))
+    gy = [torch.zeros_like(ly.grad) for _ in range(W)]
+    dist.all_gather(gy, ly.grad)
+    if r == 0:
+        torch.save(dict(loss=torch.stack(got).mean(), gy=gy), nce)
+    dist.destroy_process_group()
+    for name, args in runs:
+        train.print0("=== " + name)
+        train.main(args)
+    # an --out_dir on each node's own disk: rank 1's holds no checkpoint, rank 0's the ddp run's
+    try:
+        train.main(apart[r])
+    except SystemExit as e:
+        print(f"APART {e.code}")
 
 
-RUNS = """
-import os, sys
-import torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-import avmae, train
-# MAViL's contrast alone first: this rank's rows against every rank's y (rank r holds rows r, r + 2,
-# ...); the loss of each rank and the gradient each rank's y gets
-dist.init_process_group("gloo")
-r, W = dist.get_rank(), dist.get_world_size()
-g = torch.Generator().manual_seed(0)
-x, y = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
-lx, ly = x[r::W].clone().requires_grad_(), y[r::W].clone().requires_grad_()
-loss = avmae.info_nce(lx, ly, 0.1)
-loss.backward()
-got = [torch.zeros(1) for _ in range(W)]
-dist.all_gather(got, loss.detach().reshape(1))
-gy = [torch.zeros_like(ly.grad) for _ in range(W)]
-dist.all_gather(gy, ly.grad)
-if r == 0:
-    torch.save(dict(loss=torch.stack(got).mean(), gy=gy), {nce!r})
-dist.destroy_process_group()
-for name, args in {runs!r}:
-    train.print0("=== " + name)
-    train.main(args)
-# an --out_dir on each node's own disk: rank 1's holds no checkpoint, rank 0's the ddp run's
-try:
-    train.main({apart!r}[r])
-except SystemExit as e:
-    sys.stdout.flush()
-    os.write(1, f"APART {{e.code}}\\n".encode())  # (one write: the ranks' lines do not interleave)
-"""
-
-
-@pytest.mark.slow(30)
+@pytest.mark.slow(20)
 def test_two_processes_equal_one(builtin, tmp_path):
+    from conftest import ranks
     # name: (the run's flags, what two processes add: 2 ranks x 2 accumulated x 2 = 8)
     runs = {"ddp": (["--max_steps", "3"], ["--grad_accum", "2"]),
             "fsdp": (["--max_steps", "3"], ["--grad_accum", "2", "--fsdp"]),
             "mavil": (["--variant", "mavil", "--max_steps", "2"], [])}
     args = {n: [*TINY, "--data", builtin, "--batch_size", "8", *a] for n, (a, _) in runs.items()}
-    script = tmp_path / "runs.py"
     apart = [[*args["ddp"], "--grad_accum", "2", "--resume", "auto", "--max_steps", "4",
               "--out_dir", str(tmp_path / d)] for d in ("two/ddp", "empty")]
     # a run stopped on one process and resumed on two (a job that grows, or a node lost and the
     # job restarted on fewer) continues the same run
     grow = tmp_path / "two" / "grow"
     train.main([*args["ddp"], "--stop_at", "1", "--out_dir", str(grow)])
-    script.write_text(RUNS.format(root=ROOT, nce=str(tmp_path / "nce.pt"), apart=apart, runs=[
-        (n, [*args[n], *two, "--out_dir", str(tmp_path / "two" / n)])
-        for n, (_, two) in runs.items()] + [
-        ("grow", [*args["ddp"], "--grad_accum", "2", "--resume", "auto", "--out_dir", str(grow)])]))
-    out = torchrun(str(script))
+    jobs = [(n, [*args[n], *two, "--out_dir", str(tmp_path / "two" / n)])
+            for n, (_, two) in runs.items()] + [
+        ("grow", [*args["ddp"], "--grad_accum", "2", "--resume", "auto", "--out_dir", str(grow)])]
+    codes, out = ranks(lambda: two_ranks_job(jobs, apart, str(tmp_path / "nce.pt")))
+    assert codes == [0, 0], out[-3000:]
     stdout = dict(zip(runs, out.split("=== ")[1:]))
     # ranks that would resume from different steps stop, every one, saying why
     for r in (0, 1):
