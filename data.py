@@ -334,8 +334,12 @@ def read_generic(path: str, split: str | None = None):
 
 
 def _ffmpeg(args: list, timeout: float = 600) -> bytes:
+    """ffmpeg's output. It runs in a session of its own: ffmpeg stops on SIGINT and SIGHUP whatever
+    it inherits, so the terminal's Ctrl-C (or hang-up) would end the clips in flight; from here it
+    reaches the main process only, which lets them finish."""
     p = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"] + args,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                       start_new_session=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr.decode(errors="replace").strip().splitlines()[-1:] or "ffmpeg "
                                                                                           "failed")
@@ -455,17 +459,22 @@ def _unique(records: list, out: str, failed: list) -> list:
 
 
 class Pool(ProcessPoolExecutor):
-    """A process pool whose workers (and the ffmpeg they run) leave Ctrl-C to the main process:
-    there, the jobs not started are cancelled and those in flight finish (a clip is written whole
-    or not at all), then the KeyboardInterrupt goes on. (A plain pool would run every job left.)"""
+    """A process pool whose workers (and the ffmpeg they run) leave Ctrl-C and a closed terminal's
+    SIGHUP to the main process: there, the jobs not started are cancelled and those in flight
+    finish (a clip is written whole or not at all), then the KeyboardInterrupt goes on. (A plain
+    pool would run every job left.)"""
 
     def __init__(self, workers: int):
-        super().__init__(max(1, workers), initializer=signal.signal,
-                         initargs=(signal.SIGINT, signal.SIG_IGN))
+        super().__init__(max(1, workers), initializer=_leave_stops_to_the_main_process)
 
     def __exit__(self, kind, *exc):
         self.shutdown(wait=True, cancel_futures=kind is not None)
         return False
+
+
+def _leave_stops_to_the_main_process():
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def prepare(records: list, videos: str, out: str, heads: dict, multi_label: bool, source: str,
@@ -1738,18 +1747,65 @@ def _other_format(path: str, given: str) -> str:
                  if name != given and need <= words), "")
 
 
+class Unbroken:
+    """sys.stdout / sys.stderr of a command (this file's, train.py's, finetune.py's), outliving
+    their reader: where a write fails because the pipe's reader has gone (`python train.py ...
+    2>&1 | tee log`: the same Ctrl-C stops tee) or the terminal has hung up (SIGHUP), the stream
+    goes to /dev/null from then on. Else the next write (a progress bar's) ended the run with a
+    traceback, in a training run before its checkpoint."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _guard(self, write, *a):
+        try:
+            return write(*a)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())
+        os.close(null)
+        return write(*a)  # (what was buffered goes there too)
+
+    def write(self, text):
+        return self._guard(self.stream.write, text)
+
+    def flush(self):
+        return self._guard(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class HungUp(KeyboardInterrupt):
+    """SIGHUP (the terminal closed: an ssh connection dropped without tmux or nohup), taken as
+    Ctrl-C is: what has not started is cancelled, what is in flight finishes."""
+
+
+def _hung_up(*_):
+    raise HungUp
+
+
 def command_line(argv=None):
-    """main as a command: a missing or malformed set, manifest or file, or Ctrl-C, is one line on
-    stderr and a non-zero exit, not a traceback."""
+    """main as a command: a missing or malformed set, manifest or file, Ctrl-C or a closed
+    terminal, is one line on stderr and a non-zero exit (130 for Ctrl-C, 75 for SIGHUP, as
+    train.py's), not a traceback; a reader of the output that goes does not stop it (Unbroken)."""
     argv = sys.argv[1:] if argv is None else argv
+    streams, hup = (sys.stdout, sys.stderr), signal.signal(signal.SIGHUP, _hung_up)
+    sys.stdout, sys.stderr = Unbroken(sys.stdout), Unbroken(sys.stderr)
     try:
         main(argv)
     except (OSError, ValueError) as e:
         sys.exit(f"data.py: {e}")
-    except KeyboardInterrupt:
-        print("data.py: stopped by Ctrl-C" + ("; the clips finished are kept, and the same "
-              "command goes on from there" if argv[:1] == ["prepare"] else ""), file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print(f"data.py: stopped by {'SIGHUP' if isinstance(e, HungUp) else 'Ctrl-C'}" + (
+              "; the clips finished are kept, and the same command goes on from there"
+              if argv[:1] == ["prepare"] else ""), file=sys.stderr, flush=True)
+        sys.exit(75 if isinstance(e, HungUp) else 130)
+    finally:
+        signal.signal(signal.SIGHUP, hup)
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

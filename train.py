@@ -574,7 +574,7 @@ class Preemption:
     reaches a rank twice, from the terminal and forwarded by torchrun (which then waits 30 s before
     SIGKILL): a second SIGINT within ONE_PRESS seconds is that same press. SIGHUP (the terminal
     closed: an ssh connection dropped) asks the same way as SIGTERM (the closed terminal's output:
-    Unbroken). Every stop is also a line of log.jsonl."""
+    data.Unbroken). Every stop is also a line of log.jsonl."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
     ONE_PRESS = 2.0
 
@@ -599,7 +599,7 @@ class Preemption:
                 try:
                     os.write(2, b"\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C "
                                 b"again stops at once, without one)\n")
-                except OSError:  # (`2>&1 | tee`: the same Ctrl-C stopped the reader; see Unbroken)
+                except OSError:  # (`2>&1 | tee`: the same Ctrl-C stopped the reader: data.Unbroken)
                     pass
         self.signal = self.signal or ("Ctrl-C" if signum == signal.SIGINT
                                       else signal.Signals(signum).name)
@@ -617,42 +617,12 @@ class Preemption:
         raise SystemExit(EXIT_INTERRUPTED if self.signal == "Ctrl-C" else EXIT_PREEMPTED)
 
 
-class Unbroken:
-    """sys.stdout / sys.stderr of a command, outliving their reader: where a write fails because
-    the pipe's reader has gone (`train.py 2>&1 | tee log`: the same Ctrl-C stops tee) or the
-    terminal has hung up (SIGHUP), the stream goes to /dev/null from then on. Else the progress
-    bar's next write ended the run in the step before its checkpoint."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def _guard(self, write, *a):
-        try:
-            return write(*a)
-        except OSError as e:
-            if e.errno not in (errno.EPIPE, errno.EIO):
-                raise
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, self.stream.fileno())
-        os.close(null)
-        return write(*a)  # (what was buffered goes there too)
-
-    def write(self, text):
-        return self._guard(self.stream.write, text)
-
-    def flush(self):
-        return self._guard(self.stream.flush)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 def command_line(main):
     """Runs a command's main: Ctrl-C outside the training loop (or a second one inside it) is one
     line and EXIT_INTERRUPTED, not a traceback; a reader of its output that goes does not stop it
-    (Unbroken)."""
+    (data.Unbroken)."""
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = Unbroken(sys.stdout), Unbroken(sys.stderr)
+    sys.stdout, sys.stderr = data.Unbroken(sys.stdout), data.Unbroken(sys.stderr)
     try:
         main()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -246,21 +247,85 @@ def _a_clip(i, folder):
     return i
 
 
-def test_ctrl_c_in_prepare_cancels_what_has_not_started_and_finishes_what_has(tmp_path):
-    # Ctrl-C reaches every process in the terminal's foreground: prepare's workers leave it to the
-    # main process, which cancels the clips not started and waits for those in flight (a plain
-    # pool's workers took it inside their clips, then went on through every clip left)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["INT", "HUP"])
+def test_ctrl_c_in_prepare_cancels_what_has_not_started_and_finishes_what_has(tmp_path, sig):
+    # Ctrl-C reaches every process in the terminal's foreground, and a closed terminal's SIGHUP
+    # every process of the session: prepare's workers leave it to the main process, which cancels
+    # the clips not started and waits for those in flight (a plain pool's workers took Ctrl-C
+    # inside their clips, then went on through every clip left; SIGHUP killed them)
     from concurrent.futures import as_completed
     with pytest.raises(KeyboardInterrupt):
         with data.Pool(2) as ex:
             jobs = [ex.submit(_a_clip, i, str(tmp_path)) for i in range(20)]
             next(as_completed(jobs))
             for p in ex._processes.values():
-                os.kill(p.pid, signal.SIGINT)
+                os.kill(p.pid, sig)
             raise KeyboardInterrupt  # (the main process's own Ctrl-C)
     done = [j for j in jobs if not j.cancelled()]
     assert all(j.done() and j.exception() is None for j in done), [j.exception() for j in done]
     assert 1 <= len(done) <= 10 and len(os.listdir(tmp_path)) == len(done)  # (of 20)
+
+
+@needs_ffmpeg
+def test_a_clip_in_flight_finishes_through_the_terminals_ctrl_c_and_hang_up():
+    # the terminal signals its foreground process group, and ffmpeg stops on SIGINT (exit 255, the
+    # clip lost) even where its parent ignores it. A prepare worker in a group of its own (forked),
+    # ffmpeg run by it at real-time speed (2 s), and both signals to the group half a second in
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            data._leave_stops_to_the_main_process()
+            out = data._ffmpeg(["-re", "-f", "lavfi", "-i", "testsrc=duration=2:size=64x48:rate=25",
+                                "-f", "image2pipe", "-c:v", "mjpeg", "-"])
+            os.write(w, f"{len(data.split_mjpeg(out))} frames".encode())
+        except BaseException as e:
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    time.sleep(0.5)
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        os.killpg(pid, sig)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        assert f.read() == "50 frames"
+
+
+def test_a_stopped_command_says_so_once_whoever_reads_its_output(monkeypatch):
+    # data.py's command line as train.py's: a closed terminal (SIGHUP) stops it as Ctrl-C does,
+    # with train.py's exit code for it (75: the same command goes on); and under `data.py prepare
+    # ... 2>&1 | tee log`, where the same Ctrl-C stops tee, the line meets a pipe without a reader:
+    # it goes to /dev/null, not into a BrokenPipeError traceback
+    def hangs_up(argv):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)  # (the handler raises first)
+    monkeypatch.setattr(data, "main", hangs_up)
+    before = signal.getsignal(signal.SIGHUP)
+    read, write = os.pipe()
+    w = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stderr", w)
+    with pytest.raises(SystemExit) as e:
+        data.command_line(["prepare"])
+    assert sys.stderr is w and signal.getsignal(signal.SIGHUP) == before  # (put back)
+    w.close()
+    with os.fdopen(read) as r:
+        said = r.read()
+    assert e.value.code == 75 and said.strip() == (
+        "data.py: stopped by SIGHUP; the clips finished are kept, and the same command goes on "
+        "from there")
+
+    def ctrl_c(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "main", ctrl_c)
+    read, write = os.pipe()
+    os.close(read)  # (tee has gone)
+    with os.fdopen(write, "w") as w:
+        monkeypatch.setattr(sys, "stderr", w)
+        with pytest.raises(SystemExit) as e:
+            data.command_line(["prepare"])
+    assert e.value.code == 130
 
 
 def test_split_mjpeg():
