@@ -457,7 +457,7 @@ def test_the_report_keeps_each_section_as_it_ends(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b.json").read_text())["checks"]
 
 
-@pytest.mark.slow(10)
+@pytest.mark.slow(2)
 def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(monkeypatch):
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
     import bench

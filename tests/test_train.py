@@ -328,7 +328,7 @@ def two_ranks_job(runs, apart, nce):
         print(f"APART {e.code}")
 
 
-@pytest.mark.slow(20)
+@pytest.mark.slow(9)
 def test_two_processes_equal_one(builtin, tmp_path):
     from conftest import ranks
     # name: (the run's flags, what two processes add: 2 ranks x 2 accumulated x 2 = 8)
