@@ -510,17 +510,23 @@ def test_finetune_non_finite_policy_and_preemption(builtin, tmp_path, monkeypatc
     assert res["step"] == 4
     monkeypatch.setattr(finetune, "mixup", real)
 
+    import multiprocessing
+    workers = []
+
     def stop_at_2(batch, *a, **k):
         if stop_at_2.calls == 1:
+            workers.extend(multiprocessing.active_children())
             os.kill(os.getpid(), signal.SIGTERM)
         stop_at_2.calls += 1
         return real(batch, *a, **k)
     stop_at_2.calls = 0
     monkeypatch.setattr(finetune, "mixup", stop_at_2)
     with pytest.raises(SystemExit) as e:
-        finetune.main([*args, "--out_dir", str(tmp_path / "c")])
+        finetune.main([*args, "--out_dir", str(tmp_path / "c"), "--workers", "2"])
     assert e.value.code == train.EXIT_PREEMPTED
     assert os.path.exists(tmp_path / "c" / "ckpt_0000002.pt")
+    # the stopped run's loader workers ended with it (not at a later garbage collection)
+    assert len(workers) == 2 and [p.exitcode for p in workers] == [0, 0]
 
 
 # ----------------------------------------------------------------------------- data at run time: a
