@@ -837,9 +837,7 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                  f"{trainable:.2f}M trainable | init {fcfg.init or 'scratch'} | "
                  f"{len(job.train_ds)} train / {len(job.test_ds)} test clips | {total} steps | lr "
                  f"{job.lr:.3g}")
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=not d.master, desc="finetune",
-               dynamic_ncols=True, mininterval=train.bar_interval())
+    bar = train.progress_bar(total, step, "finetune", d.master)
     nonfinite = train.NonFinite(fcfg.max_bad_steps, fcfg.out_dir, d.master)
     watch = LearningWatch(job.heads, job.train_ds.multi_label, spe)
     vars(watch).update((job.resumed or {}).get("watch", {}))

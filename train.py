@@ -334,10 +334,15 @@ def setup_distributed(timeout: float = 1800.0) -> Dist:
     return Dist(rank, local, world, device, monitor)
 
 
-def bar_interval() -> float:
-    """Seconds between progress bar updates: a terminal's tenth of a second, or a log file's
-    (SLURM's .out, `> log`) half minute: not ten lines a second for days."""
-    return 0.1 if sys.stderr.isatty() else 30.0
+def progress_bar(total: int, step: int, desc: str, master: bool):
+    """The training loops' progress bar, on rank 0: redrawn every tenth of a second in a terminal,
+    every half minute into a file (SLURM's .out, `> log`), not ten lines a second for days. tqdm's
+    monitor thread also redraws a bar that has not drawn for `maxinterval` s (a step that stalls):
+    into a file at 40 s, past the half minute (its default, 10 s, drew a second line every 30 s)."""
+    from tqdm import tqdm
+    every, stalled = (0.1, 10.0) if sys.stderr.isatty() else (30.0, 40.0)
+    return tqdm(total=total, initial=step, disable=not master, desc=desc, dynamic_ncols=True,
+                mininterval=every, maxinterval=stalled)
 
 
 def print0(*a, **k):
@@ -1178,9 +1183,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                "train (for more steps, raise --max_steps or --epochs, with --resume auto)")
         return dict(step=step, loss=float("nan"), checkpoint=s.resumed, picture=None,
                     log=log_path, last={}, in_sync=True)
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=not d.master, desc="pretrain",
-               dynamic_ncols=True, mininterval=bar_interval())
+    bar = progress_bar(total, step, "pretrain", d.master)
     nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
     bad_clips, t_last, n_last, last = 0, time.time(), step, {}
     sums, n_sums = {}, 0  # the losses since the last log line, which gives their mean

@@ -109,6 +109,24 @@ def test_flops_match_the_spec_for_vit_b():
 # the main command, checkpoints and pictures
 
 
+def test_the_progress_bar_into_a_file_draws_at_most_every_half_minute(monkeypatch, tmp_path):
+    # tqdm draws on an update mininterval s after its last drawing, and its monitor thread redraws
+    # a bar that has not drawn for maxinterval s: into a file (SLURM's .out) 30 s, and past it (at
+    # maxinterval's default, 10 s, 95 s of updates drew at 30, 50, 60, 80 and 90 s; at 30 s, the
+    # monitor's drawing came beside the update's at 60 s). A terminal's keeps a tenth of a second.
+    with open(tmp_path / "out", "w") as f:
+        monkeypatch.setattr(sys, "stderr", f)
+        bar = train.progress_bar(100, 0, "pretrain", master=True)
+        assert bar.mininterval == 30.0 and bar.maxinterval > 30.0
+        bar.close()
+    monkeypatch.setattr(sys, "stderr", type("Tty", (), {"isatty": lambda self: True,
+                                                        "write": lambda self, s: len(s),
+                                                        "flush": lambda self: None})())
+    bar = train.progress_bar(100, 0, "pretrain", master=True)
+    assert bar.mininterval == 0.1 and bar.maxinterval == 10.0
+    bar.close()
+
+
 def test_quick_run_writes_checkpoint_picture_and_log(builtin, tmp_path, capsys):
     res = run(builtin, tmp_path, "--max_steps", "12", "--batch_size", "8", "--save_every", "12")
     assert res["step"] == 12 and math.isfinite(res["loss"])
