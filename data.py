@@ -26,6 +26,7 @@ Bad clips never stop a run: the Dataset replaces a clip it cannot read by the ne
 batch ("bad"), so the training loop counts them. See `AVDataset` for each rule.
 """
 import argparse
+import contextlib
 import csv
 import errno
 import functools
@@ -1778,6 +1779,18 @@ class Unbroken:
         return getattr(self.stream, name)
 
 
+@contextlib.contextmanager
+def unbroken_output():
+    """sys.stdout and sys.stderr as Unbroken while a command runs (train.py's, finetune.py's, this
+    file's); put back after."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Unbroken(sys.stdout), Unbroken(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
 class HungUp(KeyboardInterrupt):
     """SIGHUP (the terminal closed: an ssh connection dropped without tmux or nohup), taken as
     Ctrl-C is: what has not started is cancelled, what is in flight finishes."""
@@ -1792,20 +1805,19 @@ def command_line(argv=None):
     terminal, is one line on stderr and a non-zero exit (130 for Ctrl-C, 75 for SIGHUP, as
     train.py's), not a traceback; a reader of the output that goes does not stop it (Unbroken)."""
     argv = sys.argv[1:] if argv is None else argv
-    streams, hup = (sys.stdout, sys.stderr), signal.signal(signal.SIGHUP, _hung_up)
-    sys.stdout, sys.stderr = Unbroken(sys.stdout), Unbroken(sys.stderr)
-    try:
-        main(argv)
-    except (OSError, ValueError) as e:
-        sys.exit(f"data.py: {e}")
-    except KeyboardInterrupt as e:
-        print(f"data.py: stopped by {'SIGHUP' if isinstance(e, HungUp) else 'Ctrl-C'}" + (
-              "; the clips finished are kept, and the same command goes on from there"
-              if argv[:1] == ["prepare"] else ""), file=sys.stderr, flush=True)
-        sys.exit(75 if isinstance(e, HungUp) else 130)
-    finally:
-        signal.signal(signal.SIGHUP, hup)
-        sys.stdout, sys.stderr = streams
+    hup = signal.signal(signal.SIGHUP, _hung_up)
+    with unbroken_output():  # (the lines below too: `| tee` may have gone with the Ctrl-C)
+        try:
+            main(argv)
+        except (OSError, ValueError) as e:
+            sys.exit(f"data.py: {e}")
+        except KeyboardInterrupt as e:
+            print(f"data.py: stopped by {'SIGHUP' if isinstance(e, HungUp) else 'Ctrl-C'}" + (
+                  "; the clips finished are kept, and the same command goes on from there"
+                  if argv[:1] == ["prepare"] else ""), file=sys.stderr, flush=True)
+            sys.exit(75 if isinstance(e, HungUp) else 130)
+        finally:
+            signal.signal(signal.SIGHUP, hup)
 
 
 if __name__ == "__main__":

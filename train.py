@@ -626,15 +626,12 @@ def command_line(main):
     """Runs a command's main: Ctrl-C outside the training loop (or a second one inside it) is one
     line and EXIT_INTERRUPTED, not a traceback; a reader of its output that goes does not stop it
     (data.Unbroken)."""
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = data.Unbroken(sys.stdout), data.Unbroken(sys.stderr)
-    try:
-        main()
-    except KeyboardInterrupt:
-        print0(CTRL_C_AGAIN, file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    finally:
-        sys.stdout, sys.stderr = streams
+    with data.unbroken_output():  # (the line below too: `| tee` may have gone with the Ctrl-C)
+        try:
+            main()
+        except KeyboardInterrupt:
+            print0(CTRL_C_AGAIN, file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 class NonFinite:
