@@ -57,18 +57,21 @@ def tiny_batch(cfg, B=2, seed=0):
 
 def ranks(body, world: int = 2, timeout: float = 300.0) -> tuple:
     """Runs body() on `world` ranks of one job, each in a process forked from this one, with the
-    environment torchrun gives a rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    environment torchrun gives a rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, and
+    the store held by the launcher, TORCHELASTIC_USE_AGENT_STORE).
     torch and the project are then imported already: a torchrun job's start-up (its agent and
     every rank import torch) is most of a small job's time on 2 cores. test_faults.py still runs
     torchrun itself where its own part is tested (a restart). As torchrun does, the first rank
     that fails ends the others. Returns ([exit code per rank], the ranks' output, rank 0's
     first); a SystemExit's code as Python gives it (a message: 1)."""
-    import socket
     import tempfile
     import time
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # the job's rendezvous store, held here for its whole length as torchrun's agent holds it (a
+    # rank 0 that hosted it closed it between one process group and the next, and a rank 1 still
+    # on its way in read "Connection was likely closed")
+    store = torch.distributed.TCPStore("127.0.0.1", 0, world, is_master=True,
+                                       wait_for_workers=False)
+    port = store.port
     logs = [tempfile.TemporaryFile("w+") for _ in range(world)]
     pids = []
     for r in range(world):
@@ -81,7 +84,7 @@ def ranks(body, world: int = 2, timeout: float = 300.0) -> tuple:
                 sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
                 os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(port))
+                                  MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
                 torch.set_num_threads(1)
                 body()
                 code = 0
@@ -106,6 +109,7 @@ def ranks(body, world: int = 2, timeout: float = 300.0) -> tuple:
                 if code is None:
                     os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
+    del store
     out = []
     for f in logs:
         f.seek(0)
