@@ -717,17 +717,40 @@ COUNTS = ("num_frames", "image_size", "in_chans", "tubelet", "patch_size", "audi
           "dec_depth", "dec_heads", "dec_mlp", "fusion_layers", "cross_layers")
 
 
+def check_shapes(cfg: AVMAEConfig) -> None:
+    """The numbers any model of this config needs (counts, ratios, heads, tiling of the inputs it
+    reads); finetuning's models check these, pretraining all of check_config."""
+    for names, ok, says in ((COUNTS, lambda v: v >= 1, "1 or more"),
+                            (("mlp_ratio", "tau_inter", "tau_intra"), lambda v: v > 0, "above 0"),
+                            (("contrast_inter", "contrast_intra", "teacher_width", "bottlenecks"),
+                             lambda v: v >= 0, "0 or more"),
+                            (("drop_path",), lambda v: 0 <= v < 1,
+                             "a probability below 1 (MAE finetuning: 0.1)")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"{name}={getattr(cfg, name)}: must be {says}")
+    if not 0.0 <= cfg.layer_scale <= 1.0:
+        raise ValueError(f"layer_scale={cfg.layer_scale} is LayerScale's first value, between 0 "
+                         "(off) and 1 (CaiT, Sec. 2.1: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 "
+                         "deeper)")
+    for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads,
+                                                           "decoder")):
+        if w % h or (w // h) % 2:
+            raise ValueError(f"{what} width {w} must split into {h} heads of even size")
+    if "v" in cfg.mods and (cfg.num_frames % cfg.tubelet or cfg.image_size % cfg.patch_size):
+        raise ValueError(f"video {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} does not tile "
+                         f"into {cfg.tubelet}x{cfg.patch_size}x{cfg.patch_size} tubelets")
+    if "a" in cfg.mods and (cfg.mel_bins % cfg.audio_patch_f or
+                            cfg.audio_frames < cfg.audio_patch_t):
+        raise ValueError(f"spectrogram {cfg.audio_frames}x{cfg.mel_bins} does not tile into "
+                         f"{cfg.audio_patch_t}x{cfg.audio_patch_f} patches")
+
+
 def check_config(cfg: AVMAEConfig) -> None:
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    for names, ok, says in ((COUNTS, lambda v: v >= 1, "1 or more"),
-                            (("mlp_ratio", "tau_inter", "tau_intra"), lambda v: v > 0, "above 0"),
-                            (("drop_path", "contrast_inter", "contrast_intra", "teacher_width",
-                              "bottlenecks"), lambda v: v >= 0, "0 or more")):
-        for name in names:
-            if not ok(getattr(cfg, name)):
-                raise ValueError(f"{name}={getattr(cfg, name)}: must be {says}")
+    check_shapes(cfg)
     if cfg.modalities == "av" and cfg.encoder == "separate" and cfg.decoder == "separate":
         raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that "
                          "never exchange information (paper Sec. 3.3); for that baseline "
@@ -771,20 +794,6 @@ def check_config(cfg: AVMAEConfig) -> None:
         raise ValueError("mid-fusion needs 1 <= joint_layers < depth, got "
                          f"joint_layers={cfg.joint_layers}, depth={cfg.depth} (joint_layers=depth "
                          "is early fusion)")
-    if not 0.0 <= cfg.layer_scale <= 1.0:
-        raise ValueError(f"layer_scale={cfg.layer_scale} is LayerScale's first value, between 0 "
-                         "(off) and 1 (CaiT, Sec. 2.1: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 "
-                         "deeper)")
-    for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads,
-                                                           "decoder")):
-        if w % h or (w // h) % 2:
-            raise ValueError(f"{what} width {w} must split into {h} heads of even size")
-    if cfg.num_frames % cfg.tubelet or cfg.image_size % cfg.patch_size:
-        raise ValueError(f"video {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} does not tile "
-                         f"into {cfg.tubelet}x{cfg.patch_size}x{cfg.patch_size} tubelets")
-    if cfg.mel_bins % cfg.audio_patch_f or cfg.audio_frames < cfg.audio_patch_t:
-        raise ValueError(f"spectrogram {cfg.audio_frames}x{cfg.mel_bins} does not tile into "
-                         f"{cfg.audio_patch_t}x{cfg.audio_patch_f} patches")
     for m in cfg.mods:
         grid = PATCHES[m](cfg).grid
         units = mask_units(grid, MASK_AXES[m][getattr(cfg, f"mask_type_{m}")])

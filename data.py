@@ -1,4 +1,4 @@
-"""
+r"""
 Data: raw video -> prepared set -> batches (AV-MAE Sec. 4.1; the data sets as their own papers
 publish them).
 

@@ -240,12 +240,17 @@ def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
                          f"{arch.get('layer_scale', 0.0)}; drop --width / --depth / --heads / "
                          "--layer_scale (they shape a model from scratch)")
     base = {**avmae.SIZES[fcfg.size], **shape} if pcfg is None else arch
-    return avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality],
-                                        "num_frames": fcfg.num_frames,
-                                        "image_size": fcfg.image_size,
-                                        "audio_frames": fcfg.audio_frames,
-                                        "drop_path": 0.0 if fcfg.linear_probe else fcfg.drop_path,
-                                        "kernels": fcfg.kernels})
+    cfg = avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality],
+                                       "num_frames": fcfg.num_frames,
+                                       "image_size": fcfg.image_size,
+                                       "audio_frames": fcfg.audio_frames,
+                                       "drop_path": 0.0 if fcfg.linear_probe else fcfg.drop_path,
+                                       "kernels": fcfg.kernels})
+    try:
+        avmae.check_shapes(cfg)
+    except ValueError as e:
+        raise SystemExit(f"invalid model config: {e}")
+    return cfg
 
 
 def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):

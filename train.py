@@ -1,4 +1,4 @@
-"""
+r"""
 AV-MAE pretraining, on one CPU, one GPU, or many GPUs and nodes (torchrun + DDP / FSDP):
 AV-MAE Sec. 4.1, Table 20.
 
@@ -247,9 +247,11 @@ AT_LEAST_ONE = ("batch_size", "grad_accum", "views", "log_every", "save_every", 
                 "bench_steps")
 ABOVE_ZERO = ("frame_stride", "dist_timeout")
 NOT_NEGATIVE = ("epochs", "warmup_epochs", "max_steps", "lr", "blr", "min_lr", "weight_decay",
-                "grad_clip", "mixup", "label_smoothing", "drop_path", "specaug_freq",
-                "specaug_time", "keep_last", "picture_every", "max_bad_steps", "layer_decay",
-                "stop_at", "tokenlearner", "width", "depth", "heads", "bottlenecks")
+                "grad_clip", "mixup", "specaug_freq", "specaug_time", "keep_last",
+                "picture_every", "max_bad_steps", "stop_at", "tokenlearner", "width", "depth",
+                "heads", "bottlenecks")
+BELOW_ONE = ("beta1", "beta2", "label_smoothing", "drop_path")  # from 0, as Adam and MAE take them
+UP_TO_ONE = ("layer_decay",)  # (1: every layer at the same rate; BEiT / MAE: 0.65-0.75)
 MINUS_ONE = ("workers", "temporal_layers", "tokenlearner_layer", "fusion_layer")  # (-1: a default)
 
 
@@ -258,11 +260,17 @@ def check_ranges(cfg):
     for names, ok, says in ((MINUS_ONE, lambda v: v >= -1, "-1 (the default) or more"),
                             (AT_LEAST_ONE, lambda v: v >= 1, "1 or more"),
                             (ABOVE_ZERO, lambda v: v > 0, "above 0"),
-                            (NOT_NEGATIVE, lambda v: v >= 0, "0 or more")):
+                            (NOT_NEGATIVE, lambda v: v >= 0, "0 or more"),
+                            (BELOW_ONE, lambda v: 0 <= v < 1, "0 or more and below 1"),
+                            (UP_TO_ONE, lambda v: 0 < v <= 1, "above 0 and at most 1")):
         for name in names:
             v = getattr(cfg, name, None)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):
                 raise SystemExit(f"--{name} {v}: must be {says}")
+    if getattr(cfg, "epochs", 1) == 0 == getattr(cfg, "max_steps", 1) and \
+            not getattr(cfg, "eval_only", False):
+        raise SystemExit("--epochs 0 with --max_steps 0 leaves no step to train: give either one "
+                         "a number")
 
 
 def parse_args(argv=None):
@@ -272,6 +280,8 @@ def parse_args(argv=None):
                          variants={k: {**v, **VARIANT_DATA.get(k, {})}
                                    for k, v in VARIANTS.items()},
                          paper_shapes=PAPER_SHAPES)
+    if "v" in mcfg.mods and mcfg.in_chans != 3:
+        raise SystemExit(f"--in_chans {mcfg.in_chans}: data.py's clips are RGB, 3 channels")
     if (mcfg.target == "teacher") != bool(tcfg.teacher):
         raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and "
                          "--teacher PATH")

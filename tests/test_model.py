@@ -470,6 +470,9 @@ def test_vit_base_parameter_counts():
     (dict(dec_depth=0), "dec_depth=0: must be 1 or more"),
     (dict(num_frames=0), "num_frames=0: must be 1"), (dict(mlp_ratio=0), "mlp_ratio=0: must be"),
     (dict(contrast_inter=-1), "contrast_inter=-1: must be 0 or more"),
+    (dict(drop_path=1.0), "drop_path=1.0: must be a probability below 1"),  # (NaN before)
+    # the rules of the inputs a model reads, and of no other
+    (dict(modalities="a", image_size=30, audio_frames=4), "spectrogram 4x32 does not tile"),
 ])
 def test_invalid_configs_say_why(overrides, rule):
     with pytest.raises(ValueError, match=rule.replace("(", r"\(").replace(")", r"\)")):

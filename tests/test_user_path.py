@@ -162,6 +162,20 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (train.main, ["--data", copy, "--width", "-64"], "width=-64: must be 1 or more"),
         (finetune.main, ["--data", copy, "--audio_norm", "abc"],
          "audio_norm='abc': use one of none, audiomae, cavmae, dataset (the set's own"),
+        # numbers torch's optimiser refused with a traceback, or that trained to a NaN or to
+        # nothing without a word
+        (train.main, ["--data", copy, "--beta1", "1.5"], "--beta1 1.5: must be 0 or more and be"),
+        (finetune.main, ["--data", copy, "--label_smoothing", "1"], "--label_smoothing 1.0: must"),
+        (finetune.main, ["--data", copy, "--drop_path", "1.5"], "--drop_path 1.5: must be 0 or"),
+        (train.main, ["--data", copy, "--drop_path", "2"], "drop_path=2.0: must be a probability"),
+        (finetune.main, ["--data", copy, "--layer_decay", "2"], "--layer_decay 2.0: must be above"),
+        (train.main, ["--data", copy, "--epochs", "0"], "--epochs 0 with --max_steps 0 leaves no"),
+        (finetune.main, ["--data", copy, "--epochs", "0"], "--epochs 0 with --max_steps 0 leave"),
+        (train.main, ["--data", copy, "--in_chans", "1"], "--in_chans 1: data.py's clips are RGB"),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--num_frames", "3"],
+         "video 3x64x64 does not tile into 2x16x16 tubelets"),
+        (finetune.main, ["--data", copy, "--preset", "quick", "--audio_frames", "7"],
+         "spectrogram 7x128 does not tile into 16x16 patches"),
     ]
 
     def built(*a, **k):
@@ -195,6 +209,15 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         code, err = cli(*args)
         assert code != 0 and not any("Traceback" in line for line in err), (args, err[-5:])
         assert says in err[-1], (args, err[-1])
+
+
+def test_the_commands_help_shows_each_example_as_written():
+    # a shell line continued by "\\" in a docstring that is not raw joined two lines of -h
+    import kernels.bench
+    for mod in (train, finetune, data, kernels.bench):
+        for line in mod.__doc__.splitlines():
+            assert len(line) <= 100, (mod.__name__, line)
+    assert "--rdzv_backend=c10d \\\n" in train.__doc__
 
 
 def test_more_ranks_per_node_than_gpus_is_one_line(monkeypatch):
