@@ -86,35 +86,34 @@ class AVMAEConfig:
                                   # (MAViL Eq. 1) instead of averaging
     decoder_layout: str = "gather"  # gather: [visible | mask] (VideoMAE) | unshuffle (MAE); equal
     inpaint_layout: str = "paper"   # paper: mask tokens at the last raster positions | masked
-    kernels: str = "auto"         # auto (a kernel where measured faster on
-                                  # this GPU) | triton | torch; run time only
+    kernels: str = "auto"         # auto (a kernel where measured faster on this GPU) |
+                                  # triton | torch; run time only
     # relatives: MAViL (Huang et al.), CAV-MAE (Gong et al.), AV-MaskEnhancer (Diao et al.)
     fusion: str = "vanilla"       # mavil fusion: vanilla (concatenation)
                                   # | mbt (bottlenecks, one g_av for both modalities, MAViL App. B)
                                   # | mbt_sep (a layer per modality, as MBT itself)
-    fusion_layers: int = 2        # F, the mavil encoder's fusion layers
-                                  # on top of full unimodal streams
+    fusion_layers: int = 2        # F, the mavil encoder's fusion layers on top of full
+                                  # unimodal streams
     bottlenecks: int = 4          # bottleneck tokens of mbt fusion
     cross_layers: int = 1         # bidirectional cross-attention layers of the xattn encoder
     xattn_fuse: str = "channel"   # channel: each token beside its cross-attended other modality,
                                   # 2 D wide (AV-MaskEnhancer Sec. III-D) | sequence: the two
                                   # streams concatenated
-    type_embed: bool = False      # learned modality-type embeddings on
-                                  # encoder and decoder tokens (CAV-MAE)
-    dec_tied: bool = False        # one decoder projection and mask
-                                  # token for both modalities (CAV-MAE)
+    type_embed: bool = False      # learned modality-type embeddings on encoder and decoder
+                                  # tokens (CAV-MAE)
+    dec_tied: bool = False        # one decoder projection and mask token for both modalities
+                                  # (CAV-MAE)
     contrast_inter: float = 0.0   # weight of audio<->video InfoNCE on pooled unimodal outputs
                                   # (MAViL 0.1, CAV-MAE 0.01)
     tau_inter: float = 0.1        # (MAViL 0.1, CAV-MAE 0.05)
-    contrast_symmetric: bool = True  # both directions averaged (MAViL
-                                     # Eq. 3) | video picks its audio
-                                  # among the batch's only (CAV-MAE's code, a log-softmax over
-                                  # audio)
-    contrast_intra: float = 0.0   # weight of InfoNCE between two masked
-                                  # views of each modality (MAViL 0.01)
+    contrast_symmetric: bool = True  # both directions averaged (MAViL Eq. 3) | video picks its
+                                     # audio among the batch's only (CAV-MAE's code: a
+                                     # log-softmax over audio)
+    contrast_intra: float = 0.0   # weight of InfoNCE between two masked views of each
+                                  # modality (MAViL 0.01)
     tau_intra: float = 1.0
-    target: str = "pixels"        # pixels (raw patches) | teacher (MAViL stage
-                                  # 2: a frozen teacher's fusion outputs)
+    target: str = "pixels"        # pixels (raw patches) | teacher (MAViL stage 2: a frozen
+                                  # teacher's fusion outputs)
     teacher_width: int = 0        # the teacher's width (0 = width)
 
     def __post_init__(self):
@@ -213,6 +212,7 @@ class AudioPatches:
 
 
 PATCHES = {"a": AudioPatches, "v": VideoPatches}
+
 
 def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_chans: int,
                         mode: str = "inflate"):
@@ -399,8 +399,8 @@ def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor,
     normalisation of the target, (t - mean) / sqrt(var + 1e-6) with the unbiased variance."""
     target = gather_tokens(patches, ids).float()
     if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1,
-                                                                        keepdim=True) + 1e-6).sqrt()
+        var = target.var(-1, keepdim=True)
+        target = (target - target.mean(-1, keepdim=True)) / (var + 1e-6).sqrt()
     return (pred.float() - target).pow(2).mean()
 
 
@@ -541,6 +541,7 @@ class Transformer(nn.Module):
 
 def _prefix(p: str, ids: dict) -> dict:
     return {f"{p}.{k}": v for k, v in ids.items()}
+
 
 def block_flops(n: int, d: int, hidden: int) -> float:
     """Forward FLOPs of one pre-LN block on n tokens: matmuls 2 (4 d^2 + 2 d h) per token, attention

@@ -549,6 +549,7 @@ def loss_fn(logits: dict, targets: dict, multi_label: bool, smoothing: float) ->
             total = total + torch.sum(-t * F.log_softmax(z.float(), dim=1), dim=1).mean()
     return total
 
+
 def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: bool,
                   smoothing: float, device=None, unimodal: float = 0.0) -> torch.Tensor:
     """per_modality (the authors' MBT): each modality's logits {m: {head: logits}} against its own

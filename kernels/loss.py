@@ -106,4 +106,3 @@ def recon_loss(pred: torch.Tensor, patches: torch.Tensor, ids: torch.Tensor,
                norm_pix: bool) -> torch.Tensor:
     """Same contract as avmae.recon_loss (the target patches get no gradient, as there)."""
     return _loss(pred, patches.detach(), ids, norm_pix)
-

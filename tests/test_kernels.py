@@ -539,4 +539,3 @@ def test_kernels_launch_under_a_torch_whose_wrap_triton_refuses_the_interpreter(
     monkeypatch.setattr(kernels, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="only works"):
         kernels.wrap_triton(kernels.gather._gather_kernel)
-

@@ -300,4 +300,3 @@ def test_finetune_cli_runs_each_new_architecture(builtin, tmp_path):
                              "--arch", arch, *(["--modality", "video"] if arch != "mtv" else []),
                              *extra])
         assert 0 <= res["label_top1"] <= 1 and res["gflop_per_clip"] > 0, res
-
