@@ -1,0 +1,122 @@
+"""The docs say what the code does: every command line in README.md and docs/*.md parses with the
+flags and values its script takes, every `--flag` they name is a flag of ours (or torchrun's or
+pip's), and the README's Python example runs."""
+import argparse
+import glob
+import os
+import re
+import shlex
+
+import pytest
+
+import data
+import finetune
+import kernels.bench
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+SCRIPTS = {"train.py": train.main, "finetune.py": finetune.main, "data.py": data.main,
+           "kernels/bench.py": kernels.bench.main}
+OTHERS = {  # the other tools' flags the docs show: torchrun's and pip's
+    "--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend",
+    "--rdzv_endpoint", "--max-restarts", "--no-deps", "--only-binary", "--platform",
+    "--python-version", "--implementation"}
+COMMAND = re.compile(r"(?:python3?|torchrun)\b[^`#\n]*?\b(train\.py|finetune\.py|data\.py|"
+                     r"kernels/bench\.py)\b([^`\n]*)")
+PLACEHOLDER = re.compile(r"^\$?\{?[A-Z][A-Z0-9_]*\}?$")  # S, N, $STEPS: what the reader fills in
+
+
+class Parsed(Exception):
+    pass
+
+
+def commands(text: str) -> list:
+    """(script, its arguments, inline) of each command line: in code blocks (a trailing backslash
+    goes on to the next line) and in inline code, where prose may name a command without the
+    arguments it requires (`python data.py prepare`)."""
+    text = re.sub(r"\\\n\s*", " ", text).replace("\\|", "|")  # (a table's escaped pipe)
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        found += [(*m.groups(), False) for line in block.splitlines()
+                  for m in [COMMAND.search(line)] if m]
+    for span in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S)):
+        m = COMMAND.search(span)
+        if m:
+            found.append((*m.groups(), True))
+    return [(script, shlex.split(re.split(r";|&&|\|", args)[0], comments=True), inline)
+            for script, args, inline in found]  # (up to the shell's next command)
+
+
+def stop_at_parse(monkeypatch, into: list):
+    """Each script's main() parses its arguments as it would, then stops (nothing runs); what
+    argparse leaves unknown goes into `into`, an error is argparse's exit."""
+    def parse(self, argv=None, namespace=None):
+        _, unknown = self.parse_known_args(argv, namespace)
+        into[:] = [a for a in unknown if a.startswith("-")]
+        raise Parsed
+    monkeypatch.setattr(data.Parser, "parse_args", parse)
+
+
+def all_flags(monkeypatch) -> set:
+    flags = set()
+
+    def collect(self, argv=None, namespace=None):
+        todo = [self]
+        while todo:
+            p = todo.pop()
+            flags.update(p._option_string_actions)
+            todo += [sp for a in p._actions if isinstance(a, argparse._SubParsersAction)
+                     for sp in a.choices.values()]
+        raise Parsed
+    monkeypatch.setattr(data.Parser, "parse_args", collect)
+    for main in SCRIPTS.values():
+        with pytest.raises(Parsed):
+            main([])
+    return flags
+
+
+def test_every_command_line_in_the_docs_parses(monkeypatch, capsys):
+    unknown, seen = [], set()
+    stop_at_parse(monkeypatch, unknown)
+    for path in DOCS:
+        for script, args, inline in commands(open(path).read()):
+            seen.add(script)
+            where = f"{os.path.basename(path)}: {script} {' '.join(args)}"
+            while True:
+                try:
+                    SCRIPTS[script](args)
+                except Parsed:
+                    break
+                except SystemExit as e:  # (argparse: an unknown choice, a value of a wrong type)
+                    err = capsys.readouterr().err.strip() or str(e)
+                    bad = re.search(r"invalid (?:\w+ value|choice): '(.*?)'(?: \(choose from '"
+                                    r"([^']*)')?", err)
+                    if bad and PLACEHOLDER.match(bad[1]):  # (--seed S: what the reader puts there)
+                        args = [a if a != bad[1] else bad[2] or "1" for a in args]
+                        continue
+                    if not (inline and "the following arguments are required" in err):
+                        pytest.fail(f"{where}: {err}")
+                    break
+            assert not unknown, f"{where}: no such flag {unknown}"
+    assert seen == set(SCRIPTS), seen  # (the extraction found each script's commands)
+
+
+def test_every_flag_the_docs_name_is_one_of_ours(monkeypatch):
+    flags = all_flags(monkeypatch)
+    assert {"--preset", "--decode", "--report", "--allow_silent"} <= flags
+    for path in DOCS:
+        named = set(re.findall(r"(?<![\w-])--[a-zA-Z][\w-]*", open(path).read()))
+        assert named - flags - OTHERS == set(), os.path.basename(path)
+
+
+def test_the_readme_python_example_runs():
+    text = open(DOCS[0]).read()
+    (example,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert 'make_config("base"' in example
+    env = {}
+    exec(example.replace('make_config("base"', 'make_config("tiny"'), env)  # (CPU-sized widths)
+    feats, rows = env["feats"], env["rows"]
+    assert feats["a"].shape == (2, 400, 64) and feats["v"].shape == (2, 1568, 64)
+    assert set(rows) == {"a", "v"} and rows["v"][0].shape == (2, 3, 16, 224, 224)
+    assert env["model"].patch_embed["v"].weight.grad is not None  # (the backward ran)
