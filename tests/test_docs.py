@@ -1,7 +1,8 @@
 """The docs say what the code does: every command line in README.md and docs/*.md parses with the
 flags and values its script takes, every `--flag` they name is a flag of ours (or torchrun's or
-pip's), and the README's Python example runs."""
+pip's), the tests and the code they cite exist, and the README's Python example runs."""
 import argparse
+import ast
 import glob
 import os
 import re
@@ -9,6 +10,7 @@ import shlex
 
 import pytest
 
+import avmae
 import data
 import finetune
 import kernels.bench
@@ -120,3 +122,29 @@ def test_the_readme_python_example_runs():
     assert feats["a"].shape == (2, 400, 64) and feats["v"].shape == (2, 1568, 64)
     assert set(rows) == {"a", "v"} and rows["v"][0].shape == (2, 3, 16, 224, 224)
     assert env["model"].patch_embed["v"].weight.grad is not None  # (the backward ran)
+
+
+def test_the_tests_and_the_code_the_docs_cite_exist():
+    # `test_x.py::test_name` (a trailing * stands for any ending) and `module.name` in backticks
+    defined = {}
+    for f in glob.glob(os.path.join(ROOT, "tests", "test_*.py")):
+        tree = ast.parse(open(f).read())
+        defined[os.path.basename(f)] = {n.name for n in ast.walk(tree)
+                                        if isinstance(n, ast.FunctionDef)}
+    modules = dict(avmae=avmae, data=data, train=train, finetune=finetune, kernels=kernels)
+    tests = names = 0
+    for path in DOCS:
+        text, doc = open(path).read(), os.path.basename(path)
+        for f, name, glob_ in re.findall(r"(?:tests/)?(test_\w+\.py)::(\w+)(\*?)", text):
+            tests += 1
+            assert f in defined, f"{doc}: no tests/{f}"
+            assert any(n == name or (glob_ and n.startswith(name)) for n in defined[f]), \
+                f"{doc}: no {f}::{name}{glob_}"
+        for mod, attr in re.findall(r"`(avmae|data|train|finetune|kernels)\.(\w+(?:\.\w+)*)", text):
+            if attr != "py":
+                names += 1
+                obj = modules[mod]
+                for a in attr.split("."):
+                    assert hasattr(obj, a), f"{doc}: no {mod}.{attr}"
+                    obj = getattr(obj, a)
+    assert tests > 50 and names > 30, (tests, names)  # (the patterns still find the citations)
