@@ -684,6 +684,7 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
             return out
         print(f"{out}: made by an earlier version of the built-in generator; making version "
               f"{BUILTIN_VERSION}")
+    make_folder(out)  # (its parent holds the temporary folder, renamed to it at the end)
     t0 = time.time()
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -828,7 +829,7 @@ def make_checkset(out: str, n_train: int = CHECKSET["n_train"], n_test: int = CH
     for tool in ("espeak-ng", "ffmpeg"):
         if shutil.which(tool) is None:
             raise FileNotFoundError(f"{tool} is not installed (Debian: apt-get install {tool})")
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     jobs = [(i, "train" if i < n_train else "test", seed, seconds, size, out)
             for i in range(n_train + n_test)]
     t0 = time.time()
@@ -1547,6 +1548,16 @@ def _bench(args):
     shapes on a GPU (its FLOPs per training clip at a given MFU): data or model, which is slower?"""
     import avmae
     import train
+    peak = next((p for k, p in train.PEAK_BF16 if k in args.gpu), None)
+    if peak is None:
+        raise SystemExit(f"--gpu {args.gpu}: no known peak; one of "
+                         f"{', '.join(k for k, _ in train.PEAK_BF16)}")
+    try:  # (the model whose need is printed beside the rate: refused before the measurement)
+        model = avmae.AVMAE(avmae.make_config(args.size, num_frames=args.num_frames,
+                                              image_size=args.image_size,
+                                              audio_frames=args.audio_frames))
+    except ValueError as e:
+        raise SystemExit(f"bench --size {args.size}: {e}")
     cfg = DataConfig(root=args.root, split=args.split, num_frames=args.num_frames,
                      frame_stride=args.frame_stride, image_size=args.image_size,
                      audio_frames=args.audio_frames, decode=args.decode,
@@ -1579,14 +1590,7 @@ def _bench(args):
           f"workers; {what}; {args.num_frames} x {args.image_size}^2 frames at stride "
           f"{args.frame_stride:g}, video_aug {args.video_aug}, {args.audio_frames} log-mel "
           f"frames, batch {args.batch_size})")
-    model = avmae.AVMAE(avmae.make_config(args.size, num_frames=args.num_frames,
-                                          image_size=args.image_size,
-                                          audio_frames=args.audio_frames))
     per_clip = model.flops()["train"]
-    peak = next((p for k, p in train.PEAK_BF16 if k in args.gpu), None)
-    if peak is None:
-        return print(f"--gpu {args.gpu}: no known peak; one of "
-                     f"{', '.join(k for k, _ in train.PEAK_BF16)}")
     need = peak * args.mfu / per_clip
     cores = args.cores or max(1, args.workers)  # (0 workers: the main process's core)
     verdict = "data-bound" if rate / max(1, args.workers) * cores < need else "model-bound"
@@ -1606,6 +1610,26 @@ def _at_least(low: int):
     return parse
 
 
+def _above_zero(most: float | None = None):
+    """An argparse type: a number above 0 (and at most `most`)."""
+    def parse(text):
+        v = float(text)
+        if not (v > 0 and (most is None or v <= most)):
+            raise argparse.ArgumentTypeError(f"{v:g}: must be above 0" + (
+                f" and at most {most:g}" if most is not None else ""))
+        return v
+    return parse
+
+
+def make_folder(path: str, flag: str = "--out") -> None:
+    """os.makedirs, or one line that says why the folder cannot be made (before any work)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: cannot make it ({e.strerror}: {e.filename}); "
+                         "choose another")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a user error on one line: the message and where the flags are listed (not
     the whole usage, 50 lines for train.py's flags); exit status 2, as argparse's."""
@@ -1615,6 +1639,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
+    import avmae
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="raw videos + a manifest -> a prepared set")
@@ -1654,15 +1679,16 @@ def main(argv=None):
     pn.add_argument("--batch_size", type=_at_least(1), default=32)
     pn.add_argument("--batches", type=_at_least(1), default=20)
     pn.add_argument("--num_frames", type=_at_least(1), default=16)
-    pn.add_argument("--frame_stride", type=float, default=4)
+    pn.add_argument("--frame_stride", type=_above_zero(), default=4)
     pn.add_argument("--image_size", type=_at_least(16), default=224)
     pn.add_argument("--audio_frames", type=_at_least(16), default=800)
     pn.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
     pn.add_argument("--video_aug", choices=["none", "finetune", "rrc"], default="none",
                     help="none: pretraining's crop; finetune: finetuning's jitter, flip and colour")
-    pn.add_argument("--size", default="base", help="the model whose need is printed beside")
+    pn.add_argument("--size", default="base", choices=list(avmae.SIZES),
+                    help="the model whose need is printed beside")
     pn.add_argument("--gpu", default="H100", help="whose bf16 peak sets the need")
-    pn.add_argument("--mfu", type=float, default=0.45)
+    pn.add_argument("--mfu", type=_above_zero(1), default=0.45)
     pn.add_argument("--cores", type=_at_least(0), default=0, help="cores per GPU to scale to "
                     "(16: an H100 node's share); default: --workers")
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # (named so when it is missing)
@@ -1724,6 +1750,7 @@ def main(argv=None):
                          f"{listed}): pass one of them to --split, or leave --split out")
             sys.exit(f"{args.manifest}: no usable rows ({len(bad)} malformed)"
                      + _other_format(args.manifest, args.format))
+        make_folder(args.out)
         counts = prepare(recs, args.videos, args.out, heads, multi, args.format, args.workers,
                          args.short_side, bad, allow_silent=args.allow_silent)
         if not counts["prepared"]:

@@ -920,11 +920,7 @@ def make_out_dir(path: str, master: bool = True):
     """--out_dir, or one line saying why it cannot be made (before any work). Rank 0 holds it (an
     flock on out_dir/.lock, until release_out_dirs): the same command started twice, or a resume
     of a run that is still going, would write one run's checkpoints among the other's."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"--out_dir {path}: cannot make it ({e.strerror}: {e.filename}); "
-                         "choose another")
+    data.make_folder(path, "--out_dir")
     if not master or path in HELD:
         return
     import fcntl

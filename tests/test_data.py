@@ -837,7 +837,17 @@ def test_numbers_the_commands_cannot_take_are_one_line(tmp_path, capsys):
              (["bench", "--workers", "-1"], "argument --workers: -1: must be 0 or more"),
              (["bench", "--batches", "0"], "argument --batches: 0: must be 1 or more"),
              (["builtin", "--out", str(tmp_path / "b"), "--n_train", "0"], "needs n_train >= 1"),
-             (["builtin", "--out", str(tmp_path / "b"), "--seconds", "2"], "seconds >= 2.5")]
+             (["builtin", "--out", str(tmp_path / "b"), "--seconds", "2"], "seconds >= 2.5"),
+             (["bench", "--mfu", "2"], "argument --mfu: 2: must be above 0 and at most 1"),
+             (["bench", "--frame_stride", "0"], "argument --frame_stride: 0: must be above 0"),
+             (["bench", "--size", "huge"], "argument --size: invalid choice: 'huge'"),
+             # (said before the measurement, not after it)
+             (["bench", "--root", "nowhere", "--gpu", "TPU"], "--gpu TPU: no known peak; one o"),
+             (["bench", "--root", "nowhere", "--num_frames", "15"],
+              "bench --size base: video 15x224x224 does not tile into 2x16x16 tubelets"),
+             (["builtin", "--out", str(tmp_path / "a_file" / "b")],
+              f"--out {tmp_path / 'a_file' / 'b'}: cannot make it (Not a directory: ")]
+    (tmp_path / "a_file").write_text("")
     for args, says in cases:
         with pytest.raises(SystemExit) as e:
             data.main(args)
