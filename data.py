@@ -1600,7 +1600,7 @@ def _bench(args):
           f"{verdict}")
 
 
-def _at_least(low: int):
+def at_least(low: int):
     """An argparse type: an integer of at least `low` (else one line, at parse time)."""
     def parse(text):
         v = int(text)
@@ -1610,7 +1610,7 @@ def _at_least(low: int):
     return parse
 
 
-def _above_zero(most: float | None = None):
+def above_zero(most: float | None = None):
     """An argparse type: a number above 0 (and at most `most`)."""
     def parse(text):
         v = float(text)
@@ -1650,8 +1650,8 @@ def main(argv=None):
     pp.add_argument("--split", default=None,
                     help="keep this split only (vggsound/generic); the split name (audioset/epic)")
     pp.add_argument("--out", required=True)
-    pp.add_argument("--workers", type=_at_least(1), default=os.cpu_count())
-    pp.add_argument("--short_side", type=_at_least(32), default=256)
+    pp.add_argument("--workers", type=at_least(1), default=os.cpu_count())
+    pp.add_argument("--short_side", type=at_least(32), default=256)
     pp.add_argument("--full_videos", action="store_true",
                     help="audioset: cut each segment from the whole video")
     pp.add_argument("--allow_silent", action="store_true",
@@ -1664,32 +1664,32 @@ def main(argv=None):
     pc = sub.add_parser("checkset", help="write the check set (spoken words over noise + shapes) "
                         "as mp4 files and a generic manifest; needs espeak-ng and ffmpeg")
     pc.add_argument("--out", default="raw/checkset")
-    pc.add_argument("--workers", type=_at_least(1), default=os.cpu_count())
+    pc.add_argument("--workers", type=at_least(1), default=os.cpu_count())
     for k, v in CHECKSET.items():
         pc.add_argument(f"--{k}", type=type(v), default=v)
     ps = sub.add_parser(
         "stats", help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
     ps.add_argument("--root", required=True)
     ps.add_argument("--split", default="train")
-    ps.add_argument("--max_clips", type=_at_least(1), default=2000)
+    ps.add_argument("--max_clips", type=at_least(1), default=2000)
     pn = sub.add_parser("bench", help="measure loader throughput")
     pn.add_argument("--root", default="data/builtin")
     pn.add_argument("--split", default="train")
-    pn.add_argument("--workers", type=_at_least(0), default=cores_per_rank())
-    pn.add_argument("--batch_size", type=_at_least(1), default=32)
-    pn.add_argument("--batches", type=_at_least(1), default=20)
-    pn.add_argument("--num_frames", type=_at_least(1), default=16)
-    pn.add_argument("--frame_stride", type=_above_zero(), default=4)
-    pn.add_argument("--image_size", type=_at_least(16), default=224)
-    pn.add_argument("--audio_frames", type=_at_least(16), default=800)
+    pn.add_argument("--workers", type=at_least(0), default=cores_per_rank())
+    pn.add_argument("--batch_size", type=at_least(1), default=32)
+    pn.add_argument("--batches", type=at_least(1), default=20)
+    pn.add_argument("--num_frames", type=at_least(1), default=16)
+    pn.add_argument("--frame_stride", type=above_zero(), default=4)
+    pn.add_argument("--image_size", type=at_least(16), default=224)
+    pn.add_argument("--audio_frames", type=at_least(16), default=800)
     pn.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
     pn.add_argument("--video_aug", choices=["none", "finetune", "rrc"], default="none",
                     help="none: pretraining's crop; finetune: finetuning's jitter, flip and colour")
     pn.add_argument("--size", default="base", choices=list(avmae.SIZES),
                     help="the model whose need is printed beside")
     pn.add_argument("--gpu", default="H100", help="whose bf16 peak sets the need")
-    pn.add_argument("--mfu", type=_above_zero(1), default=0.45)
-    pn.add_argument("--cores", type=_at_least(0), default=0, help="cores per GPU to scale to "
+    pn.add_argument("--mfu", type=above_zero(1), default=0.45)
+    pn.add_argument("--cores", type=at_least(0), default=0, help="cores per GPU to scale to "
                     "(16: an H100 node's share); default: --workers")
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # (named so when it is missing)
     args = p.parse_args(argv)

@@ -464,7 +464,7 @@ def main(argv=None):
     p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default="bench.md", help="the markdown report to write")
     p.add_argument("--only", choices=["memory", "attention", "step"])
-    p.add_argument("--batch", type=int, default=64, help="clips per GPU (512 over 8)")
+    p.add_argument("--batch", type=data.at_least(1), default=64, help="clips per GPU (512 over 8)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes and one repetition (a check that it runs)")
     p.add_argument("--json", help="also write the rows here")
@@ -472,9 +472,12 @@ def main(argv=None):
                    "model in this CAV-MAE checkout (nothing else is run)")
     p.add_argument("--site",
                    help="with --cavmae: a folder holding the timm they pin (pip install --target)")
-    p.add_argument("--compile", type=int, metavar="CC", help="compile every kernel and config "
-                   "for compute capability CC (90: H100) without a GPU; nothing else is run")
+    p.add_argument("--compile", type=data.at_least(80), metavar="CC", help="compile every kernel "
+                   "and config for compute capability CC (90: H100; the kernels' bf16 tensor-core "
+                   "dots need 80 or more) without a GPU; nothing else is run")
     a = p.parse_args(argv)
+    if a.site and not a.cavmae:
+        p.error("--site goes with --cavmae (the timm that the authors' model code imports)")
     if a.json:
         writable(a.json, "--json")
     if not (a.compile or a.cavmae):

@@ -502,7 +502,7 @@ def test_without_autotuning_the_first_configuration_that_fits_runs(monkeypatch):
 
 
 @pytest.mark.slow(10)
-def test_bench_user_errors_are_one_line(tmp_path):
+def test_bench_user_errors_are_one_line(tmp_path, capsys):
     # each a SystemExit with one line (what python prints to stderr, exit status 1) ...
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
     import bench
@@ -519,6 +519,15 @@ def test_bench_user_errors_are_one_line(tmp_path):
             bench.main(args)
         assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
         assert flag in e.value.code
+    # argparse's (exit status 2): a number it cannot take, a flag without the one it goes with
+    for args, says in ((["--batch", "0"], "argument --batch: 0: must be 1 or more"),
+                       (["--compile", "75"], "argument --compile: 75: must be 80 or more"),
+                       (["--site", str(tmp_path)], "--site goes with --cavmae")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(args)
+        assert e.value.code == 2, args
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err, err
     # ... and from the command line: the interpreter asked for before triton is imported
     p = subprocess.run([sys.executable, "kernels/bench.py", "--compile", "90"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120,
