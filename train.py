@@ -1231,7 +1231,9 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
                 preempt.stop(step, path)
     in_sync = tcfg.fsdp or ranks_in_sync(run.raw)  # (FSDP holds one copy, sharded)
     loss = last.get("loss", state["loss"])  # the mean over the last log line's steps
-    print0(f"done: step {step}, loss {loss:.4f} | checkpoint {path} | picture {picture} "
+    shown = picture or ("none (the targets are a teacher's features, not pixels)"
+                        if mcfg.target == "teacher" else "none")
+    print0(f"done: step {step}, loss {loss:.4f} | checkpoint {path} | picture {shown} "
            f"| log {log_path}"
            + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
     return dict(step=step, loss=loss, checkpoint=path, picture=picture, log=log_path,

@@ -71,7 +71,7 @@ def test_contrast_uses_the_unimodal_outputs_not_the_fusion():
 
 
 def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(builtin, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, capsys):
     from test_train import TINY
     stage1 = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s1"), "--variant",
                          "mavil", "--max_steps", "1", "--batch_size", "8"])
@@ -116,6 +116,9 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
         for m in "av":  # the targets are the teacher's fusion-encoder outputs over every token
             assert tgt[m].shape == (8, t.n[m], t.cfg.width) and torch.allclose(tgt[m],
                                                                                tout[m].float())
+    # no picture of features: the last line says why
+    assert res["picture"] is None and "picture none (the targets are a teacher's features" in \
+        capsys.readouterr().out
     student = torch.load(res["checkpoint"], weights_only=False)
     assert student["model_config"]["target"] == "teacher"
     assert student["model"]["decoder.head.v.weight"].shape[0] == 64
