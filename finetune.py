@@ -207,6 +207,10 @@ def mtv_views(fcfg, tubelet: int) -> list:
 
 
 SCRATCH_SHAPE = ("width", "depth", "heads", "layer_scale")  # flags for a model from scratch
+# the flags that make the finetuning model: a resumed or evaluated checkpoint keeps its own
+MODEL_FLAGS = ("size", *SCRATCH_SHAPE, "modality", "arch", "mbt_head", "fusion_layer",
+               "bottlenecks", "temporal_layers", "mtv_views", "tokenlearner", "tokenlearner_layer",
+               "unimodal_loss", "linear_probe")
 FINETUNE_OWNED = ("modalities", "num_frames", "image_size", "audio_frames", "drop_path", "kernels")
 
 
@@ -741,6 +745,13 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     if fcfg.eval_only and not resumed:
         raise SystemExit("--eval_only evaluates a finetuned checkpoint: pass --resume CKPT (or "
                          "--resume auto with that finetuning's --out_dir)")
+    was = (resumed or {}).get("finetune_config") or {}
+    other = [k for k in MODEL_FLAGS if k in was and was[k] != getattr(fcfg, k)]
+    if other:
+        raise SystemExit(f"{ckpt_path}: its model was made with "
+                         + " ".join(f"--{k} {was[k]}" for k in other) + " (this run: "
+                         + " ".join(f"--{k} {getattr(fcfg, k)}" for k in other)
+                         + "); resume or evaluate it with the flags it was made with")
     ck = train.load_checkpoint(fcfg.init, "--init") if fcfg.init and not resumed else None
     pcfg = resumed.get("pretrain_config") if resumed else ck and ck["model_config"]
     dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
@@ -774,11 +785,14 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
            else torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999)))
     step = 0
     if resumed:
-        was = {k: resumed["model_config"].get(k, 0.0) for k in SCRATCH_SHAPE}
-        if was != {k: getattr(model.cfg, k) for k in was}:
-            raise SystemExit(f"{ckpt_path}: this run's model is {was}; resume it with the same "
-                             "--size / --width / --depth / --heads / --layer_scale")
-        model.load_state_dict(resumed["model"])
+        mine, theirs = model.state_dict(), resumed["model"]
+        odd = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k].shape !=
+                                                  theirs[k].shape]
+        if odd:  # (the flags agree: e.g. learned positions of another --num_frames)
+            raise SystemExit(f"{ckpt_path}: its model does not fit this run's ({', '.join(odd[:3])}"
+                             f"{', ...' * (len(odd) > 3)}); resume or evaluate it with the flags "
+                             "and input shapes it was made with")
+        model.load_state_dict(theirs)
         opt.load_state_dict(resumed["optimizer"])
         step = resumed["step"]
         train.set_rng_state(resumed["rng"])

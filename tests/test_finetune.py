@@ -284,8 +284,28 @@ def test_resuming_with_another_shape_is_a_clear_error(builtin, tmp_path):
             "--image_size", "32", "--audio_frames", "64", "--batch_size", "8", "--max_steps", "1",
             "--modality", "audio", "--kernels", "torch", "--out_dir", str(tmp_path / "ft")]
     finetune.main([*args, "--depth", "3"])
-    with pytest.raises(SystemExit, match=r"'depth': 3.*resume it with the same --size"):
+    with pytest.raises(SystemExit, match=r"its model was made with --depth 3 \(this run: --depth "
+                       r"0\); resume or evaluate it with the flags it was made with"):
         finetune.main([*args, "--resume", "auto"])  # the size's depth, 4
+    # the flags that make the model, for a resumed run and an evaluation alike (a traceback of
+    # load_state_dict before, or a model that was not the one trained)
+    for more, made in ((["--modality", "video"], "--modality audio"),
+                       (["--mbt_head", "per_modality"], "--mbt_head separate"),
+                       (["--fusion_layer", "1"], "--fusion_layer 2"),
+                       (["--linear_probe"], "--linear_probe False"),
+                       (["--eval_only", "--modality", "av"], "--modality audio")):
+        now = " ".join(more[-2:]) if more[-1] != "--linear_probe" else "--linear_probe True"
+        with pytest.raises(SystemExit, match=f"made with {made} \\(this run: {now}\\); resume"):
+            finetune.main([*args, "--depth", "3", "--resume", "auto", *more])
+    # the same flags, other input shapes: learned positions (a pretraining's) of another length
+    pre = train.main(["--preset", "quick", "--data", builtin, "--workers", "0", "--audio_frames",
+                      "64", "--batch_size", "8", "--max_steps", "1", "--modalities", "a",
+                      "--pos_embed", "learned", "--picture_every", "0", "--kernels", "torch",
+                      "--out_dir", str(tmp_path / "pre")])
+    ft = [*args[:-1], str(tmp_path / "ft2"), "--init", pre["checkpoint"]]
+    finetune.main(ft)
+    with pytest.raises(SystemExit, match=r"its model does not fit this run's \(streams\.a\.pos"):
+        finetune.main([*ft, "--resume", "auto", "--audio_frames", "128"])
 
 
 def test_finetune_runs_evaluates_and_reports(builtin, tmp_path, capsys):
