@@ -1089,6 +1089,31 @@ def global_masks(model: avmae.AVMAE, step: int, seed: int, B: int, device, view:
     return model.sample_masks(B, device, generator=g)
 
 
+SHAPE_FLAGS = {"a": ("audio_frames", "mel_bins", "audio_patch_t", "audio_patch_f"),
+               "v": ("num_frames", "image_size", "tubelet", "patch_size", "in_chans")}
+
+
+def teacher_fits(t: avmae.AVMAEConfig, mcfg, path: str) -> None:
+    """MAViL stage 2's targets are the teacher's features at each token of the student's inputs:
+    the teacher must read the same modalities as the same token grids (one line if not)."""
+    if mcfg.teacher_width not in (0, t.width):
+        raise SystemExit(f"--teacher_width {mcfg.teacher_width}: the teacher {path} is {t.width} "
+                         "wide (leave --teacher_width out: it is read from the teacher)")
+    for m in mcfg.mods:
+        name = {"a": "audio", "v": "video"}[m]
+        if m not in t.mods:
+            raise SystemExit(f"--teacher {path}: it was pretrained without {name} (--modalities "
+                             f"{t.modalities}), so it has no {name} features to predict: use a "
+                             f"teacher pretrained with --modalities {mcfg.modalities}")
+        other = [k for k in SHAPE_FLAGS[m] if getattr(t, k) != getattr(mcfg, k)]
+        if other:
+            raise SystemExit(f"--teacher {path}: its {name} was "
+                             + " ".join(f"--{k} {getattr(t, k)}" for k in other) + ", this run's "
+                             + " ".join(f"--{k} {getattr(mcfg, k)}" for k in other)
+                             + ": the targets are its features per token of the same input, so "
+                             "give this run the teacher's shapes")
+
+
 def load_teacher(path: str, device) -> avmae.AVMAE:
     """A frozen teacher (MAViL stage 2): any pretraining checkpoint, in eval mode, without
     gradients."""
@@ -1248,8 +1273,10 @@ def build(mcfg, tcfg, d: Dist) -> tuple:
     if per_rank * d.world * tcfg.grad_accum != tcfg.batch_size or per_rank == 0:
         raise SystemExit(f"--batch_size {tcfg.batch_size} does not split into {d.world} ranks x "
                          f"{tcfg.grad_accum} accumulation steps")
-    if mcfg.target == "teacher" and not mcfg.teacher_width:
-        mcfg.teacher_width = load_checkpoint(tcfg.teacher, "--teacher")["model_config"]["width"]
+    if mcfg.target == "teacher":
+        tc = load_checkpoint(tcfg.teacher, "--teacher")["model_config"]
+        teacher_fits(avmae.AVMAEConfig(**tc), mcfg, tcfg.teacher)
+        mcfg.teacher_width = tc["width"]
     model = avmae.AVMAE(mcfg).to(d.device)
     teacher = load_teacher(tcfg.teacher, d.device) if tcfg.teacher else None
     torch.manual_seed(tcfg.seed + d.rank)  # anything drawn later differs per rank

@@ -1,5 +1,6 @@
 """A newcomer's path on their own prepared set: statistics computed on first use, the clip window
 fitted to the clips, videos without sound, and every user error as one line without a traceback."""
+import dataclasses
 import json
 import os
 import shutil
@@ -104,6 +105,13 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
     done = tmp_path / "done"  # a run's out_dir, given again without --resume
     done.mkdir()
     (done / "ckpt_0000003.pt").write_bytes(b"")
+    stage2 = ["--data", copy, "--preset", "quick", "--variant", "mavil2", "--teacher"]
+    student, _ = train.parse_args([*stage2, "t.pt"])
+    teachers = {name: tmp_path / f"teacher_{name}.pt" for name in ("short", "audio", "fits")}
+    for name, change in (("short", dict(audio_frames=256)), ("audio", dict(modalities="a")),
+                         ("fits", {})):
+        config = dataclasses.replace(student, target="pixels", teacher_width=0, **change)
+        torch.save(dict(model={}, model_config=dataclasses.asdict(config)), teachers[name])
     cases = [  # (main, arguments, what the line says)
         (train.main, ["--data", copy, "--preset", "quick", "--out_dir", str(done)],
          "holds a run already (up to ckpt_0000003.pt): --resume auto continues it; for a new"),
@@ -176,6 +184,14 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
          "video 3x64x64 does not tile into 2x16x16 tubelets"),
         (finetune.main, ["--data", copy, "--preset", "quick", "--audio_frames", "7"],
          "spectrogram 7x128 does not tile into 16x16 patches"),
+        # MAViL stage 2: a teacher that does not read this run's inputs as the same tokens (a
+        # traceback in the first step before)
+        (train.main, [*stage2, str(teachers["short"])],
+         "its audio was --audio_frames 256, this run's --audio_frames 400: the targets are its"),
+        (train.main, [*stage2, str(teachers["audio"])],
+         "it was pretrained without video (--modalities a), so it has no video features"),
+        (train.main, [*stage2, str(teachers["fits"]), "--teacher_width", "32"],
+         "--teacher_width 32: the teacher " + str(teachers["fits"]) + " is 64 wide"),
     ]
 
     def built(*a, **k):
