@@ -319,12 +319,16 @@ def read_generic(path: str, split: str | None = None):
             p, lab = g("path"), g("label")
             if not p or lab is None:
                 raise ValueError
-            start, end = g("start"), g("end")
-            rec = Record(os.path.splitext(p.replace("/", "__"))[0], (p,),
-                         float(start) if start else None, float(end) if end else None,
+            start, end = (float(x) if x else None for x in (g("start"), g("end")))
+            rec = Record(os.path.splitext(p.replace("/", "__"))[0], (p,), start, end,
                          {"label": lab.split(";")}, g("split", "train"))
         except (ValueError, IndexError):
             bad.append(f"{path}:{i}: malformed row {row!r}")
+            continue
+        t0, t1 = start or 0.0, end if end is not None else math.inf
+        if not 0 <= t0 < t1:  # (NaN: False)
+            bad.append(f"{path}:{i}: start {t0:g} s, end {t1:g} s: a clip runs from a start of 0 "
+                       "or more to an end after it (seconds)")
             continue
         if split is None or rec.split == split:
             recs.append(rec)
@@ -369,7 +373,8 @@ def prepare_clip(src: str, dst: str, start: float | None, end: float | None, sho
             raise ValueError(f"{src}: no video stream (an audio-only file?)") from None
         raise
     if not jpegs:
-        raise ValueError(f"{src}: no video frames")
+        raise ValueError(f"{src}: no video frames" + (f" from {start:g} s on (past its end?)"
+                                                      if start else ""))
     try:
         pcm = _ffmpeg(cut + ["-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "s16le", "-"])
     except RuntimeError as e:  # ffmpeg: "Output file ... does not contain any stream"
