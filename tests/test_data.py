@@ -176,11 +176,10 @@ def test_generic_manifest(tmp_path):
                "c.mp4,dog,4,\nd.mp4,dog,3,1\ne.mp4,dog,-2,2\nf.mp4,dog,abc,2\ng.mp4,dog,nan,\n")
     recs, bad = data.read_generic(p)
     assert [(r.id, r.start, r.end) for r in recs] == [("a", 1, 3), ("b", None, 2), ("c", 4, None)]
+    rule = ": a clip runs from a start of 0 or more to an end after it (seconds)"
     assert [b.split(": ", 1)[1] for b in bad] == [
-        "start 3 s, end 1 s: a clip runs from a start of 0 or more to an end after it (seconds)",
-        "start -2 s, end 2 s: a clip runs from a start of 0 or more to an end after it (seconds)",
-        "malformed row ['f.mp4', 'dog', 'abc', '2']",
-        "start nan s, end inf s: a clip runs from a start of 0 or more to an end after it (seconds)"]
+        "start 3 s, end 1 s" + rule, "start -2 s, end 2 s" + rule,
+        "malformed row ['f.mp4', 'dog', 'abc', '2']", "start nan s, end inf s" + rule]
 
 
 # -----------------------------------------------------------------------------
