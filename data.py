@@ -993,8 +993,9 @@ class BadClip(Exception):
     """A clip that cannot be used; the message names the file and the problem."""
 
 
-class DataGone(RuntimeError):
-    """The whole data folder disappeared during a run (an unmounted disk): no clip can be read."""
+class DataUnusable(RuntimeError):
+    """No clip can be read: the data folder disappeared during a run (an unmounted disk), or clip
+    after clip is bad. A run stops with the message as its one line."""
 
 
 @dataclass
@@ -1215,12 +1216,16 @@ class AVDataset(torch.utils.data.Dataset):
                 return item
             except BadClip as e:
                 if not os.path.isdir(os.path.join(self.cfg.root, "clips")):
-                    raise DataGone(f"{self.cfg.root}: the data folder is gone (unmounted or "
+                    raise DataUnusable(f"{self.cfg.root}: the data folder is gone (unmounted or "
                                    f"deleted?) while reading {self.rows[j]['id']}") from None
                 log.warning("bad clip %s: %s (using the next clip instead)", self.rows[j]["id"], e)
                 bad.append((self.rows[j]["id"], str(e)))
-        raise RuntimeError(f"{self.MAX_TRIES} clips in a row could not be read, starting at "
-                           f"{self.rows[idx]['id']}: {bad}")
+        silent = all(why.endswith(" is silent") for _, why in bad)
+        raise DataUnusable(f"{self.cfg.root}: {self.MAX_TRIES} clips in a row could not be used, "
+                           f"from {self.rows[idx]['id']} on (the first: {bad[0][1]})" + (
+                               "; training skips silent clips: a set without sound trains "
+                               "video-only (train.py --modalities v, finetune.py --modality "
+                               "video)" if silent else ""))
 
     def _load(self, j, epoch):
         cfg, row = self.cfg, self.rows[j]

@@ -591,7 +591,7 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     gpu = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
     stopped, unreadable = False, []
     with contextlib.closing(loader):  # (its workers end here, however the loop ends)
-        for b in loader:
+        for b in _or_stop(loader):
             if stop is not None and stop():
                 stopped = True
                 break
@@ -638,6 +638,14 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
         train.write_or_say(reports_path(out_dir),
                            lambda: write_reports(out_dir, ids, logits, targets, ds))
     return res
+
+
+def _or_stop(loader):
+    """The loader's batches; one line where no clip can be read."""
+    try:
+        yield from loader
+    except data.DataUnusable as e:
+        raise train.unusable(e) from None
 
 
 def reports_path(out_dir: str) -> str:

@@ -1041,6 +1041,12 @@ def batch_stream(ds: data.AVDataset, per_rank: int, workers: int, seed: int, d: 
     return batches(loader, sampler, epoch0, in_epoch * per_step, d, gpu_decoder)
 
 
+def unusable(e: data.DataUnusable) -> SystemExit:
+    """The one line a run stops with when no clip can be read (from a loader worker the message
+    ends with the worker's traceback, whose last line is the original)."""
+    return SystemExit(str(e).strip().splitlines()[-1].split("DataUnusable: ")[-1])
+
+
 def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
     """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device. A
     data folder that vanished, or a loader worker that died (killed for memory), stops the run with
@@ -1054,9 +1060,8 @@ def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
                     b = next(it)
                 except StopIteration:
                     break
-                except data.DataGone as e:  # (from a worker: the message ends with the original)
-                    raise SystemExit(str(e).strip().splitlines()[-1].split("DataGone: ")[-1]
-                                     ) from None
+                except data.DataUnusable as e:
+                    raise unusable(e) from None
                 except RuntimeError as e:
                     if "DataLoader worker" not in str(e):
                         raise

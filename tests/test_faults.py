@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -555,6 +556,45 @@ def test_data_faults_during_a_run(builtin, tmp_path):
     with pytest.raises(SystemExit, match="the data folder is gone"):
         train.main([*TINY, "--data", root, "--max_steps", "6", "--out_dir", str(tmp_path / "b")],
                    hooks={"batch": lose_folder})
+
+
+def test_clip_after_clip_unusable_is_one_line_in_training_and_in_evaluation(builtin, tmp_path):
+    # a set without sound (prepare --allow_silent) in audiovisual training, and a test split whose
+    # clips are all damaged: one line, with loader workers or without (before: "a data loader
+    # worker died ... out of memory?" with workers, a traceback without; a traceback in evaluation)
+    import soundfile as sf
+    root = str(tmp_path / "set")
+    shutil.copytree(builtin, root)
+    for split, n in (("train", 12), ("test", 12)):
+        path = os.path.join(root, f"{split}.csv")
+        lines = open(path).read().splitlines(keepends=True)
+        open(path, "w").write("".join(lines[:1 + n]))
+        for line in lines[1:1 + n]:
+            flac = os.path.join(root, "clips", line.split(",")[0], "audio.flac")
+            if split == "train":
+                sf.write(flac, np.zeros(4 * 16000, np.int16), 16000)
+            else:
+                open(flac, "wb").write(b"not a flac file")
+    for workers in ("0", "2"):
+        with pytest.raises(SystemExit) as e:
+            train.main([*TINY, "--data", root, "--max_steps", "2", "--workers", workers,
+                        "--out_dir", str(tmp_path / f"w{workers}")])
+        line = str(e.value.code)
+        assert line.startswith(f"{root}: 10 clips in a row could not be used, from train_"), line
+        assert line.endswith("audio.flac is silent); training skips silent clips: a "
+                                          "set without sound trains video-only (train.py "
+                                          "--modalities v, finetune.py --modality video)")
+    train_ok = str(tmp_path / "ok")  # sound again in training, the test split still damaged
+    shutil.copytree(builtin, train_ok)
+    shutil.copy(os.path.join(root, "test.csv"), train_ok)
+    for line in open(os.path.join(root, "test.csv")).read().splitlines()[1:]:
+        shutil.copy(os.path.join(root, "clips", line.split(",")[0], "audio.flac"),
+                    os.path.join(train_ok, "clips", line.split(",")[0], "audio.flac"))
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*FT_TINY, "--data", train_ok, "--modality", "audio", "--max_steps", "1",
+                       "--out_dir", str(tmp_path / "ft")])
+    assert str(e.value.code).startswith(f"{train_ok}: 10 clips in a row could not be used, from "
+                                        "test_") and "\n" not in str(e.value.code)
 
 
 def test_a_dead_loader_worker_is_named_with_its_clip(builtin, tmp_path, monkeypatch):
