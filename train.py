@@ -1168,7 +1168,11 @@ def bench(model, mcfg, tcfg, d: Dist, micro: int):
         peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if d.device.type == "cuda" else None,
         gflops_fwd_per_clip=fl["forward"] / 1e9, micro_batch=micro, world=d.world,
         device=torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
-    print0(json.dumps(res))
+    print0(f"{res['device']}: {clips:.2f} clips/s ({dt * 1e3:.0f} ms a step of {micro} clips x "
+           f"{d.world} ranks), {res['tflops_per_gpu']:.2f} TFLOP/s per device, "
+           + (f"MFU {res['mfu']:.1%}" if peak else "MFU: no known peak for this device")
+           + (f", peak memory {res['peak_mem_gb']:.1f} GB" if res["peak_mem_gb"] else ""))
+    print0(json.dumps(res))  # (the same, for scripts: the last line)
     return res
 
 
@@ -1198,7 +1202,7 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
             raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of "
                              f"{tcfg.batch_size}: lower --batch_size")
         refuse_to_overwrite(tcfg.out_dir, tcfg.resume)
-    if d.master:
+    if d.master and not tcfg.bench:  # (a measurement writes nothing there)
         make_out_dir(tcfg.out_dir)
     model, teacher, per_rank = build(mcfg, tcfg, d)
     if tcfg.bench:

@@ -306,10 +306,15 @@ def test_gradient_accumulation_equals_the_full_batch(builtin, tmp_path):
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
 
 
-def test_bench_mode_reports_speed(capsys):
-    res = train.main([*TINY, "--bench", "--bench_steps", "2", "--batch_size", "4"])
+def test_bench_mode_reports_speed(capsys, tmp_path):
+    res = train.main([*TINY, "--bench", "--bench_steps", "2", "--batch_size", "4", "--out_dir",
+                      str(tmp_path / "bench")])
     assert res["clips_per_s"] > 0 and res["device"] == "cpu" and res["gflops_fwd_per_clip"] > 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["micro_batch"] == 4
+    *_, said, last = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(last)["micro_batch"] == 4  # (for scripts) and a line for people:
+    assert said.startswith("cpu: ") and "a step of 4 clips x 1 ranks" in said and \
+        said.endswith("MFU: no known peak for this device")
+    assert not os.path.exists(tmp_path / "bench")  # (a measurement writes no run folder)
 
 
 # -----------------------------------------------------------------------------
