@@ -676,9 +676,10 @@ def builtin_outdated(root: str) -> bool:
 
 def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUILTIN["n_test"],
                  seconds: float = BUILTIN["seconds"], size: int = BUILTIN["size"],
-                 seed: int = BUILTIN["seed"]) -> str:
+                 seed: int = BUILTIN["seed"], flag: str = "--out") -> str:
     """Generate the built-in set in the prepared-set format (idempotent: returns at once if
-    done; a set made by an earlier version of the generator is made again)."""
+    done; a set made by an earlier version of the generator is made again). flag: the option
+    that named `out`, for the line that says it cannot be made."""
     from torchvision.io import encode_jpeg
     if n_train < 1 or n_test < 0 or size < 32 or seconds < 2.5:
         raise ValueError(f"builtin: n_train={n_train}, n_test={n_test}, size={size}, "
@@ -689,7 +690,7 @@ def make_builtin(out: str, n_train: int = BUILTIN["n_train"], n_test: int = BUIL
             return out
         print(f"{out}: made by an earlier version of the built-in generator; making version "
               f"{BUILTIN_VERSION}")
-    make_folder(out)  # (its parent holds the temporary folder, renamed to it at the end)
+    make_folder(out, flag)  # (its parent holds the temporary folder, renamed to it at the end)
     t0 = time.time()
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

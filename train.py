@@ -972,7 +972,7 @@ def ensure_data(tcfg, d: Dist):
                              "with `python data.py prepare ...` (README: Data) or run `python "
                              "train.py --preset quick`.")
         if d.master:
-            data.make_builtin(tcfg.data)
+            data.make_builtin(tcfg.data, flag="--data")
     elif tcfg.audio_norm == "dataset" and "audio_mean" not in _meta(tcfg.data):
         split = getattr(tcfg, "train_split", getattr(tcfg, "split", "train"))
         if d.master:

@@ -122,6 +122,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (finetune.main, ["--data", copy, "--preset", "quick", "--out_dir", str(a_file / "o")],
          "o: cannot make it (Not a directory: "),
         (train.main, ["--data", str(tmp_path / "nowhere")], "not a prepared data set"),
+        (train.main, ["--data", str(a_file / "builtin"), "--preset", "quick"],  # (made on first use)
+         f"--data {a_file / 'builtin'}: cannot make it (Not a directory: "),
         (train.main, ["--data", copy, "--split", "valid"],
          "valid.csv not found (this set's splits: ['test', 'train']; prepare the missing one"),
         (train.main, ["--data", str(empty), "--preset", "quick"], "no usable clips"),
@@ -198,7 +200,7 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         raise AssertionError("the model was built before the out_dir and the set were checked")
     for i, (main, args, says) in enumerate(cases):
         with monkeypatch.context() as m:
-            if i < 8:  # (said at once: a paper-size model takes seconds to build)
+            if i < 9:  # (said at once: a paper-size model takes seconds to build)
                 m.setattr(avmae.AVMAE, "__init__", built)
             with pytest.raises(SystemExit) as e:
                 main(args)
