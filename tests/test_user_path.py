@@ -122,8 +122,8 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (finetune.main, ["--data", copy, "--preset", "quick", "--out_dir", str(a_file / "o")],
          "o: cannot make it (Not a directory: "),
         (train.main, ["--data", str(tmp_path / "nowhere")], "not a prepared data set"),
-        (train.main, ["--data", str(a_file / "builtin"), "--preset", "quick"],  # (made on first use)
-         f"--data {a_file / 'builtin'}: cannot make it (Not a directory: "),
+        (train.main, ["--data", str(a_file / "builtin"), "--preset", "quick"],  # (made on first
+         f"--data {a_file / 'builtin'}: cannot make it (Not a directory: "),     # use)
         (train.main, ["--data", copy, "--split", "valid"],
          "valid.csv not found (this set's splits: ['test', 'train']; prepare the missing one"),
         (train.main, ["--data", str(empty), "--preset", "quick"], "no usable clips"),
