@@ -1119,10 +1119,10 @@ def teacher_fits(t: avmae.AVMAEConfig, mcfg, path: str) -> None:
                              "give this run the teacher's shapes")
 
 
-def load_teacher(path: str, device) -> avmae.AVMAE:
-    """A frozen teacher (MAViL stage 2): any pretraining checkpoint, in eval mode, without
-    gradients."""
-    ck = load_checkpoint(path, "--teacher")
+def load_teacher(path: str, device, ck: dict | None = None) -> avmae.AVMAE:
+    """A frozen teacher (MAViL stage 2): any pretraining checkpoint (ck: already read from path),
+    in eval mode, without gradients."""
+    ck = ck or load_checkpoint(path, "--teacher")
     teacher = avmae.AVMAE(avmae.AVMAEConfig(**ck["model_config"]))
     teacher.load_state_dict(ck["model"])
     teacher.requires_grad_(False)
@@ -1282,12 +1282,13 @@ def build(mcfg, tcfg, d: Dist) -> tuple:
     if per_rank * d.world * tcfg.grad_accum != tcfg.batch_size or per_rank == 0:
         raise SystemExit(f"--batch_size {tcfg.batch_size} does not split into {d.world} ranks x "
                          f"{tcfg.grad_accum} accumulation steps")
-    if mcfg.target == "teacher":
-        tc = load_checkpoint(tcfg.teacher, "--teacher")["model_config"]
-        teacher_fits(avmae.AVMAEConfig(**tc), mcfg, tcfg.teacher)
-        mcfg.teacher_width = tc["width"]
+    ck = None
+    if mcfg.target == "teacher":  # (read once: checked here, built after the student)
+        ck = load_checkpoint(tcfg.teacher, "--teacher")
+        teacher_fits(avmae.AVMAEConfig(**ck["model_config"]), mcfg, tcfg.teacher)
+        mcfg.teacher_width = ck["model_config"]["width"]
     model = avmae.AVMAE(mcfg).to(d.device)
-    teacher = load_teacher(tcfg.teacher, d.device) if tcfg.teacher else None
+    teacher = load_teacher(tcfg.teacher, d.device, ck) if tcfg.teacher else None
     torch.manual_seed(tcfg.seed + d.rank)  # anything drawn later differs per rank
     return model, teacher, per_rank
 

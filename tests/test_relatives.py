@@ -80,8 +80,8 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
     seen = {}
     real_load = train.load_teacher
 
-    def spy_load(path, device):
-        t = real_load(path, device)
+    def spy_load(path, device, *read):
+        t = real_load(path, device, *read)
         real_encode = t.encode
 
         def encode(a=None, v=None, masks=None):
