@@ -113,6 +113,7 @@ def _fwd_block(q, m_i, l_i, acc, Kp, Vp, n0, N, qk_scale, skn, svn, rn, rd,
 def _attn_fwd(Q, K, V, O, LSE, qk_scale, N, H, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
               soh, son, HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr, TMA: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # (torch.compile passes a Python float as fp64)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -167,6 +168,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, qk_scale, sm_scale, N
                    sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
                    HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr, DQ_ATOMIC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # (as in _attn_fwd)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     kn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,6 +233,8 @@ def _dq_block(q, do, lse, delta, dq, Kp, Vp, n0, N, qk_scale, skn, svn, rn, rd,
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb, skh,
                  skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, HEAD_DIM: tl.constexpr,
                  IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # (as in _attn_fwd)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -318,8 +318,10 @@ def compile_check(cc: int, full: bool = True) -> list:
             configs = kernel.early_config_prune(configs, fix)
         for cfg in configs:
             consts = {**fix, **cfg.kwargs}
+            # (a float argument as torch.compile's Inductor types a Python float: fp64, where a
+            # plain launch gives fp32; the kernels cast it to fp32 first, so both compile alike)
             sig = {p.name: "constexpr" if p.is_constexpr else "*" + ptrs[p.name]
-                   if p.name in ptrs else "fp32" if "scale" in p.name else "i32"
+                   if p.name in ptrs else "fp64" if "scale" in p.name else "i32"
                    for p in jit.params}
             what = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + \
                 f" w{cfg.num_warps} s{cfg.num_stages}"

@@ -44,6 +44,7 @@ def _loss_fwd(pred_ptr, patch_ptr, ids_ptr, rows_ptr, M, P, stride_qb, stride_qm
 @triton.jit
 def _loss_bwd(pred_ptr, patch_ptr, ids_ptr, grad_ptr, dpred_ptr, M, P, scale, stride_qb, stride_qm,
               stride_pb, stride_pn, stride_ib, NORM: tl.constexpr, BLOCK_P: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)  # (torch.compile passes a Python float as fp64)
     i = tl.program_id(0)
     b, m = i // M, i % M
     rp = tl.arange(0, BLOCK_P)
