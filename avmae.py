@@ -411,8 +411,10 @@ OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, a
 # GPUs (a name substring) on which a Triton kernel was measured no slower than its twin, per op
 # (`python kernels/bench.py --report` on that GPU prints the entry its figures support, eager and
 # compiled); "attention/64": attention at head dim 64 only. --kernels auto uses a kernel only
-# there: until a measurement says otherwise the twins (SDPA for attention) are the fast path.
-KERNELS_MEASURED_FASTER: dict = {}  # e.g. {"H100": ("gather", "assemble", "attention/64")}
+# there: elsewhere the twins (SDPA for attention) are the fast path. The H200's entry: its report
+# of 4 December 2026 (torch 2.11, Triton 3.6; docs/kernels.md), where the unshuffle and the loss
+# beat their compiled twins 2.2x and 1.3-1.5x, and gather, assembly and attention lost.
+KERNELS_MEASURED_FASTER: dict = {"NVIDIA H200": ("unshuffle", "loss")}
 
 
 def _pick(fast, twin, on_cpu: bool, supports=None, head_dims=None):

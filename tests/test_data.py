@@ -674,7 +674,8 @@ def test_gpu_mode_augments_as_the_cpu_path(copy, train):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
 def test_gpu_decode_on_a_gpu_is_the_cpu_path_up_to_the_jpeg_decoder(copy):
     # nvJPEG and libjpeg-turbo round their inverse DCT and colour conversion differently: the
-    # batches agree up to that (measured on a GPU, printed, bounded here); audio is the same maths
+    # batches agree up to that (printed; on an H200 with torch 2.11: at most 1 level, mean 0.004,
+    # 24% of the values differ; bounded here with room for other decoders); audio: the same maths
     kw = dict(train=True, seed=3, specaug_freq=20, specaug_time=16, time_shift=True,
               video_aug="finetune", image_size=64)
     ds_cpu, ds_gpu = _small(copy, **kw), _small(copy, decode="gpu", **kw)
@@ -685,7 +686,7 @@ def test_gpu_decode_on_a_gpu_is_the_cpu_path_up_to_the_jpeg_decoder(copy):
     print(f"nvJPEG - libjpeg-turbo, uint8 levels: max {diff.max().item():.0f}, mean "
           f"{diff.mean().item():.3f}, fraction differing {(diff > 0).float().mean().item():.3f}")
     assert out["v"].dtype == ref["v"].dtype and out["v"].shape == ref["v"].shape
-    assert diff.mean() < 1.0 and diff.max() <= 16
+    assert diff.mean() < 0.1 and diff.max() <= 4
     assert torch.allclose(out["a"], ref["a"], atol=1e-3)
 
 

@@ -248,6 +248,17 @@ def test_backend_is_chosen_per_op_and_unsupported_inputs_go_to_the_twin(monkeypa
     assert calls == [1, 1, 1]
 
 
+def test_auto_on_an_h200_takes_the_kernels_measured_faster_there(monkeypatch):
+    # the H200 report: unshuffle and loss beat their compiled twins; gather, assembly and
+    # attention lost. A GPU without an entry (an H100 is not an H200) keeps every twin
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gpu, fast in [("NVIDIA H200", {"unshuffle", "loss"}), ("NVIDIA H100 80GB HBM3", set())]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, g=gpu: g)
+        ops = avmae.get_ops("auto")
+        assert {k for k, op in ops.items() if op is not avmae.OPS_TORCH[k]} == fast, gpu
+    assert avmae.get_ops("auto")["attention"] is avmae.attention
+
+
 def test_importing_kernels_does_not_import_the_model():
     # kernels/ stands below the model: it imports torch and triton, never the project's scripts
     # (read from the source: a fresh interpreter importing torch costs seconds)
