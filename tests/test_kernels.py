@@ -361,6 +361,7 @@ def test_bench_report_dry_run_and_kernel_rows(tmp_path):
     assert "=== GPU tests" not in log and "=== NCCL" not in log  # (not among STEPS)
     text = (out / "bench.md").read_text()
     assert "not a GPU figure" in text and "Device: **CPU**" in text
+    assert "next to no work (B = H = 1, N = 16)" in text and " µs" in text  # (per-call floors)
     # 3 lengths x 2 passes, and SDPA's error at each length (ours is not run without a GPU or the
     # interpreter)
     lines = text.splitlines()
@@ -466,6 +467,35 @@ def test_the_report_keeps_each_section_as_it_ends(tmp_path, monkeypatch):
     assert "| 17 | ours |" in text and "| 17 | SDPA |" in text  # the autotuned kernel, checked
     assert "Seconds per section" in text and "attention" in text.split("Seconds per section")[1]
     assert json.loads((tmp_path / "b.json").read_text())["checks"]
+
+
+def test_attention_is_timed_twice_in_both_orders_on_a_busy_gpu_and_keeps_its_best(monkeypatch):
+    # the first GPU report timed each backend once, ours always first, just after its autotuning
+    # had left the GPU idle: at the short lengths that favours whoever comes later. Now: every
+    # backend runs once, the GPU is kept busy, then two rounds in opposite orders, best kept
+    sys.path.insert(0, os.path.join(ROOT, "kernels"))
+    import bench
+    monkeypatch.setattr(bench, "SMALL_LENGTHS", ((17,), (40,)))
+    monkeypatch.setattr(bench, "OURS", {"": (False, False)})
+    calls, spins = [], []
+    monkeypatch.setattr(bench, "spin", lambda *a: spins.append(len(calls)))
+    ours = bench.run_ours("cpu") and "attention" in kernels.FAST  # (under the interpreter)
+    per_round = 2 * (2 if ours else 1)  # (forward, forward + backward) x backends
+
+    def timeit(fn, reps=None):  # the first round 2 s a call, the second 1 s: the best is 1 s
+        fn()
+        calls.append(1)
+        return 2.0 if len(calls) - spins[-1] <= per_round else 1.0
+    monkeypatch.setattr(bench, "timeit", timeit)
+    rows, checks, floors = bench.bench_attention("cpu", 2, small=True)
+    names = list(rows[1][3])  # the backends timed (math on a CPU, and ours if interpreted)
+    assert len(names) * 2 == per_round
+    assert spins == [0, 2 * per_round] and len(calls) == 4 * per_round + len(floors)
+    fl = 4 * 2 * 2 * 17 * 17 * 32  # (B, H, N, N, d at the small shapes)
+    for name in names:  # the better of its two rounds, whichever came first
+        assert rows[0][3][name] == pytest.approx(fl / 1e12)
+        assert rows[1][3][name] == pytest.approx(3.5 * fl / 1e12)
+    assert set(floors) == set(names) and all(v > 0 for v in floors.values())
 
 
 @pytest.mark.slow(2)
