@@ -790,7 +790,8 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
     lr = fcfg.lr or fcfg.blr * fcfg.batch_size / 256
     groups = param_groups(model, fcfg, lr)
     opt = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if fcfg.optimizer == "sgd"
-           else torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999)))
+           else torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999),
+                                  fused=d.device.type == "cuda"))  # (one kernel on a GPU)
     step = 0
     if resumed:
         mine, theirs = model.state_dict(), resumed["model"]

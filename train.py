@@ -393,6 +393,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
             (decay if p.ndim >= 2 and "table" not in n else no_decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
+
+def optimizer(model: torch.nn.Module, tcfg: "TrainConfig", lr: float, device):
+    """AdamW over param_groups, one fused kernel on CUDA: what training and --bench both step."""
+    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr,
+                             betas=(tcfg.beta1, tcfg.beta2), fused=device.type == "cuda")
+
+
+def clip_grads(model: torch.nn.Module, tcfg: "TrainConfig") -> torch.Tensor:
+    """The gradient norm (for the non-finite check), clipped to --grad_clip when that is on."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                          tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+
 # -----------------------------------------------------------------------------
 # checkpoints: atomic (write, fsync, rename), a `latest` pointer, the last K kept, a checksum of the
 # tensors inside; a damaged one is found on load and `--resume auto` takes the newest intact one
@@ -1135,8 +1147,7 @@ def load_teacher(path: str, device, ck: dict | None = None) -> avmae.AVMAE:
 def bench(model, mcfg, tcfg, d: Dist, micro: int):
     """Steps on synthetic batches held in memory: the model's speed without the data pipeline."""
     raw = unwrap(model)
-    opt = torch.optim.AdamW(param_groups(raw, tcfg.weight_decay), lr=1e-4,
-                            betas=(tcfg.beta1, tcfg.beta2))
+    opt = optimizer(raw, tcfg, 1e-4, d.device)  # (and the gradient norm: a training step's work)
     x = {}
     if "a" in mcfg.modalities:
         x["a"] = torch.randn(micro, mcfg.audio_frames, mcfg.mel_bins, device=d.device)
@@ -1153,6 +1164,7 @@ def bench(model, mcfg, tcfg, d: Dist, micro: int):
         with autocast_ctx(tcfg.precision, d.device):
             loss = model(**x, masks=raw.sample_masks(micro, d.device))["loss"]
         loss.backward()
+        clip_grads(model, tcfg)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -1319,8 +1331,7 @@ def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
             if isinstance(mod, avmae.Block):
                 fully_shard(mod)
         fully_shard(model)
-    opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr,
-                            betas=(tcfg.beta1, tcfg.beta2), fused=d.device.type == "cuda")
+    opt = optimizer(model, tcfg, lr, d.device)
     step = 0
     ckpt_path, ckpt = resume_from(restart_resume(tcfg.resume), tcfg.out_dir, d=d)
     if ckpt:
@@ -1427,8 +1438,7 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
     # (a signal that came during this step stops after it)
     sums[-1] = float(preempt.signal is not None)
     sums = all_reduce(sums) / d.world
-    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
-                                           tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+    gnorm = clip_grads(run.model, tcfg)
     finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))],
                                      device=d.device),
                         dist.ReduceOp.MIN if dist.is_initialized() else None)

@@ -317,6 +317,21 @@ def test_bench_mode_reports_speed(capsys, tmp_path):
     assert not os.path.exists(tmp_path / "bench")  # (a measurement writes no run folder)
 
 
+
+def test_bench_steps_what_training_steps(monkeypatch, tmp_path):
+    # --bench times the training step's work: the same optimizer (AdamW, one fused kernel on a
+    # GPU: the first GPU report's bench stepped the slower unfused one) and the gradient norm
+    made, clipped = [], []
+    opt, clip = train.optimizer, train.clip_grads
+    monkeypatch.setattr(train, "optimizer", lambda *a: made.append(a[3]) or opt(*a))
+    monkeypatch.setattr(train, "clip_grads", lambda *a: clipped.append(1) or clip(*a))
+    train.main([*TINY, "--bench", "--bench_steps", "2", "--batch_size", "4"])
+    assert made == [torch.device("cpu")] and len(clipped) == 3 + 2  # (3 warm-up steps)
+    lin = torch.nn.Linear(2, 2)
+    assert train.optimizer(lin, train.TrainConfig(), 1e-3, torch.device("cuda")).defaults["fused"]
+    assert not train.optimizer(lin, train.TrainConfig(), 1e-3, torch.device("cpu")).defaults[
+        "fused"]
+
 # -----------------------------------------------------------------------------
 # two processes on CPU (gloo): DDP, FSDP and MAViL (whose contrast takes its negatives from every
 # rank) equal one process with the same global batch; one job runs the three (a job may call
