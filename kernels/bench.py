@@ -215,13 +215,13 @@ def bench_attention(dev, B, small):
         checks.append((N, "SDPA", _rel(y, ref), _rel(g, ref_grad)))
         rows += [(N, H, "fwd", fwd), (N, H, "fwd+bwd", fb)]
     tiny = torch.randn(1, 16, 3, 1, d, device=dev, dtype=dtype, requires_grad=True)
+    tiny_do = torch.ones(1, 1, 16, d, device=dev, dtype=dtype)
     floors = {}
     for name, (fn, opt) in fns.items():
         with _options(*opt):
             try:
                 fn(tiny)
-                floors[name] = 1e6 * timeit(lambda: torch.autograd.grad(
-                    fn(tiny), tiny, torch.ones(1, 1, 16, d, device=dev, dtype=dtype)))
+                floors[name] = 1e6 * timeit(lambda: torch.autograd.grad(fn(tiny), tiny, tiny_do))
             except RuntimeError:
                 continue
     return rows, checks, floors
@@ -410,11 +410,10 @@ def markdown(dev, res, small) -> str:
         cells = [str(N), str(H), what] + [_f(r.get(f"ours{x}")) for x in OURS]
         cells += [_f(r.get(b)) for b in _backends(attention)] + [ratio]
         out.append("| " + " | ".join(cells) + " |")
-    floors = res.get("floors")
+    floors = ", ".join(f"{k} {v:.0f} µs" for k, v in res.get("floors", {}).items())
     if floors:
         out += ["", "Forward + backward with next to no work (B = H = 1, N = 16), what a call "
-                "costs before any arithmetic: " + ", ".join(f"{k} {v:.0f} µs" for k, v in
-                                                      floors.items()) + "."]
+                f"costs before any arithmetic: {floors}."]
     out += ["", "Error against SDPA in a wider dtype (relative, 2-norm), ours as autotuned beside "
             "SDPA's own choice in the same dtype:", "", "| N | what | output | dqkv |",
             "|---|---|---|---|"]

@@ -317,8 +317,7 @@ def test_bench_mode_reports_speed(capsys, tmp_path):
     assert not os.path.exists(tmp_path / "bench")  # (a measurement writes no run folder)
 
 
-
-def test_bench_steps_what_training_steps(monkeypatch, tmp_path):
+def test_bench_steps_what_training_steps(monkeypatch):
     # --bench times the training step's work: the same optimizer (AdamW, one fused kernel on a
     # GPU: the first GPU report's bench stepped the slower unfused one) and the gradient norm
     made, clipped = [], []
@@ -331,6 +330,7 @@ def test_bench_steps_what_training_steps(monkeypatch, tmp_path):
     assert train.optimizer(lin, train.TrainConfig(), 1e-3, torch.device("cuda")).defaults["fused"]
     assert not train.optimizer(lin, train.TrainConfig(), 1e-3, torch.device("cpu")).defaults[
         "fused"]
+
 
 # -----------------------------------------------------------------------------
 # two processes on CPU (gloo): DDP, FSDP and MAViL (whose contrast takes its negatives from every
