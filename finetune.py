@@ -837,8 +837,7 @@ def finetune_step(job: Job, batch: dict, gen, preempt) -> tuple:
     skip = f"loss {loss.item():.4g}" if bad_loss else None
     if not bad_loss:
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(),
-                                               fcfg.grad_clip or float("inf"))
+        gnorm = train.clip_grads(job.model, fcfg)
         skip = None if torch.isfinite(gnorm) else f"gradient (norm {float(gnorm):.4g})"
     return loss, task_loss.detach(), logits, targets, skip, bool(stop)
 

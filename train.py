@@ -400,8 +400,9 @@ def optimizer(model: torch.nn.Module, tcfg: "TrainConfig", lr: float, device):
                              betas=(tcfg.beta1, tcfg.beta2), fused=device.type == "cuda")
 
 
-def clip_grads(model: torch.nn.Module, tcfg: "TrainConfig") -> torch.Tensor:
-    """The gradient norm (for the non-finite check), clipped to --grad_clip when that is on."""
+def clip_grads(model: torch.nn.Module, tcfg) -> torch.Tensor:
+    """The gradient norm (for the non-finite check), clipped to --grad_clip when that is on (a
+    TrainConfig's or finetune.py's FinetuneConfig's)."""
     return torch.nn.utils.clip_grad_norm_(model.parameters(),
                                           tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
 
