@@ -249,12 +249,13 @@ def _sdpa(qkv, backend, sdpa_kernel):  # backend None: SDPA's own choice
         return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4))
 
 
-def bench_step(dev, small, on_row=None):
-    """The ViT-B paper configuration's training step per backend, eager and compiled (on a GPU,
-    with fullgraph=True: a graph break fails the compile, which is then retried without it and
-    reported). Returns the rows and what the compiles said. A backend that resolves to the same
-    ops as one already timed ('auto' on a GPU with no measured entry is 'torch') is not timed
-    again. on_row(rows, graphs) after each row (a time limit in a later compile keeps them)."""
+def bench_step(dev, small, on_row=None, modes=("eager", "compiled")):
+    """The ViT-B paper configuration's training step per backend, in each of `modes`: eager, and
+    compiled on a GPU (with fullgraph=True: a graph break fails the compile, which is then
+    retried without it and reported). Returns the rows and what the compiles said. A backend
+    that resolves to the same ops as one already timed ('auto' on a GPU with no measured entry is
+    'torch') is not timed again. on_row(rows, graphs) after each row (a time limit in a later
+    compile keeps them)."""
     import train
     base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64,
                 mel_bins=32) if small else {}
@@ -270,7 +271,7 @@ def bench_step(dev, small, on_row=None):
             continue
         timed[backend] = ops
         # (compiling on a CPU: not a GPU figure)
-        for compiled in (False, True) if dev == "cuda" else (False,):
+        for compiled in [m == "compiled" for m in modes if dev == "cuda" or m == "eager"]:
             torch.manual_seed(0)
             mcfg = avmae.make_config(size, encoder="mid", decoder="shared", kernels=backend,
                                      **base)
@@ -393,46 +394,50 @@ def markdown(dev, res, small) -> str:
            f"Device: **{name}**; torch {torch.__version__}, triton {triton.__version__}, "
            f"{'bf16' if dev == 'cuda' else 'fp32'}." + ("" if dev == "cuda" else
                                                     " **A dry run on a CPU at small shapes: not a "
-                                                    "GPU figure.**"), ""]
-    out += [
-        "## Attention (TFLOP/s)", "",
-        "The TMA column: " + ("loads through tensor descriptors." if hasattr(
-            triton.language, "make_tensor_descriptor") else "this Triton has no tensor "
-            "descriptors, so it repeats the pointer loads."), "",
-        "| N | heads | pass | " + " | ".join(f"ours{x}" for x in OURS) + " | "
-        + " | ".join(_backends(attention)) + " | ours (best) / best SDPA |",
-        "|---|---|---|" + "---|" * (len(OURS) + len(_backends(attention))) + "---|"]
-    for N, H, what, r in attention:
-        sdpa = {k: v for k, v in r.items() if not k.startswith("ours")}
-        best = max(sdpa.values()) if sdpa else None
-        ours = max((v for k, v in r.items() if k.startswith("ours")), default=None)
-        ratio = f"{ours / best:.2f}" if ours and best else "-"
-        cells = [str(N), str(H), what] + [_f(r.get(f"ours{x}")) for x in OURS]
-        cells += [_f(r.get(b)) for b in _backends(attention)] + [ratio]
-        out.append("| " + " | ".join(cells) + " |")
-    floors = ", ".join(f"{k} {v:.0f} µs" for k, v in res.get("floors", {}).items())
-    if floors:
-        out += ["", "Forward + backward with next to no work (B = H = 1, N = 16), what a call "
-                f"costs before any arithmetic: {floors}."]
-    out += ["", "Error against SDPA in a wider dtype (relative, 2-norm), ours as autotuned beside "
-            "SDPA's own choice in the same dtype:", "", "| N | what | output | dqkv |",
-            "|---|---|---|---|"]
-    out += [f"| {N} | {what} | {o:.1e} | {g:.1e} |" for N, what, o, g in checks]
-    out += ["", "## Memory kernels (GB/s)", "",
-            "| what | ours | twin | twin, compiled | ours, fraction of HBM peak |",
-            "|---|---|---|---|---|"]
-    out += [f"| {w} | {_f(o)} | {_f(t)} | {_f(c)} | {'-' if not p else f'{100 * p:.0f}%'} |"
-            for w, o, t, c, p in memory]
-    title = "Training step (tiny, small shapes)" if small else \
-        "ViT-B training step (mid fusion S = 2, shared decoder, batch 64, bf16)"
-    out += ["", f"## {title}", "", "| --kernels | mode | clips/s | MFU | peak memory (GB) |",
-            "|---|---|---|---|---|"]
-    out += [f"| {b} | {m} | {_f(c)} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-            f"{mem if isinstance(mem, str) else _f(mem)} |" for b, m, c, mfu, mem in steps]
-    out += ["", f"torch.compile of the training step: {res.get('fullgraph', 'not run')}", "",
-            f"avmae.KERNELS_MEASURED_FASTER entry these figures support: "
-            f"{suggest(dev, memory, attention, checks)}", "",
-            "Seconds per section (with compiling and autotuning): " + ", ".join(
+                                                    "GPU figure.**")]
+    if "attention" in res:  # (the sections run: --only runs one)
+        out += [
+            "", "## Attention (TFLOP/s)", "",
+            "The TMA column: " + ("loads through tensor descriptors." if hasattr(
+                triton.language, "make_tensor_descriptor") else "this Triton has no tensor "
+                "descriptors, so it repeats the pointer loads."), "",
+            "| N | heads | pass | " + " | ".join(f"ours{x}" for x in OURS) + " | "
+            + " | ".join(_backends(attention)) + " | ours (best) / best SDPA |",
+            "|---|---|---|" + "---|" * (len(OURS) + len(_backends(attention))) + "---|"]
+        for N, H, what, r in attention:
+            sdpa = {k: v for k, v in r.items() if not k.startswith("ours")}
+            best = max(sdpa.values()) if sdpa else None
+            ours = max((v for k, v in r.items() if k.startswith("ours")), default=None)
+            ratio = f"{ours / best:.2f}" if ours and best else "-"
+            cells = [str(N), str(H), what] + [_f(r.get(f"ours{x}")) for x in OURS]
+            cells += [_f(r.get(b)) for b in _backends(attention)] + [ratio]
+            out.append("| " + " | ".join(cells) + " |")
+        floors = ", ".join(f"{k} {v:.0f} µs" for k, v in res.get("floors", {}).items())
+        if floors:
+            out += ["", "Forward + backward with next to no work (B = H = 1, N = 16), what a call "
+                    f"costs before any arithmetic: {floors}."]
+        out += ["", "Error against SDPA in a wider dtype (relative, 2-norm), ours as autotuned "
+                "beside SDPA's own choice in the same dtype:", "", "| N | what | output | dqkv |",
+                "|---|---|---|---|"]
+        out += [f"| {N} | {what} | {o:.1e} | {g:.1e} |" for N, what, o, g in checks]
+    if "memory" in res:
+        out += ["", "## Memory kernels (GB/s)", "",
+                "| what | ours | twin | twin, compiled | ours, fraction of HBM peak |",
+                "|---|---|---|---|---|"]
+        out += [f"| {w} | {_f(o)} | {_f(t)} | {_f(c)} | {'-' if not p else f'{100 * p:.0f}%'} |"
+                for w, o, t, c, p in memory]
+    if "steps" in res:
+        title = "Training step (tiny, small shapes)" if small else \
+            "ViT-B training step (mid fusion S = 2, shared decoder, batch 64, bf16)"
+        out += ["", f"## {title}", "", "| --kernels | mode | clips/s | MFU | peak memory (GB) |",
+                "|---|---|---|---|---|"]
+        out += [f"| {b} | {m} | {_f(c)} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"{mem if isinstance(mem, str) else _f(mem)} |" for b, m, c, mfu, mem in steps]
+        out += ["", f"torch.compile of the training step: {res.get('fullgraph', 'not run')}"]
+    if "memory" in res or "attention" in res:
+        out += ["", "avmae.KERNELS_MEASURED_FASTER entry these figures support: "
+                f"{suggest(dev, memory, attention, checks)}"]
+    out += ["", "Seconds per section (with compiling and autotuning): " + ", ".join(
                 f"{k} {v:.0f}" for k, v in res.get("seconds", {}).items()) + ".", ""]
     return "\n".join(out)
 
@@ -516,6 +521,9 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes and one repetition (a check that it runs)")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"],
+                   default=["eager", "compiled"], help="the training step's modes (compiled: on "
+                   "a GPU only; after a fix to a compiled path, `--only step --modes compiled`)")
     p.add_argument("--cavmae", metavar="REPO", help="time --variant cavmae against the authors' "
                    "model in this CAV-MAE checkout (nothing else is run)")
     p.add_argument("--site",
@@ -579,7 +587,7 @@ def main(argv=None):
                     attention=lambda: dict(zip(("attention", "checks", "floors"),
                                                bench_attention(dev, B, small))),
                     step=lambda: dict(zip(("steps", "fullgraph"),
-                                          bench_step(dev, small, step_row))))
+                                          bench_step(dev, small, step_row, a.modes))))
     for name, fn in sections.items():
         if a.only in (None, name):
             t0 = time.perf_counter()

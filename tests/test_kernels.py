@@ -532,6 +532,37 @@ def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(mo
     assert graphs == ["auto: fullgraph=True failed (RuntimeError: graph break in user code)"]
 
 
+def test_the_report_times_the_compiled_steps_alone_when_asked(monkeypatch):
+    # `--only step --modes compiled`: the short GPU call after a fix to a compiled path times each
+    # kernel set compiled, and no eager step; a CPU compiles none (the GPU is faked here: the
+    # model stays on the CPU and each kernel set is its own)
+    sys.path.insert(0, os.path.join(ROOT, "kernels"))
+    import bench
+    import train
+    timed = []
+
+    def fake_bench(model, mcfg, tcfg, d, micro):
+        timed.append((mcfg.kernels, type(model).__name__))
+        return dict(clips_per_s=1.0, mfu=None, peak_mem_gb=None)
+    monkeypatch.setattr(train, "bench", fake_bench)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    twins = avmae.get_ops("torch")  # (each set its own: the twins under another name)
+    monkeypatch.setattr(avmae, "get_ops", lambda name, dev=None: {**twins, "set": name})
+    rows, _ = bench.bench_step("cuda", small=True, modes=("compiled",))
+    assert timed == [(k, "OptimizedModule") for k in ("torch", "auto", "triton")]
+    assert [r[:2] for r in rows] == [(k, "compiled") for k in ("torch", "auto", "triton")]
+    timed.clear()
+    rows, _ = bench.bench_step("cuda", small=True)  # (the full report: eager, then compiled)
+    assert [m for _, m in timed] == ["AVMAE", "OptimizedModule"] * 3
+    timed.clear()
+    assert bench.bench_step("cpu", small=True, modes=("compiled",))[0] == [] and timed == []
+    # its report holds the step section alone, not the empty tables of the sections not run
+    text = bench.markdown("cpu", dict(steps=rows, seconds=dict(step=1.0)), small=True)
+    assert "| torch | compiled | 1.00 |" in text and "## Attention" not in text
+    assert "## Memory" not in text and "KERNELS_MEASURED_FASTER" not in text
+
+
 def test_without_autotuning_the_first_configuration_that_fits_runs(monkeypatch):
     # AUTOTUNE off (the GPU tests): one configuration, so no compile-and-time of each
     A = kernels.attention
