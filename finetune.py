@@ -867,8 +867,9 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
                  f"{job.lr:.3g}")
     bar = train.progress_bar(total, step, "finetune", d.master)
     nonfinite = train.NonFinite(fcfg.max_bad_steps, fcfg.out_dir, d.master)
-    watch = LearningWatch(job.heads, job.train_ds.multi_label, spe)
-    vars(watch).update((job.resumed or {}).get("watch", {}))
+    watch = LearningWatch(job.heads, job.train_ds.multi_label, spe, chance_loss(
+        job.train_ds.rows, job.heads, job.train_ds.multi_label, fcfg.label_smoothing))
+    watch.restore((job.resumed or {}).get("watch", {}))
     stop_at = min(total, fcfg.stop_at) if fcfg.stop_at else total
     log = Log(os.path.join(fcfg.out_dir, "log.jsonl"), d.master)
     results, path = {}, job.resumed_path
@@ -953,7 +954,7 @@ def save(job: Job, step: int, results: dict, watch, final: bool):
     st = dict(model=train.model_state(job.model, False), optimizer=job.opt.state_dict(), step=step,
               steps_per_epoch=job.steps_per_epoch, finetune_config=asdict(job.fcfg),
               model_config=asdict(job.model.cfg), pretrain_config=job.pcfg, heads=job.heads,
-              rng=train.rng_state(), results=results, watch=vars(watch))
+              rng=train.rng_state(), results=results, watch=watch.state())
     return train.save_or_say(job.fcfg.out_dir, st, step, job.fcfg.keep_last, job.fcfg.on_save_error,
                              final=final)
 
@@ -986,17 +987,42 @@ def finish(job: Job, step: int, results: dict, path, watch: "LearningWatch") -> 
     return results
 
 
+def chance_loss(rows: list, heads: dict, multi_label: bool, smoothing: float) -> float:
+    """The training loss of the best prediction that ignores the clip: each head's label-smoothed
+    label frequencies in `rows`, which scores their entropy (single label) or their mean binary
+    entropy (multi-label), summed over heads as loss_fn sums. ln(classes) on a balanced single-label
+    set; lower on an unbalanced one, which a model that learns nothing but the frequencies reaches.
+    (Mixup leaves it: the mixed targets' mean is the same.)"""
+    total = 0.0
+    for h, n in heads.items():
+        q = np.bincount([c for r in rows for c in r[h]], minlength=n) / max(1, len(rows))
+        q = q * (1 - smoothing) + smoothing / n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ent = -np.nan_to_num(q * np.log(q))
+            if multi_label:
+                ent = (ent - np.nan_to_num((1 - q) * np.log(1 - q))).mean()
+        total += float(ent.sum())
+    return total
+
+
 class LearningWatch:
     """Is the finetuning learning? Running top-1 on the training batches (against the mixed targets'
     largest entry) next to the test top-1 at each evaluation, and a warning when the training loss
-    has not left ln(classes) after a few epochs: the sign of a broken pipeline or recipe."""
+    has not left chance (chance_loss: the label frequencies' entropy) after a few epochs: the sign
+    of a broken pipeline or recipe."""
+    STATE = ("right", "seen", "steps", "loss")  # (what a checkpoint holds)
 
-    def __init__(self, heads: dict, multi_label: bool, steps_per_epoch: int):
-        self.head = next(iter(heads))
-        self.chance = math.log(heads[self.head]) if not multi_label else math.log(2)
+    def __init__(self, heads: dict, multi_label: bool, steps_per_epoch: int, chance: float):
+        self.head, self.chance = next(iter(heads)), chance
         self.multi_label, self.steps_per_epoch = multi_label, steps_per_epoch
         self.right = self.seen = self.steps = 0
         self.loss = []
+
+    def state(self) -> dict:
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def restore(self, state: dict):
+        vars(self).update((k, v) for k, v in state.items() if k in self.STATE)
 
     def update(self, logits: dict, targets: dict, per_modality: bool, loss: float):
         if per_modality:
@@ -1025,7 +1051,7 @@ class LearningWatch:
         if "train_top1" in res:
             train_acc = f"train top-1 {res['train_top1']:.3f} (running, on augmented batches), "
         msg = (f"epoch {epoch:.0f}: {train_acc}test {test}; train loss {res['train_loss']:.3f} "
-               f"(chance ln C = {self.chance:.3f})")
+               f"(chance {self.chance:.3f}: the label frequencies alone)")
         if epoch >= 3 and res["train_loss"] > 0.98 * self.chance:
             msg += (f"\nwarning: the training loss has not moved from chance after {epoch:.0f} "
                     "epochs: the model is not learning (check the labels, the inputs' scale, the "

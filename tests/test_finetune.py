@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -383,7 +384,7 @@ def test_a_log_line_holds_the_mean_loss_since_the_last(tmp_path):
 
 def test_learning_watch_sets_train_accuracy_beside_test_and_warns_at_chance(capsys):
     from tqdm import tqdm
-    watch = finetune.LearningWatch({"label": 6}, False, steps_per_epoch=2)
+    watch = finetune.LearningWatch({"label": 6}, False, steps_per_epoch=2, chance=math.log(6))
     y = torch.eye(6)[[0, 1]]
     t = {"a": {"label": y}, "v": {"label": y}}
     right = {"a": {"label": y * 5}, "v": {"label": y * 5}, "a_alone": {"label": -y * 9}}
@@ -405,6 +406,42 @@ def test_learning_watch_sets_train_accuracy_beside_test_and_warns_at_chance(caps
     bar.close()
     cap = capsys.readouterr()
     assert "epoch 3" in cap.out + cap.err and "warning" not in cap.out + cap.err
+    assert watch.state() == dict(right=0, seen=0, steps=4, loss=[0.5, 0.5])
+
+
+def test_chance_is_what_the_label_frequencies_alone_score():
+    # a model that learns nothing but the label frequencies reaches their entropy, which is below
+    # ln(classes) on an unbalanced set (the warning compared with ln(classes) missed it there)
+    rows = [{"label": [0]}] * 8 + [{"label": [1]}] * 2
+    q = np.array([0.8, 0.2])
+    frequencies = float(-(q * np.log(q)).sum())  # 0.500
+    assert finetune.chance_loss(rows, {"label": 2}, False, 0.0) == pytest.approx(frequencies)
+    blind = torch.log(torch.tensor(q, dtype=torch.float32)).expand(10, 2)  # such a model's logits
+    t = {"label": torch.eye(2)[[0] * 8 + [1] * 2]}
+    assert finetune.loss_fn({"label": blind}, t, False, 0.0).item() == pytest.approx(frequencies)
+    watch = finetune.LearningWatch({"label": 2}, False, 1, finetune.chance_loss(
+        rows, {"label": 2}, False, 0.0))
+    msgs = []
+    bar = type("Bar", (), dict(disable=False, write=lambda self, m: msgs.append(m)))()
+    watch.line(3, {"train_loss": frequencies}, bar)
+    assert "not moved from chance" in msgs[-1] and frequencies < 0.98 * math.log(2)
+    # label smoothing: the frequencies smoothed; balanced: ln(classes)
+    assert finetune.chance_loss([{"label": [c]} for c in range(6)], {"label": 6}, False,
+                                0.1) == pytest.approx(math.log(6))
+    # heads are summed as the loss sums them (EPIC's verb + noun), and multi-label is the mean
+    # binary entropy of each class's frequency, as binary cross-entropy averages over classes
+    epic = [{"verb": [v], "noun": [n]} for v in range(3) for n in range(4)]
+    assert finetune.chance_loss(epic, {"verb": 3, "noun": 4}, False, 0.0) == pytest.approx(
+        math.log(3) + math.log(4))
+    multi = [{"label": [0, 1]}, {"label": [0]}, {"label": [0]}, {"label": [2]}]
+    p = np.array([0.75, 0.25, 0.25, 0.0])  # (a class no training clip has scores 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.nan_to_num(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+    assert finetune.chance_loss(multi, {"label": 4}, True, 0.0) == pytest.approx(h.mean())
+    tm = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0.]])
+    blind = torch.logit(torch.tensor(p).clamp(1e-6, 1 - 1e-6)).float().expand(4, 4)
+    assert finetune.loss_fn({"label": blind}, {"label": tm}, True, 0.0).item() == pytest.approx(
+        h.mean(), abs=1e-4)
 
 
 def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_path):
