@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -1379,6 +1379,45 @@ class GPUDecoder:
         videos = [torch.stack([augment_frames(frames[c * nv + k], cfg, seeds[c * nv + k])
                                for k in range(nv)]) for c in keep]
         return keep, torch.stack(videos)
+
+    def ahead(self, pairs):
+        """(key, batch) pairs -> (key, decoded batch), in order, each batch decoded on a thread of
+        its own while the caller works on the one before. Decoding a batch in the step's thread
+        would add its time to every step (nvJPEG decodes the JPEGs' entropy code on the CPU); here
+        it overlaps the step. On CUDA the thread decodes on a stream of its own, which the
+        caller's stream waits for before it uses the batch."""
+        dev = torch.device(self.device)
+        side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+
+        def work(batch):
+            if side is None:
+                return self(batch), None
+            # (a thread starts on GPU 0 and the default stream: this rank's GPU, its own stream)
+            with torch.cuda.device(dev), torch.cuda.stream(side):
+                out = self(batch)
+                done = torch.cuda.Event()
+                done.record(side)
+            return out, done
+
+        def hand_over(key, job):
+            out, done = job.result()  # (an error of the decode is raised here, in order)
+            if done is not None:
+                main = torch.cuda.current_stream(dev)
+                main.wait_event(done)
+                for x in out.values():  # (freed by the caller's stream: reused after it)
+                    if isinstance(x, torch.Tensor) and x.is_cuda:
+                        x.record_stream(main)
+            return key, out
+
+        with ThreadPoolExecutor(1, thread_name_prefix="gpu-decode") as pool:
+            last = None
+            for key, batch in pairs:
+                job = pool.submit(work, batch)
+                if last is not None:
+                    yield hand_over(*last)
+                last = key, job
+            if last is not None:
+                yield hand_over(*last)
 
 
 class EpochSampler(torch.utils.data.Sampler):

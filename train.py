@@ -1061,10 +1061,11 @@ def unusable(e: data.DataUnusable) -> SystemExit:
 
 
 def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
-    """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device. A
-    data folder that vanished, or a loader worker that died (killed for memory), stops the run with
-    one line naming the folder or the clips being read, instead of retrying or hanging."""
-    try:
+    """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device
+    (with --decode gpu: decoded there, the next batch beside the current step). A data folder that
+    vanished, or a loader worker that died (killed for memory), stops the run with one line naming
+    the folder or the clips being read, instead of retrying or hanging."""
+    def read(epoch, start):
         while True:
             sampler.set_position(epoch, start)
             it = iter(loader)
@@ -1083,8 +1084,14 @@ def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
                                      f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}"
                                      ": out of memory? use fewer --workers or a smaller batch; "
                                      "--resume auto continues") from None
-                yield epoch, (gpu_decoder(b) if gpu_decoder else data.to_device(b, d.device))
+                yield epoch, b
             epoch, start = epoch + 1, 0
+    try:
+        if gpu_decoder:
+            yield from gpu_decoder.ahead(read(epoch, start))
+        else:
+            for e, b in read(epoch, start):
+                yield e, data.to_device(b, d.device)
     finally:  # (the stream closed: the run ends, however it ends)
         loader.close()
 

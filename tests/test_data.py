@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -669,6 +670,75 @@ def test_gpu_mode_augments_as_the_cpu_path(copy, train):
     # the masks and the shift really happened, identically: some rows are the fill value
     if train:
         assert (raw["a_draws"][:, 0, :4] > 0).any()
+
+
+class _Decoder(data.GPUDecoder):  # GPUDecoder.ahead over a decode that says what it sees
+    def __init__(self, decode):
+        self.device, self.decode = "cpu", decode
+
+    def __call__(self, batch):
+        return self.decode(batch)
+
+
+def _decode_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("gpu-decode")]
+
+
+def test_gpu_decode_runs_ahead_beside_the_step_in_order():
+    # decoding batch k + 1 must not wait for the step on batch k (in the step's thread the decode,
+    # mostly nvJPEG's entropy decoding on the CPU, added its time to every step): each step here
+    # waits until the next batch's decode has started, which a decode after the step never does
+    started = [threading.Event() for _ in range(5)]
+
+    def decode(b):
+        started[b["i"]].set()
+        return {"i": b["i"], "v": torch.full((2,), float(b["i"]))}
+    got = []
+    for key, out in _Decoder(decode).ahead((k * 10, {"i": k}) for k in range(5)):
+        got.append((key, out["i"], out["v"].tolist()))
+        if out["i"] < 4:
+            assert started[out["i"] + 1].wait(5), "the next batch was not decoded beside the step"
+    assert got == [(k * 10, k, [float(k)] * 2) for k in range(5)]
+    assert not _decode_threads()
+    assert list(_Decoder(decode).ahead(iter(()))) == []
+
+
+def test_gpu_decode_ahead_raises_in_order_and_leaves_no_thread():
+    def decode(b):
+        if b == 2:
+            raise RuntimeError("decode failed on batch 2")
+        return {"i": b}
+    seen = []
+    with pytest.raises(RuntimeError, match="batch 2"):
+        for _, out in _Decoder(decode).ahead((k, k) for k in range(5)):
+            seen.append(out["i"])
+    assert seen == [0, 1] and not _decode_threads()
+
+    def reader():  # the loader's own errors (a dead worker, say) come through as they are
+        yield 0, 0
+        raise SystemExit("a data loader worker died")
+    with pytest.raises(SystemExit, match="worker died"):
+        list(_Decoder(lambda b: {"i": b}).ahead(reader()))
+    stream = _Decoder(lambda b: {"i": b}).ahead((k, k) for k in range(100))
+    assert next(stream)[1] == {"i": 0}
+    stream.close()  # (a run that stops: the decode of the batch ahead ends with it)
+    assert not _decode_threads()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
+def test_gpu_decode_ahead_on_a_gpu_is_the_decode_in_the_steps_thread(copy):
+    # the decode ahead runs on a thread and a CUDA stream of its own: the batches it hands over
+    # are the ones the step's thread decodes, whatever the step's stream does meanwhile
+    ds = _small(copy, train=True, seed=3, decode="gpu", image_size=64)
+    dec = data.GPUDecoder(ds, device="cuda")
+    raws = [data.collate([ds[(i, e)] for i in range(8)]) for e in range(3)]
+    ref = [dec(data.collate([ds[(i, e)] for i in range(8)])) for e in range(3)]
+    busy = torch.randn(4096, 4096, device="cuda")
+    for (e, out), r in zip(dec.ahead(enumerate(raws)), ref):
+        for _ in range(20):  # (the step's stream busy while the next batch decodes)
+            busy = busy @ busy / 64
+        assert torch.equal(out["v"], r["v"]) and torch.allclose(out["a"], r["a"])
+        assert out["v"].device == torch.device("cuda", torch.cuda.current_device())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU")

@@ -349,7 +349,7 @@ def test_bench_report_dry_run_and_kernel_rows(tmp_path):
     # the one GPU report command, run on a CPU: the twins at small shapes, saying it is not a GPU
     # figure; run as .ci/gpu runs it (that script is run once, on a GPU lent for minutes: a broken
     # step must show here first), each step's status in its log; its steps' time limits are a
-    # GPU's (the jpeg step's 25 s), so they get 8 times as long on a loaded CPU
+    # GPU's (the jpeg step's 35 s), so they get 8 times as long on a loaded CPU
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "STEPS": "report jpeg", "TRITON_INTERPRET": "0",
            "SLACK": "8"}

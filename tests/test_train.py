@@ -157,14 +157,15 @@ def test_reconstruction_picture_has_three_rows():
     assert img.shape[2] == 4 * 32 + 64 + 4  # 4 frames, a spacer, the spectrogram scaled to 32 high
 
 
-def test_resume_continues_exactly(builtin, tmp_path, capsys):
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])  # (gpu: decoded ahead, here on the CPU)
+def test_resume_continues_exactly(builtin, tmp_path, capsys, decode):
     a, b = tmp_path / "a", tmp_path / "b"
-    run(builtin, a, "--max_steps", "6", "--batch_size", "8")
-    run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--stop_at", "3")
+    run(builtin, a, "--max_steps", "6", "--batch_size", "8", "--decode", decode)
+    run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--stop_at", "3", "--decode", decode)
     assert len(losses(b)) == 3
     capsys.readouterr()
     res = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto", "--workers",
-              "1")
+              "1", "--decode", decode)
     assert res["step"] == 6
     # (--workers, --resume and --stop_at change nothing the run computes: not listed)
     assert f"resumed from {b / 'ckpt_0000003.pt'} at step 3\n" in capsys.readouterr().out
@@ -172,7 +173,8 @@ def test_resume_continues_exactly(builtin, tmp_path, capsys):
     assert events == [dict(step=3, event="resumed",
                            message=f"resumed from {b / 'ckpt_0000003.pt'} at step 3")]
     # resumed at its end: nothing to train, and it says so (not a loss of nan)
-    again = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto")
+    again = run(builtin, b, "--max_steps", "6", "--batch_size", "8", "--resume", "auto",
+                "--decode", decode)
     assert again["step"] == 6 and again["checkpoint"] == str(b / "ckpt_0000006.pt")
     assert "is at step 6, and this run stops at step 6: nothing to train" in (
         capsys.readouterr().out)
