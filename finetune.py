@@ -590,12 +590,14 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
     gpu = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
     stopped, unreadable = False, []
+    read = ((None, b) for b in _or_stop(loader))
+    # (--decode gpu: the next batch decoded beside this one's forward pass)
+    batches = gpu.ahead(read) if gpu else ((k, data.to_device(b, d.device)) for k, b in read)
     with contextlib.closing(loader):  # (its workers end here, however the loop ends)
-        for b in _or_stop(loader):
+        for _, b in batches:
             if stop is not None and stop():
                 stopped = True
                 break
-            b = gpu(b) if gpu else data.to_device(b, d.device)
             # an unreadable clip's stand-in (the next readable clip) is left out: that clip is
             # evaluated at its own turn, and counting it twice would bias the metrics
             keep = ~b["replaced"].bool().cpu()
