@@ -1387,6 +1387,8 @@ class GPUDecoder:
         it overlaps the step. On CUDA the thread decodes on a stream of its own, which the
         caller's stream waits for before it uses the batch."""
         dev = torch.device(self.device)
+        if dev.type == "cuda" and dev.index is None:  # ("cuda": the caller's current GPU)
+            dev = torch.device("cuda", torch.cuda.current_device())
         side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
         def work(batch):
