@@ -1383,8 +1383,9 @@ class GPUDecoder:
     def ahead(self, pairs):
         """(key, batch) pairs -> (key, decoded batch), in order, each batch decoded on a thread of
         its own while the caller works on the one before. Decoding a batch in the step's thread
-        would add its time to every step (nvJPEG decodes the JPEGs' entropy code on the CPU); here
-        it overlaps the step. On CUDA the thread decodes on a stream of its own, which the
+        would add its time to every step (nvJPEG reads each JPEG's header on the CPU, waits for
+        its stream, and decodes the entropy code on the CPU where the GPU has no JPEG engine; the
+        crops are a few kernels per clip, launched from Python); here it overlaps the step. On CUDA the thread decodes on a stream of its own, which the
         caller's stream waits for before it uses the batch."""
         dev = torch.device(self.device)
         if dev.type == "cuda" and dev.index is None:  # ("cuda": the caller's current GPU)
