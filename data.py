@@ -1385,8 +1385,9 @@ class GPUDecoder:
         its own while the caller works on the one before. Decoding a batch in the step's thread
         would add its time to every step (nvJPEG reads each JPEG's header on the CPU, waits for
         its stream, and decodes the entropy code on the CPU where the GPU has no JPEG engine; the
-        crops are a few kernels per clip, launched from Python); here it overlaps the step. On CUDA the thread decodes on a stream of its own, which the
-        caller's stream waits for before it uses the batch."""
+        crops are a few kernels per clip, launched from Python); here it overlaps the step. On
+        CUDA the thread decodes on a stream of its own, which the caller's stream waits for before
+        it uses the batch."""
         dev = torch.device(self.device)
         if dev.type == "cuda" and dev.index is None:  # ("cuda": the caller's current GPU)
             dev = torch.device("cuda", torch.cuda.current_device())
