@@ -95,6 +95,8 @@ class TrainConfig(RunConfig):
     picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
     bench: bool = False           # time steps on synthetic in-memory batches, then exit
     bench_steps: int = 10
+    profile: int = 0              # with --bench: this many more steps under torch.profiler, and
+                                  # where their device time goes (matmuls, attention, ...)
 
 
 # MAViL stage 1 (Huang et al., Sec. 3.1-3.2, 4.1): full unimodal encoders + 2 fusion layers,
@@ -248,8 +250,8 @@ AT_LEAST_ONE = ("batch_size", "grad_accum", "views", "log_every", "save_every", 
 ABOVE_ZERO = ("frame_stride", "dist_timeout")
 NOT_NEGATIVE = ("epochs", "warmup_epochs", "max_steps", "lr", "blr", "min_lr", "weight_decay",
                 "grad_clip", "mixup", "specaug_freq", "specaug_time", "keep_last",
-                "picture_every", "max_bad_steps", "stop_at", "tokenlearner", "width", "depth",
-                "heads", "bottlenecks")
+                "picture_every", "max_bad_steps", "stop_at", "profile", "tokenlearner", "width",
+                "depth", "heads", "bottlenecks")
 BELOW_ONE = ("beta1", "beta2", "label_smoothing", "drop_path")  # from 0, as Adam and MAE take them
 UP_TO_ONE = ("layer_decay",)  # (1: every layer at the same rate; BEiT / MAE: 0.65-0.75)
 MINUS_ONE = ("workers", "temporal_layers", "tokenlearner_layer", "fusion_layer")  # (-1: a default)
@@ -542,7 +544,7 @@ def _resume_from(resume: str, out_dir: str, kind: str) -> tuple:
 # flags that steer only a run's bookkeeping (or its speed): a resumed run changes them unsaid
 BOOKKEEPING = ("resume", "out_dir", "stop_at", "workers", "save_every", "log_every",
                "picture_every", "keep_last", "dist_timeout", "on_save_error", "max_bad_steps",
-               "bench", "bench_steps", "preset", "decode", "kernels", "compile", "init",
+               "bench", "bench_steps", "profile", "preset", "decode", "kernels", "compile", "init",
                "eval_only")
 
 
@@ -1153,7 +1155,8 @@ def load_teacher(path: str, device, ck: dict | None = None) -> avmae.AVMAE:
 
 
 def bench(model, mcfg, tcfg, d: Dist, micro: int):
-    """Steps on synthetic batches held in memory: the model's speed without the data pipeline."""
+    """Steps on synthetic batches held in memory: the model's speed without the data pipeline;
+    with tcfg.profile, where a step's device time goes (profile_steps)."""
     raw = unwrap(model)
     opt = optimizer(raw, tcfg, 1e-4, d.device)  # (and the gradient norm: a training step's work)
     x = {}
@@ -1165,16 +1168,19 @@ def bench(model, mcfg, tcfg, d: Dist, micro: int):
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(3 + tcfg.bench_steps):
-        sync()
-        t0 = time.perf_counter()
+
+    def step():
         with autocast_ctx(tcfg.precision, d.device):
             loss = model(**x, masks=raw.sample_masks(micro, d.device))["loss"]
         loss.backward()
         clip_grads(model, tcfg)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    times = []
+    for i in range(3 + tcfg.bench_steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
         sync()
         if i >= 3:
             times.append(time.perf_counter() - t0)
@@ -1192,8 +1198,71 @@ def bench(model, mcfg, tcfg, d: Dist, micro: int):
            f"{d.world} ranks), {res['tflops_per_gpu']:.2f} TFLOP/s per device, "
            + (f"MFU {res['mfu']:.1%}" if peak else "MFU: no known peak for this device")
            + (f", peak memory {res['peak_mem_gb']:.1f} GB" if res["peak_mem_gb"] else ""))
+    if tcfg.profile:
+        res["profile"] = profile_steps(step, tcfg.profile, d.device)
+        print0(profile_line(res["profile"]))
     print0(json.dumps(res))  # (the same, for scripts: the last line)
     return res
+
+
+# what a profiled step's device time goes to, by kernel name (on a CPU: by op name), the first
+# pattern that matches; the names are cuBLAS's / CUTLASS's, SDPA's backends', ours, Inductor's
+KINDS = (("attention", r"attn|attention|flash|fmha|sdp|mha"),
+         ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|wgmma|^triton_tem_fused_(add)?b?mm"
+                    r"|^aten::(mm|addmm|bmm|baddbmm)$"),
+         ("optimizer", r"optimizer|adam|multi_tensor|foreach"),
+         ("gather, assembly, loss (ours)", r"^_(gather|scatter|assemble|loss)_"),
+         ("fused by torch.compile", r"^triton_"),
+         ("copies", r"memcpy|memset|copy|catarray|index|gather|scatter|^aten::cat$"))
+
+
+def profile_steps(step, n: int, device: torch.device) -> dict:
+    """Run step() n times under torch.profiler. Returns each KINDS' share of the device time
+    ('other': the rest: norms, activations, additions outside a compiled graph, ...) and, on
+    CUDA, how busy the device was from the first kernel's start to the last one's end (the gaps:
+    launches the CPU had not made yet, waits for the host). On a CPU: the ops' own CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    if not cuda:  # (a CUDA build without a GPU: Kineto's error about counting GPUs, and its
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # start / stop lines, say nothing here)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    spans, by = [], {k: 0.0 for k, _ in KINDS + (("other", ""),)}
+    for e in prof.events():
+        if cuda and e.device_type == DeviceType.CUDA:
+            t = (e.time_range.start, e.time_range.end)
+        elif not cuda and e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0:
+            t = (0.0, e.self_cpu_time_total)
+        else:
+            continue
+        spans.append(t)
+        kind = next((k for k, pat in KINDS if re.search(pat, e.name, re.I)), "other")
+        by[kind] += t[1] - t[0]
+    if not spans:
+        return dict(share={}, steps=n, note="the profiler recorded no kernels (no CUPTI?)")
+    total = sum(by.values())
+    out = dict(share={k: v / total for k, v in by.items()}, steps=n)
+    if cuda:
+        busy, end = 0.0, -math.inf  # the union of the kernels' intervals
+        for a, b in sorted(spans):
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        out["busy"] = busy / (end - min(a for a, _ in spans))
+    return out
+
+
+def profile_line(p: dict) -> str:
+    if "note" in p:
+        return f"--profile: {p['note']}"
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items() if v >= 0.005)
+    busy = f"; the device busy {p['busy']:.0%} of the time" if "busy" in p else ""
+    return (f"where {p['steps']} profiled steps' {'device' if 'busy' in p else 'CPU'} time goes: "
+            f"{shares}{busy} (under the profiler)")
 
 
 def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None) -> dict:

@@ -275,16 +275,19 @@ def bench_step(dev, small, on_row=None, modes=("eager", "compiled")):
             torch.manual_seed(0)
             mcfg = avmae.make_config(size, encoder="mid", decoder="shared", kernels=backend,
                                      **base)
+            # (then a few steps under torch.profiler: where the device time goes)
             tcfg = train.TrainConfig(bench=True, bench_steps=1 if small else 20, batch_size=micro,
-                                     precision="bf16" if dev == "cuda" else "fp32")
+                                     precision="bf16" if dev == "cuda" else "fp32",
+                                     profile=1 if small else 3)
             model = avmae.AVMAE(mcfg).to(dev)
             mode = "compiled" if compiled else "eager"
             try:
                 r = _bench_one(train, model, mcfg, tcfg, dev, micro, compiled, backend, graphs)
-                rows.append((backend, mode, r["clips_per_s"], r["mfu"], r["peak_mem_gb"]))
+                rows.append((backend, mode, r["clips_per_s"], r["mfu"], r["peak_mem_gb"],
+                             r.get("profile")))
             # (a compiler missing on a CPU machine, say): reported, not fatal
             except Exception as e:
-                rows.append((backend, mode, None, None, f"{type(e).__name__}"))
+                rows.append((backend, mode, None, None, f"{type(e).__name__}", None))
             del model
             if dev == "cuda":
                 torch.cuda.empty_cache()
@@ -432,14 +435,36 @@ def markdown(dev, res, small) -> str:
         out += ["", f"## {title}", "", "| --kernels | mode | clips/s | MFU | peak memory (GB) |",
                 "|---|---|---|---|---|"]
         out += [f"| {b} | {m} | {_f(c)} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                f"{mem if isinstance(mem, str) else _f(mem)} |" for b, m, c, mfu, mem in steps]
+                f"{mem if isinstance(mem, str) else _f(mem)} |" for b, m, c, mfu, mem, *_ in steps]
         out += ["", f"torch.compile of the training step: {res.get('fullgraph', 'not run')}"]
+        out += profiles(steps, dev)
     if "memory" in res or "attention" in res:
         out += ["", "avmae.KERNELS_MEASURED_FASTER entry these figures support: "
                 f"{suggest(dev, memory, attention, checks)}"]
     out += ["", "Seconds per section (with compiling and autotuning): " + ", ".join(
                 f"{k} {v:.0f}" for k, v in res.get("seconds", {}).items()) + ".", ""]
     return "\n".join(out)
+
+
+def profiles(steps, dev) -> list:
+    """The step rows' torch.profiler figures as a table: each kind's share of the device time
+    (train.KINDS, by kernel name), and how busy the device was."""
+    import train
+    got = [(b, m, p) for b, m, *_, p in steps if p and p.get("share")]
+    if not got:
+        return []
+    kinds = [k for k, _ in train.KINDS] + ["other"]
+    what = "device" if dev == "cuda" else "CPU (a dry run: op names, not kernels)"
+    out = ["", f"Where the step's {what} time goes (torch.profiler, {got[0][2]['steps']} steps "
+           "after the timing; by kernel name, the first kind whose pattern matches: "
+           "`train.KINDS`):", "",
+           "| --kernels | mode | " + " | ".join(kinds) + " | device busy |",
+           "|---|---|" + "---|" * (len(kinds) + 1)]
+    for b, m, p in got:
+        busy = f"{p['busy']:.0%}" if "busy" in p else "-"
+        out.append(f"| {b} | {m} | " + " | ".join(f"{p['share'].get(k, 0):.0%}" for k in kinds)
+                   + f" | {busy} |")
+    return out
 
 
 def _backends(attention):

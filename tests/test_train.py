@@ -3,12 +3,15 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 import avmae
 import train
@@ -332,6 +335,55 @@ def test_bench_steps_what_training_steps(monkeypatch):
     assert train.optimizer(lin, train.TrainConfig(), 1e-3, torch.device("cuda")).defaults["fused"]
     assert not train.optimizer(lin, train.TrainConfig(), 1e-3, torch.device("cpu")).defaults[
         "fused"]
+
+
+def test_bench_profile_says_where_the_time_goes(capsys):
+    # --profile N: N more steps under torch.profiler, each kind's share of the time (on a CPU, of
+    # the ops' own CPU time), in a line and in the result
+    res = train.main([*TINY, "--bench", "--bench_steps", "1", "--batch_size", "4", "--profile",
+                      "2"])
+    p = res["profile"]
+    assert p["steps"] == 2 and sum(p["share"].values()) == pytest.approx(1.0)
+    assert p["share"]["matmul"] > 0 and p["share"]["attention"] > 0 and "busy" not in p
+    said = capsys.readouterr().out.strip().splitlines()[-2]
+    assert said.startswith("where 2 profiled steps' CPU time goes: ") and "matmul" in said
+    # the kinds, by the names kernels have on a GPU (cuBLAS, cuBLASLt, SDPA's flash, efficient and
+    # cuDNN backends, ours, Inductor's, the fused AdamW, copies)
+    kind = {n: next((k for k, pat in train.KINDS if re.search(pat, n, re.I)), "other") for n in (
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1_kernel",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "triton_tem_fused_addmm_gelu_3",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4> >",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1",
+        "_attn_bwd_dkdv", "_loss_bwd", "_gather_kernel", "_assemble_kernel",
+        "triton_per_fused_add_native_layer_norm_0",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+        "Memcpy HtoD (Pinned -> Device)", "void at::native::vectorized_elementwise_kernel<4, "
+        "at::native::GeluCUDAKernelImpl>")}
+    assert list(kind.values()) == (
+        ["matmul"] * 3 + ["attention"] * 4 + ["gather, assembly, loss (ours)"] * 3
+        + ["fused by torch.compile", "optimizer", "copies", "other"])
+    # on CUDA: how busy the device was, the union of the kernels' intervals over their span
+    ev = [SimpleNamespace(device_type=DeviceType.CUDA, name=n, time_range=SimpleNamespace(
+        start=a, end=b)) for n, a, b in [("gemm", 0, 4), ("_attn_fwd", 2, 6), ("gemm", 8, 10)]]
+    prof = SimpleNamespace(events=lambda: ev)
+
+    class Profile:
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            return prof
+
+        def __exit__(self, *a):
+            return False
+    import torch.profiler
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.profiler, "profile", Profile)
+        mp.setattr(torch.cuda, "synchronize", lambda *a: None)
+        p = train.profile_steps(lambda: None, 1, torch.device("cuda"))
+    assert p["busy"] == pytest.approx(8 / 10)  # (0-6 and 8-10 of 0-10)
+    assert p["share"]["matmul"] == pytest.approx(6 / 10) and p["share"]["attention"] == 0.4
 
 
 # -----------------------------------------------------------------------------
