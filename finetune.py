@@ -593,7 +593,8 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     read = ((None, b) for b in _or_stop(loader))
     # (--decode gpu: the next batch decoded beside this one's forward pass)
     batches = gpu.ahead(read) if gpu else ((k, data.to_device(b, d.device)) for k, b in read)
-    with contextlib.closing(loader):  # (its workers end here, however the loop ends)
+    # (its workers, and the decode ahead, end here, however the loop ends)
+    with contextlib.closing(loader), contextlib.closing(batches):
         for _, b in batches:
             if stop is not None and stop():
                 stopped = True
