@@ -1199,7 +1199,11 @@ def bench(model, mcfg, tcfg, d: Dist, micro: int):
            + (f"MFU {res['mfu']:.1%}" if peak else "MFU: no known peak for this device")
            + (f", peak memory {res['peak_mem_gb']:.1f} GB" if res["peak_mem_gb"] else ""))
     if tcfg.profile:
-        res["profile"] = profile_steps(step, tcfg.profile, d.device)
+        try:  # (the timing above stands whatever the profiler does)
+            res["profile"] = profile_steps(step, tcfg.profile, d.device)
+        except RuntimeError as e:
+            res["profile"] = dict(share={}, steps=tcfg.profile, note=f"the profiler failed "
+                                  f"({str(e).strip().splitlines()[0][:160]})")
         print0(profile_line(res["profile"]))
     print0(json.dumps(res))  # (the same, for scripts: the last line)
     return res

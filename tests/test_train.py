@@ -384,6 +384,16 @@ def test_bench_profile_says_where_the_time_goes(capsys):
         p = train.profile_steps(lambda: None, 1, torch.device("cuda"))
     assert p["busy"] == pytest.approx(8 / 10)  # (0-6 and 8-10 of 0-10)
     assert p["share"]["matmul"] == pytest.approx(6 / 10) and p["share"]["attention"] == 0.4
+    # a profiler that fails (no CUPTI, say) leaves the timing standing, and says so in one line
+
+    def broken(**kw):
+        raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES\nmore")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.profiler, "profile", broken)
+        res = train.main([*TINY, "--bench", "--bench_steps", "1", "--batch_size", "4",
+                          "--profile", "1"])
+    assert res["clips_per_s"] > 0 and "CUPTI_ERROR" in res["profile"]["note"]
+    assert "--profile: the profiler failed (CUPTI_ERROR" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
