@@ -371,6 +371,11 @@ def test_bench_report_dry_run_and_kernel_rows(tmp_path):
     for row in ("| gather fp32 patches", "| assemble ", "| unshuffle ", "| loss fwd+bwd ",
                 "| torch | eager |"):
         assert row in text, row
+    # each step row profiled (on a CPU by op name: its matmuls are aten::addmm and the like)
+    prof = text.split("Where the step's CPU")[1].splitlines()
+    head = prof[2].split(" | ")
+    cells = next(x for x in prof if x.startswith("| torch | eager |")).split(" | ")
+    assert float(cells[head.index("matmul")].rstrip("%")) > 0
     # under the interpreter the kernels themselves are timed, every memory row with a figure of ours
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
     import bench
