@@ -1424,6 +1424,14 @@ class GPUDecoder:
                 yield hand_over(*last)
 
 
+def on_device(pairs, device, gpu_decoder: GPUDecoder | None = None):
+    """(key, batch) pairs -> (key, batch on `device`); with --decode gpu decoded there, the next
+    batch beside the caller's work on the current one (GPUDecoder.ahead)."""
+    if gpu_decoder is not None:
+        return gpu_decoder.ahead(pairs)
+    return ((k, to_device(b, device)) for k, b in pairs)
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of a seeded permutation of the data set, as (index, epoch) keys, starting
     at a given position: resuming mid-epoch skips the consumed samples without loading them. The

@@ -590,9 +590,8 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
     gpu = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
     stopped, unreadable = False, []
-    read = ((None, b) for b in _or_stop(loader))
     # (--decode gpu: the next batch decoded beside this one's forward pass)
-    batches = gpu.ahead(read) if gpu else ((k, data.to_device(b, d.device)) for k, b in read)
+    batches = data.on_device(((None, b) for b in _or_stop(loader)), d.device, gpu)
     # (its workers, and the decode ahead, end here, however the loop ends)
     with contextlib.closing(loader), contextlib.closing(batches):
         for _, b in batches:

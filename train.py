@@ -1089,11 +1089,7 @@ def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
                 yield epoch, b
             epoch, start = epoch + 1, 0
     try:
-        if gpu_decoder:
-            yield from gpu_decoder.ahead(read(epoch, start))
-        else:
-            for e, b in read(epoch, start):
-                yield e, data.to_device(b, d.device)
+        yield from data.on_device(read(epoch, start), d.device, gpu_decoder)
     finally:  # (the stream closed: the run ends, however it ends)
         loader.close()
 
