@@ -249,7 +249,8 @@ def _sdpa(qkv, backend, sdpa_kernel):  # backend None: SDPA's own choice
         return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4))
 
 
-def bench_step(dev, small, on_row=None, modes=("eager", "compiled")):
+def bench_step(dev, small, on_row=None, modes=("eager", "compiled"),
+               backends=("torch", "auto", "triton")):
     """The ViT-B paper configuration's training step per backend, in each of `modes`: eager, and
     compiled on a GPU (with fullgraph=True: a graph break fails the compile, which is then
     retried without it and reported). Returns the rows and what the compiles said. A backend
@@ -260,7 +261,7 @@ def bench_step(dev, small, on_row=None, modes=("eager", "compiled")):
     base = dict(num_frames=4, image_size=32, patch_size=16, audio_frames=64,
                 mel_bins=32) if small else {}
     size, micro = ("tiny", 2) if small else ("base", 64)
-    rows, backends = [], ["torch", "auto", "triton"] if run_ours(dev) else ["torch"]
+    rows, backends = [], [b for b in backends if run_ours(dev) or b == "torch"]
     timed, graphs = {}, []
     for backend in backends:
         ops = avmae.get_ops(backend, dev)
@@ -549,6 +550,9 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"],
                    default=["eager", "compiled"], help="the training step's modes (compiled: on "
                    "a GPU only; after a fix to a compiled path, `--only step --modes compiled`)")
+    p.add_argument("--backends", nargs="+", choices=["torch", "auto", "triton"],
+                   default=["torch", "auto", "triton"], help="the training step's kernel sets "
+                   "(after a fix to one: `--only step --modes compiled --backends triton`)")
     p.add_argument("--cavmae", metavar="REPO", help="time --variant cavmae against the authors' "
                    "model in this CAV-MAE checkout (nothing else is run)")
     p.add_argument("--site",
@@ -612,7 +616,8 @@ def main(argv=None):
                     attention=lambda: dict(zip(("attention", "checks", "floors"),
                                                bench_attention(dev, B, small))),
                     step=lambda: dict(zip(("steps", "fullgraph"),
-                                          bench_step(dev, small, step_row, a.modes))))
+                                          bench_step(dev, small, step_row, a.modes,
+                                                     a.backends))))
     for name, fn in sections.items():
         if a.only in (None, name):
             t0 = time.perf_counter()

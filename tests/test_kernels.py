@@ -538,7 +538,7 @@ def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(mo
 
 
 def test_the_report_times_the_compiled_steps_alone_when_asked(monkeypatch):
-    # `--only step --modes compiled`: the short GPU call after a fix to a compiled path times each
+    # `--only step --modes compiled [--backends ...]`: the short GPU call after a fix to a compiled path times each
     # kernel set compiled, and no eager step; a CPU compiles none (the GPU is faked here: the
     # model stays on the CPU and each kernel set is its own)
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
@@ -557,6 +557,10 @@ def test_the_report_times_the_compiled_steps_alone_when_asked(monkeypatch):
     rows, _ = bench.bench_step("cuda", small=True, modes=("compiled",))
     assert timed == [(k, "OptimizedModule") for k in ("torch", "auto", "triton")]
     assert [r[:2] for r in rows] == [(k, "compiled") for k in ("torch", "auto", "triton")]
+    timed.clear()  # (`--backends triton`: the one kernel set a fix touched)
+    assert [r[:2] for r in bench.bench_step("cuda", small=True, modes=("compiled",),
+                                            backends=("triton",))[0]] == [("triton", "compiled")]
+    assert timed == [("triton", "OptimizedModule")]
     timed.clear()
     rows, _ = bench.bench_step("cuda", small=True)  # (the full report: eager, then compiled)
     assert [m for _, m in timed] == ["AVMAE", "OptimizedModule"] * 3
