@@ -164,8 +164,8 @@ def _attn_bwd_delta(O, DO, DELTA, N, H, sob, soh, son, sdb, sdh, sdn, HEAD_DIM: 
                  prune_configs_by={"early_config_prune": _pruner("M", "N")},
                  reset_to_zero=["DQACC"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, qk_scale, sm_scale, N, H, sqb, sqh,
-                   sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DQKV, DQACC, qk_scale, sm_scale, N, H, sqb, sqh,
+                   sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, sgj,
                    HEAD_DIM: tl.constexpr, IS_FP32: tl.constexpr, DQ_ATOMIC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # (as in _attn_fwd)
@@ -202,9 +202,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, qk_scale, sm_scale, N
             dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=prec) * sm_scale
             tl.atomic_add(DQACC + (bh * N + qm[:, None]) * HEAD_DIM + rd[None, :], dq,
                           mask=okm[:, None], sem="relaxed")
-    g = b * sgb + h * sgh + kn[:, None] * sgn + rd[None, :]
-    tl.store(DK + g, (dk * sm_scale).to(DK.dtype.element_ty), mask=kn[:, None] < N)
-    tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=kn[:, None] < N)
+    g = DQKV + b * sgb + h * sgh + kn[:, None] * sgn + rd[None, :]  # dk in slot 1, dv in slot 2
+    tl.store(g + sgj, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=kn[:, None] < N)
+    tl.store(g + 2 * sgj, dv.to(DQKV.dtype.element_ty), mask=kn[:, None] < N)
 
 
 @triton.jit
@@ -230,7 +230,7 @@ def _dq_block(q, do, lse, delta, dq, Kp, Vp, n0, N, qk_scale, skn, svn, rn, rd,
 @triton.autotune(configs=_DQ, key=["N", "HEAD_DIM", "IS_FP32"],
                  prune_configs_by={"early_config_prune": _pruner("N", "M")})
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb, skh,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQKV, qk_scale, sm_scale, N, H, sqb, sqh, sqn, skb, skh,
                  skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn, HEAD_DIM: tl.constexpr,
                  IS_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # (as in _attn_fwd)
@@ -256,8 +256,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, N, H, sqb, sqh
     if n_full < N:
         dq = _dq_block(q, do, lse, delta, dq, Kp, Vp, n_full, N, qk_scale, skn, svn, rn, rd,
                        IS_FP32, True)
-    tl.store(DQ + b * sgb + h * sgh + rm[:, None] * sgn + rd[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=okm[:, None])
+    tl.store(DQKV + b * sgb + h * sgh + rm[:, None] * sgn + rd[None, :],  # dq: slot 0
+             (dq * sm_scale).to(DQKV.dtype.element_ty), mask=okm[:, None])
 
 
 def _strides(t):  # (B, H, N, d) -> batch, head, row strides (the last dim must be contiguous)
@@ -282,11 +282,6 @@ def _unpack(qkv):  # (B, N, 3, H, d) -> three (B, H, N, d) views
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _empty_bnhd(q):  # (B, H, N, d) view of a (B, N, H, d) buffer
-    B, H, N, d = q.shape
-    return torch.empty(B, N, H, d, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-
-
 def _tma_ok(*ts):  # a descriptor's base and row strides must be 16-byte aligned
     return all((t.storage_offset() * t.element_size()) % 16 == 0 and all(
         (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]) for t in ts)
@@ -296,7 +291,7 @@ def _forward(q, k, v):
     assert supports(q, k, v), (f"not an input this kernel takes (see supports): {q.shape} "
                                f"{q.dtype}, strides {q.stride()}")
     B, H, N, d = q.shape
-    o = _empty_bnhd(q)
+    o = torch.empty(B, N, H, d, device=q.device, dtype=q.dtype)  # (see _backward_into)
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
     tma = FWD_TMA and hasattr(tl, "make_tensor_descriptor") and _tma_ok(q, k, v)
     if tma:  # device-side descriptors need a scratch allocation
@@ -304,15 +299,20 @@ def _forward(q, k, v):
                                                                      dtype=torch.int8))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     wrap_triton(_attn_fwd)[grid](q, k, v, o, lse, LOG2E / math.sqrt(d), N, H, *_strides(q),
-                                 *_strides(k), *_strides(v), *_strides(o), HEAD_DIM=d,
-                                 IS_FP32=q.dtype == torch.float32, TMA=tma)
-    return o, lse
+                                 *_strides(k), *_strides(v), *_strides(o.transpose(1, 2)),
+                                 HEAD_DIM=d, IS_FP32=q.dtype == torch.float32, TMA=tma)
+    return o.transpose(1, 2), lse
 
 
-def _backward_into(do, q, k, v, o, lse, dq, dk, dv):
-    """Writes the gradients into dq, dk, dv ((B, H, N, d) views; dk and dv share one layout)."""
-    assert dk.stride() == dv.stride(), "dk and dv: one layout (the kernel takes one set of strides)"
+def _backward_packed(do, q, k, v, o, lse):
+    """The gradients as one packed (B, N, 3, H, d) dqkv. Each kernel is handed the whole buffer,
+    never a view of it: torch.compile's Inductor copies a view that a kernel writes into a buffer
+    of its own and back, and for these slot views of one buffer (torch 2.11) the copy read past
+    its source, an illegal memory access in the compiled training step. Whole buffers make no
+    copies at all; the kernels find each slot themselves (stride sgj)."""
     B, H, N, d = q.shape
+    dqkv = torch.empty(B, N, 3, H, d, device=q.device, dtype=q.dtype)
+    grads = dqkv.stride(0), dqkv.stride(3), dqkv.stride(1)  # batch, head, row (as _strides)
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
     wrap_triton(_attn_bwd_delta)[(triton.cdiv(N, 64), B * H)](o, do, delta, N, H, *_strides(o),
@@ -323,13 +323,14 @@ def _backward_into(do, q, k, v, o, lse, dq, dk, dv):
     args = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d), N, H, *_strides(q), *_strides(k),
             *_strides(v), *_strides(do))
     wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, *args, *_strides(dk), HEAD_DIM=d, IS_FP32=fp32,
-        DQ_ATOMIC=atomic)
+        q, k, v, do, lse, delta, dqkv, dq_acc, *args, *grads, dqkv.stride(2), HEAD_DIM=d,
+        IS_FP32=fp32, DQ_ATOMIC=atomic)
     if atomic:
-        dq.copy_(dq_acc.view(B, H, N, d))
+        dqkv[:, :, 0] = dq_acc.view(B, H, N, d).transpose(1, 2)
     else:
         wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, *args, *_strides(dq), HEAD_DIM=d, IS_FP32=fp32)
+            q, k, v, do, lse, delta, dqkv, *args, *grads, HEAD_DIM=d, IS_FP32=fp32)
+    return dqkv
 
 
 @triton_op("avmae::attention", mutates_args=())
@@ -341,10 +342,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 @triton_op("avmae::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor,
-                   lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
-    _backward_into(do, q, k, v, o, lse, dq, dk, dv)
-    return dq, dk, dv
+                   lse: torch.Tensor) -> torch.Tensor:
+    return _backward_packed(do, q, k, v, o, lse)  # (one tensor: an op's outputs may not alias)
 
 
 @triton_op("avmae::attention_qkv", mutates_args=())
@@ -355,9 +354,7 @@ def _attention_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton_op("avmae::attention_qkv_bwd", mutates_args=())
 def _attention_qkv_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor) -> torch.Tensor:
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    _backward_into(do, *_unpack(qkv), o, lse, *_unpack(dqkv))
-    return dqkv
+    return _backward_packed(do, *_unpack(qkv), o, lse)
 
 
 def _setup(ctx, inputs, output):
@@ -365,7 +362,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, do, dlse):
-    return _attention_bwd(do, *ctx.saved_tensors)
+    return _unpack(_attention_bwd(do, *ctx.saved_tensors))
 
 
 def _backward_qkv(ctx, do, dlse):

@@ -330,7 +330,7 @@ def compile_check(cc: int, full: bool = True) -> list:
         fp32 = dt == "fp32"
         for d in (32, 64, 128) if full else (64,):
             fix = dict(HEAD_DIM=d, IS_FP32=fp32)
-            io = dict(Q=dt, K=dt, V=dt, O=dt, DO=dt, DQ=dt, DK=dt, DV=dt, LSE="fp32",
+            io = dict(Q=dt, K=dt, V=dt, O=dt, DO=dt, DQKV=dt, LSE="fp32",
                       DELTA="fp32", DQACC="fp32")
             cases += [(f"attention fwd{' tma' if t else ''}", attention._attn_fwd, io,
                        {**fix, "TMA": t}, attention._FWD) for t in (False, True)]

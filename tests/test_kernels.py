@@ -192,6 +192,45 @@ def test_attention_hard_cases(dtype, kind, atomic, monkeypatch):
         assert (a.float() - b).abs().max() <= 8 * tol * max(1.0, b.abs().max().item()), f"d{name}"
 
 
+def test_attention_kernels_write_whole_buffers_never_views(monkeypatch):
+    # torch.compile's Inductor copies a view that a user kernel writes into a buffer of its own and
+    # back; for the three slot views of one packed dqkv, torch 2.11's copy read past its source (an
+    # illegal memory access in the compiled training step on an H200). So every tensor an attention
+    # kernel writes (the output, the log-sum-exp, delta, the packed gradient, the atomic dq) is a
+    # whole buffer, and the kernels find the slots by stride. Both entry points, both backwards.
+    written = dict(_attn_fwd={"O", "LSE"}, _attn_bwd_delta={"DELTA"},
+                   _attn_bwd_dkdv={"DQKV", "DQACC"}, _attn_bwd_dq={"DQKV"})
+    seen = []
+    real = kernels.attention.wrap_triton
+
+    def recording(kernel):
+        jit = kernel.fn if hasattr(kernel, "configs") else kernel  # (an Autotuner's kernel)
+
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*args, **kw):
+                    seen.extend((jit.fn.__name__, n, a._base is None and a.storage_offset() == 0)
+                                for n, a in zip(jit.arg_names, args)
+                                if n in written[jit.fn.__name__])
+                    return real(kernel)[grid](*args, **kw)
+                return run
+        return Launch()
+    monkeypatch.setattr(kernels.attention, "wrap_triton", recording)
+    for atomic in (False, True):
+        monkeypatch.setattr(kernels.attention, "DQ_ATOMIC", atomic)
+        qkv = torch.randn(2, 37, 3, 2, 16, requires_grad=True)
+        q, k, v = (torch.randn(2, 2, 37, 16, requires_grad=True) for _ in range(3))
+        for out, inputs in ((kernels.attention.attention(qkv), (qkv,)),
+                            (kernels.attention.attention(q, k, v), (q, k, v))):
+            got = torch.autograd.grad(out.square().sum(), inputs)
+            twins = [t.detach().requires_grad_() for t in inputs]
+            want = torch.autograd.grad(avmae.attention(*twins).square().sum(), twins)
+            for a, b in zip(got, want):  # (the slots found by stride: still the right gradients)
+                close(a, b, TOL[torch.float32])
+    assert {(k, n) for k, n, _ in seen} == {(k, n) for k, ns in written.items() for n in ns}
+    assert all(whole for *_, whole in seen), [(k, n) for k, n, whole in seen if not whole]
+
+
 @pytest.mark.parametrize("variant", [
     dict(), dict(encoder="early", objective="inpaint_v"), dict(decoder_layout="unshuffle",
                                                                norm_pix_loss=True),
@@ -538,9 +577,10 @@ def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(mo
 
 
 def test_the_report_times_the_compiled_steps_alone_when_asked(monkeypatch):
-    # `--only step --modes compiled [--backends ...]`: the short GPU call after a fix to a compiled path times each
-    # kernel set compiled, and no eager step; a CPU compiles none (the GPU is faked here: the
-    # model stays on the CPU and each kernel set is its own)
+    # `--only step --modes compiled [--backends ...]`: the short GPU call after a fix to a
+    # compiled path times each kernel set compiled (or the ones named), and no eager step; a CPU
+    # compiles none (the GPU is faked here: the model stays on the CPU and each kernel set is its
+    # own)
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
     import bench
     import train
