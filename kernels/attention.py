@@ -308,8 +308,8 @@ def _backward_packed(do, q, k, v, o, lse):
     """The gradients as one packed (B, N, 3, H, d) dqkv. Each kernel is handed the whole buffer,
     never a view of it: torch.compile's Inductor copies a view that a kernel writes into a buffer
     of its own and back, and for these slot views of one buffer (torch 2.11) the copy read past
-    its source, an illegal memory access in the compiled training step. Whole buffers make no
-    copies at all; the kernels find each slot themselves (stride sgj)."""
+    its source, an illegal memory access in the compiled training step (pytorch/pytorch#161115,
+    #192219). Whole buffers make no copies at all; the kernels find each slot by stride (sgj)."""
     B, H, N, d = q.shape
     dqkv = torch.empty(B, N, 3, H, d, device=q.device, dtype=q.dtype)
     grads = dqkv.stride(0), dqkv.stride(3), dqkv.stride(1)  # batch, head, row (as _strides)
