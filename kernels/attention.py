@@ -291,7 +291,7 @@ def _forward(q, k, v):
     assert supports(q, k, v), (f"not an input this kernel takes (see supports): {q.shape} "
                                f"{q.dtype}, strides {q.stride()}")
     B, H, N, d = q.shape
-    o = torch.empty(B, N, H, d, device=q.device, dtype=q.dtype)  # (see _backward_into)
+    o = torch.empty(B, N, H, d, device=q.device, dtype=q.dtype)  # (whole: see _backward_packed)
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
     tma = FWD_TMA and hasattr(tl, "make_tensor_descriptor") and _tma_ok(q, k, v)
     if tma:  # device-side descriptors need a scratch allocation
