@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 MODALITIES = ("a", "v")  # the fixed order modalities are concatenated in
 
 # -----------------------------------------------------------------------------
@@ -44,48 +46,56 @@ MODALITIES = ("a", "v")  # the fixed order modalities are concatenated in
 @dataclass
 class AVMAEConfig:
     # what is pretrained
-    modalities: str = "av"        # av | a | v
-    encoder: str = "mid"          # early | separate | mid | shared
-    decoder: str = "shared"       # early | separate | shared
-    objective: str = "joint"      # joint | inpaint_v | inpaint_a | inpaint_both
+    modalities: str = "av"        # what is pretrained: audio and video, or one alone (a: AudioMAE,
+                                  # v: VideoMAE; Table 3)
+    encoder: str = "mid"          # how the encoder fuses the modalities (Fig. 2; docstring above):
+                                  # mid is the paper's best; mavil, cavmae, xattn: the relatives
+    decoder: str = "shared"       # how the decoder fuses them (Sec. 3.3): shared (tied weights, per
+                                  # modality; best) | separate | early (one over both)
+    objective: str = "joint"      # what is reconstructed (Sec. 3.4): joint (both, from both) |
+                                  # inpaint_v / inpaint_a / inpaint_both (one modality from the
+                                  # other alone) | video (AV-MaskEnhancer)
     # inputs (paper: 16 frames of 224x224, tubelets 2x16x16; 8 s of audio = 800 x 128 log-mel)
-    num_frames: int = 16
-    image_size: int = 224
-    in_chans: int = 3
+    num_frames: int = 16          # video frames per clip (16 at stride 4 = 2.56 s)
+    image_size: int = 224         # frame side in pixels (square crops)
+    in_chans: int = 3             # colour channels of a frame (RGB)
     tubelet: int = 2              # frames per tubelet
     patch_size: int = 16          # video patch side
     audio_frames: int = 800       # log-mel frames (10 ms hop)
-    mel_bins: int = 128
-    audio_patch_t: int = 16
-    audio_patch_f: int = 16
+    mel_bins: int = 128           # log-mel frequency bins
+    audio_patch_t: int = 16       # spectrogram patch: time frames
+    audio_patch_f: int = 16       # spectrogram patch: mel bins
     # encoder (defaults: ViT-B)
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
+    width: int = 768              # encoder width D (ViT-B: 768)
+    depth: int = 12               # encoder blocks L (ViT-B: 12)
+    heads: int = 12               # encoder attention heads
+    mlp_ratio: float = 4.0        # MLP hidden width / D
     joint_layers: int = 2         # S for the mid-fusion encoder
     drop_path: float = 0.0        # stochastic depth (finetuning uses 0.3)
     layer_scale: float = 0.0      # LayerScale's first value (Touvron et al., ICCV 2021): each
                                   # encoder block's two branches times a learned per-channel
                                   # factor; 0 = off (the papers)
     # decoder (Table 21, Base)
-    dec_width: int = 384
-    dec_depth: int = 4
-    dec_heads: int = 6
-    dec_mlp: int = 1536
+    dec_width: int = 384          # decoder width (Table 21)
+    dec_depth: int = 4            # decoder blocks (Table 21)
+    dec_heads: int = 6            # decoder attention heads
+    dec_mlp: int = 1536           # decoder MLP hidden width
     # masking
-    mask_ratio_v: float = 0.9
-    mask_ratio_a: float = 0.5
-    mask_type_v: str = "random"   # random | tube
-    mask_type_a: str = "random"   # random | time | freq | tf (CAV-MAE's time-frequency)
+    mask_ratio_v: float = 0.9     # share of video tokens masked (Table 1: 0.9)
+    mask_ratio_a: float = 0.5     # share of audio tokens masked (0.5; AudioSet 0.7)
+    mask_type_v: str = "random"   # random tokens, or tube (the same spatial mask in every frame)
+    mask_type_a: str = "random"   # random tokens, whole time columns, whole frequency rows, or tf
+                                  # (CAV-MAE's time-frequency)
     # positions and targets
     pos_embed: str = "sincos"     # sincos (fixed 1-D per modality, paper) |
                                   # sincos2d (per grid axis, MAViL) | learned
     norm_pix_loss: bool = False   # MAE's per-patch target normalisation; AV-MAE uses raw patches
     recon_sum: bool = False       # sum the modalities' reconstruction terms
                                   # (MAViL Eq. 1) instead of averaging
-    decoder_layout: str = "gather"  # gather: [visible | mask] (VideoMAE) | unshuffle (MAE); equal
-    inpaint_layout: str = "paper"   # paper: mask tokens at the last raster positions | masked
+    decoder_layout: str = "gather"  # the decoder's input order: gather: [visible | mask]
+                                    # (VideoMAE) | unshuffle: raster order (MAE); equal results
+    inpaint_layout: str = "paper"   # inpainting's mask tokens: paper (the last raster positions,
+                                    # the authors' code) | masked (each at a masked patch)
     kernels: str = "auto"         # auto (a kernel where measured faster on this GPU) |
                                   # triton | torch; run time only
     # relatives: MAViL (Huang et al.), CAV-MAE (Gong et al.), AV-MaskEnhancer (Diao et al.)
@@ -105,13 +115,13 @@ class AVMAEConfig:
                                   # (CAV-MAE)
     contrast_inter: float = 0.0   # weight of audio<->video InfoNCE on pooled unimodal outputs
                                   # (MAViL 0.1, CAV-MAE 0.01)
-    tau_inter: float = 0.1        # (MAViL 0.1, CAV-MAE 0.05)
+    tau_inter: float = 0.1        # temperature of the inter-modal InfoNCE (MAViL 0.1, CAV-MAE 0.05)
     contrast_symmetric: bool = True  # both directions averaged (MAViL Eq. 3) | video picks its
                                      # audio among the batch's only (CAV-MAE's code: a
                                      # log-softmax over audio)
     contrast_intra: float = 0.0   # weight of InfoNCE between two masked views of each
                                   # modality (MAViL 0.01)
-    tau_intra: float = 1.0
+    tau_intra: float = 1.0        # temperature of the intra-modal InfoNCE (MAViL 1.0)
     target: str = "pixels"        # pixels (raw patches) | teacher (MAViL stage 2: a frozen
                                   # teacher's fusion outputs)
     teacher_width: int = 0        # the teacher's width (0 = width)
@@ -408,46 +418,10 @@ OPS_TORCH = dict(gather=gather_tokens, assemble=assemble, unshuffle=unshuffle, a
                  loss=recon_loss)
 
 
-# GPUs (a name substring) on which a Triton kernel was measured no slower than its twin, per op
-# (`python kernels/bench.py --report` on that GPU prints the entry its figures support, eager and
-# compiled); "attention/64": attention at head dim 64 only. --kernels auto uses a kernel only
-# there: elsewhere the twins (SDPA for attention) are the fast path. The H200's entry: its report
-# of 4 December 2026 (torch 2.11, Triton 3.6; docs/kernels.md), where the unshuffle and the loss
-# beat their compiled twins 2.2x and 1.3-1.5x, and gather, assembly and attention lost.
-KERNELS_MEASURED_FASTER: dict = {"NVIDIA H200": ("unshuffle", "loss")}
-
-
-def _pick(fast, twin, on_cpu: bool, supports=None, head_dims=None):
-    def op(x, *args):  # the inputs decide (trace-time constants for torch.compile)
-        use = (x.is_cuda or on_cpu) and (supports is None or supports(x, *args)) and (
-            head_dims is None or x.shape[-1] in head_dims)
-        return fast(x, *args) if use else twin(x, *args)
-    op.__name__, op.__doc__ = twin.__name__, twin.__doc__
-    return op
-
-
-def get_ops(name: str, device: str | None = None) -> dict:
-    """The kernel set behind one switch, chosen per op: 'torch' (the twins everywhere); 'triton'
-    (each kernel on the inputs it supports, on CUDA tensors, and on CPU tensors under the Triton
-    interpreter); 'auto' (a kernel only where KERNELS_MEASURED_FASTER lists it for this GPU). The
-    choice is made at run time: it is not part of what a checkpoint holds."""
-    if name not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernels={name!r} is not one of auto, triton, torch")
-    if name == "torch":
-        return OPS_TORCH
-    import kernels  # (imports triton; only when asked for)
-    if name == "auto":
-        gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else ""
-        listed = [op for k, ops in KERNELS_MEASURED_FASTER.items() if k in gpu for op in ops]
-    else:
-        listed = list(kernels.FAST)
-    ops = {}
-    for k, twin in OPS_TORCH.items():
-        dims = {int(op.split("/")[1]) for op in listed if op.startswith(k + "/")}
-        ops[k] = twin if k not in kernels.FAST or (k not in listed and not dims) else \
-            _pick(kernels.FAST[k], twin, name == "triton" and kernels.INTERPRET,
-                  kernels.SUPPORTS.get(k), None if k in listed else dims)
-    return ops
+def get_ops(choice: str, device=None) -> dict:
+    """The ops the model runs, asked for by name: these twins, or where kernels/ picks them (its
+    `select`: --kernels auto | triton | torch), their Triton kernels."""
+    return kernels.select(choice, OPS_TORCH, device)
 
 # -----------------------------------------------------------------------------
 # transformer primitives: pre-LN ViT block (LN eps 1e-6, GELU, MLP 4x), as ViT / MAE

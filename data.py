@@ -9,7 +9,6 @@ publish them).
       --out data/epic
   python data.py builtin --out data/builtin        # the procedural set (also made on first use)
   python data.py stats --root data/vggsound        # log-mel mean/std for audio_norm=dataset
-  python data.py bench --root data/builtin         # loader clips/s
 
 A prepared set (real or built-in) is one folder:
   meta.json                 sample rate, frame rate, short side, label vocabularies ("heads"),
@@ -1006,8 +1005,8 @@ class LoadOptions:
     frame_stride: float = 4       # in 25 fps frames: 4 pretraining,
                                   # 2 finetuning (MAViL 2 fps: 12.5)
     window: str = "hann"          # log-mel window: hann (peers) | hamming (the AV-MAE paper's text)
-    audio_norm: str = "none"      # none (AV-MAE) | dataset (meta.json)
-                                  # | audiomae | cavmae | "mean,scale"
+    audio_norm: str = "none"      # log-mel normalisation: none (AV-MAE) | dataset (the set's own
+                                  # mean and 2 std, meta.json) | audiomae | cavmae | "mean,scale"
     video_aug: str = "none"       # none (pretraining, Table 20: a crop
                                   # of the 256-short-side frame) |
                                   # finetune (jitter, flip, colour) | rrc (MAE's crop + flip)
@@ -1605,63 +1604,6 @@ def cores_per_rank() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def _bench(args):
-    """Loader clips/s (and per core), beside what AV-MAE pretraining needs per second at the same
-    shapes on a GPU (its FLOPs per training clip at a given MFU): data or model, which is slower?"""
-    import avmae
-    import train
-    peak = next((p for k, p in train.PEAK_BF16 if k in args.gpu), None)
-    if peak is None:
-        raise SystemExit(f"--gpu {args.gpu}: no known peak; one of "
-                         f"{', '.join(k for k, _ in train.PEAK_BF16)}")
-    try:  # (the model whose need is printed beside the rate: refused before the measurement)
-        model = avmae.AVMAE(avmae.make_config(args.size, num_frames=args.num_frames,
-                                              image_size=args.image_size,
-                                              audio_frames=args.audio_frames))
-    except ValueError as e:
-        raise SystemExit(f"bench --size {args.size}: {e}")
-    cfg = DataConfig(root=args.root, split=args.split, num_frames=args.num_frames,
-                     frame_stride=args.frame_stride, image_size=args.image_size,
-                     audio_frames=args.audio_frames, decode=args.decode,
-                     video_aug=args.video_aug)
-    loader = make_loader(cfg, args.batch_size, args.workers)
-    if len(loader) == 0:
-        raise ValueError(f"{args.root}: {len(loader.dataset)} clips in {args.split}, fewer than "
-                         f"--batch_size {args.batch_size}")
-    on_gpu = args.decode == "gpu" and torch.cuda.is_available()
-    gpu = GPUDecoder(loader.dataset) if on_gpu else None
-    # the clock starts once 2 batches are in (the workers' start-up); then --batches are timed
-    n, t0, i = 0, None, 0
-    while i < args.batches + 2:  # as many epochs as it takes
-        for batch in loader:
-            if gpu:
-                batch = gpu(batch)
-                torch.cuda.synchronize()
-            i += 1
-            if i == 2:
-                t0 = time.time()
-            elif i > 2:
-                n += len(batch["id"])
-            if i == args.batches + 2:
-                break
-    rate = n / (time.time() - t0)
-    what = {"cpu": "CPU decode", "gpu": "GPU decode" if on_gpu else
-            "the worker side of --decode gpu (no CUDA here: JPEG bytes, samples and draws; the "
-            "decode, log-mel and augmentation on the device are not counted)"}[args.decode]
-    print(f"{rate:.1f} clips/s, {rate / max(1, args.workers):.1f} per worker core ({args.workers} "
-          f"workers; {what}; {args.num_frames} x {args.image_size}^2 frames at stride "
-          f"{args.frame_stride:g}, video_aug {args.video_aug}, {args.audio_frames} log-mel "
-          f"frames, batch {args.batch_size})")
-    per_clip = model.flops()["train"]
-    need = peak * args.mfu / per_clip
-    cores = args.cores or max(1, args.workers)  # (0 workers: the main process's core)
-    verdict = "data-bound" if rate / max(1, args.workers) * cores < need else "model-bound"
-    print(f"AV-MAE pretraining, ViT-{args.size}, these shapes: {per_clip / 1e9:.0f} GFLOP per "
-          f"training clip; one {args.gpu} at {args.mfu:.0%} MFU needs {need:.0f} clips/s; "
-          f"{cores} cores at this rate give {rate / max(1, args.workers) * cores:.0f}: "
-          f"{verdict}")
-
-
 def at_least(low: int):
     """An argparse type: an integer of at least `low` (else one line, at parse time)."""
     def parse(text):
@@ -1701,7 +1643,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    import avmae
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="raw videos + a manifest -> a prepared set")
@@ -1734,25 +1675,6 @@ def main(argv=None):
     ps.add_argument("--root", required=True)
     ps.add_argument("--split", default="train")
     ps.add_argument("--max_clips", type=at_least(1), default=2000)
-    pn = sub.add_parser("bench", help="measure loader throughput")
-    pn.add_argument("--root", default="data/builtin")
-    pn.add_argument("--split", default="train")
-    pn.add_argument("--workers", type=at_least(0), default=cores_per_rank())
-    pn.add_argument("--batch_size", type=at_least(1), default=32)
-    pn.add_argument("--batches", type=at_least(1), default=20)
-    pn.add_argument("--num_frames", type=at_least(1), default=16)
-    pn.add_argument("--frame_stride", type=above_zero(), default=4)
-    pn.add_argument("--image_size", type=at_least(16), default=224)
-    pn.add_argument("--audio_frames", type=at_least(16), default=800)
-    pn.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
-    pn.add_argument("--video_aug", choices=["none", "finetune", "rrc"], default="none",
-                    help="none: pretraining's crop; finetune: finetuning's jitter, flip and colour")
-    pn.add_argument("--size", default="base", choices=list(avmae.SIZES),
-                    help="the model whose need is printed beside")
-    pn.add_argument("--gpu", default="H100", help="whose bf16 peak sets the need")
-    pn.add_argument("--mfu", type=above_zero(1), default=0.45)
-    pn.add_argument("--cores", type=at_least(0), default=0, help="cores per GPU to scale to "
-                    "(16: an H100 node's share); default: --workers")
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # (named so when it is missing)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -1766,11 +1688,6 @@ def main(argv=None):
             make_checkset(args.out, workers=args.workers, **{k: getattr(args, k) for k in CHECKSET})
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             sys.exit(str(e))
-    elif args.cmd == "bench":
-        try:
-            _bench(args)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"{e} (bench measures a prepared set: --root)")
     elif args.cmd == "stats":
         mean, std = audio_stats(args.root, args.split, args.max_clips)
         print(f"{args.root}: log-mel mean {mean:.4f}, std {std:.4f} (written to meta.json)")

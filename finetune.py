@@ -41,7 +41,7 @@ import train
 
 @dataclass
 class FinetuneConfig(train.RunConfig):
-    preset: str = "vggsound"
+    preset: str = "vggsound"      # a named recipe (PRESETS below); flags given win over it
     init: str = ""                # a pretraining checkpoint (train.py); '' = from scratch
     modality: str = "av"          # audio | video | av
     arch: str = "mbt"             # mbt | encoder (av only) | vivit_fe | vivit_fsa | vivit_fdp
@@ -67,38 +67,38 @@ class FinetuneConfig(train.RunConfig):
                                   # authors' (8 of 12; 16 of 24, AudioSet 18)
     inflate: str = "inflate"      # a video stream from an audio-only
                                   # checkpoint: inflate | central | none (ViViT)
-    bottlenecks: int = 4
+    bottlenecks: int = 4          # MBT's bottleneck tokens (Nagrani et al.: 4)
     unimodal_loss: float = 0.0    # MBT: weight of a loss per modality on each stream's tokens as
                                   # they enter the fusion layer (Gradient Blending); 0 = off, as the
                                   # authors
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = "train"    # the prepared split to finetune on
+    test_split: str = "test"      # the split evaluated (metrics.json, predictions.csv)
     num_frames: int = 32          # Table 22: 32 frames at stride 2
-    frame_stride: float = 2
-    image_size: int = 224
-    audio_frames: int = 800       # 8 s (AudioSet: 10 s)
+    frame_stride: float = 2       # in 25 fps frames
+    image_size: int = 224         # frame side in pixels
+    audio_frames: int = 800       # log-mel frames: 8 s (AudioSet: 10 s)
     video_aug: str = "finetune"   # finetune (scale jitter, flip, colour,
                                   # the authors' ViViT / MBT) | none | rrc
-    batch_size: int = 64          # global
-    epochs: int = 50
-    warmup_epochs: float = 2.5
+    batch_size: int = 64          # global batch, over all ranks (Table 22)
+    epochs: int = 50              # passes over the training split (Table 22)
+    warmup_epochs: float = 2.5    # linear warm-up, then cosine decay (Table 22)
     optimizer: str = "sgd"        # sgd (momentum 0.9, the paper) | adamw
     blr: float = 3.2              # Table 22: 0.8 at batch 64 (AudioSet
                                   # 1.6 at 128; EPIC 1.2 at 64 = 4.8)
     layer_decay: float = 0.75     # layer-wise lr decay (BEiT / ELECTRA)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0        # gradient norm clipped to this (0 = off)
     mixup: float = 0.5            # Beta(alpha, alpha); 0 = off (the same mix for both modalities)
-    label_smoothing: float = 0.3
-    drop_path: float = 0.3
+    label_smoothing: float = 0.3  # label smoothing of the targets (Table 22)
+    drop_path: float = 0.3        # stochastic depth of the encoder's last block (Table 22)
     specaug_freq: int = 48        # one frequency mask up to 48 bins (AST)
     specaug_time: int = 0         # the authors' code had time masks off
     time_shift: bool = False      # random circular shift of the spectrogram (AudioSet, EPIC)
     views: int = 4                # temporal views averaged at test time
-    kernels: str = "auto"
-    out_dir: str = "out/finetune"
-    keep_last: int = 2
-    eval_every: int = 5           # epochs
-    eval_only: bool = False
+    kernels: str = "auto"         # auto | triton | torch (kernels/: which op runs)
+    out_dir: str = "out/finetune" # checkpoints, log.jsonl, metrics.json, predictions.csv
+    keep_last: int = 2            # checkpoints kept (older ones are removed)
+    eval_every: int = 5           # epochs between evaluations on the test split
+    eval_only: bool = False       # evaluate the --resume checkpoint and exit
 
 
 PRESETS = {

@@ -20,6 +20,8 @@ import contextlib
 import datetime
 import errno
 import glob
+import inspect
+import io
 import itertools
 import json
 import math
@@ -30,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import tokenize
 import zlib
 from dataclasses import asdict, dataclass, fields
 
@@ -53,16 +56,17 @@ class RunConfig(data.LoadOptions):
                                   # missing '*builtin' folder is generated
     workers: int = -1             # DataLoader workers per rank; -1 = the
                                   # cores per rank (affinity / LOCAL_WORLD_SIZE)
-    max_steps: int = 0            # > 0 overrides epochs
+    max_steps: int = 0            # the run's length in steps; > 0 overrides --epochs
     lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
-    min_lr: float = 0.0
+    min_lr: float = 0.0           # where the cosine schedule ends
     weight_decay: float = 0.0     # Table 20 (the authors' config: 0.05 on weight matrices)
-    precision: str = "auto"       # auto (bf16 autocast on a GPU that has bf16
-                                  # (Ampere on), else fp32) | bf16 | fp32
-    compile: bool = False
-    resume: str = ""              # '' | auto (out_dir's latest, if any) | a checkpoint path
-    save_every: int = 1000        # steps; a final checkpoint is always written
-    log_every: int = 10
+    precision: str = "auto"       # the autocast dtype: auto (bf16 on a GPU that has it, Ampere
+                                  # on; else fp32) | bf16 | fp32
+    compile: bool = False         # torch.compile the model (a GPU: faster steps after a minute)
+    resume: str = ""              # continue a run: auto (out_dir's latest intact checkpoint, if
+                                  # any) or a checkpoint path; '' starts anew
+    save_every: int = 1000        # steps between checkpoints (a final one is always written)
+    log_every: int = 10           # steps between log.jsonl lines (the mean loss since the last)
     max_bad_steps: int = 0        # non-finite losses to skip before stopping
     on_save_error: str = "retry"  # a checkpoint that cannot be written (disk
                                   # full): retry at the next save | stop
@@ -74,27 +78,27 @@ class RunConfig(data.LoadOptions):
 
 @dataclass
 class TrainConfig(RunConfig):
-    preset: str = "vggsound_b"
-    variant: str = "avmae"        # avmae | mavil | mavil_mbt | mavil2
-                                  # | cavmae | avme (the relatives)
+    preset: str = "vggsound_b"    # a named recipe (PRESETS below); flags given win over it
+    variant: str = "avmae"        # AV-MAE or a relative's recipe (VARIANTS below): MAViL stage 1
+                                  # (mavil, mavil_mbt) or 2 (mavil2), CAV-MAE, AV-MaskEnhancer
     teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint
                                   # whose fusion outputs are the targets
-    split: str = "train"
+    split: str = "train"          # the prepared split to pretrain on
     batch_size: int = 512         # global batch (all ranks, all accumulation steps)
-    grad_accum: int = 1
+    grad_accum: int = 1           # micro-steps per step (the same global batch, less memory)
     epochs: int = 800             # Table 5: 800 on VGGSound
     warmup_epochs: float = 40.0   # Table 20 (the authors' config: 4)
     blr: float = 1.5e-4           # base lr per 256 clips (3e-4 at batch 512, Table 20)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 0.0        # 0 = off
+    beta1: float = 0.9            # AdamW's first beta (Table 20)
+    beta2: float = 0.95           # AdamW's second beta (Table 20)
+    grad_clip: float = 0.0        # clip the gradient norm to this; 0 = off
     fsdp: bool = False            # shard parameters, gradients and
                                   # optimizer state (torch fully_shard)
-    out_dir: str = "out/pretrain"
-    keep_last: int = 3
+    out_dir: str = "out/pretrain" # checkpoints, log.jsonl, reconstruction pictures
+    keep_last: int = 3            # checkpoints kept (older ones are removed)
     picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
     bench: bool = False           # time steps on synthetic in-memory batches, then exit
-    bench_steps: int = 10
+    bench_steps: int = 10         # with --bench: steps timed (after 3 warm-up steps)
     profile: int = 0              # with --bench: this many more steps under torch.profiler, and
                                   # where their device time goes (matmuls, attention, ...)
 
@@ -190,14 +194,54 @@ def _bool(s: str) -> bool:
     return v
 
 
+def field_help(dc) -> dict:
+    """{field: its comment in the dataclass's source}: a field's trailing comment and the comment
+    lines under it, at its column (a subclass that overrides a field without one keeps its base's).
+    These comments are the -h text of the flags."""
+    out = {}
+    for klass in reversed(dc.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        names, mine, current, col = set(vars(klass)["__annotations__"]), {}, None, None
+        src = inspect.getsource(klass)
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and \
+                    tok.line.lstrip().startswith(tok.string + ":"):
+                current, col = tok.string, None
+                mine[current] = []
+            elif tok.type == tokenize.COMMENT and current and (col is None or tok.start[1] >= col):
+                col = tok.start[1] if col is None else col
+                mine[current].append(tok.string.lstrip("#").strip())
+            elif tok.type == tokenize.COMMENT and tok.start[1] == 4:
+                current = None  # (a comment that opens the next group of fields)
+        out.update({k: " ".join(v) for k, v in mine.items() if v})
+    return out
+
+
+# -h groups the flags; a field not named here is the model's (AVMAEConfig's) or the run's
+FLAG_GROUPS = dict(
+    data=("data", "split", "train_split", "test_split", "workers", "frame_stride", "window",
+          "audio_norm", "video_aug", "decode", "seed", "num_frames", "image_size", "audio_frames",
+          "views", "specaug_freq", "specaug_time", "time_shift"),
+    optimisation=("batch_size", "grad_accum", "epochs", "max_steps", "warmup_epochs", "blr", "lr",
+                  "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "optimizer",
+                  "layer_decay", "mixup", "label_smoothing", "drop_path", "unimodal_loss"),
+    model=("preset", "size", "variant", "teacher", "init", "modality", "arch", "temporal_layers",
+           "mtv_views", "tokenlearner", "tokenlearner_layer", "mbt_head", "linear_probe", "width",
+           "depth", "heads", "layer_scale", "fusion_layer", "inflate", "bottlenecks"))
+
+
 def build_parser(*dataclasses_, description=__doc__, choices=None):
-    """One flag per dataclass field (default None = not given), typed from the field; `choices`
-    (field -> allowed values) makes argparse list them."""
+    """One flag per dataclass field (default None = not given), typed from the field, its help the
+    field's comment, in -h's groups (model, data, optimisation, run); `choices` (field -> allowed
+    values) makes argparse list them."""
     choices = choices or {}
-    p = data.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    usage="%(prog)s [--flag VALUE ...]")
+    groups = {g: p.add_argument_group(g) for g in ("model", "data", "optimisation", "run")}
     seen = set()
     for dc in dataclasses_:
-        g = p.add_argument_group(dc.__name__)
+        helps = field_help(dc)
         for f in fields(dc):
             if f.name in seen:
                 continue
@@ -209,7 +253,11 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
                 kw = dict(nargs="?", const=True, type=_bool)
             else:
                 kw = dict(type=t, choices=choices.get(f.name))
-            g.add_argument(f"--{f.name}", default=None, help=f"(default {f.default!r})", **kw)
+            group = next((g for g, names in FLAG_GROUPS.items() if f.name in names),
+                         "model" if dc is avmae.AVMAEConfig else "run")
+            text = helps.get(f.name, "").replace("%", "%%")
+            groups[group].add_argument(f"--{f.name}", default=None,
+                                       help=f"{text} (default {f.default!r})", **kw)
     return p
 
 
@@ -1150,121 +1198,6 @@ def load_teacher(path: str, device, ck: dict | None = None) -> avmae.AVMAE:
 # the loop
 
 
-def bench(model, mcfg, tcfg, d: Dist, micro: int):
-    """Steps on synthetic batches held in memory: the model's speed without the data pipeline;
-    with tcfg.profile, where a step's device time goes (profile_steps)."""
-    raw = unwrap(model)
-    opt = optimizer(raw, tcfg, 1e-4, d.device)  # (and the gradient norm: a training step's work)
-    x = {}
-    if "a" in mcfg.modalities:
-        x["a"] = torch.randn(micro, mcfg.audio_frames, mcfg.mel_bins, device=d.device)
-    if "v" in mcfg.modalities:
-        x["v"] = torch.rand(micro, 3, mcfg.num_frames, mcfg.image_size, mcfg.image_size,
-                            device=d.device) * 2 - 1
-    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
-    if d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        with autocast_ctx(tcfg.precision, d.device):
-            loss = model(**x, masks=raw.sample_masks(micro, d.device))["loss"]
-        loss.backward()
-        clip_grads(model, tcfg)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    times = []
-    for i in range(3 + tcfg.bench_steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    dt = float(np.median(times))
-    fl = raw.flops()
-    clips = micro * d.world / dt
-    peak = peak_flops(d.device)
-    res = dict(
-        step_s=dt, clips_per_s=clips, tflops_per_gpu=clips * fl["train"] / d.world / 1e12,
-        mfu=(clips * fl["train"] / (peak * d.world)) if peak else None,
-        peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if d.device.type == "cuda" else None,
-        gflops_fwd_per_clip=fl["forward"] / 1e9, micro_batch=micro, world=d.world,
-        device=torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
-    print0(f"{res['device']}: {clips:.2f} clips/s ({dt * 1e3:.0f} ms a step of {micro} clips x "
-           f"{d.world} ranks), {res['tflops_per_gpu']:.2f} TFLOP/s per device, "
-           + (f"MFU {res['mfu']:.1%}" if peak else "MFU: no known peak for this device")
-           + (f", peak memory {res['peak_mem_gb']:.1f} GB" if res["peak_mem_gb"] else ""))
-    if tcfg.profile:
-        try:  # (the timing above stands whatever the profiler does)
-            res["profile"] = profile_steps(step, tcfg.profile, d.device)
-        except RuntimeError as e:
-            res["profile"] = dict(share={}, steps=tcfg.profile, note=f"the profiler failed "
-                                  f"({str(e).strip().splitlines()[0][:160]})")
-        print0(profile_line(res["profile"]))
-    print0(json.dumps(res))  # (the same, for scripts: the last line)
-    return res
-
-
-# what a profiled step's device time goes to, by kernel name (on a CPU: by op name), the first
-# pattern that matches; the names are cuBLAS's / CUTLASS's, SDPA's backends', ours, Inductor's
-KINDS = (("attention", r"attn|attention|flash|fmha|sdp|mha"),
-         ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|wgmma|^triton_tem_fused_(add)?b?mm"
-                    r"|^aten::(mm|addmm|bmm|baddbmm)$"),
-         ("optimizer", r"optimizer|adam|multi_tensor|foreach"),
-         ("gather, assembly, loss (ours)", r"^_(gather|scatter|assemble|loss)_"),
-         ("fused by torch.compile", r"^triton_"),
-         ("copies", r"memcpy|memset|copy|catarray|index|gather|scatter|^aten::cat$"))
-
-
-def profile_steps(step, n: int, device: torch.device) -> dict:
-    """Run step() n times under torch.profiler. Returns each KINDS' share of the device time
-    ('other': the rest: norms, activations, additions outside a compiled graph, ...) and, on
-    CUDA, how busy the device was from the first kernel's start to the last one's end (the gaps:
-    launches the CPU had not made yet, waits for the host). On a CPU: the ops' own CPU time."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    cuda = device.type == "cuda"
-    if not cuda:  # (a CUDA build without a GPU: Kineto's error about counting GPUs, and its
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # start / stop lines, say nothing here)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        for _ in range(n):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-    spans, by = [], {k: 0.0 for k, _ in KINDS + (("other", ""),)}
-    for e in prof.events():
-        if cuda and e.device_type == DeviceType.CUDA:
-            t = (e.time_range.start, e.time_range.end)
-        elif not cuda and e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0:
-            t = (0.0, e.self_cpu_time_total)
-        else:
-            continue
-        spans.append(t)
-        kind = next((k for k, pat in KINDS if re.search(pat, e.name, re.I)), "other")
-        by[kind] += t[1] - t[0]
-    if not spans:
-        return dict(share={}, steps=n, note="the profiler recorded no kernels (no CUPTI?)")
-    total = sum(by.values())
-    out = dict(share={k: v / total for k, v in by.items()}, steps=n)
-    if cuda:
-        busy, end = 0.0, -math.inf  # the union of the kernels' intervals
-        for a, b in sorted(spans):
-            busy += max(0.0, b - max(a, end))
-            end = max(end, b)
-        out["busy"] = busy / (end - min(a for a, _ in spans))
-    return out
-
-
-def profile_line(p: dict) -> str:
-    if "note" in p:
-        return f"--profile: {p['note']}"
-    shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items() if v >= 0.005)
-    busy = f"; the device busy {p['busy']:.0%} of the time" if "busy" in p else ""
-    return (f"where {p['steps']} profiled steps' {'device' if 'busy' in p else 'CPU'} time goes: "
-            f"{shares}{busy} (under the profiler)")
-
-
 def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None) -> dict:
     """Pretrain; returns a summary (final loss, paths). hooks['batch'](step, batch) -> batch lets
     tests inject faults."""
@@ -1296,7 +1229,9 @@ def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
     model, teacher, per_rank = build(mcfg, tcfg, d)
     if tcfg.bench:
         try:
-            return bench(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d, per_rank)
+            from kernels.bench import step_speed  # (the speed alone: benchmarking's code)
+            return step_speed(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d,
+                              per_rank)
         except torch.OutOfMemoryError as e:
             raise out_of_memory(e, d, 0, per_rank, "lower --batch_size, raise --grad_accum, or "
                                 "add --fsdp", tcfg.out_dir) from None

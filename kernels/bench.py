@@ -18,10 +18,13 @@ triton, eager and compiled: clips/s, MFU and peak memory; and torch.compile(full
 import argparse
 import contextlib
 import json
+import math
 import os
+import re
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,7 +131,7 @@ def _compiled(fn, dev):  # the twin as torch.compile fuses it (on a GPU only: a 
 
 
 def suggest(dev, memory, attention, checks=()) -> str:
-    """The avmae.KERNELS_MEASURED_FASTER entry these figures support: a memory kernel where it was
+    """The kernels.MEASURED_FASTER entry these figures support: a memory kernel where it was
     no slower than its twin, eager and compiled; attention at head dim 64 where ours, as it runs
     by default, was no slower than SDPA's best backend (forward + backward) at every length and
     no less accurate than twice SDPA's own error; and which of our attention options, if any,
@@ -300,16 +303,132 @@ def bench_step(dev, small, on_row=None, modes=("eager", "compiled"),
 def _bench_one(train, model, mcfg, tcfg, dev, micro, compiled, backend, graphs):
     d = train.Dist(device=torch.device(dev))
     if not compiled:
-        return train.bench(model, mcfg, tcfg, d, micro)
+        return step_speed(model, mcfg, tcfg, d, micro)
     try:
-        r = train.bench(torch.compile(model, fullgraph=True), mcfg, tcfg, d, micro)
+        r = step_speed(torch.compile(model, fullgraph=True), mcfg, tcfg, d, micro)
         graphs.append(f"{backend}: one graph (fullgraph=True)")
         return r
     except Exception as e:  # a graph break (or another compile error): said, then without
         graphs.append(f"{backend}: fullgraph=True failed ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[0][:160]})")
         torch._dynamo.reset()
-        return train.bench(torch.compile(model), mcfg, tcfg, d, micro)
+        return step_speed(torch.compile(model), mcfg, tcfg, d, micro)
+
+
+def step_speed(model, mcfg, tcfg, d, micro: int):
+    """train.py --bench: steps on synthetic batches held in memory: the model's speed without the data pipeline;
+    with tcfg.profile, where a step's device time goes (profile_steps)."""
+    import train
+    raw = train.unwrap(model)
+    opt = train.optimizer(raw, tcfg, 1e-4, d.device)  # (and the gradient norm: a training step's work)
+    x = {}
+    if "a" in mcfg.modalities:
+        x["a"] = torch.randn(micro, mcfg.audio_frames, mcfg.mel_bins, device=d.device)
+    if "v" in mcfg.modalities:
+        x["v"] = torch.rand(micro, 3, mcfg.num_frames, mcfg.image_size, mcfg.image_size,
+                            device=d.device) * 2 - 1
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with train.autocast_ctx(tcfg.precision, d.device):
+            loss = model(**x, masks=raw.sample_masks(micro, d.device))["loss"]
+        loss.backward()
+        train.clip_grads(model, tcfg)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    times = []
+    for i in range(3 + tcfg.bench_steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    fl = raw.flops()
+    clips = micro * d.world / dt
+    peak = train.peak_flops(d.device)
+    res = dict(
+        step_s=dt, clips_per_s=clips, tflops_per_gpu=clips * fl["train"] / d.world / 1e12,
+        mfu=(clips * fl["train"] / (peak * d.world)) if peak else None,
+        peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if d.device.type == "cuda" else None,
+        gflops_fwd_per_clip=fl["forward"] / 1e9, micro_batch=micro, world=d.world,
+        device=torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
+    train.print0(f"{res['device']}: {clips:.2f} clips/s ({dt * 1e3:.0f} ms a step of {micro} clips x "
+           f"{d.world} ranks), {res['tflops_per_gpu']:.2f} TFLOP/s per device, "
+           + (f"MFU {res['mfu']:.1%}" if peak else "MFU: no known peak for this device")
+           + (f", peak memory {res['peak_mem_gb']:.1f} GB" if res["peak_mem_gb"] else ""))
+    if tcfg.profile:
+        try:  # (the timing above stands whatever the profiler does)
+            res["profile"] = profile_steps(step, tcfg.profile, d.device)
+        except RuntimeError as e:
+            res["profile"] = dict(share={}, steps=tcfg.profile, note=f"the profiler failed "
+                                  f"({str(e).strip().splitlines()[0][:160]})")
+        train.print0(profile_line(res["profile"]))
+    train.print0(json.dumps(res))  # (the same, for scripts: the last line)
+    return res
+
+
+# what a profiled step's device time goes to, by kernel name (on a CPU: by op name), the first
+# pattern that matches; the names are cuBLAS's / CUTLASS's, SDPA's backends', ours, Inductor's
+KINDS = (("attention", r"attn|attention|flash|fmha|sdp|mha"),
+         ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|wgmma|^triton_tem_fused_(add)?b?mm"
+                    r"|^aten::(mm|addmm|bmm|baddbmm)$"),
+         ("optimizer", r"optimizer|adam|multi_tensor|foreach"),
+         ("gather, assembly, loss (ours)", r"^_(gather|scatter|assemble|loss)_"),
+         ("fused by torch.compile", r"^triton_"),
+         ("copies", r"memcpy|memset|copy|catarray|index|gather|scatter|^aten::cat$"))
+
+
+def profile_steps(step, n: int, device: torch.device) -> dict:
+    """Run step() n times under torch.profiler. Returns each KINDS' share of the device time
+    ('other': the rest: norms, activations, additions outside a compiled graph, ...) and, on
+    CUDA, how busy the device was from the first kernel's start to the last one's end (the gaps:
+    launches the CPU had not made yet, waits for the host). On a CPU: the ops' own CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    if not cuda:  # (a CUDA build without a GPU: Kineto's error about counting GPUs, and its
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # start / stop lines, say nothing here)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    spans, by = [], {k: 0.0 for k, _ in KINDS + (("other", ""),)}
+    for e in prof.events():
+        if cuda and e.device_type == DeviceType.CUDA:
+            t = (e.time_range.start, e.time_range.end)
+        elif not cuda and e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0:
+            t = (0.0, e.self_cpu_time_total)
+        else:
+            continue
+        spans.append(t)
+        kind = next((k for k, pat in KINDS if re.search(pat, e.name, re.I)), "other")
+        by[kind] += t[1] - t[0]
+    if not spans:
+        return dict(share={}, steps=n, note="the profiler recorded no kernels (no CUPTI?)")
+    total = sum(by.values())
+    out = dict(share={k: v / total for k, v in by.items()}, steps=n)
+    if cuda:
+        busy, end = 0.0, -math.inf  # the union of the kernels' intervals
+        for a, b in sorted(spans):
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        out["busy"] = busy / (end - min(a for a, _ in spans))
+    return out
+
+
+def profile_line(p: dict) -> str:
+    if "note" in p:
+        return f"--profile: {p['note']}"
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items() if v >= 0.005)
+    busy = f"; the device busy {p['busy']:.0%} of the time" if "busy" in p else ""
+    return (f"where {p['steps']} profiled steps' {'device' if 'busy' in p else 'CPU'} time goes: "
+            f"{shares}{busy} (under the profiler)")
 
 
 # shared memory a block may use, bytes (opt-in maximum), per compute capability
@@ -440,7 +559,7 @@ def markdown(dev, res, small) -> str:
         out += ["", f"torch.compile of the training step: {res.get('fullgraph', 'not run')}"]
         out += profiles(steps, dev)
     if "memory" in res or "attention" in res:
-        out += ["", "avmae.KERNELS_MEASURED_FASTER entry these figures support: "
+        out += ["", "kernels.MEASURED_FASTER entry these figures support: "
                 f"{suggest(dev, memory, attention, checks)}"]
     out += ["", "Seconds per section (with compiling and autotuning): " + ", ".join(
                 f"{k} {v:.0f}" for k, v in res.get("seconds", {}).items()) + ".", ""]
@@ -449,16 +568,15 @@ def markdown(dev, res, small) -> str:
 
 def profiles(steps, dev) -> list:
     """The step rows' torch.profiler figures as a table: each kind's share of the device time
-    (train.KINDS, by kernel name), and how busy the device was."""
-    import train
+    (KINDS, by kernel name), and how busy the device was."""
     got = [(b, m, p) for b, m, *_, p in steps if p and p.get("share")]
     if not got:
         return []
-    kinds = [k for k, _ in train.KINDS] + ["other"]
+    kinds = [k for k, _ in KINDS] + ["other"]
     what = "device" if dev == "cuda" else "CPU (a dry run: op names, not kernels)"
     out = ["", f"Where the step's {what} time goes (torch.profiler, {got[0][2]['steps']} steps "
            "after the timing; by kernel name, the first kind whose pattern matches: "
-           "`train.KINDS`):", "",
+           "`kernels/bench.py KINDS`):", "",
            "| --kernels | mode | " + " | ".join(kinds) + " | device busy |",
            "|---|---|" + "---|" * (len(kinds) + 1)]
     for b, m, p in got:
@@ -539,7 +657,96 @@ def writable(path: str, flag: str) -> str:
     return path
 
 
+def loader_speed(args):
+    """Loader clips/s (and per core), beside what AV-MAE pretraining needs per second at the same
+    shapes on a GPU (its FLOPs per training clip at a given MFU): data or model, which is slower?"""
+    import train
+    peak = next((p for k, p in train.PEAK_BF16 if k in args.gpu), None)
+    if peak is None:
+        raise SystemExit(f"--gpu {args.gpu}: no known peak; one of "
+                         f"{', '.join(k for k, _ in train.PEAK_BF16)}")
+    try:  # (the model whose need is printed beside the rate: refused before the measurement)
+        model = avmae.AVMAE(avmae.make_config(args.size, num_frames=args.num_frames,
+                                              image_size=args.image_size,
+                                              audio_frames=args.audio_frames))
+    except ValueError as e:
+        raise SystemExit(f"bench --size {args.size}: {e}")
+    cfg = data.DataConfig(root=args.root, split=args.split, num_frames=args.num_frames,
+                     frame_stride=args.frame_stride, image_size=args.image_size,
+                     audio_frames=args.audio_frames, decode=args.decode,
+                     video_aug=args.video_aug)
+    loader = data.make_loader(cfg, args.batch_size, args.workers)
+    if len(loader) == 0:
+        raise ValueError(f"{args.root}: {len(loader.dataset)} clips in {args.split}, fewer than "
+                         f"--batch_size {args.batch_size}")
+    on_gpu = args.decode == "gpu" and torch.cuda.is_available()
+    gpu = data.GPUDecoder(loader.dataset) if on_gpu else None
+    # the clock starts once 2 batches are in (the workers' start-up); then --batches are timed
+    n, t0, i = 0, None, 0
+    while i < args.batches + 2:  # as many epochs as it takes
+        for batch in loader:
+            if gpu:
+                batch = gpu(batch)
+                torch.cuda.synchronize()
+            i += 1
+            if i == 2:
+                t0 = time.time()
+            elif i > 2:
+                n += len(batch["id"])
+            if i == args.batches + 2:
+                break
+    rate = n / (time.time() - t0)
+    what = {"cpu": "CPU decode", "gpu": "GPU decode" if on_gpu else
+            "the worker side of --decode gpu (no CUDA here: JPEG bytes, samples and draws; the "
+            "decode, log-mel and augmentation on the device are not counted)"}[args.decode]
+    print(f"{rate:.1f} clips/s, {rate / max(1, args.workers):.1f} per worker core ({args.workers} "
+          f"workers; {what}; {args.num_frames} x {args.image_size}^2 frames at stride "
+          f"{args.frame_stride:g}, video_aug {args.video_aug}, {args.audio_frames} log-mel "
+          f"frames, batch {args.batch_size})")
+    per_clip = model.flops()["train"]
+    need = peak * args.mfu / per_clip
+    cores = args.cores or max(1, args.workers)  # (0 workers: the main process's core)
+    verdict = "data-bound" if rate / max(1, args.workers) * cores < need else "model-bound"
+    print(f"AV-MAE pretraining, ViT-{args.size}, these shapes: {per_clip / 1e9:.0f} GFLOP per "
+          f"training clip; one {args.gpu} at {args.mfu:.0%} MFU needs {need:.0f} clips/s; "
+          f"{cores} cores at this rate give {rate / max(1, args.workers) * cores:.0f}: "
+          f"{verdict}")
+
+
+
+
+def loader_main(argv):
+    """`python kernels/bench.py loader ...`: the loader's clips/s on a prepared set."""
+    pn = data.Parser(prog="bench.py loader", description=loader_speed.__doc__)
+    pn.add_argument("--root", default="data/builtin")
+    pn.add_argument("--split", default="train")
+    pn.add_argument("--workers", type=data.at_least(0), default=data.cores_per_rank())
+    pn.add_argument("--batch_size", type=data.at_least(1), default=32)
+    pn.add_argument("--batches", type=data.at_least(1), default=20)
+    pn.add_argument("--num_frames", type=data.at_least(1), default=16)
+    pn.add_argument("--frame_stride", type=data.above_zero(), default=4)
+    pn.add_argument("--image_size", type=data.at_least(16), default=224)
+    pn.add_argument("--audio_frames", type=data.at_least(16), default=800)
+    pn.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
+    pn.add_argument("--video_aug", choices=["none", "finetune", "rrc"], default="none",
+                    help="none: pretraining's crop; finetune: finetuning's jitter, flip and colour")
+    pn.add_argument("--size", default="base", choices=list(avmae.SIZES),
+                    help="the model whose need is printed beside")
+    pn.add_argument("--gpu", default="H100", help="whose bf16 peak sets the need")
+    pn.add_argument("--mfu", type=data.above_zero(1), default=0.45)
+    pn.add_argument("--cores", type=data.at_least(0), default=0, help="cores per GPU to scale to "
+                    "(16: an H100 node's share); default: --workers")
+    args = pn.parse_args(argv)
+    try:
+        loader_speed(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"{e} (the loader bench measures a prepared set: --root)")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loader"]:
+        return loader_main(argv[1:])
     p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default="bench.md", help="the markdown report to write")
     p.add_argument("--only", choices=["memory", "attention", "step"])

@@ -124,6 +124,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _own_folder(tmp_path, monkeypatch):
+    """Every test runs in its own tmp dir: the defaults a command falls back on (data/builtin,
+    out/quick, ...) are then the test's, never what a user's run left in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def builtin(tmp_path_factory):
     """A small built-in data set (32 clips), made once per test session."""

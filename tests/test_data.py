@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 
 import data
+from kernels import bench
 
 FFMPEG = shutil.which("ffmpeg")
 needs_ffmpeg = pytest.mark.skipif(
@@ -875,7 +876,7 @@ def test_loader_workers_default_to_the_cores_per_rank(builtin, monkeypatch):
 
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_bench_prints_clips_per_core_beside_the_models_need(builtin, capsys, decode):
-    data.main(["bench", "--root", builtin, "--workers", "0", "--batches", "3", "--batch_size", "4",
+    bench.main(["loader", "--root", builtin, "--workers", "0", "--batches", "3", "--batch_size", "4",
                "--num_frames", "4", "--image_size", "32", "--audio_frames", "128", "--size", "tiny",
                "--cores", "16", "--decode", decode])
     out = capsys.readouterr().out
@@ -904,8 +905,8 @@ def test_bench_times_exactly_the_batches_it_counts(builtin, capsys, monkeypatch,
                 clock[0] += 1.0
                 yield {"id": ["clip"] * 4}
     monkeypatch.setattr(data, "make_loader", lambda *a, **k: Loader())
-    monkeypatch.setattr(data.time, "time", lambda: clock[0])
-    data.main(["bench", "--root", builtin, "--workers", "0", "--batches", str(batches), "--size",
+    monkeypatch.setattr(bench.time, "time", lambda: clock[0])
+    bench.main(["loader", "--root", builtin, "--workers", "0", "--batches", str(batches), "--size",
                "tiny", "--num_frames", "4", "--image_size", "32", "--audio_frames", "128"])
     out = capsys.readouterr().out
     assert out.startswith("4.0 clips/s, 4.0 per worker core") and clock[0] == batches + 2, out
@@ -933,8 +934,8 @@ def test_numbers_the_commands_cannot_take_are_one_line(tmp_path, capsys):
               f"--out {tmp_path / 'a_file' / 'b'}: cannot make it (Not a directory: ")]
     (tmp_path / "a_file").write_text("")
     for args, says in cases:
-        with pytest.raises(SystemExit) as e:
-            data.main(args)
+        with pytest.raises(SystemExit) as e:  # (the loader bench: kernels/bench.py's command)
+            bench.main(["loader", *args[1:]]) if args[0] == "bench" else data.main(args)
         # argparse's errors: one line on stderr, exit status 2; the rest: one line, status 1
         line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
         assert e.value.code != 0 and says in line and "\n" not in line, (args, line)

@@ -148,3 +148,25 @@ def test_the_tests_and_the_code_the_docs_cite_exist():
                     assert hasattr(obj, a), f"{doc}: no {mod}.{attr}"
                     obj = getattr(obj, a)
     assert tests > 50 and names > 30, (tests, names)  # (the patterns still find the citations)
+
+
+def test_every_flag_of_each_script_says_what_it_does_in_its_group():
+    # -h: each flag's help is its config field's comment (a few words more than its choices and
+    # its default), and the flags come in the groups model, data, optimisation, run
+    import re
+    import finetune
+    import train
+    for name, parser in (("train.py", train.build_parser(train.TrainConfig, avmae.AVMAEConfig)),
+                         ("finetune.py", train.build_parser(finetune.FinetuneConfig))):
+        titles = [g.title for g in parser._action_groups if g._group_actions]
+        assert set(titles) >= {"model", "data", "optimisation", "run"}, (name, titles)
+        for a in parser._actions:
+            if a.dest == "help":
+                continue
+            text = re.sub(r"\(default .*\)$", "", a.help or "")
+            words = [w for w in re.findall(r"[A-Za-z]{2,}", text)
+                     if w not in map(str, a.choices or ())]
+            assert len(words) >= 3, (name, a.dest, a.help)
+    help_text = train.build_parser(train.TrainConfig, avmae.AVMAEConfig).format_help()
+    assert "--mask_ratio_v MASK_RATIO_V\n" in help_text and "share of video tokens masked" in \
+        help_text

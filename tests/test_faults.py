@@ -407,7 +407,8 @@ def test_out_of_memory_is_one_line_with_what_to_change(builtin, tmp_path, monkey
                             "global batch and results in smaller micro-steps), lower --batch_size, "
                             "or add --fsdp. The last good checkpoint is "
                             f"{tmp_path / 'pre' / 'ckpt_0000002.pt'}")
-    monkeypatch.setattr(train, "bench", oom)
+    import kernels.bench
+    monkeypatch.setattr(kernels.bench, "step_speed", oom)  # (train.py --bench runs it)
     with pytest.raises(SystemExit, match=r"step 0: out of CPU memory \(Tried to allocate 2.00 "
                                          r"GiB\) at 8 clips .*: lower --batch_size, raise"):
         train.main([*TINY, "--bench", "--out_dir", str(tmp_path / "bench")])

@@ -272,15 +272,15 @@ def test_backend_is_chosen_per_op_and_unsupported_inputs_go_to_the_twin(monkeypa
     out = avmae.get_ops("triton")["attention"](q48, q48, q48)
     assert calls == [1] and torch.allclose(out, avmae.attention(q48, q48, q48))
     # "measured faster on every GPU"
-    monkeypatch.setitem(avmae.KERNELS_MEASURED_FASTER, "", ("attention",))
+    monkeypatch.setitem(kernels.MEASURED_FASTER, "", ("attention",))
     assert avmae.get_ops("auto")["gather"] is avmae.gather_tokens
     avmae.get_ops("auto")["attention"](q, q, q)  # a CPU tensor without 'triton': still the twin
     assert calls == [1]
     # "measured faster at head dim 16 only": other head dims go to the twin (a kernel that runs on
     # these CPU tensors stands in for a GPU)
-    monkeypatch.setitem(avmae.KERNELS_MEASURED_FASTER, "", ("attention/16",))
+    monkeypatch.setitem(kernels.MEASURED_FASTER, "", ("attention/16",))
     assert avmae.get_ops("auto")["attention"] is not avmae.attention
-    op = avmae._pick(kernels.FAST["attention"], avmae.attention, True, kernels.SUPPORTS[
+    op = kernels.pick(kernels.FAST["attention"], avmae.attention, True, kernels.SUPPORTS[
         "attention"], {16})
     q32 = torch.randn(1, 2, 5, 32)
     op(q, q, q), op(q32, q32, q32), op(torch.randn(1, 5, 3, 2, 16))  # (the packed form: 16)
@@ -552,7 +552,7 @@ def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(mo
     def fake_bench(model, mcfg, tcfg, d, micro):
         timed.append(mcfg.kernels)
         return dict(clips_per_s=10.0 * len(timed), mfu=None, peak_mem_gb=None)
-    monkeypatch.setattr(train, "bench", fake_bench)
+    monkeypatch.setattr(bench, "step_speed", fake_bench)
     seen = []
     rows, graphs = bench.bench_step("cpu", small=True, on_row=lambda r, g: seen.append(len(r)))
     # with no measured entry for this machine 'auto' is 'torch': reported, not timed again
@@ -568,7 +568,7 @@ def test_the_report_times_each_distinct_kernel_set_once_and_says_graph_breaks(mo
         if len(calls) == 1:
             raise RuntimeError("graph break in user code\nmore")
         return dict(clips_per_s=1.0)
-    monkeypatch.setattr(train, "bench", breaks)
+    monkeypatch.setattr(bench, "step_speed", breaks)
     graphs = []
     model = avmae.AVMAE(tiny_config())
     r = bench._bench_one(train, model, None, None, "cpu", 2, True, "auto", graphs)
@@ -583,13 +583,12 @@ def test_the_report_times_the_compiled_steps_alone_when_asked(monkeypatch):
     # own)
     sys.path.insert(0, os.path.join(ROOT, "kernels"))
     import bench
-    import train
     timed = []
 
     def fake_bench(model, mcfg, tcfg, d, micro):
         timed.append((mcfg.kernels, type(model).__name__))
         return dict(clips_per_s=1.0, mfu=None, peak_mem_gb=None)
-    monkeypatch.setattr(train, "bench", fake_bench)
+    monkeypatch.setattr(bench, "step_speed", fake_bench)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     twins = avmae.get_ops("torch")  # (each set its own: the twins under another name)
@@ -609,7 +608,7 @@ def test_the_report_times_the_compiled_steps_alone_when_asked(monkeypatch):
     # its report holds the step section alone, not the empty tables of the sections not run
     text = bench.markdown("cpu", dict(steps=rows, seconds=dict(step=1.0)), small=True)
     assert "| torch | compiled | 1.00 |" in text and "## Attention" not in text
-    assert "## Memory" not in text and "KERNELS_MEASURED_FASTER" not in text
+    assert "## Memory" not in text and "MEASURED_FASTER" not in text
 
 
 def test_without_autotuning_the_first_configuration_that_fits_runs(monkeypatch):

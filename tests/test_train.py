@@ -15,6 +15,7 @@ from torch.autograd import DeviceType
 
 import avmae
 import train
+from kernels import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (blr pinned: at the quick preset's larger lr, Adam magnifies the float summation-order differences
@@ -326,7 +327,7 @@ def test_bench_steps_what_training_steps(monkeypatch):
     # --bench times the training step's work: the same optimizer (AdamW, one fused kernel on a
     # GPU: the first GPU report's bench stepped the slower unfused one) and the gradient norm
     made, clipped = [], []
-    opt, clip = train.optimizer, train.clip_grads
+    opt, clip = train.optimizer, train.clip_grads  # (what kernels/bench.py step_speed calls)
     monkeypatch.setattr(train, "optimizer", lambda *a: made.append(a[3]) or opt(*a))
     monkeypatch.setattr(train, "clip_grads", lambda *a: clipped.append(1) or clip(*a))
     train.main([*TINY, "--bench", "--bench_steps", "2", "--batch_size", "4"])
@@ -349,7 +350,7 @@ def test_bench_profile_says_where_the_time_goes(capsys):
     assert said.startswith("where 2 profiled steps' CPU time goes: ") and "matmul" in said
     # the kinds, by the names kernels have on a GPU (cuBLAS, cuBLASLt, SDPA's flash, efficient and
     # cuDNN backends, ours, Inductor's, the fused AdamW, copies)
-    kind = {n: next((k for k, pat in train.KINDS if re.search(pat, n, re.I)), "other") for n in (
+    kind = {n: next((k for k, pat in bench.KINDS if re.search(pat, n, re.I)), "other") for n in (
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1_kernel",
         "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "triton_tem_fused_addmm_gelu_3",
         "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4> >",
@@ -381,7 +382,7 @@ def test_bench_profile_says_where_the_time_goes(capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.profiler, "profile", Profile)
         mp.setattr(torch.cuda, "synchronize", lambda *a: None)
-        p = train.profile_steps(lambda: None, 1, torch.device("cuda"))
+        p = bench.profile_steps(lambda: None, 1, torch.device("cuda"))
     assert p["busy"] == pytest.approx(8 / 10)  # (0-6 and 8-10 of 0-10)
     assert p["share"]["matmul"] == pytest.approx(6 / 10) and p["share"]["attention"] == 0.4
     # a profiler that fails (no CUPTI, say) leaves the timing standing, and says so in one line

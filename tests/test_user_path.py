@@ -12,6 +12,7 @@ import torch
 
 import avmae
 import data
+from kernels import bench
 import finetune
 import train
 from test_data import make_mp4, needs_ffmpeg, _write
@@ -28,8 +29,11 @@ def copy(builtin, tmp_path):
     return dst
 
 
-def cli(*args, cwd=ROOT):
-    """Run a command line of the project as a user would; returns (exit code, stderr lines)."""
+def cli(*args, cwd=None):
+    """Run a command line of the project as a user would (in the test's own folder: the scripts
+    by their paths in the checkout); returns (exit code, stderr lines)."""
+    args = [os.path.join(ROOT, a) if a.endswith(".py") and os.path.exists(os.path.join(ROOT, a))
+            else a for a in args]
     p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
                        timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return p.returncode, [line for line in p.stderr.splitlines() if line.strip()]
@@ -163,7 +167,7 @@ def test_user_errors_are_one_line_without_a_traceback(copy, tmp_path, monkeypatc
         (train.main, ["--data", copy, "--lr", "-1"], "--lr -1.0: must be 0 or more"),
         (finetune.main, ["--data", copy, "--eval_every", "0"], "--eval_every 0: must be 1 or"),
         (finetune.main, ["--data", copy, "--frame_stride", "0"], "--frame_stride 0.0: must be abo"),
-        (data.main, ["bench", "--root", str(tmp_path / "nowhere")], "--root"),
+        (bench.main, ["loader", "--root", str(tmp_path / "nowhere")], "--root"),
         (train.main, ["--data", copy, "--workers", "-2"], "--workers -2: must be -1 (the default"),
         (finetune.main, ["--data", copy, "--tokenlearner", "-1"], "--tokenlearner -1: must be 0"),
         (finetune.main, ["--data", copy, "--fusion_layer", "-2"], "--fusion_layer -2: must be -1"),
