@@ -224,31 +224,6 @@ class AudioPatches:
 PATCHES = {"a": AudioPatches, "v": VideoPatches}
 
 
-def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_chans: int,
-                        mode: str = "inflate"):
-    """ViViT's initialisation (Arnab et al., Sec. 3.4) of a tubelet embedding from a 2-D patch
-    embedding. w2d: (D, p*p*c2), features in (h, w, c) order (an image patch, or an audio patch read
-    as (time, freq) with c2 = 1); returns (D, tubelet*p*p*in_chans) in the tokeniser's (t, h, w, c)
-    order. inflate: the filter repeated over time and divided by tubelet, so a video of one repeated
-    image embeds as the image did; central: the filter on the middle frame, zeros elsewhere. A
-    single-channel filter is spread over the colour channels and divided by their number (a grey
-    video embeds as the patch did)."""
-    D = w2d.shape[0]
-    w = w2d.reshape(D, p, p, c2)
-    if c2 != in_chans:
-        if c2 != 1:
-            raise ValueError(f"cannot map {c2} input channels onto {in_chans}")
-        w = w.expand(D, p, p, in_chans) / in_chans
-    if mode == "inflate":
-        w3 = w.unsqueeze(1).expand(D, tubelet, p, p, in_chans) / tubelet
-    elif mode == "central":
-        w3 = torch.zeros(D, tubelet, p, p, in_chans, dtype=w.dtype)
-        w3[:, tubelet // 2] = w
-    else:
-        raise ValueError(f"mode={mode!r} is not one of inflate, central")
-    return w3.reshape(D, -1).contiguous()
-
-
 # -----------------------------------------------------------------------------
 # positions
 
@@ -525,20 +500,51 @@ def block_flops(n: int, d: int, hidden: int) -> float:
     return n * (2 * (4 * d * d + 2 * d * hidden) + 4 * n * d)
 
 # -----------------------------------------------------------------------------
-# fusion strategies (Fig. 2). Encoders and decoders are the same shapes with other sizes; each maps
-# {modality: (B, N_m, D)} -> {modality: (B, N_m, out_width)}. A class says for itself all that the
-# rest of the code needs to know of it, so a new fusion variant is one class and one ENCODERS entry:
-#   mixes                 whether one modality's tokens see the other's (inpainting needs it)
-#   n_layers, out_width   depth along a token's path (the top for layer-wise lr decay); output width
-#   layer_ids()           {parameter name: depth}, 1..n_layers
-#   flops(cfg, k, blk)    forward FLOPs on k[m] visible tokens per modality
-#                         (blk(n, layers): FLOPs of `layers` blocks on n tokens)
-#   stream_weights(cfg, m)  how an MBT finetuning stream of modality m is initialised from it:
-#                         the source of each block, the closing norm, an inner norm kept
-#                         (name, after block)
-#   mbt_drops             parts MBT finetuning leaves out (the papers finetune the unimodal
-#                         encoders): a tuple of name prefixes, or a function of the config
-#                         giving one
+# fusion strategies (Fig. 2): encoders and decoders are the same shapes at other sizes
+
+
+class Fusion(nn.Module):
+    """The contract of a fusion variant (an ENCODERS or DECODERS entry). A new variant is one
+    subclass and one table entry; the rest of the code asks it, never its name.
+
+    forward(xs)              {modality: (B, N_m, D)} -> {modality: (B, N_m, out_width)}
+    mixes                    whether one modality's tokens see the other's (inpainting needs it)
+    n_layers, out_width      depth along a token's path (the top for layer-wise lr decay); width out
+    layer_ids()              {parameter name: depth}, 1..n_layers
+    flops(cfg, k, blk)       forward FLOPs on k[m] visible tokens per modality (blk(n, layers): the
+                             FLOPs of `layers` blocks on n tokens)
+    with_unimodal(xs)        (fused, unimodal): the contrastive terms read each modality's unimodal
+                             representation; by default each modality encoded alone
+    unimodal_flops(cfg, k, blk)  what one unimodal pass costs; unimodal_free: with_unimodal gets
+                             it on the way (no pass of its own)
+    stream_weights(cfg, m)   how an MBT finetuning stream of modality m is initialised from it: the
+                             source of each block, the closing norm, an inner norm kept (name,
+                             after block)
+    mbt_drops(cfg)           name prefixes MBT finetuning leaves out (the papers finetune the
+                             unimodal encoders)
+    out_mods                 the modalities forward returns (None: every one it is given)
+    check(cfg)               raise ValueError for a config this variant cannot run
+    """
+    mixes, out_mods, unimodal_free = False, None, False
+
+    def unimodal(self, xs: dict) -> dict:
+        return {m: self({m: x})[m] for m, x in xs.items()}
+
+    def with_unimodal(self, xs: dict) -> tuple:
+        out = self(xs)
+        return out, (self.unimodal(xs) if self.mixes else out)
+
+    @classmethod
+    def unimodal_flops(cls, cfg, k: dict, blk) -> float:
+        return sum(cls.flops(cfg, {m: n}, blk) for m, n in k.items())
+
+    @staticmethod
+    def mbt_drops(cfg) -> tuple:
+        return ()
+
+    @staticmethod
+    def check(cfg) -> None:
+        pass
 
 
 def _concat(xs: dict):
@@ -551,9 +557,9 @@ def _joint(net, xs: dict) -> dict:
     return dict(zip(keys, net(x).split(sizes, dim=1)))
 
 
-class Early(nn.Module):
+class Early(Fusion):
     """One transformer over the concatenation of all modalities' tokens (unimodal: each alone)."""
-    mixes, mbt_drops = True, ()
+    mixes = True
 
     @staticmethod
     def flops(cfg, k, blk):
@@ -576,9 +582,8 @@ class Early(nn.Module):
         return _joint(self.joint, xs)
 
 
-class Separate(nn.Module):
+class Separate(Fusion):
     """One transformer per modality, no exchange."""
-    mixes, mbt_drops = False, ()
 
     @staticmethod
     def flops(cfg, k, blk):
@@ -603,9 +608,9 @@ class Separate(nn.Module):
         return {m: self.streams[m](x) for m, x in xs.items()}
 
 
-class Shared(nn.Module):
+class Shared(Fusion):
     """One transformer applied to each modality on its own (tied weights)."""
-    mixes, mbt_drops, flops = False, (), Separate.flops
+    flops = Separate.flops
 
     @staticmethod
     def stream_weights(cfg, m):
@@ -624,11 +629,18 @@ class Shared(nn.Module):
         return {m: self.shared(x) for m, x in xs.items()}
 
 
-class Mid(nn.Module):
+class Mid(Fusion):
     """depth - S layers per modality (each stream ends in its own LayerNorm, as in the authors'
     code), then S joint layers over the concatenation. Unimodal: the joint layers on each modality
     alone (CAV-MAE's way, S = 1)."""
-    mixes, mbt_drops = True, ()
+    mixes = True
+
+    @staticmethod
+    def check(cfg):
+        if cfg.modalities == "av" and not 1 <= cfg.joint_layers < cfg.depth:
+            raise ValueError("mid-fusion needs 1 <= joint_layers < depth, got "
+                             f"joint_layers={cfg.joint_layers}, depth={cfg.depth} (joint_layers="
+                             "depth is early fusion)")
 
     @staticmethod
     def flops(cfg, k, blk):
@@ -684,123 +696,6 @@ CHOICES = dict(modalities=("av", "a", "v"), encoder=ENCODERS, decoder=DECODERS,
                inpaint_layout=("paper", "masked"), mask_type_v=tuple(MASK_AXES["v"]),
                mask_type_a=tuple(MASK_AXES["a"]), kernels=("auto", "triton", "torch"))
 
-# -----------------------------------------------------------------------------
-# rules (Sec. 3.3, 4.2): fail fast, say why
-
-
-# the sizes and counts of the model (each at least 1)
-COUNTS = ("num_frames", "image_size", "in_chans", "tubelet", "patch_size", "audio_frames",
-          "mel_bins", "audio_patch_t", "audio_patch_f", "width", "depth", "heads", "dec_width",
-          "dec_depth", "dec_heads", "dec_mlp", "fusion_layers", "cross_layers")
-
-
-def check_shapes(cfg: AVMAEConfig) -> None:
-    """The numbers any model of this config needs (counts, ratios, heads, tiling of the inputs it
-    reads); finetuning's models check these, pretraining all of check_config."""
-    for names, ok, says in ((COUNTS, lambda v: v >= 1, "1 or more"),
-                            (("mlp_ratio", "tau_inter", "tau_intra"), lambda v: v > 0, "above 0"),
-                            (("contrast_inter", "contrast_intra", "teacher_width", "bottlenecks"),
-                             lambda v: v >= 0, "0 or more"),
-                            (("drop_path",), lambda v: 0 <= v < 1,
-                             "a probability below 1 (MAE finetuning: 0.1)")):
-        for name in names:
-            if not ok(getattr(cfg, name)):
-                raise ValueError(f"{name}={getattr(cfg, name)}: must be {says}")
-    if not 0.0 <= cfg.layer_scale <= 1.0:
-        raise ValueError(f"layer_scale={cfg.layer_scale} is LayerScale's first value, between 0 "
-                         "(off) and 1 (CaiT, Sec. 2.1: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 "
-                         "deeper)")
-    for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads,
-                                                           "decoder")):
-        if w % h or (w // h) % 2:
-            raise ValueError(f"{what} width {w} must split into {h} heads of even size")
-    if "v" in cfg.mods and (cfg.num_frames % cfg.tubelet or cfg.image_size % cfg.patch_size):
-        raise ValueError(f"video {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} does not tile "
-                         f"into {cfg.tubelet}x{cfg.patch_size}x{cfg.patch_size} tubelets")
-    if "a" in cfg.mods and (cfg.mel_bins % cfg.audio_patch_f or
-                            cfg.audio_frames < cfg.audio_patch_t):
-        raise ValueError(f"spectrogram {cfg.audio_frames}x{cfg.mel_bins} does not tile into "
-                         f"{cfg.audio_patch_t}x{cfg.audio_patch_f} patches")
-
-
-def check_config(cfg: AVMAEConfig) -> None:
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    check_shapes(cfg)
-    if cfg.modalities == "av" and cfg.encoder == "separate" and cfg.decoder == "separate":
-        raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that "
-                         "never exchange information (paper Sec. 3.3); for that baseline "
-                         "(Table 10) pretrain --modalities a and --modalities v on their own")
-    if cfg.modalities != "av":
-        for what, on in (("contrast_inter", cfg.contrast_inter > 0),
-                         ("objective='video'", cfg.objective == "video")):
-            if on:
-                raise ValueError(f"{what} relates audio and video: it needs --modalities av, not "
-                                 f"{cfg.modalities!r}")
-    if cfg.objective == "video" and cfg.decoder_layout == "unshuffle":
-        raise ValueError("decoder_layout='unshuffle' has no place for the audio context of "
-                         "objective='video'")
-    if cfg.objective not in ("joint", "video"):
-        if cfg.modalities != "av":
-            raise ValueError(f"objective={cfg.objective!r} reconstructs one modality from the "
-                             f"other: it needs --modalities av, not {cfg.modalities!r}")
-        if not ENCODERS[cfg.encoder].mixes:
-            mixing = ", ".join(k for k, e in ENCODERS.items() if e.mixes)
-            raise ValueError(f"objective={cfg.objective!r} decodes one modality from the other's "
-                             f"encoded tokens, so the encoder must mix modalities ({mixing}); "
-                             f"with encoder={cfg.encoder!r} they never meet and training cannot "
-                             "converge (paper Sec. 4.2)")
-        if cfg.encoder == "xattn" and cfg.objective != "inpaint_both":
-            raise ValueError(f"objective={cfg.objective!r} decodes from one modality's tokens "
-                             "only, so one direction of the xattn encoder's cross-attention would "
-                             "never be trained; use inpaint_both")
-        if cfg.objective == "inpaint_both" and cfg.decoder == "early":
-            raise ValueError("objective='inpaint_both' with decoder='early' would concatenate "
-                             "both inpainting sequences, so each modality's reconstruction would "
-                             "see its own encoded tokens; use decoder 'shared' or 'separate'")
-        if cfg.decoder_layout == "unshuffle":
-            raise ValueError("decoder_layout='unshuffle' restores one modality's own raster "
-                             "order: it applies to objective='joint' only")
-    if cfg.encoder == "cavmae" and cfg.modalities == "av" and not cfg.contrast_inter > 0:
-        raise ValueError("encoder='cavmae' keeps a LayerNorm pair per modality for the unimodal "
-                         "pass that only the contrastive term reads: set contrast_inter > 0 "
-                         "(CAV-MAE: 0.01), or use encoder='mid' with joint_layers=1")
-    mid = cfg.encoder in ("mid", "cavmae") and cfg.modalities == "av"
-    if mid and not 1 <= cfg.joint_layers < cfg.depth:
-        raise ValueError("mid-fusion needs 1 <= joint_layers < depth, got "
-                         f"joint_layers={cfg.joint_layers}, depth={cfg.depth} (joint_layers=depth "
-                         "is early fusion)")
-    for m in cfg.mods:
-        grid = PATCHES[m](cfg).grid
-        units = mask_units(grid, MASK_AXES[m][getattr(cfg, f"mask_type_{m}")])
-        ratio = getattr(cfg, f"mask_ratio_{m}")
-        reconstructed = m in OBJECTIVES[cfg.objective]  # (AV-MaskEnhancer keeps all of its audio)
-        n = mask_count(ratio, units)
-        if (reconstructed and n == 0) or n >= units:
-            raise ValueError(f"mask_ratio_{m}={ratio} masks {n} of {units} units: at least one "
-                             f"must be masked{' (it is reconstructed)' if reconstructed else ''} "
-                             "and one kept")
-    if cfg.objective != "joint" and cfg.inpaint_layout == "paper":
-        for t, s in OBJECTIVES[cfg.objective].items():
-            n_t, k_s = _num_tokens(cfg, t), _num_tokens(cfg, s) - _num_masked(cfg, s)
-            if n_t <= k_s:
-                raise ValueError(f"objective={cfg.objective!r}, inpaint_layout='paper': the {t} "
-                                 f"sequence has n_{t}={n_t} slots but {k_s} are taken by visible "
-                                 f"{s} tokens, leaving no mask token to supervise; raise "
-                                 f"mask_ratio_{s} or use inpaint_layout='masked'")
-
-
-def _num_tokens(cfg: AVMAEConfig, m: str) -> int:
-    return math.prod(PATCHES[m](cfg).grid)
-
-
-def _num_masked(cfg: AVMAEConfig, m: str) -> int:
-    grid = PATCHES[m](cfg).grid
-    axes = MASK_AXES[m][getattr(cfg, f"mask_type_{m}")]
-    units = mask_units(grid, axes)
-    return mask_count(getattr(cfg, f"mask_ratio_{m}"), units) * (math.prod(grid) // units)
-
 # ----------------------------------------------------------------------------- the decoder side
 # (Sec. 3.3, 3.4): per target modality a sequence of context tokens and mask tokens, a decoder
 # (one of DECODERS), a linear head on the predicted tokens
@@ -835,7 +730,7 @@ class MAEDecoder(nn.Module):
                for t in targets}  # (MAViL stage 2 predicts a teacher's features)
         self.head = nn.ModuleDict({t: nn.Linear(D, out[t]) for t in targets})
         # how decoder inputs are laid out: chosen once here
-        layouts = {"gather": self.own, "unshuffle": self.unshuffle, "paper": self.inpaint_paper,
+        layouts = {"gather": self.visible_then_mask, "unshuffle": self.unshuffle, "paper": self.inpaint_paper,
                    "masked": self.inpaint_masked}
         joint = cfg.objective in ("joint", "video")
         layout = cfg.decoder_layout if joint else cfg.inpaint_layout
@@ -844,10 +739,10 @@ class MAEDecoder(nn.Module):
     def _type(self, z, m):
         return z + self.type_embed[m] if self.cfg.type_embed else z
 
-    # Each layout returns (sequence (B, L, Dd), where to read the predictions, which patches they
-    # are of).
+    # Each layout takes (target t, source s, encoded tokens e {m: (B, K, D)}, masks) and returns
+    # (sequence (B, L, Dd), where to read the predictions, which patches they are of).
 
-    def own(self, t, s, e, masks):  # joint: t's own visible tokens, [visible | mask]
+    def visible_then_mask(self, t, s, e, masks):  # joint: t's own visible tokens, [visible | mask]
         keep, drop = masks[t]
         pos, k = self.pos[t](), self.key[t]
         z = self.ops["assemble"](self.embed[k](e[t]), pos, self.mask_token[k], pos, keep, drop)
@@ -856,7 +751,7 @@ class MAEDecoder(nn.Module):
     def with_extra(self, t, s, e, masks):
         """[the other modalities' encoded tokens | t's visible tokens | t's mask tokens]: the
         decoder reconstructs t with everything the encoder saw as context (AV-MaskEnhancer)."""
-        z, read, ids = self.own(t, s, e, masks)
+        z, read, ids = self.visible_then_mask(t, s, e, masks)
         ctx = [self.embed[self.key[o]](e[o]) + self.ops["gather"](self.pos[o](), masks[o][0])
                for o in self.extra]
         ctx = [self._type(c, o) for c, o in zip(ctx, self.extra)]
@@ -1026,7 +921,7 @@ class AVMAE(nn.Module):
             masks = self.sample_masks(p.shape[0], p.device)
         contrast = contrast and (self.cfg.contrast_inter > 0 or self.cfg.contrast_intra > 0)
         x = self.embed(patches, masks)
-        e, uni = encode_with_unimodal(self.encoder, x) if contrast else (self.encoder(x), None)
+        e, uni = self.encoder.with_unimodal(x) if contrast else (self.encoder(x), None)
         out = self.forward_loss(patches if targets is None else targets, self.decoder(e, masks),
                                 masks, None if targets is None else False)
         return contrast_losses(self, out, patches, uni, masks2) if contrast else out
@@ -1072,6 +967,112 @@ def reconstruct(model: AVMAE, inputs: dict, out: dict) -> dict:
     return res
 
 
+# -----------------------------------------------------------------------------
+# rules (Sec. 3.3, 4.2), which AVMAE checks first: fail fast, say why
+
+
+# the sizes and counts of the model (each at least 1)
+COUNTS = ("num_frames", "image_size", "in_chans", "tubelet", "patch_size", "audio_frames",
+          "mel_bins", "audio_patch_t", "audio_patch_f", "width", "depth", "heads", "dec_width",
+          "dec_depth", "dec_heads", "dec_mlp", "fusion_layers", "cross_layers")
+
+
+def check_shapes(cfg: AVMAEConfig) -> None:
+    """The numbers any model of this config needs (counts, ratios, heads, tiling of the inputs it
+    reads); finetuning's models check these, pretraining all of check_config."""
+    for names, ok, says in ((COUNTS, lambda v: v >= 1, "1 or more"),
+                            (("mlp_ratio", "tau_inter", "tau_intra"), lambda v: v > 0, "above 0"),
+                            (("contrast_inter", "contrast_intra", "teacher_width", "bottlenecks"),
+                             lambda v: v >= 0, "0 or more"),
+                            (("drop_path",), lambda v: 0 <= v < 1,
+                             "a probability below 1 (MAE finetuning: 0.1)")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"{name}={getattr(cfg, name)}: must be {says}")
+    if not 0.0 <= cfg.layer_scale <= 1.0:
+        raise ValueError(f"layer_scale={cfg.layer_scale} is LayerScale's first value, between 0 "
+                         "(off) and 1 (CaiT, Sec. 2.1: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 "
+                         "deeper)")
+    for w, h, what in ((cfg.width, cfg.heads, "encoder"), (cfg.dec_width, cfg.dec_heads,
+                                                           "decoder")):
+        if w % h or (w // h) % 2:
+            raise ValueError(f"{what} width {w} must split into {h} heads of even size")
+    if "v" in cfg.mods and (cfg.num_frames % cfg.tubelet or cfg.image_size % cfg.patch_size):
+        raise ValueError(f"video {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} does not tile "
+                         f"into {cfg.tubelet}x{cfg.patch_size}x{cfg.patch_size} tubelets")
+    if "a" in cfg.mods and (cfg.mel_bins % cfg.audio_patch_f or
+                            cfg.audio_frames < cfg.audio_patch_t):
+        raise ValueError(f"spectrogram {cfg.audio_frames}x{cfg.mel_bins} does not tile into "
+                         f"{cfg.audio_patch_t}x{cfg.audio_patch_f} patches")
+
+
+def check_config(cfg: AVMAEConfig) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    check_shapes(cfg)
+    if cfg.modalities == "av" and cfg.encoder == "separate" and cfg.decoder == "separate":
+        raise ValueError("encoder='separate' with decoder='separate' is two unrelated MAEs that "
+                         "never exchange information (paper Sec. 3.3); for that baseline "
+                         "(Table 10) pretrain --modalities a and --modalities v on their own")
+    if cfg.modalities != "av":
+        for what, on in (("contrast_inter", cfg.contrast_inter > 0),
+                         ("objective='video'", cfg.objective == "video")):
+            if on:
+                raise ValueError(f"{what} relates audio and video: it needs --modalities av, not "
+                                 f"{cfg.modalities!r}")
+    if cfg.objective == "video" and cfg.decoder_layout == "unshuffle":
+        raise ValueError("decoder_layout='unshuffle' has no place for the audio context of "
+                         "objective='video'")
+    if cfg.objective not in ("joint", "video"):
+        if cfg.modalities != "av":
+            raise ValueError(f"objective={cfg.objective!r} reconstructs one modality from the "
+                             f"other: it needs --modalities av, not {cfg.modalities!r}")
+        if not ENCODERS[cfg.encoder].mixes:
+            mixing = ", ".join(k for k, e in ENCODERS.items() if e.mixes)
+            raise ValueError(f"objective={cfg.objective!r} decodes one modality from the other's "
+                             f"encoded tokens, so the encoder must mix modalities ({mixing}); "
+                             f"with encoder={cfg.encoder!r} they never meet and training cannot "
+                             "converge (paper Sec. 4.2)")
+        if cfg.objective == "inpaint_both" and cfg.decoder == "early":
+            raise ValueError("objective='inpaint_both' with decoder='early' would concatenate "
+                             "both inpainting sequences, so each modality's reconstruction would "
+                             "see its own encoded tokens; use decoder 'shared' or 'separate'")
+        if cfg.decoder_layout == "unshuffle":
+            raise ValueError("decoder_layout='unshuffle' restores one modality's own raster "
+                             "order: it applies to objective='joint' only")
+    ENCODERS[cfg.encoder].check(cfg)  # (a variant's own rules)
+    for m in cfg.mods:
+        grid = PATCHES[m](cfg).grid
+        units = mask_units(grid, MASK_AXES[m][getattr(cfg, f"mask_type_{m}")])
+        ratio = getattr(cfg, f"mask_ratio_{m}")
+        reconstructed = m in OBJECTIVES[cfg.objective]  # (AV-MaskEnhancer keeps all of its audio)
+        n = mask_count(ratio, units)
+        if (reconstructed and n == 0) or n >= units:
+            raise ValueError(f"mask_ratio_{m}={ratio} masks {n} of {units} units: at least one "
+                             f"must be masked{' (it is reconstructed)' if reconstructed else ''} "
+                             "and one kept")
+    if cfg.objective != "joint" and cfg.inpaint_layout == "paper":
+        for t, s in OBJECTIVES[cfg.objective].items():
+            n_t, k_s = _num_tokens(cfg, t), _num_tokens(cfg, s) - _num_masked(cfg, s)
+            if n_t <= k_s:
+                raise ValueError(f"objective={cfg.objective!r}, inpaint_layout='paper': the {t} "
+                                 f"sequence has n_{t}={n_t} slots but {k_s} are taken by visible "
+                                 f"{s} tokens, leaving no mask token to supervise; raise "
+                                 f"mask_ratio_{s} or use inpaint_layout='masked'")
+
+
+def _num_tokens(cfg: AVMAEConfig, m: str) -> int:
+    return math.prod(PATCHES[m](cfg).grid)
+
+
+def _num_masked(cfg: AVMAEConfig, m: str) -> int:
+    grid = PATCHES[m](cfg).grid
+    axes = MASK_AXES[m][getattr(cfg, f"mask_type_{m}")]
+    units = mask_units(grid, axes)
+    return mask_count(getattr(cfg, f"mask_ratio_{m}"), units) * (math.prod(grid) // units)
+
+
 # =============================================================================
 # the relatives: MAViL (Huang et al., 2023), CAV-MAE (Gong et al., 2023), AV-MaskEnhancer (Diao et
 # al., 2023). They extend the core above: their encoders are ENCODERS entries like the four of
@@ -1115,29 +1116,12 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
     return F.cross_entropy(x @ y.T / tau, labels)
 
 
-def unimodal(enc, xs: dict) -> dict:
-    """Each modality's unimodal representation {m: (B, K, D)}: computed from that modality alone."""
-    if hasattr(enc, "unimodal"):
-        return enc.unimodal(xs)
-    return {m: enc({m: x})[m] for m, x in xs.items()}
-
-
-def encode_with_unimodal(enc, xs: dict) -> tuple:
-    """(fused, unimodal) in one pass where the encoder can; an encoder whose modalities never meet
-    (separate, shared) gives unimodal representations already."""
-    if hasattr(enc, "with_unimodal"):
-        return enc.with_unimodal(xs)
-    out = enc(xs)
-    return out, (unimodal(enc, xs) if enc.mixes else out)
-
-
 def unimodal_flops(enc_cls, cfg, k: dict, blk) -> float:
-    """What the contrastive terms add to an encoder's FLOPs: the unimodal passes that with_unimodal
-    does not give for free, and the second masked view (MAViL's intra-modal term)."""
-    one = getattr(enc_cls, "unimodal_flops", None) or \
-        (lambda cfg, k, blk: sum(enc_cls.flops(cfg, {m: n}, blk) for m, n in k.items()))
-    extra = 0 if hasattr(enc_cls, "with_unimodal") or not enc_cls.mixes else one(cfg, k, blk)
-    return extra + (one(cfg, k, blk) if cfg.contrast_intra else 0)
+    """What the contrastive terms add to an encoder's FLOPs: the unimodal pass that with_unimodal
+    does not get on the way, and the second masked view (MAViL's intra-modal term)."""
+    one = enc_cls.unimodal_flops(cfg, k, blk)
+    extra = 0 if enc_cls.unimodal_free or not enc_cls.mixes else one
+    return extra + (one if cfg.contrast_intra else 0)
 
 
 def contrast_losses(model, out: dict, patches: dict, uni: dict, masks2: dict | None) -> dict:
@@ -1159,7 +1143,7 @@ def contrast_losses(model, out: dict, patches: dict, uni: dict, masks2: dict | N
             p = next(iter(patches.values()))
             masks2 = model.sample_masks(p.shape[0], p.device)
         # the second view: unimodal only
-        uni2 = unimodal(model.encoder, model.embed(patches, masks2))
+        uni2 = model.encoder.unimodal(model.embed(patches, masks2))
         out["loss_intra"] = sum(info_nce(pooled[m], uni2[m].mean(1),
                                          cfg.tau_intra) for m in uni) / len(uni)
         out["loss"] = out["loss"] + cfg.contrast_intra * out["loss_intra"]
@@ -1208,12 +1192,13 @@ class BottleneckFusion(nn.Module):
         return {m: self.layers[self.key[m]].norm(x) for m, x in xs.items()}
 
 
-class MAViLEncoder(nn.Module):
+class MAViLEncoder(Fusion):
     """MAViL (Huang et al., Sec. 3.1): full unimodal encoders (depth layers + LayerNorm each), then
     a fusion encoder of F layers, vanilla (one transformer over the concatenation) or MBT. The
     contrastive losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks
     the pairing)."""
-    mixes, mbt_drops, stream_weights = True, ("fusion.",), Separate.stream_weights
+    mixes, unimodal_free, stream_weights = True, True, Separate.stream_weights
+    mbt_drops = staticmethod(lambda cfg: ("fusion.",))
 
     @staticmethod
     def unimodal_flops(cfg, k, blk):
@@ -1250,13 +1235,22 @@ class MAViLEncoder(nn.Module):
         return self.with_unimodal(xs)[0]
 
 
-class CAVMAEEncoder(nn.Module):
+class CAVMAEEncoder(Fusion):
     """CAV-MAE (Gong et al., Sec. 2.3; the authors' cav_mae.py): L - S modality-specific layers per
     modality (no closing norm), then S unified layers over the concatenation and a LayerNorm. The
     unified layers carry a LayerNorm pair per modality besides their own: the unimodal pass that the
     contrastive term reads runs each modality alone through them with its own norms, then its own
     final norm (norm.a / norm.v); the fused pass uses the shared ones (norm.av)."""
-    mixes = True
+    mixes = unimodal_free = True
+
+    @staticmethod
+    def check(cfg):
+        if cfg.modalities == "av" and not cfg.contrast_inter > 0:
+            raise ValueError("encoder='cavmae' keeps a LayerNorm pair per modality for the "
+                             "unimodal pass that only the contrastive term reads: set "
+                             "contrast_inter > 0 (CAV-MAE: 0.01), or use encoder='mid' with "
+                             "joint_layers=1")
+        Mid.check(cfg)
 
     @staticmethod
     def mbt_drops(cfg):  # MBT finetunes the unimodal path: the fused pass's norms go
@@ -1359,7 +1353,7 @@ class CrossBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class XAttnEncoder(nn.Module):
+class XAttnEncoder(Fusion):
     """AV-MaskEnhancer (Diao et al., Sec. III-C/D): unimodal encoders (depth layers + LayerNorm),
     then bidirectional cross-attention: video queries attend to audio and audio queries to video,
     both from the previous layer's tokens (Eq. 6). xattn_fuse='channel' (the paper's form): each
@@ -1368,8 +1362,16 @@ class XAttnEncoder(nn.Module):
     concatenates the two modalities along the sequence. In the channel form with the video-only
     objective nothing reads the audio queries of the last layer, so that layer has video queries
     alone (out_mods = ('v',)): no parameter goes untrained."""
-    mixes, mbt_drops, stream_weights = True, ("cross.", "norm."), Separate.stream_weights
+    mixes, unimodal_free, stream_weights = True, True, Separate.stream_weights
+    mbt_drops = staticmethod(lambda cfg: ("cross.", "norm."))
     unimodal_flops = MAViLEncoder.unimodal_flops
+
+    @staticmethod
+    def check(cfg):
+        if cfg.objective not in ("joint", "video", "inpaint_both"):
+            raise ValueError(f"objective={cfg.objective!r} decodes from one modality's tokens "
+                             "only, so one direction of the xattn encoder's cross-attention would "
+                             "never be trained; use inpaint_both")
 
     @staticmethod
     def flops(cfg, k, blk):  # per layer and direction: q, kv, out projections, scores, MLP
@@ -1421,6 +1423,31 @@ ENCODERS.update(mavil=MAViLEncoder, cavmae=CAVMAEEncoder, xattn=XAttnEncoder)
 # the pretraining encoder structure itself. finetune.py maps the weights. Modules that are new in
 # finetuning get the pretraining init (a model trained from scratch, Table 9's "Scratch" row, is
 # initialised as the pretrained one was), the heads MAE's finetuning init.
+
+
+def inflate_patch_embed(w2d: torch.Tensor, p: int, c2: int, tubelet: int, in_chans: int,
+                        mode: str = "inflate"):
+    """ViViT's initialisation (Arnab et al., Sec. 3.4) of a tubelet embedding from a 2-D patch
+    embedding. w2d: (D, p*p*c2), features in (h, w, c) order (an image patch, or an audio patch read
+    as (time, freq) with c2 = 1); returns (D, tubelet*p*p*in_chans) in the tokeniser's (t, h, w, c)
+    order. inflate: the filter repeated over time and divided by tubelet, so a video of one repeated
+    image embeds as the image did; central: the filter on the middle frame, zeros elsewhere. A
+    single-channel filter is spread over the colour channels and divided by their number (a grey
+    video embeds as the patch did)."""
+    D = w2d.shape[0]
+    w = w2d.reshape(D, p, p, c2)
+    if c2 != in_chans:
+        if c2 != 1:
+            raise ValueError(f"cannot map {c2} input channels onto {in_chans}")
+        w = w.expand(D, p, p, in_chans) / in_chans
+    if mode == "inflate":
+        w3 = w.unsqueeze(1).expand(D, tubelet, p, p, in_chans) / tubelet
+    elif mode == "central":
+        w3 = torch.zeros(D, tubelet, p, p, in_chans, dtype=w.dtype)
+        w3[:, tubelet // 2] = w
+    else:
+        raise ValueError(f"mode={mode!r} is not one of inflate, central")
+    return w3.reshape(D, -1).contiguous()
 
 
 def init_weights(m):
@@ -1953,7 +1980,7 @@ class EncoderClassifier(Classifier):
                                              get_ops(cfg.kernels)["attention"], dpr, cfg)
         self.apply(init_weights)
         # (AV-MaskEnhancer's channel fusion: video tokens only)
-        outs = getattr(self.encoder, "out_mods", mods)
+        outs = self.encoder.out_mods or mods
         self.head_key = {m: m for m in outs}
         self.probe_norm, self.heads = classifier_heads(self.encoder.out_width, outs, heads,
                                                        linear_probe)

@@ -228,8 +228,7 @@ def stream_weights(pcfg: dict, m: str) -> dict:
 def mbt_drops(pcfg: dict) -> tuple:
     """The encoder parts MBT finetuning leaves out by design (its class says)."""
     pc = pretrained_config(pcfg)
-    drops = avmae.ENCODERS[pc.encoder].mbt_drops
-    return tuple(f"encoder.{p}" for p in (drops(pc) if callable(drops) else drops))
+    return tuple(f"encoder.{p}" for p in avmae.ENCODERS[pc.encoder].mbt_drops(pc))
 
 
 def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:

@@ -353,7 +353,7 @@ def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
     assert model.decoder.embed["v"].in_features == 2 * cfg.width
     x = tiny_batch(cfg)
     masks = model.sample_masks(2)
-    e, uni = avmae.encode_with_unimodal(model.encoder, model.embed(model.patchify(x), masks))
+    e, uni = model.encoder.with_unimodal(model.embed(model.patchify(x), masks))
     assert e["v"].shape == (2, masks["v"][0].shape[1], 2 * cfg.width)
     # each video token beside its cross-attended audio
     assert torch.equal(e["v"][..., :cfg.width], uni["v"])

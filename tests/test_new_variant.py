@@ -1,4 +1,4 @@
-"""A new fusion variant is one class and one ENCODERS entry: this file registers one and pretrains
+"""A new fusion variant is one avmae.Fusion subclass and one ENCODERS entry: this file registers one and pretrains
 it, counts its FLOPs, finetunes it with layer-wise decay and maps its weights, touching no other
 file."""
 import dataclasses
@@ -13,10 +13,11 @@ from conftest import tiny_batch, tiny_config
 from test_fidelity import check_layer_ids_follow_depth
 
 
-class LateJoint(nn.Module):
+class LateJoint(avmae.Fusion):
     """A toy fusion: full unimodal streams, then one joint block over the concatenation and a
-    norm."""
-    mixes, mbt_drops, stream_weights = True, ("joint.", "norm."), avmae.Separate.stream_weights
+    norm. What it does not say (its unimodal pass, its rules) it takes from avmae.Fusion."""
+    mixes, stream_weights = True, avmae.Separate.stream_weights
+    mbt_drops = staticmethod(lambda cfg: ("joint.", "norm."))
 
     def __init__(self, mods, dim, depth, heads, hidden, attn_fn, dpr=None, cfg=None):
         super().__init__()

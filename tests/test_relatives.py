@@ -55,9 +55,9 @@ def test_contrast_uses_the_unimodal_outputs_not_the_fusion():
     # mixing
     cav = relative("cavmae")
     xa = tiny_batch(cav.cfg)
-    _, uni1 = avmae.encode_with_unimodal(cav.encoder, cav.embed(cav.patchify(xa), None))
+    _, uni1 = cav.encoder.with_unimodal(cav.embed(cav.patchify(xa), None))
     xv = {"a": xa["a"], "v": torch.rand_like(xa["v"])}
-    _, uni2 = avmae.encode_with_unimodal(cav.encoder, cav.embed(cav.patchify(xv), None))
+    _, uni2 = cav.encoder.with_unimodal(cav.embed(cav.patchify(xv), None))
     assert torch.equal(uni1["a"], uni2["a"])
 
 
@@ -231,7 +231,7 @@ def test_cavmae_loss_is_the_sum_plus_one_direction_of_infonce():
     model = relative("cavmae")
     x, masks = tiny_batch(model.cfg, B=4), model.sample_masks(4)
     out = model(**x, masks=masks)
-    _, uni = avmae.encode_with_unimodal(model.encoder, model.embed(model.patchify(x), masks))
+    _, uni = model.encoder.with_unimodal(model.embed(model.patchify(x), masks))
     a, v = (F.normalize(uni[m].mean(1), dim=-1) for m in "av")
     total = a @ v.T / 0.05  # the authors' forward_contrastive: rows audio, columns video
     one_way = -torch.diag(total.log_softmax(dim=0)).mean()  # each video picks its audio
@@ -250,11 +250,11 @@ def test_cavmae_unimodal_pass_uses_each_modality_s_own_norms():
     model = relative("cavmae")
     enc = model.encoder
     x = model.embed(model.patchify(tiny_batch(model.cfg)), None)
-    fused, uni = avmae.encode_with_unimodal(enc, x)
+    fused, uni = enc.with_unimodal(x)
     with torch.no_grad():
         enc.joint[0].by["v"].norm1.weight.add_(1.0)
         enc.norm["v"].bias.add_(1.0)
-    fused2, uni2 = avmae.encode_with_unimodal(enc, x)
+    fused2, uni2 = enc.with_unimodal(x)
     assert torch.equal(uni["a"], uni2["a"]) and not torch.allclose(uni["v"], uni2["v"])
     assert all(torch.equal(fused[m], fused2[m]) for m in "av")  # the fused pass uses its own norms
 
