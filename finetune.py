@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -701,29 +700,6 @@ def main(argv=None) -> dict:
             dist.destroy_process_group()
 
 
-@dataclass
-class Job:
-    """What a finetuning run holds (setup builds it; the loop reads it)."""
-    fcfg: FinetuneConfig
-    d: train.Dist
-    model: avmae.Classifier
-    net: torch.nn.Module            # the model as it runs: compiled and / or DDP-wrapped
-    opt: torch.optim.Optimizer
-    train_ds: data.AVDataset
-    test_ds: data.AVDataset
-    mods: tuple
-    heads: dict                     # head name -> classes
-    pcfg: dict | None               # the pretraining checkpoint's model config
-    lr: float
-    total: int                      # steps
-    warmup: int
-    steps_per_epoch: int
-    step: int                       # where the run starts (a resumed run: where it stopped)
-    per_modality: bool              # the authors' MBT: a loss per modality
-    resumed: dict | None
-    resumed_path: str | None        # the checkpoint it resumed from
-
-
 def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool):
     """Load a pretraining checkpoint's encoder into the model; write the load report."""
     try:
@@ -743,8 +719,9 @@ def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool)
             json.dump(report, f, indent=1)
 
 
-def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
-    """Data, model (from the checkpoint, or resumed), optimiser with layer-wise decay, schedule."""
+def setup(fcfg: FinetuneConfig, d: train.Dist) -> train.Run:
+    """Data, model (from the checkpoint, or resumed), optimiser with layer-wise decay, schedule:
+    the loop's Run, whose `extra` holds the sets, the heads and the pretraining's config."""
     torch.manual_seed(fcfg.seed)
     mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
     train.ensure_data(fcfg, d)
@@ -786,14 +763,11 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
             p.requires_grad = n.startswith("heads.")
     model.to(d.device)
     torch.manual_seed(fcfg.seed + d.rank)
-    steps_per_epoch = len(train_ds) // fcfg.batch_size
-    total = fcfg.max_steps or fcfg.epochs * steps_per_epoch
-    lr = fcfg.lr or fcfg.blr * fcfg.batch_size / 256
-    groups = param_groups(model, fcfg, lr)
-    opt = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if fcfg.optimizer == "sgd"
-           else torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999),
+    s = train.schedule(fcfg, len(train_ds))
+    groups = param_groups(model, fcfg, s.lr)
+    opt = (torch.optim.SGD(groups, lr=s.lr, momentum=0.9) if fcfg.optimizer == "sgd"
+           else torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999),
                                   fused=d.device.type == "cuda"))  # (one kernel on a GPU)
-    step = 0
     if resumed:
         mine, theirs = model.state_dict(), resumed["model"]
         odd = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k].shape !=
@@ -804,32 +778,34 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> Job:
                              "and input shapes it was made with")
         model.load_state_dict(theirs)
         opt.load_state_dict(resumed["optimizer"])
-        step = resumed["step"]
-        train.set_rng_state(resumed["rng"])
-        train.say_resumed(ckpt_path, step, resumed.get("finetune_config"), fcfg, d.master,
-                          (resumed.get("steps_per_epoch"), steps_per_epoch))
-    net = torch.compile(model) if fcfg.compile else model
-    if d.world > 1 and not fcfg.eval_only:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    per_modality = getattr(model, "loss_per_modality", False)
-    return Job(fcfg, d, model, net, opt, train_ds, test_ds, mods, heads, pcfg, lr, total,
-               int(fcfg.warmup_epochs * steps_per_epoch), steps_per_epoch, step, per_modality,
-               resumed, ckpt_path if resumed else None)
+        train.continue_from(fcfg, d, s, ckpt_path, resumed, "finetune_config")
+    per_rank = fcfg.batch_size // d.world
+    stream = None if fcfg.eval_only else train.batch_stream(
+        train_ds, per_rank, fcfg.workers, fcfg.seed, d, s.step, s.steps_per_epoch, per_rank)
+    watch = LearningWatch(heads, train_ds.multi_label, s.steps_per_epoch, chance_loss(
+        train_ds.rows, heads, train_ds.multi_label, fcfg.label_smoothing))
+    watch.restore((resumed or {}).get("watch", {}))
+    return train.Run(fcfg, d, model, train.wrap(model, fcfg, d, ddp=not fcfg.eval_only), opt, s,
+                     stream, per_rank, extra=dict(
+                         train_ds=train_ds, test_ds=test_ds, mods=mods, heads=heads, pcfg=pcfg,
+                         resumed=resumed, watch=watch, gen=torch.Generator(), results={},
+                         per_modality=getattr(model, "loss_per_modality", False)))
 
 
-def finetune_step(job: Job, batch: dict, gen, preempt) -> tuple:
-    """One step's forward and backward: (loss, task loss, logits, targets, skip, stop); the task
-    loss leaves out MBT's unimodal losses (what LearningWatch compares with chance). Every rank
-    agrees on a non-finite loss or gradient (skip: what was not finite) and on a requested stop."""
-    fcfg, d, mods = job.fcfg, job.d, job.mods
-    multi = job.train_ds.multi_label
-    batch, targets = mixup(batch, mods, job.heads, fcfg.mixup, multi, gen, job.per_modality)
+def finetune_step(run: train.Run, step: int, preempt) -> dict:
+    """One step's forward and backward. Every rank agrees on a non-finite loss or gradient (skip:
+    what was not finite) and on a requested stop. The task loss leaves out MBT's unimodal losses
+    (what LearningWatch compares with chance)."""
+    fcfg, d, x = run.cfg, run.d, run.extra
+    mods, per_modality, multi = x["mods"], x["per_modality"], x["train_ds"].multi_label
+    x["gen"].manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
+    batch = next(run.stream)[1]
+    batch, targets = mixup(batch, mods, x["heads"], fcfg.mixup, multi, x["gen"], per_modality)
     with train.autocast_ctx(fcfg.precision, d.device):
-        logits = job.net(**{m: batch[m] for m in mods}, per_modality=job.per_modality)
-    loss = finetune_loss(logits, targets, job.per_modality, multi, fcfg.label_smoothing, d.device,
+        logits = run.model(**{m: batch[m] for m in mods}, per_modality=per_modality)
+    loss = finetune_loss(logits, targets, per_modality, multi, fcfg.label_smoothing, d.device,
                          fcfg.unimodal_loss)
-    task = {m: z for m, z in logits.items() if not job.per_modality or m in targets}
+    task = {m: z for m, z in logits.items() if not per_modality or m in targets}
     task_loss = loss if len(task) == len(logits) else finetune_loss(
         task, targets, True, multi, fcfg.label_smoothing, d.device)
     flags = torch.tensor([float(not torch.isfinite(loss)), float(preempt.signal is not None)],
@@ -838,139 +814,84 @@ def finetune_step(job: Job, batch: dict, gen, preempt) -> tuple:
     skip = f"loss {loss.item():.4g}" if bad_loss else None
     if not bad_loss:
         loss.backward()
-        gnorm = train.clip_grads(job.model, fcfg)
+        gnorm = train.clip_grads(run.raw, fcfg)
         skip = None if torch.isfinite(gnorm) else f"gradient (norm {float(gnorm):.4g})"
-    return loss, task_loss.detach(), logits, targets, skip, bool(stop)
+    return dict(losses=dict(loss=loss.item()), skip=skip, stop=bool(stop), logits=logits,
+                targets=targets, task_loss=task_loss.detach(), bad_clips=len(batch["bad"]))
+
+
+def evaluate_step(run: train.Run, step: int, r: dict, preempt, bar, last: bool) -> bool:
+    """The running training figures, and at every --eval_every epochs' end and at the last step
+    an evaluation (True: asked to stop during it)."""
+    fcfg, d, x, spe = run.cfg, run.d, run.extra, run.schedule.steps_per_epoch
+    watch, total = x["watch"], run.schedule.total
+    watch.update(r["logits"], r["targets"], x["per_modality"], r["task_loss"].item())
+    if not ((step % spe == 0 and (step // spe) % fcfg.eval_every == 0) or step == total):
+        return False
+    results = evaluate(run.raw, x["test_ds"], fcfg, d, x["mods"],
+                       fcfg.out_dir if step == total else None,
+                       stop=lambda: preempt.signal is not None)
+    if results is None:  # asked to stop during it: a run resumed at the end evaluates then; a
+        if step < total:  # mid-run evaluation is left out, and its epoch's training figures
+            watch.summary()
+        x["results"] = {}
+        return True
+    results.update(step=step, epoch=step / spe, **watch.summary())
+    train.print0(watch.line(step, results, bar))
+    if d.master:
+        train.append_log(os.path.join(fcfg.out_dir, "log.jsonl"), dict(eval=results))
+    x["results"] = results
+    return False
+
+
+def finetune_state(run: train.Run, step: int) -> dict | None:
+    """What a finetuning checkpoint holds beside the step and the RNGs: the model, its heads and
+    configs, the last evaluation and the learning watch (rank 0)."""
+    if not run.d.master:
+        return None
+    x = run.extra
+    return dict(model=train.model_state(run.raw, False), optimizer=run.opt.state_dict(),
+                finetune_config=asdict(run.cfg), model_config=asdict(run.raw.cfg),
+                pretrain_config=x["pcfg"], heads=x["heads"], results=x["results"],
+                watch=x["watch"].state())
 
 
 def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
     if fcfg.batch_size % d.world and not fcfg.eval_only:  # (a global batch, as pretraining's)
         raise SystemExit(f"--batch_size {fcfg.batch_size} does not split into {d.world} ranks: "
                          f"use a multiple of {d.world}")
-    job = setup(fcfg, d)
+    run = setup(fcfg, d)
+    x, s, m = run.extra, run.schedule, run.raw
     if fcfg.eval_only:
-        res = evaluate(job.model, job.test_ds, fcfg, d, job.mods, fcfg.out_dir)
+        res = evaluate(m, x["test_ds"], fcfg, d, x["mods"], fcfg.out_dir)
         train.print0(json.dumps(res))
         return res
-    step, total, spe, opt = job.step, job.total, job.steps_per_epoch, job.opt
-    per_rank = fcfg.batch_size // d.world
-    stream = train.batch_stream(job.train_ds, per_rank, fcfg.workers, fcfg.seed, d, step, spe,
-                                per_rank)
-    gen = torch.Generator()
-    trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad) / 1e6
-    m = job.model
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
     fused = (f" fused from layer {m.fusion_layer} of {m.cfg.depth}"
              if isinstance(m, avmae.MBT) and len(m.mods) == 2 else "")
     train.print0(f"{fcfg.modality} {fcfg.arch}{fused}"
                  f"{' linear probe' if fcfg.linear_probe else ''} | "
                  f"{trainable:.2f}M trainable | init {fcfg.init or 'scratch'} | "
-                 f"{len(job.train_ds)} train / {len(job.test_ds)} test clips | {total} steps | lr "
-                 f"{job.lr:.3g}")
-    bar = train.progress_bar(total, step, "finetune", d.master)
-    nonfinite = train.NonFinite(fcfg.max_bad_steps, fcfg.out_dir, d.master)
-    watch = LearningWatch(job.heads, job.train_ds.multi_label, spe, chance_loss(
-        job.train_ds.rows, job.heads, job.train_ds.multi_label, fcfg.label_smoothing))
-    watch.restore((job.resumed or {}).get("watch", {}))
-    stop_at = min(total, fcfg.stop_at) if fcfg.stop_at else total
-    log = Log(os.path.join(fcfg.out_dir, "log.jsonl"), d.master)
-    results, path = {}, job.resumed_path
-    # (bar: closed, a line of its own, on any stop; the stream: its workers end with the run)
-    with train.Preemption(log.path if d.master else None) as preempt, bar, \
-            contextlib.closing(stream):
-        while step < stop_at:
-            for g in opt.param_groups:
-                g["lr"] = train.lr_at(step, total, job.warmup, job.lr, fcfg.min_lr) * g["lr_scale"]
-            gen.manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
-            try:
-                batch = next(stream)[1]
-                loss, task_loss, logits, targets, skip, stop = finetune_step(job, batch, gen,
-                                                                             preempt)
-            except RuntimeError as e:
-                why = train.step_failure(e, d, step, fcfg, per_rank, "lower --batch_size (--blr "
-                                         "scales the learning rate with it)")
-                if why is None:
-                    raise
-                raise why from None
-            step += 1
-            bar.update(1)
-            if skip:
-                opt.zero_grad(set_to_none=True)
-                nonfinite(step - 1, skip)
-                continue
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            watch.update(logits, targets, job.per_modality, task_loss.item())
-            log.add(loss.item())
-            if step % fcfg.log_every == 0:
-                log.step(step, spe, opt.param_groups[0]["lr"], fcfg.log_every * fcfg.batch_size,
-                         bar)
-            if (step % spe == 0 and (step // spe) % fcfg.eval_every == 0) or step == total:
-                results = evaluate(job.model, job.test_ds, fcfg, d, job.mods,
-                                   fcfg.out_dir if step == total else None,
-                                   stop=lambda: preempt.signal is not None)
-                if results is None:  # asked to stop during it: a run resumed at the end
-                    if step < total:     # evaluates then; a mid-run evaluation is left out,
-                        watch.summary()  # and its epoch's training figures with it
-                    results, stop = {}, True
-                else:
-                    results.update(step=step, epoch=step / spe, **watch.summary())
-                    train.print0(watch.line(step, results, bar))
-                    log.write(dict(eval=results))
-            if step % fcfg.save_every == 0 or step == stop_at or stop:
-                path = save(job, step, results, watch, final=step == stop_at) or path
-            if stop:
-                bar.close()
-                preempt.stop(step, path)
-    return finish(job, step, results, path, watch)
+                 f"{len(x['train_ds'])} train / {len(x['test_ds'])} test clips | {s.total} steps | "
+                 f"lr {s.lr:.3g}")
+    step, path, _ = train.loop(run, finetune_step, evaluate_step, finetune_state, "finetune",
+                               "lower --batch_size (--blr scales the learning rate with it)")
+    return finish(run, step, path)
 
 
-class Log:
-    """log.jsonl on rank 0: a line per logged step (the loss's mean over the steps since the last
-    line, lr, clips/s) and per evaluation."""
-
-    def __init__(self, path: str, master: bool):
-        self.path, self.master, self.t = path, master, time.time()
-        self.sum, self.n = 0.0, 0
-
-    def add(self, loss: float):
-        self.sum, self.n = self.sum + loss, self.n + 1
-
-    def write(self, rec: dict):
-        if self.master:
-            train.append_log(self.path, rec)
-
-    def step(self, step, steps_per_epoch, lr, clips, bar):
-        now, loss = time.time(), self.sum / max(1, self.n)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        self.write(dict(step=step, epoch=step / steps_per_epoch, loss=loss, lr=lr,
-                        clips_per_s=clips / (now - self.t)))
-        self.t, self.sum, self.n = now, 0.0, 0
-
-
-def save(job: Job, step: int, results: dict, watch, final: bool):
-    """A checkpoint on rank 0 (the path, or None when it could not be written and the run goes
-    on)."""
-    if not job.d.master:
-        return None
-    st = dict(model=train.model_state(job.model, False), optimizer=job.opt.state_dict(), step=step,
-              steps_per_epoch=job.steps_per_epoch, finetune_config=asdict(job.fcfg),
-              model_config=asdict(job.model.cfg), pretrain_config=job.pcfg, heads=job.heads,
-              rng=train.rng_state(), results=results, watch=watch.state())
-    return train.save_or_say(job.fcfg.out_dir, st, step, job.fcfg.keep_last, job.fcfg.on_save_error,
-                             final=final)
-
-
-def finish(job: Job, step: int, results: dict, path, watch: "LearningWatch") -> dict:
+def finish(run: train.Run, step: int, path: str | None) -> dict:
     """The final metrics (evaluated now if the run resumed at its end) in metrics.json."""
-    fcfg = job.fcfg
-    if step >= job.total and not results:  # resumed at the end (stopped in the last eval or save)
-        results = evaluate(job.model, job.test_ds, fcfg, job.d, job.mods, fcfg.out_dir)
+    fcfg, x, s = run.cfg, run.extra, run.schedule
+    results = x["results"]
+    if step >= s.total and not results:  # resumed at the end (stopped in the last eval or save)
+        results = evaluate(run.raw, x["test_ds"], fcfg, run.d, x["mods"], fcfg.out_dir)
         # the training figures of the last epoch: saved with the final evaluation, or (stopped
         # during it) still in the watch
-        saved = {k: v for k, v in ((job.resumed or {}).get("results") or {}).items()
+        saved = {k: v for k, v in ((x["resumed"] or {}).get("results") or {}).items()
                  if k.startswith("train_")}
-        results.update(step=step, epoch=step / job.steps_per_epoch, **(saved or watch.summary()))
-    if job.d.master and step >= job.total:
+        results.update(step=step, epoch=step / s.steps_per_epoch,
+                       **(saved or x["watch"].summary()))
+    if run.d.master and step >= s.total:
         mpath = os.path.join(fcfg.out_dir, "metrics.json")
 
         def write():

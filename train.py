@@ -34,7 +34,7 @@ import threading
 import time
 import tokenize
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -1195,126 +1195,9 @@ def load_teacher(path: str, device, ck: dict | None = None) -> avmae.AVMAE:
     return teacher.eval().to(device)
 
 # -----------------------------------------------------------------------------
-# the loop
-
-
-def train(mcfg: avmae.AVMAEConfig, tcfg: TrainConfig, hooks: dict | None = None) -> dict:
-    """Pretrain; returns a summary (final loss, paths). hooks['batch'](step, batch) -> batch lets
-    tests inject faults."""
-    hooks = hooks or {}
-    if tcfg.fsdp and "RANK" not in os.environ:  # (else torch's traceback: "RANK expected")
-        raise SystemExit("--fsdp shards the model over the ranks of a torchrun job: run torchrun "
-                         "--nproc_per_node N train.py ... --fsdp (N = 1 on one GPU), or leave "
-                         "--fsdp out")
-    d = setup_distributed(tcfg.dist_timeout)
-    try:
-        return _train(mcfg, tcfg, d, hooks)
-    finally:
-        release_out_dirs()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(mcfg, tcfg, d: Dist, hooks) -> dict:
-    ds = None
-    if not tcfg.bench:  # the data first: a set that is missing or empty is said at once
-        ensure_data(tcfg, d)
-        ds = open_dataset(data_config(mcfg, tcfg, tcfg.split, train=True))
-        if len(ds) < tcfg.batch_size:
-            raise SystemExit(f"{tcfg.data}: {len(ds)} clips are fewer than one batch of "
-                             f"{tcfg.batch_size}: lower --batch_size")
-        refuse_to_overwrite(tcfg.out_dir, tcfg.resume)
-    if d.master and not tcfg.bench:  # (a measurement writes nothing there)
-        make_out_dir(tcfg.out_dir)
-    model, teacher, per_rank = build(mcfg, tcfg, d)
-    if tcfg.bench:
-        try:
-            from kernels.bench import step_speed  # (the speed alone: benchmarking's code)
-            return step_speed(torch.compile(model) if tcfg.compile else model, mcfg, tcfg, d,
-                              per_rank)
-        except torch.OutOfMemoryError as e:
-            raise out_of_memory(e, d, 0, per_rank, "lower --batch_size, raise --grad_accum, or "
-                                "add --fsdp", tcfg.out_dir) from None
-    run, s = setup(mcfg, tcfg, d, hooks, model, teacher, per_rank, ds)
-    opt, step, total, lr = run.opt, s.step, s.total, s.lr
-    stop = min(total, tcfg.stop_at) if tcfg.stop_at else total
-    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
-    if step >= stop:  # resumed where this run stops
-        print0(f"{s.resumed} is at step {step}, and this run stops at step {stop}: nothing to "
-               "train (for more steps, raise --max_steps or --epochs, with --resume auto)")
-        return dict(step=step, loss=float("nan"), checkpoint=s.resumed, picture=None,
-                    log=log_path, last={}, in_sync=True)
-    bar = progress_bar(total, step, "pretrain", d.master)
-    nonfinite = NonFinite(tcfg.max_bad_steps, tcfg.out_dir, d.master)
-    bad_clips, t_last, n_last, last = 0, time.time(), step, {}
-    sums, n_sums = {}, 0  # the losses since the last log line, which gives their mean
-    state, path, picture = dict(loss=float("nan")), None, None
-    # (bar: closed, a line of its own, on any stop; the stream: its workers end with the run)
-    with Preemption(log_path) as preempt, bar, contextlib.closing(run.stream):
-        # the loop: a step, then its hooks (log, picture, checkpoint, a requested stop)
-        while step < stop:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, s.warmup, lr, tcfg.min_lr)
-            try:
-                r = pretrain_step(run, step, preempt)
-            except RuntimeError as e:
-                why = step_failure(e, d, step, tcfg, run.per_rank, "raise --grad_accum (the same "
-                                   "global batch and results in smaller micro-steps), lower "
-                                   "--batch_size, or add --fsdp")
-                if why is None:
-                    raise
-                raise why from None
-            bad_clips, step = bad_clips + r["bad_clips"], step + 1
-            bar.update(1)
-            if r["nonfinite"]:
-                opt.zero_grad(set_to_none=True)
-                nonfinite(step - 1, r["nonfinite"])
-                continue
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state = r["losses"]
-            sums = {k: sums.get(k, 0.0) + v for k, v in state.items()}
-            n_sums += 1
-            if step % tcfg.log_every == 0 or step == stop:
-                mean = {k: v / n_sums for k, v in sums.items()}
-                last = log_step(run, step, mean, bad_clips, nonfinite.count, time.time() - t_last,
-                                step - n_last, s.steps_per_epoch, bar)
-                t_last, n_last, sums, n_sums = time.time(), step, {}, 0
-            if (tcfg.picture_every and step % tcfg.picture_every == 0) or step == stop:
-                picture = picture_step(run, step, r["batch"], r["masks"]) or picture
-            if step % tcfg.save_every == 0 or step == stop or r["stop"]:
-                path = save_step(run, step, s.steps_per_epoch, final=step == stop) or path
-            if r["stop"]:
-                bar.close()
-                preempt.stop(step, path)
-    in_sync = tcfg.fsdp or ranks_in_sync(run.raw)  # (FSDP holds one copy, sharded)
-    loss = last.get("loss", state["loss"])  # the mean over the last log line's steps
-    shown = picture or ("none (the targets are a teacher's features, not pixels)"
-                        if mcfg.target == "teacher" else "none")
-    print0(f"done: step {step}, loss {loss:.4f} | checkpoint {path} | picture {shown} "
-           f"| log {log_path}"
-           + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
-    return dict(step=step, loss=loss, checkpoint=path, picture=picture, log=log_path,
-                last=last, in_sync=in_sync)
-
-
-def build(mcfg, tcfg, d: Dist) -> tuple:
-    """The model (the same initial weights on every rank; FSDP shards them as they are), the
-    teacher of MAViL stage 2, and the rank's micro-batch."""
-    torch.manual_seed(tcfg.seed)
-    per_rank = tcfg.batch_size // (d.world * tcfg.grad_accum)
-    if per_rank * d.world * tcfg.grad_accum != tcfg.batch_size or per_rank == 0:
-        raise SystemExit(f"--batch_size {tcfg.batch_size} does not split into {d.world} ranks x "
-                         f"{tcfg.grad_accum} accumulation steps")
-    ck = None
-    if mcfg.target == "teacher":  # (read once: checked here, built after the student)
-        ck = load_checkpoint(tcfg.teacher, "--teacher")
-        teacher_fits(avmae.AVMAEConfig(**ck["model_config"]), mcfg, tcfg.teacher)
-        mcfg.teacher_width = ck["model_config"]["width"]
-    model = avmae.AVMAE(mcfg).to(d.device)
-    teacher = load_teacher(tcfg.teacher, d.device, ck) if tcfg.teacher else None
-    torch.manual_seed(tcfg.seed + d.rank)  # anything drawn later differs per rank
-    return model, teacher, per_rank
+# the loop: one for both scripts. A script gives it a Run and three functions: the step (forward,
+# backward, the gradient clipped; what was not finite; a stop asked), what follows a step
+# (pictures, evaluation) and the checkpoint's state.
 
 
 @dataclass
@@ -1324,73 +1207,149 @@ class Schedule:
     warmup: int
     lr: float
     steps_per_epoch: int
-    resumed: str | None   # the checkpoint it resumed from
+    resumed: str | None = None  # the checkpoint it resumed from
 
 
-def setup(mcfg, tcfg, d: Dist, hooks, model, teacher, per_rank: int,
-          ds: data.AVDataset) -> tuple:
-    """The schedule, the optimizer, a resumed state, the wrapping (FSDP / compile / DDP), the
-    batches: a Run and its Schedule."""
-    raw = model
-    steps_per_epoch = len(ds) // tcfg.batch_size
-    total = tcfg.max_steps or tcfg.epochs * steps_per_epoch
-    warmup = int(tcfg.warmup_epochs * steps_per_epoch)
-    lr = tcfg.lr or tcfg.blr * tcfg.batch_size / 256  # linear scaling (Goyal et al.)
+def schedule(cfg, clips: int) -> Schedule:
+    """Steps, warm-up and peak lr of a run over `clips` at --batch_size (the lr scaled linearly
+    from --blr, Goyal et al.)."""
+    spe = clips // cfg.batch_size
+    return Schedule(0, cfg.max_steps or cfg.epochs * spe, int(cfg.warmup_epochs * spe),
+                    cfg.lr or cfg.blr * cfg.batch_size / 256, spe)
 
-    if tcfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for mod in model.modules():
-            if isinstance(mod, avmae.Block):
-                fully_shard(mod)
-        fully_shard(model)
-    opt = optimizer(model, tcfg, lr, d.device)
-    step = 0
-    ckpt_path, ckpt = resume_from(restart_resume(tcfg.resume), tcfg.out_dir, d=d)
-    if ckpt:
-        diff = {k: (v, asdict(mcfg).get(k)) for k, v in ckpt["model_config"].items()
-                if asdict(mcfg).get(k) != v and k not in RUN_TIME_FIELDS}
-        if diff:
-            raise SystemExit(f"{ckpt_path} was trained with another model config: {diff}")
-        load_states(model, opt, ckpt, tcfg.fsdp)
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-        say_resumed(ckpt_path, step, ckpt.get("train_config"), tcfg, d.master,
-                    (ckpt.get("steps_per_epoch"), steps_per_epoch))
-    if tcfg.compile:
+
+def continue_from(cfg, d: "Dist", s: Schedule, path: str, ckpt: dict, flags: str):
+    """A resumed run: the schedule's step and the RNGs follow the checkpoint (its model and
+    optimizer states are loaded already); the flags changed since (ckpt[flags]) are said."""
+    s.step, s.resumed = ckpt["step"], path
+    set_rng_state(ckpt["rng"])
+    say_resumed(path, s.step, ckpt.get(flags), cfg, d.master,
+                (ckpt.get("steps_per_epoch"), s.steps_per_epoch))
+
+
+def wrap(model, cfg, d: "Dist", ddp: bool = True):
+    """The model as the step calls it: compiled (--compile), and DDP-wrapped over several ranks
+    (FSDP shards in place instead)."""
+    if cfg.compile:
         model = torch.compile(model)
-    if d.world > 1 and not tcfg.fsdp:
+    if d.world > 1 and ddp and not getattr(cfg, "fsdp", False):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-
-    stream = batch_stream(ds, per_rank, tcfg.workers, tcfg.seed, d, step, steps_per_epoch,
-                          per_rank * tcfg.grad_accum)
-
-    fl = raw.flops()
-    peak = peak_flops(d.device)
-    if d.master:
-        print0(f"{raw.num_params() / 1e6:.1f}M parameters | {len(ds)} clips, {steps_per_epoch} "
-               f"steps/epoch, {total} steps | global batch {tcfg.batch_size} = {d.world} ranks x "
-               f"{tcfg.grad_accum} x {per_rank} | lr {lr:.2e} | {d.device} | "
-               f"{fl['forward'] / 1e9:.1f} GFLOP forward/clip")
-    run = Run(model, raw, opt, teacher, stream, mcfg, tcfg, d, per_rank, hooks, fl["train"], peak)
-    return run, Schedule(step, total, warmup, lr, steps_per_epoch, ckpt_path if ckpt else None)
+    return model
 
 
 @dataclass
 class Run:
-    """What a pretraining step and its hooks work on."""
-    model: torch.nn.Module  # compiled / DDP-wrapped, what the step calls
-    raw: avmae.AVMAE        # the model itself (checkpoints, pictures, FLOPs)
+    """What the loop works on; each script's step adds what it needs in `extra`."""
+    cfg: RunConfig          # the script's flags (TrainConfig / finetune.FinetuneConfig)
+    d: "Dist"
+    raw: torch.nn.Module    # the model itself (checkpoints, pictures, FLOPs)
+    model: torch.nn.Module  # compiled / DDP-wrapped: what the step calls
     opt: torch.optim.Optimizer
-    teacher: avmae.AVMAE | None
+    schedule: Schedule
     stream: object          # (epoch, batch) pairs from `batches`
-    mcfg: avmae.AVMAEConfig
-    tcfg: TrainConfig
-    d: Dist
-    per_rank: int
-    hooks: dict
-    train_flops: float      # per clip (AVMAE.flops), counted once
-    peak: float | None      # the GPU's bf16 peak, for MFU
+    per_rank: int           # clips per micro-step on this rank
+    flops: float | None = None  # training FLOPs per clip, for MFU
+    extra: dict = field(default_factory=dict)
+
+
+class Log:
+    """log.jsonl on rank 0 and the bar's figures: every --log_every steps (and at the last) a line
+    with the losses' mean over the steps since the last line, lr, clips/s, MFU, the bad clips of
+    all ranks so far and the skipped steps; the events' and evaluations' lines beside."""
+
+    def __init__(self, run: Run):
+        self.run, self.path = run, os.path.join(run.cfg.out_dir, "log.jsonl")
+        self.peak = peak_flops(run.d.device)
+        self.sums, self.n, self.bad_clips, self.last = {}, 0, 0, {}
+        self.t, self.at = time.time(), run.schedule.step
+
+    def add(self, losses: dict):
+        self.sums = {k: self.sums.get(k, 0.0) + v for k, v in losses.items()}
+        self.n += 1
+
+    def write(self, rec: dict):
+        if self.run.d.master:
+            append_log(self.path, rec)
+
+    def line(self, step: int, skipped: int, bar) -> dict:
+        run, now = self.run, time.time()
+        mean = {k: v / self.n for k, v in self.sums.items()}
+        clips_s = (step - self.at) * run.cfg.batch_size / max(now - self.t, 1e-9)
+        bad = int(all_reduce(torch.tensor([self.bad_clips], device=run.d.device)).item())
+        rec = dict(step=step, epoch=step / run.schedule.steps_per_epoch,
+                   lr=run.opt.param_groups[0]["lr"], **mean, clips_per_s=clips_s,
+                   mfu=clips_s * run.flops / (self.peak * run.d.world)
+                   if self.peak and run.flops else None, bad_clips=bad, skipped_steps=skipped)
+        bar.set_postfix({**{k: f"{v:.4f}" for k, v in mean.items()}, "lr": f"{rec['lr']:.1e}",
+                         "clips/s": f"{clips_s:.0f}"}, refresh=False)  # (shown at the bar's next)
+        self.write(rec)
+        self.sums, self.n, self.t, self.at, self.last = {}, 0, now, step, rec
+        return rec
+
+
+def loop(run: Run, step_fn, after_step, state_fn, desc: str, advice: str) -> tuple:
+    """Steps from the schedule's step to --stop_at (or the end): the lr of the step (times a
+    group's lr_scale: layer-wise decay), step_fn(run, step, preempt) -> dict(losses, skip, stop,
+    bad_clips, ...), the optimizer's step or a skipped one (NonFinite), a log line, after_step(run,
+    step, r, preempt, bar, last) (True: stop), and a checkpoint of state_fn(run, step) every
+    --save_every steps, at the end and at a stop. Out of device memory or a collective that failed
+    is one line (`advice`: what to change); a signal stops after the step, with a checkpoint.
+    Returns (step, the last checkpoint, the Log)."""
+    cfg, d, opt, s = run.cfg, run.d, run.opt, run.schedule
+    step, path = s.step, s.resumed
+    stop = min(s.total, cfg.stop_at) if cfg.stop_at else s.total
+    bar = progress_bar(s.total, step, desc, d.master)
+    nonfinite = NonFinite(cfg.max_bad_steps, cfg.out_dir, d.master)
+    log = Log(run)
+    # (bar: closed, a line of its own, on any stop; the stream: its workers end with the run)
+    with Preemption(log.path) as preempt, bar, contextlib.closing(run.stream):
+        while step < stop:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, s.total, s.warmup, s.lr, cfg.min_lr) * g.get("lr_scale", 1)
+            try:
+                r = step_fn(run, step, preempt)
+            except RuntimeError as e:
+                why = step_failure(e, d, step, cfg, run.per_rank, advice)
+                if why is None:
+                    raise
+                raise why from None
+            log.bad_clips += r["bad_clips"]
+            step += 1
+            bar.update(1)
+            if r["skip"]:
+                opt.zero_grad(set_to_none=True)
+                nonfinite(step - 1, r["skip"])
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            log.add(r["losses"])
+            if step % cfg.log_every == 0 or step == stop:
+                log.line(step, nonfinite.count, bar)
+            asked = after_step(run, step, r, preempt, bar, step == stop) or r["stop"]
+            if step % cfg.save_every == 0 or step == stop or asked:
+                path = save_state(run, state_fn(run, step), step, step == stop) or path
+            if asked:
+                bar.close()
+                preempt.stop(step, path)
+    return step, path, log
+
+
+def save_state(run: Run, state: dict | None, step: int, final: bool) -> str | None:
+    """A checkpoint of a good state (finite, ranks in sync) on rank 0, under --on_save_error."""
+    cfg, d = run.cfg, run.d
+
+    def local(p):  # an FSDP parameter is a DTensor: check this rank's shard
+        return p.to_local() if hasattr(p, "to_local") else p
+    if not all(torch.isfinite(local(p)).all() for p in run.raw.parameters()):
+        raise SystemExit(f"step {step}: parameters are not finite; "
+                         "the last good checkpoint is kept")
+    if not getattr(cfg, "fsdp", False) and not ranks_in_sync(run.raw):
+        raise SystemExit(f"step {step}: ranks hold different parameters")
+    if not d.master:
+        return None
+    state = dict(state, step=step, steps_per_epoch=run.schedule.steps_per_epoch, rng=rng_state())
+    return save_or_say(cfg.out_dir, state, step, cfg.keep_last, cfg.on_save_error, final)
 
 
 def restart_resume(resume: str) -> str:
@@ -1409,21 +1368,132 @@ def is_collective_failure(e: Exception) -> bool:
     return isinstance(e, getattr(dist, "DistError", ())) or bool(
         re.search(r"timed out|timeout|connection (closed|reset)|gloo|nccl", str(e), re.I))
 
+# -----------------------------------------------------------------------------
+# pretraining
+
+
+def train(model_cfg: avmae.AVMAEConfig, cfg: TrainConfig, hooks: dict | None = None) -> dict:
+    """Pretrain; returns a summary (final loss, paths). hooks['batch'](step, batch) -> batch lets
+    tests inject faults."""
+    if cfg.fsdp and "RANK" not in os.environ:  # (else torch's traceback: "RANK expected")
+        raise SystemExit("--fsdp shards the model over the ranks of a torchrun job: run torchrun "
+                         "--nproc_per_node N train.py ... --fsdp (N = 1 on one GPU), or leave "
+                         "--fsdp out")
+    d = setup_distributed(cfg.dist_timeout)
+    try:
+        return pretrain(model_cfg, cfg, d, hooks or {})
+    finally:
+        release_out_dirs()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pretrain(model_cfg, cfg, d: "Dist", hooks) -> dict:
+    ds = None
+    if not cfg.bench:  # the data first: a set that is missing or empty is said at once
+        ensure_data(cfg, d)
+        ds = open_dataset(data_config(model_cfg, cfg, cfg.split, train=True))
+        if len(ds) < cfg.batch_size:
+            raise SystemExit(f"{cfg.data}: {len(ds)} clips are fewer than one batch of "
+                             f"{cfg.batch_size}: lower --batch_size")
+        refuse_to_overwrite(cfg.out_dir, cfg.resume)
+        make_out_dir(cfg.out_dir, d.master)  # (a measurement writes nothing there)
+    model, teacher, per_rank = build(model_cfg, cfg, d)
+    if cfg.bench:
+        try:
+            from kernels.bench import step_speed  # (the speed alone: benchmarking's code)
+            return step_speed(torch.compile(model) if cfg.compile else model, model_cfg, cfg, d,
+                              per_rank)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, d, 0, per_rank, "lower --batch_size, raise --grad_accum, or "
+                                "add --fsdp", cfg.out_dir) from None
+    run = setup(model_cfg, cfg, d, model, per_rank, ds)
+    run.extra.update(teacher=teacher, hooks=hooks, model_cfg=model_cfg, picture=None)
+    s, log_path = run.schedule, os.path.join(cfg.out_dir, "log.jsonl")
+    stop = min(s.total, cfg.stop_at) if cfg.stop_at else s.total
+    if s.step >= stop:  # resumed where this run stops
+        print0(f"{s.resumed} is at step {s.step}, and this run stops at step {stop}: nothing to "
+               "train (for more steps, raise --max_steps or --epochs, with --resume auto)")
+        return dict(step=s.step, loss=float("nan"), checkpoint=s.resumed, picture=None,
+                    log=log_path, last={}, in_sync=True)
+    step, path, log = loop(run, pretrain_step, picture_step, pretrain_state, "pretrain",
+                           "raise --grad_accum (the same global batch and results in smaller "
+                           "micro-steps), lower --batch_size, or add --fsdp")
+    in_sync = cfg.fsdp or ranks_in_sync(run.raw)  # (FSDP holds one copy, sharded)
+    loss = log.last.get("loss", float("nan"))  # the mean over the last log line's steps
+    picture = run.extra["picture"]
+    shown = picture or ("none (the targets are a teacher's features, not pixels)"
+                        if model_cfg.target == "teacher" else "none")
+    print0(f"done: step {step}, loss {loss:.4f} | checkpoint {path} | picture {shown} "
+           f"| log {log_path}"
+           + (f" | {d.world} ranks in sync: {in_sync}" if d.world > 1 else ""))
+    return dict(step=step, loss=loss, checkpoint=path, picture=picture, log=log_path,
+                last=log.last, in_sync=in_sync)
+
+
+def build(model_cfg, cfg, d: "Dist") -> tuple:
+    """The model (the same initial weights on every rank; FSDP shards them as they are), the
+    teacher of MAViL stage 2, and the rank's micro-batch."""
+    torch.manual_seed(cfg.seed)
+    per_rank = cfg.batch_size // (d.world * cfg.grad_accum)
+    if per_rank * d.world * cfg.grad_accum != cfg.batch_size or per_rank == 0:
+        raise SystemExit(f"--batch_size {cfg.batch_size} does not split into {d.world} ranks x "
+                         f"{cfg.grad_accum} accumulation steps")
+    ck = None
+    if model_cfg.target == "teacher":  # (read once: checked here, built after the student)
+        ck = load_checkpoint(cfg.teacher, "--teacher")
+        teacher_fits(avmae.AVMAEConfig(**ck["model_config"]), model_cfg, cfg.teacher)
+        model_cfg.teacher_width = ck["model_config"]["width"]
+    model = avmae.AVMAE(model_cfg).to(d.device)
+    teacher = load_teacher(cfg.teacher, d.device, ck) if cfg.teacher else None
+    torch.manual_seed(cfg.seed + d.rank)  # anything drawn later differs per rank
+    return model, teacher, per_rank
+
+
+def setup(model_cfg, cfg, d: "Dist", model, per_rank: int, ds: data.AVDataset) -> Run:
+    """The schedule, the optimizer, a resumed state, the wrapping (FSDP / compile / DDP), the
+    batches."""
+    s = schedule(cfg, len(ds))
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for mod in model.modules():
+            if isinstance(mod, avmae.Block):
+                fully_shard(mod)
+        fully_shard(model)
+    opt = optimizer(model, cfg, s.lr, d.device)
+    path, ckpt = resume_from(restart_resume(cfg.resume), cfg.out_dir, d=d)
+    if ckpt:
+        diff = {k: (v, asdict(model_cfg).get(k)) for k, v in ckpt["model_config"].items()
+                if asdict(model_cfg).get(k) != v and k not in RUN_TIME_FIELDS}
+        if diff:
+            raise SystemExit(f"{path} was trained with another model config: {diff}")
+        load_states(model, opt, ckpt, cfg.fsdp)
+        continue_from(cfg, d, s, path, ckpt, "train_config")
+    stream = batch_stream(ds, per_rank, cfg.workers, cfg.seed, d, s.step, s.steps_per_epoch,
+                          per_rank * cfg.grad_accum)
+    fl = model.flops()
+    print0(f"{model.num_params() / 1e6:.1f}M parameters | {len(ds)} clips, {s.steps_per_epoch} "
+           f"steps/epoch, {s.total} steps | global batch {cfg.batch_size} = {d.world} ranks x "
+           f"{cfg.grad_accum} x {per_rank} | lr {s.lr:.2e} | {d.device} | "
+           f"{fl['forward'] / 1e9:.1f} GFLOP forward/clip")
+    return Run(cfg, d, model, wrap(model, cfg, d), opt, s, stream, per_rank, fl["train"])
+
 
 def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
     """Forward and backward over the step's micro-batches, losses and a requested stop agreed over
-    ranks in one all-reduce, the gradient clipped. Returns the losses, whether they were finite, the
+    ranks in one all-reduce, the gradient clipped. Returns the losses, what was not finite, the
     last micro-batch and its masks (for the picture)."""
-    mcfg, tcfg, d = run.mcfg, run.tcfg, run.d
-    masks = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device)
-    masks2 = global_masks(run.raw, step, tcfg.seed, tcfg.batch_size, d.device,
-                          view=1) if mcfg.contrast_intra else None
+    cfg, d, x = run.cfg, run.d, run.extra
+    model_cfg, teacher = x["model_cfg"], x["teacher"]
+    masks = global_masks(run.raw, step, cfg.seed, cfg.batch_size, d.device)
+    masks2 = global_masks(run.raw, step, cfg.seed, cfg.batch_size, d.device,
+                          view=1) if model_cfg.contrast_intra else None
     # the losses, then "a rank was asked to stop"
     sums = torch.zeros(len(LOSS_KEYS) + 1, device=d.device)
     bad_clips = 0
-    for micro in range(tcfg.grad_accum):
+    for micro in range(cfg.grad_accum):
         _, batch = next(run.stream)
-        batch = run.hooks["batch"](step, batch) if "batch" in run.hooks else batch
+        batch = x["hooks"]["batch"](step, batch) if "batch" in x["hooks"] else batch
         bad_clips += len(batch["bad"])
         rows = rank_rows(micro, run.per_rank, d).to(d.device)
         # this micro-batch's rows of the step's masks (and of the second view's, for MAViL)
@@ -1432,105 +1502,83 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
         if masks2:
             own2 = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks2.items()}
         targets = None
-        if run.teacher is not None:  # the teacher encodes the full, unmasked clip
-            with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
-                encoded = run.teacher.encode(**{m: batch[m] for m in mcfg.mods})
+        if teacher is not None:  # the teacher encodes the full, unmasked clip
+            with torch.no_grad(), autocast_ctx(cfg.precision, d.device):
+                encoded = teacher.encode(**{m: batch[m] for m in model_cfg.mods})
                 targets = {m: t.float() for m, t in encoded.items()}
-        last_micro = micro == tcfg.grad_accum - 1
+        last_micro = micro == cfg.grad_accum - 1
         # (DDP: gradients are all-reduced on the last micro-batch only)
         accumulate = not last_micro and hasattr(run.model, "no_sync")
         sync = run.model.no_sync() if accumulate else contextlib.nullcontext()
-        with sync, autocast_ctx(tcfg.precision, d.device):
-            out = run.model(**{m: batch[m] for m in mcfg.mods}, masks=own, targets=targets,
+        with sync, autocast_ctx(cfg.precision, d.device):
+            out = run.model(**{m: batch[m] for m in model_cfg.mods}, masks=own, targets=targets,
                             masks2=own2)
-            (out["loss"] / tcfg.grad_accum).backward()
+            (out["loss"] / cfg.grad_accum).backward()
         zero = torch.zeros((), device=d.device)
         sums[:-1] += torch.stack(
-            [out.get(k, zero).detach().float() for k in LOSS_KEYS]) / tcfg.grad_accum
+            [out.get(k, zero).detach().float() for k in LOSS_KEYS]) / cfg.grad_accum
     # (a signal that came during this step stops after it)
     sums[-1] = float(preempt.signal is not None)
     sums = all_reduce(sums) / d.world
-    gnorm = clip_grads(run.model, tcfg)
+    gnorm = clip_grads(run.model, cfg)
     finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))],
                                      device=d.device),
                         dist.ReduceOp.MIN if dist.is_initialized() else None)
     values = sums.tolist()  # (one device sync)
     losses = {k: v for k, v in zip(LOSS_KEYS, values) if k in out}
-    what = "" if finite.item() >= 1 else (f"loss {values[0]:.4g} (audio {values[1]:.4g}, video "
+    skip = "" if finite.item() >= 1 else (f"loss {values[0]:.4g} (audio {values[1]:.4g}, video "
                                           f"{values[2]:.4g}, grad norm {float(gnorm):.4g})")
-    return dict(losses=losses, nonfinite=what, stop=values[-1] > 0, batch=batch, masks=own,
+    return dict(losses=losses, skip=skip, stop=values[-1] > 0, batch=batch, masks=own,
                 bad_clips=bad_clips)
 
 
-def log_step(run: Run, step: int, state: dict, bad_clips: int, skipped: int, seconds: float,
-             steps: int, steps_per_epoch: int, bar) -> dict:
-    """The JSONL log and the progress bar: losses (their mean over the steps since the last line),
-    lr, clips/s, MFU, bad clips (all ranks), skipped steps."""
-    tcfg, d = run.tcfg, run.d
-    clips_s = steps * tcfg.batch_size / max(seconds, 1e-9)
-    peak = run.peak
-    bad_total = int(all_reduce(torch.tensor([bad_clips], device=d.device)).item())
-    rec = dict(step=step, epoch=step / steps_per_epoch, lr=run.opt.param_groups[0]["lr"], **state,
-               clips_per_s=clips_s,
-               mfu=(clips_s * run.train_flops / (peak * d.world)) if peak else None,
-               bad_clips=bad_total, skipped_steps=skipped)
-    bar.set_postfix({**{k: f"{v:.4f}" for k, v in state.items()}, "lr": f"{rec['lr']:.1e}",
-                     "clips/s": f"{clips_s:.0f}"}, refresh=False)  # (shown at the bar's next)
-    if d.master:
-        append_log(os.path.join(tcfg.out_dir, "log.jsonl"), rec)
-    return rec
-
-
-def picture_step(run: Run, step: int, batch: dict, masks: dict) -> str | None:
-    """The reconstruction picture of the step's first clip (Figure 5); a teacher's features make
-    none."""
-    mcfg, tcfg, d, raw = run.mcfg, run.tcfg, run.d, run.raw
-    if mcfg.target != "pixels" or not (d.master or tcfg.fsdp):
-        return None
+def picture_step(run: Run, step: int, r: dict, preempt, bar, last: bool) -> bool:
+    """Every --picture_every steps and at the last, the reconstruction picture of the step's first
+    clip (Figure 5); a teacher's features make none."""
+    cfg, d, raw, x = run.cfg, run.d, run.raw, run.extra
+    mods = x["model_cfg"].mods
+    if not ((cfg.picture_every and step % cfg.picture_every == 0) or last):
+        return False
+    if x["model_cfg"].target != "pixels" or not (d.master or cfg.fsdp):
+        return False
+    batch, masks = r["batch"], r["masks"]
     raw.eval()  # (an FSDP forward takes every rank)
     # reconstruction only: no contrast
-    with torch.no_grad(), autocast_ctx(tcfg.precision, d.device):
-        o = raw(**{m: batch[m][:1] for m in mcfg.mods},
-                masks={m: (k[:1], r[:1]) for m, (k, r) in masks.items()}, contrast=False)
+    with torch.no_grad(), autocast_ctx(cfg.precision, d.device):
+        o = raw(**{m: batch[m][:1] for m in mods},
+                masks={m: (keep[:1], drop[:1]) for m, (keep, drop) in masks.items()},
+                contrast=False)
     raw.train()
     if not d.master:
-        return None
-    img = reconstruction_picture(raw, {m: batch[m][:1] for m in mcfg.mods}, o)
-    path = os.path.join(tcfg.out_dir, f"recon_{step:07d}.png")
-    latest = os.path.join(tcfg.out_dir, "recon_latest.png")
+        return False
+    img = reconstruction_picture(raw, {m: batch[m][:1] for m in mods}, o)
+    path = os.path.join(cfg.out_dir, f"recon_{step:07d}.png")
+    latest = os.path.join(cfg.out_dir, "recon_latest.png")
     ok = write_or_say(path, lambda: save_picture(img, path))
-    return path if write_or_say(latest, lambda: save_picture(img, latest)) and ok else None
+    if write_or_say(latest, lambda: save_picture(img, latest)) and ok:
+        x["picture"] = path
+    return False
 
 
-def save_step(run: Run, step: int, steps_per_epoch: int, final: bool) -> str | None:
-    """A checkpoint of a good state (finite, ranks in sync), under the --on_save_error policy."""
-    tcfg, d, raw = run.tcfg, run.d, run.raw
-
-    def local(p):  # an FSDP parameter is a DTensor: check this rank's shard
-        return p.to_local() if hasattr(p, "to_local") else p
-    if not all(torch.isfinite(local(p)).all() for p in raw.parameters()):
-        raise SystemExit(f"step {step}: parameters are not finite; "
-                         "the last good checkpoint is kept")
-    if not tcfg.fsdp and not ranks_in_sync(raw):
-        raise SystemExit(f"step {step}: ranks hold different parameters")
-    st = None
-    if d.master or tcfg.fsdp:  # gathering FSDP shards takes every rank
-        st = dict(model=model_state(raw, tcfg.fsdp), optimizer=optim_state(raw, run.opt, tcfg.fsdp),
-                  step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch,
-                  steps_per_epoch=steps_per_epoch, model_config=asdict(run.mcfg),
-                  train_config=asdict(tcfg), rng=rng_state(), world=d.world)
-    if d.master:
-        return save_or_say(tcfg.out_dir, st, step, tcfg.keep_last, tcfg.on_save_error, final)
-    return None
+def pretrain_state(run: Run, step: int) -> dict | None:
+    """What a pretraining checkpoint holds beside the step and the RNGs (None on a rank that
+    writes nothing; gathering FSDP shards takes every rank)."""
+    cfg, d, spe = run.cfg, run.d, run.schedule.steps_per_epoch
+    if not (d.master or cfg.fsdp):
+        return None
+    return dict(model=model_state(run.raw, cfg.fsdp),
+                optimizer=optim_state(run.raw, run.opt, cfg.fsdp), epoch=step // spe,
+                step_in_epoch=step % spe, model_config=asdict(run.extra["model_cfg"]),
+                train_config=asdict(cfg), world=d.world)
 
 
 def main(argv=None, hooks=None):
-    mcfg, tcfg = parse_args(argv)
+    model_cfg, cfg = parse_args(argv)
     try:
-        avmae.check_config(mcfg)
+        avmae.check_config(model_cfg)
     except ValueError as e:
         raise SystemExit(f"invalid model config: {e}")
-    return train(mcfg, tcfg, hooks)
+    return train(model_cfg, cfg, hooks)
 
 
 if __name__ == "__main__":

@@ -369,17 +369,23 @@ def test_a_global_batch_that_does_not_split_into_the_ranks_is_one_line(tmp_path)
 
 def test_a_log_line_holds_the_mean_loss_since_the_last(tmp_path):
     class Bar:
-        def set_postfix(self, refresh=True, **kw):
-            self.shown = kw
+        def set_postfix(self, shown, refresh=True):
+            self.shown = shown
 
-    log, bar = finetune.Log(str(tmp_path / "log.jsonl"), master=True), Bar()
+    class Opt:
+        param_groups = [dict(lr=1e-3)]
+    cfg = finetune.FinetuneConfig(out_dir=str(tmp_path), batch_size=8)
+    run = train.Run(cfg, train.Dist(), None, None, Opt(), train.Schedule(0, 10, 0, 1e-3, 10), None,
+                    8)
+    log, bar = train.Log(run), Bar()
     for loss in (1.0, 3.0, 2.0):
-        log.add(loss)
-    log.step(3, 10, 1e-3, 24, bar)
-    log.add(5.0)
-    log.step(4, 10, 1e-3, 8, bar)
+        log.add(dict(loss=loss))
+    log.line(3, 0, bar)
+    log.add(dict(loss=5.0))
+    log.line(4, 0, bar)
     lines = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
-    assert [r["loss"] for r in lines] == [2.0, 5.0] and bar.shown == {"loss": "5.0000"}
+    assert [r["loss"] for r in lines] == [2.0, 5.0] and bar.shown["loss"] == "5.0000"
+    assert [r["step"] for r in lines] == [3, 4] and lines[0]["epoch"] == 0.3
 
 
 def test_learning_watch_sets_train_accuracy_beside_test_and_warns_at_chance(capsys):

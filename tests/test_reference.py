@@ -1,7 +1,9 @@
 """The quick recipe, held bit-equal: the first 50 pretraining losses of `train.py --preset quick`
 on the built-in set (CPU, fp32, one thread) and a short finetuning from that checkpoint. A change
 that means to change results regenerates the fixture (`python tests/test_reference.py`) and says
-why in its commit; a refactor must leave it alone."""
+why in its commit; a refactor must leave it alone. Bit-equal holds on the machine kind and versions
+that recorded it (matmul kernels differ by CPU and library); elsewhere the figures agree to 1e-5
+relative (drift seen between two CPUs: 1e-7)."""
 import json
 import math
 import os
@@ -41,7 +43,28 @@ def run(tmp: str) -> dict:
     finally:
         torch.set_num_threads(threads)
     metrics = {k: v for k, v in ft.items() if isinstance(v, (int, float))}
-    return dict(pretrain_losses=losses, finetune_losses=ft_losses, finetune_metrics=metrics)
+    return dict(pretrain_losses=losses, finetune_losses=ft_losses, finetune_metrics=metrics,
+                machine=machine())
+
+
+def machine() -> dict:
+    """What the last bits of a float result depend on."""
+    import platform
+
+    import numpy
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor()) \
+        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return dict(cpu=cpu, capability=torch.backends.cpu.get_cpu_capability(),
+                torch=torch.__version__, numpy=numpy.__version__)
+
+
+def same(a, b, exact: bool) -> bool:
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y, exact) for x, y in zip(a, b))
+    if math.isnan(a) or b is None or math.isnan(b):
+        return b is not None and math.isnan(a) and math.isnan(b)
+    return a == b if exact else abs(a - b) <= 1e-5 * max(abs(a), abs(b))
 
 
 @pytest.mark.slow(40)
@@ -49,12 +72,12 @@ def test_the_quick_recipe_is_bit_equal_to_its_reference(tmp_path):
     want = json.load(open(FIXTURE))
     got = run(str(tmp_path))
     assert len(got["pretrain_losses"]) == STEPS
-    assert got["pretrain_losses"] == want["pretrain_losses"]
-    assert got["finetune_losses"] == want["finetune_losses"]
-    same = {k: (v, got["finetune_metrics"].get(k)) for k, v in want["finetune_metrics"].items()
-            if not (v == got["finetune_metrics"].get(k) or (math.isnan(v) and math.isnan(
-                got["finetune_metrics"].get(k, 0.0))))}
-    assert not same, same
+    exact = want.get("machine") == got["machine"]
+    for key in ("pretrain_losses", "finetune_losses"):
+        assert same(want[key], got[key], exact), (key, exact, want[key], got[key])
+    off = {k: (v, got["finetune_metrics"].get(k)) for k, v in want["finetune_metrics"].items()
+           if not same(v, got["finetune_metrics"].get(k), exact)}
+    assert not off, (exact, off)
 
 
 if __name__ == "__main__":  # regenerate the fixture
