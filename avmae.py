@@ -1198,6 +1198,22 @@ class MAViLEncoder(Fusion):
     contrastive losses use the unimodal outputs, not the fused ones (its footnote 1: fusion leaks
     the pairing)."""
     mixes, unimodal_free, stream_weights = True, True, Separate.stream_weights
+    # stage 1 (Sec. 3.1-3.2, 4.1): full unimodal encoders + 2 fusion layers, separate decoders, 80%
+    # masking, 2-D sin-cos positions, the reconstruction terms summed (Eq. 1) with inter-modal
+    # (alpha 0.1, tau 0.1) and intra-modal (beta 0.01, tau 1.0) contrast on the unimodal outputs
+    # (Eq. 4); one g_av for both modalities (mavil_mbt, App. B); stage 2 predicts a frozen
+    # teacher's fusion outputs (mavil2, with train.py --teacher)
+    RECIPES = dict(mavil=dict(encoder="mavil", fusion="vanilla", fusion_layers=2,
+                              decoder="separate", mask_ratio_v=0.8, mask_ratio_a=0.8,
+                              pos_embed="sincos2d", recon_sum=True, contrast_inter=0.1,
+                              tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0))
+    RECIPES.update(mavil_mbt={**RECIPES["mavil"], "fusion": "mbt", "bottlenecks": 4},
+                   mavil2={**RECIPES["mavil"], "target": "teacher"})
+    # at the paper's sizes (Sec. 4.1 / App. B): 8-layer 512-wide 16-head decoders, 10 s of audio as
+    # 1024 x 128 (512 tokens), 8 frames at 2 fps (4 x 14 x 14 = 784 tokens)
+    PAPER_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024,
+                        num_frames=8, frame_stride=12.5)
+    INPUTS = dict(video_aug="rrc")  # its pretraining flips and randomly crops frames (App. B)
     mbt_drops = staticmethod(lambda cfg: ("fusion.",))
 
     @staticmethod
@@ -1236,6 +1252,19 @@ class MAViLEncoder(Fusion):
 
 
 class CAVMAEEncoder(Fusion):
+    # as its authors' code runs it: 11 modality layers + 1 unified layer with per-modality norms,
+    # modality-type embeddings, one decoder (one projection, one mask token) over the
+    # concatenation, 2-D sin-cos positions, 75% unstructured masking of both, per-patch normalised
+    # targets, the reconstruction terms summed + 0.01 x single-directional InfoNCE (tau 0.05)
+    RECIPES = dict(cavmae=dict(encoder="cavmae", joint_layers=1, type_embed=True, dec_tied=True,
+                               decoder="early", pos_embed="sincos2d", contrast_inter=0.01,
+                               tau_inter=0.05, contrast_symmetric=False, mask_ratio_v=0.75,
+                               mask_ratio_a=0.75, recon_sum=True, norm_pix_loss=True))
+    # at the paper's sizes (Sec. 3, its code): an 8-layer 512-wide 16-head decoder, 1024 x 128 audio
+    # (512 tokens), one RGB frame
+    PAPER_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024,
+                        num_frames=1, tubelet=1)
+
     """CAV-MAE (Gong et al., Sec. 2.3; the authors' cav_mae.py): L - S modality-specific layers per
     modality (no closing norm), then S unified layers over the concatenation and a LayerNorm. The
     unified layers carry a LayerNorm pair per modality besides their own: the unimodal pass that the
@@ -1354,6 +1383,11 @@ class CrossBlock(nn.Module):
 
 
 class XAttnEncoder(Fusion):
+    # 90% tube masking of video, all of the audio, bidirectional cross-attention, the video
+    # reconstructed from both streams
+    RECIPES = dict(avme=dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9,
+                             mask_ratio_a=0.0, objective="video", decoder="early"))
+
     """AV-MaskEnhancer (Diao et al., Sec. III-C/D): unimodal encoders (depth layers + LayerNorm),
     then bidirectional cross-attention: video queries attend to audio and audio queries to video,
     both from the previous layer's tokens (Eq. 6). xattn_fuse='channel' (the paper's form): each
@@ -1415,6 +1449,17 @@ class XAttnEncoder(Fusion):
 
 
 ENCODERS.update(mavil=MAViLEncoder, cavmae=CAVMAEEncoder, xattn=XAttnEncoder)
+# the recipes train.py --variant names: AV-MAE's own (the defaults) and the relatives'
+VARIANTS = dict(avmae={}, **{n: r for e in ENCODERS.values() for n, r in
+                             getattr(e, "RECIPES", {}).items()})
+
+
+def variant(name: str, paper_size: bool) -> dict:
+    """A recipe's overrides of the model and the data flags: at a paper size (base, large) also the
+    paper's decoder and input shapes (smaller sizes keep theirs: a quick CPU run stays quick)."""
+    enc = ENCODERS[VARIANTS[name].get("encoder", "mid")]
+    return {**VARIANTS[name], **getattr(enc, "INPUTS", {}),
+            **(getattr(enc, "PAPER_SHAPES", {}) if paper_size else {})}
 
 
 # -----------------------------------------------------------------------------

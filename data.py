@@ -1217,7 +1217,7 @@ class AVDataset(torch.utils.data.Dataset):
             except BadClip as e:
                 if not os.path.isdir(os.path.join(self.cfg.root, "clips")):
                     raise DataUnusable(f"{self.cfg.root}: the data folder is gone (unmounted or "
-                                   f"deleted?) while reading {self.rows[j]['id']}") from None
+                                       f"deleted?) while reading {self.rows[j]['id']}") from None
                 log.warning("bad clip %s: %s (using the next clip instead)", self.rows[j]["id"], e)
                 bad.append((self.rows[j]["id"], str(e)))
         silent = all(why.endswith(" is silent") for _, why in bad)
@@ -1592,6 +1592,135 @@ def audio_stats(root: str, split: str = "train", max_clips: int = 2000,
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+# -----------------------------------------------------------------------------
+# what both training scripts read through: the set made or checked, the dataset opened (a user
+# error is one line), the window fitted to the clips, and the stream of batches on the device
+
+
+def print0(*a, **k):
+    """print on rank 0 only (torchrun's RANK)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def ensure_data(cfg, d):
+    """Generate the built-in set on first use, and the set's log-mel statistics when
+    --audio_norm dataset needs them and the set has none yet (rank 0; the others wait)."""
+    meta_path = os.path.join(cfg.data, "meta.json")
+    builtin = os.path.basename(os.path.normpath(cfg.data)).endswith("builtin")
+    if not os.path.exists(meta_path) or (builtin and builtin_outdated(cfg.data)):
+        if not builtin:
+            raise SystemExit(f"{cfg.data}: not a prepared data set (no meta.json). Prepare one "
+                             "with `python py prepare ...` (README: Data) or run `python "
+                             "train.py --preset quick`.")
+        if d.master:
+            make_builtin(cfg.data, flag="--data")
+    elif cfg.audio_norm == "dataset" and "audio_mean" not in _meta(cfg.data):
+        split = getattr(cfg, "train_split", getattr(cfg, "split", "train"))
+        if d.master:
+            print0(f"{cfg.data}: no log-mel statistics yet (--audio_norm dataset); computing "
+                   f"them from the {split} split, once (they are saved in meta.json)")
+            try:
+                audio_stats(cfg.data, split)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"{cfg.data}: cannot compute the log-mel statistics: {e}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _meta(root: str) -> dict:
+    try:
+        return read_meta(root)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def open_dataset(cfg: DataConfig) -> AVDataset:
+    """The dataset, or one line saying what is wrong with the set (a user error, not a
+    traceback)."""
+    try:
+        return AVDataset(cfg)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{cfg.root}: {e}")
+
+
+def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, frame_stride: float,
+                 tubelet: int, audio_patch: int, given: dict) -> tuple:
+    """(audio_frames, num_frames), shrunk to the set's median clip length where a preset's window
+    does not fit it and the user did not choose the window (--audio_frames / --num_frames); said.
+    A window the user chose is kept, and said where it does not fit: the rest is padding."""
+    seconds = median_duration(root, split)
+    if seconds is None:
+        return audio_frames, num_frames
+    fit = dict(zip(
+        ("audio_frames", "num_frames"),
+        fit_window(seconds, audio_frames, audio_patch, num_frames, frame_stride, tubelet)))
+    out = dict(audio_frames=audio_frames, num_frames=num_frames)
+    for name, new in fit.items():
+        if new == out[name]:
+            continue
+        if given.get(name) is None:
+            print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} does not "
+                   f"fit them, using --{name} {new} (pass --{name} to choose)")
+            out[name] = new
+        else:  # (audio: zeros; video: the last frame again)
+            print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} is "
+                   f"longer, so each window ends in padding (--{name} {new} fits them)")
+    return out["audio_frames"], out["num_frames"]
+
+
+def batch_stream(ds: AVDataset, per_rank: int, workers: int, seed: int, d, step: int,
+                 steps_per_epoch: int, per_step: int):
+    """The one loader of both scripts: EpochSampler's order (independent of the number of
+    ranks, resumable at any step: `per_step` samples of this rank per step), pinned memory and
+    persistent workers, batches moved to the device (and decoded there with --decode gpu)."""
+    sampler = EpochSampler(len(ds), d.world, d.rank, seed)
+    loader = Loader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                    collate_fn=collate, drop_last=True,
+                    pin_memory=d.device.type == "cuda", persistent_workers=workers > 0)
+    gpu_decoder = GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
+    epoch0, in_epoch = divmod(step, steps_per_epoch)
+    return batches(loader, sampler, epoch0, in_epoch * per_step, d, gpu_decoder)
+
+
+def unusable(e: DataUnusable) -> SystemExit:
+    """The one line a run stops with when no clip can be read (from a loader worker the message
+    ends with the worker's traceback, whose last line is the original)."""
+    return SystemExit(str(e).strip().splitlines()[-1].split("DataUnusable: ")[-1])
+
+
+def batches(loader, sampler, epoch: int, start: int, d, gpu_decoder=None):
+    """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device
+    (with --decode gpu: decoded there, the next batch beside the current step). A data folder that
+    vanished, or a loader worker that died (killed for memory), stops the run with one line naming
+    the folder or the clips being read, instead of retrying or hanging."""
+    def read(epoch, start):
+        while True:
+            sampler.set_position(epoch, start)
+            it = iter(loader)
+            while True:
+                try:
+                    b = next(it)
+                except StopIteration:
+                    break
+                except DataUnusable as e:
+                    raise unusable(e) from None
+                except RuntimeError as e:
+                    if "DataLoader worker" not in str(e):
+                        raise
+                    raise SystemExit(f"rank {d.rank}: a data loader worker died "
+                                     f"({str(e).splitlines()[0]}) while reading "
+                                     f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}"
+                                     ": out of memory? use fewer --workers or a smaller batch; "
+                                     "--resume auto continues") from None
+                yield epoch, b
+            epoch, start = epoch + 1, 0
+    try:
+        yield from on_device(read(epoch, start), d.device, gpu_decoder)
+    finally:  # (the stream closed: the run ends, however it ends)
+        loader.close()
 
 
 def cores_per_rank() -> int:

@@ -148,43 +148,43 @@ def parse_args(argv=None) -> FinetuneConfig:
     preset = args.get("preset") or FinetuneConfig.preset
     if args.get("modality") == "audio" and args.get("mixup") is None and preset in AUDIO_ONLY_MIXUP:
         args["mixup"] = AUDIO_ONLY_MIXUP[preset]
-    (fcfg,) = train.resolve(args, PRESETS, {k: {} for k in avmae.SIZES}, FinetuneConfig)
-    if fcfg.init and args.get("layer_scale") is None:
-        fcfg.layer_scale = 0.0  # a preset's is for its scratch runs: --init brings the checkpoint's
-    fcfg.audio_frames, fcfg.num_frames = train.fit_to_clips(fcfg.data, fcfg.train_split,
-                                                            fcfg.audio_frames, fcfg.num_frames,
-                                                            fcfg.frame_stride, 2, 16, args)
-    if fcfg.arch == "encoder" and fcfg.modality != "av":
+    (cfg,) = train.resolve(args, PRESETS, {k: {} for k in avmae.SIZES}, FinetuneConfig)
+    if cfg.init and args.get("layer_scale") is None:
+        cfg.layer_scale = 0.0  # a preset's is for its scratch runs: --init brings the checkpoint's
+    cfg.audio_frames, cfg.num_frames = data.fit_to_clips(cfg.data, cfg.train_split,
+                                                         cfg.audio_frames, cfg.num_frames,
+                                                         cfg.frame_stride, 2, 16, args)
+    if cfg.arch == "encoder" and cfg.modality != "av":
         raise SystemExit("--arch encoder is the audiovisual pretraining encoder: use it with "
                          "--modality av")
-    if fcfg.arch.startswith("vivit") and fcfg.modality != "video":
-        raise SystemExit(f"--arch {fcfg.arch} is one of ViViT's video models: use it with "
+    if cfg.arch.startswith("vivit") and cfg.modality != "video":
+        raise SystemExit(f"--arch {cfg.arch} is one of ViViT's video models: use it with "
                          "--modality video (--arch mtv takes audio as a view)")
-    if fcfg.tokenlearner and (fcfg.modality == "audio" or fcfg.arch == "encoder"):
+    if cfg.tokenlearner and (cfg.modality == "audio" or cfg.arch == "encoder"):
         raise SystemExit("--tokenlearner works on the video stream of mbt, vivit_* or mtv: use "
                          "--modality video or av")
-    if fcfg.mtv_views and fcfg.arch != "mtv":
+    if cfg.mtv_views and cfg.arch != "mtv":
         raise SystemExit("--mtv_views is for --arch mtv")
-    if not 0.0 <= fcfg.layer_scale <= 1.0:
-        raise SystemExit(f"--layer_scale {fcfg.layer_scale}: LayerScale's first value is between 0 "
+    if not 0.0 <= cfg.layer_scale <= 1.0:
+        raise SystemExit(f"--layer_scale {cfg.layer_scale}: LayerScale's first value is between 0 "
                          "(off) and 1")
-    if fcfg.unimodal_loss < 0:
-        raise SystemExit(f"--unimodal_loss {fcfg.unimodal_loss}: a loss weight is 0 (off) or more")
-    if args.get("unimodal_loss") and (fcfg.arch != "mbt" or fcfg.mbt_head == "per_modality"):
+    if cfg.unimodal_loss < 0:
+        raise SystemExit(f"--unimodal_loss {cfg.unimodal_loss}: a loss weight is 0 (off) or more")
+    if args.get("unimodal_loss") and (cfg.arch != "mbt" or cfg.mbt_head == "per_modality"):
         raise SystemExit("--unimodal_loss is for --arch mbt with a loss per modality (--mbt_head "
                          "shared or separate)")
     try:
-        mtv_views(fcfg, 2)
+        mtv_views(cfg, 2)
     except ValueError as e:
-        raise SystemExit(f"--mtv_views {fcfg.mtv_views!r}: {e}")
-    return fcfg
+        raise SystemExit(f"--mtv_views {cfg.mtv_views!r}: {e}")
+    return cfg
 
 
-def mtv_views(fcfg, tubelet: int) -> list:
+def mtv_views(cfg, tubelet: int) -> list:
     """[(modality, tubelet, width scale)] from --mtv_views (or its default, given the pretraining
     tubelet); an error names what is wrong."""
-    spec = fcfg.mtv_views or f"v{tubelet}:1,v{2 * tubelet}:0.5" + (",a:1" if fcfg.modality ==
-                                                                    "av" else "")
+    spec = cfg.mtv_views or f"v{tubelet}:1,v{2 * tubelet}:0.5" + (",a:1" if cfg.modality ==
+                                                                  "av" else "")
     views = []
     for item in spec.split(","):
         name, _, scale = item.strip().partition(":")
@@ -195,10 +195,10 @@ def mtv_views(fcfg, tubelet: int) -> list:
         if name[0] not in "av" or (name[0] == "a" and name[1:]) or views[-1][2] <= 0:
             raise ValueError(f"view {item!r} is not 'v<tubelet>:<scale>' or 'a:<scale>'")
     mods = {m for m, _, _ in views}
-    want = set(MODALITY[fcfg.modality])
-    if fcfg.arch == "mtv" and mods != want:
+    want = set(MODALITY[cfg.modality])
+    if cfg.arch == "mtv" and mods != want:
         raise ValueError(f"the views' modalities {''.join(sorted(mods))} are not those of "
-                         f"--modality {fcfg.modality}")
+                         f"--modality {cfg.modality}")
     return views
 
 # -----------------------------------------------------------------------------
@@ -213,80 +213,81 @@ MODEL_FLAGS = ("size", *SCRATCH_SHAPE, "modality", "arch", "mbt_head", "fusion_l
 FINETUNE_OWNED = ("modalities", "num_frames", "image_size", "audio_frames", "drop_path", "kernels")
 
 
-def pretrained_config(pcfg: dict) -> avmae.AVMAEConfig:
+def pretrained_config(pretrained_cfg: dict) -> avmae.AVMAEConfig:
     known = {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}
-    return avmae.AVMAEConfig(**{k: v for k, v in pcfg.items() if k in known})
+    return avmae.AVMAEConfig(**{k: v for k, v in pretrained_cfg.items() if k in known})
 
 
-def stream_weights(pcfg: dict, m: str) -> dict:
+def stream_weights(pretrained_cfg: dict, m: str) -> dict:
     """How the pretraining encoder initialises an MBT stream of modality m (its class says)."""
-    pc = pretrained_config(pcfg)
+    pc = pretrained_config(pretrained_cfg)
     return avmae.ENCODERS[pc.encoder].stream_weights(pc, m)
 
 
-def mbt_drops(pcfg: dict) -> tuple:
+def mbt_drops(pretrained_cfg: dict) -> tuple:
     """The encoder parts MBT finetuning leaves out by design (its class says)."""
-    pc = pretrained_config(pcfg)
+    pc = pretrained_config(pretrained_cfg)
     return tuple(f"encoder.{p}" for p in avmae.ENCODERS[pc.encoder].mbt_drops(pc))
 
 
-def model_config(fcfg: FinetuneConfig, pcfg: dict | None) -> avmae.AVMAEConfig:
+def model_config(cfg: FinetuneConfig, pretrained_cfg: dict | None) -> avmae.AVMAEConfig:
     """The finetuning model's config: architecture from the checkpoint (or the size preset), input
     shapes and stochastic depth from the finetuning config."""
     known = {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}
-    arch = {k: v for k, v in (pcfg or {}).items() if k in known and k not in FINETUNE_OWNED}
-    shape = {k: getattr(fcfg, k) for k in SCRATCH_SHAPE if getattr(fcfg, k)}
-    if pcfg is not None and any(arch.get(k, 0.0) != v for k, v in shape.items()):
-        raise SystemExit(f"{fcfg.init}: the checkpoint's encoder is width {arch['width']}, "
+    arch = {k: v for k, v in (pretrained_cfg or {}).items()
+            if k in known and k not in FINETUNE_OWNED}
+    shape = {k: getattr(cfg, k) for k in SCRATCH_SHAPE if getattr(cfg, k)}
+    if pretrained_cfg is not None and any(arch.get(k, 0.0) != v for k, v in shape.items()):
+        raise SystemExit(f"{cfg.init}: the checkpoint's encoder is width {arch['width']}, "
                          f"depth {arch['depth']}, heads {arch['heads']}, layer scale "
                          f"{arch.get('layer_scale', 0.0)}; drop --width / --depth / --heads / "
                          "--layer_scale (they shape a model from scratch)")
-    base = {**avmae.SIZES[fcfg.size], **shape} if pcfg is None else arch
-    cfg = avmae.make_config("base", **{**base, "modalities": MODALITY[fcfg.modality],
-                                       "num_frames": fcfg.num_frames,
-                                       "image_size": fcfg.image_size,
-                                       "audio_frames": fcfg.audio_frames,
-                                       "drop_path": 0.0 if fcfg.linear_probe else fcfg.drop_path,
-                                       "kernels": fcfg.kernels})
+    base = {**avmae.SIZES[cfg.size], **shape} if pretrained_cfg is None else arch
+    model_cfg = avmae.make_config(
+        "base", **{**base, "modalities": MODALITY[cfg.modality], "num_frames": cfg.num_frames,
+                   "image_size": cfg.image_size, "audio_frames": cfg.audio_frames,
+                   "drop_path": 0.0 if cfg.linear_probe else cfg.drop_path,
+                   "kernels": cfg.kernels})
     try:
-        avmae.check_shapes(cfg)
+        avmae.check_shapes(model_cfg)
     except ValueError as e:
         raise SystemExit(f"invalid model config: {e}")
-    return cfg
+    return model_cfg
 
 
-def build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
-    model = _build_model(fcfg, heads, pcfg)
+def build_model(cfg: FinetuneConfig, heads: dict, pretrained_cfg: dict | None):
+    model = _build_model(cfg, heads, pretrained_cfg)
     if model.cfg.layer_scale:  # every block, pretrained or new (e.g. ViViT-FE's temporal ones)
         avmae.add_layer_scale(model, model.cfg.layer_scale)
     return model
 
 
-def _build_model(fcfg: FinetuneConfig, heads: dict, pcfg: dict | None):
-    cfg = model_config(fcfg, pcfg)
-    if fcfg.arch == "encoder":
-        return avmae.EncoderClassifier(cfg, heads, fcfg.linear_probe)
-    kept = pcfg and stream_weights(
-        pcfg, avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods[0])["inner"]
+def _build_model(cfg: FinetuneConfig, heads: dict, pretrained_cfg: dict | None):
+    model_cfg = model_config(cfg, pretrained_cfg)
+    if cfg.arch == "encoder":
+        return avmae.EncoderClassifier(model_cfg, heads, cfg.linear_probe)
+    kept = pretrained_cfg and stream_weights(
+        pretrained_cfg, avmae.AVMAEConfig(modalities=pretrained_cfg["modalities"]).mods[0])["inner"]
     # e.g. the mid-fusion streams' closing LayerNorm, kept where it was
     inner = kept[1] if kept else None
-    fusion = fcfg.fusion_layer if fcfg.fusion_layer >= 0 else \
-        FUSION_LAYER.get((fcfg.preset, cfg.depth), round(2 * cfg.depth / 3))
-    tl = (fcfg.tokenlearner, fcfg.tokenlearner_layer if fcfg.tokenlearner_layer >= 0
-          else cfg.depth // 2)
-    temporal = fcfg.temporal_layers if fcfg.temporal_layers >= 0 else max(1, cfg.depth // 3)
+    fusion = cfg.fusion_layer if cfg.fusion_layer >= 0 else \
+        FUSION_LAYER.get((cfg.preset, model_cfg.depth), round(2 * model_cfg.depth / 3))
+    tl = (cfg.tokenlearner, cfg.tokenlearner_layer if cfg.tokenlearner_layer >= 0
+          else model_cfg.depth // 2)
+    temporal = cfg.temporal_layers if cfg.temporal_layers >= 0 else max(1, model_cfg.depth // 3)
     try:
-        if fcfg.arch == "vivit_fe":
-            return avmae.ViViTFE(cfg, heads, temporal, inner, fcfg.linear_probe, tl)
-        if fcfg.arch == "mtv":
-            return avmae.MTV(cfg, heads, mtv_views(fcfg, cfg.tubelet), fusion, temporal, inner,
-                             fcfg.linear_probe, tl)
-        kind = {"vivit_fsa": "fsa", "vivit_fdp": "fdp"}.get(fcfg.arch, "joint")
-        return avmae.MBT(cfg, heads, fusion, fcfg.bottlenecks, inner, fcfg.linear_probe,
-                         fcfg.mbt_head, kind, tl, fcfg.unimodal_loss > 0 and not fcfg.linear_probe
-                         and fcfg.mbt_head != "per_modality")
+        if cfg.arch == "vivit_fe":
+            return avmae.ViViTFE(model_cfg, heads, temporal, inner, cfg.linear_probe, tl)
+        if cfg.arch == "mtv":
+            return avmae.MTV(model_cfg, heads, mtv_views(cfg, model_cfg.tubelet), fusion,
+                             temporal, inner,
+                             cfg.linear_probe, tl)
+        kind = {"vivit_fsa": "fsa", "vivit_fdp": "fdp"}.get(cfg.arch, "joint")
+        return avmae.MBT(model_cfg, heads, fusion, cfg.bottlenecks, inner, cfg.linear_probe,
+                         cfg.mbt_head, kind, tl, cfg.unimodal_loss > 0 and not cfg.linear_probe
+                         and cfg.mbt_head != "per_modality")
     except ValueError as e:
-        raise SystemExit(f"--arch {fcfg.arch}: {e}")
+        raise SystemExit(f"--arch {cfg.arch}: {e}")
 
 
 def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> torch.Tensor:
@@ -301,7 +302,7 @@ def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> 
 ENCODER_PREFIXES = ("encoder.", "patch_embed.", "enc_pos.", "type_embed.")
 
 
-def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> tuple:
+def map_pretrained(state: dict, pretrained_cfg: dict, model, inflate: str = "inflate") -> tuple:
     """Map a pretraining checkpoint's encoder into a finetuning model. Returns (state dict to load,
     report). The report lists every loaded, new and dropped tensor; it is an error if an encoder
     tensor of a finetuned modality would go unused, or if a shape does not match. MAViL and
@@ -309,12 +310,12 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     dropped, and said so. A modality-type embedding (CAV-MAE) is added into the patch embedding's
     bias (a constant per token: the same function)."""
     cfg = model.cfg
-    src_mods = avmae.AVMAEConfig(modalities=pcfg["modalities"]).mods
+    src_mods = avmae.AVMAEConfig(modalities=pretrained_cfg["modalities"]).mods
     mapping = {}  # destination name -> source name
     if isinstance(model, avmae.EncoderClassifier):
-        if pcfg["modalities"] != "av":
+        if pretrained_cfg["modalities"] != "av":
             raise ValueError("--arch encoder needs an audiovisual checkpoint (this one is "
-                             f"modalities={pcfg['modalities']!r}); use --arch mbt")
+                             f"modalities={pretrained_cfg['modalities']!r}); use --arch mbt")
         mapping = {k: k for k in model.state_dict() if k.startswith(("patch_embed.", "enc_pos.",
                                                                      "encoder."))}
     else:  # MBT / ViViT streams, MTV views of the checkpoint's width (stream_sources)
@@ -324,10 +325,10 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             if m in src_mods:
                 mapping[f"{prefix}.embed.weight"] = f"patch_embed.{m}.weight"
                 mapping[f"{prefix}.embed.bias"] = f"patch_embed.{m}.bias"
-                if pcfg["pos_embed"] == "learned":
+                if pretrained_cfg["pos_embed"] == "learned":
                     mapping[f"{prefix}.pos.table"] = f"enc_pos.{m}.table"
             # (early / shared: one set of weights into every stream, untied)
-            w = stream_weights(pcfg, s)
+            w = stream_weights(pretrained_cfg, s)
             # a source block, or (block, {its submodule: the one to read}); a factorised block's
             # new parts (e.g. ViViT-FSA's temporal attention) are left out
             for i in range(cfg.depth):
@@ -355,8 +356,9 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     if mbt and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
         # an audio-only checkpoint: the video tubelet filter from the audio patch filter
         # (ViViT Sec. 3.4)
-        if (pcfg["audio_patch_t"], pcfg["audio_patch_f"]) != (cfg.patch_size, cfg.patch_size):
-            raise ValueError(f"cannot inflate a {pcfg['audio_patch_t']}x{pcfg['audio_patch_f']} "
+        patch = (pretrained_cfg["audio_patch_t"], pretrained_cfg["audio_patch_f"])
+        if patch != (cfg.patch_size, cfg.patch_size):
+            raise ValueError(f"cannot inflate a {patch[0]}x{patch[1]} "
                              f"audio patch into {cfg.patch_size}x{cfg.patch_size} video patches; "
                              "use --inflate none")
         for prefix, st, m in sources:
@@ -377,11 +379,11 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
             continue
         if s_name not in state:
             raise ValueError(f"checkpoint has no {s_name} for {d_name}: it does not match its own "
-                             f"config {pcfg}")
+                             f"config {pretrained_cfg}")
         t = state[s_name]
         how = ""
         if d_name.endswith("pos.table") and t.shape != dst[d_name].shape:
-            src_grid = avmae.PATCHES[s_name.split(".")[1]](avmae.AVMAEConfig(**pcfg)).grid
+            src_grid = avmae.PATCHES[s_name.split(".")[1]](avmae.AVMAEConfig(**pretrained_cfg)).grid
             t, how = _resize_positions(t, src_grid, grids[d_name]), "resized "
         if s_name == "patch_embed.v.weight" and t.shape != dst[d_name].shape and \
                 t.shape[1] % (cfg.patch_size ** 2 * cfg.in_chans) == 0:
@@ -398,7 +400,7 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
                              "model disagree (width, patch size or input shape)")
         embed_bias = s_name.startswith("patch_embed.") and s_name.endswith(".bias")
         fold = None
-        if pcfg.get("type_embed") and embed_bias:
+        if pretrained_cfg.get("type_embed") and embed_bias:
             fold = f"type_embed.{s_name.split('.')[1]}"
         if fold:  # a constant per token: the same function when added into the embedding's bias
             t = t + state[fold]
@@ -411,7 +413,7 @@ def map_pretrained(state: dict, pcfg: dict, model, inflate: str = "inflate") -> 
     dropped = sorted(k for k in state if k not in used)
     # (an MTV without a view of the checkpoint's width for a modality leaves that stream unused)
     other = set(src_mods) - {m for _, _, m in sources} if mbt else set(src_mods) - set(cfg.mods)
-    by_design = () if isinstance(model, avmae.EncoderClassifier) else mbt_drops(pcfg)
+    by_design = () if isinstance(model, avmae.EncoderClassifier) else mbt_drops(pretrained_cfg)
     def of_other(k):
         return any(f".{m}." in k or k.endswith(f".{m}") for m in other)
     encoder_unused = [k for k in dropped if k.startswith(ENCODER_PREFIXES)
@@ -500,7 +502,7 @@ def metrics(logits: dict, targets: dict, multi_label: bool) -> dict:
 # optimisation
 
 
-def param_groups(model, fcfg: FinetuneConfig, lr: float):
+def param_groups(model, cfg: FinetuneConfig, lr: float):
     """Layer-wise lr decay (BEiT): lr * decay^(top + 1 - depth), with each parameter's depth as the
     model states it (model.layer_ids(): embeddings 0, its blocks 1..n_layers along a token's path,
     heads n_layers + 1); no weight decay on biases, norms and tokens."""
@@ -508,9 +510,9 @@ def param_groups(model, fcfg: FinetuneConfig, lr: float):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = fcfg.weight_decay if p.ndim >= 2 and n != "bottleneck" else 0.0
+        wd = cfg.weight_decay if p.ndim >= 2 and n != "bottleneck" else 0.0
         g = groups.setdefault((ids[n], wd), dict(params=[], weight_decay=wd,
-                                                 lr_scale=fcfg.layer_decay ** (top + 1 - ids[n])))
+                                                 lr_scale=cfg.layer_decay ** (top + 1 - ids[n])))
         g["params"].append(p)
     return list(groups.values())
 
@@ -574,7 +576,7 @@ def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: 
 
 
 @torch.no_grad()
-def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
+def evaluate(model, ds: data.AVDataset, cfg, d: train.Dist, mods,
              out_dir: str | None = None, stop=None) -> dict | None:
     """N evenly spaced views per clip, logits averaged; every clip once over all ranks. Writes
     predictions.csv and per_class.csv to out_dir (rank 0). None, on every rank, where stop() (a
@@ -583,8 +585,8 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     model.eval()
     idx = list(range(d.rank, len(ds), d.world))
     loader = data.Loader(torch.utils.data.Subset(ds, idx),
-                         batch_size=max(1, fcfg.batch_size // d.world),
-                         num_workers=min(fcfg.workers, 4), collate_fn=data.collate)
+                         batch_size=max(1, cfg.batch_size // d.world),
+                         num_workers=min(cfg.workers, 4), collate_fn=data.collate)
     ids, logits, targets = [], {h: [] for h in ds.heads}, {h: [] for h in ds.heads}
     gpu = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
     stopped, unreadable = False, []
@@ -600,9 +602,9 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
             # evaluated at its own turn, and counting it twice would bias the metrics
             keep = ~b["replaced"].bool().cpu()
             unreadable += [i for i, _ in b["bad"]]
-            V = fcfg.views
+            V = cfg.views
             x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
-            with train.autocast_ctx(fcfg.precision, d.device):
+            with train.autocast_ctx(cfg.precision, d.device):
                 out = model(**x)
             for h in ds.heads:
                 logits[h].append(out[h].float().view(-1, V, out[h].shape[-1]).mean(1).cpu()[keep])
@@ -633,7 +635,7 @@ def evaluate(model, ds: data.AVDataset, fcfg, d: train.Dist, mods,
     if unreadable:
         res["unreadable_clips"] = len(unreadable)
     if hasattr(model, "flops"):  # the backbone's forward pass on every test view of one clip
-        res["gflop_per_clip"] = round(model.flops()["forward"] * fcfg.views / 1e9, 4)
+        res["gflop_per_clip"] = round(model.flops()["forward"] * cfg.views / 1e9, 4)
     if out_dir and d.master:
         train.write_or_say(reports_path(out_dir),
                            lambda: write_reports(out_dir, ids, logits, targets, ds))
@@ -645,7 +647,7 @@ def _or_stop(loader):
     try:
         yield from loader
     except data.DataUnusable as e:
-        raise train.unusable(e) from None
+        raise data.unusable(e) from None
 
 
 def reports_path(out_dir: str) -> str:
@@ -690,28 +692,28 @@ def write_reports(out_dir, ids, logits, targets, ds):
 
 
 def main(argv=None) -> dict:
-    fcfg = parse_args(argv)
-    d = train.setup_distributed(fcfg.dist_timeout)
+    cfg = parse_args(argv)
+    d = train.setup_distributed(cfg.dist_timeout)
     try:
-        return finetune(fcfg, d)
+        return finetune(cfg, d)
     finally:
         train.release_out_dirs()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool):
+def load_init(cfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool):
     """Load a pretraining checkpoint's encoder into the model; write the load report."""
     try:
-        state, report = map_pretrained(ck["model"], ck["model_config"], model, fcfg.inflate)
+        state, report = map_pretrained(ck["model"], ck["model_config"], model, cfg.inflate)
     except ValueError as e:
-        raise SystemExit(f"{fcfg.init}: {e}")
+        raise SystemExit(f"{cfg.init}: {e}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     # (BatchNorm fills that in)
     new = {k for k in report["new"] if not k.endswith("num_batches_tracked")}
     assert not unexpected and set(missing) == new, (unexpected, set(missing) ^ new)
     other = ", other modality" if report["dropped_why"]["other modality"] else ""
-    train.print0(f"loaded {len(report['loaded'])} tensors from {fcfg.init}; new: {report['new']}; "
+    train.print0(f"loaded {len(report['loaded'])} tensors from {cfg.init}; new: {report['new']}; "
                  f"dropped {len(report['dropped'])} (decoder{other})")
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -719,53 +721,53 @@ def load_init(fcfg: FinetuneConfig, model, ck: dict, out_dir: str, master: bool)
             json.dump(report, f, indent=1)
 
 
-def setup(fcfg: FinetuneConfig, d: train.Dist) -> train.Run:
+def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
     """Data, model (from the checkpoint, or resumed), optimiser with layer-wise decay, schedule:
     the loop's Run, whose `extra` holds the sets, the heads and the pretraining's config."""
-    torch.manual_seed(fcfg.seed)
-    mods = avmae.AVMAEConfig(modalities=MODALITY[fcfg.modality]).mods
-    train.ensure_data(fcfg, d)
-    train.refuse_to_overwrite(fcfg.out_dir, fcfg.resume)
-    ckpt_path, resumed = train.resume_from(train.restart_resume(fcfg.resume), fcfg.out_dir,
+    torch.manual_seed(cfg.seed)
+    mods = avmae.AVMAEConfig(modalities=MODALITY[cfg.modality]).mods
+    data.ensure_data(cfg, d)
+    train.refuse_to_overwrite(cfg.out_dir, cfg.resume)
+    ckpt_path, resumed = train.resume_from(train.restart_resume(cfg.resume), cfg.out_dir,
                                            "finetuning", d)
-    if fcfg.eval_only and not resumed:
+    if cfg.eval_only and not resumed:
         raise SystemExit("--eval_only evaluates a finetuned checkpoint: pass --resume CKPT (or "
                          "--resume auto with that finetuning's --out_dir)")
     was = (resumed or {}).get("finetune_config") or {}
-    other = [k for k in MODEL_FLAGS if k in was and was[k] != getattr(fcfg, k)]
+    other = [k for k in MODEL_FLAGS if k in was and was[k] != getattr(cfg, k)]
     if other:
         raise SystemExit(f"{ckpt_path}: its model was made with "
                          + " ".join(f"--{k} {was[k]}" for k in other) + " (this run: "
-                         + " ".join(f"--{k} {getattr(fcfg, k)}" for k in other)
+                         + " ".join(f"--{k} {getattr(cfg, k)}" for k in other)
                          + "); resume or evaluate it with the flags it was made with")
-    ck = train.load_checkpoint(fcfg.init, "--init") if fcfg.init and not resumed else None
-    pcfg = resumed.get("pretrain_config") if resumed else ck and ck["model_config"]
-    dcfg = dict(root=fcfg.data, modalities=MODALITY[fcfg.modality], num_frames=fcfg.num_frames,
-                image_size=fcfg.image_size, audio_frames=fcfg.audio_frames,
-                mel_bins=(pcfg or {}).get("mel_bins", 128),
-                **{f.name: getattr(fcfg, f.name) for f in dataclasses.fields(data.LoadOptions)})
-    train_ds = train.open_dataset(data.DataConfig(split=fcfg.train_split, train=True,
-                                                  specaug_freq=fcfg.specaug_freq,
-                                                  specaug_time=fcfg.specaug_time,
-                                                  time_shift=fcfg.time_shift, **dcfg))
-    test_ds = train.open_dataset(data.DataConfig(split=fcfg.test_split, train=False,
-                                                 views=fcfg.views, **dcfg))
+    ck = train.load_checkpoint(cfg.init, "--init") if cfg.init and not resumed else None
+    pretrained_cfg = resumed.get("pretrain_config") if resumed else ck and ck["model_config"]
+    data_kw = dict(root=cfg.data, modalities=MODALITY[cfg.modality], num_frames=cfg.num_frames,
+                   image_size=cfg.image_size, audio_frames=cfg.audio_frames,
+                   mel_bins=(pretrained_cfg or {}).get("mel_bins", 128),
+                   **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data.LoadOptions)})
+    train_ds = data.open_dataset(data.DataConfig(split=cfg.train_split, train=True,
+                                                 specaug_freq=cfg.specaug_freq,
+                                                 specaug_time=cfg.specaug_time,
+                                                 time_shift=cfg.time_shift, **data_kw))
+    test_ds = data.open_dataset(data.DataConfig(split=cfg.test_split, train=False,
+                                                views=cfg.views, **data_kw))
     heads = {h: len(names) for h, names in train_ds.heads.items()}
-    train.make_out_dir(fcfg.out_dir, d.master)
-    model = build_model(fcfg, heads, pcfg)
+    train.make_out_dir(cfg.out_dir, d.master)
+    model = build_model(cfg, heads, pretrained_cfg)
     if ck is not None:
-        load_init(fcfg, model, ck, fcfg.out_dir, d.master)
-    if fcfg.linear_probe:
+        load_init(cfg, model, ck, cfg.out_dir, d.master)
+    if cfg.linear_probe:
         if ck is None and not resumed:
             train.print0("--linear_probe without --init probes a random encoder (a baseline); "
                          "pass --init CKPT to probe a pretraining")
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith("heads.")
     model.to(d.device)
-    torch.manual_seed(fcfg.seed + d.rank)
-    s = train.schedule(fcfg, len(train_ds))
-    groups = param_groups(model, fcfg, s.lr)
-    opt = (torch.optim.SGD(groups, lr=s.lr, momentum=0.9) if fcfg.optimizer == "sgd"
+    torch.manual_seed(cfg.seed + d.rank)
+    s = train.schedule(cfg, len(train_ds))
+    groups = param_groups(model, cfg, s.lr)
+    opt = (torch.optim.SGD(groups, lr=s.lr, momentum=0.9) if cfg.optimizer == "sgd"
            else torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999),
                                   fused=d.device.type == "cuda"))  # (one kernel on a GPU)
     if resumed:
@@ -778,16 +780,17 @@ def setup(fcfg: FinetuneConfig, d: train.Dist) -> train.Run:
                              "and input shapes it was made with")
         model.load_state_dict(theirs)
         opt.load_state_dict(resumed["optimizer"])
-        train.continue_from(fcfg, d, s, ckpt_path, resumed, "finetune_config")
-    per_rank = fcfg.batch_size // d.world
-    stream = None if fcfg.eval_only else train.batch_stream(
-        train_ds, per_rank, fcfg.workers, fcfg.seed, d, s.step, s.steps_per_epoch, per_rank)
+        train.continue_from(cfg, d, s, ckpt_path, resumed, "finetune_config")
+    per_rank = cfg.batch_size // d.world
+    stream = None if cfg.eval_only else data.batch_stream(
+        train_ds, per_rank, cfg.workers, cfg.seed, d, s.step, s.steps_per_epoch, per_rank)
     watch = LearningWatch(heads, train_ds.multi_label, s.steps_per_epoch, chance_loss(
-        train_ds.rows, heads, train_ds.multi_label, fcfg.label_smoothing))
+        train_ds.rows, heads, train_ds.multi_label, cfg.label_smoothing))
     watch.restore((resumed or {}).get("watch", {}))
-    return train.Run(fcfg, d, model, train.wrap(model, fcfg, d, ddp=not fcfg.eval_only), opt, s,
+    return train.Run(cfg, d, model, train.wrap(model, cfg, d, ddp=not cfg.eval_only), opt, s,
                      stream, per_rank, extra=dict(
-                         train_ds=train_ds, test_ds=test_ds, mods=mods, heads=heads, pcfg=pcfg,
+                         train_ds=train_ds, test_ds=test_ds, mods=mods, heads=heads,
+                         pretrained_cfg=pretrained_cfg,
                          resumed=resumed, watch=watch, gen=torch.Generator(), results={},
                          per_modality=getattr(model, "loss_per_modality", False)))
 
@@ -796,25 +799,25 @@ def finetune_step(run: train.Run, step: int, preempt) -> dict:
     """One step's forward and backward. Every rank agrees on a non-finite loss or gradient (skip:
     what was not finite) and on a requested stop. The task loss leaves out MBT's unimodal losses
     (what LearningWatch compares with chance)."""
-    fcfg, d, x = run.cfg, run.d, run.extra
+    cfg, d, x = run.cfg, run.d, run.extra
     mods, per_modality, multi = x["mods"], x["per_modality"], x["train_ds"].multi_label
-    x["gen"].manual_seed(fcfg.seed * 1_000_003 + step * 1009 + d.rank)
+    x["gen"].manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)
     batch = next(run.stream)[1]
-    batch, targets = mixup(batch, mods, x["heads"], fcfg.mixup, multi, x["gen"], per_modality)
-    with train.autocast_ctx(fcfg.precision, d.device):
+    batch, targets = mixup(batch, mods, x["heads"], cfg.mixup, multi, x["gen"], per_modality)
+    with train.autocast_ctx(cfg.precision, d.device):
         logits = run.model(**{m: batch[m] for m in mods}, per_modality=per_modality)
-    loss = finetune_loss(logits, targets, per_modality, multi, fcfg.label_smoothing, d.device,
-                         fcfg.unimodal_loss)
+    loss = finetune_loss(logits, targets, per_modality, multi, cfg.label_smoothing, d.device,
+                         cfg.unimodal_loss)
     task = {m: z for m, z in logits.items() if not per_modality or m in targets}
     task_loss = loss if len(task) == len(logits) else finetune_loss(
-        task, targets, True, multi, fcfg.label_smoothing, d.device)
+        task, targets, True, multi, cfg.label_smoothing, d.device)
     flags = torch.tensor([float(not torch.isfinite(loss)), float(preempt.signal is not None)],
                          device=d.device)
     bad_loss, stop = train.all_reduce(flags).tolist()
     skip = f"loss {loss.item():.4g}" if bad_loss else None
     if not bad_loss:
         loss.backward()
-        gnorm = train.clip_grads(run.raw, fcfg)
+        gnorm = train.clip_grads(run.raw, cfg)
         skip = None if torch.isfinite(gnorm) else f"gradient (norm {float(gnorm):.4g})"
     return dict(losses=dict(loss=loss.item()), skip=skip, stop=bool(stop), logits=logits,
                 targets=targets, task_loss=task_loss.detach(), bad_clips=len(batch["bad"]))
@@ -823,13 +826,13 @@ def finetune_step(run: train.Run, step: int, preempt) -> dict:
 def evaluate_step(run: train.Run, step: int, r: dict, preempt, bar, last: bool) -> bool:
     """The running training figures, and at every --eval_every epochs' end and at the last step
     an evaluation (True: asked to stop during it)."""
-    fcfg, d, x, spe = run.cfg, run.d, run.extra, run.schedule.steps_per_epoch
+    cfg, d, x, spe = run.cfg, run.d, run.extra, run.schedule.steps_per_epoch
     watch, total = x["watch"], run.schedule.total
     watch.update(r["logits"], r["targets"], x["per_modality"], r["task_loss"].item())
-    if not ((step % spe == 0 and (step // spe) % fcfg.eval_every == 0) or step == total):
+    if not ((step % spe == 0 and (step // spe) % cfg.eval_every == 0) or step == total):
         return False
-    results = evaluate(run.raw, x["test_ds"], fcfg, d, x["mods"],
-                       fcfg.out_dir if step == total else None,
+    results = evaluate(run.raw, x["test_ds"], cfg, d, x["mods"],
+                       cfg.out_dir if step == total else None,
                        stop=lambda: preempt.signal is not None)
     if results is None:  # asked to stop during it: a run resumed at the end evaluates then; a
         if step < total:  # mid-run evaluation is left out, and its epoch's training figures
@@ -839,7 +842,7 @@ def evaluate_step(run: train.Run, step: int, r: dict, preempt, bar, last: bool) 
     results.update(step=step, epoch=step / spe, **watch.summary())
     train.print0(watch.line(step, results, bar))
     if d.master:
-        train.append_log(os.path.join(fcfg.out_dir, "log.jsonl"), dict(eval=results))
+        train.append_log(os.path.join(cfg.out_dir, "log.jsonl"), dict(eval=results))
     x["results"] = results
     return False
 
@@ -852,26 +855,26 @@ def finetune_state(run: train.Run, step: int) -> dict | None:
     x = run.extra
     return dict(model=train.model_state(run.raw, False), optimizer=run.opt.state_dict(),
                 finetune_config=asdict(run.cfg), model_config=asdict(run.raw.cfg),
-                pretrain_config=x["pcfg"], heads=x["heads"], results=x["results"],
+                pretrain_config=x["pretrained_cfg"], heads=x["heads"], results=x["results"],
                 watch=x["watch"].state())
 
 
-def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
-    if fcfg.batch_size % d.world and not fcfg.eval_only:  # (a global batch, as pretraining's)
-        raise SystemExit(f"--batch_size {fcfg.batch_size} does not split into {d.world} ranks: "
+def finetune(cfg: FinetuneConfig, d: train.Dist) -> dict:
+    if cfg.batch_size % d.world and not cfg.eval_only:  # (a global batch, as pretraining's)
+        raise SystemExit(f"--batch_size {cfg.batch_size} does not split into {d.world} ranks: "
                          f"use a multiple of {d.world}")
-    run = setup(fcfg, d)
+    run = setup(cfg, d)
     x, s, m = run.extra, run.schedule, run.raw
-    if fcfg.eval_only:
-        res = evaluate(m, x["test_ds"], fcfg, d, x["mods"], fcfg.out_dir)
+    if cfg.eval_only:
+        res = evaluate(m, x["test_ds"], cfg, d, x["mods"], cfg.out_dir)
         train.print0(json.dumps(res))
         return res
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
     fused = (f" fused from layer {m.fusion_layer} of {m.cfg.depth}"
              if isinstance(m, avmae.MBT) and len(m.mods) == 2 else "")
-    train.print0(f"{fcfg.modality} {fcfg.arch}{fused}"
-                 f"{' linear probe' if fcfg.linear_probe else ''} | "
-                 f"{trainable:.2f}M trainable | init {fcfg.init or 'scratch'} | "
+    train.print0(f"{cfg.modality} {cfg.arch}{fused}"
+                 f"{' linear probe' if cfg.linear_probe else ''} | "
+                 f"{trainable:.2f}M trainable | init {cfg.init or 'scratch'} | "
                  f"{len(x['train_ds'])} train / {len(x['test_ds'])} test clips | {s.total} steps | "
                  f"lr {s.lr:.3g}")
     step, path, _ = train.loop(run, finetune_step, evaluate_step, finetune_state, "finetune",
@@ -881,10 +884,10 @@ def finetune(fcfg: FinetuneConfig, d: train.Dist) -> dict:
 
 def finish(run: train.Run, step: int, path: str | None) -> dict:
     """The final metrics (evaluated now if the run resumed at its end) in metrics.json."""
-    fcfg, x, s = run.cfg, run.extra, run.schedule
+    cfg, x, s = run.cfg, run.extra, run.schedule
     results = x["results"]
     if step >= s.total and not results:  # resumed at the end (stopped in the last eval or save)
-        results = evaluate(run.raw, x["test_ds"], fcfg, run.d, x["mods"], fcfg.out_dir)
+        results = evaluate(run.raw, x["test_ds"], cfg, run.d, x["mods"], cfg.out_dir)
         # the training figures of the last epoch: saved with the final evaluation, or (stopped
         # during it) still in the watch
         saved = {k: v for k, v in ((x["resumed"] or {}).get("results") or {}).items()
@@ -892,20 +895,20 @@ def finish(run: train.Run, step: int, path: str | None) -> dict:
         results.update(step=step, epoch=step / s.steps_per_epoch,
                        **(saved or x["watch"].summary()))
     if run.d.master and step >= s.total:
-        mpath = os.path.join(fcfg.out_dir, "metrics.json")
+        mpath = os.path.join(cfg.out_dir, "metrics.json")
 
         def write():
             with open(mpath + ".tmp", "w") as f:
                 json.dump(results, f, indent=1)
             os.replace(mpath + ".tmp", mpath)
         train.write_or_say(mpath, write)
-        lost = [p for p in (reports_path(fcfg.out_dir), mpath) if p in train.NOT_WRITTEN]
+        lost = [p for p in (reports_path(cfg.out_dir), mpath) if p in train.NOT_WRITTEN]
         if lost:  # (a disk that filled up at the end)
             raise SystemExit(f"the results were not all written ({', '.join(lost)}); the final "
                              f"checkpoint is {path}: with space again, the same command with "
                              "--resume auto evaluates it and writes them")
         train.print0(f"done: {json.dumps(results)} | checkpoint {path} | predictions "
-                     f"{fcfg.out_dir}/predictions.csv")
+                     f"{cfg.out_dir}/predictions.csv")
     return results
 
 

@@ -79,7 +79,7 @@ class RunConfig(data.LoadOptions):
 @dataclass
 class TrainConfig(RunConfig):
     preset: str = "vggsound_b"    # a named recipe (PRESETS below); flags given win over it
-    variant: str = "avmae"        # AV-MAE or a relative's recipe (VARIANTS below): MAViL stage 1
+    variant: str = "avmae"        # AV-MAE or a relative's recipe (avmae.VARIANTS): MAViL stage 1
                                   # (mavil, mavil_mbt) or 2 (mavil2), CAV-MAE, AV-MaskEnhancer
     teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint
                                   # whose fusion outputs are the targets
@@ -102,54 +102,6 @@ class TrainConfig(RunConfig):
     profile: int = 0              # with --bench: this many more steps under torch.profiler, and
                                   # where their device time goes (matmuls, attention, ...)
 
-
-# MAViL stage 1 (Huang et al., Sec. 3.1-3.2, 4.1): full unimodal encoders + 2 fusion layers,
-# separate decoders, 80% masking, 2-D sin-cos positions, the reconstruction terms summed (Eq. 1)
-# with inter-modal (alpha 0.1, tau 0.1) and intra-modal (beta 0.01, tau 1.0) contrast on the
-# unimodal outputs (Eq. 4)
-MAVIL = dict(encoder="mavil", fusion="vanilla", fusion_layers=2, decoder="separate",
-             mask_ratio_v=0.8, mask_ratio_a=0.8, pos_embed="sincos2d", recon_sum=True,
-             contrast_inter=0.1, tau_inter=0.1, contrast_intra=0.01, tau_intra=1.0)
-VARIANTS = {  # the relatives as overrides of the model
-    "avmae": dict(),
-    "mavil": MAVIL,
-    # one g_av for both modalities (App. B)
-    "mavil_mbt": {**MAVIL, "fusion": "mbt", "bottlenecks": 4},
-    # stage 2: predict a frozen teacher's fusion outputs (--teacher)
-    "mavil2": {**MAVIL, "target": "teacher"},
-    # CAV-MAE (Gong et al.) as its authors' code runs it: 11 modality layers + 1 unified layer with
-    # per-modality norms, modality-type embeddings, one decoder (one projection, one mask token)
-    # over the concatenation, 2-D sin-cos positions, 75% unstructured masking of both, per-patch
-    # normalised targets, the reconstruction terms summed + 0.01 x single-directional InfoNCE (tau
-    # 0.05)
-    "cavmae": dict(encoder="cavmae", joint_layers=1, type_embed=True, dec_tied=True,
-                   decoder="early", pos_embed="sincos2d", contrast_inter=0.01, tau_inter=0.05,
-                   contrast_symmetric=False, mask_ratio_v=0.75, mask_ratio_a=0.75, recon_sum=True,
-                   norm_pix_loss=True),
-    # AV-MaskEnhancer (Diao et al.): 90% tube masking of video, all of the audio, bidirectional
-    # cross-attention, the video reconstructed from both streams
-    "avme": dict(encoder="xattn", cross_layers=1, mask_type_v="tube", mask_ratio_v=0.9,
-                 mask_ratio_a=0.0, objective="video", decoder="early"),
-}
-
-# what a variant changes in the data pipeline: MAViL flips and randomly crops frames in pretraining
-# (App. B)
-VARIANT_DATA = {"mavil": dict(video_aug="rrc"), "mavil_mbt": dict(video_aug="rrc"),
-                "mavil2": dict(video_aug="rrc")}
-
-# At the paper's sizes (base, large) a variant also takes its paper's decoder and input shapes;
-# smaller sizes keep the size preset's (a quick CPU run stays quick). MAViL Sec. 4.1 / App. B:
-# 8-layer 512-wide 16-head decoders, 10 s of audio as 1024 x 128 (512 tokens), 8 frames at 2 fps (4
-# x 14 x 14 = 784 tokens).
-MAVIL_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024,
-                    num_frames=8, frame_stride=12.5)
-# CAV-MAE Sec. 3 / its code: 8-layer 512-wide 16-head decoder, 1024 x 128 audio (512 tokens), one
-# RGB frame
-CAVMAE_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024,
-                     num_frames=1, tubelet=1)
-PAPER_SHAPES = {"mavil": MAVIL_SHAPES, "mavil_mbt": MAVIL_SHAPES, "mavil2": MAVIL_SHAPES,
-                "cavmae": CAVMAE_SHAPES}
-PAPER_SIZES = ("base", "large")
 
 PRESETS = {  # overrides of AVMAEConfig / TrainConfig defaults
     "vggsound_b": dict(),  # the defaults: ViT-B, mid-fusion S=2, shared decoder, Table 20
@@ -180,7 +132,7 @@ PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "batch_size": 32, "
                         * avmae.SIZES["tiny"]["width"] / avmae.SIZES["small"]["width"]}
 
 
-TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(VARIANTS),
+TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(avmae.VARIANTS),
                      precision=("auto", "bf16", "fp32"), window=("hann",
                                                                  "hamming"), decode=("cpu", "gpu"),
                      video_aug=("none", "rrc"), on_save_error=("retry", "stop"))
@@ -261,25 +213,21 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
     return p
 
 
-def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_, variants: dict | None = None,
-            paper_shapes: dict | None = None):
-    """Defaults <- the size preset <- the named preset <- the variant (and, at a paper size, its
-    paper shapes) <- flags given explicitly. The first dataclass holds the `preset` and `size` (and
-    `variant`) fields."""
+def resolve(args: dict, presets: dict, sizes: dict, *dataclasses_):
+    """Defaults <- the size preset <- the named preset <- the variant (avmae.variant: at a paper
+    size with its paper's shapes) <- flags given explicitly. The first dataclass holds the `preset`
+    and `size` (and `variant`) fields."""
     given = {k: v for k, v in args.items() if v is not None}
     defaults = {f.name: f.default for f in fields(dataclasses_[0])}
     preset = given.get("preset", defaults["preset"])
     if preset not in presets:
         raise SystemExit(f"--preset {preset!r} is not one of {', '.join(presets)}")
-    variant = given.get("variant", defaults.get("variant"))
-    merged = {**presets[preset], **(variants or {}).get(variant, {}), **given}
-    size = merged.get("size", defaults["size"])
+    size = {**presets[preset], **given}.get("size", defaults["size"])
     if size not in sizes:
         raise SystemExit(f"--size {size!r} is not one of {', '.join(sizes)}")
-    if size in PAPER_SIZES:
-        merged = {**presets[preset], **(variants or {}).get(variant, {}),
-                  **(paper_shapes or {}).get(variant, {}), **given}
-    merged = {**sizes[size], **merged}
+    name = given.get("variant", defaults.get("variant"))
+    recipe = avmae.variant(name, size in ("base", "large")) if name else {}
+    merged = {**sizes[size], **presets[preset], **recipe, **given}
     out = []
     for dc in dataclasses_:
         names = {f.name for f in fields(dc)}
@@ -326,19 +274,16 @@ def check_ranges(cfg):
 def parse_args(argv=None):
     args = vars(build_parser(TrainConfig, avmae.AVMAEConfig,
                              choices={**avmae.CHOICES, **TRAIN_CHOICES}).parse_args(argv))
-    tcfg, mcfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig,
-                         variants={k: {**v, **VARIANT_DATA.get(k, {})}
-                                   for k, v in VARIANTS.items()},
-                         paper_shapes=PAPER_SHAPES)
-    if "v" in mcfg.mods and mcfg.in_chans != 3:
-        raise SystemExit(f"--in_chans {mcfg.in_chans}: data.py's clips are RGB, 3 channels")
-    if (mcfg.target == "teacher") != bool(tcfg.teacher):
+    cfg, model_cfg = resolve(args, PRESETS, avmae.SIZES, TrainConfig, avmae.AVMAEConfig)
+    if "v" in model_cfg.mods and model_cfg.in_chans != 3:
+        raise SystemExit(f"--in_chans {model_cfg.in_chans}: data.py's clips are RGB, 3 channels")
+    if (model_cfg.target == "teacher") != bool(cfg.teacher):
         raise SystemExit("MAViL stage 2 takes both --target teacher (or --variant mavil2) and "
                          "--teacher PATH")
-    mcfg.audio_frames, mcfg.num_frames = fit_to_clips(tcfg.data, tcfg.split, mcfg.audio_frames,
-                                                      mcfg.num_frames, tcfg.frame_stride,
-                                                      mcfg.tubelet, mcfg.audio_patch_t, args)
-    return mcfg, tcfg
+    model_cfg.audio_frames, model_cfg.num_frames = data.fit_to_clips(
+        cfg.data, cfg.split, model_cfg.audio_frames, model_cfg.num_frames, cfg.frame_stride,
+        model_cfg.tubelet, model_cfg.audio_patch_t, args)
+    return model_cfg, cfg
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python is a world of one
@@ -405,9 +350,7 @@ def progress_bar(total: int, step: int, desc: str, master: bool):
                 mininterval=every, maxinterval=stalled)
 
 
-def print0(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **k, flush=True)
+print0 = data.print0  # (rank 0 only)
 
 
 def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
@@ -444,17 +387,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def optimizer(model: torch.nn.Module, tcfg: "TrainConfig", lr: float, device):
+def optimizer(model: torch.nn.Module, cfg: "TrainConfig", lr: float, device):
     """AdamW over param_groups, one fused kernel on CUDA: what training and --bench both step."""
-    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr,
-                             betas=(tcfg.beta1, tcfg.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr,
+                             betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def clip_grads(model: torch.nn.Module, tcfg) -> torch.Tensor:
+def clip_grads(model: torch.nn.Module, cfg) -> torch.Tensor:
     """The gradient norm (for the non-finite check), clipped to --grad_clip when that is on (a
     TrainConfig's or finetune.py's FinetuneConfig's)."""
     return torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                          tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+                                          cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
 
 # -----------------------------------------------------------------------------
 # checkpoints: atomic (write, fsync, rename), a `latest` pointer, the last K kept, a checksum of the
@@ -492,9 +435,9 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep: int) -> str:
     state = {**state, "crc32": tensor_crc([state.get("model"), state.get("optimizer")])}
     try:
         os.makedirs(out_dir, exist_ok=True)
-        for name, write in (
-            (path, lambda f: torch.save(state, f)),
-            (os.path.join(out_dir, "latest"), lambda f: f.write(os.path.basename(path).encode()))):
+        latest = os.path.join(out_dir, "latest")
+        for name, write in ((path, lambda f: torch.save(state, f)),
+                            (latest, lambda f: f.write(os.path.basename(path).encode()))):
             with open(name + ".tmp", "wb") as f:
                 write(f)
                 f.flush()
@@ -970,13 +913,15 @@ def save_picture(img: torch.Tensor, path: str):
 # data
 
 
-def data_config(mcfg: avmae.AVMAEConfig, tcfg, split: str, train: bool, **kw) -> data.DataConfig:
-    return data.DataConfig(root=tcfg.data, split=split, modalities=mcfg.modalities,
-                           num_frames=mcfg.num_frames, frame_stride=tcfg.frame_stride,
-                           image_size=mcfg.image_size, audio_frames=mcfg.audio_frames,
-                           mel_bins=mcfg.mel_bins, window=tcfg.window, audio_norm=tcfg.audio_norm,
-                           train=train, decode=tcfg.decode, seed=tcfg.seed,
-                           video_aug=tcfg.video_aug, **kw)
+def data_config(model_cfg: avmae.AVMAEConfig, cfg, split: str, train: bool,
+                **kw) -> data.DataConfig:
+    return data.DataConfig(root=cfg.data, split=split, modalities=model_cfg.modalities,
+                           num_frames=model_cfg.num_frames, frame_stride=cfg.frame_stride,
+                           image_size=model_cfg.image_size, audio_frames=model_cfg.audio_frames,
+                           mel_bins=model_cfg.mel_bins, window=cfg.window,
+                           audio_norm=cfg.audio_norm,
+                           train=train, decode=cfg.decode, seed=cfg.seed,
+                           video_aug=cfg.video_aug, **kw)
 
 
 def make_out_dir(path: str, master: bool = True):
@@ -1024,124 +969,6 @@ def refuse_to_overwrite(out_dir: str, resume: str):
                          "run choose another --out_dir, or remove that one")
 
 
-def ensure_data(tcfg, d: Dist):
-    """Generate the built-in set on first use, and the set's log-mel statistics when
-    --audio_norm dataset needs them and the set has none yet (rank 0; the others wait)."""
-    meta_path = os.path.join(tcfg.data, "meta.json")
-    builtin = os.path.basename(os.path.normpath(tcfg.data)).endswith("builtin")
-    if not os.path.exists(meta_path) or (builtin and data.builtin_outdated(tcfg.data)):
-        if not builtin:
-            raise SystemExit(f"{tcfg.data}: not a prepared data set (no meta.json). Prepare one "
-                             "with `python data.py prepare ...` (README: Data) or run `python "
-                             "train.py --preset quick`.")
-        if d.master:
-            data.make_builtin(tcfg.data, flag="--data")
-    elif tcfg.audio_norm == "dataset" and "audio_mean" not in _meta(tcfg.data):
-        split = getattr(tcfg, "train_split", getattr(tcfg, "split", "train"))
-        if d.master:
-            print0(f"{tcfg.data}: no log-mel statistics yet (--audio_norm dataset); computing "
-                   f"them from the {split} split, once (they are saved in meta.json)")
-            try:
-                data.audio_stats(tcfg.data, split)
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"{tcfg.data}: cannot compute the log-mel statistics: {e}")
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _meta(root: str) -> dict:
-    try:
-        return data.read_meta(root)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-
-
-def open_dataset(cfg: data.DataConfig) -> data.AVDataset:
-    """The dataset, or one line saying what is wrong with the set (a user error, not a
-    traceback)."""
-    try:
-        return data.AVDataset(cfg)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{cfg.root}: {e}")
-
-
-def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, frame_stride: float,
-                 tubelet: int, audio_patch: int, given: dict) -> tuple:
-    """(audio_frames, num_frames), shrunk to the set's median clip length where a preset's window
-    does not fit it and the user did not choose the window (--audio_frames / --num_frames); said.
-    A window the user chose is kept, and said where it does not fit: the rest is padding."""
-    seconds = data.median_duration(root, split)
-    if seconds is None:
-        return audio_frames, num_frames
-    fit = dict(zip(
-        ("audio_frames", "num_frames"),
-        data.fit_window(seconds, audio_frames, audio_patch, num_frames, frame_stride, tubelet)))
-    out = dict(audio_frames=audio_frames, num_frames=num_frames)
-    for name, new in fit.items():
-        if new == out[name]:
-            continue
-        if given.get(name) is None:
-            print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} does not "
-                   f"fit them, using --{name} {new} (pass --{name} to choose)")
-            out[name] = new
-        else:  # (audio: zeros; video: the last frame again)
-            print0(f"{root}: clips are {seconds:g} s long (median); --{name} {out[name]} is "
-                   f"longer, so each window ends in padding (--{name} {new} fits them)")
-    return out["audio_frames"], out["num_frames"]
-
-
-def batch_stream(ds: data.AVDataset, per_rank: int, workers: int, seed: int, d: Dist, step: int,
-                 steps_per_epoch: int, per_step: int):
-    """The one loader of both scripts: data.EpochSampler's order (independent of the number of
-    ranks, resumable at any step: `per_step` samples of this rank per step), pinned memory and
-    persistent workers, batches moved to the device (and decoded there with --decode gpu)."""
-    sampler = data.EpochSampler(len(ds), d.world, d.rank, seed)
-    loader = data.Loader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
-                         collate_fn=data.collate, drop_last=True,
-                         pin_memory=d.device.type == "cuda", persistent_workers=workers > 0)
-    gpu_decoder = data.GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
-    epoch0, in_epoch = divmod(step, steps_per_epoch)
-    return batches(loader, sampler, epoch0, in_epoch * per_step, d, gpu_decoder)
-
-
-def unusable(e: data.DataUnusable) -> SystemExit:
-    """The one line a run stops with when no clip can be read (from a loader worker the message
-    ends with the worker's traceback, whose last line is the original)."""
-    return SystemExit(str(e).strip().splitlines()[-1].split("DataUnusable: ")[-1])
-
-
-def batches(loader, sampler, epoch: int, start: int, d: Dist, gpu_decoder=None):
-    """Batches from `start` (this rank's samples already used) of `epoch` on, moved to the device
-    (with --decode gpu: decoded there, the next batch beside the current step). A data folder that
-    vanished, or a loader worker that died (killed for memory), stops the run with one line naming
-    the folder or the clips being read, instead of retrying or hanging."""
-    def read(epoch, start):
-        while True:
-            sampler.set_position(epoch, start)
-            it = iter(loader)
-            while True:
-                try:
-                    b = next(it)
-                except StopIteration:
-                    break
-                except data.DataUnusable as e:
-                    raise unusable(e) from None
-                except RuntimeError as e:
-                    if "DataLoader worker" not in str(e):
-                        raise
-                    raise SystemExit(f"rank {d.rank}: a data loader worker died "
-                                     f"({str(e).splitlines()[0]}) while reading "
-                                     f"{', '.join(loader.dataset.being_read()) or 'no clip yet'}"
-                                     ": out of memory? use fewer --workers or a smaller batch; "
-                                     "--resume auto continues") from None
-                yield epoch, b
-            epoch, start = epoch + 1, 0
-    try:
-        yield from data.on_device(read(epoch, start), d.device, gpu_decoder)
-    finally:  # (the stream closed: the run ends, however it ends)
-        loader.close()
-
-
 def rank_rows(micro: int, b: int, d: Dist) -> torch.Tensor:
     """Rows of the global batch's masks that belong to this rank's micro-batch: the k-th sample of
     rank r in micro-step m is global position (m * b + k) * W + r (EpochSampler's order)."""
@@ -1164,23 +991,24 @@ SHAPE_FLAGS = {"a": ("audio_frames", "mel_bins", "audio_patch_t", "audio_patch_f
                "v": ("num_frames", "image_size", "tubelet", "patch_size", "in_chans")}
 
 
-def teacher_fits(t: avmae.AVMAEConfig, mcfg, path: str) -> None:
+def teacher_fits(t: avmae.AVMAEConfig, model_cfg, path: str) -> None:
     """MAViL stage 2's targets are the teacher's features at each token of the student's inputs:
     the teacher must read the same modalities as the same token grids (one line if not)."""
-    if mcfg.teacher_width not in (0, t.width):
-        raise SystemExit(f"--teacher_width {mcfg.teacher_width}: the teacher {path} is {t.width} "
+    if model_cfg.teacher_width not in (0, t.width):
+        raise SystemExit(f"--teacher_width {model_cfg.teacher_width}: the teacher {path} is "
+                         f"{t.width} "
                          "wide (leave --teacher_width out: it is read from the teacher)")
-    for m in mcfg.mods:
+    for m in model_cfg.mods:
         name = {"a": "audio", "v": "video"}[m]
         if m not in t.mods:
             raise SystemExit(f"--teacher {path}: it was pretrained without {name} (--modalities "
                              f"{t.modalities}), so it has no {name} features to predict: use a "
-                             f"teacher pretrained with --modalities {mcfg.modalities}")
-        other = [k for k in SHAPE_FLAGS[m] if getattr(t, k) != getattr(mcfg, k)]
+                             f"teacher pretrained with --modalities {model_cfg.modalities}")
+        other = [k for k in SHAPE_FLAGS[m] if getattr(t, k) != getattr(model_cfg, k)]
         if other:
             raise SystemExit(f"--teacher {path}: its {name} was "
                              + " ".join(f"--{k} {getattr(t, k)}" for k in other) + ", this run's "
-                             + " ".join(f"--{k} {getattr(mcfg, k)}" for k in other)
+                             + " ".join(f"--{k} {getattr(model_cfg, k)}" for k in other)
                              + ": the targets are its features per token of the same input, so "
                              "give this run the teacher's shapes")
 
@@ -1391,8 +1219,8 @@ def train(model_cfg: avmae.AVMAEConfig, cfg: TrainConfig, hooks: dict | None = N
 def pretrain(model_cfg, cfg, d: "Dist", hooks) -> dict:
     ds = None
     if not cfg.bench:  # the data first: a set that is missing or empty is said at once
-        ensure_data(cfg, d)
-        ds = open_dataset(data_config(model_cfg, cfg, cfg.split, train=True))
+        data.ensure_data(cfg, d)
+        ds = data.open_dataset(data_config(model_cfg, cfg, cfg.split, train=True))
         if len(ds) < cfg.batch_size:
             raise SystemExit(f"{cfg.data}: {len(ds)} clips are fewer than one batch of "
                              f"{cfg.batch_size}: lower --batch_size")
@@ -1469,8 +1297,8 @@ def setup(model_cfg, cfg, d: "Dist", model, per_rank: int, ds: data.AVDataset) -
             raise SystemExit(f"{path} was trained with another model config: {diff}")
         load_states(model, opt, ckpt, cfg.fsdp)
         continue_from(cfg, d, s, path, ckpt, "train_config")
-    stream = batch_stream(ds, per_rank, cfg.workers, cfg.seed, d, s.step, s.steps_per_epoch,
-                          per_rank * cfg.grad_accum)
+    stream = data.batch_stream(ds, per_rank, cfg.workers, cfg.seed, d, s.step, s.steps_per_epoch,
+                               per_rank * cfg.grad_accum)
     fl = model.flops()
     print0(f"{model.num_params() / 1e6:.1f}M parameters | {len(ds)} clips, {s.steps_per_epoch} "
            f"steps/epoch, {s.total} steps | global batch {cfg.batch_size} = {d.world} ranks x "

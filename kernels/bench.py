@@ -277,16 +277,16 @@ def bench_step(dev, small, on_row=None, modes=("eager", "compiled"),
         # (compiling on a CPU: not a GPU figure)
         for compiled in [m == "compiled" for m in modes if dev == "cuda" or m == "eager"]:
             torch.manual_seed(0)
-            mcfg = avmae.make_config(size, encoder="mid", decoder="shared", kernels=backend,
-                                     **base)
+            model_cfg = avmae.make_config(size, encoder="mid", decoder="shared", kernels=backend,
+                                          **base)
             # (then a few steps under torch.profiler: where the device time goes)
-            tcfg = train.TrainConfig(bench=True, bench_steps=1 if small else 20, batch_size=micro,
-                                     precision="bf16" if dev == "cuda" else "fp32",
-                                     profile=1 if small else 3)
-            model = avmae.AVMAE(mcfg).to(dev)
+            cfg = train.TrainConfig(bench=True, bench_steps=1 if small else 20, batch_size=micro,
+                                    precision="bf16" if dev == "cuda" else "fp32",
+                                    profile=1 if small else 3)
+            model = avmae.AVMAE(model_cfg).to(dev)
             mode = "compiled" if compiled else "eager"
             try:
-                r = _bench_one(train, model, mcfg, tcfg, dev, micro, compiled, backend, graphs)
+                r = _bench_one(train, model, model_cfg, cfg, dev, micro, compiled, backend, graphs)
                 rows.append((backend, mode, r["clips_per_s"], r["mfu"], r["peak_mem_gb"],
                              r.get("profile")))
             # (a compiler missing on a CPU machine, say): reported, not fatal
@@ -300,46 +300,48 @@ def bench_step(dev, small, on_row=None, modes=("eager", "compiled"),
     return rows, "; ".join(graphs) or "not compiled here (a CPU)"
 
 
-def _bench_one(train, model, mcfg, tcfg, dev, micro, compiled, backend, graphs):
+def _bench_one(train, model, model_cfg, cfg, dev, micro, compiled, backend, graphs):
     d = train.Dist(device=torch.device(dev))
     if not compiled:
-        return step_speed(model, mcfg, tcfg, d, micro)
+        return step_speed(model, model_cfg, cfg, d, micro)
     try:
-        r = step_speed(torch.compile(model, fullgraph=True), mcfg, tcfg, d, micro)
+        r = step_speed(torch.compile(model, fullgraph=True), model_cfg, cfg, d, micro)
         graphs.append(f"{backend}: one graph (fullgraph=True)")
         return r
     except Exception as e:  # a graph break (or another compile error): said, then without
         graphs.append(f"{backend}: fullgraph=True failed ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[0][:160]})")
         torch._dynamo.reset()
-        return step_speed(torch.compile(model), mcfg, tcfg, d, micro)
+        return step_speed(torch.compile(model), model_cfg, cfg, d, micro)
 
 
-def step_speed(model, mcfg, tcfg, d, micro: int):
-    """train.py --bench: steps on synthetic batches held in memory: the model's speed without the data pipeline;
-    with tcfg.profile, where a step's device time goes (profile_steps)."""
+def step_speed(model, model_cfg, cfg, d, micro: int):
+    """train.py --bench: steps on synthetic batches held in memory: the model's speed without the
+    data pipeline;
+    with cfg.profile, where a step's device time goes (profile_steps)."""
     import train
     raw = train.unwrap(model)
-    opt = train.optimizer(raw, tcfg, 1e-4, d.device)  # (and the gradient norm: a training step's work)
+    opt = train.optimizer(raw, cfg, 1e-4, d.device)  # (and the gradient norm: a step's work)
     x = {}
-    if "a" in mcfg.modalities:
-        x["a"] = torch.randn(micro, mcfg.audio_frames, mcfg.mel_bins, device=d.device)
-    if "v" in mcfg.modalities:
-        x["v"] = torch.rand(micro, 3, mcfg.num_frames, mcfg.image_size, mcfg.image_size,
+    if "a" in model_cfg.modalities:
+        x["a"] = torch.randn(micro, model_cfg.audio_frames, model_cfg.mel_bins, device=d.device)
+    if "v" in model_cfg.modalities:
+        x["v"] = torch.rand(micro, 3, model_cfg.num_frames, model_cfg.image_size,
+                            model_cfg.image_size,
                             device=d.device) * 2 - 1
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with train.autocast_ctx(tcfg.precision, d.device):
+        with train.autocast_ctx(cfg.precision, d.device):
             loss = model(**x, masks=raw.sample_masks(micro, d.device))["loss"]
         loss.backward()
-        train.clip_grads(model, tcfg)
+        train.clip_grads(model, cfg)
         opt.step()
         opt.zero_grad(set_to_none=True)
     times = []
-    for i in range(3 + tcfg.bench_steps):
+    for i in range(3 + cfg.bench_steps):
         sync()
         t0 = time.perf_counter()
         step()
@@ -356,15 +358,16 @@ def step_speed(model, mcfg, tcfg, d, micro: int):
         peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if d.device.type == "cuda" else None,
         gflops_fwd_per_clip=fl["forward"] / 1e9, micro_batch=micro, world=d.world,
         device=torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
-    train.print0(f"{res['device']}: {clips:.2f} clips/s ({dt * 1e3:.0f} ms a step of {micro} clips x "
-           f"{d.world} ranks), {res['tflops_per_gpu']:.2f} TFLOP/s per device, "
-           + (f"MFU {res['mfu']:.1%}" if peak else "MFU: no known peak for this device")
-           + (f", peak memory {res['peak_mem_gb']:.1f} GB" if res["peak_mem_gb"] else ""))
-    if tcfg.profile:
+    train.print0(f"{res['device']}: {clips:.2f} clips/s ({dt * 1e3:.0f} ms a step of {micro} "
+                 "clips x "
+                 f"{d.world} ranks), {res['tflops_per_gpu']:.2f} TFLOP/s per device, "
+                 + (f"MFU {res['mfu']:.1%}" if peak else "MFU: no known peak for this device")
+                 + (f", peak memory {res['peak_mem_gb']:.1f} GB" if res["peak_mem_gb"] else ""))
+    if cfg.profile:
         try:  # (the timing above stands whatever the profiler does)
-            res["profile"] = profile_steps(step, tcfg.profile, d.device)
+            res["profile"] = profile_steps(step, cfg.profile, d.device)
         except RuntimeError as e:
-            res["profile"] = dict(share={}, steps=tcfg.profile, note=f"the profiler failed "
+            res["profile"] = dict(share={}, steps=cfg.profile, note=f"the profiler failed "
                                   f"({str(e).strip().splitlines()[0][:160]})")
         train.print0(profile_line(res["profile"]))
     train.print0(json.dumps(res))  # (the same, for scripts: the last line)
@@ -495,7 +498,7 @@ def compile_check(cc: int, full: bool = True) -> list:
                 f" {[v for v in ptrs.values() if v not in ('fp32', 'i64')][:1] or ['fp32']}"
             try:
                 c = triton.compile(triton.compiler.ASTSource(fn=jit, signature=sig,
-                                                              constexprs=consts),
+                                                             constexprs=consts),
                                    target=GPUTarget("cuda", cc, 32),
                                    options=dict(num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages))
@@ -515,9 +518,9 @@ def markdown(dev, res, small) -> str:
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     out = ["# kernels/bench.py report", "",
            f"Device: **{name}**; torch {torch.__version__}, triton {triton.__version__}, "
-           f"{'bf16' if dev == 'cuda' else 'fp32'}." + ("" if dev == "cuda" else
-                                                    " **A dry run on a CPU at small shapes: not a "
-                                                    "GPU figure.**")]
+           f"{'bf16' if dev == 'cuda' else 'fp32'}." + (
+               "" if dev == "cuda" else " **A dry run on a CPU at small shapes: not a GPU "
+               "figure.**")]
     if "attention" in res:  # (the sections run: --only runs one)
         out += [
             "", "## Attention (TFLOP/s)", "",
@@ -617,8 +620,8 @@ def bench_cavmae(repo: str, site: str | None, dev: str, B: int, reps: int) -> di
     with contextlib.redirect_stdout(io.StringIO()):
         from models.cav_mae import CAVMAE
         theirs = CAVMAE(audio_length=1024, norm_pix_loss=True).to(dev)
-    mcfg, _ = train.parse_args(["--variant", "cavmae", "--size", "base", "--kernels", "auto"])
-    ours = avmae.AVMAE(mcfg).to(dev)
+    model_cfg, _ = train.parse_args(["--variant", "cavmae", "--size", "base", "--kernels", "auto"])
+    ours = avmae.AVMAE(model_cfg).to(dev)
     g = torch.Generator().manual_seed(0)
     a, v = torch.randn(B, 1024, 128, generator=g).to(dev), torch.rand(B, 3, 224, 224,
                                                                       generator=g).to(dev)
@@ -672,9 +675,9 @@ def loader_speed(args):
     except ValueError as e:
         raise SystemExit(f"bench --size {args.size}: {e}")
     cfg = data.DataConfig(root=args.root, split=args.split, num_frames=args.num_frames,
-                     frame_stride=args.frame_stride, image_size=args.image_size,
-                     audio_frames=args.audio_frames, decode=args.decode,
-                     video_aug=args.video_aug)
+                          frame_stride=args.frame_stride, image_size=args.image_size,
+                          audio_frames=args.audio_frames, decode=args.decode,
+                          video_aug=args.video_aug)
     loader = data.make_loader(cfg, args.batch_size, args.workers)
     if len(loader) == 0:
         raise ValueError(f"{args.root}: {len(loader.dataset)} clips in {args.split}, fewer than "

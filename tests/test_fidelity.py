@@ -23,11 +23,11 @@ from conftest import TINY_INPUTS, tiny_batch, tiny_config
 STRATEGIES = {
     "early": dict(encoder="early"), "separate": dict(encoder="separate", decoder="shared"),
     "mid": dict(encoder="mid"), "shared": dict(encoder="shared"),
-    "mavil": train.VARIANTS["mavil"], "mavil_mbt": train.VARIANTS["mavil_mbt"],
-    "mavil_mbt_sep": {**train.VARIANTS["mavil_mbt"], "fusion": "mbt_sep"},
-    "avme": train.VARIANTS["avme"], "avme_sequence": {**train.VARIANTS["avme"],
+    "mavil": avmae.VARIANTS["mavil"], "mavil_mbt": avmae.VARIANTS["mavil_mbt"],
+    "mavil_mbt_sep": {**avmae.VARIANTS["mavil_mbt"], "fusion": "mbt_sep"},
+    "avme": avmae.VARIANTS["avme"], "avme_sequence": {**avmae.VARIANTS["avme"],
                                                       "xattn_fuse": "sequence"},
-    "cavmae": train.VARIANTS["cavmae"],
+    "cavmae": avmae.VARIANTS["cavmae"],
 }
 
 
@@ -100,7 +100,7 @@ def test_layer_ids_follow_depth_through_the_whole_network(strategy, arch):
 
 def test_mavil_fusion_layers_train_near_the_top_not_the_bottom():
     # MAViL finetuned its own way: 12 + 2 fusion layers; the fusion blocks are layers 13 and 14
-    pcfg = dataclasses.asdict(tiny_config(depth=4, **train.VARIANTS["mavil"]))
+    pcfg = dataclasses.asdict(tiny_config(depth=4, **avmae.VARIANTS["mavil"]))
     model = finetune.build_model(finetune.FinetuneConfig(size="tiny", arch="encoder", num_frames=4,
                                              image_size=32, audio_frames=64), {"label": 3}, pcfg)
     ids = model.layer_ids()
@@ -115,7 +115,7 @@ def test_mavil_fusion_layers_train_near_the_top_not_the_bottom():
 
 def test_mavil_sums_reconstruction_terms_avmae_averages_them():
     for variant, combine in (("mavil", lambda a, v: a + v), ("avmae", lambda a, v: 0.5 * (a + v))):
-        cfg = tiny_config(**train.VARIANTS[variant])
+        cfg = tiny_config(**avmae.VARIANTS[variant])
         model = avmae.AVMAE(cfg)
         out = model(**tiny_batch(cfg))
         recon = combine(out["loss_a"], out["loss_v"])
@@ -332,8 +332,8 @@ def test_sincos2d_gives_each_grid_axis_its_own_share_of_the_width():
 
 
 def test_mavil_mbt_fusion_is_one_function_for_both_modalities():
-    shared = avmae.AVMAE(tiny_config(**train.VARIANTS["mavil_mbt"])).encoder.fusion
-    sep = avmae.AVMAE(tiny_config(**{**train.VARIANTS["mavil_mbt"],
+    shared = avmae.AVMAE(tiny_config(**avmae.VARIANTS["mavil_mbt"])).encoder.fusion
+    sep = avmae.AVMAE(tiny_config(**{**avmae.VARIANTS["mavil_mbt"],
                                      "fusion": "mbt_sep"})).encoder.fusion
     assert list(shared.layers) == ["av"] and sorted(sep.layers) == ["a", "v"]
     # g_av applied to [x | b] is the same function for audio and for video
@@ -346,7 +346,7 @@ def test_mavil_mbt_fusion_is_one_function_for_both_modalities():
 
 
 def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
-    cfg = tiny_config(**train.VARIANTS["avme"])
+    cfg = tiny_config(**avmae.VARIANTS["avme"])
     assert cfg.xattn_fuse == "channel"
     model = avmae.AVMAE(cfg)
     assert model.encoder.out_width == 2 * cfg.width
@@ -364,7 +364,7 @@ def test_avme_fuses_along_channels_and_decodes_n_v_tokens():
     h.remove()
     # N_fuse = N_v: no audio tokens in the decoder's sequence
     assert seen[0]["v"][1] == model.n["v"]
-    seq = avmae.AVMAE(tiny_config(**{**train.VARIANTS["avme"], "xattn_fuse": "sequence"}))
+    seq = avmae.AVMAE(tiny_config(**{**avmae.VARIANTS["avme"], "xattn_fuse": "sequence"}))
     seq.decoder.net.register_forward_pre_hook(lambda mod, args: seen.append({k: v.shape for k,
                                                                              v in args[0].items()}))
     seq(**x, masks=masks)

@@ -16,7 +16,7 @@ from conftest import TINY_INPUTS
 RELATIVES = ("mavil", "mavil_mbt", "cavmae", "avme")
 PRETRAINED = [dict(encoder=e) for e in ("separate", "mid", "early",
                                         "shared")] + [dict(modalities="a"), dict(modalities="v")] \
-    + [train.VARIANTS[r] for r in RELATIVES]
+    + [avmae.VARIANTS[r] for r in RELATIVES]
 IDS = ["separate", "mid", "early", "shared", "audio-only", "video-only", *RELATIVES]
 
 
@@ -452,7 +452,7 @@ def test_chance_is_what_the_label_frequencies_alone_score():
 
 def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_path):
     # CAV-MAE's modality-type embedding is folded into the patch embedding's bias: same features
-    path, pretrained = pretrained_ckpt(tmp_path, **train.VARIANTS["cavmae"])
+    path, pretrained = pretrained_ckpt(tmp_path, **avmae.VARIANTS["cavmae"])
     ck = torch.load(path, weights_only=False)
     model = finetune.build_model(fcfg(arch="encoder"), {"label": 3}, ck["model_config"])
     state, report = finetune.map_pretrained(ck["model"], ck["model_config"], model)

@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 
 import avmae
-import train
 from conftest import tiny_batch, tiny_config
 
 
@@ -25,7 +24,7 @@ AV_VARIANTS = [dict(encoder=e, decoder=d, objective=o)
                for e, d, o in itertools.product(PAPER_ENCODERS, avmae.DECODERS, PAPER_OBJECTIVES)
                if _valid(encoder=e, decoder=d, objective=o)]
 # the relatives as train.py selects them ; mavil2 learns a teacher's features (random here)
-RELATIVES = {k: v for k, v in train.VARIANTS.items() if k != "avmae"}
+RELATIVES = {k: v for k, v in avmae.VARIANTS.items() if k != "avmae"}
 VARIANTS = AV_VARIANTS + [dict(modalities="a"), dict(modalities="v")] + list(RELATIVES.values())
 IDS = ["-".join(map(str, v.values())) for v in AV_VARIANTS] + ["audio-only",
                                                                "video-only"] + list(RELATIVES)

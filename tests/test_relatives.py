@@ -12,7 +12,7 @@ from conftest import tiny_batch, tiny_config
 
 
 def relative(name, **kw):
-    return avmae.AVMAE(tiny_config(**{**train.VARIANTS[name], **kw}))
+    return avmae.AVMAE(tiny_config(**{**avmae.VARIANTS[name], **kw}))
 
 
 def test_info_nce_by_hand():
