@@ -28,6 +28,7 @@ Video enters as (B, 3, T, H, W) in [-1, 1]; audio as a log-mel (B, T_audio, mel_
 Masks: 1 = masked (removed). Variables prefixed a_ / v_ belong to audio / video; dicts are keyed
 by the modality letter 'a' or 'v'.
 """
+import dataclasses
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -1519,10 +1520,68 @@ def classifier_heads(width: int, keys, heads: dict, linear_probe: bool):
     return probe, out
 
 
+def pretrained_config(pretrained: dict) -> AVMAEConfig:
+    """A checkpoint's model config (a dict) as an AVMAEConfig, keys it does not know left out."""
+    known = {f.name for f in dataclasses.fields(AVMAEConfig)}
+    return AVMAEConfig(**{k: v for k, v in pretrained.items() if k in known})
+
+
 class Classifier(nn.Module):
     """What the finetuning models share: pooled features per modality -> logits per head.
     forward(a, v) -> {head: (B, classes)}, averaged over modalities; per_modality=True ->
-    {modality: {head: logits}} (the authors' MBT trains each modality's logits on its own loss)."""
+    {modality: {head: logits}} (the authors' MBT trains each modality's logits on its own loss).
+    A backbone is one subclass and one BACKBONES entry: build(cfg, heads, options) makes it from
+    finetune.py's options, weight_map(pretrained) says which pretraining tensor initialises each of
+    its own (finetune.map_pretrained loads them and reports the rest)."""
+    FROM_STREAMS = True  # its streams (stream_sources) take the pretraining's, not its encoder
+
+    @classmethod
+    def build(cls, cfg: AVMAEConfig, heads: dict, o: dict) -> "Classifier":
+        raise NotImplementedError
+
+    def weight_map(self, pretrained: dict) -> dict:
+        """{own tensor: the pretraining tensor (or a tuple of them, averaged)} for the streams of
+        stream_sources(): each stream's embedding, positions, blocks and norm from the pretraining
+        encoder's stream of that modality (ENCODERS[...].stream_weights; a unimodal checkpoint
+        initialises every stream, Table 3)."""
+        pc = pretrained_config(pretrained)
+        src_mods, mapping = pc.mods, {}
+        for prefix, st, m in self.stream_sources():
+            s = m if m in src_mods else src_mods[0]
+            if m in src_mods:
+                mapping[f"{prefix}.embed.weight"] = f"patch_embed.{m}.weight"
+                mapping[f"{prefix}.embed.bias"] = f"patch_embed.{m}.bias"
+                if pc.pos_embed == "learned":
+                    mapping[f"{prefix}.pos.table"] = f"enc_pos.{m}.table"
+            # (early / shared: one set of weights into every stream, untied)
+            w = ENCODERS[pc.encoder].stream_weights(pc, s)
+            # a source block, or (block, {its submodule: the one to read}); a factorised block's
+            # new parts (e.g. ViViT-FSA's temporal attention) are left out
+            for i in range(self.cfg.depth):
+                b = w["blocks"][i]
+                src, rename = b if isinstance(b, tuple) else (b, {})
+                for k in st.blocks[i].state_dict():
+                    head, rest = k.split(".", 1)
+                    if head not in getattr(st.blocks[i], "new", ()):
+                        mapping[f"{prefix}.blocks.{i}.{k}"] = \
+                            f"encoder.{src}.{rename.get(head, head)}.{rest}"
+            final = f"encoder.{w['norm']}"
+            for k in ("weight", "bias"):
+                if self.norm is None:
+                    mapping[f"{prefix}.norm.{k}"] = f"{final}.{k}"
+                else:  # one LayerNorm for both modalities: the mean of the streams' final norms
+                    mapping[f"norm.{k}"] = tuple(sorted(set(mapping.get(f"norm.{k}", ()))
+                                                        | {f"{final}.{k}"}))
+                if st.inner_norm_at is not None:
+                    mapping[f"{prefix}.inner_norm.{k}"] = f"encoder.{w['inner'][0]}.{k}"
+        return mapping
+
+    @staticmethod
+    def dropped_by_design(pretrained: dict) -> tuple:
+        """The pretraining encoder's parts this backbone leaves out (its encoder class says: e.g.
+        MAViL's fusion layers)."""
+        pc = pretrained_config(pretrained)
+        return tuple(f"encoder.{p}" for p in ENCODERS[pc.encoder].mbt_drops(pc))
 
     def forward(self, a=None, v=None, per_modality: bool = False) -> dict:
         logits = {}
@@ -1727,6 +1786,13 @@ class MBT(Classifier):
     forward(per_modality=True) adds as "a_alone", "v_alone" for a loss of their own: each stream
     must then learn its modality's part of the label alone, before the other can stand in for it."""
 
+    KIND = "joint"  # the blocks' kind (BLOCKS): ViViT's factorisations subclass with theirs
+
+    @classmethod
+    def build(cls, cfg, heads, o):
+        return cls(cfg, heads, o["fusion_layer"], o["bottlenecks"], o["inner"], o["linear_probe"],
+                   o["mbt_head"], cls.KIND, o["tokenlearner"], o["unimodal_loss"])
+
     def __init__(self, cfg: AVMAEConfig, heads: dict, fusion_layer: int = 8, bottlenecks: int = 4,
                  inner_norm_at: int | None = None, linear_probe: bool = False,
                  head: str = "shared", kind: str = "joint", tokenlearner: tuple = (0, 0),
@@ -1840,6 +1906,10 @@ class ViViTFE(MBT):
     encoder of `temporal_layers` new blocks, with new temporal positions, runs over those t tokens.
     (ViViT reads CLS tokens; here every pooling is an average, as in the rest of the model.)"""
 
+    @classmethod
+    def build(cls, cfg, heads, o):
+        return cls(cfg, heads, o["temporal"], o["inner"], o["linear_probe"], o["tokenlearner"])
+
     def __init__(self, cfg: AVMAEConfig, heads: dict, temporal_layers: int = 4,
                  inner_norm_at: int | None = None, linear_probe: bool = False,
                  tokenlearner: tuple = (0, 0)):
@@ -1907,6 +1977,11 @@ class MTV(Classifier):
     to the model's width; its output, pooled, is the clip's feature. (The authors' code encodes
     each largest-tubelet time span apart; a spectrogram's time patches need not divide into those,
     so each view here is encoded whole.)"""
+
+    @classmethod
+    def build(cls, cfg, heads, o):
+        return cls(cfg, heads, o["views"](), o["fusion_layer"], o["temporal"], o["inner"],
+                   o["linear_probe"], o["tokenlearner"])
 
     def __init__(self, cfg: AVMAEConfig, heads: dict, views: list, fusion_layer: int = 0,
                  global_layers: int = 4, inner_norm_at: int | None = None,
@@ -2011,6 +2086,26 @@ class EncoderClassifier(Classifier):
     way, with its fusion layers on top), on unmasked tokens; parameter names match AVMAE's, so a
     checkpoint's encoder loads as it is."""
 
+    FROM_STREAMS = False
+
+    @classmethod
+    def build(cls, cfg, heads, o):
+        return cls(cfg, heads, o["linear_probe"])
+
+    def weight_map(self, pretrained: dict) -> dict:
+        if pretrained["modalities"] != "av":
+            raise ValueError("--arch encoder needs an audiovisual checkpoint (this one is "
+                             f"modalities={pretrained['modalities']!r}); use --arch mbt")
+        return {k: k for k in self.state_dict()
+                if k.startswith(("patch_embed.", "enc_pos.", "encoder."))}
+
+    @staticmethod
+    def dropped_by_design(pretrained: dict) -> tuple:
+        return ()
+
+    def stream_sources(self) -> list:
+        return []
+
     def __init__(self, cfg: AVMAEConfig, heads: dict, linear_probe: bool = False):
         super().__init__()
         self.cfg, mods = cfg, cfg.mods
@@ -2044,3 +2139,20 @@ class EncoderClassifier(Classifier):
                 p = self.patches[m].patchify(x)
                 xs[m] = self.patch_embed[m](p) + self.enc_pos[m]()[: p.shape[1]]
         return {m: x.mean(1) for m, x in self.encoder(xs).items()}
+
+
+class ViViTFSA(MBT):
+    """ViViT's factorised self-attention (model 3): spatial, then temporal attention in each block
+    (FSABlock)."""
+    KIND = "fsa"
+
+
+class ViViTFDP(MBT):
+    """ViViT's factorised dot-product attention (model 4): half the heads spatial, half temporal
+    (FDPBlock)."""
+    KIND = "fdp"
+
+
+# the finetuning backbones (finetune.py --arch NAME); a new one is a Classifier subclass and an entry
+BACKBONES = {"mbt": MBT, "encoder": EncoderClassifier, "vivit_fe": ViViTFE, "vivit_fsa": ViViTFSA,
+             "vivit_fdp": ViViTFDP, "mtv": MTV}

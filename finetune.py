@@ -134,7 +134,7 @@ MODALITY = {"audio": "a", "video": "v", "av": "av"}
 # (preset, depth) -> MBT fusion layer where the authors' config differs
 FUSION_LAYER = {("audioset", 24): 18}
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY),
-               arch=("mbt", "encoder", "vivit_fe", "vivit_fsa", "vivit_fdp", "mtv"),
+               arch=avmae.BACKBONES,  # (the table itself: a new entry counts)
                mbt_head=("shared", "separate", "per_modality"),
                video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
                inflate=("inflate", "central", "none"), optimizer=("sgd", "adamw"),
@@ -213,23 +213,6 @@ MODEL_FLAGS = ("size", *SCRATCH_SHAPE, "modality", "arch", "mbt_head", "fusion_l
 FINETUNE_OWNED = ("modalities", "num_frames", "image_size", "audio_frames", "drop_path", "kernels")
 
 
-def pretrained_config(pretrained_cfg: dict) -> avmae.AVMAEConfig:
-    known = {f.name for f in dataclasses.fields(avmae.AVMAEConfig)}
-    return avmae.AVMAEConfig(**{k: v for k, v in pretrained_cfg.items() if k in known})
-
-
-def stream_weights(pretrained_cfg: dict, m: str) -> dict:
-    """How the pretraining encoder initialises an MBT stream of modality m (its class says)."""
-    pc = pretrained_config(pretrained_cfg)
-    return avmae.ENCODERS[pc.encoder].stream_weights(pc, m)
-
-
-def mbt_drops(pretrained_cfg: dict) -> tuple:
-    """The encoder parts MBT finetuning leaves out by design (its class says)."""
-    pc = pretrained_config(pretrained_cfg)
-    return tuple(f"encoder.{p}" for p in avmae.ENCODERS[pc.encoder].mbt_drops(pc))
-
-
 def model_config(cfg: FinetuneConfig, pretrained_cfg: dict | None) -> avmae.AVMAEConfig:
     """The finetuning model's config: architecture from the checkpoint (or the size preset), input
     shapes and stochastic depth from the finetuning config."""
@@ -264,28 +247,22 @@ def build_model(cfg: FinetuneConfig, heads: dict, pretrained_cfg: dict | None):
 
 def _build_model(cfg: FinetuneConfig, heads: dict, pretrained_cfg: dict | None):
     model_cfg = model_config(cfg, pretrained_cfg)
-    if cfg.arch == "encoder":
-        return avmae.EncoderClassifier(model_cfg, heads, cfg.linear_probe)
-    kept = pretrained_cfg and stream_weights(
-        pretrained_cfg, avmae.AVMAEConfig(modalities=pretrained_cfg["modalities"]).mods[0])["inner"]
-    # e.g. the mid-fusion streams' closing LayerNorm, kept where it was
-    inner = kept[1] if kept else None
-    fusion = cfg.fusion_layer if cfg.fusion_layer >= 0 else \
-        FUSION_LAYER.get((cfg.preset, model_cfg.depth), round(2 * model_cfg.depth / 3))
-    tl = (cfg.tokenlearner, cfg.tokenlearner_layer if cfg.tokenlearner_layer >= 0
-          else model_cfg.depth // 2)
-    temporal = cfg.temporal_layers if cfg.temporal_layers >= 0 else max(1, model_cfg.depth // 3)
+    pc = pretrained_cfg and avmae.pretrained_config(pretrained_cfg)
+    kept = pc and avmae.ENCODERS[pc.encoder].stream_weights(pc, pc.mods[0])["inner"]
+    depth = model_cfg.depth
+    options = dict(
+        fusion_layer=cfg.fusion_layer if cfg.fusion_layer >= 0 else
+        FUSION_LAYER.get((cfg.preset, depth), round(2 * depth / 3)),
+        bottlenecks=cfg.bottlenecks, linear_probe=cfg.linear_probe, mbt_head=cfg.mbt_head,
+        inner=kept[1] if kept else None,  # e.g. the mid-fusion streams' closing LayerNorm, kept
+        tokenlearner=(cfg.tokenlearner, cfg.tokenlearner_layer if cfg.tokenlearner_layer >= 0
+                      else depth // 2),
+        temporal=cfg.temporal_layers if cfg.temporal_layers >= 0 else max(1, depth // 3),
+        views=lambda: mtv_views(cfg, model_cfg.tubelet),
+        unimodal_loss=cfg.unimodal_loss > 0 and not cfg.linear_probe
+        and cfg.mbt_head != "per_modality")
     try:
-        if cfg.arch == "vivit_fe":
-            return avmae.ViViTFE(model_cfg, heads, temporal, inner, cfg.linear_probe, tl)
-        if cfg.arch == "mtv":
-            return avmae.MTV(model_cfg, heads, mtv_views(cfg, model_cfg.tubelet), fusion,
-                             temporal, inner,
-                             cfg.linear_probe, tl)
-        kind = {"vivit_fsa": "fsa", "vivit_fdp": "fdp"}.get(cfg.arch, "joint")
-        return avmae.MBT(model_cfg, heads, fusion, cfg.bottlenecks, inner, cfg.linear_probe,
-                         cfg.mbt_head, kind, tl, cfg.unimodal_loss > 0 and not cfg.linear_probe
-                         and cfg.mbt_head != "per_modality")
+        return avmae.BACKBONES[cfg.arch].build(model_cfg, heads, options)
     except ValueError as e:
         raise SystemExit(f"--arch {cfg.arch}: {e}")
 
@@ -311,48 +288,10 @@ def map_pretrained(state: dict, pretrained_cfg: dict, model, inflate: str = "inf
     bias (a constant per token: the same function)."""
     cfg = model.cfg
     src_mods = avmae.AVMAEConfig(modalities=pretrained_cfg["modalities"]).mods
-    mapping = {}  # destination name -> source name
-    if isinstance(model, avmae.EncoderClassifier):
-        if pretrained_cfg["modalities"] != "av":
-            raise ValueError("--arch encoder needs an audiovisual checkpoint (this one is "
-                             f"modalities={pretrained_cfg['modalities']!r}); use --arch mbt")
-        mapping = {k: k for k in model.state_dict() if k.startswith(("patch_embed.", "enc_pos.",
-                                                                     "encoder."))}
-    else:  # MBT / ViViT streams, MTV views of the checkpoint's width (stream_sources)
-        for prefix, st, m in model.stream_sources():
-            # a unimodal checkpoint initialises both streams (Table 3)
-            s = m if m in src_mods else src_mods[0]
-            if m in src_mods:
-                mapping[f"{prefix}.embed.weight"] = f"patch_embed.{m}.weight"
-                mapping[f"{prefix}.embed.bias"] = f"patch_embed.{m}.bias"
-                if pretrained_cfg["pos_embed"] == "learned":
-                    mapping[f"{prefix}.pos.table"] = f"enc_pos.{m}.table"
-            # (early / shared: one set of weights into every stream, untied)
-            w = stream_weights(pretrained_cfg, s)
-            # a source block, or (block, {its submodule: the one to read}); a factorised block's
-            # new parts (e.g. ViViT-FSA's temporal attention) are left out
-            for i in range(cfg.depth):
-                b = w["blocks"][i]
-                src, rename = b if isinstance(b, tuple) else (b, {})
-                for k in st.blocks[i].state_dict():
-                    head, rest = k.split(".", 1)
-                    if head in getattr(st.blocks[i], "new", ()):
-                        continue
-                    read = f"encoder.{src}.{rename.get(head, head)}.{rest}"
-                    mapping[f"{prefix}.blocks.{i}.{k}"] = read
-            final = f"encoder.{w['norm']}"
-            for k in ("weight", "bias"):
-                if model.norm is None:
-                    mapping[f"{prefix}.norm.{k}"] = f"{final}.{k}"
-                else:  # one LayerNorm for both modalities: the mean of the streams' final norms
-                    mapping[f"norm.{k}"] = tuple(sorted(set(mapping.get(f"norm.{k}",
-                                                                        ())) | {f"{final}.{k}"}))
-                if st.inner_norm_at is not None:
-                    mapping[f"{prefix}.inner_norm.{k}"] = f"encoder.{w['inner'][0]}.{k}"
+    mapping = model.weight_map(pretrained_cfg)  # destination name -> source name
     dst = model.state_dict()
     out, loaded, folded = {}, [], set()
-    mbt = not isinstance(model, avmae.EncoderClassifier)
-    sources = model.stream_sources() if mbt else []
+    mbt, sources = model.FROM_STREAMS, model.stream_sources()
     if mbt and "v" in cfg.mods and "v" not in src_mods and inflate != "none":
         # an audio-only checkpoint: the video tubelet filter from the audio patch filter
         # (ViViT Sec. 3.4)
@@ -413,7 +352,7 @@ def map_pretrained(state: dict, pretrained_cfg: dict, model, inflate: str = "inf
     dropped = sorted(k for k in state if k not in used)
     # (an MTV without a view of the checkpoint's width for a modality leaves that stream unused)
     other = set(src_mods) - {m for _, _, m in sources} if mbt else set(src_mods) - set(cfg.mods)
-    by_design = () if isinstance(model, avmae.EncoderClassifier) else mbt_drops(pretrained_cfg)
+    by_design = model.dropped_by_design(pretrained_cfg)
     def of_other(k):
         return any(f".{m}." in k or k.endswith(f".{m}") for m in other)
     encoder_unused = [k for k in dropped if k.startswith(ENCODER_PREFIXES)

@@ -1,7 +1,9 @@
-"""A new fusion variant is one avmae.Fusion subclass and one ENCODERS entry: this file registers one and pretrains
-it, counts its FLOPs, finetunes it with layer-wise decay and maps its weights, touching no other
-file."""
+"""A new fusion variant is one avmae.Fusion subclass and one ENCODERS entry, a new finetuning
+backbone one avmae.Classifier subclass and one BACKBONES entry: this file registers one of each,
+pretrains the variant, counts its FLOPs, finetunes it with layer-wise decay and maps its weights,
+and finetunes the backbone from a pretraining, touching no other file."""
 import dataclasses
+import json
 
 import torch
 import torch.nn as nn
@@ -88,3 +90,59 @@ def test_a_variant_registered_here_pretrains_counts_flops_and_finetunes(monkeypa
                          "--batch_size", "8", "--max_steps", "2", "--views", "1", "--kernels",
                          "torch", "--out_dir", str(tmp_path / "ft")])
     assert out["clips"] == 8
+
+
+class PooledPatches(avmae.Classifier):
+    """A toy backbone: each modality's patch embedding, mean-pooled, into the heads. Its weight map
+    reads the pretraining's patch embeddings; the rest of the encoder it leaves out by design."""
+    FROM_STREAMS = False
+
+    def __init__(self, cfg, heads, linear_probe=False):
+        super().__init__()
+        self.cfg, self.n_layers = cfg, 1
+        self.patches = {m: avmae.PATCHES[m](cfg) for m in cfg.mods}
+        self.patch_embed = nn.ModuleDict({m: nn.Linear(p.dim, cfg.width)
+                                          for m, p in self.patches.items()})
+        self.head_key = {m: m for m in cfg.mods}
+        self.probe_norm, self.heads = avmae.classifier_heads(cfg.width, cfg.mods, heads,
+                                                             linear_probe)
+
+    @classmethod
+    def build(cls, cfg, heads, o):
+        return cls(cfg, heads, o["linear_probe"])
+
+    def weight_map(self, pretrained):
+        return {k: k for k in self.state_dict() if k.startswith("patch_embed.")}
+
+    @staticmethod
+    def dropped_by_design(pretrained):
+        return ("encoder.",)
+
+    def stream_sources(self):
+        return []
+
+    def layer_ids(self):
+        return {n: 0 if n.startswith("patch_embed.") else 2 for n, _ in self.named_parameters()}
+
+    def flops(self):
+        return dict(forward=0.0)
+
+    def features(self, a=None, v=None):
+        return {m: self.patch_embed[m](self.patches[m].patchify(x)).mean(1)
+                for m, x in (("a", a), ("v", v)) if m in self.cfg.mods}
+
+
+def test_a_backbone_registered_here_finetunes_from_a_pretraining(monkeypatch, builtin, tmp_path):
+    monkeypatch.setitem(avmae.BACKBONES, "pooled", PooledPatches)
+    pre = train.main([*TINY, "--data", builtin, "--max_steps", "1", "--out_dir",
+                      str(tmp_path / "pre")])
+    out = finetune.main([*TINY[:2], "--data", builtin, "--init", pre["checkpoint"], "--arch",
+                         "pooled", "--num_frames", "4", "--image_size", "32", "--audio_frames",
+                         "64", "--workers", "0", "--batch_size", "8", "--max_steps", "2",
+                         "--views", "1", "--kernels", "torch", "--out_dir", str(tmp_path / "ft")])
+    assert out["clips"] == 8
+    report = json.load(open(tmp_path / "ft" / "load_report.json"))
+    ck = torch.load(pre["checkpoint"], weights_only=False)
+    assert sorted(report["loaded"]) == sorted(f"{k} <- {k}" for k in ck["model"]
+                                              if k.startswith("patch_embed."))
+    assert report["dropped_why"]["fusion"] and not report["new"][0].startswith("patch_embed.")
