@@ -39,8 +39,11 @@ import train
 
 
 @dataclass
-class FinetuneConfig(train.RunConfig):
+class FinetuneConfig:
+    """Every flag of finetune.py, in -h's groups."""
+    # model
     preset: str = "vggsound"      # a named recipe (PRESETS below); flags given win over it
+    size: str = "base"            # model size preset (avmae.SIZES) of a model from scratch
     init: str = ""                # a pretraining checkpoint (train.py); '' = from scratch
     modality: str = "av"          # audio | video | av
     arch: str = "mbt"             # mbt | encoder (av only) | vivit_fe | vivit_fsa | vivit_fdp
@@ -70,34 +73,65 @@ class FinetuneConfig(train.RunConfig):
     unimodal_loss: float = 0.0    # MBT: weight of a loss per modality on each stream's tokens as
                                   # they enter the fusion layer (Gradient Blending); 0 = off, as the
                                   # authors
+    # data
+    data: str = "data/vggsound"   # a prepared set (data.py prepare); a
+                                  # missing '*builtin' folder is generated
     train_split: str = "train"    # the prepared split to finetune on
     test_split: str = "test"      # the split evaluated (metrics.json, predictions.csv)
+    workers: int = -1             # DataLoader workers per rank; -1 = the
+                                  # cores per rank (affinity / LOCAL_WORLD_SIZE)
     num_frames: int = 32          # Table 22: 32 frames at stride 2
     frame_stride: float = 2       # in 25 fps frames
     image_size: int = 224         # frame side in pixels
     audio_frames: int = 800       # log-mel frames: 8 s (AudioSet: 10 s)
+    window: str = "hann"          # log-mel window: hann (peers) | hamming (the AV-MAE paper's text)
+    audio_norm: str = "none"      # log-mel normalisation: none (AV-MAE) | dataset (the set's own
+                                  # mean and 2 std, meta.json) | audiomae | cavmae | "mean,scale"
     video_aug: str = "finetune"   # finetune (scale jitter, flip, colour,
                                   # the authors' ViViT / MBT) | none | rrc
+    decode: str = "cpu"           # JPEG decoding: cpu (in workers) | gpu
+                                  # (JPEG bytes; GPUDecoder, batched)
+    seed: int = 0                 # new layers' init; augmentation and mixup = f(seed, epoch, clip)
+    specaug_freq: int = 48        # one frequency mask up to 48 bins (AST)
+    specaug_time: int = 0         # the authors' code had time masks off
+    time_shift: bool = False      # random circular shift of the spectrogram (AudioSet, EPIC)
+    views: int = 4                # temporal views averaged at test time
+    # optimisation
     batch_size: int = 64          # global batch, over all ranks (Table 22)
     epochs: int = 50              # passes over the training split (Table 22)
+    max_steps: int = 0            # the run's length in steps; > 0 overrides --epochs
     warmup_epochs: float = 2.5    # linear warm-up, then cosine decay (Table 22)
     optimizer: str = "sgd"        # sgd (momentum 0.9, the paper) | adamw
     blr: float = 3.2              # Table 22: 0.8 at batch 64 (AudioSet
                                   # 1.6 at 128; EPIC 1.2 at 64 = 4.8)
+    lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
+    min_lr: float = 0.0           # where the cosine schedule ends
+    weight_decay: float = 0.0     # AdamW / SGD weight decay on weight matrices
     layer_decay: float = 0.75     # layer-wise lr decay (BEiT / ELECTRA)
     grad_clip: float = 1.0        # gradient norm clipped to this (0 = off)
     mixup: float = 0.5            # Beta(alpha, alpha); 0 = off (the same mix for both modalities)
     label_smoothing: float = 0.3  # label smoothing of the targets (Table 22)
     drop_path: float = 0.3        # stochastic depth of the encoder's last block (Table 22)
-    specaug_freq: int = 48        # one frequency mask up to 48 bins (AST)
-    specaug_time: int = 0         # the authors' code had time masks off
-    time_shift: bool = False      # random circular shift of the spectrogram (AudioSet, EPIC)
-    views: int = 4                # temporal views averaged at test time
+    # run
+    precision: str = "auto"       # the autocast dtype: auto (bf16 on a GPU that has it, Ampere
+                                  # on; else fp32) | bf16 | fp32
+    compile: bool = False         # torch.compile the model (a GPU: faster steps after a minute)
     kernels: str = "auto"         # auto | triton | torch (kernels/: which op runs)
     out_dir: str = "out/finetune" # checkpoints, log.jsonl, metrics.json, predictions.csv
+    resume: str = ""              # continue a run: auto (out_dir's latest intact checkpoint, if
+                                  # any) or a checkpoint path; '' starts anew
+    save_every: int = 1000        # steps between checkpoints (a final one is always written)
     keep_last: int = 2            # checkpoints kept (older ones are removed)
+    log_every: int = 10           # steps between log.jsonl lines (the mean loss since the last)
     eval_every: int = 5           # epochs between evaluations on the test split
     eval_only: bool = False       # evaluate the --resume checkpoint and exit
+    max_bad_steps: int = 0        # non-finite losses to skip before stopping
+    on_save_error: str = "retry"  # a checkpoint that cannot be written (disk
+                                  # full): retry at the next save | stop
+    dist_timeout: float = 1800.0  # seconds a collective may wait for
+                                  # a stuck rank before the run stops
+    stop_at: int = 0              # stop (with a checkpoint) after
+                                  # this many steps, as if interrupted
 
 
 PRESETS = {

@@ -49,24 +49,56 @@ import data
 
 
 @dataclass
-class RunConfig(data.LoadOptions):
-    """What pretraining and finetuning share (finetune.FinetuneConfig extends it too)."""
+class TrainConfig:
+    """Every flag of train.py beside the model's (avmae.AVMAEConfig), in -h's groups."""
+    # model
+    preset: str = "vggsound_b"    # a named recipe (PRESETS below); flags given win over it
     size: str = "base"            # model size preset (avmae.SIZES); explicit width flags win
+    variant: str = "avmae"        # AV-MAE or a relative's recipe (avmae.VARIANTS): MAViL stage 1
+                                  # (mavil, mavil_mbt) or 2 (mavil2), CAV-MAE, AV-MaskEnhancer
+    teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint
+                                  # whose fusion outputs are the targets
+    # data
     data: str = "data/vggsound"   # a prepared set (data.py prepare); a
                                   # missing '*builtin' folder is generated
+    split: str = "train"          # the prepared split to pretrain on
     workers: int = -1             # DataLoader workers per rank; -1 = the
                                   # cores per rank (affinity / LOCAL_WORLD_SIZE)
+    frame_stride: float = 4       # in 25 fps frames (MAViL 2 fps: 12.5)
+    window: str = "hann"          # log-mel window: hann (peers) | hamming (the AV-MAE paper's text)
+    audio_norm: str = "none"      # log-mel normalisation: none (AV-MAE) | dataset (the set's own
+                                  # mean and 2 std, meta.json) | audiomae | cavmae | "mean,scale"
+    video_aug: str = "none"       # none (Table 20: a crop of the 256-short-side frame) | finetune
+                                  # (jitter, flip, colour) | rrc (MAE's crop + flip)
+    decode: str = "cpu"           # JPEG decoding: cpu (in workers) | gpu
+                                  # (JPEG bytes; GPUDecoder, batched)
+    seed: int = 0                 # the model's init; augmentation randomness = f(seed, epoch, clip)
+    # optimisation
+    batch_size: int = 512         # global batch (all ranks, all accumulation steps)
+    grad_accum: int = 1           # micro-steps per step (the same global batch, less memory)
+    epochs: int = 800             # Table 5: 800 on VGGSound
     max_steps: int = 0            # the run's length in steps; > 0 overrides --epochs
+    warmup_epochs: float = 40.0   # Table 20 (the authors' config: 4)
+    blr: float = 1.5e-4           # base lr per 256 clips (3e-4 at batch 512, Table 20)
     lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
     min_lr: float = 0.0           # where the cosine schedule ends
     weight_decay: float = 0.0     # Table 20 (the authors' config: 0.05 on weight matrices)
+    beta1: float = 0.9            # AdamW's first beta (Table 20)
+    beta2: float = 0.95           # AdamW's second beta (Table 20)
+    grad_clip: float = 0.0        # clip the gradient norm to this; 0 = off
+    # run
     precision: str = "auto"       # the autocast dtype: auto (bf16 on a GPU that has it, Ampere
                                   # on; else fp32) | bf16 | fp32
     compile: bool = False         # torch.compile the model (a GPU: faster steps after a minute)
+    fsdp: bool = False            # shard parameters, gradients and
+                                  # optimizer state (torch fully_shard)
+    out_dir: str = "out/pretrain" # checkpoints, log.jsonl, reconstruction pictures
     resume: str = ""              # continue a run: auto (out_dir's latest intact checkpoint, if
                                   # any) or a checkpoint path; '' starts anew
     save_every: int = 1000        # steps between checkpoints (a final one is always written)
+    keep_last: int = 3            # checkpoints kept (older ones are removed)
     log_every: int = 10           # steps between log.jsonl lines (the mean loss since the last)
+    picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
     max_bad_steps: int = 0        # non-finite losses to skip before stopping
     on_save_error: str = "retry"  # a checkpoint that cannot be written (disk
                                   # full): retry at the next save | stop
@@ -74,29 +106,6 @@ class RunConfig(data.LoadOptions):
                                   # a stuck rank before the run stops
     stop_at: int = 0              # stop (with a checkpoint) after
                                   # this many steps, as if interrupted
-
-
-@dataclass
-class TrainConfig(RunConfig):
-    preset: str = "vggsound_b"    # a named recipe (PRESETS below); flags given win over it
-    variant: str = "avmae"        # AV-MAE or a relative's recipe (avmae.VARIANTS): MAViL stage 1
-                                  # (mavil, mavil_mbt) or 2 (mavil2), CAV-MAE, AV-MaskEnhancer
-    teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint
-                                  # whose fusion outputs are the targets
-    split: str = "train"          # the prepared split to pretrain on
-    batch_size: int = 512         # global batch (all ranks, all accumulation steps)
-    grad_accum: int = 1           # micro-steps per step (the same global batch, less memory)
-    epochs: int = 800             # Table 5: 800 on VGGSound
-    warmup_epochs: float = 40.0   # Table 20 (the authors' config: 4)
-    blr: float = 1.5e-4           # base lr per 256 clips (3e-4 at batch 512, Table 20)
-    beta1: float = 0.9            # AdamW's first beta (Table 20)
-    beta2: float = 0.95           # AdamW's second beta (Table 20)
-    grad_clip: float = 0.0        # clip the gradient norm to this; 0 = off
-    fsdp: bool = False            # shard parameters, gradients and
-                                  # optimizer state (torch fully_shard)
-    out_dir: str = "out/pretrain" # checkpoints, log.jsonl, reconstruction pictures
-    keep_last: int = 3            # checkpoints kept (older ones are removed)
-    picture_every: int = 1000     # steps between reconstruction pictures (0 = only at the end)
     bench: bool = False           # time steps on synthetic in-memory batches, then exit
     bench_steps: int = 10         # with --bench: steps timed (after 3 warm-up steps)
     profile: int = 0              # with --bench: this many more steps under torch.profiler, and
@@ -146,41 +155,28 @@ def _bool(s: str) -> bool:
     return v
 
 
+GROUPS = ("model", "data", "optimisation", "run")  # -h's groups, in its order
+
+
 def field_help(dc) -> dict:
-    """{field: its comment in the dataclass's source}: a field's trailing comment and the comment
-    lines under it, at its column (a subclass that overrides a field without one keeps its base's).
-    These comments are the -h text of the flags."""
-    out = {}
-    for klass in reversed(dc.__mro__):
-        if "__dataclass_fields__" not in vars(klass):
-            continue
-        names, mine, current, col = set(vars(klass)["__annotations__"]), {}, None, None
-        src = inspect.getsource(klass)
-        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and \
-                    tok.line.lstrip().startswith(tok.string + ":"):
-                current, col = tok.string, None
-                mine[current] = []
-            elif tok.type == tokenize.COMMENT and current and (col is None or tok.start[1] >= col):
-                col = tok.start[1] if col is None else col
-                mine[current].append(tok.string.lstrip("#").strip())
-            elif tok.type == tokenize.COMMENT and tok.start[1] == 4:
-                current = None  # (a comment that opens the next group of fields)
-        out.update({k: " ".join(v) for k, v in mine.items() if v})
+    """{field: (its comment in the dataclass's source, its group)}: a field's trailing comment and
+    the comment lines under it, at its column; its group the last '# model' / '# data' / ... line
+    above it (none: 'model', as avmae.AVMAEConfig's fields are). These comments are the -h text of
+    the flags."""
+    out, names, current, col, group = {}, set(dc.__annotations__), None, None, "model"
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(dc)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and \
+                tok.line.lstrip().startswith(tok.string + ":"):
+            current, col = tok.string, None
+            out[current] = ("", group)
+        elif tok.type == tokenize.COMMENT and current and (col is None or tok.start[1] >= col):
+            col = tok.start[1] if col is None else col
+            out[current] = ((out[current][0] + " " + tok.string.lstrip("#").strip()).strip(),
+                            group)
+        elif tok.type == tokenize.COMMENT and tok.start[1] == 4:
+            current = None  # (a comment that opens the next group of fields)
+            group = next((g for g in GROUPS if tok.string == f"# {g}"), group)
     return out
-
-
-# -h groups the flags; a field not named here is the model's (AVMAEConfig's) or the run's
-FLAG_GROUPS = dict(
-    data=("data", "split", "train_split", "test_split", "workers", "frame_stride", "window",
-          "audio_norm", "video_aug", "decode", "seed", "num_frames", "image_size", "audio_frames",
-          "views", "specaug_freq", "specaug_time", "time_shift"),
-    optimisation=("batch_size", "grad_accum", "epochs", "max_steps", "warmup_epochs", "blr", "lr",
-                  "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "optimizer",
-                  "layer_decay", "mixup", "label_smoothing", "drop_path", "unimodal_loss"),
-    model=("preset", "size", "variant", "teacher", "init", "modality", "arch", "temporal_layers",
-           "mtv_views", "tokenlearner", "tokenlearner_layer", "mbt_head", "linear_probe", "width",
-           "depth", "heads", "layer_scale", "fusion_layer", "inflate", "bottlenecks"))
 
 
 def build_parser(*dataclasses_, description=__doc__, choices=None):
@@ -190,7 +186,7 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
     choices = choices or {}
     p = data.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                     usage="%(prog)s [--flag VALUE ...]")
-    groups = {g: p.add_argument_group(g) for g in ("model", "data", "optimisation", "run")}
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
     seen = set()
     for dc in dataclasses_:
         helps = field_help(dc)
@@ -205,11 +201,10 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
                 kw = dict(nargs="?", const=True, type=_bool)
             else:
                 kw = dict(type=t, choices=choices.get(f.name))
-            group = next((g for g, names in FLAG_GROUPS.items() if f.name in names),
-                         "model" if dc is avmae.AVMAEConfig else "run")
-            text = helps.get(f.name, "").replace("%", "%%")
+            text, group = helps.get(f.name, ("", "model"))
             groups[group].add_argument(f"--{f.name}", default=None,
-                                       help=f"{text} (default {f.default!r})", **kw)
+                                       help=f"{text.replace('%', '%%')} (default {f.default!r})",
+                                       **kw)
     return p
 
 
@@ -1069,7 +1064,7 @@ def wrap(model, cfg, d: "Dist", ddp: bool = True):
 @dataclass
 class Run:
     """What the loop works on; each script's step adds what it needs in `extra`."""
-    cfg: RunConfig          # the script's flags (TrainConfig / finetune.FinetuneConfig)
+    cfg: object             # the script's flags (TrainConfig / finetune.FinetuneConfig)
     d: "Dist"
     raw: torch.nn.Module    # the model itself (checkpoints, pictures, FLOPs)
     model: torch.nn.Module  # compiled / DDP-wrapped: what the step calls
