@@ -30,6 +30,7 @@ by the modality letter 'a' or 'v'.
 """
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -2156,3 +2157,41 @@ class ViViTFDP(MBT):
 # the finetuning backbones (finetune.py --arch NAME); a new one is a Classifier subclass and an entry
 BACKBONES = {"mbt": MBT, "encoder": EncoderClassifier, "vivit_fe": ViViTFE, "vivit_fsa": ViViTFSA,
              "vivit_fdp": ViViTFDP, "mtv": MTV}
+
+
+# -----------------------------------------------------------------------------
+# files in: a checkpoint is data. Every file avmae reads (its own checkpoints, the teacher, released
+# weights) goes through read_file: torch.load(weights_only=True), which builds tensors and plain
+# data and calls nothing a file names; beyond that only numpy's numeric arrays and scalars (earlier
+# avmae checkpoints kept numpy's RNG state as an array; other projects' files keep numpy scalars).
+
+
+class UnsafeFile(ValueError):
+    """A file that needs more than tensors and plain data to load: refused, nothing run."""
+
+
+def _numpy_globals() -> list:
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core  # (numpy 2 / 1)
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+               np.uint64, np.float16, np.float32, np.float64)
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype,
+            *{type(np.dtype(t)) for t in numeric}]
+
+
+def read_file(path: str):
+    """The object a torch file holds, read as data on the CPU; UnsafeFile (naming the pickled
+    object the file asks for) if it holds anything else. Other errors (a truncated file, not a
+    torch file) pass through."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+[ .][\w.]+)|got <class '([\w.]+)'>", str(e))
+        if not found:
+            raise  # (not a pickle at all: the caller says it is unreadable)
+        what = (found.group(1) or found.group(2)).replace(" ", ".")
+        raise UnsafeFile(f"it holds a pickled object ({what}), not only tensors and plain data: "
+                         "avmae reads files with torch.load(weights_only=True) and runs nothing "
+                         "from them") from None

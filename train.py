@@ -478,7 +478,9 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
     if not os.path.isfile(path):
         raise BadCheckpoint(f"{what} {path}: no such file")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = avmae.read_file(path)
+    except avmae.UnsafeFile as e:  # (nothing of it ran)
+        raise BadCheckpoint(f"{what} {path}: refused: {e}") from None
     except Exception as e:  # truncated / not a torch file
         raise BadCheckpoint(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None
@@ -753,7 +755,13 @@ def collective_failure(e: Exception, d: "Dist", step: int, timeout: float,
 
 
 def rng_state() -> dict:
-    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """Every RNG's state as tensors and numbers (a checkpoint is data: weights_only loads it)."""
+    np_state, (version, py_state, gauss) = np.random.get_state(), random.getstate()
+    s = dict(torch=torch.get_rng_state(),
+             numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
+                        has_gauss=int(np_state[3]), gauss=float(np_state[4])),
+             python=dict(version=version, state=torch.tensor(py_state, dtype=torch.int64),
+                         gauss=gauss))
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -761,8 +769,14 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n, p = s["numpy"], s["python"]
+    if isinstance(n, dict):
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["gauss"]))
+        random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+    else:  # (a checkpoint of an earlier avmae: numpy's own tuple, Python's)
+        np.random.set_state(n)
+        random.setstate(p)
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 

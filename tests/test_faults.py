@@ -28,7 +28,7 @@ FT_TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--au
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def same(a, b):
@@ -432,7 +432,7 @@ def test_damaged_checkpoints_are_found_and_passed_over(builtin, tmp_path, capsys
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     # bit flips in a tensor: one weight changed, saved with the old checksum (a flip the zip does
     # not see)
-    ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=False)
+    ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=True)
     ck["model"]["patch_embed.a.weight"].view(-1)[0] += 1e-3
     torch.save(ck, tmp_path / "ckpt_0000003.pt")
     for path, why in ((newest, "not a readable checkpoint"), (tmp_path / "ckpt_0000003.pt",

@@ -43,7 +43,7 @@ def fcfg(**kw):
                                            ("av", "encoder")])
 def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality, arch):
     path, pretrained = pretrained_ckpt(tmp_path, **pre)
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     f, pcfg = fcfg(modality=modality, arch=arch), ck["model_config"]
     if arch == "encoder" and pcfg["modalities"] != "av":
         with pytest.raises(ValueError, match="needs an audiovisual checkpoint"):
@@ -80,7 +80,7 @@ def test_every_checkpoint_loads_into_every_architecture(tmp_path, pre, modality,
                          ids=["separate", "shared", "audio-only"])
 def test_mbt_streams_compute_what_the_pretrained_encoder_computed(tmp_path, pre):
     path, pretrained = pretrained_ckpt(tmp_path, **pre)
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     model = finetune.build_model(fcfg(modality="audio"), {"label": 3}, ck["model_config"])
     state, _ = finetune.map_pretrained(ck["model"], ck["model_config"], model)
     model.load_state_dict(state, strict=False)
@@ -94,7 +94,7 @@ def test_mbt_streams_compute_what_the_pretrained_encoder_computed(tmp_path, pre)
 
 def test_mid_fusion_maps_joint_layers_into_both_streams_untied(tmp_path):
     path, pretrained = pretrained_ckpt(tmp_path, encoder="mid")
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     model = finetune.build_model(fcfg(), {"label": 3}, ck["model_config"])
     model.load_state_dict(finetune.map_pretrained(ck["model"], ck["model_config"], model)[0],
                           strict=False)
@@ -114,7 +114,7 @@ def test_mid_fusion_maps_joint_layers_into_both_streams_untied(tmp_path):
 def test_longer_video_than_pretraining(tmp_path):
     for pos in ("sincos", "learned"):
         path, _ = pretrained_ckpt(tmp_path, encoder="separate", pos_embed=pos)
-        ck = torch.load(path, weights_only=False)
+        ck = torch.load(path, weights_only=True)
         # 4 -> 8 frames
         model = finetune.build_model(fcfg(modality="video", num_frames=8), {"label": 3},
                                ck["model_config"])
@@ -128,7 +128,7 @@ def test_longer_video_than_pretraining(tmp_path):
 
 def test_mismatched_checkpoints_are_clear_errors(tmp_path, builtin):
     path, _ = pretrained_ckpt(tmp_path, encoder="separate")
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     # the config says 96 wide, the weights are 64
     wrong = {**ck["model_config"], "width": 96, "heads": 4}
     model = finetune.build_model(fcfg(), {"label": 3}, wrong)
@@ -162,7 +162,7 @@ def test_scratch_model_takes_the_shape_of_a_pretraining_with_another_depth(tmp_p
     assert m.cfg.width == 96 and m.cfg.depth == avmae.SIZES["tiny"]["depth"]
     # from a checkpoint the shape is the checkpoint's; a contradicting flag says so
     path, _ = pretrained_ckpt(tmp_path, depth=6)
-    pcfg = torch.load(path, weights_only=False)["model_config"]
+    pcfg = torch.load(path, weights_only=True)["model_config"]
     assert finetune.build_model(fcfg(modality="audio", depth=6), {"label": 3}, pcfg).cfg.depth == 6
     with pytest.raises(SystemExit, match=r"encoder is width 64, depth 6.*drop --width"):
         finetune.build_model(fcfg(modality="audio", depth=4, init=str(path)), {"label": 3}, pcfg)
@@ -170,7 +170,7 @@ def test_scratch_model_takes_the_shape_of_a_pretraining_with_another_depth(tmp_p
 
 def test_layer_scale_comes_with_the_checkpoint_and_shapes_a_scratch_model(tmp_path):
     path, _ = pretrained_ckpt(tmp_path, layer_scale=0.1)
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     pcfg = ck["model_config"]
     for k, w in ck["model"].items():  # as if pretraining had moved them
         if k.endswith(".gamma"):
@@ -347,8 +347,8 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path, capsys):
     # linear probe: the encoder stays exactly as pretrained
     finetune.main([*args, "--out_dir", str(tmp_path / "lp"), "--linear_probe", "--modality",
                    "audio"])
-    ck = torch.load(train.find_checkpoint("auto", str(tmp_path / "lp")), weights_only=False)
-    src = torch.load(pre["checkpoint"], weights_only=False)["model"]
+    ck = torch.load(train.find_checkpoint("auto", str(tmp_path / "lp")), weights_only=True)
+    src = torch.load(pre["checkpoint"], weights_only=True)["model"]
     assert torch.equal(ck["model"]["streams.a.blocks.1.attn.qkv.weight"],
                        src["encoder.streams.a.blocks.1.attn.qkv.weight"])
     assert not torch.equal(ck["model"]["heads.a.label.weight"],
@@ -453,7 +453,7 @@ def test_chance_is_what_the_label_frequencies_alone_score():
 def test_encoder_arch_keeps_the_pretrained_function_with_type_embeddings(tmp_path):
     # CAV-MAE's modality-type embedding is folded into the patch embedding's bias: same features
     path, pretrained = pretrained_ckpt(tmp_path, **avmae.VARIANTS["cavmae"])
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     model = finetune.build_model(fcfg(arch="encoder"), {"label": 3}, ck["model_config"])
     state, report = finetune.map_pretrained(ck["model"], ck["model_config"], model)
     model.load_state_dict(state, strict=False)

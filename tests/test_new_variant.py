@@ -58,7 +58,7 @@ def test_a_variant_registered_here_pretrains_counts_flops_and_finetunes(monkeypa
     # pretraining, through the command line (the flag's choices come from the table)
     res = train.main([*TINY, "--data", builtin, "--encoder", "late_joint", "--max_steps", "2",
                       "--out_dir", str(tmp_path / "pre")])
-    ck = torch.load(res["checkpoint"], weights_only=False)
+    ck = torch.load(res["checkpoint"], weights_only=True)
     assert ck["model_config"]["encoder"] == "late_joint"
     assert "encoder.joint.attn.qkv.weight" in ck["model"]
     # inpainting needs an encoder that mixes modalities: the class says it does
@@ -142,7 +142,7 @@ def test_a_backbone_registered_here_finetunes_from_a_pretraining(monkeypatch, bu
                          "--views", "1", "--kernels", "torch", "--out_dir", str(tmp_path / "ft")])
     assert out["clips"] == 8
     report = json.load(open(tmp_path / "ft" / "load_report.json"))
-    ck = torch.load(pre["checkpoint"], weights_only=False)
+    ck = torch.load(pre["checkpoint"], weights_only=True)
     assert sorted(report["loaded"]) == sorted(f"{k} <- {k}" for k in ck["model"]
                                               if k.startswith("patch_embed."))
     assert report["dropped_why"]["fusion"] and not report["new"][0].startswith("patch_embed.")

@@ -76,7 +76,7 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
     stage1 = train.main([*TINY, "--data", builtin, "--out_dir", str(tmp_path / "s1"), "--variant",
                          "mavil", "--max_steps", "1", "--batch_size", "8"])
     teacher_state = {k: v.clone() for k, v in torch.load(stage1["checkpoint"],
-                                                         weights_only=False)["model"].items()}
+                                                         weights_only=True)["model"].items()}
     seen = {}
     real_load = train.load_teacher
 
@@ -119,7 +119,7 @@ def test_stage2_teacher_is_frozen_sees_full_inputs_and_gives_fusion_targets(buil
     # no picture of features: the last line says why
     assert res["picture"] is None and "picture none (the targets are a teacher's features" in \
         capsys.readouterr().out
-    student = torch.load(res["checkpoint"], weights_only=False)
+    student = torch.load(res["checkpoint"], weights_only=True)
     assert student["model_config"]["target"] == "teacher"
     assert student["model"]["decoder.head.v.weight"].shape[0] == 64
     with pytest.raises(SystemExit, match="--teacher PATH"):

@@ -30,7 +30,7 @@ def run(builtin, out_dir, *extra, hooks=None):
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def losses(out_dir):
@@ -140,7 +140,7 @@ def test_quick_run_writes_checkpoint_picture_and_log(builtin, tmp_path, capsys):
     # the progress bar into a file (not a terminal; SLURM's .out): its start and its end, not a
     # line per step
     assert out.err.count("pretrain:") <= 3, out.err
-    ck = torch.load(res["checkpoint"], map_location="cpu", weights_only=False)
+    ck = torch.load(res["checkpoint"], map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "step", "epoch", "step_in_epoch", "model_config", "train_config",
             "rng"} <= set(ck)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
@@ -260,7 +260,7 @@ def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert p.returncode == -9
     assert open(tmp_path / "latest").read() == "ckpt_0000001.pt"
-    ck = torch.load(train.find_checkpoint("auto", str(tmp_path)), weights_only=False)
+    ck = torch.load(train.find_checkpoint("auto", str(tmp_path)), weights_only=True)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(10))
     assert not os.path.exists(tmp_path / "ckpt_0000002.pt")
 
@@ -290,7 +290,7 @@ def test_nan_stops_with_the_step_and_keeps_the_good_checkpoint(builtin, tmp_path
             hooks={"batch": _poison_at(3)})
     assert open(tmp_path / "latest").read() == "ckpt_0000003.pt"
     assert not os.path.exists(tmp_path / "ckpt_0000004.pt")
-    ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=False)
+    ck = torch.load(tmp_path / "ckpt_0000003.pt", weights_only=True)
     assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
     events = [json.loads(x) for x in open(tmp_path / "log.jsonl") if "non-finite" in x]
     assert events and events[0]["step"] == 3

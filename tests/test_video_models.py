@@ -233,7 +233,7 @@ VIDEO_STREAM = [(p, i) for p, i in zip(PRETRAINED, IDS) if i != "audio-only"]
 @pytest.mark.parametrize("pre", [p for p, _ in VIDEO_STREAM], ids=[i for _, i in VIDEO_STREAM])
 def test_weight_mapping_from_every_pretraining_with_a_video_stream(tmp_path, pre):
     path, _ = pretrained_ckpt(tmp_path, **pre)
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     pcfg = ck["model_config"]
 
     def mapped(arch, modality="video", **kw):
@@ -274,7 +274,7 @@ def test_weight_mapping_from_every_pretraining_with_a_video_stream(tmp_path, pre
 
 def test_multimodal_mtv_maps_the_audio_view_from_the_audio_stream(tmp_path):
     path, _ = pretrained_ckpt(tmp_path, encoder="separate")
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     pcfg = ck["model_config"]
     ref = finetune.build_model(fcfg(modality="audio"), {"label": 5}, pcfg)
     ref.load_state_dict(finetune.map_pretrained(ck["model"], pcfg, ref)[0], strict=False)

@@ -1,0 +1,88 @@
+"""A checkpoint is data: what avmae writes loads with torch.load(weights_only=True), and every flag
+that reads a checkpoint refuses a file that would run code, in one line naming it, running
+nothing."""
+import dataclasses
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import avmae
+import finetune
+import train
+from conftest import tiny_config
+
+TINY = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16",
+        "--audio_frames", "64", "--mel_bins", "32", "--workers", "0", "--picture_every", "0",
+        "--batch_size", "8", "--kernels", "torch"]
+FT = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--audio_frames", "64",
+      "--workers", "0", "--batch_size", "8", "--views", "1", "--kernels", "torch"]
+
+
+class Payload:
+    """What a crafted checkpoint hides: unpickling it would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted(path, marker, finetuning=False) -> str:
+    cfg = dataclasses.asdict(tiny_config())
+    state = dict(model={"w": Payload(marker)}, model_config=cfg, step=1)
+    if finetuning:
+        state["finetune_config"] = {}
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("flag", ["train.py --resume", "train.py --teacher", "finetune.py --init",
+                                  "finetune.py --resume", "finetune.py --eval_only --resume"])
+def test_a_crafted_checkpoint_runs_nothing_and_is_refused_in_one_line(flag, builtin, tmp_path):
+    marker = tmp_path / "ran"
+    script, *flags = flag.split()
+    evil = crafted(tmp_path / "evil.pt", marker, finetuning=script == "finetune.py" and
+                   "--resume" in flags)
+    with pytest.raises(SystemExit) as e:
+        if script == "train.py":
+            extra = ["--variant", "mavil2"] if flags == ["--teacher"] else []
+            train.main([*TINY, *extra, "--data", builtin, "--max_steps", "1", *flags, evil,
+                        "--out_dir", str(tmp_path / "out")])
+        else:
+            finetune.main([*FT, "--data", builtin, "--max_steps", "1", *flags, evil,
+                           "--out_dir", str(tmp_path / "out")])
+    msg = str(e.value.code)
+    assert not marker.exists()  # (the payload would have made it)
+    assert "\n" not in msg and f"{evil}: refused: it holds a pickled object (posix.system" in msg
+
+
+def test_what_avmae_writes_loads_as_data_and_an_earlier_checkpoints_rng_still_resumes(
+        builtin, tmp_path):
+    run = [*TINY, "--data", builtin, "--max_steps", "3", "--log_every", "1"]
+    pre = train.main([*run, "--stop_at", "1", "--out_dir", str(tmp_path / "pre")])
+    ft = finetune.main([*FT, "--data", builtin, "--max_steps", "1", "--init",
+                        pre["checkpoint"], "--out_dir", str(tmp_path / "ft")])
+    assert ft["clips"] == 8
+    for path in (pre["checkpoint"], train.find_checkpoint("auto", str(tmp_path / "ft"))):
+        ck = torch.load(path, weights_only=True)  # (plain: no allowlist)
+        assert set(ck["rng"]) >= {"torch", "numpy", "python"}
+    # an earlier avmae kept numpy's and Python's RNG states as their own objects: still read (numpy
+    # arrays are data), and the run resumes from it as from a new one
+    full = train.main([*run, "--out_dir", str(tmp_path / "full")])
+    first = os.path.join(tmp_path / "pre", "ckpt_0000001.pt")
+    ck = torch.load(first, weights_only=True)
+    np.random.seed(1)
+    random.seed(1)
+    train.set_rng_state(ck["rng"])  # the state it holds, as the earlier format held it
+    ck["rng"] = dict(ck["rng"], numpy=np.random.get_state(), python=random.getstate())
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(ck, old / "ckpt_0000001.pt")
+    with pytest.raises(Exception):
+        torch.load(old / "ckpt_0000001.pt", weights_only=True)  # (numpy's array: not plain)
+    again = train.main([*run, "--out_dir", str(old), "--resume", str(old / "ckpt_0000001.pt")])
+    assert again["loss"] == full["loss"]
