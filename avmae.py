@@ -732,7 +732,8 @@ class MAEDecoder(nn.Module):
                for t in targets}  # (MAViL stage 2 predicts a teacher's features)
         self.head = nn.ModuleDict({t: nn.Linear(D, out[t]) for t in targets})
         # how decoder inputs are laid out: chosen once here
-        layouts = {"gather": self.visible_then_mask, "unshuffle": self.unshuffle, "paper": self.inpaint_paper,
+        layouts = {"gather": self.visible_then_mask, "unshuffle": self.unshuffle,
+                   "paper": self.inpaint_paper,
                    "masked": self.inpaint_masked}
         joint = cfg.objective in ("joint", "video")
         layout = cfg.decoder_layout if joint else cfg.inpaint_layout
@@ -1584,6 +1585,18 @@ class Classifier(nn.Module):
         pc = pretrained_config(pretrained)
         return tuple(f"encoder.{p}" for p in ENCODERS[pc.encoder].mbt_drops(pc))
 
+    def encode(self, a=None, v=None) -> dict:
+        """{modality: (B, N, D)}: the backbone's final tokens on the unmasked input, every token
+        (a spectrogram (B, T, F), a video (B, 3, T, H, W))."""
+        return self.tokens(a, v)
+
+    def features(self, a=None, v=None) -> dict:
+        """{modality: (B, D)} pooled features (what a linear probe sees)."""
+        return {m: self.pool(x) for m, x in self.tokens(a, v).items()}
+
+    def pool(self, x):  # (B, N, D) -> (B, D)
+        return x.mean(1)
+
     def forward(self, a=None, v=None, per_modality: bool = False) -> dict:
         logits = {}
         for m, f in self.features(a, v).items():
@@ -1865,8 +1878,7 @@ class MBT(Classifier):
         f = sum(st.flops(fused if len(self.mods) == 2 else None) for st in self.streams.values())
         return dict(forward=f)
 
-    def features(self, a=None, v=None) -> dict:
-        """{modality: (B, D)} pooled features (what a linear probe sees)."""
+    def tokens(self, a=None, v=None) -> dict:
         xs = {m: self.streams[m].tokens(x) for m, x in (("a", a), ("v", v)) if m in self.mods}
         if set(xs) != set(self.mods):
             raise ValueError(f"this model takes modalities {self.mods}, got {tuple(xs)}")
@@ -1887,7 +1899,7 @@ class MBT(Classifier):
                 zs.append(y[:, n:])
             z = torch.stack(zs).mean(0)  # the modalities meet only here
         # the shared head's one LayerNorm, or each stream's own
-        return {m: self.pool((self.norm or self.streams[m].norm)(x)) for m, x in xs.items()}
+        return {m: (self.norm or self.streams[m].norm)(x) for m, x in xs.items()}
 
     def forward(self, a=None, v=None, per_modality: bool = False) -> dict:
         out = super().forward(a, v, per_modality)
@@ -1895,9 +1907,6 @@ class MBT(Classifier):
             out.update({f"{m}_alone": {h: lin(self.unimodal_norm[m](self.alone[m]))
                                        for h, lin in self.unimodal[m].items()} for m in self.mods})
         return out
-
-    def pool(self, x):  # (B, N, D) -> (B, D)
-        return x.mean(1)
 
 
 class ViViTFE(MBT):
@@ -1981,7 +1990,7 @@ class MTV(Classifier):
 
     @classmethod
     def build(cls, cfg, heads, o):
-        return cls(cfg, heads, o["views"](), o["fusion_layer"], o["temporal"], o["inner"],
+        return cls(cfg, heads, o["views"], o["fusion_layer"], o["temporal"], o["inner"],
                    o["linear_probe"], o["tokenlearner"])
 
     def __init__(self, cfg: AVMAEConfig, heads: dict, views: list, fusion_layer: int = 0,
@@ -2047,20 +2056,20 @@ class MTV(Classifier):
                 ids[n] = self.n_layers + 1
         return {**ids, **_prefix("global_enc", self.global_enc.layer_ids(depth + 1))}
 
-    def features(self, a=None, v=None) -> dict:
+    def tokens(self, a=None, v=None) -> dict:  # the global encoder's
         inputs = {m: x for m, x in (("a", a), ("v", v)) if x is not None}
         if set(inputs) != set(self.mods):
             raise ValueError(f"this model's views take modalities {self.mods}, got "
                              f"{tuple(inputs)}")
-        xs = self.encode([st.tokens(inputs[st.mod]) for st in self.views])
+        xs = self.encode_views([st.tokens(inputs[st.mod]) for st in self.views])
         g = []
         for st, x, proj in zip(self.views, xs, self.proj):
             B, N, D = x.shape
             g.append(proj(x.view(B, st.t, N // st.t, D).mean(2)))  # (B, t_i, width)
         g = torch.cat(g, dim=1) + self.global_pos  # (B, sum t_i, width)
-        return {self.key: self.global_enc(g).mean(1)}
+        return {self.key: self.global_enc(g)}
 
-    def encode(self, xs: list) -> list:
+    def encode_views(self, xs: list) -> list:
         """The view encoders with their lateral connections: [(B, N_i, D_i)] -> the same, each
         view closed by its LayerNorm."""
         for i in range(self.cfg.depth):
@@ -2133,13 +2142,13 @@ class EncoderClassifier(Classifier):
                            0 if n.startswith(("patch_embed.", "enc_pos.")) else self.n_layers + 1)
                 for n, _ in self.named_parameters()}
 
-    def features(self, a=None, v=None) -> dict:
+    def tokens(self, a=None, v=None) -> dict:
         xs = {}
         for m, x in (("a", a), ("v", v)):
             if m in self.cfg.mods:
                 p = self.patches[m].patchify(x)
                 xs[m] = self.patch_embed[m](p) + self.enc_pos[m]()[: p.shape[1]]
-        return {m: x.mean(1) for m, x in self.encoder(xs).items()}
+        return self.encoder(xs)
 
 
 class ViViTFSA(MBT):
@@ -2154,9 +2163,19 @@ class ViViTFDP(MBT):
     KIND = "fdp"
 
 
-# the finetuning backbones (finetune.py --arch NAME); a new one is a Classifier subclass and an entry
+# the finetuning backbones (finetune.py --arch NAME); a new one: a Classifier subclass, an entry
 BACKBONES = {"mbt": MBT, "encoder": EncoderClassifier, "vivit_fe": ViViTFE, "vivit_fsa": ViViTFSA,
              "vivit_fdp": ViViTFDP, "mtv": MTV}
+
+
+def build_backbone(arch: str, cfg: AVMAEConfig, heads: dict, options: dict) -> Classifier:
+    """BACKBONES[arch] from its options (plain data: a finetuning checkpoint keeps them as
+    `backbone`, and avmae.load rebuilds the model from them), LayerScale on every block."""
+    model = BACKBONES[arch].build(cfg, heads, options)
+    if cfg.layer_scale:  # every block, pretrained or new (e.g. ViViT-FE's temporal ones)
+        add_layer_scale(model, cfg.layer_scale)
+    model.backbone = dict(arch=arch, options=options)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -2195,3 +2214,40 @@ def read_file(path: str):
         raise UnsafeFile(f"it holds a pickled object ({what}), not only tensors and plain data: "
                          "avmae reads files with torch.load(weights_only=True) and runs nothing "
                          "from them") from None
+
+
+def load(path: str, **overrides):
+    """A model from a file, in eval mode, with .cfg (an AVMAEConfig): an avmae pretraining
+    checkpoint gives the AVMAE (model.encode(a=spec, v=video) -> {modality: (B, N, D)}, the
+    encoder's final tokens, every token, no masking), a finetuning checkpoint its backbone (encode
+    the same; model(a, v) -> {head: logits}). overrides: config fields that leave the weights'
+    shapes as they are (e.g. kernels="torch"). ValueError (one line, naming the file) for anything
+    else."""
+    try:
+        ck = read_file(path)
+    except UnsafeFile as e:
+        raise ValueError(f"{path}: refused: {e}") from None
+    except Exception as e:  # (missing, truncated, not a torch file)
+        why = e.strerror if isinstance(e, OSError) else \
+            f"not a readable torch file ({type(e).__name__})"
+        raise ValueError(f"{path}: {why}") from None
+    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        raise ValueError(f"{path}: not an avmae checkpoint (no model / model_config)")
+    cfg = replace(pretrained_config(ck["model_config"]), **overrides)
+    if "finetune_config" in ck:
+        if "backbone" not in ck:
+            raise ValueError(f"{path}: a finetuning checkpoint of an earlier avmae, without its "
+                             "backbone's options: evaluate it with finetune.py --eval_only "
+                             "--resume, or finetune anew")
+        model = build_backbone(ck["backbone"]["arch"], cfg, ck["heads"],
+                               ck["backbone"]["options"])
+    else:
+        model = AVMAE(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ValueError(f"{path}: its weights do not fit the model its config makes"
+                         f"{' with ' + str(overrides) if overrides else ''} "
+                         f"({(lines[1:] or lines)[0].strip()})") from None
+    return model.eval()

@@ -273,13 +273,8 @@ def model_config(cfg: FinetuneConfig, pretrained_cfg: dict | None) -> avmae.AVMA
 
 
 def build_model(cfg: FinetuneConfig, heads: dict, pretrained_cfg: dict | None):
-    model = _build_model(cfg, heads, pretrained_cfg)
-    if model.cfg.layer_scale:  # every block, pretrained or new (e.g. ViViT-FE's temporal ones)
-        avmae.add_layer_scale(model, model.cfg.layer_scale)
-    return model
-
-
-def _build_model(cfg: FinetuneConfig, heads: dict, pretrained_cfg: dict | None):
+    """The --arch backbone (avmae.BACKBONES) from the flags, the checkpoint's encoder shape, the
+    preset's fusion layer."""
     model_cfg = model_config(cfg, pretrained_cfg)
     pc = pretrained_cfg and avmae.pretrained_config(pretrained_cfg)
     kept = pc and avmae.ENCODERS[pc.encoder].stream_weights(pc, pc.mods[0])["inner"]
@@ -292,11 +287,12 @@ def _build_model(cfg: FinetuneConfig, heads: dict, pretrained_cfg: dict | None):
         tokenlearner=(cfg.tokenlearner, cfg.tokenlearner_layer if cfg.tokenlearner_layer >= 0
                       else depth // 2),
         temporal=cfg.temporal_layers if cfg.temporal_layers >= 0 else max(1, depth // 3),
-        views=lambda: mtv_views(cfg, model_cfg.tubelet),
         unimodal_loss=cfg.unimodal_loss > 0 and not cfg.linear_probe
         and cfg.mbt_head != "per_modality")
     try:
-        return avmae.BACKBONES[cfg.arch].build(model_cfg, heads, options)
+        if cfg.arch == "mtv":
+            options["views"] = mtv_views(cfg, model_cfg.tubelet)
+        return avmae.build_backbone(cfg.arch, model_cfg, heads, options)
     except ValueError as e:
         raise SystemExit(f"--arch {cfg.arch}: {e}")
 
@@ -828,6 +824,7 @@ def finetune_state(run: train.Run, step: int) -> dict | None:
     x = run.extra
     return dict(model=train.model_state(run.raw, False), optimizer=run.opt.state_dict(),
                 finetune_config=asdict(run.cfg), model_config=asdict(run.raw.cfg),
+                backbone=run.raw.backbone,  # (what avmae.load rebuilds it from)
                 pretrain_config=x["pretrained_cfg"], heads=x["heads"], results=x["results"],
                 watch=x["watch"].state())
 

@@ -86,3 +86,48 @@ def test_what_avmae_writes_loads_as_data_and_an_earlier_checkpoints_rng_still_re
         torch.load(old / "ckpt_0000001.pt", weights_only=True)  # (numpy's array: not plain)
     again = train.main([*run, "--out_dir", str(old), "--resume", str(old / "ckpt_0000001.pt")])
     assert again["loss"] == full["loss"]
+
+
+def test_load_gives_the_model_of_either_checkpoint_in_eval_mode_and_encode_gives_every_token(
+        builtin, tmp_path):
+    run = [*TINY, "--data", builtin, "--max_steps", "1"]
+    pre = train.main([*run, "--out_dir", str(tmp_path / "pre")])
+    model = avmae.load(pre["checkpoint"], kernels="torch")
+    assert isinstance(model, avmae.AVMAE) and not model.training
+    assert isinstance(model.cfg, avmae.AVMAEConfig) and model.cfg.kernels == "torch"
+    saved = torch.load(pre["checkpoint"], weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, model.cfg.audio_frames, model.cfg.mel_bins, generator=g)
+    v = torch.rand(2, 3, model.cfg.num_frames, model.cfg.image_size, model.cfg.image_size,
+                   generator=g) * 2 - 1
+    with torch.no_grad():
+        e = model.encode(a=a, v=v)
+        # every token (no masking: the same on every call), the encoder's width
+        assert {m: x.shape for m, x in e.items()} == {
+            m: (2, model.patches[m].n, model.cfg.width) for m in "av"}
+        assert all(torch.equal(x, model.encode(a=a, v=v)[m]) for m, x in e.items())
+    # a finetuning checkpoint: its backbone as the finetuning built it, the same logits
+    for arch in ("mbt", "encoder"):
+        out = tmp_path / f"ft_{arch}"
+        finetune.main([*FT, "--data", builtin, "--max_steps", "1", "--init", pre["checkpoint"],
+                       "--arch", arch, "--out_dir", str(out)])
+        path = train.find_checkpoint("auto", str(out))
+        clf = avmae.load(path)
+        ck = torch.load(path, weights_only=True)
+        cfg = finetune.FinetuneConfig(**{k: v for k, v in ck["finetune_config"].items()})
+        twin = finetune.build_model(cfg, ck["heads"], ck["pretrain_config"])
+        twin.load_state_dict(ck["model"])
+        twin.eval()
+        with torch.no_grad():
+            assert torch.equal(clf(a=a, v=v)["label"], twin(a=a, v=v)["label"])
+            toks = clf.encode(a=a, v=v)
+            assert {m: x.shape[::2] for m, x in toks.items()} == {m: (2, 64) for m in "av"}
+            assert all(torch.allclose(toks[m].mean(1), f) for m, f in
+                       clf.features(a=a, v=v).items())
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"^\S+junk\.pt: [^\n]+$"):
+        avmae.load(str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="foreign.pt: not an avmae checkpoint"):
+        avmae.load(str(tmp_path / "foreign.pt"))

@@ -201,12 +201,12 @@ def test_mtv_lateral_attention_reads_the_next_view_only():
             assert torch.count_nonzero(c.proj.weight) == 0  # starts as the views alone
     randomise(m.cross)
     xs = [torch.randn(1, st.patches.n, st.width) for st in m.views]
-    base = m.encode(list(xs))
+    base = m.encode_views(list(xs))
 
     def changed(i):
         ys = list(xs)
         ys[i] = ys[i] + torch.randn(ys[i].shape)
-        return [not torch.allclose(b, o, atol=1e-6) for b, o in zip(base, m.encode(ys))]
+        return [not torch.allclose(b, o, atol=1e-6) for b, o in zip(base, m.encode_views(ys))]
     with torch.no_grad():
         assert changed(0) == [True, False, False]  # information never flows up the order
         assert changed(1) == [True, True, False]
@@ -289,7 +289,7 @@ def test_multimodal_mtv_maps_the_audio_view_from_the_audio_stream(tmp_path):
     ref.eval(), mtv.eval()
     with torch.no_grad():
         xs = [st.tokens(a if st.mod == "a" else torch.rand(2, 3, 4, 32, 32)) for st in mtv.views]
-        assert torch.allclose(mtv.encode(xs)[k].mean(1), ref.features(a=a)["a"], atol=1e-5)
+        assert torch.allclose(mtv.encode_views(xs)[k].mean(1), ref.features(a=a)["a"], atol=1e-5)
 
 
 def test_finetune_cli_runs_each_new_architecture(builtin, tmp_path):
