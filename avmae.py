@@ -2216,13 +2216,81 @@ def read_file(path: str):
                          "from them") from None
 
 
-def load(path: str, **overrides):
-    """A model from a file, in eval mode, with .cfg (an AVMAEConfig): an avmae pretraining
-    checkpoint gives the AVMAE (model.encode(a=spec, v=video) -> {modality: (B, N, D)}, the
-    encoder's final tokens, every token, no masking), a finetuning checkpoint its backbone (encode
-    the same; model(a, v) -> {head: logits}). overrides: config fields that leave the weights'
-    shapes as they are (e.g. kernels="torch"). ValueError (one line, naming the file) for anything
-    else."""
+def _count(state: dict, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+
+def from_cavmae(state: dict) -> tuple:
+    """CAV-MAE's pretrained model (Gong et al., ICLR 2023; the authors' cav_mae.py, CAVMAE: the
+    released audio_model.pth, a DataParallel state dict) -> (config fields, state dict) of the
+    AVMAE with --variant cavmae's encoder, one frame (num_frames = tubelet = 1). Where the layouts
+    differ: its audio patches are a conv over the transposed spectrogram, so its tokens run
+    frequency-major and each patch's pixels (frequency, time); ours run time-major, (time,
+    frequency): the audio positions and the patch-embedding and prediction weights are permuted
+    into ours (the attention does not depend on the order). Its fixed 2-D sin-cos positions come in
+    as a learned table (pos_embed='learned'), the same numbers. Heads are not in a state dict:
+    width / 64 (ViT's), unless load() is told."""
+    sd = {k.removeprefix("module."): v for k, v in state.items()}
+    W, Wd = sd["pos_embed_a"].shape[-1], sd["decoder_embed.weight"].shape[0]
+    p = sd["patch_embed_v.proj.weight"].shape[-1]
+    na, nv = sd["pos_embed_a"].shape[1], sd["pos_embed_v"].shape[1]
+    gf = 128 // p  # (its code: 128 mel bins)
+    gt, side = na // gf, math.isqrt(nv)
+    own, joint = _count(sd, "blocks_a."), _count(sd, "blocks_u.")
+    cfg = dict(VARIANTS["cavmae"], modalities="av", width=W, depth=own + joint, joint_layers=joint,
+               heads=max(1, W // 64), mlp_ratio=sd["blocks_a.0.mlp.fc1.weight"].shape[0] / W,
+               num_frames=1, tubelet=1, patch_size=p, image_size=side * p, in_chans=3,
+               audio_frames=gt * p, mel_bins=gf * p, audio_patch_t=p, audio_patch_f=p,
+               pos_embed="learned", dec_width=Wd, dec_depth=_count(sd, "decoder_blocks."),
+               dec_heads=max(1, Wd // 64), dec_mlp=sd["decoder_blocks.0.mlp.fc1.weight"].shape[0])
+    # ours (time t, frequency f) -> its token index f * gt + t; within a patch likewise
+    tokens = torch.arange(na).view(gf, gt).T.reshape(-1)
+    pixels = torch.arange(p * p).view(p, p).T.reshape(-1)
+    out = {"patch_embed.a.weight": sd["patch_embed_a.proj.weight"][:, 0].transpose(1, 2)
+           .reshape(W, -1),
+           "patch_embed.v.weight": sd["patch_embed_v.proj.weight"].permute(0, 2, 3, 1)
+           .reshape(W, -1),
+           "enc_pos.a.table": sd["pos_embed_a"][0, tokens], "enc_pos.v.table": sd["pos_embed_v"][0],
+           "decoder.pos.a.table": sd["decoder_pos_embed_a"][0, tokens],
+           "decoder.pos.v.table": sd["decoder_pos_embed_v"][0],
+           "decoder.head.a.weight": sd["decoder_pred_a.weight"][pixels],
+           "decoder.head.a.bias": sd["decoder_pred_a.bias"][pixels],
+           "decoder.mask_token.av": sd["mask_token"].reshape(-1)}
+    names = {"patch_embed_a.proj.bias": "patch_embed.a.bias",
+             "patch_embed_v.proj.bias": "patch_embed.v.bias", "norm.": "encoder.norm.av.",
+             "norm_a.": "encoder.norm.a.", "norm_v.": "encoder.norm.v.",
+             "decoder_embed.": "decoder.embed.av.", "decoder_norm.": "decoder.net.joint.norm.",
+             "decoder_pred_v.": "decoder.head.v.", "decoder_blocks.": "decoder.net.joint.blocks.",
+             "blocks_a.": "encoder.streams.a.", "blocks_v.": "encoder.streams.v.",
+             "blocks_u.": "encoder.joint."}
+    for m in "av":
+        out[f"type_embed.{m}"] = sd[f"modality_{m}"].reshape(-1)
+        out[f"decoder.type_embed.{m}"] = sd[f"decoder_modality_{m}"].reshape(-1)
+    done = ("pos_embed", "decoder_pos_embed", "modality_", "decoder_modality_", "mask_token",
+            "patch_embed_a.proj.weight", "patch_embed_v.proj.weight", "decoder_pred_a.")
+    for k, t in sd.items():
+        src = None if k.startswith(done) else next((x for x in names if k.startswith(x)), "")
+        if src == "":
+            raise ValueError(f"CAV-MAE: no place for its {k}")
+        if src and "blocks" in src and src != "blocks_u." and \
+                re.search(r"\.norm[12]_[av]\.", k):
+            continue  # (every block of its code has per-modality norms; only the unified use them)
+        if src:
+            new = names[src] + k[len(src):]
+            for n, m in (("1", "a"), ("1", "v"), ("2", "a"), ("2", "v")):  # per-modality norms
+                new = new.replace(f".norm{n}_{m}.", f".by.{m}.norm{n}.")
+            out[new] = t
+    return cfg, out
+
+
+# foreign formats: how to tell one (a key its state dict always has) -> its converter
+FOREIGN = {"blocks_u.0.attn.qkv.weight": ("CAV-MAE (pretrained)", from_cavmae)}
+
+
+def read_checkpoint(path: str) -> dict:
+    """A file as an avmae checkpoint dict (model, model_config, ...): ours as it is, a foreign
+    release (FOREIGN) converted, its config from its tensors. ValueError (one line, naming the
+    file) for anything else."""
     try:
         ck = read_file(path)
     except UnsafeFile as e:
@@ -2231,8 +2299,32 @@ def load(path: str, **overrides):
         why = e.strerror if isinstance(e, OSError) else \
             f"not a readable torch file ({type(e).__name__})"
         raise ValueError(f"{path}: {why}") from None
+    if isinstance(ck, dict) and "model" not in ck and ck and \
+            all(torch.is_tensor(t) for t in ck.values()):
+        keys = {k.removeprefix("module.") for k in ck}
+        found = next((f for k, f in FOREIGN.items() if k in keys), None)
+        if found is None:
+            raise ValueError(f"{path}: a state dict avmae cannot place (it converts "
+                             f"{', '.join(name for name, _ in FOREIGN.values())})")
+        try:
+            fields_, state = found[1](ck)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: looks like {found[0]} but does not convert ({e})") from None
+        ck = dict(model=state, model_config=dataclasses.asdict(AVMAEConfig(**fields_)),
+                  converted_from=found[0])
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise ValueError(f"{path}: not an avmae checkpoint (no model / model_config)")
+    return ck
+
+
+def load(path: str, **overrides):
+    """A model from a file, in eval mode, with .cfg (an AVMAEConfig): an avmae pretraining
+    checkpoint or a converted release (FOREIGN) gives the AVMAE (model.encode(a=spec, v=video) ->
+    {modality: (B, N, D)}, the encoder's final tokens, every token, no masking), a finetuning
+    checkpoint its backbone (encode the same; model(a, v) -> {head: logits}). overrides: config
+    fields that leave the weights' shapes as they are (e.g. kernels="torch", or the heads a state
+    dict does not record). ValueError (one line, naming the file) for anything else."""
+    ck = read_checkpoint(path)
     cfg = replace(pretrained_config(ck["model_config"]), **overrides)
     if "finetune_config" in ck:
         if "backbone" not in ck:
@@ -2246,8 +2338,8 @@ def load(path: str, **overrides):
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
-        lines = str(e).splitlines()
+        line = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         raise ValueError(f"{path}: its weights do not fit the model its config makes"
                          f"{' with ' + str(overrides) if overrides else ''} "
-                         f"({(lines[1:] or lines)[0].strip()})") from None
+                         f"({line[:300]}{' ...' if len(line) > 300 else ''})") from None
     return model.eval()

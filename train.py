@@ -484,6 +484,12 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
     except Exception as e:  # truncated / not a torch file
         raise BadCheckpoint(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None
+    if isinstance(ck, dict) and "model" not in ck and kind == "pretraining" and ck and \
+            all(torch.is_tensor(t) for t in ck.values()):
+        try:  # a released model's state dict (avmae.FOREIGN), converted
+            ck = avmae.read_checkpoint(path)
+        except ValueError as e:
+            raise BadCheckpoint(f"{what} {e}") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise BadCheckpoint(f"{what} {path}: not an avmae {kind} checkpoint (no model / "
                             "model_config)")

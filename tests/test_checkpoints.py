@@ -128,6 +128,6 @@ def test_load_gives_the_model_of_either_checkpoint_in_eval_mode_and_encode_gives
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"^\S+junk\.pt: [^\n]+$"):
         avmae.load(str(tmp_path / "junk.pt"))
-    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    torch.save({"weights": [1, 2]}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="foreign.pt: not an avmae checkpoint"):
         avmae.load(str(tmp_path / "foreign.pt"))

@@ -20,10 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 SCRIPTS = {"train.py": train.main, "finetune.py": finetune.main, "data.py": data.main,
            "kernels/bench.py": kernels.bench.main}
-OTHERS = {  # the other tools' flags the docs show: torchrun's and pip's
+OTHERS = {  # the other tools' flags the docs show: torchrun's, pip's, the fixtures' script's
     "--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend",
     "--rdzv_endpoint", "--max-restarts", "--no-deps", "--only-binary", "--platform",
-    "--python-version", "--implementation"}
+    "--python-version", "--implementation", "--target", "--repo", "--timm", "--full"}
 COMMAND = re.compile(r"(?:python3?|torchrun)\b[^`#\n]*?\b(train\.py|finetune\.py|data\.py|"
                      r"kernels/bench\.py)\b([^`\n]*)")
 PLACEHOLDER = re.compile(r"^\$?\{?[A-Z][A-Z0-9_]*\}?$")  # S, N, $STEPS: what the reader fills in

@@ -1,0 +1,67 @@
+"""Released weights come in through converters, each held equal to the authors' own model on the
+same input: the fixtures are the authors' model at a tiny config (random init), its state dict in
+the release's layout, a fixed input and the authors' outputs, made by tests/fixtures/make_foreign.py
+from the authors' repository at a named commit."""
+import os
+
+import pytest
+import torch
+
+import avmae
+import finetune
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def rel(x, y) -> float:
+    return ((x - y).norm() / y.norm()).item()
+
+
+@pytest.fixture
+def cavmae(tmp_path):
+    f = torch.load(os.path.join(FIXTURES, "cavmae_tiny.pt"), weights_only=True)
+    path = tmp_path / "audio_model.pth"  # (the release's name and layout)
+    torch.save(f["state"], path)
+    return str(path), f
+
+
+def test_cavmae_release_gives_the_authors_features(cavmae):
+    path, f = cavmae
+    model = avmae.load(path, heads=f["config"]["num_heads"], kernels="torch")
+    cfg, x, want = model.cfg, f["inputs"], f["outputs"]
+    assert (cfg.encoder, cfg.depth, cfg.joint_layers, cfg.num_frames) == ("cavmae", 12, 1, 1)
+    v = x["v"].unsqueeze(2)  # its one frame as a clip of cfg.num_frames = 1
+    with torch.no_grad():
+        fused = model.encode(a=x["a"], v=v)
+        _, uni = model.encoder.with_unimodal(model.embed(model.patchify(dict(a=x["a"], v=v)),
+                                                         None))
+    # its audio tokens run frequency-major: ours (time t, frequency f) is its f * gt + t
+    gt, gf = model.patches["a"].grid
+    theirs = torch.arange(gt * gf).view(gf, gt).T.reshape(-1)
+    errors = [rel(fused["a"], want["fused_a"][:, theirs]), rel(fused["v"], want["fused_v"]),
+              rel(uni["a"], want["uni_a"][:, theirs]), rel(uni["v"], want["uni_v"])]
+    # (LayerNorm eps: the authors' 1e-5 against ours 1e-6, about 1e-6 of the features)
+    assert max(errors) < 1e-4, errors
+    # a wrong token order would not pass: the unpermuted audio is far off
+    assert rel(fused["a"], want["fused_a"]) > 0.1
+
+
+def test_cavmae_release_initialises_a_finetuning(cavmae, builtin, tmp_path):
+    path, _ = cavmae
+    res = finetune.main(["--preset", "quick", "--data", builtin, "--init", path, "--num_frames",
+                         "2", "--image_size", "32", "--audio_frames", "64", "--workers", "0",
+                         "--batch_size", "8", "--max_steps", "1", "--views", "1", "--kernels",
+                         "torch", "--out_dir", str(tmp_path / "ft")])
+    assert res["clips"] > 0 and "label_top1" in res
+    import json
+    report = json.load(open(tmp_path / "ft" / "load_report.json"))
+    assert "streams.a.embed.bias <- patch_embed.a.bias + type_embed.a" in report["loaded"]
+    assert any(r.startswith("streams.v.pos.table <- resized enc_pos.v.table")
+               for r in report["loaded"])
+
+
+def test_a_state_dict_of_another_model_is_named_not_guessed(tmp_path):
+    torch.save({"module.fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other.pth: a state dict avmae cannot place \(it "
+                                         r"converts CAV-MAE"):
+        avmae.load(str(tmp_path / "other.pth"))
