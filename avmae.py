@@ -2220,7 +2220,7 @@ def _count(state: dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
 
-def from_cavmae(state: dict) -> tuple:
+def from_cavmae(state: dict, overrides: dict) -> tuple:
     """CAV-MAE's pretrained model (Gong et al., ICLR 2023; the authors' cav_mae.py, CAVMAE: the
     released audio_model.pth, a DataParallel state dict) -> (config fields, state dict) of the
     AVMAE with --variant cavmae's encoder, one frame (num_frames = tubelet = 1). Where the layouts
@@ -2283,11 +2283,87 @@ def from_cavmae(state: dict) -> tuple:
     return cfg, out
 
 
-# foreign formats: how to tell one (a key its state dict always has) -> its converter
-FOREIGN = {"blocks_u.0.attn.qkv.weight": ("CAV-MAE (pretrained)", from_cavmae)}
+IMAGENET = (torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225]))
 
 
-def read_checkpoint(path: str) -> dict:
+def _fold_input_norm(w: torch.Tensor, b: torch.Tensor, mean, std, channels_last: bool) -> tuple:
+    """A patch embedding that reads (x - mean) / std of [0, 1] pixels, made to read avmae's [-1, 1]
+    frames, x01 = (x + 1) / 2: the same numbers, exactly (a linear map into a linear map)."""
+    shape = (1, 1, -1) if channels_last else (1, -1, 1)
+    w3 = w.reshape(w.shape[0], -1, 3) if channels_last else w.reshape(w.shape[0], 3, -1)
+    scale, shift = 1 / (2 * std.view(shape)), ((0.5 - mean) / std).view(shape)
+    return (w3 * scale).reshape(w.shape[0], -1), b + (w3 * shift).sum((1, 2))
+
+
+def _interleaved(table: torch.Tensor) -> torch.Tensor:
+    """[sin | cos] columns (sincos_1d) -> sin, cos, sin, cos, ... (the Transformer's table, which
+    VideoMAE's get_sinusoid_encoding_table makes)."""
+    half = table.shape[1] // 2
+    return torch.stack([table[:, :half], table[:, half:]], dim=2).reshape(table.shape[0], -1)
+
+
+def _qkv_bias(sd: dict, prefix: str) -> torch.Tensor:  # q and v biases, no k bias (BEiT's form)
+    q, v = sd[f"{prefix}.q_bias"], sd[f"{prefix}.v_bias"]
+    return torch.cat([q, torch.zeros_like(q), v])
+
+
+def from_videomae(state: dict, overrides: dict) -> tuple:
+    """VideoMAE's pretrained model (Tong et al., NeurIPS 2022; the authors' modeling_pretrain.py,
+    PretrainVisionTransformer: the released checkpoint's "model") -> (config fields, state dict) of
+    a video-only AVMAE. Its blocks' q / v biases become one qkv bias (k's is zero); its fixed
+    sinusoid tables (not in the file: rebuilt here) come in as learned tables; its patch
+    embedding, which reads ImageNet-normalised frames, is made to read avmae's [-1, 1] ones; its
+    decoder's projection has no bias (ours: zero). Its reconstruction target normalises each
+    patch per colour channel, ours per patch: the predictions are its own numbers either way."""
+    sd = dict(state)
+    W, Wd = sd["encoder.patch_embed.proj.weight"].shape[0], sd["mask_token"].shape[-1]
+    _, _, tub, p, _ = sd["encoder.patch_embed.proj.weight"].shape
+    depth, dec_depth = _count(sd, "encoder.blocks."), _count(sd, "decoder.blocks.")
+    hidden = sd["encoder.blocks.0.mlp.fc1.weight"].shape[0]
+    pred = sd["decoder.head.weight"].shape[0]
+    if pred != tub * p * p * 3:
+        raise ValueError(f"its decoder predicts {pred} numbers a patch, not {tub * p * p * 3}")
+    # (the clip's shape is in no tensor: the release's 16 frames of 224 x 224 unless told)
+    fields_ = dict(modalities="v", width=W, depth=depth, heads=max(1, W // 64),
+                   mlp_ratio=hidden / W, tubelet=tub, patch_size=p, in_chans=3, num_frames=16,
+                   image_size=224, pos_embed="learned", norm_pix_loss=True, mask_type_v="tube",
+                   mask_ratio_v=0.9, dec_width=Wd, dec_depth=dec_depth, dec_heads=max(1, Wd // 64),
+                   dec_mlp=sd["decoder.blocks.0.mlp.fc1.weight"].shape[0])
+    fields_.update({k: v for k, v in overrides.items() if k in ("num_frames", "image_size")})
+    return fields_, _videomae_state(sd, AVMAEConfig(**fields_))
+
+
+def _videomae_state(sd: dict, cfg: AVMAEConfig) -> dict:
+    W = cfg.width
+    n = PATCHES["v"](cfg).n
+    w = sd["encoder.patch_embed.proj.weight"].permute(0, 2, 3, 4, 1)  # (D, t, h, w, c)
+    w, b = _fold_input_norm(w, sd["encoder.patch_embed.proj.bias"], *IMAGENET, channels_last=True)
+    out = {"patch_embed.v.weight": w.reshape(W, -1), "patch_embed.v.bias": b,
+           "enc_pos.v.table": _interleaved(sincos_1d(n, W)),
+           "decoder.pos.v.table": _interleaved(sincos_1d(n, cfg.dec_width)),
+           "decoder.embed.v.weight": sd["encoder_to_decoder.weight"],
+           "decoder.embed.v.bias": torch.zeros(cfg.dec_width),
+           "decoder.mask_token.v": sd["mask_token"].reshape(-1)}
+    for src, dst, depth in (("encoder", "encoder.streams.v", cfg.depth),
+                            ("decoder", "decoder.net.streams.v", cfg.dec_depth)):
+        for i in range(depth):
+            for k in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+                out[f"{dst}.blocks.{i}.{k}.weight"] = sd[f"{src}.blocks.{i}.{k}.weight"]
+                out[f"{dst}.blocks.{i}.{k}.bias"] = _qkv_bias(sd, f"{src}.blocks.{i}.attn") \
+                    if k == "attn.qkv" else sd[f"{src}.blocks.{i}.{k}.bias"]
+        for k in ("weight", "bias"):
+            out[f"{dst}.norm.{k}"] = sd[f"{src}.norm.{k}"]
+    for k in ("weight", "bias"):
+        out[f"decoder.head.v.{k}"] = sd[f"decoder.head.{k}"]
+    return out
+
+
+# foreign formats: how to tell one (a key its state dict always has) -> its name, its converter
+FOREIGN = {"blocks_u.0.attn.qkv.weight": ("CAV-MAE (pretrained)", from_cavmae),
+           "encoder.blocks.0.attn.q_bias": ("VideoMAE (pretrained)", from_videomae)}
+
+
+def read_checkpoint(path: str, overrides: dict | None = None) -> dict:
     """A file as an avmae checkpoint dict (model, model_config, ...): ours as it is, a foreign
     release (FOREIGN) converted, its config from its tensors. ValueError (one line, naming the
     file) for anything else."""
@@ -2299,6 +2375,8 @@ def read_checkpoint(path: str) -> dict:
         why = e.strerror if isinstance(e, OSError) else \
             f"not a readable torch file ({type(e).__name__})"
         raise ValueError(f"{path}: {why}") from None
+    if isinstance(ck, dict) and "model_config" not in ck and isinstance(ck.get("model"), dict):
+        ck = ck["model"]  # (a release that wraps its state dict: VideoMAE's, MAE's)
     if isinstance(ck, dict) and "model" not in ck and ck and \
             all(torch.is_tensor(t) for t in ck.values()):
         keys = {k.removeprefix("module.") for k in ck}
@@ -2307,7 +2385,7 @@ def read_checkpoint(path: str) -> dict:
             raise ValueError(f"{path}: a state dict avmae cannot place (it converts "
                              f"{', '.join(name for name, _ in FOREIGN.values())})")
         try:
-            fields_, state = found[1](ck)
+            fields_, state = found[1](ck, overrides or {})
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}: looks like {found[0]} but does not convert ({e})") from None
         ck = dict(model=state, model_config=dataclasses.asdict(AVMAEConfig(**fields_)),
@@ -2324,7 +2402,7 @@ def load(path: str, **overrides):
     checkpoint its backbone (encode the same; model(a, v) -> {head: logits}). overrides: config
     fields that leave the weights' shapes as they are (e.g. kernels="torch", or the heads a state
     dict does not record). ValueError (one line, naming the file) for anything else."""
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path, overrides)
     cfg = replace(pretrained_config(ck["model_config"]), **overrides)
     if "finetune_config" in ck:
         if "backbone" not in ck:

@@ -58,6 +58,10 @@ class TrainConfig:
                                   # (mavil, mavil_mbt) or 2 (mavil2), CAV-MAE, AV-MaskEnhancer
     teacher: str = ""             # MAViL stage 2: a frozen teacher checkpoint
                                   # whose fusion outputs are the targets
+    init: str = ""                # start from these weights: a checkpoint avmae.load reads (ours
+                                  # or a converted release), or AUDIO,VIDEO: two unimodal ones
+    init_strict: bool = True      # with --init: every tensor must find its place (false: the
+                                  # rest keep their initialisation, each named)
     # data
     data: str = "data/vggsound"   # a prepared set (data.py prepare); a
                                   # missing '*builtin' folder is generated
@@ -484,8 +488,8 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
     except Exception as e:  # truncated / not a torch file
         raise BadCheckpoint(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None
-    if isinstance(ck, dict) and "model" not in ck and kind == "pretraining" and ck and \
-            all(torch.is_tensor(t) for t in ck.values()):
+    if isinstance(ck, dict) and "model_config" not in ck and kind == "pretraining" and \
+            all(torch.is_tensor(t) for t in (ck.get("model") or ck).values()):
         try:  # a released model's state dict (avmae.FOREIGN), converted
             ck = avmae.read_checkpoint(path)
         except ValueError as e:
@@ -1287,10 +1291,45 @@ def build(model_cfg, cfg, d: "Dist") -> tuple:
         ck = load_checkpoint(cfg.teacher, "--teacher")
         teacher_fits(avmae.AVMAEConfig(**ck["model_config"]), model_cfg, cfg.teacher)
         model_cfg.teacher_width = ck["model_config"]["width"]
-    model = avmae.AVMAE(model_cfg).to(d.device)
+    model = avmae.AVMAE(model_cfg)
+    resuming = find_checkpoint(cfg.resume or "auto", cfg.out_dir) if cfg.resume or \
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" else None
+    if cfg.init and not resuming:  # (a resumed run's weights are its checkpoint's)
+        init_from(model, cfg.init, cfg.init_strict)
+    model = model.to(d.device)
     teacher = load_teacher(cfg.teacher, d.device, ck) if cfg.teacher else None
     torch.manual_seed(cfg.seed + d.rank)  # anything drawn later differs per rank
     return model, teacher, per_rank
+
+
+def init_from(model, paths: str, strict: bool) -> None:
+    """--init: each tensor of the model from the first file that has one of its name and shape
+    (ours, or a release avmae converts; two unimodal files fill the two modalities). Said: how
+    many were loaded, and every tensor of the model that found no source and of a file that found
+    no place; with strict, either is one line and a stop."""
+    mine, placed, unplaced = model.state_dict(), {}, []
+    for path in paths.split(","):
+        for k, t in load_checkpoint(path, "--init")["model"].items():
+            if k in mine and mine[k].shape == t.shape and k not in placed:
+                placed[k] = t
+            elif k not in placed:
+                why = f"shape {tuple(t.shape)}" if k in mine else "no such tensor"
+                unplaced.append(f"{k} ({why})")
+    missing = [k for k in mine if k not in placed]
+
+    def names(ks):
+        return ", ".join(ks[:4]) + (f" and {len(ks) - 4} more" if len(ks) > 4 else "")
+    if strict and (missing or unplaced):
+        raise SystemExit(f"--init {paths}: " + "; ".join(
+            x for x in (missing and f"{len(missing)} of the model's tensors have no source "
+                        f"({names(missing)})", unplaced and f"{len(unplaced)} of the file's no "
+                        f"place here ({names(unplaced)})") if x)
+            + ": give a checkpoint of this model's shape, or --init_strict false to start those "
+            "from their initialisation")
+    model.load_state_dict(placed, strict=False)
+    print0(f"--init: {len(placed)} of the model's {len(mine)} tensors from {paths}"
+           + (f"; initialised anew: {', '.join(missing)}" if missing else "")
+           + (f"; not placed: {', '.join(unplaced)}" if unplaced else ""))
 
 
 def setup(model_cfg, cfg, d: "Dist", model, per_rank: int, ds: data.AVDataset) -> Run:

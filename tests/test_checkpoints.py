@@ -131,3 +131,45 @@ def test_load_gives_the_model_of_either_checkpoint_in_eval_mode_and_encode_gives
     torch.save({"weights": [1, 2]}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="foreign.pt: not an avmae checkpoint"):
         avmae.load(str(tmp_path / "foreign.pt"))
+
+
+def test_train_init_starts_from_a_checkpoint_or_two_unimodal_ones_strict_unless_told(
+        builtin, tmp_path, capsys):
+    run = [*TINY, "--data", builtin, "--max_steps", "1"]
+    src = train.main([*run, "--out_dir", str(tmp_path / "src")])["checkpoint"]
+    # at lr 0 the first step leaves the weights where --init put them: the source's
+    res = train.main([*run, "--init", src, "--lr", "0", "--blr", "0", "--out_dir",
+                      str(tmp_path / "from")])
+    got = torch.load(res["checkpoint"], weights_only=True)["model"]
+    want = torch.load(src, weights_only=True)["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert f"--init: {len(want)} of the model's {len(want)} tensors from {src}" in \
+        capsys.readouterr().out
+    # two unimodal pretrainings into one audiovisual model: what has no counterpart is named
+    uni = {m: train.main([*run, "--modalities", m, "--out_dir", str(tmp_path / m)])["checkpoint"]
+           for m in "av"}
+    both = f"{uni['a']},{uni['v']}"
+    with pytest.raises(SystemExit, match=r"^--init .*: \d+ of the model's tensors have no source "
+                                         r"\(decoder\..*--init_strict false"):
+        train.main([*run, "--encoder", "separate", "--init", both, "--out_dir",
+                    str(tmp_path / "av1")])
+    train.main([*run, "--encoder", "separate", "--init", both, "--init_strict", "false",
+                "--lr", "0", "--blr", "0", "--out_dir", str(tmp_path / "av2")])
+    out = capsys.readouterr().out
+    assert "initialised anew: decoder." in out and "not placed: decoder." in out
+    got = torch.load(train.find_checkpoint("auto", str(tmp_path / "av2")), weights_only=True)
+    for m in "av":  # each stream from its own modality's pretraining
+        w = torch.load(uni[m], weights_only=True)["model"]
+        assert torch.equal(got["model"][f"encoder.streams.{m}.blocks.0.attn.qkv.weight"],
+                           w[f"encoder.streams.{m}.blocks.0.attn.qkv.weight"])
+    # a converted release: CAV-MAE's, at its own shapes
+    f = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "cavmae_tiny.pt"),
+                   weights_only=True)
+    torch.save(f["state"], tmp_path / "audio_model.pth")
+    shape = ["--variant", "cavmae", "--width", "16", "--depth", "12", "--heads", "2",
+             "--dec_width", "16", "--dec_depth", "1", "--dec_heads", "2", "--dec_mlp", "64",
+             "--num_frames", "1", "--tubelet", "1", "--image_size", "32", "--audio_frames", "64",
+             "--mel_bins", "128", "--pos_embed", "learned"]
+    res = train.main([*TINY, *shape, "--data", builtin, "--max_steps", "1", "--init",
+                      str(tmp_path / "audio_model.pth"), "--out_dir", str(tmp_path / "cav")])
+    assert res["step"] == 1 and "initialised anew" not in capsys.readouterr().out

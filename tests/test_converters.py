@@ -65,3 +65,22 @@ def test_a_state_dict_of_another_model_is_named_not_guessed(tmp_path):
     with pytest.raises(ValueError, match=r"other.pth: a state dict avmae cannot place \(it "
                                          r"converts CAV-MAE"):
         avmae.load(str(tmp_path / "other.pth"))
+
+
+def test_videomae_release_gives_the_authors_features_and_predictions(tmp_path):
+    f = torch.load(os.path.join(FIXTURES, "videomae_tiny.pt"), weights_only=True)
+    path = tmp_path / "checkpoint.pth"  # (the release wraps its state dict in "model")
+    torch.save(f["state"], path)
+    heads = f["config"]["encoder_num_heads"]
+    # (the clip's shape is in no tensor of the release: 16 frames unless told; heads likewise)
+    model = avmae.load(str(path), heads=heads, dec_heads=heads, image_size=32, kernels="torch")
+    x, mask, want = f["inputs"]["v"], f["inputs"]["mask"], f["outputs"]
+    assert (model.cfg.modalities, model.cfg.num_frames, model.cfg.tubelet) == ("v", 16, 2)
+    ids = torch.arange(mask.shape[1])
+    masks = {"v": (torch.stack([ids[~m] for m in mask]), torch.stack([ids[m] for m in mask]))}
+    with torch.no_grad():
+        feats = model.encode(v=x)["v"]  # avmae's [-1, 1] frames; it read them ImageNet-normalised
+        pred, where = model.forward_decoder(model.forward_encoder(model.patchify({"v": x}),
+                                                                  masks), masks)["v"]
+    assert rel(feats, want["features"]) < 1e-4 and rel(pred, want["pred"]) < 1e-4
+    assert torch.equal(where, masks["v"][1])
