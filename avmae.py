@@ -127,6 +127,9 @@ class AVMAEConfig:
     target: str = "pixels"        # pixels (raw patches) | teacher (MAViL stage 2: a frozen
                                   # teacher's fusion outputs)
     teacher_width: int = 0        # the teacher's width (0 = width)
+    # released weights
+    cls_token: bool = False       # a learned token ahead of each modality's tokens in the
+                                  # encoder (MAE's and AudioMAE's), left out of its output
 
     def __post_init__(self):
         if self.modalities in ("a", "v"):
@@ -833,6 +836,9 @@ class AVMAE(nn.Module):
         if cfg.type_embed:  # CAV-MAE: which modality a token is
             self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width))
                                                 for m in mods})
+        if cfg.cls_token:  # (with its position: MAE's cls_token + pos_embed[0])
+            self.cls_token = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width))
+                                               for m in mods})
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.encoder = ENCODERS[cfg.encoder](mods, cfg.width, cfg.depth, cfg.heads,
                                              int(cfg.width * cfg.mlp_ratio), self.ops["attention"],
@@ -846,7 +852,7 @@ class AVMAE(nn.Module):
                                   self.ops)
         self.apply(init_weights)
         for n, p in self.named_parameters():  # learned tokens: N(0, 0.02), as MAE's mask token
-            if n.split(".")[-2] in ("mask_token", "type_embed"):
+            if n.split(".")[-2] in ("mask_token", "type_embed", "cls_token"):
                 nn.init.trunc_normal_(p, std=0.02)
         if cfg.layer_scale:
             add_layer_scale(self.encoder, cfg.layer_scale)
@@ -888,7 +894,18 @@ class AVMAE(nn.Module):
 
     def forward_encoder(self, patches: dict, masks: dict) -> dict:
         """{modality: (B, N, P) patches} -> {modality: (B, K, D) encoded visible tokens}."""
-        return self.encoder(self.embed(patches, masks))
+        return self.run_encoder(self.embed(patches, masks))
+
+    def run_encoder(self, x: dict, unimodal: bool = False):
+        """The encoder on embedded tokens; a [CLS] token (cls_token) goes ahead of each modality's
+        and is left out of what comes back. unimodal: (fused, unimodal), the contrast's."""
+        if self.cfg.cls_token:
+            x = {m: torch.cat([self.cls_token[m].expand(t.shape[0], 1, -1).to(t.dtype), t], 1)
+                 for m, t in x.items()}
+        out = self.encoder.with_unimodal(x) if unimodal else (self.encoder(x), None)
+        if self.cfg.cls_token:
+            out = tuple(o and {m: t[:, 1:] for m, t in o.items()} for o in out)
+        return out if unimodal else out[0]
 
     def forward_decoder(self, e: dict, masks: dict) -> dict:
         """{target: (pred (B, M, P), ids (B, M))}: predictions for the target's patches at ids."""
@@ -924,7 +941,7 @@ class AVMAE(nn.Module):
             masks = self.sample_masks(p.shape[0], p.device)
         contrast = contrast and (self.cfg.contrast_inter > 0 or self.cfg.contrast_intra > 0)
         x = self.embed(patches, masks)
-        e, uni = self.encoder.with_unimodal(x) if contrast else (self.encoder(x), None)
+        e, uni = self.run_encoder(x, unimodal=True) if contrast else (self.run_encoder(x), None)
         out = self.forward_loss(patches if targets is None else targets, self.decoder(e, masks),
                                 masks, None if targets is None else False)
         return contrast_losses(self, out, patches, uni, masks2) if contrast else out
@@ -2358,9 +2375,78 @@ def _videomae_state(sd: dict, cfg: AVMAEConfig) -> dict:
     return out
 
 
+def _resize_table(table: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
+    """A (N, D) position table on grid src, interpolated (bicubic, as MAE's) onto grid dst."""
+    if tuple(src) == tuple(dst):
+        return table
+    x = table.T.reshape(1, table.shape[1], *src)
+    return F.interpolate(x, size=dst, mode="bicubic", align_corners=False).reshape(
+        table.shape[1], -1).T
+
+
+def from_vit_mae(state: dict, overrides: dict) -> tuple:
+    """MAE's encoder (He et al., CVPR 2022; the authors' models_mae.py: mae_pretrain_vit_base.pth)
+    or AudioMAE's (Huang et al., NeurIPS 2022; its models_mae.py, pretrained.pth): a ViT with a
+    [CLS] token over one image or one spectrogram -> (config fields, state dict) of a unimodal
+    AVMAE with cls_token. AudioMAE's (one input channel) is audio, its tokens and pixels in our
+    order already (time rows, frequency columns); it reads log-mels normalised as
+    --audio_norm audiomae does. MAE's is video (modalities='v', the default: its 2-D filter
+    inflated over the tubelet, as a still clip's frames average to the image; its ImageNet input
+    normalisation folded into the embedding, so it reads avmae's [-1, 1] frames) or audio
+    (modalities='a': the RGB filters summed, as AST and CAV-MAE start from it, the spectrogram
+    laid as the image, time down and frequency across). Its fixed 2-D sin-cos positions come in
+    as a learned table, interpolated onto another grid where the config asks for one (the time
+    indices of a longer clip share the image's). The releases hold the encoder only (MAE's
+    decoder reads its [CLS] token, ours does not): the decoder starts from its initialisation."""
+    sd = dict(state)
+    w = sd["patch_embed.proj.weight"]
+    W, chans, p = w.shape[0], w.shape[1], w.shape[-1]
+    n = sd["pos_embed"].shape[1] - 1
+    audio = chans == 1 or overrides.get("modalities") == "a"
+    m = "a" if audio else "v"
+    base = dict(modalities=m, width=W, depth=_count(sd, "blocks."), heads=max(1, W // 64),
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / W, cls_token=True,
+                pos_embed="learned", patch_size=p, audio_patch_t=p, audio_patch_f=p,
+                norm_pix_loss=True)
+    if chans == 1:  # AudioMAE: 1024 x 128 at the release's shape (8 frequency patches)
+        src = (n // (128 // p), 128 // p)
+        base.update(audio_frames=src[0] * p, mel_bins=128)
+    else:  # MAE: a square image
+        side = math.isqrt(n)
+        src = (side, side)
+        base.update(audio_frames=side * p, mel_bins=side * p, image_size=side * p, tubelet=2,
+                    num_frames=2)
+    fields_ = {**base, **{k: v for k, v in overrides.items()
+                          if k in ("num_frames", "image_size", "tubelet", "audio_frames",
+                                   "mel_bins")}}
+    cfg = AVMAEConfig(**fields_)
+    grid = PATCHES[m](cfg).grid
+    table = sd["pos_embed"][0, 1:]
+    if m == "v":
+        table = _resize_table(table, src, grid[1:]).repeat(grid[0], 1)
+        w2 = w.permute(0, 2, 3, 1)  # (D, h, w, c)
+        if chans == 3:
+            w2, bias = _fold_input_norm(w2, sd["patch_embed.proj.bias"], *IMAGENET, True)
+            w2 = w2.reshape(W, p, p, 3)
+        else:
+            bias = sd["patch_embed.proj.bias"]
+        embed = (w2.unsqueeze(1) / cfg.tubelet).expand(-1, cfg.tubelet, -1, -1, -1)
+    else:
+        table = _resize_table(table, src, grid)
+        embed, bias = w.sum(1), sd["patch_embed.proj.bias"]  # (D, time, frequency)
+    out = {f"patch_embed.{m}.weight": embed.reshape(W, -1), f"patch_embed.{m}.bias": bias,
+           f"enc_pos.{m}.table": table,
+           f"cls_token.{m}": (sd["cls_token"] + sd["pos_embed"][:, :1]).reshape(-1)}
+    out.update({f"encoder.streams.{m}.{k}": t for k, t in sd.items()
+                if k.startswith(("blocks.", "norm."))})
+    return fields_, out
+
+
 # foreign formats: how to tell one (a key its state dict always has) -> its name, its converter
 FOREIGN = {"blocks_u.0.attn.qkv.weight": ("CAV-MAE (pretrained)", from_cavmae),
-           "encoder.blocks.0.attn.q_bias": ("VideoMAE (pretrained)", from_videomae)}
+           "encoder.blocks.0.attn.q_bias": ("VideoMAE (pretrained)", from_videomae),
+           "cls_token": ("MAE / AudioMAE (pretrained)", from_vit_mae)}
+PARTIAL = ("MAE / AudioMAE (pretrained)",)  # releases without a decoder: ours starts anew
 
 
 def read_checkpoint(path: str, overrides: dict | None = None) -> dict:
@@ -2414,7 +2500,10 @@ def load(path: str, **overrides):
     else:
         model = AVMAE(cfg)
     try:
-        model.load_state_dict(ck["model"])
+        missing, _ = model.load_state_dict(ck["model"], strict=ck.get("converted_from")
+                                           not in PARTIAL)
+        if any(not k.startswith("decoder.") for k in missing):
+            raise RuntimeError(f"\nno source for {', '.join(missing[:4])}")
     except RuntimeError as e:
         line = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         raise ValueError(f"{path}: its weights do not fit the model its config makes"

@@ -84,3 +84,35 @@ def test_videomae_release_gives_the_authors_features_and_predictions(tmp_path):
                                                                   masks), masks)["v"]
     assert rel(feats, want["features"]) < 1e-4 and rel(pred, want["pred"]) < 1e-4
     assert torch.equal(where, masks["v"][1])
+
+
+def release(tmp_path, name, file):
+    f = torch.load(os.path.join(FIXTURES, name), weights_only=True)
+    torch.save(f["state"], tmp_path / file)  # (the release's layout: {"model": encoder})
+    return str(tmp_path / file), f
+
+
+def test_mae_release_as_a_video_and_as_an_audio_encoder_gives_the_authors_tokens(tmp_path):
+    path, f = release(tmp_path, "mae_tiny.pt", "mae_pretrain_vit_base.pth")
+    heads = f["config"]["heads"]
+    video = avmae.load(path, heads=heads, kernels="torch")  # (video: the default)
+    assert (video.cfg.modalities, video.cfg.cls_token, video.cfg.num_frames) == ("v", True, 2)
+    # its image as a still clip of one tubelet, in avmae's [-1, 1]: the image's tokens
+    clip = f["inputs"]["frame"].unsqueeze(2).expand(-1, -1, video.cfg.tubelet, -1, -1)
+    audio = avmae.load(path, heads=heads, kernels="torch", modalities="a")
+    with torch.no_grad():
+        assert rel(video.encode(v=clip)["v"], f["outputs"]["video"]) < 1e-4
+        # the spectrogram as the image (time down, frequency across), the RGB filters summed
+        assert rel(audio.encode(a=f["inputs"]["spec"])["a"], f["outputs"]["audio"]) < 1e-4
+        # its [CLS] token counts: without it the tokens are another function
+        video.cfg.cls_token = False
+        assert rel(video.encode(v=clip)["v"], f["outputs"]["video"]) > 1e-2
+    # the release holds no decoder: ours starts anew, and a strict --init would say so
+
+
+def test_audiomae_release_gives_the_authors_tokens(tmp_path):
+    path, f = release(tmp_path, "audiomae_tiny.pt", "pretrained.pth")
+    model = avmae.load(path, heads=f["config"]["heads"], kernels="torch")
+    assert (model.cfg.modalities, model.cfg.audio_frames, model.cfg.mel_bins) == ("a", 64, 128)
+    with torch.no_grad():
+        assert rel(model.encode(a=f["inputs"]["spec"])["a"], f["outputs"]["audio"]) < 1e-4
