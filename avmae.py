@@ -2168,6 +2168,85 @@ class EncoderClassifier(Classifier):
         return self.encoder(xs)
 
 
+class ViT(Classifier):
+    """MAE's finetuning ViT (He et al.; its models_vit.py with global_pool, as AudioMAE finetunes):
+    one modality's stream with a [CLS] token ahead of its tokens and no closing norm, the patch
+    tokens averaged, then a LayerNorm (fc_norm) and the heads."""
+
+    @classmethod
+    def build(cls, cfg, heads, o):
+        return cls(cfg, heads, o["linear_probe"])
+
+    def __init__(self, cfg: AVMAEConfig, heads: dict, linear_probe: bool = False):
+        super().__init__()
+        if len(cfg.mods) != 1:
+            raise ValueError("the ViT backbone reads one modality: finetune audio or video")
+        self.cfg, self.mods, (m,) = cfg, cfg.mods, cfg.mods
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.streams = nn.ModuleDict({m: Stream(cfg, m, get_ops(cfg.kernels)["attention"], dpr,
+                                                final_norm=False)})
+        self.cls_token = nn.Parameter(torch.zeros(cfg.width))
+        self.fc_norm, self.norm = nn.LayerNorm(cfg.width, eps=1e-6), None
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.head_key, self.n_layers = {m: m}, cfg.depth
+        self.probe_norm, self.heads = classifier_heads(cfg.width, [m], heads, linear_probe)
+
+    def tokens(self, a=None, v=None) -> dict:
+        (m,) = self.mods
+        x = self.streams[m].tokens(a if m == "a" else v)
+        x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1).to(x.dtype), x], 1)
+        for i in range(self.cfg.depth):
+            x = self.streams[m].layer(i, x)
+        return {m: x[:, 1:]}
+
+    def pool(self, x):
+        return self.fc_norm(x.mean(1))
+
+    def stream_sources(self) -> list:
+        return [(f"streams.{m}", st, m) for m, st in self.streams.items()]
+
+    def weight_map(self, pretrained: dict) -> dict:
+        """The stream's, without its closing norm (fc_norm starts anew, as MAE's finetuning
+        does), and the pretraining's [CLS] token where it has one."""
+        mine = self.state_dict()
+        out = {k: v for k, v in super().weight_map(pretrained).items() if k in mine}
+        if pretrained.get("cls_token"):
+            out["cls_token"] = f"cls_token.{self.mods[0]}"
+        return out
+
+    def dropped_by_design(self, pretrained: dict) -> tuple:  # (+ its closing norm: see above)
+        pc = pretrained_config(pretrained)
+        m = self.mods[0] if self.mods[0] in pc.mods else pc.mods[0]
+        norm = ENCODERS[pc.encoder].stream_weights(pc, m)["norm"]
+        return (*Classifier.dropped_by_design(pretrained), f"encoder.{norm}.")
+
+    def layer_ids(self) -> dict:
+        (m,) = self.mods
+        st, top = self.streams[m], self.n_layers
+        return {n: st.layer_ids(n.split(".", 2)[2], top) if n.startswith("streams.") else
+                0 if n == "cls_token" else top + 1 for n, _ in self.named_parameters()}
+
+    def flops(self) -> dict:
+        return dict(forward=next(iter(self.streams.values())).flops())
+
+
+class JointPooled(EncoderClassifier):
+    """The pretraining encoder (as EncoderClassifier), its fused tokens of every modality averaged
+    together, then a LayerNorm and the heads: CAV-MAE's finetuning (its mlp_head)."""
+
+    def __init__(self, cfg: AVMAEConfig, heads: dict, linear_probe: bool = False):
+        super().__init__(cfg, heads, linear_probe)
+        self.head_norm = nn.LayerNorm(self.encoder.out_width, eps=1e-6)
+        self.head_key = {"av": "av"}
+        self.probe_norm, self.heads = classifier_heads(self.encoder.out_width, ["av"], heads,
+                                                       linear_probe)
+
+    def features(self, a=None, v=None) -> dict:
+        t = self.tokens(a, v)
+        return {"av": self.head_norm(torch.cat(list(t.values()), 1).mean(1))}
+
+
 class ViViTFSA(MBT):
     """ViViT's factorised self-attention (model 3): spatial, then temporal attention in each block
     (FSABlock)."""
@@ -2182,7 +2261,7 @@ class ViViTFDP(MBT):
 
 # the finetuning backbones (finetune.py --arch NAME); a new one: a Classifier subclass, an entry
 BACKBONES = {"mbt": MBT, "encoder": EncoderClassifier, "vivit_fe": ViViTFE, "vivit_fsa": ViViTFSA,
-             "vivit_fdp": ViViTFDP, "mtv": MTV}
+             "vivit_fdp": ViViTFDP, "mtv": MTV, "vit": ViT, "encoder_pooled": JointPooled}
 
 
 def build_backbone(arch: str, cfg: AVMAEConfig, heads: dict, options: dict) -> Classifier:
@@ -2240,7 +2319,8 @@ def _count(state: dict, prefix: str) -> int:
 def from_cavmae(state: dict, overrides: dict) -> tuple:
     """CAV-MAE's pretrained model (Gong et al., ICLR 2023; the authors' cav_mae.py, CAVMAE: the
     released audio_model.pth, a DataParallel state dict) -> (config fields, state dict) of the
-    AVMAE with --variant cavmae's encoder, one frame (num_frames = tubelet = 1). Where the layouts
+    AVMAE with --variant cavmae's encoder, one frame (num_frames = tubelet = 1); its finetuned
+    CAVMAEFT likewise into the JointPooled backbone (+ its heads). Where the layouts
     differ: its audio patches are a conv over the transposed spectrogram, so its tokens run
     frequency-major and each patch's pixels (frequency, time); ours run time-major, (time,
     frequency): the audio positions and the patch-embedding and prediction weights are permuted
@@ -2248,7 +2328,9 @@ def from_cavmae(state: dict, overrides: dict) -> tuple:
     as a learned table (pos_embed='learned'), the same numbers. Heads are not in a state dict:
     width / 64 (ViT's), unless load() is told."""
     sd = {k.removeprefix("module."): v for k, v in state.items()}
-    W, Wd = sd["pos_embed_a"].shape[-1], sd["decoder_embed.weight"].shape[0]
+    finetuned = "mlp_head.1.weight" in sd  # (CAVMAEFT: no decoder, a LayerNorm + Linear head)
+    W = sd["pos_embed_a"].shape[-1]
+    Wd = sd["decoder_embed.weight"].shape[0] if not finetuned else W // 2
     p = sd["patch_embed_v.proj.weight"].shape[-1]
     na, nv = sd["pos_embed_a"].shape[1], sd["pos_embed_v"].shape[1]
     gf = 128 // p  # (its code: 128 mel bins)
@@ -2258,8 +2340,8 @@ def from_cavmae(state: dict, overrides: dict) -> tuple:
                heads=max(1, W // 64), mlp_ratio=sd["blocks_a.0.mlp.fc1.weight"].shape[0] / W,
                num_frames=1, tubelet=1, patch_size=p, image_size=side * p, in_chans=3,
                audio_frames=gt * p, mel_bins=gf * p, audio_patch_t=p, audio_patch_f=p,
-               pos_embed="learned", dec_width=Wd, dec_depth=_count(sd, "decoder_blocks."),
-               dec_heads=max(1, Wd // 64), dec_mlp=sd["decoder_blocks.0.mlp.fc1.weight"].shape[0])
+               pos_embed="learned", dec_width=Wd, dec_depth=max(1, _count(sd, "decoder_blocks.")),
+               dec_heads=max(1, Wd // 64), dec_mlp=4 * Wd)
     # ours (time t, frequency f) -> its token index f * gt + t; within a patch likewise
     tokens = torch.arange(na).view(gf, gt).T.reshape(-1)
     pixels = torch.arange(p * p).view(p, p).T.reshape(-1)
@@ -2268,21 +2350,25 @@ def from_cavmae(state: dict, overrides: dict) -> tuple:
            "patch_embed.v.weight": sd["patch_embed_v.proj.weight"].permute(0, 2, 3, 1)
            .reshape(W, -1),
            "enc_pos.a.table": sd["pos_embed_a"][0, tokens], "enc_pos.v.table": sd["pos_embed_v"][0],
-           "decoder.pos.a.table": sd["decoder_pos_embed_a"][0, tokens],
-           "decoder.pos.v.table": sd["decoder_pos_embed_v"][0],
-           "decoder.head.a.weight": sd["decoder_pred_a.weight"][pixels],
-           "decoder.head.a.bias": sd["decoder_pred_a.bias"][pixels],
-           "decoder.mask_token.av": sd["mask_token"].reshape(-1)}
+           }
+    if not finetuned:
+        out.update({"decoder.pos.a.table": sd["decoder_pos_embed_a"][0, tokens],
+                    "decoder.pos.v.table": sd["decoder_pos_embed_v"][0],
+                    "decoder.head.a.weight": sd["decoder_pred_a.weight"][pixels],
+                    "decoder.head.a.bias": sd["decoder_pred_a.bias"][pixels],
+                    "decoder.mask_token.av": sd["mask_token"].reshape(-1)})
     names = {"patch_embed_a.proj.bias": "patch_embed.a.bias",
              "patch_embed_v.proj.bias": "patch_embed.v.bias", "norm.": "encoder.norm.av.",
              "norm_a.": "encoder.norm.a.", "norm_v.": "encoder.norm.v.",
              "decoder_embed.": "decoder.embed.av.", "decoder_norm.": "decoder.net.joint.norm.",
              "decoder_pred_v.": "decoder.head.v.", "decoder_blocks.": "decoder.net.joint.blocks.",
              "blocks_a.": "encoder.streams.a.", "blocks_v.": "encoder.streams.v.",
-             "blocks_u.": "encoder.joint."}
+             "blocks_u.": "encoder.joint.", "mlp_head.0.": "head_norm.",
+             "mlp_head.1.": "heads.av.label."}
     for m in "av":
         out[f"type_embed.{m}"] = sd[f"modality_{m}"].reshape(-1)
-        out[f"decoder.type_embed.{m}"] = sd[f"decoder_modality_{m}"].reshape(-1)
+        if not finetuned:
+            out[f"decoder.type_embed.{m}"] = sd[f"decoder_modality_{m}"].reshape(-1)
     done = ("pos_embed", "decoder_pos_embed", "modality_", "decoder_modality_", "mask_token",
             "patch_embed_a.proj.weight", "patch_embed_v.proj.weight", "decoder_pred_a.")
     for k, t in sd.items():
@@ -2297,7 +2383,13 @@ def from_cavmae(state: dict, overrides: dict) -> tuple:
             for n, m in (("1", "a"), ("1", "v"), ("2", "a"), ("2", "v")):  # per-modality norms
                 new = new.replace(f".norm{n}_{m}.", f".by.{m}.norm{n}.")
             out[new] = t
-    return cfg, out
+    if not finetuned:
+        return cfg, out
+    for m in "av":  # (a constant per token: into the embedding's bias, as finetuning maps it)
+        out[f"patch_embed.{m}.bias"] = out[f"patch_embed.{m}.bias"] + out.pop(f"type_embed.{m}")
+    # CAVMAEFT's multimodal finetuning: the fused tokens averaged, then its mlp_head (JointPooled)
+    return cfg, out, dict(heads={"label": sd["mlp_head.1.weight"].shape[0]}, finetune_config={},
+                          backbone=dict(arch="encoder_pooled", options=dict(linear_probe=False)))
 
 
 IMAGENET = (torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225]))
@@ -2442,8 +2534,28 @@ def from_vit_mae(state: dict, overrides: dict) -> tuple:
     return fields_, out
 
 
-# foreign formats: how to tell one (a key its state dict always has) -> its name, its converter
-FOREIGN = {"blocks_u.0.attn.qkv.weight": ("CAV-MAE (pretrained)", from_cavmae),
+def from_vit_finetuned(state: dict, overrides: dict) -> tuple:
+    """AudioMAE's finetuned model (its models_vit.py with global_pool: the AS-2M release) or MAE's
+    -> the ViT backbone: the encoder as from_vit_mae converts it, fc_norm, one head ('label')."""
+    sd = dict(state)
+    fields_, out = from_vit_mae({k: t for k, t in sd.items() if not k.startswith(
+        ("fc_norm.", "head."))}, overrides)
+    (m,) = AVMAEConfig(modalities=fields_["modalities"]).mods
+    out = {k.replace(f"encoder.streams.{m}.", f"streams.{m}.").replace(
+        f"patch_embed.{m}.", f"streams.{m}.embed.").replace(f"enc_pos.{m}.", f"streams.{m}.pos.")
+        .replace(f"cls_token.{m}", "cls_token"): t for k, t in out.items()}
+    out.update({"fc_norm.weight": sd["fc_norm.weight"], "fc_norm.bias": sd["fc_norm.bias"],
+                f"heads.{m}.label.weight": sd["head.weight"],
+                f"heads.{m}.label.bias": sd["head.bias"]})
+    return fields_, out, dict(heads={"label": sd["head.weight"].shape[0]}, finetune_config={},
+                              backbone=dict(arch="vit", options=dict(linear_probe=False)))
+
+
+# foreign formats: how to tell one (a key its state dict always has) -> its name, its converter;
+# the first match counts (a finetuned release has its pretrained one's keys too)
+FOREIGN = {"mlp_head.1.weight": ("CAV-MAE (finetuned)", from_cavmae),
+           "fc_norm.weight": ("MAE / AudioMAE (finetuned)", from_vit_finetuned),
+           "blocks_u.0.attn.qkv.weight": ("CAV-MAE (pretrained)", from_cavmae),
            "encoder.blocks.0.attn.q_bias": ("VideoMAE (pretrained)", from_videomae),
            "cls_token": ("MAE / AudioMAE (pretrained)", from_vit_mae)}
 PARTIAL = ("MAE / AudioMAE (pretrained)",)  # releases without a decoder: ours starts anew
@@ -2471,11 +2583,11 @@ def read_checkpoint(path: str, overrides: dict | None = None) -> dict:
             raise ValueError(f"{path}: a state dict avmae cannot place (it converts "
                              f"{', '.join(name for name, _ in FOREIGN.values())})")
         try:
-            fields_, state = found[1](ck, overrides or {})
+            fields_, state, *extra = found[1](ck, overrides or {})
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}: looks like {found[0]} but does not convert ({e})") from None
         ck = dict(model=state, model_config=dataclasses.asdict(AVMAEConfig(**fields_)),
-                  converted_from=found[0])
+                  converted_from=found[0], **(extra[0] if extra else {}))
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise ValueError(f"{path}: not an avmae checkpoint (no model / model_config)")
     return ck

@@ -46,7 +46,8 @@ class FinetuneConfig:
     size: str = "base"            # model size preset (avmae.SIZES) of a model from scratch
     init: str = ""                # a pretraining checkpoint (train.py); '' = from scratch
     modality: str = "av"          # audio | video | av
-    arch: str = "mbt"             # mbt | encoder (av only) | vivit_fe | vivit_fsa | vivit_fdp
+    arch: str = "mbt"             # mbt | encoder (av only) | encoder_pooled (av, CAV-MAE's) |
+                                  # vit (one modality, MAE's) | vivit_fe | vivit_fsa | vivit_fdp
                                   # (video only) | mtv
     temporal_layers: int = -1     # ViViT-FE's temporal / MTV's global encoder blocks; -1 = a
                                   # third of the depth (ViViT-B FE: 12 + 4)

@@ -116,3 +116,38 @@ def test_audiomae_release_gives_the_authors_tokens(tmp_path):
     assert (model.cfg.modalities, model.cfg.audio_frames, model.cfg.mel_bins) == ("a", 64, 128)
     with torch.no_grad():
         assert rel(model.encode(a=f["inputs"]["spec"])["a"], f["outputs"]["audio"]) < 1e-4
+
+
+def test_finetuned_releases_give_the_authors_logits(tmp_path):
+    # CAV-MAE's CAVMAEFT (its multimodal mode): the fused tokens averaged, then its mlp_head
+    path, f = release(tmp_path, "cavmae_ft_tiny.pt", "cav-mae-ft.pth")
+    model = avmae.load(path, heads=f["config"]["num_heads"], kernels="torch")
+    assert isinstance(model, avmae.JointPooled) and model.backbone["arch"] == "encoder_pooled"
+    x = f["inputs"]
+    with torch.no_grad():
+        got = model(a=x["a"], v=x["v"].unsqueeze(2))["label"]
+    assert rel(got, f["outputs"]["logits"]) < 1e-4
+    # AudioMAE's finetuned ViT (global pool, fc_norm): the ViT backbone
+    path, f = release(tmp_path, "audiomae_ft_tiny.pt", "as2m_finetuned.pth")
+    model = avmae.load(path, heads=f["config"]["heads"], kernels="torch")
+    assert isinstance(model, avmae.ViT)
+    with torch.no_grad():
+        assert rel(model(a=f["inputs"]["spec"])["label"], f["outputs"]["logits"]) < 1e-4
+
+
+@pytest.mark.parametrize("arch,name,file,modality", [
+    ("vit", "audiomae_tiny.pt", "pretrained.pth", "audio"),
+    ("encoder_pooled", "cavmae_tiny.pt", "audio_model.pth", "av")])
+def test_a_release_finetunes_into_its_own_backbone(arch, name, file, modality, builtin, tmp_path):
+    path, _ = release(tmp_path, name, file)
+    res = finetune.main(["--preset", "quick", "--data", builtin, "--init", path, "--arch", arch,
+                         "--modality", modality, "--num_frames", "1", "--image_size", "32",
+                         "--audio_frames", "64", "--workers", "0", "--batch_size", "8",
+                         "--max_steps", "2", "--views", "1", "--kernels", "torch", "--out_dir",
+                         str(tmp_path / "ft")])
+    assert res["clips"] > 0
+    import json
+    loaded = json.load(open(tmp_path / "ft" / "load_report.json"))["loaded"]
+    assert sum("attn.qkv.weight" in r for r in loaded) >= 2
+    if arch == "vit":
+        assert "cls_token <- cls_token.a" in loaded
