@@ -40,7 +40,8 @@ def crafted(path, marker, finetuning=False) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("flag", ["train.py --resume", "train.py --teacher", "finetune.py --init",
+@pytest.mark.parametrize("flag", ["train.py --resume", "train.py --teacher", "train.py --init",
+                                  "finetune.py --init",
                                   "finetune.py --resume", "finetune.py --eval_only --resume"])
 def test_a_crafted_checkpoint_runs_nothing_and_is_refused_in_one_line(flag, builtin, tmp_path):
     marker = tmp_path / "ran"
