@@ -867,9 +867,10 @@ class AVMAE(nn.Module):
     def patchify(self, inputs: dict) -> dict:
         return {m: self.patches[m].patchify(x) for m, x in inputs.items()}
 
-    def _inputs(self, a, v) -> dict:
+    def _inputs(self, a, v, either: bool = False) -> dict:
         inputs = {m: x for m, x in (("a", a), ("v", v)) if x is not None}
-        if set(inputs) != set(self.cfg.mods):
+        if not (set(inputs) <= set(self.cfg.mods) and inputs) if either else \
+                set(inputs) != set(self.cfg.mods):
             raise ValueError(f"this model takes modalities {self.cfg.mods}, got {tuple(inputs)}")
         return inputs
 
@@ -887,8 +888,10 @@ class AVMAE(nn.Module):
         return out
 
     def encode(self, a=None, v=None, masks: dict | None = None) -> dict:
-        """Encoder features {modality: (B, K or N, D)}; masks=None encodes every token."""
-        return self.forward_encoder(self.patchify(self._inputs(a, v)), masks)
+        """Encoder features {modality: (B, K or N, D)}; masks=None encodes every token. Either
+        modality or both: one alone is encoded as the encoder's unimodal pass runs it."""
+        return self.forward_encoder(self.patchify(self._inputs(a, v, either=masks is None)),
+                                    masks)
 
     # ---- MAE's three steps (models_mae.py): encoder, decoder, loss
 

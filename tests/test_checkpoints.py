@@ -108,6 +108,12 @@ def test_load_gives_the_model_of_either_checkpoint_in_eval_mode_and_encode_gives
         assert {m: x.shape for m, x in e.items()} == {
             m: (2, model.patches[m].n, model.cfg.width) for m in "av"}
         assert all(torch.equal(x, model.encode(a=a, v=v)[m]) for m, x in e.items())
+        # either modality alone: the encoder's unimodal pass (mid fusion: the joint layers on it)
+        alone = model.encode(a=a)
+        assert set(alone) == {"a"} and alone["a"].shape == e["a"].shape
+        assert torch.allclose(alone["a"], model.encoder.unimodal(model.embed(
+            model.patchify({"a": a}), None))["a"])
+        assert not torch.allclose(alone["a"], e["a"])  # (with video the joint layers mix)
     # a finetuning checkpoint: its backbone as the finetuning built it, the same logits
     for arch in ("mbt", "encoder"):
         out = tmp_path / f"ft_{arch}"
