@@ -889,9 +889,11 @@ class AVMAE(nn.Module):
 
     def encode(self, a=None, v=None, masks: dict | None = None) -> dict:
         """Encoder features {modality: (B, K or N, D)}; masks=None encodes every token. Either
-        modality or both: one alone is encoded as the encoder's unimodal pass runs it."""
-        return self.forward_encoder(self.patchify(self._inputs(a, v, either=masks is None)),
-                                    masks)
+        modality or both: one alone is encoded by the encoder's unimodal pass (what the
+        contrastive terms read: CAV-MAE's per-modality norms, MAViL's streams)."""
+        inputs = self._inputs(a, v, either=masks is None)
+        x = self.embed(self.patchify(inputs), masks)
+        return self.run_encoder(x, alone=len(inputs) < len(self.cfg.mods))
 
     # ---- MAE's three steps (models_mae.py): encoder, decoder, loss
 
@@ -899,15 +901,19 @@ class AVMAE(nn.Module):
         """{modality: (B, N, P) patches} -> {modality: (B, K, D) encoded visible tokens}."""
         return self.run_encoder(self.embed(patches, masks))
 
-    def run_encoder(self, x: dict, unimodal: bool = False):
+    def run_encoder(self, x: dict, unimodal: bool = False, alone: bool = False):
         """The encoder on embedded tokens; a [CLS] token (cls_token) goes ahead of each modality's
-        and is left out of what comes back. unimodal: (fused, unimodal), the contrast's."""
+        and is left out of what comes back. unimodal: (fused, unimodal), the contrast's; alone:
+        the unimodal pass only (each modality as if the other were not there)."""
         if self.cfg.cls_token:
             x = {m: torch.cat([self.cls_token[m].expand(t.shape[0], 1, -1).to(t.dtype), t], 1)
                  for m, t in x.items()}
-        out = self.encoder.with_unimodal(x) if unimodal else (self.encoder(x), None)
+        if alone:
+            out = (self.encoder.unimodal(x),)
+        else:
+            out = self.encoder.with_unimodal(x) if unimodal else (self.encoder(x),)
         if self.cfg.cls_token:
-            out = tuple(o and {m: t[:, 1:] for m, t in o.items()} for o in out)
+            out = tuple({m: t[:, 1:] for m, t in o.items()} for o in out)
         return out if unimodal else out[0]
 
     def forward_decoder(self, e: dict, masks: dict) -> dict:
