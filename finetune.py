@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 
@@ -126,6 +127,13 @@ class FinetuneConfig:
     log_every: int = 10           # steps between log.jsonl lines (the mean loss since the last)
     eval_every: int = 5           # epochs between evaluations on the test split
     eval_only: bool = False       # evaluate the --resume checkpoint and exit
+    embed: str = ""               # a video file, or a folder of them: the --init model's pooled
+                                  # features per modality (out_dir/embeddings_a.npy, _v.npy,
+                                  # index.csv), then exit
+    predict: str = ""             # a video file, or a folder of them: the --resume checkpoint's
+                                  # top-5 labels for each (printed, and predict.csv), then exit
+    retrieval: bool = False       # audio <-> video retrieval (R@1/5/10, median rank) on
+                                  # --test_split with the --init model's pooled features, then exit
     max_bad_steps: int = 0        # non-finite losses to skip before stopping
     on_save_error: str = "retry"  # a checkpoint that cannot be written (disk
                                   # full): retry at the next save | stop
@@ -449,6 +457,222 @@ def d_prime(auc: float) -> float:
     return math.sqrt(2.0) * torch.special.ndtri(torch.tensor(auc, dtype=torch.float64)).item()
 
 
+def retrieval_metrics(queries: torch.Tensor, items: torch.Tensor, name: str) -> dict:
+    """Row i of queries should find row i of items: by cosine similarity, each query's rank of its
+    own item (1 = first; ties counted against it) -> R@1 / R@5 / R@10 (the share of queries whose
+    item is among the first k) and the median rank, as CAV-MAE reports retrieval (Sec. 4.3)."""
+    q, x = F.normalize(queries.float(), dim=-1), F.normalize(items.float(), dim=-1)
+    sim = q @ x.T
+    own = sim.diagonal().unsqueeze(1)
+    rank = (sim >= own).sum(1)  # (its own item counts: rank 1 when nothing scores as high)
+    out = {f"{name}_R@{k}": (rank <= k).float().mean().item() for k in (1, 5, 10)}
+    out[f"{name}_median_rank"] = rank.float().median().item()
+    return out
+
+
+def retrieve(cfg: "FinetuneConfig", d: train.Dist) -> dict:
+    """finetune.py --retrieval: the --init model's pooled unimodal features (each modality
+    encoded alone: no pairing leaks into them; for CAV-MAE and MAViL the representation their
+    contrast reads) of every --test_split clip, one central view; audio -> video and video ->
+    audio retrieval among them. Written to out_dir/retrieval.json."""
+    if not cfg.init:
+        raise SystemExit("--retrieval ranks the clips with a pretrained model's features: pass "
+                         "--init CKPT (a train.py checkpoint or a converted release)")
+    try:
+        model = avmae.load(cfg.init, kernels=cfg.kernels).to(d.device)
+    except ValueError as e:
+        raise SystemExit(f"--init {e}")
+    if not isinstance(model, avmae.AVMAE) or model.cfg.mods != ("a", "v"):
+        raise SystemExit(f"--init {cfg.init}: --retrieval takes an audiovisual pretraining "
+                         "(avmae's, or a converted release)")
+    mc = model.cfg
+    data.ensure_data(cfg, d)
+    ds = data.open_dataset(data.DataConfig(
+        root=cfg.data, split=cfg.test_split, train=False, views=1, modalities="av",
+        num_frames=mc.num_frames, image_size=mc.image_size, audio_frames=mc.audio_frames,
+        mel_bins=mc.mel_bins, **{f.name: getattr(cfg, f.name)
+                                 for f in dataclasses.fields(data.LoadOptions)}))
+    loader = data.Loader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 4),
+                         collate_fn=data.collate)
+    feats, bar = {"a": [], "v": []}, train.progress_bar(len(loader), 0, "retrieval", d.master)
+    batches = data.on_device(((None, b) for b in loader), d.device)
+    with contextlib.closing(loader), bar, torch.no_grad(), \
+            train.autocast_ctx(cfg.precision, d.device):
+        for _, b in batches:
+            keep = ~b["replaced"].bool().cpu()  # (an unreadable clip's stand-in is left out)
+            for m in "av":
+                x = b[m].flatten(0, 1)  # (one view)
+                feats[m].append(model.encode(**{m: x})[m].float().mean(1).cpu()[keep])
+            bar.update(1)
+    a, v = torch.cat(feats["a"]), torch.cat(feats["v"])
+    res = {**retrieval_metrics(a, v, "a2v"), **retrieval_metrics(v, a, "v2a"), "clips": len(a)}
+    if d.master:
+        train.make_out_dir(cfg.out_dir)
+        path = os.path.join(cfg.out_dir, "retrieval.json")
+        train.write_or_say(path, lambda: json.dump(res, open(path, "w"), indent=1))
+        train.print0(json.dumps(res))
+    return res
+
+
+VIDEO_FILES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
+def video_files(path: str, flag: str = "--predict") -> list:
+    """A file, or every video file under a folder (sorted), or one line saying what is wrong."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: no such file or folder")
+    found = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
+                   if f.lower().endswith(VIDEO_FILES))
+    if not found:
+        raise SystemExit(f"{flag} {path}: no video files ({', '.join(VIDEO_FILES)}) in it")
+    return found
+
+
+def prepare_videos(files: list, out: str, labels: dict, multi_label: bool, short_side: int,
+                   allow_silent: bool, workers: int, flag: str) -> dict:
+    """The files as the test split of a prepared set in out (data.prepare: the training
+    pipeline's clips), each under an id of its own -> {id: file}. A file that cannot be read is
+    said with the reason; none readable is one line and a stop."""
+    used, records = set(), []
+    for i, f in enumerate(files):
+        rid = re.sub(r"[^\w.-]", "_", os.path.splitext(os.path.basename(f))[0]) or "clip"
+        rid = rid if rid not in used else f"{rid}_{i}"
+        used.add(rid)
+        records.append(data.Record(rid, (os.path.abspath(f),), None, None,
+                                   {h: [names[0]] for h, names in labels.items()}, "test"))
+    data.prepare(records, "/", out, labels, multi_label, flag.strip("-"),
+                 workers=max(1, min(workers, len(files))), short_side=short_side,
+                 allow_silent=allow_silent)
+    by_id = {r.id: f for r, f in zip(records, files)}
+    failed = [r for r in csv.reader(open(os.path.join(out, "failed_test.csv"))) if r[0] != "id"]
+    for rid, _, why in failed:
+        train.print0(f"{by_id.get(rid, rid)}: not read ({why})", file=sys.stderr)
+    if len(failed) == len(files):
+        raise SystemExit(f"{flag}: none of the {len(files)} files could be read (the reasons "
+                         "above)")
+    return by_id
+
+
+def predict(cfg: "FinetuneConfig", d: train.Dist) -> list:
+    """finetune.py --predict PATH --resume CKPT: each video prepared as the training set's clips
+    were (the checkpoint keeps the short side, the window, the audio statistics and the label
+    names), its views' logits averaged as evaluation does, the top-5 labels printed with their
+    scores and written to out_dir/predict.csv. A file that cannot be read is listed with the
+    reason; the rest go on."""
+    import tempfile
+    if not cfg.resume:
+        raise SystemExit("--predict labels videos with a finetuned model: pass --resume CKPT "
+                         "(a finetune.py checkpoint)")
+    path = train.find_checkpoint(cfg.resume, cfg.out_dir)
+    ck = train.load_checkpoint(path, "--resume", "finetuning")
+    if "labels" not in ck or "backbone" not in ck:
+        raise SystemExit(f"--resume {path}: written by an earlier avmae, without its label names "
+                         "and audio statistics: finetune anew to predict with it")
+    try:
+        model = avmae.load(path, kernels=cfg.kernels).to(d.device)
+    except ValueError as e:
+        raise SystemExit(f"--resume {e}")
+    files, was = video_files(cfg.predict), ck["finetune_config"]
+    with tempfile.TemporaryDirectory() as tmp:
+        by_id = prepare_videos(files, tmp, ck["labels"], ck["multi_label"], ck["short_side"],
+                               model.cfg.mods == ("v",), cfg.workers, "--predict")
+        mean, scale = ck["audio_norm"]
+        ds = data.open_dataset(data.DataConfig(
+            root=tmp, split="test", train=False, views=was["views"],
+            modalities=MODALITY[was["modality"]], num_frames=was["num_frames"],
+            image_size=was["image_size"], audio_frames=was["audio_frames"],
+            mel_bins=model.cfg.mel_bins, frame_stride=was["frame_stride"], window=was["window"],
+            audio_norm=f"{mean},{scale}", decode=cfg.decode))
+        res = evaluate(model, ds, dataclasses.replace(cfg, views=was["views"]), d, model.mods,
+                       stop=None, scores_only=True)
+    rows = []
+    for rid, clip in res.items():
+        row = dict(file=by_id[rid])
+        line = []
+        for h, p in clip.items():
+            top = p.topk(min(5, len(p)))
+            names = [ck["labels"][h][j] for j in top.indices.tolist()]
+            row[f"{h}_top5"] = ";".join(names)
+            row[f"{h}_scores"] = ";".join(f"{v:.4f}" for v in top.values.tolist())
+            line.append(", ".join(f"{n} {v:.3f}" for n, v in zip(names, top.values.tolist())))
+        rows.append(row)
+        train.print0(f"{row['file']}: {' | '.join(line)}")
+    if d.master and rows:
+        train.make_out_dir(cfg.out_dir)
+        out = os.path.join(cfg.out_dir, "predict.csv")
+
+        def write():
+            with open(out, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        if train.write_or_say(out, write):
+            train.print0(f"{len(rows)} files labelled: {out}")
+    return rows
+
+
+def embed(cfg: "FinetuneConfig", d: train.Dist) -> dict:
+    """finetune.py --embed PATH --init CKPT: each video prepared as training prepares clips (a
+    train.py checkpoint keeps its short side, window and audio statistics; for a converted
+    release the flags say), one central window, the encoder's output on both modalities (split by
+    modality: a fused encoder's fused tokens) mean-pooled, batched on the device. Writes
+    embeddings_{a,v}.npy (row i: index.csv's row i) to out_dir."""
+    import tempfile
+    if not cfg.init:
+        raise SystemExit("--embed needs the model: pass --init CKPT (a train.py checkpoint or a "
+                         "converted release)")
+    try:
+        model = avmae.load(cfg.init, kernels=cfg.kernels).to(d.device)
+    except ValueError as e:
+        raise SystemExit(f"--init {e}")
+    if not isinstance(model, avmae.AVMAE):
+        raise SystemExit(f"--init {cfg.init}: --embed takes a pretraining (train.py's, or a "
+                         "converted release); a finetuned model labels videos: --predict")
+    ck = train.load_checkpoint(cfg.init, "--init")
+    was, mc = ck.get("train_config") or {}, model.cfg
+    norm = ck.get("audio_norm")
+    files = video_files(cfg.embed, "--embed")
+    with tempfile.TemporaryDirectory() as tmp:
+        by_id = prepare_videos(files, tmp, {"label": ["none"]}, False,
+                               ck.get("short_side", 256), mc.mods == ("v",), cfg.workers,
+                               "--embed")
+        ds = data.open_dataset(data.DataConfig(
+            root=tmp, split="test", train=False, views=1, modalities=mc.modalities,
+            num_frames=mc.num_frames, image_size=mc.image_size, audio_frames=mc.audio_frames,
+            mel_bins=mc.mel_bins, frame_stride=was.get("frame_stride", cfg.frame_stride),
+            window=was.get("window", cfg.window),
+            audio_norm=f"{norm[0]},{norm[1]}" if norm else cfg.audio_norm, decode=cfg.decode))
+        loader = data.Loader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 4),
+                             collate_fn=data.collate)
+        feats, ids = {m: [] for m in mc.mods}, []
+        bar = train.progress_bar(len(loader), 0, "embed", d.master)
+        batches = data.on_device(((None, b) for b in loader), d.device)
+        with contextlib.closing(loader), bar, torch.no_grad(), \
+                train.autocast_ctx(cfg.precision, d.device):
+            for _, b in batches:
+                keep = ~b["replaced"].bool().cpu()
+                out = model.encode(**{m: b[m].flatten(0, 1) for m in mc.mods})
+                for m in mc.mods:
+                    feats[m].append(out[m].float().mean(1).cpu()[keep])
+                ids += [i for i, k in zip(b["id"], keep.tolist()) if k]
+                bar.update(1)
+    train.make_out_dir(cfg.out_dir, d.master)
+    res = dict(files=len(ids), dim=mc.width)
+    if d.master:
+        for m in mc.mods:
+            np.save(os.path.join(cfg.out_dir, f"embeddings_{m}.npy"),
+                    torch.cat(feats[m]).numpy())
+        with open(os.path.join(cfg.out_dir, "index.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "file", "id"])
+            w.writerows((i, by_id[cid], cid) for i, cid in enumerate(ids))
+        train.print0(f"{len(ids)} of {len(files)} files embedded ({', '.join(mc.mods)}: "
+                     f"{mc.width} each) into {cfg.out_dir}: embeddings_*.npy, index.csv")
+    return res
+
+
 def metrics(logits: dict, targets: dict, multi_label: bool) -> dict:
     """logits / targets per head; EPIC's verb + noun give action = both right."""
     out = {}
@@ -547,7 +771,7 @@ def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: 
 
 @torch.no_grad()
 def evaluate(model, ds: data.AVDataset, cfg, d: train.Dist, mods,
-             out_dir: str | None = None, stop=None) -> dict | None:
+             out_dir: str | None = None, stop=None, scores_only: bool = False) -> dict | None:
     """N evenly spaced views per clip, logits averaged; every clip once over all ranks. Writes
     predictions.csv and per_class.csv to out_dir (rank 0). None, on every rank, where stop() (a
     scheduler's signal, Ctrl-C) turned true on any rank before its last batch: the checkpoint comes
@@ -600,6 +824,9 @@ def evaluate(model, ds: data.AVDataset, cfg, d: train.Dist, mods,
     # (a rank with no clip: fewer test clips than ranks)
     logits = {h: torch.cat([p[1][h] for p in parts if p[1][h] is not None]) for h in ds.heads}
     targets = {h: torch.cat([p[2][h] for p in parts if p[2][h] is not None]) for h in ds.heads}
+    if scores_only:  # {clip: {head: its scores}}, as predictions.csv scores them
+        return {cid: {h: scores(logits[h][i], ds.multi_label) for h in ds.heads}
+                for i, cid in enumerate(ids)}
     res = metrics(logits, targets, ds.multi_label)
     res["clips"] = len(ids)
     if unreadable:
@@ -624,6 +851,12 @@ def reports_path(out_dir: str) -> str:
     return os.path.join(out_dir, "predictions.csv") + " and per_class.csv"
 
 
+def scores(z: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """A clip's logits -> its scores: a sigmoid per class (multi-label) or the softmax."""
+    z = z.float()
+    return torch.sigmoid(z) if multi_label else torch.softmax(z, 0)
+
+
 def write_reports(out_dir, ids, logits, targets, ds):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
@@ -632,8 +865,7 @@ def write_reports(out_dir, ids, logits, targets, ds):
         for i, cid in enumerate(ids):
             row = [cid]
             for h in ds.heads:
-                z = logits[h][i].float()
-                p = torch.sigmoid(z) if ds.multi_label else torch.softmax(z, 0)
+                p = scores(logits[h][i], ds.multi_label)
                 top = p.topk(min(5, len(p)))
                 t = targets[h][i]
                 if ds.multi_label:
@@ -665,7 +897,9 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     d = train.setup_distributed(cfg.dist_timeout)
     try:
-        return finetune(cfg, d)
+        if cfg.predict or cfg.embed:
+            return predict(cfg, d) if cfg.predict else embed(cfg, d)
+        return retrieve(cfg, d) if cfg.retrieval else finetune(cfg, d)
     finally:
         train.release_out_dirs()
         if dist.is_initialized():
@@ -826,6 +1060,10 @@ def finetune_state(run: train.Run, step: int) -> dict | None:
     return dict(model=train.model_state(run.raw, False), optimizer=run.opt.state_dict(),
                 finetune_config=asdict(run.cfg), model_config=asdict(run.raw.cfg),
                 backbone=run.raw.backbone,  # (what avmae.load rebuilds it from)
+                # what --predict prepares a new video with and names its classes by
+                labels=x["train_ds"].heads, multi_label=x["train_ds"].multi_label,
+                audio_norm=[float(v) for v in x["train_ds"].norm],
+                short_side=x["train_ds"].meta.get("short_side", 256),
                 pretrain_config=x["pretrained_cfg"], heads=x["heads"], results=x["results"],
                 watch=x["watch"].state())
 

@@ -1255,7 +1255,10 @@ def pretrain(model_cfg, cfg, d: "Dist", hooks) -> dict:
             raise out_of_memory(e, d, 0, per_rank, "lower --batch_size, raise --grad_accum, or "
                                 "add --fsdp", cfg.out_dir) from None
     run = setup(model_cfg, cfg, d, model, per_rank, ds)
-    run.extra.update(teacher=teacher, hooks=hooks, model_cfg=model_cfg, picture=None)
+    run.extra.update(teacher=teacher, hooks=hooks, model_cfg=model_cfg, picture=None,
+                     # (what finetune.py --embed prepares a new video with)
+                     inputs=dict(audio_norm=[float(v) for v in ds.norm],
+                                 short_side=ds.meta.get("short_side", 256)))
     s, log_path = run.schedule, os.path.join(cfg.out_dir, "log.jsonl")
     stop = min(s.total, cfg.stop_at) if cfg.stop_at else s.total
     if s.step >= stop:  # resumed where this run stops
@@ -1451,7 +1454,7 @@ def pretrain_state(run: Run, step: int) -> dict | None:
     return dict(model=model_state(run.raw, cfg.fsdp),
                 optimizer=optim_state(run.raw, run.opt, cfg.fsdp), epoch=step // spe,
                 step_in_epoch=step % spe, model_config=asdict(run.extra["model_cfg"]),
-                train_config=asdict(cfg), world=d.world)
+                train_config=asdict(cfg), world=d.world, **run.extra["inputs"])
 
 
 def main(argv=None, hooks=None):
