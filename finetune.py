@@ -457,16 +457,24 @@ def d_prime(auc: float) -> float:
     return math.sqrt(2.0) * torch.special.ndtri(torch.tensor(auc, dtype=torch.float64)).item()
 
 
-def retrieval_metrics(queries: torch.Tensor, items: torch.Tensor, name: str) -> dict:
+def retrieval_metrics(queries: torch.Tensor, items: torch.Tensor, name: str,
+                      classes: torch.Tensor | None = None) -> dict:
     """Row i of queries should find row i of items: by cosine similarity, each query's rank of its
     own item (1 = first; ties counted against it) -> R@1 / R@5 / R@10 (the share of queries whose
-    item is among the first k) and the median rank, as CAV-MAE reports retrieval (Sec. 4.3)."""
+    item is among the first k) and the median rank, as CAV-MAE reports retrieval (Sec. 4.3). With
+    classes (one per row), also {name}_class_R@k: a hit when an item of the query's class is among
+    the first k (its own included)."""
     q, x = F.normalize(queries.float(), dim=-1), F.normalize(items.float(), dim=-1)
     sim = q @ x.T
     own = sim.diagonal().unsqueeze(1)
     rank = (sim >= own).sum(1)  # (its own item counts: rank 1 when nothing scores as high)
     out = {f"{name}_R@{k}": (rank <= k).float().mean().item() for k in (1, 5, 10)}
     out[f"{name}_median_rank"] = rank.float().median().item()
+    if classes is not None:
+        same = classes[None, :] == classes[:, None]
+        top = sim.argsort(1, descending=True)
+        for k in (1, 5, 10):
+            out[f"{name}_class_R@{k}"] = same.gather(1, top[:, :k]).any(1).float().mean().item()
     return out
 
 
@@ -494,7 +502,9 @@ def retrieve(cfg: "FinetuneConfig", d: train.Dist) -> dict:
                                  for f in dataclasses.fields(data.LoadOptions)}))
     loader = data.Loader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 4),
                          collate_fn=data.collate)
-    feats, bar = {"a": [], "v": []}, train.progress_bar(len(loader), 0, "retrieval", d.master)
+    head = next(iter(ds.heads))  # (classes: the first head's, for the class-level figures)
+    feats, labels = {"a": [], "v": []}, []
+    bar = train.progress_bar(len(loader), 0, "retrieval", d.master)
     batches = data.on_device(((None, b) for b in loader), d.device)
     with contextlib.closing(loader), bar, torch.no_grad(), \
             train.autocast_ctx(cfg.precision, d.device):
@@ -503,9 +513,12 @@ def retrieve(cfg: "FinetuneConfig", d: train.Dist) -> dict:
             for m in "av":
                 x = b[m].flatten(0, 1)  # (one view)
                 feats[m].append(model.encode(**{m: x})[m].float().mean(1).cpu()[keep])
+            t = b[head].cpu() if torch.is_tensor(b[head]) else torch.tensor(b[head])
+            labels.append((t.argmax(1) if t.dim() > 1 else t)[keep])
             bar.update(1)
-    a, v = torch.cat(feats["a"]), torch.cat(feats["v"])
-    res = {**retrieval_metrics(a, v, "a2v"), **retrieval_metrics(v, a, "v2a"), "clips": len(a)}
+    a, v, c = torch.cat(feats["a"]), torch.cat(feats["v"]), torch.cat(labels)
+    res = {**retrieval_metrics(a, v, "a2v", c), **retrieval_metrics(v, a, "v2a", c),
+           "clips": len(a)}
     if d.master:
         train.make_out_dir(cfg.out_dir)
         path = os.path.join(cfg.out_dir, "retrieval.json")

@@ -143,3 +143,11 @@ def test_embed_writes_each_readable_video_s_pooled_features_as_the_pipeline_make
                                                else item["v"][None]))
     for m in "av":
         assert np.allclose(emb[m][row], want[m].mean(1)[0].numpy(), atol=1e-5)
+
+
+def test_class_level_retrieval_counts_any_item_of_the_query_s_class():
+    # items 0-1 are class 0, 2-3 class 1; each query points at the other item of its class
+    items = torch.eye(4)
+    queries = items[[1, 0, 3, 2]]
+    got = finetune.retrieval_metrics(queries, items, "q", classes=torch.tensor([0, 0, 1, 1]))
+    assert got["q_R@1"] == 0.0 and got["q_class_R@1"] == 1.0
