@@ -478,21 +478,30 @@ def retrieval_metrics(queries: torch.Tensor, items: torch.Tensor, name: str,
     return out
 
 
+def pretrained_model(cfg: "FinetuneConfig", d: train.Dist, flag: str,
+                     audiovisual: bool = False) -> avmae.AVMAE:
+    """The --init pretraining (avmae.load: ours or a converted release) on the device, or one
+    line saying what to pass."""
+    if not cfg.init:
+        raise SystemExit(f"{flag} needs a pretrained model: pass --init CKPT (a train.py "
+                         "checkpoint or a converted release)")
+    try:
+        model = avmae.load(cfg.init, kernels=cfg.kernels).to(d.device)
+    except ValueError as e:
+        raise SystemExit(f"--init {e}")
+    if not isinstance(model, avmae.AVMAE) or audiovisual and model.cfg.mods != ("a", "v"):
+        kind = "an audiovisual" if audiovisual else "a"
+        raise SystemExit(f"--init {cfg.init}: {flag} takes {kind} pretraining (train.py's, or a "
+                         "converted release); a finetuned model labels videos: --predict")
+    return model
+
+
 def retrieve(cfg: "FinetuneConfig", d: train.Dist) -> dict:
     """finetune.py --retrieval: the --init model's pooled unimodal features (each modality
     encoded alone: no pairing leaks into them; for CAV-MAE and MAViL the representation their
     contrast reads) of every --test_split clip, one central view; audio -> video and video ->
     audio retrieval among them. Written to out_dir/retrieval.json."""
-    if not cfg.init:
-        raise SystemExit("--retrieval ranks the clips with a pretrained model's features: pass "
-                         "--init CKPT (a train.py checkpoint or a converted release)")
-    try:
-        model = avmae.load(cfg.init, kernels=cfg.kernels).to(d.device)
-    except ValueError as e:
-        raise SystemExit(f"--init {e}")
-    if not isinstance(model, avmae.AVMAE) or model.cfg.mods != ("a", "v"):
-        raise SystemExit(f"--init {cfg.init}: --retrieval takes an audiovisual pretraining "
-                         "(avmae's, or a converted release)")
+    model = pretrained_model(cfg, d, "--retrieval", audiovisual=True)
     mc = model.cfg
     data.ensure_data(cfg, d)
     ds = data.open_dataset(data.DataConfig(
@@ -633,16 +642,7 @@ def embed(cfg: "FinetuneConfig", d: train.Dist) -> dict:
     modality: a fused encoder's fused tokens) mean-pooled, batched on the device. Writes
     embeddings_{a,v}.npy (row i: index.csv's row i) to out_dir."""
     import tempfile
-    if not cfg.init:
-        raise SystemExit("--embed needs the model: pass --init CKPT (a train.py checkpoint or a "
-                         "converted release)")
-    try:
-        model = avmae.load(cfg.init, kernels=cfg.kernels).to(d.device)
-    except ValueError as e:
-        raise SystemExit(f"--init {e}")
-    if not isinstance(model, avmae.AVMAE):
-        raise SystemExit(f"--init {cfg.init}: --embed takes a pretraining (train.py's, or a "
-                         "converted release); a finetuned model labels videos: --predict")
+    model = pretrained_model(cfg, d, "--embed")
     ck = train.load_checkpoint(cfg.init, "--init")
     was, mc = ck.get("train_config") or {}, model.cfg
     norm = ck.get("audio_norm")
