@@ -749,16 +749,19 @@ def mixup(batch: dict, mods, heads: dict, alpha: float, multi_label: bool, gen: 
 def loss_fn(logits: dict, targets: dict, multi_label: bool, smoothing: float) -> torch.Tensor:
     """Cross-entropy (single label) or binary cross-entropy (multi-label), both on label-smoothed
     targets (on 1 - s + s/C, off s/C, as the authors' code smooths either; AudioSet s = 0.3,
-    Table 24), summed over heads (EPIC: verb + noun, equal weights)."""
+    Table 24); each a clip's loss summed over its classes, averaged over clips (the authors'
+    weighted_sigmoid_cross_entropy: zero logits give C ln 2 a clip, 365.29 on AudioSet), and
+    averaged over heads (EPIC's verb and noun, as the authors' MBT code does)."""
     total = 0.0
     for h, z in logits.items():
         t = targets[h]
         t = t * (1 - smoothing) + smoothing / t.shape[1]
         if multi_label:
-            total = total + F.binary_cross_entropy_with_logits(z.float(), t)
+            each = F.binary_cross_entropy_with_logits(z.float(), t, reduction="none")
         else:
-            total = total + torch.sum(-t * F.log_softmax(z.float(), dim=1), dim=1).mean()
-    return total
+            each = -t * F.log_softmax(z.float(), dim=1)
+        total = total + each.sum(1).mean()
+    return total / len(logits)
 
 
 def finetune_loss(logits: dict, targets: dict, per_modality: bool, multi_label: bool,
@@ -1136,10 +1139,11 @@ def finish(run: train.Run, step: int, path: str | None) -> dict:
 
 def chance_loss(rows: list, heads: dict, multi_label: bool, smoothing: float) -> float:
     """The training loss of the best prediction that ignores the clip: each head's label-smoothed
-    label frequencies in `rows`, which scores their entropy (single label) or their mean binary
-    entropy (multi-label), summed over heads as loss_fn sums. ln(classes) on a balanced single-label
-    set; lower on an unbalanced one, which a model that learns nothing but the frequencies reaches.
-    (Mixup leaves it: the mixed targets' mean is the same.)"""
+    label frequencies in `rows`, which scores their entropy (single label) or their binary
+    entropies summed over classes (multi-label), averaged over heads as loss_fn averages them.
+    ln(classes) on a balanced single-label set; lower on an unbalanced one, which a model that
+    learns nothing but the frequencies reaches. (Mixup leaves it: the mixed targets' mean is the
+    same.)"""
     total = 0.0
     for h, n in heads.items():
         q = np.bincount([c for r in rows for c in r[h]], minlength=n) / max(1, len(rows))
@@ -1147,9 +1151,9 @@ def chance_loss(rows: list, heads: dict, multi_label: bool, smoothing: float) ->
         with np.errstate(divide="ignore", invalid="ignore"):
             ent = -np.nan_to_num(q * np.log(q))
             if multi_label:
-                ent = (ent - np.nan_to_num((1 - q) * np.log(1 - q))).mean()
+                ent = ent - np.nan_to_num((1 - q) * np.log(1 - q))
         total += float(ent.sum())
-    return total
+    return total / max(1, len(heads))
 
 
 class LearningWatch:

@@ -137,9 +137,22 @@ def test_multi_label_targets_are_label_smoothed():
     z = torch.randn(4, 5)
     t = (torch.rand(4, 5) > 0.5).float()
     got = finetune.loss_fn({"label": z}, {"label": t}, True, 0.3)
-    want = F.binary_cross_entropy_with_logits(z, t * 0.7 + 0.3 / 5)  # on 1 - s + s/C, off s/C
+    want = 5 * F.binary_cross_entropy_with_logits(z, t * 0.7 + 0.3 / 5)  # on 1 - s + s/C, off s/C
     assert torch.allclose(got, want)
-    assert not torch.allclose(got, F.binary_cross_entropy_with_logits(z, t))
+    assert not torch.allclose(got, 5 * F.binary_cross_entropy_with_logits(z, t))
+
+
+def test_the_losses_reduce_as_the_authors_code_does():
+    # AudioSet: binary cross-entropy summed over the 527 classes, averaged over clips (the
+    # authors' weighted_sigmoid_cross_entropy): zero logits cost 527 ln 2 = 365.29 a clip
+    zeros, t = torch.zeros(3, 527), (torch.rand(3, 527) > 0.99).float()
+    assert finetune.loss_fn({"label": zeros}, {"label": t}, True, 0.0).item() == pytest.approx(
+        527 * math.log(2), rel=1e-5)
+    # EPIC-Kitchens: verb and noun cross-entropies averaged (the authors' MBT code)
+    z = {"verb": torch.zeros(2, 97), "noun": torch.zeros(2, 300)}
+    y = {"verb": torch.eye(97)[[0, 5]], "noun": torch.eye(300)[[1, 7]]}
+    assert finetune.loss_fn(z, y, False, 0.0).item() == pytest.approx(
+        (math.log(97) + math.log(300)) / 2, rel=1e-5)
     assert finetune.parse_args(["--preset", "audioset"]).label_smoothing == 0.3
 
 
