@@ -2582,6 +2582,11 @@ def read_checkpoint(path: str, overrides: dict | None = None) -> dict:
         why = e.strerror if isinstance(e, OSError) else \
             f"not a readable torch file ({type(e).__name__})"
         raise ValueError(f"{path}: {why}") from None
+    return as_checkpoint(ck, path, overrides)
+
+
+def as_checkpoint(ck, path: str, overrides: dict | None = None) -> dict:
+    """What read_file gave, as an avmae checkpoint dict: ours as it is, a release converted."""
     if isinstance(ck, dict) and "model_config" not in ck and isinstance(ck.get("model"), dict):
         ck = ck["model"]  # (a release that wraps its state dict: VideoMAE's, MAE's)
     if isinstance(ck, dict) and "model" not in ck and ck and \

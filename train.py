@@ -491,7 +491,7 @@ def load_checkpoint(path: str, what: str, kind: str = "pretraining") -> dict:
     if isinstance(ck, dict) and "model_config" not in ck and kind == "pretraining" and \
             all(torch.is_tensor(t) for t in (ck.get("model") or ck).values()):
         try:  # a released model's state dict (avmae.FOREIGN), converted
-            ck = avmae.read_checkpoint(path)
+            ck = avmae.as_checkpoint(ck, path)
         except ValueError as e:
             raise BadCheckpoint(f"{what} {e}") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
