@@ -100,6 +100,7 @@ class FinetuneConfig:
     views: int = 4                # temporal views averaged at test time
     # optimisation
     batch_size: int = 64          # global batch, over all ranks (Table 22)
+    grad_accum: int = 1           # micro-steps per step (the same global batch, less memory)
     epochs: int = 50              # passes over the training split (Table 22)
     max_steps: int = 0            # the run's length in steps; > 0 overrides --epochs
     warmup_epochs: float = 2.5    # linear warm-up, then cosine decay (Table 22)
@@ -117,7 +118,11 @@ class FinetuneConfig:
     # run
     precision: str = "auto"       # the autocast dtype: auto (bf16 on a GPU that has it, Ampere
                                   # on; else fp32) | bf16 | fp32
-    compile: bool = False         # torch.compile the model (a GPU: faster steps after a minute)
+    compile: str = "off"          # torch.compile the model (a GPU: faster steps after a minute):
+                                  # off | default (a bare --compile) | max-autotune-no-cudagraphs
+                                  # (GEMMs tuned too: minutes more) | max-autotune | reduce-overhead
+    checkpoint_blocks: bool = False  # recompute each transformer block's activations in the
+                                     # backward instead of keeping them (memory for compute)
     kernels: str = "auto"         # auto | triton | torch (kernels/: which op runs)
     out_dir: str = "out/finetune" # checkpoints, log.jsonl, metrics.json, predictions.csv
     resume: str = ""              # continue a run: auto (out_dir's latest intact checkpoint, if
@@ -987,9 +992,13 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
     torch.manual_seed(cfg.seed + d.rank)
     s = train.schedule(cfg, len(train_ds))
     groups = param_groups(model, cfg, s.lr)
-    opt = (torch.optim.SGD(groups, lr=s.lr, momentum=0.9) if cfg.optimizer == "sgd"
-           else torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999),
-                                  fused=d.device.type == "cuda"))  # (one kernel on a GPU)
+    # fused: one kernel on a GPU, and a step that is not finite skipped there (train.loop)
+    opt = (torch.optim.SGD(groups, lr=s.lr, momentum=0.9, fused=True) if cfg.optimizer == "sgd"
+           else torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999), fused=True))
+    for p in (p for g in groups for p in g["params"]) if cfg.optimizer == "sgd" else ():
+        # (torch's fused SGD leaves a buffer unset where its first step is skipped; from zeros,
+        # the first step's buffer is the gradient, as unfused SGD starts)
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
     if resumed:
         mine, theirs = model.state_dict(), resumed["model"]
         odd = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k].shape !=
@@ -1001,9 +1010,10 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
         model.load_state_dict(theirs)
         opt.load_state_dict(resumed["optimizer"])
         train.continue_from(cfg, d, s, ckpt_path, resumed, "finetune_config")
-    per_rank = cfg.batch_size // d.world
+    per_rank = cfg.batch_size // (d.world * cfg.grad_accum)
     stream = None if cfg.eval_only else data.batch_stream(
-        train_ds, per_rank, cfg.workers, cfg.seed, d, s.step, s.steps_per_epoch, per_rank)
+        train_ds, per_rank, cfg.workers, cfg.seed, d, s.step, s.steps_per_epoch,
+        per_rank * cfg.grad_accum)
     watch = LearningWatch(heads, train_ds.multi_label, s.steps_per_epoch, chance_loss(
         train_ds.rows, heads, train_ds.multi_label, cfg.label_smoothing))
     watch.restore((resumed or {}).get("watch", {}))
@@ -1016,31 +1026,41 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
 
 
 def finetune_step(run: train.Run, step: int, preempt) -> dict:
-    """One step's forward and backward. Every rank agrees on a non-finite loss or gradient (skip:
-    what was not finite) and on a requested stop. The task loss leaves out MBT's unimodal losses
-    (what LearningWatch compares with chance)."""
+    """One step's forward and backward, nothing read from the device: every rank agrees on a
+    non-finite loss or gradient (the optimizer then skips the step) and on a requested stop. The
+    task loss leaves out MBT's unimodal losses (what LearningWatch compares with chance)."""
     cfg, d, x = run.cfg, run.d, run.extra
     mods, per_modality, multi = x["mods"], x["per_modality"], x["train_ds"].multi_label
-    x["gen"].manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank)
-    batch = next(run.stream)[1]
-    batch, targets = mixup(batch, mods, x["heads"], cfg.mixup, multi, x["gen"], per_modality)
-    with train.autocast_ctx(cfg.precision, d.device):
-        logits = run.model(**{m: batch[m] for m in mods}, per_modality=per_modality)
-    loss = finetune_loss(logits, targets, per_modality, multi, cfg.label_smoothing, d.device,
-                         cfg.unimodal_loss)
-    task = {m: z for m, z in logits.items() if not per_modality or m in targets}
-    task_loss = loss if len(task) == len(logits) else finetune_loss(
-        task, targets, True, multi, cfg.label_smoothing, d.device)
-    flags = torch.tensor([float(not torch.isfinite(loss)), float(preempt.signal is not None)],
-                         device=d.device)
-    bad_loss, stop = train.all_reduce(flags).tolist()
-    skip = f"loss {loss.item():.4g}" if bad_loss else None
-    if not bad_loss:
-        loss.backward()
-        gnorm = train.clip_grads(run.raw, cfg)
-        skip = None if torch.isfinite(gnorm) else f"gradient (norm {float(gnorm):.4g})"
-    return dict(losses=dict(loss=loss.item()), skip=skip, stop=bool(stop), logits=logits,
-                targets=targets, task_loss=task_loss.detach(), bad_clips=len(batch["bad"]))
+    sums, right, clips, bad = torch.zeros(2, device=d.device), 0, 0, 0  # (loss, task loss)
+    for micro in range(cfg.grad_accum):
+        x["gen"].manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank + micro * 100_003)
+        batch = next(run.stream)[1]
+        batch, targets = mixup(batch, mods, x["heads"], cfg.mixup, multi, x["gen"], per_modality)
+        # (DDP: gradients are all-reduced on the last micro-batch only)
+        last = micro == cfg.grad_accum - 1
+        with (contextlib.nullcontext() if last or not hasattr(run.model, "no_sync")
+              else run.model.no_sync()):
+            with train.autocast_ctx(cfg.precision, d.device):
+                logits = run.model(**{m: batch[m] for m in mods}, per_modality=per_modality)
+            loss = finetune_loss(logits, targets, per_modality, multi, cfg.label_smoothing,
+                                 d.device, cfg.unimodal_loss)
+            (loss / cfg.grad_accum).backward()  # (not finite: the optimizer skips the step)
+        task = {m: z for m, z in logits.items() if not per_modality or m in targets}
+        task_loss = loss if len(task) == len(logits) else finetune_loss(
+            task, targets, True, multi, cfg.label_smoothing, d.device)
+        sums += torch.stack([loss.detach(), task_loss.detach()]).float() / cfg.grad_accum
+        r, n = x["watch"].correct(logits, targets, per_modality)
+        right, clips, bad = right + r, clips + n, bad + len(batch["bad"])
+    gnorm = train.clip_grads(run.raw, cfg)
+    # every rank agrees (the minimum): finite here, and "not asked to stop"
+    flags = torch.stack([torch.isfinite(sums[0]) & torch.isfinite(gnorm)] * 2).float()
+    flags[1] = float(preempt.signal is None)  # (a fill: nothing waits for the device)
+    flags = train.all_reduce(flags, dist.ReduceOp.MIN if dist.is_initialized() else None)
+    return dict(losses=dict(loss=sums[0]), finite=flags[0], stop=1 - flags[1],
+                report=dict(grad_norm=gnorm, task_loss=sums[1], right=right),
+                why=lambda v: (f"loss {v['loss']:.4g}" if not math.isfinite(v["loss"])
+                               else f"gradient (norm {v['grad_norm']:.4g})"),
+                clips=clips, bad_clips=bad)
 
 
 def evaluate_step(run: train.Run, step: int, r: dict, preempt, bar, last: bool) -> bool:
@@ -1048,7 +1068,7 @@ def evaluate_step(run: train.Run, step: int, r: dict, preempt, bar, last: bool) 
     an evaluation (True: asked to stop during it)."""
     cfg, d, x, spe = run.cfg, run.d, run.extra, run.schedule.steps_per_epoch
     watch, total = x["watch"], run.schedule.total
-    watch.update(r["logits"], r["targets"], x["per_modality"], r["task_loss"].item())
+    watch.update(r["values"]["right"], r["clips"], r["values"]["task_loss"])
     if not ((step % spe == 0 and (step // spe) % cfg.eval_every == 0) or step == total):
         return False
     results = evaluate(run.raw, x["test_ds"], cfg, d, x["mods"],
@@ -1085,9 +1105,11 @@ def finetune_state(run: train.Run, step: int) -> dict | None:
 
 
 def finetune(cfg: FinetuneConfig, d: train.Dist) -> dict:
-    if cfg.batch_size % d.world and not cfg.eval_only:  # (a global batch, as pretraining's)
-        raise SystemExit(f"--batch_size {cfg.batch_size} does not split into {d.world} ranks: "
-                         f"use a multiple of {d.world}")
+    if cfg.batch_size % (d.world * cfg.grad_accum) and not cfg.eval_only:  # (a global batch,
+        # as pretraining's)
+        raise SystemExit(f"--batch_size {cfg.batch_size} does not split into {d.world} ranks x "
+                         f"{cfg.grad_accum} accumulation steps: use a multiple of "
+                         f"{d.world * cfg.grad_accum}")
     run = setup(cfg, d)
     x, s, m = run.extra, run.schedule, run.raw
     if cfg.eval_only:
@@ -1175,15 +1197,20 @@ class LearningWatch:
     def restore(self, state: dict):
         vars(self).update((k, v) for k, v in state.items() if k in self.STATE)
 
-    def update(self, logits: dict, targets: dict, per_modality: bool, loss: float):
+    def correct(self, logits: dict, targets: dict, per_modality: bool) -> tuple:
+        """(how many of the batch's clips the first head gets right, on the device; the batch's
+        size), against the mixed targets' largest entry; (0, 0) for multi-label sets."""
         if per_modality:
             z = torch.stack([lg[self.head] for m, lg in logits.items() if m in targets]).mean(0)
         else:
             z = logits[self.head]
         t = (next(iter(targets.values())) if per_modality else targets)[self.head]
-        if not self.multi_label:
-            self.right += (z.argmax(1).cpu() == t.argmax(1).cpu()).sum().item()
-            self.seen += len(z)
+        if self.multi_label:
+            return z.new_zeros(()), 0
+        return (z.argmax(1) == t.argmax(1)).sum(), len(z)
+
+    def update(self, right: float, n: int, loss: float):
+        self.right, self.seen = self.right + int(right), self.seen + n
         self.loss = (self.loss + [loss])[-self.steps_per_epoch:]  # the last epoch's (saved)
         self.steps += 1
 

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import errno
+import functools
 import glob
 import inspect
 import io
@@ -93,7 +94,11 @@ class TrainConfig:
     # run
     precision: str = "auto"       # the autocast dtype: auto (bf16 on a GPU that has it, Ampere
                                   # on; else fp32) | bf16 | fp32
-    compile: bool = False         # torch.compile the model (a GPU: faster steps after a minute)
+    compile: str = "off"          # torch.compile the model (a GPU: faster steps after a minute):
+                                  # off | default (a bare --compile) | max-autotune-no-cudagraphs
+                                  # (GEMMs tuned too: minutes more) | max-autotune | reduce-overhead
+    checkpoint_blocks: bool = False  # recompute each transformer block's activations in the
+                                     # backward instead of keeping them (memory for compute)
     fsdp: bool = False            # shard parameters, gradients and
                                   # optimizer state (torch fully_shard)
     out_dir: str = "out/pretrain" # checkpoints, log.jsonl, reconstruction pictures
@@ -160,6 +165,7 @@ def _bool(s: str) -> bool:
 
 
 GROUPS = ("model", "data", "optimisation", "run")  # -h's groups, in its order
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
 def field_help(dc) -> dict:
@@ -203,6 +209,8 @@ def build_parser(*dataclasses_, description=__doc__, choices=None):
                 t = {"int": int, "float": float, "str": str, "bool": bool}.get(t, t)
             if t is bool:
                 kw = dict(nargs="?", const=True, type=_bool)
+            elif f.name == "compile":  # (given bare: the default mode)
+                kw = dict(nargs="?", const="default", choices=COMPILE_MODES)
             else:
                 kw = dict(type=t, choices=choices.get(f.name))
             text, group = helps.get(f.name, ("", "model"))
@@ -386,17 +394,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def optimizer(model: torch.nn.Module, cfg: "TrainConfig", lr: float, device):
-    """AdamW over param_groups, one fused kernel on CUDA: what training and --bench both step."""
+def optimizer(model: torch.nn.Module, cfg: "TrainConfig", lr: float):
+    """AdamW over param_groups, fused (one kernel on CUDA; it skips a step whose found_inf is set
+    without the host reading it): what training and --bench both step."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr,
-                             betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+                             betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def clip_grads(model: torch.nn.Module, cfg) -> torch.Tensor:
     """The gradient norm (for the non-finite check), clipped to --grad_clip when that is on (a
     TrainConfig's or finetune.py's FinetuneConfig's)."""
-    return torch.nn.utils.clip_grad_norm_(model.parameters(),
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (FSDP: a DTensor)
 
 # -----------------------------------------------------------------------------
 # checkpoints: atomic (write, fsync, rename), a `latest` pointer, the last K kept, a checksum of the
@@ -543,7 +553,7 @@ def _resume_from(resume: str, out_dir: str, kind: str) -> tuple:
 BOOKKEEPING = ("resume", "out_dir", "stop_at", "workers", "save_every", "log_every",
                "picture_every", "keep_last", "dist_timeout", "on_save_error", "max_bad_steps",
                "bench", "bench_steps", "profile", "preset", "decode", "kernels", "compile", "init",
-               "eval_only")
+               "eval_only", "checkpoint_blocks")
 
 
 def say_resumed(path: str, step: int, saved: dict | None, cfg, master: bool,
@@ -991,7 +1001,7 @@ def refuse_to_overwrite(out_dir: str, resume: str):
 def rank_rows(micro: int, b: int, d: Dist) -> torch.Tensor:
     """Rows of the global batch's masks that belong to this rank's micro-batch: the k-th sample of
     rank r in micro-step m is global position (m * b + k) * W + r (EpochSampler's order)."""
-    return (micro * b + torch.arange(b)) * d.world + d.rank
+    return (micro * b + torch.arange(b, device=d.device)) * d.world + d.rank
 
 
 RUN_TIME_FIELDS = ("kernels",)  # chosen by the resuming run, whatever the checkpoint's run used
@@ -1074,11 +1084,31 @@ def continue_from(cfg, d: "Dist", s: Schedule, path: str, ckpt: dict, flags: str
                 (ckpt.get("steps_per_epoch"), s.steps_per_epoch))
 
 
+def compiled(model, cfg):
+    """torch.compile(model) in --compile's mode (a checkpoint of an older run says True/False)."""
+    mode = {True: "default", False: "off"}.get(cfg.compile, cfg.compile)
+    if mode == "off":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """--checkpoint_blocks: every transformer block's forward runs under activation checkpointing
+    (torch.utils.checkpoint, non-reentrant: the same RNG draws in the recomputation), so the
+    backward recomputes what a block's forward would have kept."""
+    from torch.utils.checkpoint import checkpoint
+    for block in model.modules():
+        if isinstance(block, avmae.Block):
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+
 def wrap(model, cfg, d: "Dist", ddp: bool = True):
-    """The model as the step calls it: compiled (--compile), and DDP-wrapped over several ranks
-    (FSDP shards in place instead)."""
-    if cfg.compile:
-        model = torch.compile(model)
+    """The model as the step calls it: with --checkpoint_blocks, compiled (--compile), and
+    DDP-wrapped over several ranks (FSDP shards in place instead)."""
+    if getattr(cfg, "checkpoint_blocks", False):
+        checkpoint_blocks(model)
+    model = compiled(model, cfg)
     if d.world > 1 and ddp and not getattr(cfg, "fsdp", False):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
@@ -1137,12 +1167,14 @@ class Log:
 
 def loop(run: Run, step_fn, after_step, state_fn, desc: str, advice: str) -> tuple:
     """Steps from the schedule's step to --stop_at (or the end): the lr of the step (times a
-    group's lr_scale: layer-wise decay), step_fn(run, step, preempt) -> dict(losses, skip, stop,
-    bad_clips, ...), the optimizer's step or a skipped one (NonFinite), a log line, after_step(run,
-    step, r, preempt, bar, last) (True: stop), and a checkpoint of state_fn(run, step) every
-    --save_every steps, at the end and at a stop. Out of device memory or a collective that failed
-    is one line (`advice`: what to change); a signal stops after the step, with a checkpoint.
-    Returns (step, the last checkpoint, the Log)."""
+    group's lr_scale: layer-wise decay), step_fn(run, step, preempt) -> dict(losses, finite, stop,
+    report, why, bad_clips, ...), the optimizer's step (the fused AdamW skips a step that is not
+    finite on the device: nothing waits for the device before it), one read of the step's figures,
+    a skipped step counted (NonFinite), a log line, after_step(run, step, r, preempt, bar, last)
+    (True: stop), and a checkpoint of state_fn(run, step) every --save_every steps, at the end and
+    at a stop. Out of device memory or a collective that failed is one line (`advice`: what to
+    change); a signal stops after the step, with a checkpoint. Returns (step, the last
+    checkpoint, the Log)."""
     cfg, d, opt, s = run.cfg, run.d, run.opt, run.schedule
     step, path = s.step, s.resumed
     stop = min(s.total, cfg.stop_at) if cfg.stop_at else s.total
@@ -1156,6 +1188,13 @@ def loop(run: Run, step_fn, after_step, state_fn, desc: str, advice: str) -> tup
                 g["lr"] = lr_at(step, s.total, s.warmup, s.lr, cfg.min_lr) * g.get("lr_scale", 1)
             try:
                 r = step_fn(run, step, preempt)
+                opt.found_inf = 1.0 - r["finite"]  # (read by the fused AdamW on the device)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                names = [*r["losses"], *r["report"]]
+                values = dict(zip(["finite", "stop", *names], torch.stack([  # the one read
+                    t.float() for t in (r["finite"], r["stop"], *r["losses"].values(),
+                                        *r["report"].values())]).tolist()))
             except RuntimeError as e:
                 why = step_failure(e, d, step, cfg, run.per_rank, advice)
                 if why is None:
@@ -1164,16 +1203,14 @@ def loop(run: Run, step_fn, after_step, state_fn, desc: str, advice: str) -> tup
             log.bad_clips += r["bad_clips"]
             step += 1
             bar.update(1)
-            if r["skip"]:
-                opt.zero_grad(set_to_none=True)
-                nonfinite(step - 1, r["skip"])
+            if values["finite"] < 1:
+                nonfinite(step - 1, r["why"](values))
                 continue
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            log.add(r["losses"])
+            log.add({k: values[k] for k in r["losses"]})
             if step % cfg.log_every == 0 or step == stop:
                 log.line(step, nonfinite.count, bar)
-            asked = after_step(run, step, r, preempt, bar, step == stop) or r["stop"]
+            r["values"] = values
+            asked = after_step(run, step, r, preempt, bar, step == stop) or values["stop"] > 0
             if step % cfg.save_every == 0 or step == stop or asked:
                 path = save_state(run, state_fn(run, step), step, step == stop) or path
             if asked:
@@ -1249,7 +1286,7 @@ def pretrain(model_cfg, cfg, d: "Dist", hooks) -> dict:
     if cfg.bench:
         try:
             from kernels.bench import step_speed  # (the speed alone: benchmarking's code)
-            return step_speed(torch.compile(model) if cfg.compile else model, model_cfg, cfg, d,
+            return step_speed(wrap(model, cfg, d, ddp=False), model_cfg, cfg, d,
                               per_rank)
         except torch.OutOfMemoryError as e:
             raise out_of_memory(e, d, 0, per_rank, "lower --batch_size, raise --grad_accum, or "
@@ -1345,7 +1382,7 @@ def setup(model_cfg, cfg, d: "Dist", model, per_rank: int, ds: data.AVDataset) -
             if isinstance(mod, avmae.Block):
                 fully_shard(mod)
         fully_shard(model)
-    opt = optimizer(model, cfg, s.lr, d.device)
+    opt = optimizer(model, cfg, s.lr)
     path, ckpt = resume_from(restart_resume(cfg.resume), cfg.out_dir, d=d)
     if ckpt:
         diff = {k: (v, asdict(model_cfg).get(k)) for k, v in ckpt["model_config"].items()
@@ -1380,7 +1417,7 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
         _, batch = next(run.stream)
         batch = x["hooks"]["batch"](step, batch) if "batch" in x["hooks"] else batch
         bad_clips += len(batch["bad"])
-        rows = rank_rows(micro, run.per_rank, d).to(d.device)
+        rows = rank_rows(micro, run.per_rank, d)
         # this micro-batch's rows of the step's masks (and of the second view's, for MAViL)
         own = {m: (keep[rows], drop[rows]) for m, (keep, drop) in masks.items()}
         own2 = None
@@ -1402,19 +1439,17 @@ def pretrain_step(run: Run, step: int, preempt: "Preemption") -> dict:
         zero = torch.zeros((), device=d.device)
         sums[:-1] += torch.stack(
             [out.get(k, zero).detach().float() for k in LOSS_KEYS]) / cfg.grad_accum
-    # (a signal that came during this step stops after it)
-    sums[-1] = float(preempt.signal is not None)
+    sums[-1] = float(preempt.signal is not None)  # (a signal during this step stops after it)
     sums = all_reduce(sums) / d.world
     gnorm = clip_grads(run.model, cfg)
-    finite = all_reduce(torch.tensor([float(torch.isfinite(sums).all() and torch.isfinite(gnorm))],
-                                     device=d.device),
+    finite = all_reduce((torch.isfinite(sums).all() & torch.isfinite(gnorm)).float(),
                         dist.ReduceOp.MIN if dist.is_initialized() else None)
-    values = sums.tolist()  # (one device sync)
-    losses = {k: v for k, v in zip(LOSS_KEYS, values) if k in out}
-    skip = "" if finite.item() >= 1 else (f"loss {values[0]:.4g} (audio {values[1]:.4g}, video "
-                                          f"{values[2]:.4g}, grad norm {float(gnorm):.4g})")
-    return dict(losses=losses, skip=skip, stop=values[-1] > 0, batch=batch, masks=own,
-                bad_clips=bad_clips)
+    losses = {k: sums[i] for i, k in enumerate(LOSS_KEYS) if k in out}
+    return dict(losses=losses, finite=finite, stop=sums[-1],
+                report=dict(audio=sums[1], video=sums[2], grad_norm=gnorm),
+                why=lambda v: (f"loss {v['loss']:.4g} (audio {v['audio']:.4g}, video "
+                               f"{v['video']:.4g}, grad norm {v['grad_norm']:.4g})"),
+                batch=batch, masks=own, bad_clips=bad_clips)
 
 
 def picture_step(run: Run, step: int, r: dict, preempt, bar, last: bool) -> bool:

@@ -321,7 +321,7 @@ def step_speed(model, model_cfg, cfg, d, micro: int):
     with cfg.profile, where a step's device time goes (profile_steps)."""
     import train
     raw = train.unwrap(model)
-    opt = train.optimizer(raw, cfg, 1e-4, d.device)  # (and the gradient norm: a step's work)
+    opt = train.optimizer(raw, cfg, 1e-4)  # (and the gradient norm: a step's work)
     x = {}
     if "a" in model_cfg.modalities:
         x["a"] = torch.randn(micro, model_cfg.audio_frames, model_cfg.mel_bins, device=d.device)

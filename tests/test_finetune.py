@@ -363,7 +363,8 @@ def test_finetune_runs_evaluates_and_reports(builtin, tmp_path, capsys):
 def test_a_global_batch_that_does_not_split_into_the_ranks_is_one_line(tmp_path):
     # (before, 7 on 2 ranks trained batches of 6 at the learning rate of 7)
     fcfg = finetune.parse_args(["--batch_size", "7", "--out_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="^--batch_size 7 does not split into 2 ranks: use a "):
+    with pytest.raises(SystemExit,
+                       match="^--batch_size 7 does not split into 2 ranks x 1 accumulation steps"):
         finetune.finetune(fcfg, train.Dist(rank=0, world=2))
 
 
@@ -395,7 +396,8 @@ def test_learning_watch_sets_train_accuracy_beside_test_and_warns_at_chance(caps
     t = {"a": {"label": y}, "v": {"label": y}}
     right = {"a": {"label": y * 5}, "v": {"label": y * 5}, "a_alone": {"label": -y * 9}}
     for _ in range(2):  # MBT's unimodal logits (a_alone) are no part of the model's prediction
-        watch.update(right, t, True, math.log(6))
+        r, n = watch.correct(right, t, True)
+        watch.update(float(r), n, math.log(6))
     res = {**watch.summary(), "label_top1": 0.25}
     assert res["train_top1"] == 1.0
     bar = tqdm(disable=False)
@@ -406,7 +408,8 @@ def test_learning_watch_sets_train_accuracy_beside_test_and_warns_at_chance(caps
     assert "warning: the training loss has not moved from chance" in out
     assert json.loads(line)["train_loss"] == pytest.approx(math.log(6))
     for _ in range(2):
-        watch.update(right, t, True, 0.5)
+        r, n = watch.correct(right, t, True)
+        watch.update(float(r), n, 0.5)
     watch.line(2 * 3, watch.summary(), bar)
     assert watch.loss == [0.5, 0.5]  # the last epoch's only: a checkpoint holds no more
     bar.close()
@@ -473,3 +476,21 @@ def test_finetune_with_the_gpu_decode_path(builtin, tmp_path):
                          "--batch_size", "8", "--max_steps", "2", "--views", "2", "--kernels",
                          "torch", "--decode", "gpu", "--out_dir", str(tmp_path)])
     assert res["clips"] == 8 and 0 <= res["label_top1"] <= 1
+
+
+def test_finetune_gradient_accumulation_equals_the_full_batch(builtin, tmp_path):
+    # two micro-steps of 4 clips step what one of 8 steps (quick: no mixup, no drop path), and
+    # every flag a long run uses (--checkpoint_blocks) leaves the run as it is
+    args = ["--preset", "quick", "--data", builtin, "--workers", "0", "--num_frames", "4",
+            "--image_size", "32", "--audio_frames", "64", "--batch_size", "8", "--max_steps", "3",
+            "--kernels", "torch", "--log_every", "1"]
+    runs = {name: finetune.main([*args, *more, "--out_dir", str(tmp_path / name)])
+            for name, more in (("one", []), ("acc", ["--grad_accum", "2"]),
+                               ("ckpt", ["--checkpoint_blocks"]))}
+    losses = {n: [r["loss"] for r in map(json.loads, open(tmp_path / n / "log.jsonl"))
+                  if "loss" in r] for n in runs}
+    assert len(losses["one"]) == 3 and losses["acc"] == pytest.approx(losses["one"], rel=1e-5)
+    assert losses["ckpt"] == losses["one"]
+    assert runs["acc"]["label_top1"] == runs["one"]["label_top1"]
+    with pytest.raises(SystemExit, match="does not split into 1 ranks x 3 accumulation steps"):
+        finetune.main([*args, "--grad_accum", "3", "--out_dir", str(tmp_path / "bad")])

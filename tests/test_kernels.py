@@ -668,3 +668,26 @@ def test_kernels_launch_under_a_torch_whose_wrap_triton_refuses_the_interpreter(
     monkeypatch.setattr(kernels, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="only works"):
         kernels.wrap_triton(kernels.gather._gather_kernel)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(encoder="mid", decoder="shared")])
+def test_the_compiled_step_gives_the_eager_loss_and_gradients(kw):
+    # torch.compile's graphs (Dynamo's capture, AOT autograd's joint forward and backward, run as
+    # traced: "aot_eager" generates no code) against the eager step, every gradient (on a GPU,
+    # test_kernels_gpu.py holds Inductor's compiled step, kernels included, to the twins)
+    from conftest import tiny_batch, tiny_config
+    cfg = tiny_config(kernels="torch", **kw)
+    torch.manual_seed(0)
+    eager = avmae.AVMAE(cfg)
+    compiled = avmae.AVMAE(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    x = tiny_batch(cfg)
+    masks = eager.sample_masks(2, generator=torch.Generator().manual_seed(1))
+    want = eager(**x, masks=masks)["loss"]
+    got = torch.compile(compiled, backend="aot_eager", fullgraph=True)(**x, masks=masks)["loss"]
+    want.backward()
+    got.backward()
+    assert torch.allclose(got, want, rtol=1e-5)
+    for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n

@@ -125,4 +125,41 @@ def test_compiled_step_has_no_graph_breaks(kw):
         loss = step(**x, masks=masks)["loss"]
         ref = twin(**x, masks=masks)["loss"]
     loss.backward()
+    ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
+    for (n, pf), pt in zip(fast.named_parameters(), twin.parameters()):  # the compiled backward
+        assert pf.grad is not None and rel_err(pf.grad, pt.grad) < 5e-2, n
+
+
+@pytest.mark.parametrize("script", ["train", "finetune"])
+def test_a_training_step_waits_for_nothing_before_its_optimizer_step(script, tmp_path,
+                                                                     monkeypatch):
+    # torch raises at any synchronising call (a read, a pageable copy) between a step's batch and
+    # the end of its optimizer step (tests/test_train.py counts the same reads on a CPU)
+    import data
+    import finetune
+    import train
+    root = data.make_builtin(str(tmp_path / "builtin"))
+    step = torch.optim.AdamW.step
+
+    def stepped(self, *a, **k):
+        out = step(self, *a, **k)
+        torch.cuda.set_sync_debug_mode(0)
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", stepped)
+
+    def batch(s, b):
+        torch.cuda.set_sync_debug_mode("error")
+        return b
+    tiny = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--audio_frames",
+            "64", "--data", root, "--workers", "1", "--max_steps", "3", "--batch_size", "8",
+            "--out_dir", str(tmp_path / script)]
+    try:
+        if script == "train":
+            train.main([*tiny, "--grad_accum", "2"], hooks={"batch": batch})
+        else:
+            mix = finetune.mixup
+            monkeypatch.setattr(finetune, "mixup", lambda b, *a, **k: mix(batch(0, b), *a, **k))
+            finetune.main(tiny)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -324,18 +324,14 @@ def test_bench_mode_reports_speed(capsys, tmp_path):
 
 
 def test_bench_steps_what_training_steps(monkeypatch):
-    # --bench times the training step's work: the same optimizer (AdamW, one fused kernel on a
-    # GPU: the first GPU report's bench stepped the slower unfused one) and the gradient norm
+    # --bench times the training step's work: the same optimizer (AdamW, fused: the first GPU
+    # report's bench stepped the slower unfused one) and the gradient norm
     made, clipped = [], []
     opt, clip = train.optimizer, train.clip_grads  # (what kernels/bench.py step_speed calls)
-    monkeypatch.setattr(train, "optimizer", lambda *a: made.append(a[3]) or opt(*a))
+    monkeypatch.setattr(train, "optimizer", lambda *a: made.append(opt(*a)) or made[-1])
     monkeypatch.setattr(train, "clip_grads", lambda *a: clipped.append(1) or clip(*a))
     train.main([*TINY, "--bench", "--bench_steps", "2", "--batch_size", "4"])
-    assert made == [torch.device("cpu")] and len(clipped) == 3 + 2  # (3 warm-up steps)
-    lin = torch.nn.Linear(2, 2)
-    assert train.optimizer(lin, train.TrainConfig(), 1e-3, torch.device("cuda")).defaults["fused"]
-    assert not train.optimizer(lin, train.TrainConfig(), 1e-3, torch.device("cpu")).defaults[
-        "fused"]
+    assert len(made) == 1 and made[0].defaults["fused"] and len(clipped) == 3 + 2  # (3 warm-up)
 
 
 def test_bench_profile_says_where_the_time_goes(capsys):
@@ -494,3 +490,81 @@ def test_each_script_has_one_flat_config_that_holds_what_the_loader_takes():
         assert {f.name for f in dataclasses.fields(data.LoadOptions)} <= names
     assert train.TrainConfig().video_aug == "none" and finetune.FinetuneConfig().video_aug == \
         "finetune"
+
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("script", ["train", "finetune"])
+def test_nothing_waits_for_the_device_before_the_optimizer_step(script, builtin, tmp_path,
+                                                                 monkeypatch):
+    # A host read of a tensor (item, tolist, bool(), float(), .cpu(), ...) waits for the device
+    # to finish all its queued work. Between a step's batch and its optimizer step there is none
+    # (a non-finite step is skipped by the fused AdamW on the device); after it, one read of the
+    # step's figures. (On a GPU, test_kernels_gpu.py holds the same with set_sync_debug_mode.)
+    import data
+    import finetune
+    events, quiet = [], []
+    for name in READS:
+        def counted(self, *a, _real=getattr(torch.Tensor, name), _name=name, **k):
+            if not quiet:
+                events.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    order = data.EpochSampler.__iter__  # (the sampler's CPU permutation: read on the host)
+    monkeypatch.setattr(data.EpochSampler, "__iter__", lambda self: quiet.append(1) or iter(
+        [list(order(self)), quiet.clear()][0]))
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: events.append("step") or step(self, *a, **k))
+    # the batch is in hand: a loader worker (its own process) read it; from here, the step's work
+    batch = lambda s, b: events.append("batch") or b  # noqa: E731
+    common = ["--data", builtin, "--workers", "1", "--log_every", "1000", "--max_steps", "4"]
+    if script == "train":
+        run(builtin, tmp_path, *common, "--batch_size", "8", "--grad_accum", "2",
+            hooks={"batch": batch})
+    else:
+        mix = finetune.mixup
+        monkeypatch.setattr(finetune, "mixup", lambda b, *a, **k: mix(batch(0, b), *a, **k))
+        finetune.main(["--preset", "quick", "--num_frames", "4", "--image_size", "32",
+                       "--audio_frames", "64", "--batch_size", "8", "--eval_every", "1000",
+                       "--out_dir", str(tmp_path), *common])
+    steps = " ".join(events).split("step")
+    assert len(steps) == 4 + 1
+    # the set-up, then each step's: [its one read after it,] its batches and nothing else
+    for i, between in enumerate(steps[:-1]):  # (the last step logs and saves)
+        reads = between.split()
+        reads = reads[reads.index("batch"):] if i == 0 else reads
+        assert reads[:i > 0] == ["tolist"] * (i > 0) and set(reads[i > 0:]) == {"batch"}, reads
+
+
+def test_compile_takes_a_mode(monkeypatch):
+    import finetune
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    for parse in (train.parse_args, finetune.parse_args):
+        for flags, want in ((["--compile"], None), (["--compile", "max-autotune-no-cudagraphs"],
+                                                    "max-autotune-no-cudagraphs"), ([], "off")):
+            cfg = parse(flags)
+            cfg = cfg[-1] if isinstance(cfg, tuple) else cfg
+            lin = torch.nn.Linear(2, 2)
+            assert train.compiled(lin, cfg) is lin
+            assert modes.pop() == want if want != "off" else not modes
+    assert train.compiled(lin, SimpleNamespace(compile=True)) is lin and modes == [None]  # (an
+    # older run's checkpoint says True)
+
+
+def test_checkpointed_blocks_give_the_same_run(builtin, tmp_path, monkeypatch):
+    # activation checkpointing recomputes each block's forward in the backward: the same losses
+    # and weights, bit for bit (the recomputation draws the same dropout / drop-path)
+    import torch.utils.checkpoint as ckpt
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = run(builtin, tmp_path / "plain", "--max_steps", "2", "--batch_size", "8")
+    assert not calls
+    saved = run(builtin, tmp_path / "ckpt", "--max_steps", "2", "--batch_size", "8",
+                "--checkpoint_blocks")
+    assert calls and losses(tmp_path / "plain") == losses(tmp_path / "ckpt")
+    w1, w2 = weights(plain["checkpoint"]), weights(saved["checkpoint"])
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
