@@ -123,6 +123,8 @@ class FinetuneConfig:
                                   # (GEMMs tuned too: minutes more) | max-autotune | reduce-overhead
     checkpoint_blocks: bool = False  # recompute each transformer block's activations in the
                                      # backward instead of keeping them (memory for compute)
+    fsdp: bool = False            # shard parameters, gradients and optimizer state over the
+                                  # ranks (torch fully_shard)
     kernels: str = "auto"         # auto | triton | torch (kernels/: which op runs)
     out_dir: str = "out/finetune" # checkpoints, log.jsonl, metrics.json, predictions.csv
     resume: str = ""              # continue a run: auto (out_dir's latest intact checkpoint, if
@@ -799,6 +801,12 @@ def evaluate(model, ds: data.AVDataset, cfg, d: train.Dist, mods,
     first, within the scheduler's grace time, not after the whole test set."""
     model.eval()
     idx = list(range(d.rank, len(ds), d.world))
+    # every rank the same number of batches (an FSDP forward, and the agreed stop, take every
+    # rank): a rank one clip short takes its last clip again, left out of the metrics
+    pad = -(-len(ds) // d.world) - len(idx)
+    padded = torch.tensor([False] * len(idx) + [True] * pad)
+    idx += [idx[-1] if idx else 0] * pad
+    at = 0
     loader = data.Loader(torch.utils.data.Subset(ds, idx),
                          batch_size=max(1, cfg.batch_size // d.world),
                          num_workers=min(cfg.workers, 4), collate_fn=data.collate)
@@ -810,12 +818,14 @@ def evaluate(model, ds: data.AVDataset, cfg, d: train.Dist, mods,
     # (its workers, and the decode ahead, end here, however the loop ends)
     with contextlib.closing(loader), contextlib.closing(batches):
         for _, b in batches:
-            if stop is not None and stop():
+            asked = torch.tensor([float(stop is not None and stop())], device=d.device)
+            if train.all_reduce(asked, dist.ReduceOp.MAX if dist.is_initialized() else None):
                 stopped = True
                 break
             # an unreadable clip's stand-in (the next readable clip) is left out: that clip is
             # evaluated at its own turn, and counting it twice would bias the metrics
-            keep = ~b["replaced"].bool().cpu()
+            keep = ~b["replaced"].bool().cpu() & ~padded[at:at + len(b["id"])]
+            at += len(b["id"])
             unreadable += [i for i, _ in b["bad"]]
             V = cfg.views
             x = {m: b[m].flatten(0, 1) for m in mods}  # (B * V, ...)
@@ -989,6 +999,8 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith("heads.")
     model.to(d.device)
+    if cfg.fsdp:
+        train.shard(model)
     torch.manual_seed(cfg.seed + d.rank)
     s = train.schedule(cfg, len(train_ds))
     groups = param_groups(model, cfg, s.lr)
@@ -1007,8 +1019,7 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
             raise SystemExit(f"{ckpt_path}: its model does not fit this run's ({', '.join(odd[:3])}"
                              f"{', ...' * (len(odd) > 3)}); resume or evaluate it with the flags "
                              "and input shapes it was made with")
-        model.load_state_dict(theirs)
-        opt.load_state_dict(resumed["optimizer"])
+        train.load_states(model, opt, resumed, cfg.fsdp)
         train.continue_from(cfg, d, s, ckpt_path, resumed, "finetune_config")
     per_rank = cfg.batch_size // (d.world * cfg.grad_accum)
     stream = None if cfg.eval_only else data.batch_stream(
@@ -1031,7 +1042,8 @@ def finetune_step(run: train.Run, step: int, preempt) -> dict:
     task loss leaves out MBT's unimodal losses (what LearningWatch compares with chance)."""
     cfg, d, x = run.cfg, run.d, run.extra
     mods, per_modality, multi = x["mods"], x["per_modality"], x["train_ds"].multi_label
-    sums, right, clips, bad = torch.zeros(2, device=d.device), 0, 0, 0  # (loss, task loss)
+    sums = torch.zeros(2, device=d.device)  # (loss, task loss)
+    right, clips, bad = torch.zeros((), device=d.device), 0, 0
     for micro in range(cfg.grad_accum):
         x["gen"].manual_seed(cfg.seed * 1_000_003 + step * 1009 + d.rank + micro * 100_003)
         batch = next(run.stream)[1]
@@ -1052,15 +1064,18 @@ def finetune_step(run: train.Run, step: int, preempt) -> dict:
         r, n = x["watch"].correct(logits, targets, per_modality)
         right, clips, bad = right + r, clips + n, bad + len(batch["bad"])
     gnorm = train.clip_grads(run.raw, cfg)
-    # every rank agrees (the minimum): finite here, and "not asked to stop"
-    flags = torch.stack([torch.isfinite(sums[0]) & torch.isfinite(gnorm)] * 2).float()
-    flags[1] = float(preempt.signal is None)  # (a fill: nothing waits for the device)
-    flags = train.all_reduce(flags, dist.ReduceOp.MIN if dist.is_initialized() else None)
-    return dict(losses=dict(loss=sums[0]), finite=flags[0], stop=1 - flags[1],
-                report=dict(grad_norm=gnorm, task_loss=sums[1], right=right),
+    # over all ranks, in one all-reduce: the losses, the ranks where a figure is not finite, the
+    # ranks asked to stop, the training clips right
+    total = torch.stack([sums[0], sums[1], ~(torch.isfinite(sums[0]) & torch.isfinite(gnorm)),
+                         torch.zeros((), device=d.device), right]).float()
+    total[3] = float(preempt.signal is not None)  # (a fill: nothing waits for the device)
+    total = train.all_reduce(total)
+    return dict(losses=dict(loss=total[0] / d.world), finite=(total[2] == 0).float(),
+                stop=total[3],
+                report=dict(grad_norm=gnorm, task_loss=total[1] / d.world, right=total[4]),
                 why=lambda v: (f"loss {v['loss']:.4g}" if not math.isfinite(v["loss"])
                                else f"gradient (norm {v['grad_norm']:.4g})"),
-                clips=clips, bad_clips=bad)
+                clips=clips * d.world, bad_clips=bad)
 
 
 def evaluate_step(run: train.Run, step: int, r: dict, preempt, bar, last: bool) -> bool:
@@ -1089,11 +1104,12 @@ def evaluate_step(run: train.Run, step: int, r: dict, preempt, bar, last: bool) 
 
 def finetune_state(run: train.Run, step: int) -> dict | None:
     """What a finetuning checkpoint holds beside the step and the RNGs: the model, its heads and
-    configs, the last evaluation and the learning watch (rank 0)."""
-    if not run.d.master:
+    configs, the last evaluation and the learning watch (None on a rank that writes nothing)."""
+    cfg, x = run.cfg, run.extra
+    if not (run.d.master or cfg.fsdp):  # (gathering FSDP shards takes every rank)
         return None
-    x = run.extra
-    return dict(model=train.model_state(run.raw, False), optimizer=run.opt.state_dict(),
+    return dict(model=train.model_state(run.raw, cfg.fsdp),
+                optimizer=train.optim_state(run.raw, run.opt, cfg.fsdp),
                 finetune_config=asdict(run.cfg), model_config=asdict(run.raw.cfg),
                 backbone=run.raw.backbone,  # (what avmae.load rebuilds it from)
                 # what --predict prepares a new video with and names its classes by
@@ -1105,6 +1121,7 @@ def finetune_state(run: train.Run, step: int) -> dict | None:
 
 
 def finetune(cfg: FinetuneConfig, d: train.Dist) -> dict:
+    train.need_torchrun_for_fsdp(cfg, "finetune.py")
     if cfg.batch_size % (d.world * cfg.grad_accum) and not cfg.eval_only:  # (a global batch,
         # as pretraining's)
         raise SystemExit(f"--batch_size {cfg.batch_size} does not split into {d.world} ranks x "

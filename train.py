@@ -168,6 +168,7 @@ GROUPS = ("model", "data", "optimisation", "run")  # -h's groups, in its order
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
+@functools.cache  # (read once per process: a forked rank parses nothing)
 def field_help(dc) -> dict:
     """{field: (its comment in the dataclass's source, its group)}: a field's trailing comment and
     the comment lines under it, at its column; its group the last '# model' / '# data' / ... line
@@ -834,6 +835,23 @@ def load_states(model, opt, ckpt: dict, fsdp: bool):
         opt.load_state_dict(ckpt["optimizer"])
 
 
+def need_torchrun_for_fsdp(cfg, script: str):
+    if cfg.fsdp and "RANK" not in os.environ:  # (else torch's traceback: "RANK expected")
+        raise SystemExit(f"--fsdp shards the model over the ranks of a torchrun job: run torchrun "
+                         f"--nproc_per_node N {script} ... --fsdp (N = 1 on one GPU), or leave "
+                         "--fsdp out")
+
+
+def shard(model):
+    """--fsdp: each transformer block's parameters, gradients and optimizer state sharded over
+    the ranks (torch's fully_shard), then the rest of the model."""
+    from torch.distributed.fsdp import fully_shard
+    for mod in model.modules():
+        if isinstance(mod, avmae.Block):
+            fully_shard(mod)
+    fully_shard(model)
+
+
 def unwrap(model):
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
@@ -1259,10 +1277,7 @@ def is_collective_failure(e: Exception) -> bool:
 def train(model_cfg: avmae.AVMAEConfig, cfg: TrainConfig, hooks: dict | None = None) -> dict:
     """Pretrain; returns a summary (final loss, paths). hooks['batch'](step, batch) -> batch lets
     tests inject faults."""
-    if cfg.fsdp and "RANK" not in os.environ:  # (else torch's traceback: "RANK expected")
-        raise SystemExit("--fsdp shards the model over the ranks of a torchrun job: run torchrun "
-                         "--nproc_per_node N train.py ... --fsdp (N = 1 on one GPU), or leave "
-                         "--fsdp out")
+    need_torchrun_for_fsdp(cfg, "train.py")
     d = setup_distributed(cfg.dist_timeout)
     try:
         return pretrain(model_cfg, cfg, d, hooks or {})
@@ -1377,11 +1392,7 @@ def setup(model_cfg, cfg, d: "Dist", model, per_rank: int, ds: data.AVDataset) -
     batches."""
     s = schedule(cfg, len(ds))
     if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for mod in model.modules():
-            if isinstance(mod, avmae.Block):
-                fully_shard(mod)
-        fully_shard(model)
+        shard(model)
     opt = optimizer(model, cfg, s.lr)
     path, ckpt = resume_from(restart_resume(cfg.resume), cfg.out_dir, d=d)
     if ckpt:

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -494,3 +495,52 @@ def test_finetune_gradient_accumulation_equals_the_full_batch(builtin, tmp_path)
     assert runs["acc"]["label_top1"] == runs["one"]["label_top1"]
     with pytest.raises(SystemExit, match="does not split into 1 ranks x 3 accumulation steps"):
         finetune.main([*args, "--grad_accum", "3", "--out_dir", str(tmp_path / "bad")])
+
+
+def _two_rank_finetunings(jobs):
+    shard = train.shard
+    train.shard = lambda model: print("SHARDED") or shard(model)  # (this rank's own process)
+    for args in jobs:
+        finetune.main(args)
+
+
+@pytest.mark.slow(25)
+def test_finetune_on_two_ranks_with_ddp_or_fsdp_equals_one_process(tmp_path):
+    # 7 test clips: one rank evaluates a clip fewer (it takes one again, left out); FSDP's
+    # checkpoints gather the shards, and a sharded run stopped and resumed continues the same run
+    from conftest import ranks
+    import data
+    root = data.make_builtin(str(tmp_path / "odd"), n_train=16, n_test=7)
+    args = ["--preset", "quick", "--data", root, "--workers", "0", "--num_frames", "4",
+            "--image_size", "32", "--audio_frames", "64", "--batch_size", "8", "--max_steps", "4",
+            "--kernels", "torch", "--log_every", "1", "--eval_every", "1"]
+    finetune.main([*args, "--out_dir", str(tmp_path / "one")])
+    out = {n: str(tmp_path / n) for n in ("ddp", "fsdp", "cut")}
+    jobs = [[*args, "--out_dir", out["ddp"]], [*args, "--fsdp", "--out_dir", out["fsdp"]],
+            [*args, "--fsdp", "--out_dir", out["cut"], "--stop_at", "2"],
+            [*args, "--fsdp", "--out_dir", out["cut"], "--resume", "auto"]]
+    codes, log = ranks(lambda: _two_rank_finetunings(jobs))
+    assert codes == [0, 0], log[-3000:]
+    assert log.count("SHARDED") == 2 * 3  # (rank 0's and rank 1's output: the three --fsdp runs)
+
+    def losses(d):
+        return [r["loss"] for r in map(json.loads, open(os.path.join(d, "log.jsonl")))
+                if "loss" in r]
+    want = losses(tmp_path / "one")
+    metrics = json.load(open(tmp_path / "one" / "metrics.json"))
+    predictions = {r["id"]: r for r in csv.DictReader(open(tmp_path / "one" / "predictions.csv"))}
+    for name in ("ddp", "fsdp", "cut"):
+        assert losses(out[name]) == pytest.approx(want, rel=1e-4), name
+        got = json.load(open(os.path.join(out[name], "metrics.json")))
+        assert got["clips"] == 7 and got["label_top5"] == pytest.approx(metrics["label_top5"]), name
+        rows = {r["id"]: r for r in csv.DictReader(open(os.path.join(out[name],
+                                                                     "predictions.csv")))}
+        assert rows.keys() == predictions.keys(), name  # (each test clip once)
+        for i, r in predictions.items():  # (the top-5's order: scores this close may swap)
+            assert sorted(map(float, rows[i]["label_scores"].split(";"))) == pytest.approx(
+                sorted(map(float, r["label_scores"].split(";"))), abs=2e-4), name
+        w = torch.load(train.find_checkpoint("auto", out[name]), weights_only=True)["model"]
+        mine = torch.load(train.find_checkpoint("auto", str(tmp_path / "one")),
+                          weights_only=True)["model"]
+        assert w.keys() == mine.keys() and all(
+            torch.allclose(w[k], mine[k], atol=1e-5) for k in w), name
