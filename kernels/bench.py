@@ -396,7 +396,7 @@ def profile_steps(step, n: int, device: torch.device) -> dict:
     if not cuda:  # (a CUDA build without a GPU: Kineto's error about counting GPUs, and its
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # start / stop lines, say nothing here)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True, with_flops=True) as prof:
         for _ in range(n):
             step()
         if cuda:
@@ -415,7 +415,9 @@ def profile_steps(step, n: int, device: torch.device) -> dict:
     if not spans:
         return dict(share={}, steps=n, note="the profiler recorded no kernels (no CUPTI?)")
     total = sum(by.values())
-    out = dict(share={k: v / total for k, v in by.items()}, steps=n)
+    out = dict(share={k: v / total for k, v in by.items()}, steps=n,
+               top=top_kernels(prof.events(), cuda, total), attention=attention_by_length(
+                   prof.events()))
     if cuda:
         busy, end = 0.0, -math.inf  # the union of the kernels' intervals
         for a, b in sorted(spans):
@@ -423,6 +425,92 @@ def profile_steps(step, n: int, device: torch.device) -> dict:
             end = max(end, b)
         out["busy"] = busy / (end - min(a for a, _ in spans))
     return out
+
+
+VIEWS = (r"aten::(view|reshape|_reshape_alias|as_strided|t|transpose|permute|expand|slice|select|"
+         r"unsqueeze|squeeze|alias|detach|unflatten|flatten|split|chunk|unbind|narrow|"
+         r"empty\w*|_unsafe_view|lift_fresh|resolve_conj|resolve_neg)$")
+
+
+def _op_work(e) -> tuple:
+    """(FLOPs, bytes) of one profiled op: the profiler's FLOP count (matmuls), attention's from
+    its shapes (4 B H N^2 d forward, 2.5x that backward), else the bytes of its inputs and an
+    output the size of the first (elementwise and copy ops)."""
+    shapes = [s for s in (e.input_shapes or []) if s]
+    if e.flops:
+        return e.flops, 0
+    n, at = attention_length(e)
+    if n:
+        B, H, N, d = at
+        return 4 * B * H * N * N * d * (2.5 if "backward" in e.name else 1), 0
+    if re.match(VIEWS, e.name):  # (a view moves no bytes)
+        return 0, 0
+    sizes = getattr(e, "input_dtypes", None) or []
+    item = [torch.empty((), dtype=getattr(torch, t.split(" ")[-1], torch.float32)).element_size()
+            if t and hasattr(torch, t.split(" ")[-1]) else 4 for t in sizes] or [4] * len(shapes)
+    moved = [math.prod(s) * b for s, b in zip(shapes, item)]
+    return 0, sum(moved) + (moved[0] if moved else 0)
+
+
+def attention_length(e) -> tuple:
+    """(sequence length, (B, H, N, d)) of an attention op (SDPA's backends, ours), else (0, None)."""
+    shapes = e.input_shapes or []
+    if not shapes or not shapes[0]:
+        return 0, None
+    if re.match(r"aten::_scaled_dot_product_\w+|aten::_flash_attention|aten::_efficient_attention",
+                e.name) and len(shapes[0]) == 4:
+        return shapes[0][2], tuple(shapes[0])
+    if "attention_qkv" in e.name and len(shapes[0]) == 5:  # ours: (B, N, 3, H, d)
+        B, N, _, H, d = shapes[0]
+        return N, (B, H, N, d)
+    return 0, None
+
+
+def top_kernels(events, cuda: bool, total: float, n: int = 30) -> list:
+    """The n kernels (on a CPU: ops) that take the most of the profiled time: (name, share of
+    the time, calls, TFLOP/s or None, GB/s or None), the work of each kernel from the op that
+    launched it (_op_work, shared out by time among the kernels it launched)."""
+    from torch.autograd import DeviceType
+    rows = {}  # name: [time, calls, FLOPs, bytes]
+    for e in events:
+        if cuda and e.device_type == DeviceType.CUDA:  # (the time: the kernels themselves)
+            r = rows.setdefault(e.name, [0.0, 0, 0.0, 0.0])
+            r[0] += e.time_range.end - e.time_range.start
+            r[1] += 1
+        if e.device_type != DeviceType.CPU:
+            continue
+        flops, nbytes = _op_work(e)
+        if cuda:  # (the work: the op's, shared out among the kernels it launched)
+            spans = [(k.name, k.duration) for k in e.kernels]
+        elif e.self_cpu_time_total > 0:
+            spans = [(e.name, e.self_cpu_time_total)]
+            r = rows.setdefault(e.name, [0.0, 0, 0.0, 0.0])
+            r[0] += e.self_cpu_time_total
+            r[1] += 1
+        else:
+            spans = []
+        busy = sum(t for _, t in spans) or 1
+        for name, t in spans:
+            r = rows.setdefault(name, [0.0, 0, 0.0, 0.0])
+            r[2] += flops * t / busy
+            r[3] += nbytes * t / busy
+    out = []
+    for name, (t, calls, flops, nbytes) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:n]:
+        s = max(t, 1e-3) / 1e6  # (the profiler's microseconds)
+        out.append((name, t / total, calls, flops / s / 1e12 if flops else None,
+                    nbytes / s / 1e9 if nbytes and not flops else None))
+    return out
+
+
+def attention_by_length(events) -> dict:
+    """{sequence length: the attention ops that ran at it (SDPA's backend, or ours)}."""
+    seen = {}
+    for e in events:
+        N, _ = attention_length(e)
+        if N and "backward" not in e.name:
+            name = e.name.replace("aten::_scaled_dot_product_", "sdpa ").replace("avmae::", "")
+            seen.setdefault(N, set()).add(name)
+    return {N: sorted(v) for N, v in sorted(seen.items())}
 
 
 def profile_line(p: dict) -> str:
@@ -560,7 +648,7 @@ def markdown(dev, res, small) -> str:
         out += [f"| {b} | {m} | {_f(c)} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
                 f"{mem if isinstance(mem, str) else _f(mem)} |" for b, m, c, mfu, mem, *_ in steps]
         out += ["", f"torch.compile of the training step: {res.get('fullgraph', 'not run')}"]
-        out += profiles(steps, dev)
+        out += profiles(steps, dev, res.get("top", False))
     if "memory" in res or "attention" in res:
         out += ["", "kernels.MEASURED_FASTER entry these figures support: "
                 f"{suggest(dev, memory, attention, checks)}"]
@@ -569,9 +657,10 @@ def markdown(dev, res, small) -> str:
     return "\n".join(out)
 
 
-def profiles(steps, dev) -> list:
+def profiles(steps, dev, top: bool = False) -> list:
     """The step rows' torch.profiler figures as a table: each kind's share of the device time
-    (KINDS, by kernel name), and how busy the device was."""
+    (KINDS, by kernel name), and how busy the device was; with `top` (--profile), each row's top
+    kernels and the attention op that ran at each sequence length."""
     got = [(b, m, p) for b, m, *_, p in steps if p and p.get("share")]
     if not got:
         return []
@@ -586,6 +675,16 @@ def profiles(steps, dev) -> list:
         busy = f"{p['busy']:.0%}" if "busy" in p else "-"
         out.append(f"| {b} | {m} | " + " | ".join(f"{p['share'].get(k, 0):.0%}" for k in kinds)
                    + f" | {busy} |")
+    for b, m, p in got if top else ():
+        unit = "kernel" if dev == "cuda" else "op (CPU)"
+        out += ["", f"Top {len(p['top'])} {unit}s of the step (--kernels {b}, {m}): share of the "
+                "profiled time, calls, and TFLOP/s (matmuls, attention) or GB/s (the rest: inputs "
+                "read and an output written) from the op that launched each:", "",
+                f"| {unit} | share | calls | TFLOP/s | GB/s |", "|---|---|---|---|---|"]
+        out += [f"| `{name[:70]}` | {share:.1%} | {calls} | {_f(tf)} | {_f(gb)} |"
+                for name, share, calls, tf, gb in p["top"]]
+        out += ["", "Attention by sequence length (which op ran: SDPA's backend, or ours): "
+                + "; ".join(f"{N}: {', '.join(v)}" for N, v in p["attention"].items())]
     return out
 
 
@@ -763,6 +862,9 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", choices=["torch", "auto", "triton"],
                    default=["torch", "auto", "triton"], help="the training step's kernel sets "
                    "(after a fix to one: `--only step --modes compiled --backends triton`)")
+    p.add_argument("--profile", action="store_true", help="the training step's rows only "
+                   "(unless --only says otherwise), each with its top 30 kernels (share of the "
+                   "step, TFLOP/s or GB/s) and the attention op that ran at each length")
     p.add_argument("--cavmae", metavar="REPO", help="time --variant cavmae against the authors' "
                    "model in this CAV-MAE checkout (nothing else is run)")
     p.add_argument("--site",
@@ -808,7 +910,8 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; "
           f"{'kernels and twins' if run_ours(dev) else 'twins only (no GPU, no interpreter)'}",
           flush=True)
-    res = dict(seconds={})
+    res = dict(seconds={}, top=a.profile)
+    a.only = a.only or ("step" if a.profile else None)
 
     def save():  # after each section: a run stopped at a time limit keeps what it measured
         text = markdown(dev, res, small)

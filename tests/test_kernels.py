@@ -691,3 +691,35 @@ def test_the_compiled_step_gives_the_eager_loss_and_gradients(kw):
     for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
         assert (p.grad is None) == (q.grad is None), n
         assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_bench_profile_writes_the_top_kernels_and_the_attention_op_at_each_length(tmp_path):
+    # a profiled step: its 30 biggest kernels (a CPU: ops), each with its share of the step and
+    # TFLOP/s (matmuls, attention, from the shapes) or GB/s, and which attention op ran at each
+    # sequence length (the tiny step: the encoder's visible tokens, the decoder's full sequences)
+    p = subprocess.run([sys.executable, "kernels/bench.py", "--profile", "--modes", "eager",
+                        "--backends", "torch", "--report", str(tmp_path / "p.md")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = (tmp_path / "p.md").read_text()
+    assert "## Memory kernels" not in text  # (the step alone)
+    table = text.split("Top 30 op (CPU)s of the step (--kernels torch, eager)")[1].split(
+        "\n\n")[1].splitlines()[2:]
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in table]
+    shares = [float(r[1].rstrip("%")) for r in rows]
+    assert len(rows) == 30 and shares == sorted(shares, reverse=True) and sum(shares) <= 100.05
+    mm = next(r for r in rows if r[0] == "`aten::mm`")
+    assert float(mm[3]) > 0 and mm[4] == "-"  # (a matmul: TFLOP/s)
+    assert all(r[4] == "-" for r in rows if r[0].startswith(("`aten::view", "`aten::t`")))
+    line = next(x for x in text.splitlines() if x.startswith("Attention by sequence length"))
+    model = avmae.AVMAE(avmae.make_config("tiny", num_frames=4, image_size=32, patch_size=16,
+                                          audio_frames=64, mel_bins=32, encoder="mid",
+                                          decoder="shared"))
+    keep = {m: k.shape[1] for m, (k, _) in model.sample_masks(2).items()}
+    # each modality's visible tokens alone, then both (mid fusion), and the shared decoder over
+    # each modality's full sequence
+    want = {keep["a"], keep["v"], keep["a"] + keep["v"],
+            *(math.prod(p.grid) for p in model.patches.values())}
+    ran = dict(x.split(": ") for x in line.split("or ours): ")[1].split("; "))
+    assert {int(n) for n in ran} == want and set(ran.values()) == {"sdpa flash_attention_for_cpu"}
