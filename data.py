@@ -953,7 +953,10 @@ def crop_resize(frames, box, flip: bool, size: int) -> torch.Tensor:
     training device (4x less to copy between processes): `to_device` scales them to [-1, 1]
     there."""
     top, left, h, w = box
-    if frames[0].is_cuda:
+    if (h, w) == (size, size):  # (the crop has the training size already, as pretraining's
+        # 224 of frames stored at 256 has: a resize to its own size is the identity)
+        x = torch.stack([f[:, top:top + h, left:left + w] for f in frames])
+    elif frames[0].is_cuda:
         x = torch.stack(list(frames)) if isinstance(frames, list) else frames
         x = F.interpolate(x[:, :, top:top + h, left:left + w].float(), size=(size, size),
                           mode="bilinear", align_corners=False, antialias=True)

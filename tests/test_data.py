@@ -950,3 +950,24 @@ def test_a_split_the_manifest_does_not_have_is_named_with_those_it_has(tmp_path)
         data.main(["prepare", "--videos", str(tmp_path), "--manifest", str(manifest), "--format",
                    "generic", "--out", str(tmp_path / "set"), "--split", "valid"])
     assert "no rows of split 'valid' (its splits: ['test', 'train'])" in e.value.code
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_a_crop_of_the_training_size_is_not_resized(device, monkeypatch):
+    # pretraining's crop of frames stored at short side 256 is 224 x 224 already: it is copied,
+    # not resized, and equals what the resize to its own size gives
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (4, 3, 40, 50), dtype=torch.uint8, generator=g).to(device)
+    box = (3, 5, 32, 32)
+    want = data.crop_resize(frames, box, True, 31)  # (another size: resized)
+    calls = []
+    real = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    same = data.crop_resize(frames, box, True, 32)
+    assert not calls and same.shape == (3, 4, 32, 32) and want.shape == (3, 4, 31, 31)
+    x = frames[:, :, 3:35, 5:37].float()
+    resized = real(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(same, resized.round().clamp(0, 255).to(torch.uint8).flip(-1).permute(
+        1, 0, 2, 3)) and torch.equal(same, frames[:, :, 3:35, 5:37].flip(-1).permute(1, 0, 2, 3))
+    assert data.crop_resize(list(frames), box, False, 32).shape == (3, 4, 32, 32)
