@@ -1014,7 +1014,9 @@ class LoadOptions:
                                   # of the 256-short-side frame) |
                                   # finetune (jitter, flip, colour) | rrc (MAE's crop + flip)
     decode: str = "cpu"           # JPEG decoding: cpu (in workers) | gpu
-                                  # (JPEG bytes; GPUDecoder, batched)
+                                  # (JPEG bytes; GPUDecoder, batched) | mixed (both)
+    gpu_share: float = 0.5        # --decode mixed: the share of the batches the GPU decodes (the
+                                  # workers decode the rest; each batch's clips are the same)
     seed: int = 0                 # augmentation randomness = f(seed, epoch, clip index)
 
 
@@ -1206,14 +1208,16 @@ class AVDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, key):
-        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # from EpochSampler
+        # from EpochSampler: (index, epoch[, decoded on the GPU: --decode mixed])
+        idx, epoch, *gpu = key if isinstance(key, tuple) else (key, self.epoch)
+        gpu = gpu[0] if gpu else self.cfg.decode == "gpu"
         worker = torch.utils.data.get_worker_info()
         self.reading[worker.id if worker else 0] = idx  # (named if the worker dies)
         bad = []
         for k in range(self.MAX_TRIES):
             j = (idx + k) % len(self.rows)
             try:
-                item = self._load(j, epoch)
+                item = self._load(j, epoch, gpu)
                 item["bad"] = bad
                 item["replaced"] = bool(bad)  # (evaluation leaves a stand-in out: it has its turn)
                 return item
@@ -1230,7 +1234,7 @@ class AVDataset(torch.utils.data.Dataset):
                                "video-only (train.py --modalities v, finetune.py --modality "
                                "video)" if silent else ""))
 
-    def _load(self, j, epoch):
+    def _load(self, j, epoch, gpu: bool):
         cfg, row = self.cfg, self.rows[j]
         clip = os.path.join(cfg.root, "clips", row["id"])
         rng = np.random.default_rng([cfg.seed, epoch, j])
@@ -1242,8 +1246,9 @@ class AVDataset(torch.utils.data.Dataset):
             starts = [int(round(s)) for s in np.linspace(0, last_start, cfg.views)]
         out = dict(id=row["id"], t0=[s / self.fps for s in starts])
         if "a" in cfg.modalities:
-            a, out["ta"], silent = self._audio(os.path.join(clip, "audio.flac"), out["t0"], rng)
-            if cfg.decode == "gpu":  # samples and SpecAugment draws: GPUDecoder makes the log-mels
+            a, out["ta"], silent = self._audio(os.path.join(clip, "audio.flac"), out["t0"], rng,
+                                               gpu)
+            if gpu:  # samples and SpecAugment draws: GPUDecoder makes the log-mels
                 out["a"], out["a_draws"] = a
             else:
                 out["a"] = a
@@ -1252,16 +1257,16 @@ class AVDataset(torch.utils.data.Dataset):
             if silent:
                 log.warning("silent audio kept (evaluation): %s/audio.flac", clip)
         if "v" in cfg.modalities:
-            out["v"] = self._video(os.path.join(clip, "frames.bin"), starts, rng)
+            out["v"] = self._video(os.path.join(clip, "frames.bin"), starts, rng, gpu)
         for h in self.heads:
             out[h] = label_target(row[h], len(self.heads[h]), self.multi_label)
         if cfg.train:  # one view: drop the view axis (GPU decoding keeps its views)
-            for k in ("t0", "ta") + (("a", "v") if cfg.decode == "cpu" else ()):
+            for k in ("t0", "ta") + (() if gpu else ("a", "v")):
                 if k in out:
                     out[k] = out[k][0]
         return out
 
-    def _audio(self, path, t0s, rng):
+    def _audio(self, path, t0s, rng, gpu: bool):
         """(log-mels (views, T, mel), or with decode='gpu' the samples (views, n) and the
         SpecAugment draws (views, 5) that GPUDecoder turns into them; audio start times; silent)"""
         cfg = self.cfg
@@ -1270,7 +1275,7 @@ class AVDataset(torch.utils.data.Dataset):
                               for _ in t0s]) if self.spec_augmented else None
         lo, hi = torch.aminmax(wave)
         silent = bool(hi < 1e-4 and lo > -1e-4)
-        if cfg.decode == "gpu":
+        if gpu:
             if draws is None:
                 draws = torch.zeros(len(t0s), 5, dtype=torch.long)
             return (wave, draws), tas, silent
@@ -1287,7 +1292,7 @@ class AVDataset(torch.utils.data.Dataset):
         a = (a - self.norm[0]) / self.norm[1]
         return augment_spec(a, draws) if draws is not None and self.spec_augmented else a
 
-    def _video(self, path, starts, rng):
+    def _video(self, path, starts, rng, gpu: bool):
         cfg = self.cfg
         try:
             n = frame_count(path)  # (fewer frames than the window: the last one is held)
@@ -1296,7 +1301,7 @@ class AVDataset(torch.utils.data.Dataset):
         except (OSError, ValueError) as e:
             raise BadClip(f"{path}: {e}") from None
         seed = int(rng.integers(2**31))  # every view of a clip is augmented alike
-        if cfg.decode == "gpu":  # the GPUDecoder decodes and augments; here only the seed
+        if gpu:  # the GPUDecoder decodes and augments; here only the seed
             return [dict(jpegs=v, seed=seed) for v in views]
         out = []
         for jp in views:
@@ -1344,6 +1349,8 @@ class GPUDecoder:
 
     def __call__(self, batch: dict) -> dict:
         cfg, n = self.cfg, len(batch["id"])
+        if not (isinstance(batch.get("v"), dict) or "a_draws" in batch):
+            return to_device(batch, self.device)  # (--decode mixed: the workers decoded this one)
         keep, videos = list(range(n)), None
         if "v" in batch:
             keep, videos = self._video(batch)
@@ -1440,9 +1447,12 @@ class EpochSampler(torch.utils.data.Sampler):
     global order is the same for any number of ranks: rank r of W takes positions r, r + W, r + 2W,
     ... of the epoch's permutation, so a global batch holds the same clips whatever W is."""
 
-    def __init__(self, n: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 batch: int = 0, gpu_share: float | None = None):
         self.n, self.world, self.rank, self.seed, self.shuffle = n, world, rank, seed, shuffle
         self.epoch, self.start = 0, 0
+        self.batch, self.gpu_share = batch, gpu_share  # (--decode mixed: which batches the GPU
+        # decodes, spread evenly: batch b if floor((b + 1) share) > floor(b share))
 
     def set_position(self, epoch: int, start: int = 0):
         """Epoch, and how many of this rank's samples of it are already consumed."""
@@ -1455,7 +1465,12 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         mine = perm[: self.n // self.world * self.world][self.rank::self.world]
-        return iter((int(i), self.epoch) for i in mine[self.start:])
+        if self.gpu_share is None:
+            return iter((int(i), self.epoch) for i in mine[self.start:])
+        share = self.gpu_share
+        return iter((int(i), self.epoch, math.floor((b + 1) * share) > math.floor(b * share))
+                    for i, b in ((i, p // self.batch) for p, i in enumerate(mine[self.start:],
+                                                                              self.start)))
 
 
 def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None,
@@ -1679,11 +1694,13 @@ def batch_stream(ds: AVDataset, per_rank: int, workers: int, seed: int, d, step:
     """The one loader of both scripts: EpochSampler's order (independent of the number of
     ranks, resumable at any step: `per_step` samples of this rank per step), pinned memory and
     persistent workers, batches moved to the device (and decoded there with --decode gpu)."""
-    sampler = EpochSampler(len(ds), d.world, d.rank, seed)
+    mixed = ds.cfg.decode == "mixed"
+    sampler = EpochSampler(len(ds), d.world, d.rank, seed, batch=per_rank,
+                           gpu_share=ds.cfg.gpu_share if mixed else None)
     loader = Loader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
                     collate_fn=collate, drop_last=True,
                     pin_memory=d.device.type == "cuda", persistent_workers=workers > 0)
-    gpu_decoder = GPUDecoder(ds, d.device) if ds.cfg.decode == "gpu" else None
+    gpu_decoder = GPUDecoder(ds, d.device) if ds.cfg.decode in ("gpu", "mixed") else None
     epoch0, in_epoch = divmod(step, steps_per_epoch)
     return batches(loader, sampler, epoch0, in_epoch * per_step, d, gpu_decoder)
 

@@ -92,7 +92,9 @@ class FinetuneConfig:
     video_aug: str = "finetune"   # finetune (scale jitter, flip, colour,
                                   # the authors' ViViT / MBT) | none | rrc
     decode: str = "cpu"           # JPEG decoding: cpu (in workers) | gpu
-                                  # (JPEG bytes; GPUDecoder, batched)
+                                  # (JPEG bytes; GPUDecoder, batched) | mixed (both)
+    gpu_share: float = 0.5        # --decode mixed: the share of the batches the GPU decodes (the
+                                  # workers decode the rest; each batch's clips are the same)
     seed: int = 0                 # new layers' init; augmentation and mixup = f(seed, epoch, clip)
     specaug_freq: int = 48        # one frequency mask up to 48 bins (AST)
     specaug_time: int = 0         # the authors' code had time masks off
@@ -189,7 +191,7 @@ CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MO
                video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
                inflate=("inflate", "central", "none"), optimizer=("sgd", "adamw"),
                precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
-               window=("hann", "hamming"), decode=("cpu", "gpu"))
+               window=("hann", "hamming"), decode=("cpu", "gpu", "mixed"))
 
 
 def parse_args(argv=None) -> FinetuneConfig:

@@ -76,7 +76,9 @@ class TrainConfig:
     video_aug: str = "none"       # none (Table 20: a crop of the 256-short-side frame) | finetune
                                   # (jitter, flip, colour) | rrc (MAE's crop + flip)
     decode: str = "cpu"           # JPEG decoding: cpu (in workers) | gpu
-                                  # (JPEG bytes; GPUDecoder, batched)
+                                  # (JPEG bytes; GPUDecoder, batched) | mixed (both)
+    gpu_share: float = 0.5        # --decode mixed: the share of the batches the GPU decodes (the
+                                  # workers decode the rest; each batch's clips are the same)
     seed: int = 0                 # the model's init; augmentation randomness = f(seed, epoch, clip)
     # optimisation
     batch_size: int = 512         # global batch (all ranks, all accumulation steps)
@@ -152,7 +154,7 @@ PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "batch_size": 32, "
 
 TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(avmae.VARIANTS),
                      precision=("auto", "bf16", "fp32"), window=("hann",
-                                                                 "hamming"), decode=("cpu", "gpu"),
+                                                                 "hamming"), decode=("cpu", "gpu", "mixed"),
                      video_aug=("none", "rrc"), on_save_error=("retry", "stop"))
 
 
@@ -963,12 +965,10 @@ def save_picture(img: torch.Tensor, path: str):
 def data_config(model_cfg: avmae.AVMAEConfig, cfg, split: str, train: bool,
                 **kw) -> data.DataConfig:
     return data.DataConfig(root=cfg.data, split=split, modalities=model_cfg.modalities,
-                           num_frames=model_cfg.num_frames, frame_stride=cfg.frame_stride,
-                           image_size=model_cfg.image_size, audio_frames=model_cfg.audio_frames,
-                           mel_bins=model_cfg.mel_bins, window=cfg.window,
-                           audio_norm=cfg.audio_norm,
-                           train=train, decode=cfg.decode, seed=cfg.seed,
-                           video_aug=cfg.video_aug, **kw)
+                           num_frames=model_cfg.num_frames, image_size=model_cfg.image_size,
+                           audio_frames=model_cfg.audio_frames, mel_bins=model_cfg.mel_bins,
+                           train=train, **{f.name: getattr(cfg, f.name)
+                                           for f in fields(data.LoadOptions)}, **kw)
 
 
 def make_out_dir(path: str, master: bool = True):

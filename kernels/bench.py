@@ -454,7 +454,7 @@ def _op_work(e) -> tuple:
 
 def attention_length(e) -> tuple:
     """(sequence length, (B, H, N, d)) of an attention op (SDPA's backends, ours), else (0, None)."""
-    shapes = e.input_shapes or []
+    shapes = getattr(e, "input_shapes", None) or []
     if not shapes or not shapes[0]:
         return 0, None
     if re.match(r"aten::_scaled_dot_product_\w+|aten::_flash_attention|aten::_efficient_attention",

@@ -2,6 +2,7 @@
 input."""
 import csv
 import errno
+import itertools
 import json
 import logging
 import os
@@ -971,3 +972,30 @@ def test_a_crop_of_the_training_size_is_not_resized(device, monkeypatch):
     assert torch.equal(same, resized.round().clamp(0, 255).to(torch.uint8).flip(-1).permute(
         1, 0, 2, 3)) and torch.equal(same, frames[:, :, 3:35, 5:37].flip(-1).permute(1, 0, 2, 3))
     assert data.crop_resize(list(frames), box, False, 32).shape == (3, 4, 32, 32)
+
+
+def test_mixed_decode_shares_the_batches_between_the_gpu_and_the_workers(copy, monkeypatch):
+    # --decode mixed: the GPU decoder takes gpu_share of the batches (spread evenly, the same
+    # batches after a resume), the workers decode the rest; the stream is the CPU path's (here the
+    # "GPU" is the CPU: the same decoder, so the same pixels)
+    import train
+    kw = dict(seed=3, specaug_freq=20, video_aug="finetune")
+    decoded = []
+    real = data.GPUDecoder._video
+    monkeypatch.setattr(data.GPUDecoder, "_video",
+                        lambda self, b: decoded.append(b["id"]) or real(self, b))
+    d = train.Dist()
+
+    def stream(decode, step=0):
+        ds = _small(copy, decode=decode, gpu_share=0.25, **kw)
+        return itertools.islice(data.batch_stream(ds, 2, 0, 0, d, step, len(ds) // 2, 2), 8)
+    cpu = [b for _, b in stream("cpu")]
+    mixed = [b for _, b in stream("mixed")]
+    assert [b["id"] for b in mixed] == [b["id"] for b in cpu]
+    assert decoded == [mixed[3]["id"], mixed[7]["id"]]  # (a quarter: batches 3 and 7)
+    for c, m in zip(cpu, mixed):
+        assert torch.equal(c["v"], m["v"]) and torch.allclose(c["a"], m["a"], atol=1e-4)
+    decoded.clear()
+    resumed = [b for _, b in stream("mixed", step=2)]  # (batches 2 on: the GPU's are 3 and 7)
+    assert decoded[:1] == [mixed[3]["id"]] and [b["id"] for b in resumed[:6]] == [
+        b["id"] for b in mixed[2:]]

@@ -381,6 +381,7 @@ def test_bench_profile_says_where_the_time_goes(capsys):
         p = bench.profile_steps(lambda: None, 1, torch.device("cuda"))
     assert p["busy"] == pytest.approx(8 / 10)  # (0-6 and 8-10 of 0-10)
     assert p["share"]["matmul"] == pytest.approx(6 / 10) and p["share"]["attention"] == 0.4
+    assert p["top"] == [("gemm", 0.6, 2, None, None), ("_attn_fwd", 0.4, 1, None, None)]
     # a profiler that fails (no CUPTI, say) leaves the timing standing, and says so in one line
 
     def broken(**kw):
