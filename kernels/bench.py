@@ -252,6 +252,38 @@ def _sdpa(qkv, backend, sdpa_kernel):  # backend None: SDPA's own choice
         return F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4))
 
 
+def calibrate(dev, small) -> list:
+    """A sitting's first lines: the machine and versions, a large bf16 GEMM's TFLOP/s against
+    the card's dense peak (what MFU is counted against: a card that reaches less shows it here),
+    and the attention op SDPA picks at each of the step's lengths (one forward + backward each,
+    under the profiler)."""
+    import importlib.metadata
+    import importlib.util
+    import train
+    from torch.profiler import ProfilerActivity, profile
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    out = [f"- device: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); triton "
+           f"{importlib.metadata.version('triton') if importlib.util.find_spec('triton') else '-'}"
+           f"; {os.cpu_count()} cores"]
+    n, dtype = (512, torch.float32) if small else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    s = timeit(lambda: a @ b, reps=5 if small else 20)
+    peak = train.peak_flops(torch.device(dev))
+    of = f", {2 * n ** 3 / s / peak:.0%} of its {peak / 1e12:.0f} dense" if peak else ""
+    out.append(f"- GEMM {n}^3 {str(dtype)[6:]}: {2 * n ** 3 / s / 1e12:.1f} TFLOP/s{of}")
+    d, picks = (32, {}) if small else (64, {})
+    for N in sum(SMALL_LENGTHS if small else (ENCODER_LENGTHS, DECODER_LENGTHS), ()):
+        q = torch.randn(2 if small else 64, 4 if small else 12, N, d, device=dev,
+                        dtype=torch.bfloat16 if dev == "cuda" else torch.float32,
+                        requires_grad=True)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            F.scaled_dot_product_attention(q, q, q).sum().backward()
+        picks[N] = ", ".join(attention_by_length(prof.events()).get(N, ["?"]))
+    out.append("- SDPA's own pick by sequence length: "
+               + "; ".join(f"{N}: {v}" for N, v in picks.items()))
+    return out
+
+
 def bench_step(dev, small, on_row=None, modes=("eager", "compiled"),
                backends=("torch", "auto", "triton")):
     """The ViT-B paper configuration's training step per backend, in each of `modes`: eager, and
@@ -609,6 +641,8 @@ def markdown(dev, res, small) -> str:
            f"{'bf16' if dev == 'cuda' else 'fp32'}." + (
                "" if dev == "cuda" else " **A dry run on a CPU at small shapes: not a GPU "
                "figure.**")]
+    if "calibrate" in res:
+        out += ["", "## The machine", "", *res["calibrate"]]
     if "attention" in res:  # (the sections run: --only runs one)
         out += [
             "", "## Attention (TFLOP/s)", "",
@@ -851,7 +885,7 @@ def main(argv=None):
         return loader_main(argv[1:])
     p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default="bench.md", help="the markdown report to write")
-    p.add_argument("--only", choices=["memory", "attention", "step"])
+    p.add_argument("--only", choices=["calibrate", "memory", "attention", "step"])
     p.add_argument("--batch", type=data.at_least(1), default=64, help="clips per GPU (512 over 8)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes and one repetition (a check that it runs)")
@@ -925,14 +959,15 @@ def main(argv=None):
     def step_row(rows, graphs):  # each step row as it comes
         res.update(steps=rows, fullgraph=graphs or "not compiled yet")
         save()
-    sections = dict(memory=lambda: dict(memory=bench_memory(dev, B, small)),
+    sections = dict(calibrate=lambda: dict(calibrate=calibrate(dev, small)),
+                    memory=lambda: dict(memory=bench_memory(dev, B, small)),
                     attention=lambda: dict(zip(("attention", "checks", "floors"),
                                                bench_attention(dev, B, small))),
                     step=lambda: dict(zip(("steps", "fullgraph"),
                                           bench_step(dev, small, step_row, a.modes,
                                                      a.backends))))
     for name, fn in sections.items():
-        if a.only in (None, name):
+        if a.only == name or a.only is None and name != "calibrate":
             t0 = time.perf_counter()
             res.update(fn())
             res["seconds"][name] = time.perf_counter() - t0

@@ -3,6 +3,7 @@ through Triton's interpreter (fp32 and fp16; the interpreter's bf16 is broken) a
 bf16 checks at the paper's shapes are in test_kernels_gpu.py and need a GPU."""
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -723,3 +724,28 @@ def test_bench_profile_writes_the_top_kernels_and_the_attention_op_at_each_lengt
             *(math.prod(p.grid) for p in model.patches.values())}
     ran = dict(x.split(": ") for x in line.split("or ours): ")[1].split("; "))
     assert {int(n) for n in ran} == want and set(ran.values()) == {"sdpa flash_attention_for_cpu"}
+
+
+def test_the_gpu_sitting_fits_a_lease_and_writes_at_most_8_files(tmp_path):
+    # .ci/gpu's default steps, in the order a sitting runs them, within 540 s (a rerun still
+    # fits a 15-minute lease, its start included); a dry run of two of them on the CPU: each
+    # step's seconds in the log, its figures in OUT, the rest in OUT/rest.tgz
+    script = open(os.path.join(ROOT, ".ci", "gpu")).read()
+    assert "STEPS=${STEPS:-env torch triton feed batch128 attention}" in script
+    assert "BUDGET=${SITTING_S:-540}" in script
+    out = tmp_path / "out"
+    tiny = "--size tiny --num_frames 4 --image_size 32 --audio_frames 64 --compile off"
+    env = {**os.environ, "PYTHON": sys.executable, "STEPS": "env batch128", "TRITON_INTERPRET": "0",
+           "SLACK": "8", "BATCH_ARGS": tiny}
+    p = subprocess.run(["bash", ".ci/gpu", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert sorted(os.listdir(out)) == ["batch128.md", "env.md", "rest.tgz", "sitting.log"]
+    log = (out / "sitting.log").read_text()
+    assert re.search(r"=== the machine, a GEMM, SDPA's picks: ok after \d+ s", log)
+    assert re.search(r"=== batch 128 and CUDA graphs: ok after \d+ s", log)
+    assert "GEMM 512^3 float32: " in (out / "env.md").read_text()
+    rows = (out / "batch128.md").read_text().splitlines()
+    assert rows[2].startswith("| --batch_size 128 --compile | ") and "reduce-overhead" in rows[3]
+    import tarfile
+    assert {"./env.json", "./batch128.jsonl"} <= set(tarfile.open(out / "rest.tgz").getnames())
