@@ -128,7 +128,10 @@ class FinetuneConfig:
     fsdp: bool = False            # shard parameters, gradients and optimizer state over the
                                   # ranks (torch fully_shard)
     kernels: str = "auto"         # auto | triton | torch (kernels/: which op runs)
-    out_dir: str = "out/finetune" # checkpoints, log.jsonl, metrics.json, predictions.csv
+    out_dir: str = "out/finetune" # checkpoints, log.jsonl, curves.png, metrics.json,
+                                  # predictions.csv
+    tensorboard: str = ""         # also write the log's figures here as TensorBoard scalars
+                                  # (needs `pip install tensorboard`); '' = off
     resume: str = ""              # continue a run: auto (out_dir's latest intact checkpoint, if
                                   # any) or a checkpoint path; '' starts anew
     save_every: int = 1000        # steps between checkpoints (a final one is always written)
@@ -1098,8 +1101,8 @@ def evaluate_step(run: train.Run, step: int, r: dict, preempt, bar, last: bool) 
         return True
     results.update(step=step, epoch=step / spe, **watch.summary())
     train.print0(watch.line(step, results, bar))
-    if d.master:
-        train.append_log(os.path.join(cfg.out_dir, "log.jsonl"), dict(eval=results))
+    run.log.write(dict(eval=results))
+    run.log.curves()
     x["results"] = results
     return False
 

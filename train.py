@@ -103,7 +103,9 @@ class TrainConfig:
                                      # backward instead of keeping them (memory for compute)
     fsdp: bool = False            # shard parameters, gradients and
                                   # optimizer state (torch fully_shard)
-    out_dir: str = "out/pretrain" # checkpoints, log.jsonl, reconstruction pictures
+    out_dir: str = "out/pretrain" # checkpoints, log.jsonl, curves.png, reconstruction pictures
+    tensorboard: str = ""         # also write the log's figures here as TensorBoard scalars
+                                  # (needs `pip install tensorboard`); '' = off
     resume: str = ""              # continue a run: auto (out_dir's latest intact checkpoint, if
                                   # any) or a checkpoint path; '' starts anew
     save_every: int = 1000        # steps between checkpoints (a final one is always written)
@@ -953,6 +955,69 @@ def reconstruction_picture(model: avmae.AVMAE, inputs: dict, out: dict,
     return torch.cat(lines[:-1], dim=1)
 
 
+def tensorboard(path: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # (torch's writer needs the tensorboard package)
+        raise SystemExit(f"--tensorboard {path}: TensorBoard is not installed: pip install "
+                         "tensorboard (or leave --tensorboard out: log.jsonl and curves.png hold "
+                         "the same figures)") from None
+    return SummaryWriter(path)
+
+
+SAID = set()  # (what has been said once)
+
+
+def draw_curves(log_path: str, png: str):
+    """curves.png from log.jsonl: the losses and the learning rate by step, and a finetuning's
+    evaluations (test and running train top-1 or mAP) by epoch. Without matplotlib one line says
+    how to get the picture (log.jsonl holds the figures)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if "matplotlib" not in SAID:
+            SAID.add("matplotlib")
+            print0(f"{png}: not drawn: pip install matplotlib for the loss and accuracy curves "
+                   "(log.jsonl holds the figures)")
+        return
+    steps, evals = {}, {}
+    for line in open(log_path):
+        try:
+            rec = json.loads(line)
+        except ValueError:  # (a line cut short by a crash)
+            continue
+        if "eval" in rec:
+            evals[rec["eval"].get("epoch", len(evals))] = rec["eval"]
+        elif "loss" in rec and "step" in rec:
+            steps[rec["step"]] = rec  # (a resumed run's steps again: the last word)
+    rows = [steps[k] for k in sorted(steps)]
+    losses = [k for k in (rows[-1] if rows else {}) if k.startswith("loss")]
+    panels = [("loss", losses), ("lr", ["lr"])]
+    scores = [k for k in (next(iter(evals.values())) if evals else {})
+              if k.endswith(("top1", "mAP")) and isinstance(evals[next(iter(evals))][k], float)]
+    if scores:
+        panels.append(("evaluation", scores))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        x_of = sorted(evals) if title == "evaluation" else [r["step"] for r in rows]
+        for k in keys:
+            ys = [evals[e].get(k) for e in x_of] if title == "evaluation" else [r.get(k)
+                                                                                for r in rows]
+            label = k if title != "evaluation" or k.startswith("train_") else f"test {k}"
+            ax.plot(x_of, [math.nan if y is None else y for y in ys], label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch" if title == "evaluation" else "step")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png)  # (a crash while drawing leaves the last picture whole)
+
+
 def save_picture(img: torch.Tensor, path: str):
     from torchvision.utils import save_image
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -1146,6 +1211,7 @@ class Run:
     per_rank: int           # clips per micro-step on this rank
     flops: float | None = None  # training FLOPs per clip, for MFU
     extra: dict = field(default_factory=dict)
+    log: "Log | None" = None  # (the loop's, for the steps' hooks)
 
 
 class Log:
@@ -1158,14 +1224,30 @@ class Log:
         self.peak = peak_flops(run.d.device)
         self.sums, self.n, self.bad_clips, self.last = {}, 0, 0, {}
         self.t, self.at = time.time(), run.schedule.step
+        self.board = tensorboard(run.cfg.tensorboard) if run.d.master and getattr(
+            run.cfg, "tensorboard", "") else None
 
     def add(self, losses: dict):
         self.sums = {k: self.sums.get(k, 0.0) + v for k, v in losses.items()}
         self.n += 1
 
     def write(self, rec: dict):
+        """A line of log.jsonl (rank 0), and its figures as TensorBoard scalars (--tensorboard)."""
+        if not self.run.d.master:
+            return
+        append_log(self.path, rec)
+        if self.board is not None:
+            step = rec.get("step", rec.get("eval", {}).get("step", 0))
+            for k, v in {**rec, **{f"eval/{k}": v for k, v in rec.get("eval", {}).items()}}.items():
+                if isinstance(v, (int, float)) and k not in ("step", "eval/step"):
+                    self.board.add_scalar(k, v, step)
+            self.board.flush()
+
+    def curves(self):
+        """curves.png beside the checkpoints, from log.jsonl (rank 0)."""
         if self.run.d.master:
-            append_log(self.path, rec)
+            path = os.path.join(self.run.cfg.out_dir, "curves.png")
+            write_or_say(path, lambda: draw_curves(self.path, path))
 
     def line(self, step: int, skipped: int, bar) -> dict:
         run, now = self.run, time.time()
@@ -1198,7 +1280,7 @@ def loop(run: Run, step_fn, after_step, state_fn, desc: str, advice: str) -> tup
     stop = min(s.total, cfg.stop_at) if cfg.stop_at else s.total
     bar = progress_bar(s.total, step, desc, d.master)
     nonfinite = NonFinite(cfg.max_bad_steps, cfg.out_dir, d.master)
-    log = Log(run)
+    log = run.log = Log(run)
     # (bar: closed, a line of its own, on any stop; the stream: its workers end with the run)
     with Preemption(log.path) as preempt, bar, contextlib.closing(run.stream):
         while step < stop:
@@ -1231,6 +1313,7 @@ def loop(run: Run, step_fn, after_step, state_fn, desc: str, advice: str) -> tup
             asked = after_step(run, step, r, preempt, bar, step == stop) or values["stop"] > 0
             if step % cfg.save_every == 0 or step == stop or asked:
                 path = save_state(run, state_fn(run, step), step, step == stop) or path
+                log.curves()
             if asked:
                 bar.close()
                 preempt.stop(step, path)

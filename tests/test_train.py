@@ -569,3 +569,52 @@ def test_checkpointed_blocks_give_the_same_run(builtin, tmp_path, monkeypatch):
     assert calls and losses(tmp_path / "plain") == losses(tmp_path / "ckpt")
     w1, w2 = weights(plain["checkpoint"]), weights(saved["checkpoint"])
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def _png_size(path):
+    import struct
+    head = open(path, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])  # (width, height)
+
+
+def test_every_run_draws_its_curves_and_can_write_tensorboard_scalars(builtin, tmp_path,
+                                                                      monkeypatch, capsys):
+    import finetune
+    pytest.importorskip("matplotlib", reason="curves.png is drawn with matplotlib (.ci/run "
+                        "installs it)")
+    pre = run(builtin, tmp_path / "pre", "--max_steps", "3", "--batch_size", "8")
+    w_pre, _ = _png_size(tmp_path / "pre" / "curves.png")  # (loss and lr)
+    ft = ["--preset", "quick", "--data", builtin, "--init", pre["checkpoint"], "--workers", "0",
+          "--num_frames", "4", "--image_size", "32", "--audio_frames", "64", "--batch_size", "8",
+          "--max_steps", "6", "--eval_every", "1", "--kernels", "torch"]
+    # TensorBoard, where it is installed (here a stand-in that records what it is given)
+    scalars = []
+
+    class Writer:
+        def __init__(self, path):
+            scalars.append(("dir", path))
+
+        def add_scalar(self, k, v, step):
+            scalars.append((k, step))
+
+        def flush(self):
+            pass
+    board = SimpleNamespace(SummaryWriter=Writer)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    finetune.main([*ft, "--out_dir", str(tmp_path / "ft"), "--tensorboard", str(tmp_path / "tb")])
+    w_ft, _ = _png_size(tmp_path / "ft" / "curves.png")  # (loss, lr and the evaluations)
+    assert w_ft > w_pre * 1.3
+    assert scalars[0] == ("dir", str(tmp_path / "tb")) and ("loss", 6) in scalars
+    assert ("eval/label_top1", 6) in scalars and ("eval/train_top1", 3) in scalars
+    # without TensorBoard: one line at the start; without matplotlib: one line, no picture
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(SystemExit, match="TensorBoard is not installed: pip install tensorboard"):
+        finetune.main([*ft, "--out_dir", str(tmp_path / "no_tb"), "--tensorboard", "tb"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    train.SAID.discard("matplotlib")
+    capsys.readouterr()
+    run(builtin, tmp_path / "bare", "--max_steps", "2", "--batch_size", "8", "--save_every", "1")
+    said = [x for x in capsys.readouterr().out.splitlines() if "curves.png" in x]
+    assert len(said) == 1 and "pip install matplotlib" in said[0]
+    assert not os.path.exists(tmp_path / "bare" / "curves.png")
