@@ -7,6 +7,7 @@ publish them).
       --labels class_labels_indices.csv --split train --out data/audioset
   python data.py prepare --videos DIR --manifest EPIC_100_train.csv --format epic --split train \
       --out data/epic
+  python data.py prepare --videos DIR --out data/mine   # every video under DIR, unlabelled
   python data.py builtin --out data/builtin        # the procedural set (also made on first use)
   python data.py stats --root data/vggsound        # log-mel mean/std for audio_norm=dataset
 
@@ -297,30 +298,53 @@ def read_epic(path: str, split: str = "train"):
     return recs, bad
 
 
+VIDEO_FILES = (".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".flv", ".wmv",
+               ".3gp", ".ts")
+
+
+def clip_id(path: str) -> str:  # a/b/c.mp4 -> a__b__c
+    return os.path.splitext(path.replace(os.sep, "/").replace("/", "__"))[0]
+
+
+def read_folder(videos: str) -> list:
+    """Every video file under `videos` (by its extension, in sorted order), as unlabelled
+    training records: `prepare --videos DIR` without a manifest."""
+    recs = []
+    for top, dirs, files in os.walk(videos):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(VIDEO_FILES) and not name.startswith("."):
+                rel = os.path.relpath(os.path.join(top, name), videos)
+                recs.append(Record(clip_id(rel), (rel,), None, None, {}, "train"))
+    return recs
+
+
 def _seconds(ts: str) -> float:  # "00:01:02.35" -> 62.35
     h, m, s = ts.split(":")
     return int(h) * 3600 + int(m) * 60 + float(s)
 
 
 def read_generic(path: str, split: str | None = None):
-    """A plain CSV with a header: `path,label` and optionally `split,start,end` (labels
-    ';'-separated for multi-label)."""
+    """A plain CSV with a header: `path` and optionally `label` (';'-separated for multi-label;
+    without the column: an unlabelled set, which pretraining reads), `split`, `start`, `end`."""
     recs, bad, head = [], [], None
     for i, row in _rows(path):
         if head is None:
             head = {k: j for j, k in enumerate(row)}
-            if not {"path", "label"} <= set(head):
-                raise ValueError(f"{path}: a generic manifest needs a header with path,label")
+            if "path" not in head:
+                raise ValueError(f"{path}: a generic manifest needs a header with path "
+                                 "(and label, split, start, end where it has them)")
             continue
         try:
             def g(k, d=None):  # a column's value, or d where it is missing or empty
                 return row[head[k]] if k in head and row[head[k]] != "" else d
             p, lab = g("path"), g("label")
-            if not p or lab is None:
+            if not p or (lab is None and "label" in head):
                 raise ValueError
             start, end = (float(x) if x else None for x in (g("start"), g("end")))
-            rec = Record(os.path.splitext(p.replace("/", "__"))[0], (p,), start, end,
-                         {"label": lab.split(";")}, g("split", "train"))
+            rec = Record(clip_id(p), (p,), start, end,
+                         {"label": lab.split(";")} if "label" in head else {},
+                         g("split", "train"))
         except (ValueError, IndexError):
             bad.append(f"{path}:{i}: malformed row {row!r}")
             continue
@@ -1794,10 +1818,12 @@ class Parser(argparse.ArgumentParser):
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("prepare", help="raw videos + a manifest -> a prepared set")
+    pp = sub.add_parser("prepare", help="raw videos (+ a manifest) -> a prepared set")
     pp.add_argument("--videos", required=True, help="folder of the source videos")
-    pp.add_argument("--manifest", required=True)
-    pp.add_argument("--format", choices=["vggsound", "audioset", "epic", "generic"], required=True)
+    pp.add_argument("--manifest", help="the clips and their labels; without it every video under "
+                    "--videos, unlabelled (what pretraining needs)")
+    pp.add_argument("--format", choices=["vggsound", "audioset", "epic", "generic"],
+                    help="the manifest's format (needed with --manifest)")
     pp.add_argument("--labels", help="AudioSet class_labels_indices.csv")
     pp.add_argument("--split", default=None,
                     help="keep this split only (vggsound/generic); the split name (audioset/epic)")
@@ -1845,10 +1871,17 @@ def main(argv=None):
             sys.exit("prepare needs ffmpeg on the PATH (Debian: apt-get install -y ffmpeg)")
         for flag, path, isit, what in (("--manifest", args.manifest, os.path.isfile, "file"),
                                        ("--videos", args.videos, os.path.isdir, "folder")):
-            if not isit(path):  # (else a set of nothing, each clip failed "no video for ...")
-                sys.exit(f"{flag} {path}: no such {what}")
+            if path is not None and not isit(path):  # (else a set of nothing, each clip
+                sys.exit(f"{flag} {path}: no such {what}")  # failed "no video for ...")
+        if args.manifest and not args.format:
+            sys.exit("--manifest needs its --format (vggsound, audioset, epic or generic)")
         listed = None  # the splits a --split filter chose from
-        if args.format == "vggsound":  # the vocabulary comes from every split of the CSV
+        if not args.manifest:  # every video under --videos, unlabelled
+            recs, bad, heads, multi = read_folder(args.videos), [], {}, False
+            if not recs:
+                sys.exit(f"--videos {args.videos}: no video files there (by extension: "
+                         f"{', '.join(VIDEO_FILES)}); or pass a --manifest")
+        elif args.format == "vggsound":  # the vocabulary comes from every split of the CSV
             recs, bad = read_vggsound(args.manifest)
             heads, multi = {"label": _vocab(recs, "label")}, False
             listed = sorted({r.split for r in recs})
@@ -1864,8 +1897,9 @@ def main(argv=None):
             heads, multi = {"verb": list(range(97)), "noun": list(range(300))}, False
         else:
             recs, bad = read_generic(args.manifest)
-            heads = {"label": _vocab(recs, "label")}
-            multi = any(len(r.labels["label"]) > 1 for r in recs)
+            labelled = any(r.labels for r in recs)
+            heads = {"label": _vocab(recs, "label")} if labelled else {}
+            multi = labelled and any(len(r.labels["label"]) > 1 for r in recs)
             listed = sorted({r.split for r in recs})
             recs = [r for r in recs if args.split is None or r.split == args.split]
         for b in bad[:SHOWN]:  # (all of them in failed_*.csv)

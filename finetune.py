@@ -523,7 +523,7 @@ def retrieve(cfg: "FinetuneConfig", d: train.Dist) -> dict:
                                  for f in dataclasses.fields(data.LoadOptions)}))
     loader = data.Loader(ds, batch_size=cfg.batch_size, num_workers=min(cfg.workers, 4),
                          collate_fn=data.collate)
-    head = next(iter(ds.heads))  # (classes: the first head's, for the class-level figures)
+    head = next(iter(ds.heads), None)  # (classes: the first head's, for the class figures)
     feats, labels = {"a": [], "v": []}, []
     bar = train.progress_bar(len(loader), 0, "retrieval", d.master)
     batches = data.on_device(((None, b) for b in loader), d.device)
@@ -534,10 +534,12 @@ def retrieve(cfg: "FinetuneConfig", d: train.Dist) -> dict:
             for m in "av":
                 x = b[m].flatten(0, 1)  # (one view)
                 feats[m].append(model.encode(**{m: x})[m].float().mean(1).cpu()[keep])
-            t = b[head].cpu() if torch.is_tensor(b[head]) else torch.tensor(b[head])
-            labels.append((t.argmax(1) if t.dim() > 1 else t)[keep])
+            if head is not None:
+                t = b[head].cpu() if torch.is_tensor(b[head]) else torch.tensor(b[head])
+                labels.append((t.argmax(1) if t.dim() > 1 else t)[keep])
             bar.update(1)
-    a, v, c = torch.cat(feats["a"]), torch.cat(feats["v"]), torch.cat(labels)
+    a, v = torch.cat(feats["a"]), torch.cat(feats["v"])
+    c = torch.cat(labels) if labels else None  # (an unlabelled set: instance-level figures)
     res = {**retrieval_metrics(a, v, "a2v", c), **retrieval_metrics(v, a, "v2a", c),
            "clips": len(a)}
     if d.master:
@@ -548,19 +550,16 @@ def retrieve(cfg: "FinetuneConfig", d: train.Dist) -> dict:
     return res
 
 
-VIDEO_FILES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
-
-
 def video_files(path: str, flag: str = "--predict") -> list:
-    """A file, or every video file under a folder (sorted), or one line saying what is wrong."""
+    """A file, or every video file under a folder (data.read_folder's), or one line saying what
+    is wrong."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: no such file or folder")
-    found = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
-                   if f.lower().endswith(VIDEO_FILES))
+    found = [os.path.join(path, r.src[0]) for r in data.read_folder(path)]
     if not found:
-        raise SystemExit(f"{flag} {path}: no video files ({', '.join(VIDEO_FILES)}) in it")
+        raise SystemExit(f"{flag} {path}: no video files ({', '.join(data.VIDEO_FILES)}) in it")
     return found
 
 
@@ -990,9 +989,13 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
                                                  specaug_freq=cfg.specaug_freq,
                                                  specaug_time=cfg.specaug_time,
                                                  time_shift=cfg.time_shift, **data_kw))
+    heads = {h: len(names) for h, names in train_ds.heads.items()}
+    if not heads:
+        raise SystemExit(f"{cfg.data}: the set has no labels (prepared without a manifest, or from "
+                         "one without a label column): finetuning needs them; pretrain on it "
+                         "(train.py --data), or prepare it from a manifest with labels")
     test_ds = data.open_dataset(data.DataConfig(split=cfg.test_split, train=False,
                                                 views=cfg.views, **data_kw))
-    heads = {h: len(names) for h, names in train_ds.heads.items()}
     train.make_out_dir(cfg.out_dir, d.master)
     model = build_model(cfg, heads, pretrained_cfg)
     if ck is not None:

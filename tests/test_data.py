@@ -4,6 +4,7 @@ import csv
 import errno
 import itertools
 import json
+import math
 import logging
 import os
 import shutil
@@ -999,3 +1000,43 @@ def test_mixed_decode_shares_the_batches_between_the_gpu_and_the_workers(copy, m
     resumed = [b for _, b in stream("mixed", step=2)]  # (batches 2 on: the GPU's are 3 and 7)
     assert decoded[:1] == [mixed[3]["id"]] and [b["id"] for b in resumed[:6]] == [
         b["id"] for b in mixed[2:]]
+
+
+@needs_ffmpeg
+def test_prepare_a_folder_without_a_manifest_gives_an_unlabelled_set_pretraining_reads(tmp_path):
+    # every video under the folder (good ones, a corrupt one, one without sound), unlabelled; a
+    # manifest without a label column gives the same; pretraining reads it, finetuning refuses
+    import finetune
+    import train
+    videos = tmp_path / "videos"
+    (videos / "sub").mkdir(parents=True)
+    make_mp4(videos / "sub" / "good.mp4", tone=440.0)
+    make_mp4(videos / "mono.mkv", tone=1000.0, channels=1)
+    (videos / "corrupt.mp4").write_bytes(os.urandom(5000))
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=160x120:rate=25:duration=2", "-c:v", "libx264", "-pix_fmt",
+                    "yuv420p", str(videos / "silent.mp4")], check=True)
+    (videos / "notes.txt").write_text("not a video")
+    out = str(tmp_path / "set")
+    data.main(["prepare", "--videos", str(videos), "--out", out, "--workers", "2"])
+    assert json.load(open(os.path.join(out, "meta.json")))["heads"] == {}
+    rows = list(csv.DictReader(open(os.path.join(out, "train.csv"))))
+    assert [r["id"] for r in rows] == ["mono", "sub__good"] and set(rows[0]) == {
+        "id", "duration", "frames"}
+    failed = {r["id"]: r["reason"] for r in csv.DictReader(open(os.path.join(out,
+                                                                             "failed_train.csv")))}
+    assert set(failed) == {"corrupt", "silent"} and "audio" in failed["silent"].lower()
+    manifest = _write(tmp_path / "m.csv", "path\nsub/good.mp4\nmono.mkv\n")
+    out2 = str(tmp_path / "set2")
+    data.main(["prepare", "--videos", str(videos), "--manifest", manifest, "--format", "generic",
+               "--out", out2, "--workers", "2"])
+    assert [r["id"] for r in csv.DictReader(open(os.path.join(out2, "train.csv")))] == [
+        "mono", "sub__good"] and json.load(open(os.path.join(out2, "meta.json")))["heads"] == {}
+    tiny = ["--preset", "quick", "--num_frames", "4", "--image_size", "32", "--patch_size", "16",
+            "--audio_frames", "64", "--mel_bins", "32", "--workers", "0", "--picture_every", "0",
+            "--batch_size", "2", "--max_steps", "2", "--kernels", "torch", "--data", out]
+    res = train.main([*tiny, "--out_dir", str(tmp_path / "pre")])
+    assert res["step"] == 2 and math.isfinite(res["loss"])
+    with pytest.raises(SystemExit, match="the set has no labels .*finetuning needs them"):
+        finetune.main(["--preset", "quick", "--data", out, "--workers", "0",
+                       "--out_dir", str(tmp_path / "ft")])
