@@ -69,8 +69,10 @@ class FinetuneConfig:
     layer_scale: float = 0.0      # likewise: LayerScale's first value from scratch (0 = off)
     fusion_layer: int = -1        # MBT's first fusion layer; -1 = the
                                   # authors' (8 of 12; 16 of 24, AudioSet 18)
-    inflate: str = "inflate"      # a video stream from an audio-only
-                                  # checkpoint: inflate | central | none (ViViT)
+    inflate: str = "central"      # a video stream's tubelets from a 2-D (audio-only) checkpoint:
+                                  # central (the 2-D filter on the middle frame, zeros elsewhere:
+                                  # ViViT Sec. 3.4 / Table 1's best, the authors' config) |
+                                  # inflate (repeated / t) | none
     bottlenecks: int = 4          # MBT's bottleneck tokens (Nagrani et al.: 4)
     unimodal_loss: float = 0.0    # MBT: weight of a loss per modality on each stream's tokens as
                                   # they enter the fusion layer (Gradient Blending); 0 = off, as the
@@ -192,7 +194,7 @@ CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MO
                arch=avmae.BACKBONES,  # (the table itself: a new entry counts)
                mbt_head=("shared", "separate", "per_modality"),
                video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
-               inflate=("inflate", "central", "none"), optimizer=("sgd", "adamw"),
+               inflate=("central", "inflate", "none"), optimizer=("sgd", "adamw"),
                precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
                window=("hann", "hamming"), decode=("cpu", "gpu", "mixed"))
 
@@ -330,7 +332,7 @@ def _resize_positions(table: torch.Tensor, src_grid: tuple, dst_grid: tuple) -> 
 ENCODER_PREFIXES = ("encoder.", "patch_embed.", "enc_pos.", "type_embed.")
 
 
-def map_pretrained(state: dict, pretrained_cfg: dict, model, inflate: str = "inflate") -> tuple:
+def map_pretrained(state: dict, pretrained_cfg: dict, model, inflate: str = "central") -> tuple:
     """Map a pretraining checkpoint's encoder into a finetuning model. Returns (state dict to load,
     report). The report lists every loaded, new and dropped tensor; it is an error if an encoder
     tensor of a finetuned modality would go unused, or if a shape does not match. MAViL and
@@ -721,16 +723,23 @@ def metrics(logits: dict, targets: dict, multi_label: bool) -> dict:
 
 
 def param_groups(model, cfg: FinetuneConfig, lr: float):
-    """Layer-wise lr decay (BEiT): lr * decay^(top + 1 - depth), with each parameter's depth as the
-    model states it (model.layer_ids(): embeddings 0, its blocks 1..n_layers along a token's path,
-    heads n_layers + 1); no weight decay on biases, norms and tokens."""
+    """Layer-wise lr decay (BEiT, MAE's lr_decay.py): lr * decay^(top + 1 - depth), with each
+    parameter's depth as the model states it (model.layer_ids(): embeddings 0, its blocks
+    1..n_layers along a token's path), applied, as MAE's and the authors' code (scenic
+    av_mae/optimizer_utils.py, `_get_layer_id`) apply it, to the embeddings and the transformer
+    blocks only: final norms, bottleneck tokens, TokenLearners and heads train at the full rate. No
+    weight decay on biases, norms and tokens."""
     groups, ids, top = {}, model.layer_ids(), model.n_layers
+    in_block = {f"{name}.{k}" for name, mod in model.named_modules()
+                if isinstance(mod, (avmae.Block, avmae.CrossBlock)) for k, _ in
+                mod.named_parameters()}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        depth = ids[n] if ids[n] == 0 or n in in_block else top + 1
         wd = cfg.weight_decay if p.ndim >= 2 and n != "bottleneck" else 0.0
-        g = groups.setdefault((ids[n], wd), dict(params=[], weight_decay=wd,
-                                                 lr_scale=cfg.layer_decay ** (top + 1 - ids[n])))
+        g = groups.setdefault((depth, wd), dict(params=[], weight_decay=wd,
+                                                lr_scale=cfg.layer_decay ** (top + 1 - depth)))
         g["params"].append(p)
     return list(groups.values())
 
