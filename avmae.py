@@ -1239,9 +1239,10 @@ class MAViLEncoder(Fusion):
     RECIPES.update(mavil_mbt={**RECIPES["mavil"], "fusion": "mbt", "bottlenecks": 4},
                    mavil2={**RECIPES["mavil"], "target": "teacher"})
     # at the paper's sizes (Sec. 4.1 / App. B): 8-layer 512-wide 16-head decoders, 10 s of audio as
-    # 1024 x 128 (512 tokens), 8 frames at 2 fps (4 x 14 x 14 = 784 tokens)
+    # 1024 x 128 (512 tokens), 8 frames at 2 fps (4 x 14 x 14 = 784 tokens), log-mels normalised by
+    # the data set's mean and 2 std (its AudioMAE pipeline; the quick presets' own rule is the same)
     PAPER_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024,
-                        num_frames=8, frame_stride=12.5)
+                        num_frames=8, frame_stride=12.5, audio_norm="dataset")
     INPUTS = dict(video_aug="rrc")  # its pretraining flips and randomly crops frames (App. B)
     mbt_drops = staticmethod(lambda cfg: ("fusion.",))
 
@@ -1290,9 +1291,10 @@ class CAVMAEEncoder(Fusion):
                                tau_inter=0.05, contrast_symmetric=False, mask_ratio_v=0.75,
                                mask_ratio_a=0.75, recon_sum=True, norm_pix_loss=True))
     # at the paper's sizes (Sec. 3, its code): an 8-layer 512-wide 16-head decoder, 1024 x 128 audio
-    # (512 tokens), one RGB frame
+    # (512 tokens), one RGB frame, log-mels as its code normalises them: (x + 5.081) / 4.4849
+    # (AudioSet's mean and 2 std; a quick preset on a small set keeps that set's own)
     PAPER_SHAPES = dict(dec_width=512, dec_depth=8, dec_heads=16, dec_mlp=2048, audio_frames=1024,
-                        num_frames=1, tubelet=1)
+                        num_frames=1, tubelet=1, audio_norm="cavmae")
 
     """CAV-MAE (Gong et al., Sec. 2.3; the authors' cav_mae.py): L - S modality-specific layers per
     modality (no closing norm), then S unified layers over the concatenation and a LayerNorm. The

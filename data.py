@@ -1056,7 +1056,8 @@ class DataConfig(LoadOptions):
     train: bool = True            # random window, crop and flip; else
                                   # N evenly spaced views, centre crop
     views: int = 1                # test views per clip (eval)
-    specaug_freq: int = 0         # finetuning: max width of one frequency mask (AST: 48)
+    specaug_freq: int = 0         # finetuning: max width of a frequency mask (AST: 48)
+    specaug_freq_masks: int = 1   # frequency masks per clip (the authors' AudioSet config: 2)
     specaug_time: int = 0         # finetuning: max width of one time mask (authors' code: off)
     time_shift: bool = False      # finetuning: random circular shift of the spectrogram in time
     crop_scale: tuple = (0.3, 1.0)  # video_aug='rrc': RandomResizedCrop's area range
@@ -1150,25 +1151,27 @@ def audio_windows(path: str, t0s: list, span_v: float, audio_frames: int) -> tup
 
 def spec_draw(cfg: DataConfig, rng, T: int, Fq: int) -> list:
     """The random part of SpecAugment for one (T, mel) log-mel, drawn on the CPU in the loader:
-    [frequency mask width, start, time mask width, start, circular time shift]."""
+    [(frequency mask width, start) x specaug_freq_masks, time mask width, start, circular time
+    shift]."""
     p = []
-    for width, n in ((cfg.specaug_freq, Fq), (cfg.specaug_time, T)):
+    for width, n in ((cfg.specaug_freq, Fq),) * cfg.specaug_freq_masks + ((cfg.specaug_time, T),):
         w = int(rng.integers(0, width + 1)) if width else 0
         p += [w, int(rng.integers(0, max(1, n - w + 1))) if width else 0]
     return p + [int(rng.integers(0, T)) if cfg.time_shift else 0]
 
 
 def augment_spec(s: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """SpecAugment (one frequency and one time mask, filled with the log-mel's mean, as AST) and a
-    circular time shift, on a batch of log-mels s (N, T, mel) given each one's spec_draw (N, 5).
-    The same code in the loader (CPU) and in GPUDecoder (the device)."""
+    """SpecAugment (frequency masks and a time mask, filled with the log-mel's mean, as AST) and a
+    circular time shift, on a batch of log-mels s (N, T, mel) given each one's spec_draw (N, 2 k +
+    3 for k frequency masks). The same code in the loader (CPU) and in GPUDecoder (the device)."""
     N, T, Fq = s.shape
-    p = draws.to(s.device)[:, :, None]                                # (N, 5, 1)
+    p = draws.to(s.device)[:, :, None]                                # (N, 2 k + 3, 1)
     f, t = torch.arange(Fq, device=s.device), torch.arange(T, device=s.device)
-    masked = (((f >= p[:, 1]) & (f < p[:, 1] + p[:, 0]))[:, None, :]   # (N, 1, mel)
-              | ((t >= p[:, 3]) & (t < p[:, 3] + p[:, 2]))[:, :, None])  # (N, T, 1)
+    masked = ((t >= p[:, -2]) & (t < p[:, -2] + p[:, -3]))[:, :, None]  # (N, T, 1)
+    for k in range(0, p.shape[1] - 3, 2):
+        masked = masked | ((f >= p[:, k + 1]) & (f < p[:, k + 1] + p[:, k]))[:, None, :]
     s = torch.where(masked, s.mean((1, 2), keepdim=True), s)
-    rolled = (t - p[:, 4]) % T                                        # roll: out[t] = s[t - shift]
+    rolled = (t - p[:, -1]) % T                                       # roll: out[t] = s[t - shift]
     return s.gather(1, rolled[:, :, None].expand(N, T, Fq))
 
 

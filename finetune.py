@@ -98,7 +98,8 @@ class FinetuneConfig:
     gpu_share: float = 0.5        # --decode mixed: the share of the batches the GPU decodes (the
                                   # workers decode the rest; each batch's clips are the same)
     seed: int = 0                 # new layers' init; augmentation and mixup = f(seed, epoch, clip)
-    specaug_freq: int = 48        # one frequency mask up to 48 bins (AST)
+    specaug_freq: int = 48        # frequency masks up to 48 bins (AST; the authors' VGGSound)
+    specaug_freq_masks: int = 1   # how many (the authors' AudioSet config: 2 of up to 36 bins)
     specaug_time: int = 0         # the authors' code had time masks off
     time_shift: bool = False      # random circular shift of the spectrogram (AudioSet, EPIC)
     views: int = 4                # temporal views averaged at test time
@@ -159,8 +160,12 @@ class FinetuneConfig:
 
 PRESETS = {
     "vggsound": dict(),
+    # the authors' AudioSet config (scenic av_mae/configs/audioset/finetune.py): SpecAugment's 2
+    # frequency masks of up to 36 bins (its 4 time masks of up to 48 frames are turned off by
+    # time_mask_max_ratio = 0, as in its VGGSound config), log-mels normalised by the set's own
+    # statistics (theirs: normalization_mean_spec / _std_spec)
     "audioset": dict(data="data/audioset", audio_frames=1000, blr=3.2, batch_size=128,
-                     time_shift=True),
+                     time_shift=True, specaug_freq=36, specaug_freq_masks=2, audio_norm="dataset"),
     "epic": dict(data="data/epic", blr=4.8, time_shift=True),
     # a tiny model on a CPU in minutes (docs/sanity.md says why each choice): windows that cover a
     # 4 s clip (8 frames at 2 fps, 400 log-mel frames), so a short event is always in view; AdamW at
@@ -996,6 +1001,7 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
                    **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data.LoadOptions)})
     train_ds = data.open_dataset(data.DataConfig(split=cfg.train_split, train=True,
                                                  specaug_freq=cfg.specaug_freq,
+                                                 specaug_freq_masks=cfg.specaug_freq_masks,
                                                  specaug_time=cfg.specaug_time,
                                                  time_shift=cfg.time_shift, **data_kw))
     heads = {h: len(names) for h, names in train_ds.heads.items()}

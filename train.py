@@ -260,6 +260,7 @@ AT_LEAST_ONE = ("batch_size", "grad_accum", "views", "log_every", "save_every", 
                 "bench_steps")
 ABOVE_ZERO = ("frame_stride", "dist_timeout")
 NOT_NEGATIVE = ("epochs", "warmup_epochs", "max_steps", "lr", "blr", "min_lr", "weight_decay",
+                "specaug_freq_masks",
                 "grad_clip", "mixup", "specaug_freq", "specaug_time", "keep_last",
                 "picture_every", "max_bad_steps", "stop_at", "profile", "tokenlearner", "width",
                 "depth", "heads", "bottlenecks")

@@ -659,7 +659,7 @@ def test_gpu_mode_augments_as_the_cpu_path(copy, train):
     # with --decode gpu the workers send samples, JPEG bytes and their random draws; GPUDecoder (run
     # here on CPU tensors) must give the batch the CPU path gives for the same (seed, epoch, clip)
     kw = dict(train=train, views=1 if train else 2, seed=3, specaug_freq=20, specaug_time=16,
-              time_shift=True, video_aug="finetune" if train else "none")
+              specaug_freq_masks=2, time_shift=True, video_aug="finetune" if train else "none")
     ds_cpu, ds_gpu = _small(copy, **kw), _small(copy, decode="gpu", **kw)
     keys = [(i, 2) for i in range(4)]
     ref = data.to_device(data.collate([ds_cpu[k] for k in keys]), "cpu")

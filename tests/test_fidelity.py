@@ -340,6 +340,8 @@ def test_mavil_builds_its_paper_model_at_paper_sizes():
         assert (mcfg.dec_width, mcfg.dec_depth, mcfg.dec_heads, mcfg.dec_mlp) == (512, 8, 16, 2048)
         assert mcfg.pos_embed == "sincos2d" and tcfg.frame_stride == 12.5  # 25 fps / 12.5 = 2 fps
         assert tcfg.video_aug == "rrc"  # flip + multi-scale crop in pretraining (App. B)
+        assert tcfg.audio_norm == "dataset"  # (its AudioMAE pipeline: the set's mean and 2 std)
+        assert train.parse_args(["--variant", "cavmae", "--size", size])[1].audio_norm == "cavmae"
         assert math.prod(avmae.AudioPatches(mcfg).grid) == 512
         assert math.prod(avmae.VideoPatches(mcfg).grid) == 784
     mcfg, _ = train.parse_args(["--preset", "quick", "--variant", "mavil"])  # tiny stays small
@@ -453,3 +455,24 @@ def test_recipe_defaults_are_the_papers():
         ("sgd", 0.75, 0.8, 50, 2.5, 1.0, 0.5, 0.3, 0.3, 4, 48, 0)
     assert (f.arch, f.mbt_head, f.video_aug) == ("mbt", "shared", "finetune")
     assert f.inflate == "central"  # (ViViT Table 1: central frame 79.2 over inflation 77.6)
+
+
+def test_audioset_finetuning_augments_and_normalises_as_the_authors_config():
+    # scenic av_mae/configs/audioset/finetune.py: 2 frequency masks of up to 36 bins, time masks
+    # off (time_mask_max_ratio = 0), the spectrogram normalised by the set's own statistics
+    f = finetune.parse_args(["--preset", "audioset"])
+    assert (f.specaug_freq, f.specaug_freq_masks, f.specaug_time, f.audio_norm) == \
+        (36, 2, 0, "dataset")
+    cfg = data.DataConfig(specaug_freq=36, specaug_freq_masks=2, train=True)
+    draws = torch.tensor([data.spec_draw(cfg, np.random.default_rng(s), 100, 128)
+                          for s in range(64)])
+    assert draws.shape == (64, 2 * 2 + 3) and (draws[:, [0, 2]] <= 36).all()
+    out = data.augment_spec(torch.randn(64, 100, 128), draws)
+    for row, d in zip(out, draws.tolist()):  # each of the two bands is the clip's mean
+        for w, s0 in ((d[0], d[1]), (d[2], d[3])):
+            if w:
+                band = row[:, s0:s0 + w]
+                assert torch.allclose(band, band.flatten()[0].expand_as(band))
+    one = data.DataConfig(specaug_freq=36, train=True)  # (one mask: the draws as before)
+    assert data.spec_draw(one, np.random.default_rng(0), 100, 128) == data.spec_draw(
+        dataclasses.replace(one, specaug_freq_masks=1), np.random.default_rng(0), 100, 128)
