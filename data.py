@@ -759,9 +759,93 @@ CHECK_SHAPES = ("circle", "square")
 # each shape's colour range (RGB): warm circles, cool squares, so that a small model can see the
 # object's kind in a 64-pixel frame (a tiny ViT does not learn the shape alone within a CPU budget)
 CHECK_COLOURS = {"circle": ((170, 255), (40, 140), (0, 60)),
-                 "square": ((0, 60), (90, 190), (170, 255))}
+                 "square": ((0, 60), (90, 190), (170, 255)),
+                 "triangle": ((0, 80), (170, 255), (0, 80)),
+                 "diamond": ((170, 255), (0, 60), (170, 255)),
+                 "ring": ((200, 255), (200, 255), (0, 60)),
+                 "cross": ((200, 255), (200, 255), (200, 255))}
+GLYPH_COLOURS = ((200, 255), (200, 255), (40, 120))  # (every digit alike: only the form differs)
 CHECK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan")
 CHECKSET = dict(n_train=240, n_test=120, seconds=4.0, size=128, seed=0)
+# What makes one check set differ from another (data.py checkset --classes 10 --objects glyphs ...).
+# classes: how many; carrier: what tells them apart: pair (a word x an object: neither modality
+# alone suffices), both (word k with object k: either does), audio (the word; the object random) or
+# video (the object; the word random); objects: shapes (coloured by kind) or glyphs (the digits
+# 0-9 in one colour range: only their form differs); object_size: its height as a share of the
+# frame (0: the shapes' own, about half of it); words: the spoken vocabulary; onset_spread: the
+# share of the clip the word's onset may range over (1: all of it); snr_db: the noise's level below
+# the speech, a range; degraded: the share of clips with one modality, at random, gone (the word
+# or the object left out) or degraded (buried in noise).
+CHECK_FAMILY = dict(classes=6, carrier="pair", objects="shapes", object_size=0.0,
+                    words="one,four,seven", onset_spread=1.0, snr_db="0,15", degraded=0.0)
+CHECK_MORE_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                    "red", "green", "blue", "left", "right", "up", "down", "yes", "no", "stop")
+CHECK_OBJECTS = {"shapes": ("circle", "square", "triangle", "diamond", "ring", "cross"),
+                 "glyphs": tuple("0123456789")}
+# the named configurations docs/sanity.md describes (data.py checkset --config NAME)
+CHECK_CONFIGS = {
+    "default": {},
+    "glyphs10": dict(classes=10, carrier="both", objects="glyphs", object_size=0.15,
+                     words=",".join(CHECK_MORE_WORDS[:10]), degraded=1.0),
+    "audio10": dict(classes=10, carrier="audio", words=",".join(CHECK_MORE_WORDS[:10]),
+                    onset_spread=1.0, snr_db="-5,10"),
+    "video6": dict(classes=6, carrier="video", objects="shapes", object_size=0.2),
+    "pair8_noisy": dict(classes=8, carrier="pair", words="one,four,seven,nine",
+                        snr_db="-5,5", onset_spread=0.5, degraded=0.3),
+}
+# a 7-segment digit: which of the segments a (top), b, c (right, top to bottom), d (bottom), e, f
+# (left, bottom to top), g (middle) it lights
+SEGMENTS = dict(zip("0123456789", ("abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg",
+                                   "abc", "abcdefg", "abcdfg")))
+
+
+def check_family(**knobs) -> dict:
+    """CHECK_FAMILY with `knobs`, checked: (the knobs, its words, its objects, each class's (word,
+    object) pair: None where that modality does not carry it)."""
+    k = {**CHECK_FAMILY, **knobs}
+    words = tuple(w for w in str(k["words"]).split(",") if w)
+    objects = CHECK_OBJECTS.get(k["objects"])
+    n, carrier = int(k["classes"]), k["carrier"]
+    if objects is None or carrier not in ("pair", "both", "audio", "video"):
+        raise ValueError(f"checkset: objects {k['objects']!r} (shapes | glyphs) or carrier "
+                         f"{carrier!r} (pair | both | audio | video) is not one of those")
+    lo, hi = (float(x) for x in str(k["snr_db"]).split(","))
+    per_word = math.ceil(n / max(1, len(words)))  # (pair: objects per word)
+    need = dict(pair=(math.ceil(n / per_word), per_word), both=(n, n), audio=(n, 1),
+                video=(1, n))[carrier]
+    if n < 2 or len(words) < need[0] or len(objects) < need[1] or not lo <= hi or not (
+            0 <= k["degraded"] <= 1 and 0 <= k["onset_spread"] <= 1 and
+            0 <= k["object_size"] < 0.6):
+        raise ValueError(f"checkset: {n} classes carried by {carrier} need {need[0]} words and "
+                         f"{need[1]} objects (given {len(words)}: {','.join(words)}, and "
+                         f"{len(objects)} {k['objects']}); snr_db lo,hi; degraded and "
+                         "onset_spread in 0..1; object_size below 0.6")
+    n_obj = need[1]
+    pairs = [(w if carrier != "video" else None, o if carrier != "audio" else None)
+             for w, o in ((words[c // n_obj] if carrier == "pair" else words[c % len(words)],
+                           objects[c % n_obj] if carrier == "pair" else objects[c % len(objects)])
+                          for c in range(n))]
+    return dict(knobs=k, words=words, objects=objects, pairs=pairs, snr=(lo, hi))
+
+
+def check_label(fam: dict, label: int) -> str:
+    w, o = fam["pairs"][label]
+    return "_".join(x for x in (w, o and (f"digit{o}" if o.isdigit() else o)) if x)
+
+
+def _glyph_mask(digit, yy, xx, cy, cx, h):
+    """A 7-segment digit of height h (width h / 2, strokes h / 8) centred at (cy, cx)."""
+    w, t = h / 2, h / 8
+    dy, dx = yy - cy, xx - cx
+    horiz = lambda y0: (np.abs(dy - y0) <= t / 2) & (np.abs(dx) <= w / 2)  # noqa: E731
+    vert = lambda x0, top: ((np.abs(dx - x0) <= t / 2) & (dy >= (-h / 2 if top else 0))  # noqa
+                            & (dy <= (0 if top else h / 2)))
+    seg = dict(a=horiz(-h / 2), g=horiz(0), d=horiz(h / 2), b=vert(w / 2, True),
+               c=vert(w / 2, False), f=vert(-w / 2, True), e=vert(-w / 2, False))
+    out = np.zeros(yy.shape, bool)
+    for s in SEGMENTS[digit]:
+        out |= seg[s]
+    return out
 
 
 def _speak(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
@@ -776,24 +860,40 @@ def _speak(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     return np.interp(np.arange(n) * sr / SAMPLE_RATE, np.arange(len(x)), x).astype(np.float32)
 
 
-def make_check_clip(seed: int, seconds: float, size: int):
+def make_check_clip(seed: int, seconds: float, size: int, fam: dict | None = None):
     """(label, waveform (n,) float32 at 16 kHz, frames uint8 (T, size, size, 3) at 25 fps,
-    the word's onset in s)."""
-    rng = np.random.default_rng(seed)
-    label = int(rng.integers(len(CHECK_WORDS) * len(CHECK_SHAPES)))
-    word, shape = CHECK_WORDS[label // 2], CHECK_SHAPES[label % 2]
+    the word's onset in s, what was degraded: '' or audio|video _gone|_noisy). fam:
+    check_family's (default: the default set)."""
+    fam = fam or check_family()
+    k, rng = fam["knobs"], np.random.default_rng(seed)
+    label = int(rng.integers(len(fam["pairs"])))
+    word, shape = fam["pairs"][label]
+    if word is None:  # (video carries the label: a word at random)
+        word = fam["words"][int(rng.integers(len(fam["words"])))]
+    if shape is None:  # (audio carries it: an object at random)
+        shape = fam["objects"][int(rng.integers(len(fam["objects"])))]
     speech = _speak(word, CHECK_VOICES[int(rng.integers(len(CHECK_VOICES)))],
                     int(rng.integers(130, 211)), int(rng.integers(25, 76)))
     speech = speech / (np.abs(speech).max() + 1e-6) * rng.uniform(0.3, 0.7)
     onset = rng.uniform(0.4, seconds - 1.2)
+    if k["onset_spread"] != 1:
+        onset = 0.4 + (onset - 0.4) * k["onset_spread"]
+    # one modality gone or buried in noise (a draw only where the family asks for it)
+    hit = ""
+    if k["degraded"] and rng.uniform() < k["degraded"]:
+        hit = ("audio", "video")[int(rng.integers(2))] + ("_gone", "_noisy")[int(rng.integers(2))]
     n = int(seconds * SAMPLE_RATE)
     # brown-ish noise at 0-15 dB below the speech, never digital silence
     noise = np.cumsum(rng.normal(0, 1, n))
     noise = noise - np.convolve(noise, np.ones(400) / 400, mode="same")
     rms = np.sqrt(np.mean(speech ** 2))
-    wave = noise / noise.std() * rms * 10 ** (-rng.uniform(0, 15) / 20)
+    lo, hi = fam["snr"]
+    wave = noise / noise.std() * rms * 10 ** (-rng.uniform(lo, hi) / 20)
+    if hit == "audio_noisy":
+        wave *= 10 ** (20 / 20)  # (the noise 20 dB louder)
     s = int(onset * SAMPLE_RATE)
-    wave[s:s + len(speech)] += speech[: n - s]
+    if hit != "audio_gone":
+        wave[s:s + len(speech)] += speech[: n - s]
     # the picture: a smooth random background, a grey distractor always moving, and the labelled
     # shape crossing the frame from 0.3 s before the word to 1.2 s after it
     n_frames = int(round(seconds * VIDEO_FPS))
@@ -802,7 +902,11 @@ def make_check_clip(seed: int, seconds: float, size: int):
           * (yy / size)[..., None])
     d0, dv, dr = rng.uniform(0.2, 0.8, 2) * size, rng.uniform(-0.3, 0.3, 2) * size, 0.08 * size
     r = rng.uniform(0.2, 0.28) * size
-    color = np.array([rng.uniform(lo, hi) for lo, hi in CHECK_COLOURS[shape]])
+    if k["object_size"]:  # (the same draw, scaled: height object_size of the frame on average)
+        r *= k["object_size"] / 2 / 0.24
+    glyph = shape.isdigit()
+    colours = GLYPH_COLOURS if glyph else CHECK_COLOURS[shape]
+    color = np.array([rng.uniform(lo, hi) for lo, hi in colours])
     p0 = rng.uniform(r, size - r, 2)
     v = rng.uniform(-0.35, 0.35, 2) * size
     frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
@@ -811,11 +915,14 @@ def make_check_clip(seed: int, seconds: float, size: int):
         img = bg.copy()
         dy, dx = d0 + dv * t
         img[(yy - dy) ** 2 / 4 + (xx - dx) ** 2 <= dr ** 2] = 128
-        if onset - 0.3 <= t <= onset + 1.2:
+        if onset - 0.3 <= t <= onset + 1.2 and hit != "video_gone":
             cy, cx = np.clip(p0 + v * (t - onset), r, size - r)
-            img[_shape_mask(shape, yy, xx, cy, cx, r)] = color
-        frames[j] = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
-    return label, np.clip(wave, -1, 1).astype(np.float32), frames, onset
+            mask = (_glyph_mask(shape, yy, xx, cy, cx, 2 * r) if glyph else
+                    _shape_mask(shape, yy, xx, cy, cx, r))
+            img[mask] = color if hit != "video_noisy" else 0.15 * color + 0.85 * img[mask]
+        frames[j] = np.clip(img + rng.normal(0, 6 if hit != "video_noisy" else 40, img.shape),
+                            0, 255)
+    return label, np.clip(wave, -1, 1).astype(np.float32), frames, onset, hit
 
 
 def _write_mp4(path: str, wave: np.ndarray, frames: np.ndarray):
@@ -838,19 +945,23 @@ def _write_mp4(path: str, wave: np.ndarray, frames: np.ndarray):
 
 
 def _check_item(args):
-    i, split, seed, seconds, size, out = args
-    label, wave, frames, onset = make_check_clip(seed * 1_000_003 + i, seconds, size)
+    i, split, seed, seconds, size, out, knobs = args
+    fam = check_family(**knobs)
+    label, wave, frames, onset, hit = make_check_clip(seed * 1_000_003 + i, seconds, size, fam)
     name = f"{split}_{i:05d}.mp4"
     _write_mp4(os.path.join(out, name), wave, frames)
-    return dict(path=name, label=f"{CHECK_WORDS[label // 2]}_{CHECK_SHAPES[label % 2]}",
-                split=split, onset=f"{onset:.3f}")
+    return dict(path=name, label=check_label(fam, label), split=split, onset=f"{onset:.3f}",
+                degraded=hit)
 
 
 def make_checkset(out: str, n_train: int = CHECKSET["n_train"], n_test: int = CHECKSET["n_test"],
                   seconds: float = CHECKSET["seconds"], size: int = CHECKSET["size"],
-                  seed: int = CHECKSET["seed"], workers: int = os.cpu_count() or 1) -> str:
-    """The check set as mp4 files in `out` and `out`/manifest.csv (generic format: path, label,
-    split; the word's onset for reference). Then: data.py prepare --format generic."""
+                  seed: int = CHECKSET["seed"], workers: int = os.cpu_count() or 1,
+                  **knobs) -> str:
+    """The check set (CHECK_FAMILY's knobs: which one of the family) as mp4 files in `out` and
+    `out`/manifest.csv (generic format: path, label, split; the word's onset for reference), its
+    knobs in `out`/checkset.json. Then: data.py prepare --format generic."""
+    fam = check_family(**knobs)
     if n_train < 0 or n_test < 0 or n_train + n_test == 0 or size < 32 or seconds < 2.0:
         raise ValueError(f"checkset: n_train={n_train}, n_test={n_test}, size={size}, "
                          f"seconds={seconds}: need counts >= 0 (not both 0), size >= 32 and "
@@ -859,13 +970,16 @@ def make_checkset(out: str, n_train: int = CHECKSET["n_train"], n_test: int = CH
         if shutil.which(tool) is None:
             raise FileNotFoundError(f"{tool} is not installed (Debian: apt-get install {tool})")
     make_folder(out)
-    jobs = [(i, "train" if i < n_train else "test", seed, seconds, size, out)
+    with open(os.path.join(out, "checkset.json"), "w") as f:
+        json.dump(dict(fam["knobs"], n_train=n_train, n_test=n_test, seconds=seconds, size=size,
+                       seed=seed), f, indent=1)
+    jobs = [(i, "train" if i < n_train else "test", seed, seconds, size, out, fam["knobs"])
             for i in range(n_train + n_test)]
     t0 = time.time()
     with Pool(workers) as ex:
         rows = list(ex.map(_check_item, jobs, chunksize=4))
     with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "split", "onset"])
+        w = csv.DictWriter(f, fieldnames=["path", "label", "split", "onset", "degraded"])
         w.writeheader()
         w.writerows(rows)
     print(f"check set: {len(rows)} mp4 clips and manifest.csv in {out} "
@@ -1475,9 +1589,11 @@ class EpochSampler(torch.utils.data.Sampler):
     ... of the epoch's permutation, so a global batch holds the same clips whatever W is."""
 
     def __init__(self, n: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
-                 batch: int = 0, gpu_share: float | None = None):
+                 batch: int = 0, gpu_share: float | None = None,
+                 weights: torch.Tensor | None = None, size: int = 0):
         self.n, self.world, self.rank, self.seed, self.shuffle = n, world, rank, seed, shuffle
         self.epoch, self.start = 0, 0
+        self.weights, self.size = weights, size  # (weighted: `size` clips drawn with replacement)
         self.batch, self.gpu_share = batch, gpu_share  # (--decode mixed: which batches the GPU
         # decodes, spread evenly: batch b if floor((b + 1) share) > floor(b share))
 
@@ -1486,18 +1602,23 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self):
-        return self.n // self.world - self.start
+        return (self.size or self.n) // self.world - self.start
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        mine = perm[: self.n // self.world * self.world][self.rank::self.world]
+        if self.weights is not None:
+            perm = torch.multinomial(self.weights, self.size, replacement=True, generator=g)
+        else:
+            perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        n = self.size or self.n
+        mine = perm[: n // self.world * self.world][self.rank::self.world]
         if self.gpu_share is None:
             return iter((int(i), self.epoch) for i in mine[self.start:])
         share = self.gpu_share
-        return iter((int(i), self.epoch, math.floor((b + 1) * share) > math.floor(b * share))
-                    for i, b in ((i, p // self.batch) for p, i in enumerate(mine[self.start:],
-                                                                              self.start)))
+        on_gpu = [math.floor((b + 1) * share) > math.floor(b * share)
+                  for b in range(self.start // self.batch, len(mine) // self.batch + 1)]
+        return iter((int(i), self.epoch, on_gpu[p // self.batch - self.start // self.batch])
+                    for p, i in enumerate(mine[self.start:], self.start))
 
 
 def make_loader(cfg: DataConfig, batch_size: int, workers: int = 2, sampler=None,
@@ -1716,14 +1837,29 @@ def fit_to_clips(root: str, split: str, audio_frames: int, num_frames: int, fram
     return out["audio_frames"], out["num_frames"]
 
 
+def balanced_weights(rows: list, heads) -> torch.Tensor:
+    """Each clip's sampling weight, the sum over its labels of 1000 / (the label's count + 0.01)
+    (MAViL App. B; AudioSet's balanced sampler, as AST and AudioMAE use it)."""
+    counts = {}
+    for r in rows:
+        for h in heads:
+            for c in r[h]:
+                counts[h, c] = counts.get((h, c), 0) + 1
+    return torch.tensor([sum(1000 / (counts[h, c] + 0.01) for h in heads for c in r[h])
+                         for r in rows], dtype=torch.float64)
+
+
 def batch_stream(ds: AVDataset, per_rank: int, workers: int, seed: int, d, step: int,
-                 steps_per_epoch: int, per_step: int):
+                 steps_per_epoch: int, per_step: int, weighted: int = 0):
     """The one loader of both scripts: EpochSampler's order (independent of the number of
-    ranks, resumable at any step: `per_step` samples of this rank per step), pinned memory and
-    persistent workers, batches moved to the device (and decoded there with --decode gpu)."""
+    ranks, resumable at any step: `per_step` samples of this rank per step; `weighted`: that many
+    clips an epoch, drawn by balanced_weights), pinned memory and persistent workers, batches
+    moved to the device (and decoded there with --decode gpu)."""
     mixed = ds.cfg.decode == "mixed"
     sampler = EpochSampler(len(ds), d.world, d.rank, seed, batch=per_rank,
-                           gpu_share=ds.cfg.gpu_share if mixed else None)
+                           gpu_share=ds.cfg.gpu_share if mixed else None,
+                           weights=balanced_weights(ds.rows, ds.heads) if weighted else None,
+                           size=weighted)
     loader = Loader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
                     collate_fn=collate, drop_last=True,
                     pin_memory=d.device.type == "cuda", persistent_workers=workers > 0)
@@ -1846,8 +1982,10 @@ def main(argv=None):
                         "as mp4 files and a generic manifest; needs espeak-ng and ffmpeg")
     pc.add_argument("--out", default="raw/checkset")
     pc.add_argument("--workers", type=at_least(1), default=os.cpu_count())
-    for k, v in CHECKSET.items():
-        pc.add_argument(f"--{k}", type=type(v), default=v)
+    pc.add_argument("--config", choices=list(CHECK_CONFIGS), default="default",
+                    help="a named configuration (docs/sanity.md); the knobs below override it")
+    for k, v in {**CHECKSET, **CHECK_FAMILY}.items():
+        pc.add_argument(f"--{k}", type=type(v), default=None, help=f"(default {v!r})")
     ps = sub.add_parser(
         "stats", help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
     ps.add_argument("--root", required=True)
@@ -1863,7 +2001,10 @@ def main(argv=None):
             sys.exit(str(e))
     elif args.cmd == "checkset":
         try:
-            make_checkset(args.out, workers=args.workers, **{k: getattr(args, k) for k in CHECKSET})
+            given = {k: getattr(args, k) for k in {**CHECKSET, **CHECK_FAMILY}
+                     if getattr(args, k) is not None}
+            make_checkset(args.out, workers=args.workers,
+                          **{**CHECK_CONFIGS[args.config], **given})
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             sys.exit(str(e))
     elif args.cmd == "stats":

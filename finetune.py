@@ -110,6 +110,11 @@ class FinetuneConfig:
     max_steps: int = 0            # the run's length in steps; > 0 overrides --epochs
     warmup_epochs: float = 2.5    # linear warm-up, then cosine decay (Table 22)
     optimizer: str = "sgd"        # sgd (momentum 0.9, the paper) | adamw
+    beta2: float = 0.999          # AdamW's second beta (MAViL: 0.95)
+    video_lr: float = 1.0         # the video stream's lr times this (MAViL's audio+video: 0.5)
+    weighted_sampling: int = 0    # clips drawn per epoch with replacement, each with weight the sum
+                                  # over its labels of 1000 / (label count + 0.01) (MAViL App. B,
+                                  # AudioSet's balanced sampler: 200000); 0 = every clip once
     blr: float = 3.2              # Table 22: 0.8 at batch 64 (AudioSet
                                   # 1.6 at 128; EPIC 1.2 at 64 = 4.8)
     lr: float = 0.0               # absolute; 0 = blr * batch_size / 256
@@ -185,6 +190,18 @@ PRESETS = {
 # 0.1 as in its pretraining, for the scratch twin (with --init the checkpoint's); MBT fused from
 # layer 10 of 12, where the pretraining's mid-fusion encoder joins the modalities (as quick's 2 of
 # 4): fused from layer 2 the audio stream reads the check set's words far worse than alone
+# MAViL's AudioSet-2M recipe (Huang et al., App. B, Table 9; ViT-B): AdamW (0.9, 0.95), weight
+# decay 1e-5, base lr 1e-4 per 256 at batch 512, 100 epochs of 200K clips drawn by the balanced
+# sampler, 20 warm-up epochs to a 1e-6 floor, no clipping, SpecAugment 48 frequency / 192 time,
+# mixup 0.5, drop path 0.1, AudioMAE's normalisation, the video stream at half the lr; its
+# audio+video model: the pretrained encoders + 2 vanilla fusion layers (--arch encoder on a MAViL
+# checkpoint). Not implemented: its finetuning masking (20% of each input)
+PRESETS["mavil_as2m"] = dict(
+    data="data/audioset", audio_frames=1024, num_frames=8, frame_stride=12.5, arch="encoder",
+    optimizer="adamw", beta2=0.95, weight_decay=1e-5, blr=1e-4, batch_size=512, epochs=100,
+    weighted_sampling=200_000, warmup_epochs=20, min_lr=1e-6, grad_clip=0.0, specaug_freq=48,
+    specaug_time=192, mixup=0.5, drop_path=0.1, audio_norm="audiomae",
+    time_shift=True, video_lr=0.5, out_dir="out/finetune_mavil")
 PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "workers": -1, "layer_scale": 0.1,
                         "fusion_layer": 10,
                         "blr": PRESETS["quick"]["blr"] * avmae.SIZES["tiny"]["width"]
@@ -732,8 +749,9 @@ def param_groups(model, cfg: FinetuneConfig, lr: float):
     parameter's depth as the model states it (model.layer_ids(): embeddings 0, its blocks
     1..n_layers along a token's path), applied, as MAE's and the authors' code (scenic
     av_mae/optimizer_utils.py, `_get_layer_id`) apply it, to the embeddings and the transformer
-    blocks only: final norms, bottleneck tokens, TokenLearners and heads train at the full rate. No
-    weight decay on biases, norms and tokens."""
+    blocks only: final norms, bottleneck tokens, TokenLearners and heads train at the full rate.
+    The video stream's rate times --video_lr (MAViL). No weight decay on biases, norms and
+    tokens."""
     groups, ids, top = {}, model.layer_ids(), model.n_layers
     in_block = {f"{name}.{k}" for name, mod in model.named_modules()
                 if isinstance(mod, (avmae.Block, avmae.CrossBlock)) for k, _ in
@@ -743,8 +761,9 @@ def param_groups(model, cfg: FinetuneConfig, lr: float):
             continue
         depth = ids[n] if ids[n] == 0 or n in in_block else top + 1
         wd = cfg.weight_decay if p.ndim >= 2 and n != "bottleneck" else 0.0
-        g = groups.setdefault((depth, wd), dict(params=[], weight_decay=wd,
-                                                lr_scale=cfg.layer_decay ** (top + 1 - depth)))
+        video = cfg.video_lr if re.match(r"(\w+\.)?(streams|patch_embed)\.v\.", n) else 1.0
+        g = groups.setdefault((depth, wd, video), dict(
+            params=[], weight_decay=wd, lr_scale=cfg.layer_decay ** (top + 1 - depth) * video))
         g["params"].append(p)
     return list(groups.values())
 
@@ -1025,11 +1044,11 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
     if cfg.fsdp:
         train.shard(model)
     torch.manual_seed(cfg.seed + d.rank)
-    s = train.schedule(cfg, len(train_ds))
+    s = train.schedule(cfg, cfg.weighted_sampling or len(train_ds))
     groups = param_groups(model, cfg, s.lr)
     # fused: one kernel on a GPU, and a step that is not finite skipped there (train.loop)
     opt = (torch.optim.SGD(groups, lr=s.lr, momentum=0.9, fused=True) if cfg.optimizer == "sgd"
-           else torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999), fused=True))
+           else torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, cfg.beta2), fused=True))
     for p in (p for g in groups for p in g["params"]) if cfg.optimizer == "sgd" else ():
         # (torch's fused SGD leaves a buffer unset where its first step is skipped; from zeros,
         # the first step's buffer is the gradient, as unfused SGD starts)
@@ -1047,7 +1066,7 @@ def setup(cfg: FinetuneConfig, d: train.Dist) -> train.Run:
     per_rank = cfg.batch_size // (d.world * cfg.grad_accum)
     stream = None if cfg.eval_only else data.batch_stream(
         train_ds, per_rank, cfg.workers, cfg.seed, d, s.step, s.steps_per_epoch,
-        per_rank * cfg.grad_accum)
+        per_rank * cfg.grad_accum, weighted=cfg.weighted_sampling)
     watch = LearningWatch(heads, train_ds.multi_label, s.steps_per_epoch, chance_loss(
         train_ds.rows, heads, train_ds.multi_label, cfg.label_smoothing))
     watch.restore((resumed or {}).get("watch", {}))

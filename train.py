@@ -158,9 +158,9 @@ PRESETS["quick_gpu"] = {**PRESETS["quick"], "size": "small", "batch_size": 32, "
 
 
 TRAIN_CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), variant=tuple(avmae.VARIANTS),
-                     precision=("auto", "bf16", "fp32"), window=("hann",
-                                                                 "hamming"), decode=("cpu", "gpu", "mixed"),
-                     video_aug=("none", "rrc"), on_save_error=("retry", "stop"))
+                     precision=("auto", "bf16", "fp32"), window=("hann", "hamming"),
+                     decode=("cpu", "gpu", "mixed"), video_aug=("none", "rrc"),
+                     on_save_error=("retry", "stop"))
 
 
 def _bool(s: str) -> bool:
@@ -260,7 +260,7 @@ AT_LEAST_ONE = ("batch_size", "grad_accum", "views", "log_every", "save_every", 
                 "bench_steps")
 ABOVE_ZERO = ("frame_stride", "dist_timeout")
 NOT_NEGATIVE = ("epochs", "warmup_epochs", "max_steps", "lr", "blr", "min_lr", "weight_decay",
-                "specaug_freq_masks",
+                "specaug_freq_masks", "weighted_sampling", "video_lr",
                 "grad_clip", "mixup", "specaug_freq", "specaug_time", "keep_last",
                 "picture_every", "max_bad_steps", "stop_at", "profile", "tokenlearner", "width",
                 "depth", "heads", "bottlenecks")

@@ -485,7 +485,7 @@ def _op_work(e) -> tuple:
 
 
 def attention_length(e) -> tuple:
-    """(sequence length, (B, H, N, d)) of an attention op (SDPA's backends, ours), else (0, None)."""
+    """(sequence length, (B, H, N, d)) of an attention op (SDPA's backends, ours), or (0, None)."""
     shapes = getattr(e, "input_shapes", None) or []
     if not shapes or not shapes[0]:
         return 0, None

@@ -601,10 +601,10 @@ def test_clip_after_clip_unusable_is_one_line_in_training_and_in_evaluation(buil
 def test_a_dead_loader_worker_is_named_with_its_clip(builtin, tmp_path, monkeypatch):
     real = data.AVDataset._load
 
-    def oom(self, j, epoch):
+    def oom(self, j, *rest):
         if j == self.target and torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
-        return real(self, j, epoch)
+        return real(self, j, *rest)
     monkeypatch.setattr(data.AVDataset, "_load", oom)
     monkeypatch.setattr(data.AVDataset, "target", 5, raising=False)
     args = [*TINY, "--data", builtin, "--max_steps", "6", "--workers", "1", "--out_dir",

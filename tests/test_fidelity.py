@@ -486,3 +486,37 @@ def test_audioset_pretraining_presets_follow_the_tables_and_the_authors_config()
         assert (t.epochs, t.blr, t.warmup_epochs, mcfg.mask_ratio_a, mcfg.mask_ratio_v,
                 mcfg.audio_frames) == (120, 3e-4, 4, 0.7, 0.9, 1000)
     assert train.parse_args(["--preset", "audioset_l", "--epochs", "80"])[1].epochs == 80  # Tab. 4
+
+
+def test_mavil_finetuning_preset_and_the_balanced_sampler():
+    # MAViL App. B / Table 9 (AS-2M): AdamW (0.9, 0.95), 200K clips an epoch drawn with weight
+    # sum_c 1000 / (count_c + 0.01), the video encoder at half the lr
+    f = finetune.parse_args(["--preset", "mavil_as2m"])
+    assert (f.optimizer, f.beta2, f.weight_decay, f.blr, f.batch_size, f.epochs, f.warmup_epochs,
+            f.weighted_sampling, f.specaug_freq, f.specaug_time, f.mixup, f.drop_path,
+            f.audio_norm, f.video_lr, f.arch) == ("adamw", 0.95, 1e-5, 1e-4, 512, 100, 20,
+                                                  200_000, 48, 192, 0.5, 0.1, "audiomae", 0.5,
+                                                  "encoder")
+    rows = [dict(label=[0])] * 90 + [dict(label=[1])] * 9 + [dict(label=[2, 0])]
+    w = data.balanced_weights(rows, {"label": 3})
+    assert w[0] == pytest.approx(1000 / 91.01) and w[99] == pytest.approx(1000 / 1.01 + 1000 / 91.01)
+    one = data.EpochSampler(100, seed=1, weights=w, size=3000)
+    got = [i for i, _ in one]
+    share = [sum(rows[i]["label"][0] == c for i in got) / 3000 for c in range(3)]
+    assert len(got) == len(one) == 3000 and 0.25 < share[0] < 0.42 and 0.25 < share[1] < 0.42
+    assert 0.25 < share[2] < 0.42  # (a third each: the rare classes drawn as often as the common)
+    two = [[i for i, _ in data.EpochSampler(100, 2, r, seed=1, weights=w, size=3000)]
+           for r in (0, 1)]
+    assert got[0::2] == two[0] and got[1::2] == two[1]  # (the same clips whatever the ranks)
+    later = data.EpochSampler(100, seed=1, weights=w, size=3000)
+    later.set_position(0, 1000)
+    assert [i for i, _ in later] == got[1000:]  # (a resumed epoch)
+    # the video stream at half the lr, the audio stream at the full rate
+    model = finetune.build_model(finetune.FinetuneConfig(size="tiny", num_frames=4, image_size=32,
+                                                         audio_frames=64, kernels="torch"),
+                                 {"label": 3}, None)
+    cfg = finetune.FinetuneConfig(layer_decay=1.0, video_lr=0.5)
+    scale = {id(p): g["lr_scale"] for g in finetune.param_groups(model, cfg, 1.0)
+             for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert scale[id(p)] == (0.5 if n.startswith("streams.v.") else 1.0), n

@@ -547,3 +547,13 @@ def test_finetune_on_two_ranks_with_ddp_or_fsdp_equals_one_process(tmp_path):
                           weights_only=True)["model"]
         assert w.keys() == mine.keys() and all(
             torch.allclose(w[k], mine[k], atol=1e-5) for k in w), name
+
+
+def test_weighted_sampling_sets_the_epoch(builtin, tmp_path):
+    # --weighted_sampling N: an epoch is N clips drawn by the balanced sampler (MAViL's AudioSet
+    # recipe), so 16 clips at batch 8 are 2 steps an epoch, whatever the set's size
+    res = finetune.main(["--preset", "quick", "--data", builtin, "--workers", "0", "--num_frames",
+                         "4", "--image_size", "32", "--audio_frames", "64", "--batch_size", "8",
+                         "--epochs", "2", "--weighted_sampling", "16", "--eval_every", "1",
+                         "--kernels", "torch", "--out_dir", str(tmp_path)])
+    assert res["step"] == 4 and res["epoch"] == 2.0
