@@ -1718,6 +1718,58 @@ def fit_window(seconds: float, audio_frames: int, audio_patch: int, num_frames: 
     return a, v
 
 
+def crude_features(root: str, split: str, num_frames: int = 8, image_size: int = 32,
+                   audio_frames: int = 400, frame_stride: float = 12.5) -> tuple:
+    """({"a": (N, 2 mel), "v": (N, 384)}, labels (N,)) of a prepared split for `baseline`: each
+    clip's log-mel mean and std over time, and its frames (the evaluation crop, 8 x 8 pixels)
+    averaged over time and their std over time (what moves)."""
+    ds = AVDataset(DataConfig(root=root, split=split, train=False, views=1, skip_silent=False,
+                              num_frames=num_frames, image_size=image_size,
+                              audio_frames=audio_frames, frame_stride=frame_stride))
+    head = next(iter(ds.heads), None)
+    if head is None or ds.multi_label:
+        raise ValueError(f"{root}: baseline needs a single-label set (it has "
+                         f"{'no labels' if head is None else 'multi-label ones'})")
+    feats, labels = {"a": [], "v": []}, []
+    for b in Loader(ds, batch_size=16, num_workers=0, collate_fn=collate):
+        a = b["a"][:, 0]                                          # (B, T, mel)
+        v = F.avg_pool2d(scale_video(b["v"][:, 0]).flatten(1, 2), image_size // 8)  # (B, 3T, 8, 8)
+        v = v.view(len(a), 3, num_frames, 8, 8)
+        feats["a"].append(torch.cat([a.mean(1), a.std(1)], 1))
+        feats["v"].append(torch.cat([v.mean(2).flatten(1), v.std(2).flatten(1)], 1))
+        labels.append(b[head])
+    return {m: torch.cat(x) for m, x in feats.items()}, torch.cat(labels)
+
+
+def baseline(root: str, train_split: str = "train", test_split: str = "test") -> dict:
+    """What a model must beat on a prepared set: a nearest-class-mean and a logistic regression
+    (L2, L-BFGS) on crude_features, standardised on the training split; test top-1 for audio,
+    video and both."""
+    (tr, ytr), (te, yte) = (crude_features(root, s) for s in (train_split, test_split))
+    n_cls = int(max(ytr.max(), yte.max())) + 1
+    out = {}
+    for name, keys in (("audio", "a"), ("video", "v"), ("both", "av")):
+        x_tr = torch.cat([tr[m] for m in keys], 1).double()
+        x_te = torch.cat([te[m] for m in keys], 1).double()
+        mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
+        x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+        means = torch.stack([x_tr[ytr == c].mean(0) if (ytr == c).any() else
+                             torch.full_like(mu, math.inf) for c in range(n_cls)])
+        out[f"{name}_ncm"] = (torch.cdist(x_te, means).argmin(1) == yte).double().mean().item()
+        w = torch.zeros(x_tr.shape[1] + 1, n_cls, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+        ones = lambda x: torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # noqa: E731
+
+        def loss():
+            opt.zero_grad()
+            f = F.cross_entropy(ones(x_tr) @ w, ytr) + 1e-2 * (w[:-1] ** 2).sum()
+            f.backward()
+            return f
+        opt.step(loss)
+        out[f"{name}_logreg"] = ((ones(x_te) @ w).argmax(1) == yte).double().mean().item()
+    return dict(out, train_clips=len(ytr), test_clips=len(yte), chance=1 / n_cls)
+
+
 def audio_stats(root: str, split: str = "train", max_clips: int = 2000,
                 write: bool = True) -> tuple:
     """Mean and std of the raw log-mel over (up to) max_clips clips, whole recordings; stored in
@@ -1986,6 +2038,11 @@ def main(argv=None):
                     help="a named configuration (docs/sanity.md); the knobs below override it")
     for k, v in {**CHECKSET, **CHECK_FAMILY}.items():
         pc.add_argument(f"--{k}", type=type(v), default=None, help=f"(default {v!r})")
+    pl = sub.add_parser("baseline", help="what a model must beat on a prepared set: a nearest-"
+                        "class-mean and a logistic regression on pooled log-mel and pixel features")
+    pl.add_argument("--root", required=True)
+    pl.add_argument("--train_split", default="train")
+    pl.add_argument("--test_split", default="test")
     ps = sub.add_parser(
         "stats", help="log-mel mean/std of a prepared set into its meta.json (audio_norm=dataset)")
     ps.add_argument("--root", required=True)
@@ -2007,6 +2064,12 @@ def main(argv=None):
                           **{**CHECK_CONFIGS[args.config], **given})
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             sys.exit(str(e))
+    elif args.cmd == "baseline":
+        try:
+            res = baseline(args.root, args.train_split, args.test_split)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(str(e))
+        print(json.dumps(res))
     elif args.cmd == "stats":
         mean, std = audio_stats(args.root, args.split, args.max_clips)
         print(f"{args.root}: log-mel mean {mean:.4f}, std {std:.4f} (written to meta.json)")

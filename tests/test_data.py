@@ -1040,3 +1040,21 @@ def test_prepare_a_folder_without_a_manifest_gives_an_unlabelled_set_pretraining
     with pytest.raises(SystemExit, match="the set has no labels .*finetuning needs them"):
         finetune.main(["--preset", "quick", "--data", out, "--workers", "0",
                        "--out_dir", str(tmp_path / "ft")])
+
+
+def test_the_baseline_a_model_must_beat(builtin, capsys):
+    # data.py baseline: a nearest-class-mean and a logistic regression on pooled log-mel and pixel
+    # features; on the built-in set (audio tells most classes, video some, both more) well above
+    # chance, and both modalities no worse than audio alone
+    data.main(["baseline", "--root", builtin])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["test_clips"] == 8 and res["chance"] == 1 / 8
+    assert all(0 <= res[f"{m}_{c}"] <= 1 for m in ("audio", "video", "both")
+               for c in ("ncm", "logreg"))
+    fit = data.baseline(builtin, "train", "train")  # (its own training clips: fitted)
+    assert fit["both_logreg"] >= 0.9 and fit["audio_logreg"] >= 0.9
+    feats, y = data.crude_features(builtin, "train")
+    assert feats["a"].shape == (24, 2 * 128) and feats["v"].shape == (24, 2 * 3 * 64)
+    assert len(y) == 24
+    with pytest.raises(SystemExit, match="no such|not found"):
+        data.main(["baseline", "--root", "/nonexistent"])
