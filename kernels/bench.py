@@ -464,11 +464,15 @@ VIEWS = (r"aten::(view|reshape|_reshape_alias|as_strided|t|transpose|permute|exp
          r"empty\w*|_unsafe_view|lift_fresh|resolve_conj|resolve_neg)$")
 
 
+# bytes per element of the profiler's input dtype names (C++ type names); 4 where not known
+ITEM_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8,
+              "int": 4, "short int": 2, "signed char": 1, "unsigned char": 1, "bool": 1}
+
+
 def _op_work(e) -> tuple:
     """(FLOPs, bytes) of one profiled op: the profiler's FLOP count (matmuls), attention's from
     its shapes (4 B H N^2 d forward, 2.5x that backward), else the bytes of its inputs and an
     output the size of the first (elementwise and copy ops)."""
-    shapes = [s for s in (e.input_shapes or []) if s]
     if e.flops:
         return e.flops, 0
     n, at = attention_length(e)
@@ -477,10 +481,9 @@ def _op_work(e) -> tuple:
         return 4 * B * H * N * N * d * (2.5 if "backward" in e.name else 1), 0
     if re.match(VIEWS, e.name):  # (a view moves no bytes)
         return 0, 0
-    sizes = getattr(e, "input_dtypes", None) or []
-    item = [torch.empty((), dtype=getattr(torch, t.split(" ")[-1], torch.float32)).element_size()
-            if t and hasattr(torch, t.split(" ")[-1]) else 4 for t in sizes] or [4] * len(shapes)
-    moved = [math.prod(s) * b for s, b in zip(shapes, item)]
+    dtypes = getattr(e, "input_dtypes", None) or []
+    moved = [math.prod(s) * ITEM_BYTES.get(t, 4) for s, t in
+             zip(e.input_shapes or [], list(dtypes) + [""] * len(e.input_shapes or [])) if s]
     return 0, sum(moved) + (moved[0] if moved else 0)
 
 

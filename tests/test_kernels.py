@@ -752,3 +752,17 @@ def test_the_gpu_sitting_fits_a_lease_and_writes_at_most_8_files(tmp_path):
     assert rows[2].startswith("| --batch_size 128 --compile | ") and "reduce-overhead" in rows[3]
     import tarfile
     assert {"./env.json", "./batch128.jsonl"} <= set(tarfile.open(out / "rest.tgz").getnames())
+
+
+def test_the_profile_counts_bytes_by_each_inputs_dtype():
+    # GB/s of an elementwise op: its inputs read and an output of the first's size written, each
+    # at its own dtype's width (bf16: 2 bytes; a Python scalar: nothing)
+    sys.path.insert(0, os.path.join(ROOT, "kernels"))
+    import bench
+    from torch.profiler import ProfilerActivity, profile
+    a = torch.randn(64, 64).bfloat16()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+        a * 2
+        a.float() + 1
+    work = {e.name: bench._op_work(e) for e in p.events() if e.name in ("aten::mul", "aten::add")}
+    assert work == {"aten::mul": (0, 2 * 64 * 64 * 2), "aten::add": (0, 2 * 64 * 64 * 4)}
