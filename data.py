@@ -1756,17 +1756,17 @@ def baseline(root: str, train_split: str = "train", test_split: str = "test") ->
         means = torch.stack([x_tr[ytr == c].mean(0) if (ytr == c).any() else
                              torch.full_like(mu, math.inf) for c in range(n_cls)])
         out[f"{name}_ncm"] = (torch.cdist(x_te, means).argmin(1) == yte).double().mean().item()
-        w = torch.zeros(x_tr.shape[1] + 1, n_cls, dtype=torch.float64, requires_grad=True)
+        x_tr, x_te = (F.pad(x, (0, 1), value=1.0) for x in (x_tr, x_te))  # (a bias column)
+        w = torch.zeros(x_tr.shape[1], n_cls, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
-        ones = lambda x: torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # noqa: E731
 
         def loss():
             opt.zero_grad()
-            f = F.cross_entropy(ones(x_tr) @ w, ytr) + 1e-2 * (w[:-1] ** 2).sum()
+            f = F.cross_entropy(x_tr @ w, ytr) + 1e-2 * (w[:-1] ** 2).sum()
             f.backward()
             return f
         opt.step(loss)
-        out[f"{name}_logreg"] = ((ones(x_te) @ w).argmax(1) == yte).double().mean().item()
+        out[f"{name}_logreg"] = ((x_te @ w).argmax(1) == yte).double().mean().item()
     return dict(out, train_clips=len(ytr), test_clips=len(yte), chance=1 / n_cls)
 
 
