@@ -1556,6 +1556,11 @@ def pretrained_config(pretrained: dict) -> AVMAEConfig:
     return AVMAEConfig(**{k: v for k, v in pretrained.items() if k in known})
 
 
+# mean: the papers' (MAE's global pool); max: each channel's largest token, which a short event in a
+# long clip (one word in 4 s of noise) is not averaged away in
+POOLS = {"mean": lambda x: x.mean(1), "max": lambda x: x.amax(1)}
+
+
 class Classifier(nn.Module):
     """What the finetuning models share: pooled features per modality -> logits per head.
     forward(a, v) -> {head: (B, classes)}, averaged over modalities; per_modality=True ->
@@ -1622,8 +1627,10 @@ class Classifier(nn.Module):
         """{modality: (B, D)} pooled features (what a linear probe sees)."""
         return {m: self.pool(x) for m, x in self.tokens(a, v).items()}
 
+    pooling = "mean"  # how tokens become one feature: POOLS (build_backbone sets it)
+
     def pool(self, x):  # (B, N, D) -> (B, D)
-        return x.mean(1)
+        return POOLS[self.pooling](x)
 
     def forward(self, a=None, v=None, per_modality: bool = False) -> dict:
         logits = {}
@@ -1918,7 +1925,7 @@ class MBT(Classifier):
             if z is None:
                 z = self.bottleneck.expand(next(iter(xs.values())).shape[0], -1, -1)
                 if self.unimodal is not None:  # what each stream learned alone, for forward()
-                    self.alone = {m: x.mean(1) for m, x in xs.items()}
+                    self.alone = {m: self.pool(x) for m, x in xs.items()}
             zs = []
             for m, x in xs.items():
                 n = x.shape[1]
@@ -2212,7 +2219,7 @@ class ViT(Classifier):
         return {m: x[:, 1:]}
 
     def pool(self, x):
-        return self.fc_norm(x.mean(1))
+        return self.fc_norm(POOLS[self.pooling](x))
 
     def stream_sources(self) -> list:
         return [(f"streams.{m}", st, m) for m, st in self.streams.items()]
@@ -2279,6 +2286,7 @@ def build_backbone(arch: str, cfg: AVMAEConfig, heads: dict, options: dict) -> C
     """BACKBONES[arch] from its options (plain data: a finetuning checkpoint keeps them as
     `backbone`, and avmae.load rebuilds the model from them), LayerScale on every block."""
     model = BACKBONES[arch].build(cfg, heads, options)
+    model.pooling = options.get("pool", "mean")
     if cfg.layer_scale:  # every block, pretrained or new (e.g. ViViT-FE's temporal ones)
         add_layer_scale(model, cfg.layer_scale)
     model.backbone = dict(arch=arch, options=options)

@@ -62,6 +62,8 @@ class FinetuneConfig:
                                   # modality) | separate (a LayerNorm + classifier per modality, a
                                   # loss per modality) | per_modality (heads per modality, one
                                   # loss on the averaged logits, one mixup)
+    pool: str = "mean"            # tokens -> the classifier's feature: mean (the papers') |
+                                  # max (per channel: a short event in a long clip stays whole)
     linear_probe: bool = False    # freeze the encoder, train a linear head (Table 18)
     width: int = 0                # from scratch: the size preset's width / depth / heads unless
     depth: int = 0                # given (0), e.g. the scratch twin of a train.py --depth 4 run;
@@ -215,6 +217,7 @@ FUSION_LAYER = {("audioset", 24): 18}
 CHOICES = dict(preset=tuple(PRESETS), size=tuple(avmae.SIZES), modality=tuple(MODALITY),
                arch=avmae.BACKBONES,  # (the table itself: a new entry counts)
                mbt_head=("shared", "separate", "per_modality"),
+               pool=tuple(avmae.POOLS),
                video_aug=("finetune", "none", "rrc"), on_save_error=("retry", "stop"),
                inflate=("central", "inflate", "none"), optimizer=("sgd", "adamw"),
                precision=("auto", "bf16", "fp32"), kernels=("auto", "triton", "torch"),
@@ -328,6 +331,7 @@ def build_model(cfg: FinetuneConfig, heads: dict, pretrained_cfg: dict | None):
         fusion_layer=cfg.fusion_layer if cfg.fusion_layer >= 0 else
         FUSION_LAYER.get((cfg.preset, depth), round(2 * depth / 3)),
         bottlenecks=cfg.bottlenecks, linear_probe=cfg.linear_probe, mbt_head=cfg.mbt_head,
+        pool=cfg.pool,
         inner=kept[1] if kept else None,  # e.g. the mid-fusion streams' closing LayerNorm, kept
         tokenlearner=(cfg.tokenlearner, cfg.tokenlearner_layer if cfg.tokenlearner_layer >= 0
                       else depth // 2),

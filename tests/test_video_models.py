@@ -300,3 +300,26 @@ def test_finetune_cli_runs_each_new_architecture(builtin, tmp_path):
                              "--arch", arch, *(["--modality", "video"] if arch != "mtv" else []),
                              *extra])
         assert 0 <= res["label_top1"] <= 1 and res["gflop_per_clip"] > 0, res
+
+
+def test_pool_max_reads_the_largest_token_and_mean_stays_the_default():
+    """--pool max: each channel's largest token is the feature (a short event in a long clip is
+    not averaged away); mean is the papers' and the default."""
+    import avmae
+    import torch
+    cfg = avmae.make_config("tiny", modalities="a", audio_frames=64, mel_bins=32)
+    a = torch.randn(2, 64, 32)
+    for arch in ("mbt", "vit"):
+        mean = avmae.build_backbone(arch, cfg, {"label": 5}, dict(
+            fusion_layer=4, bottlenecks=4, inner=None, linear_probe=False, mbt_head="shared",
+            tokenlearner=(0, 0), unimodal_loss=False))
+        assert mean.pooling == "mean"
+        peak = avmae.build_backbone(arch, cfg, {"label": 5}, dict(
+            fusion_layer=4, bottlenecks=4, inner=None, linear_probe=False, mbt_head="shared",
+            tokenlearner=(0, 0), unimodal_loss=False, pool="max"))
+        peak.load_state_dict(mean.state_dict())
+        tokens = peak.tokens(a)["a"]
+        want = tokens.amax(1) if arch == "mbt" else peak.fc_norm(tokens.amax(1))
+        assert torch.allclose(peak.features(a)["a"], want)
+        assert not torch.allclose(peak.features(a)["a"], mean.features(a)["a"])
+        assert peak.backbone["options"]["pool"] == "max"
