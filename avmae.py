@@ -1628,6 +1628,7 @@ class Classifier(nn.Module):
         return {m: self.pool(x) for m, x in self.tokens(a, v).items()}
 
     pooling = "mean"  # how tokens become one feature: POOLS (build_backbone sets it)
+    OWN_POOL = False  # it pools by a design of its own (ViViT-FE's temporal encoder): mean only
 
     def pool(self, x):  # (B, N, D) -> (B, D)
         return POOLS[self.pooling](x)
@@ -1950,6 +1951,7 @@ class ViViTFE(MBT):
     stream, its positions kept); each time index's tokens are pooled into one, and a temporal
     encoder of `temporal_layers` new blocks, with new temporal positions, runs over those t tokens.
     (ViViT reads CLS tokens; here every pooling is an average, as in the rest of the model.)"""
+    OWN_POOL = True
 
     @classmethod
     def build(cls, cfg, heads, o):
@@ -2219,7 +2221,7 @@ class ViT(Classifier):
         return {m: x[:, 1:]}
 
     def pool(self, x):
-        return self.fc_norm(POOLS[self.pooling](x))
+        return self.fc_norm(super().pool(x))
 
     def stream_sources(self) -> list:
         return [(f"streams.{m}", st, m) for m, st in self.streams.items()]
@@ -2262,7 +2264,7 @@ class JointPooled(EncoderClassifier):
 
     def features(self, a=None, v=None) -> dict:
         t = self.tokens(a, v)
-        return {"av": self.head_norm(torch.cat(list(t.values()), 1).mean(1))}
+        return {"av": self.head_norm(self.pool(torch.cat(list(t.values()), 1)))}
 
 
 class ViViTFSA(MBT):
@@ -2287,6 +2289,8 @@ def build_backbone(arch: str, cfg: AVMAEConfig, heads: dict, options: dict) -> C
     `backbone`, and avmae.load rebuilds the model from them), LayerScale on every block."""
     model = BACKBONES[arch].build(cfg, heads, options)
     model.pooling = options.get("pool", "mean")
+    if model.OWN_POOL and model.pooling != "mean":
+        raise ValueError(f"pool={model.pooling!r}: {arch} pools by its own design; leave it mean")
     if cfg.layer_scale:  # every block, pretrained or new (e.g. ViViT-FE's temporal ones)
         add_layer_scale(model, cfg.layer_scale)
     model.backbone = dict(arch=arch, options=options)

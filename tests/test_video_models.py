@@ -323,3 +323,20 @@ def test_pool_max_reads_the_largest_token_and_mean_stays_the_default():
         assert torch.allclose(peak.features(a)["a"], want)
         assert not torch.allclose(peak.features(a)["a"], mean.features(a)["a"])
         assert peak.backbone["options"]["pool"] == "max"
+
+
+def test_pool_max_reaches_cavmae_pooling_and_is_refused_where_a_backbone_pools_its_own_way():
+    import avmae
+    import pytest
+    import torch
+    o = dict(fusion_layer=4, bottlenecks=4, inner=None, linear_probe=False, mbt_head="shared",
+             tokenlearner=(0, 0), unimodal_loss=False, temporal=1)
+    cfg = avmae.make_config("tiny", audio_frames=64, mel_bins=32, num_frames=4, image_size=32)
+    joint = avmae.build_backbone("encoder_pooled", cfg, {"label": 5}, {**o, "pool": "max"})
+    a, v = torch.randn(2, 64, 32), torch.randn(2, 3, 4, 32, 32)
+    t = joint.tokens(a, v)
+    want = joint.head_norm(torch.cat(list(t.values()), 1).amax(1))
+    assert torch.allclose(joint.features(a, v)["av"], want)
+    vcfg = avmae.make_config("tiny", modalities="v", num_frames=4, image_size=32)
+    with pytest.raises(ValueError, match="vivit_fe pools by its own design"):
+        avmae.build_backbone("vivit_fe", vcfg, {"label": 5}, {**o, "pool": "max"})
